@@ -1,0 +1,119 @@
+"""Adapter export: safetensors weights plus a JSON of the adapter config and the task registry.
+
+The export holds full (gathered) tensors, so it does not depend on the world size or ZeRO stage
+it was trained with, and reloads into a fresh model of the same backbone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import AdapterConfig
+from .inject import CONFIG_ATTR, ROUTING_ATTR, adapter_config, adapter_layers, inject_adapters
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+META_FILE = "adapter_config.json"
+EXPORT_FORMAT = 1
+
+
+class ExportError(ValueError):
+    pass
+
+
+def adapter_state_names(model: nn.Module) -> list[str]:
+    """state_dict keys owned by adapters (not the wrapped base linears) and by the routing bank."""
+    layers = adapter_layers(model)
+    names = []
+    for key in model.state_dict().keys():
+        if key.startswith(ROUTING_ATTR + "."):
+            names.append(key)
+            continue
+        for lname in layers:
+            if key.startswith(lname + ".") and not key.startswith(lname + ".base."):
+                names.append(key)
+                break
+    return names
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    full = model.state_dict()
+    return {k: full[k].detach().to("cpu").contiguous() for k in adapter_state_names(model)}
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def export_adapters(model: nn.Module, out_dir: str | os.PathLike, tasks: list[str],
+                    extra: dict[str, Any] | None = None,
+                    gather: Callable[[], contextlib.AbstractContextManager] | None = None) -> Path:
+    """Write WEIGHTS_FILE and META_FILE into out_dir. `gather` (e.g. a ZeRO-3 GatheredParameters
+    factory) makes the full tensors visible while the state is read."""
+    cfg = adapter_config(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with (gather() if gather else contextlib.nullcontext()):
+        state = adapter_state_dict(model)
+    num_tasks = next((t.num_tasks for t in getattr(model, ROUTING_ATTR).values()), len(tasks)) if cfg.routed else len(tasks)
+    meta = {"format": EXPORT_FORMAT, "adapter": cfg.to_dict(), "tasks": list(tasks), "num_tasks": num_tasks,
+            "tensors": {k: list(v.shape) for k, v in state.items()}, **(extra or {})}
+    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": str(EXPORT_FORMAT)}))
+    _atomic_write(out / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    return out
+
+
+def read_export_meta(path: str | os.PathLike) -> dict[str, Any]:
+    meta_path = Path(path) / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{meta_path}: no adapter export here (missing {META_FILE})") from None
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{meta_path}: not valid JSON ({err})") from None
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{meta_path}: field 'format' = {meta.get('format')!r}, expected {EXPORT_FORMAT}")
+    return meta
+
+
+def config_differences(a: AdapterConfig, b: AdapterConfig) -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{k}: {da[k]!r} vs {db[k]!r}" for k in sorted(da) if da[k] != db[k]]
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Inject (if needed) and load an export into `model`; returns the export's metadata."""
+    meta = read_export_meta(path)
+    cfg = AdapterConfig.from_dict(meta["adapter"], source=str(Path(path) / META_FILE))
+    if getattr(model, CONFIG_ATTR, None) is None:
+        inject_adapters(model, cfg, meta["num_tasks"])
+    else:
+        diff = config_differences(adapter_config(model), cfg)
+        if diff:
+            raise ExportError(f"{path}: adapter config differs from the model's: {'; '.join(diff)}")
+    weights_path = Path(path) / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises several types for truncated or foreign files
+        raise ExportError(f"{weights_path}: cannot read adapter weights ({err})") from None
+    expected = set(adapter_state_names(model))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ExportError(f"{weights_path}: tensors do not match the model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    current = model.state_dict()
+    for k, v in state.items():
+        if tuple(current[k].shape) != tuple(v.shape):
+            raise ExportError(f"{weights_path}: tensor {k!r} has shape {tuple(v.shape)}, model expects "
+                              f"{tuple(current[k].shape)}")
+    model.load_state_dict(state, strict=False)
+    return meta

@@ -1,0 +1,121 @@
+"""Task routing: per-task logits, their mixing weights, and how task ids reach the layers.
+
+Task ids travel in a ContextVar set by `task_routing(...)` for the duration of one forward pass.
+Nothing is stored on the modules, so concurrent forward passes (threads, generation, activation
+recomputation) cannot see each other's ids, and a layer called outside a routing scope fails loudly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+NORMALISE_EPS = 1e-12
+
+
+class RoutingError(RuntimeError):
+    """Task ids are missing or do not match the batch a layer sees."""
+
+
+@dataclass(frozen=True)
+class RoutingBatch:
+    encoder: torch.Tensor   # [batch] or a 0-dim tensor (one task for every row)
+    decoder: torch.Tensor
+
+
+_CURRENT: ContextVar[RoutingBatch | None] = ContextVar("tensorpoly_ds_routing", default=None)
+
+
+def _as_ids(ids: int | Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
+    tensor = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(ids)
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.dim() > 1:
+        raise RoutingError(f"{what} must be an integer id or a 1-D integer tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+    return tensor.long()
+
+
+@contextlib.contextmanager
+def task_routing(task_ids, decoder_task_ids=None) -> Iterator[RoutingBatch]:
+    """Route one forward pass. `task_ids` has one id per encoder row (or one id for all rows);
+    `decoder_task_ids` one per decoder row, defaulting to `task_ids`. Rank classification passes the
+    ids repeated per answer choice; beam search passes them repeated per beam."""
+    encoder = _as_ids(task_ids, "task_ids")
+    decoder = encoder if decoder_task_ids is None else _as_ids(decoder_task_ids, "decoder_task_ids")
+    token = _CURRENT.set(RoutingBatch(encoder, decoder))
+    try:
+        yield _CURRENT.get()
+    finally:
+        _CURRENT.reset(token)
+
+
+@contextlib.contextmanager
+def _restored(batch: RoutingBatch | None) -> Iterator[None]:
+    token = _CURRENT.set(batch)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def routing_checkpoint_context_fn():
+    """`context_fn` for torch.utils.checkpoint (non-reentrant): the recomputation in backward runs
+    outside the forward's routing scope, so it re-enters the scope captured at forward time."""
+    captured = _CURRENT.get()
+    return contextlib.nullcontext(), _restored(captured)
+
+
+def current_task_ids(side: str, batch_size: int, where: str) -> torch.Tensor:
+    """The ids for a layer on `side` ('encoder' or 'decoder') that sees `batch_size` rows."""
+    routing = _CURRENT.get()
+    if routing is None:
+        raise RoutingError(f"{where}: a routed adapter ran outside task_routing(...); "
+                           "wrap the forward pass in `with task_routing(task_ids): ...`")
+    ids = routing.encoder if side == "encoder" else routing.decoder
+    if ids.dim() == 0:
+        return ids.expand(batch_size)
+    if ids.shape[0] != batch_size:
+        raise RoutingError(f"{where}: {side} batch has {batch_size} rows but {ids.shape[0]} task ids were given; "
+                           "pass decoder_task_ids explicitly when the decoder batch differs (choices, beams)")
+    return ids
+
+
+class RoutingTable(nn.Module):
+    """Logits Z[task, heads, skills]; weights are sigmoid(Z) (or a relaxed Bernoulli sample in
+    training with `gumbel`), normalised to sum 1 over `normalise_dim`."""
+
+    def __init__(self, num_tasks: int, heads: int, skills: int, *, gumbel: bool = False, temperature: float = 1.0,
+                 straight_through: bool = False, normalise_dim: int = -1, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_tasks, self.heads, self.skills = num_tasks, heads, skills
+        self.gumbel, self.temperature, self.straight_through = gumbel, temperature, straight_through
+        self.normalise_dim = normalise_dim
+        self.logits = nn.Parameter(torch.empty(num_tasks, heads, skills, device=device, dtype=dtype))
+        # "uniform" fixes the weights at 1/S (adaptation mode mu); kept as a buffer so it is saved.
+        self.register_buffer("uniform", torch.zeros((), dtype=torch.bool, device=device), persistent=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.logits.device.type != "meta":
+            with torch.no_grad():
+                self.logits.uniform_(-1e-3, 1e-3)
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.num_tasks}, heads={self.heads}, skills={self.skills}, gumbel={self.gumbel}"
+
+    def weights(self, task_ids: torch.Tensor) -> torch.Tensor:
+        """Mixing weights [len(task_ids), heads, skills] for the given (distinct) task ids."""
+        logits = self.logits[task_ids.to(self.logits.device)]
+        if bool(self.uniform):
+            return torch.full_like(logits, 1.0 / logits.shape[self.normalise_dim]).detach()
+        if self.training and self.gumbel:
+            probs = torch.distributions.RelaxedBernoulli(
+                torch.tensor(self.temperature, dtype=logits.dtype, device=logits.device), logits=logits).rsample()
+            if self.straight_through:
+                probs = (probs > 0.5).to(probs.dtype) - probs.detach() + probs
+        else:
+            probs = torch.sigmoid(logits)
+        return probs / (probs.sum(dim=self.normalise_dim, keepdim=True) + NORMALISE_EPS)

@@ -1,0 +1,104 @@
+"""TensorPoly-X: a full-rank delta W in tensor-train (ring) form with routed bonds.
+
+N distinct cores G_n of shape [q_in, R, q_out, R]; the routing weights w[task, n, :] scale core n's
+outgoing bond, so R is the number of latent experts at each of the N levels. The ring closes by a
+trace (the first core's incoming bond is the last core's outgoing one), so every core has the same
+shape and every bond is routed. delta W[(i_1..i_N), (o_1..o_N)] = tr(prod_n G_n[i_n, :, o_n, :] diag(w_n)),
+truncated to [d_in, d_out]. The last core starts at zero, so delta W = 0 at init.
+
+The forward pass picks the cheaper of two exact paths: contracting the input with the cores token
+by token (never forming d_in x d_out), or building delta W once per distinct task in the batch when
+there are so many tokens that the dense product is cheaper.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import AdapterLinear
+from .config import AdapterConfig, int_root
+
+
+class TensorPolyXLinear(AdapterLinear):
+    def __init__(self, base: nn.Linear, cfg: AdapterConfig, side: str, name: str, path: str = "auto") -> None:
+        super().__init__(base, cfg, side, name)
+        n, bond = cfg.order, cfg.tensor_rank
+        self.q_in, self.q_out = int_root(self.in_features, n), int_root(self.out_features, n)
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # Distinct Parameter objects per core (the official code shares the first N-1 by accident).
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(self.q_in, bond, self.q_out, bond, **kw)) for _ in range(n))
+        bound = cfg.init_scale if cfg.init_scale is not None else 1.0 / math.sqrt(3 * self.q_in * bond)
+        for i, core in enumerate(self.cores):
+            if core.device.type != "meta":
+                with torch.no_grad():
+                    core.zero_() if i == n - 1 else core.uniform_(-bound, bound)
+        self.routing_shape = (n, bond)
+        self.path = path
+
+    def routed_cores(self, weights: torch.Tensor) -> list[torch.Tensor]:
+        """Cores with each outgoing bond scaled: [u, q_in, R, q_out, R] per level."""
+        w = weights.to(self.cores[0].dtype)
+        return [core[None] * w[:, n, None, None, None, :] for n, core in enumerate(self.cores)]
+
+    def dense(self, weights: torch.Tensor) -> torch.Tensor:
+        """delta W [u, d_in, d_out] for weights [u, N, R]."""
+        cores = self.routed_cores(weights)
+        u = weights.shape[0]
+        acc = cores[0].permute(0, 2, 1, 3, 4)           # [u, a0, i1, o1, b1]
+        for core in cores[1:]:
+            # acc [u, a0, I, O, b] x core [u, i, b, o, c] -> [u, a0, I, i, O, o, c]
+            acc = torch.einsum("uaIOb,uiboc->uaIiOoc", acc, core)
+            s = acc.shape
+            acc = acc.reshape(u, s[1], s[2] * s[3], s[4] * s[5], s[6])
+        full = torch.einsum("uaIOa->uIO", acc)
+        return full[:, : self.in_features, : self.out_features]
+
+    def contract(self, x: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        """x [b, ..., d_in] -> [b, ..., d_out] through the cores, token by token."""
+        n = len(self.cores)
+        b = x.shape[0]
+        tokens = x.reshape(b, -1, self.in_features)
+        pad = self.q_in ** n - self.in_features
+        if pad:
+            tokens = torch.nn.functional.pad(tokens, (0, pad))
+        cores = [c.to(x.dtype) for c in self.routed_cores(weights)]
+        one_task = weights.shape[0] == 1
+        state = tokens.reshape(b, tokens.shape[1], self.q_in, -1)                 # [b, L, i1, rest]
+        first = cores[0][0] if one_task else cores[0][inverse]
+        eq = "blir,iaoc->blacor" if one_task else "blir,biaoc->blacor"
+        state = torch.einsum(eq, state, first)                                     # [b, L, a0, c, O, rest]
+        for core in cores[1:]:
+            s = state.shape
+            state = state.reshape(s[0], s[1], s[2], s[3], s[4], self.q_in, s[5] // self.q_in)
+            this = core[0] if one_task else core[inverse]
+            eq = "blacOiR,icod->bladOoR" if one_task else "blacOiR,bicod->bladOoR"
+            state = torch.einsum(eq, state, this)
+            s = state.shape
+            state = state.reshape(s[0], s[1], s[2], s[3], s[4] * s[5], s[6])
+        out = torch.einsum("blaaOr->blO", state)[..., : self.out_features]
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def choose_path(self, tokens: int, distinct: int) -> str:
+        if self.path != "auto":
+            return self.path
+        n, r = len(self.cores), self.cores[0].shape[1]
+        contract = tokens * r * r * sum(self.q_out ** k * self.q_in ** (n - k + 1) for k in range(1, n + 1))
+        dense = distinct * r * r * (self.q_in * self.q_out) ** n + tokens * self.in_features * self.out_features
+        return "contract" if contract <= dense else "dense"
+
+    def delta_from_weights(self, x, weights, inverse):
+        tokens = x.numel() // self.in_features
+        if self.choose_path(tokens, weights.shape[0]) == "contract":
+            return self.contract(x, weights, inverse)
+        delta = self.dense(weights).to(x.dtype)
+        if delta.shape[0] == 1:
+            return x @ delta[0]
+        rows = x.reshape(x.shape[0], -1, self.in_features)
+        return torch.bmm(rows, delta[inverse]).reshape(*x.shape[:-1], self.out_features)
+
+    def delta_weight(self, weights):
+        return self.dense(weights[None])[0]

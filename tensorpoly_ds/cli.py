@@ -1,0 +1,39 @@
+"""`tensorpoly-ds <subcommand> ...`: dispatch only; each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "params": ("tensorpoly_ds.params", "count multi-task and adaptation parameters (meta device)"),
+    "prep": ("data_prep.cli", "stage 1: P3 mixtures -> tokenised, sharded Arrow datasets"),
+    "pretrain": ("launch.pretrain", "stage 2: multi-task pretraining on DeepSpeed"),
+    "adapt": ("launch.adapt", "stage 3: few-shot adaptation of one (task, seed) job, or a job-table row"),
+    "sweep": ("launch.sweep", "expand a grid into a job table and run it with P workers"),
+    "report": ("launch.report", "collect results into tables and plots"),
+    "demo": ("launch.demo", "the whole pipeline on the embedded mixture"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items())
+    return f"usage: tensorpoly-ds <subcommand> [args...]\n\nsubcommands:\n{rows}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"tensorpoly-ds: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Backbones: the T0 architectures by name (config only, for accounting), Hugging Face names or
+paths, and tiny T5s built from a config for offline work."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from transformers import AutoConfig, PretrainedConfig, T5Config
+
+# Shapes of bigscience/T0_3B (= google/t5-xl-lm-adapt) and bigscience/T0 (= t5-xxl-lm-adapt).
+KNOWN_ARCHITECTURES: dict[str, dict] = {
+    "t0-3b": dict(d_model=2048, d_kv=64, num_heads=32, d_ff=5120, num_layers=24, num_decoder_layers=24),
+    "t0-11b": dict(d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24, num_decoder_layers=24),
+    # For tests and the demo on a laptop: same structure, tiny sizes.
+    "tiny": dict(d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2, num_decoder_layers=2),
+}
+HUB_NAMES = {"t0-3b": "bigscience/T0_3B", "t0-11b": "bigscience/T0"}
+
+
+def t5_config(name: str, vocab_size: int = 32128, **overrides) -> T5Config:
+    if name not in KNOWN_ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(KNOWN_ARCHITECTURES)}")
+    kwargs = dict(KNOWN_ARCHITECTURES[name], vocab_size=vocab_size, feed_forward_proj="gated-gelu",
+                  tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                  dropout_rate=0.0)
+    kwargs.update(overrides)
+    return T5Config(**kwargs)
+
+
+def resolve_config(model: str, vocab_size: int | None = None) -> PretrainedConfig:
+    """A config from a known architecture name, a config.json file, or a model directory/Hub name."""
+    if model in KNOWN_ARCHITECTURES:
+        return t5_config(model, **({"vocab_size": vocab_size} if vocab_size else {}))
+    path = Path(model)
+    if path.is_file():
+        return AutoConfig.from_pretrained(str(path.parent) if path.name == "config.json" else str(path))
+    return AutoConfig.from_pretrained(model)
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")

@@ -1,0 +1,117 @@
+"""Parameter accounting on the meta device: no download, no memory, seconds for T0-11B."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+
+import torch
+from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
+
+from .adapters import AdapterConfig, adapter_layers, inject_adapters, routing_tables
+from .adapters.config import METHODS
+from .models import KNOWN_ARCHITECTURES, resolve_config
+
+
+def layer_type(name: str) -> str:
+    """'decoder.block.3.layer.1.EncDecAttention.k' -> 'decoder.EncDecAttention.k'."""
+    parts = name.split(".")
+    side = "decoder" if "decoder" in parts else "encoder"
+    return ".".join([side, *parts[-2:]])
+
+
+def build_meta_model(model: str):
+    config = resolve_config(model)
+    with torch.device("meta"):
+        if config.model_type == "t5":
+            return T5ForConditionalGeneration(config)
+        return AutoModelForSeq2SeqLM.from_config(config)
+
+
+def count_parameters(model: str, cfg: AdapterConfig, num_tasks: int) -> dict:
+    net = build_meta_model(model)
+    inject_adapters(net, cfg, num_tasks)
+    tables = routing_tables(net)
+    per_type: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    modules_total = 0
+    for name, layer in adapter_layers(net).items():
+        n = sum(p.numel() for pname, p in layer.named_parameters() if not pname.startswith("base.") and p.requires_grad)
+        row = per_type[layer_type(name)]
+        row["layers"] += 1
+        row["modules"] += n
+        if layer.routing is not None and cfg.routing_granularity == "layer":
+            row["routing"] += layer.routing.logits.numel()
+            row["routing_per_task"] += layer.routing.heads * layer.routing.skills
+        modules_total += n
+    routing_total = sum(t.logits.numel() for t in tables.values())
+    routing_per_task = sum(t.heads * t.skills for t in tables.values())
+    adaptation = {"full": modules_total + routing_per_task, "z": routing_per_task, "mu": modules_total}
+    if cfg.method in ("poly", "mhr"):
+        # Uniform routing collapses the skills into one LoRA of rank r.
+        adaptation["mu_collapsed"] = sum(cfg.rank * (l.in_features + l.out_features)
+                                         for l in adapter_layers(net).values())
+    if not cfg.routed:
+        adaptation = {"full": modules_total}
+    return {
+        "model": model,
+        "method": cfg.method,
+        "adapter": cfg.to_dict(),
+        "num_tasks": num_tasks,
+        "adapted_layers": len(adapter_layers(net)),
+        "routing_tables": len(tables),
+        "multi_task": {"modules": modules_total, "routing": routing_total, "total": modules_total + routing_total},
+        "adaptation": adaptation,
+        "per_layer_type": {k: dict(v) for k, v in sorted(per_type.items())},
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tensorpoly-ds params",
+                                description="Count multi-task and adaptation parameters of an adapter configuration "
+                                            "on the meta device (nothing is downloaded or allocated).")
+    p.add_argument("--model", required=True,
+                   help=f"{' | '.join(KNOWN_ARCHITECTURES)} | a Hugging Face config.json, model directory or name")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--rank", type=int, default=1, help="LoRA rank r")
+    p.add_argument("--tensor-rank", type=int, default=1, help="R: Kronecker terms / TT bond dimension")
+    p.add_argument("--order", type=int, default=2, help="N: Kronecker order / TT cores")
+    p.add_argument("--skills", type=int, default=8, help="S: Poly/MHR skills")
+    p.add_argument("--heads", type=int, default=1, help="h: MHR heads")
+    p.add_argument("--tasks", type=int, default=313, help="number of multi-task training tasks (313 for T0)")
+    p.add_argument("--targets", default=None, help="regex over module names (default: the method's T5 set)")
+    p.add_argument("--routing-granularity", default="layer", choices=("layer", "block", "group", "model"))
+    p.add_argument("--routing-group-size", type=int, default=1)
+    p.add_argument("--layernorm", action="store_true", help="TLoRA family: LayerNorm on Kronecker products")
+    p.add_argument("--layernorm-affine", default="frozen", choices=("frozen", "trainable"))
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{report['method']} on {report['model']}: {report['adapted_layers']} adapted layers, "
+             f"{report['routing_tables']} routing tables, {report['num_tasks']} tasks",
+             f"{'layer type':<34}{'layers':>8}{'modules':>14}{'routing':>12}"]
+    for name, row in report["per_layer_type"].items():
+        lines.append(f"{name:<34}{row['layers']:>8}{row['modules']:>14,}{row.get('routing', 0):>12,}")
+    mt = report["multi_task"]
+    lines.append(f"multi-task: modules {mt['modules']:,} + routing {mt['routing']:,} = {mt['total']:,}")
+    lines.append("adaptation: " + ", ".join(f"{k} {v:,}" for k, v in report["adaptation"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = AdapterConfig(method=args.method, rank=args.rank, tensor_rank=args.tensor_rank, order=args.order,
+                        skills=args.skills, heads=args.heads, targets=args.targets,
+                        routing_granularity=args.routing_granularity, routing_group_size=args.routing_group_size,
+                        layernorm=args.layernorm, layernorm_affine=args.layernorm_affine)
+    report = count_parameters(args.model, cfg, args.tasks)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def tiny_t5(vocab_size: int = 64, **overrides):
+    from transformers import T5ForConditionalGeneration
+
+    from tensorpoly_ds.models import t5_config
+
+    config = t5_config("tiny", vocab_size=vocab_size, **overrides)
+    return T5ForConditionalGeneration(config).eval()
