@@ -1,0 +1,91 @@
+"""`tensorpoly-ds adapt`: one few-shot adaptation job (or zero-shot evaluation), or one row of a job table.
+
+    tensorpoly-ds adapt --export runs/pre/export --data runs/data --task rte --mode z --seed 0 --out runs/adapt/x
+    tensorpoly-ds adapt --job-table runs/sweep/jobs.jsonl --row 7          # what a Slurm array task runs
+    tensorpoly-ds adapt --job-table runs/sweep/jobs.jsonl                  # row = $SLURM_ARRAY_TASK_ID
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tensorpoly_ds.adapt.job import AdaptJob, JobError, run_job
+from tensorpoly_ds.adapt.table import TableError, table_job
+
+# flag -> job field for the common fields; everything else via --set FIELD=VALUE (VALUE parsed as JSON)
+FLAGS = {"export": str, "method": str, "mode": str, "task": str, "seed": int, "k": int, "data": str, "out": str,
+         "model": str, "steps": int, "batch_size": int, "lr": float, "eval_every": int, "length_norm": float,
+         "label": str}
+RENAME = {"data": "data_dir", "out": "out_dir"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tensorpoly-ds adapt", description=__doc__.split("\n\n")[0])
+    src = p.add_argument_group("job source (one of)")
+    src.add_argument("--job-table", help="JSON Lines job table written by `tensorpoly-ds sweep`")
+    src.add_argument("--row", type=int, help="row of --job-table (default: $SLURM_ARRAY_TASK_ID)")
+    src.add_argument("--job", help="a JSON file with one job's fields")
+    fields = p.add_argument_group("job fields (override --job; ignored with --job-table)")
+    for name, typ in FLAGS.items():
+        fields.add_argument(f"--{name.replace('_', '-')}", type=typ, dest=name, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other job field, VALUE as JSON (e.g. --set multitask_steps=20 --set collapse=true)")
+    p.add_argument("--force", action="store_true", help="rerun even if the job is complete")
+    p.add_argument("--print-job", action="store_true", help="print the resolved job as JSON and exit")
+    return p
+
+
+def resolve_job(args) -> AdaptJob:
+    if args.job_table:
+        row = args.row
+        if row is None:
+            env = os.environ.get("SLURM_ARRAY_TASK_ID")
+            if env is None:
+                raise TableError("--job-table needs --row (or $SLURM_ARRAY_TASK_ID)")
+            row = int(env)
+        return table_job(args.job_table, row)
+    data: dict = {}
+    if args.job:
+        data = json.loads(open(args.job).read())
+    for name in FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            data[RENAME.get(name, name)] = value
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise JobError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            data[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            data[key] = raw
+    return AdaptJob.from_dict(data, source="command line")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        job = resolve_job(args)
+    except (JobError, TableError, OSError, ValueError) as err:
+        print(f"tensorpoly-ds adapt: {err}", file=sys.stderr)
+        return 2
+    if args.print_job:
+        print(json.dumps(job.to_dict(), indent=2, sort_keys=True))
+        return 0
+    try:
+        result = run_job(job, force=args.force)
+    except KeyboardInterrupt:
+        print("tensorpoly-ds adapt: interrupted; the job is incomplete and will rerun", file=sys.stderr)
+        return 130
+    except Exception as err:  # the failure is recorded in OUT/result.json (status failed)
+        print(f"tensorpoly-ds adapt: job {job.out_dir} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps({"out_dir": job.out_dir, "final": result["final"], "best": result["best"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

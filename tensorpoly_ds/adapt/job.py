@@ -1,0 +1,500 @@
+"""One few-shot adaptation job: (pretrained adapter export, mode, held-out task, seed, k) -> result.json.
+
+Output directory of a job:
+    job.json             the job as run (written first)
+    progress.json        evaluations so far (rewritten after each evaluation)
+    predictions.jsonl    per-example predictions and choice scores of the final evaluation
+    predictions_best.jsonl   the same for the best evaluation
+    routing.safetensors  routing logits and weights of the adapted task (routed methods)
+    result.json          config, accuracy at every evaluation, best, final, per template, parameter counts,
+                         timings; status "complete" or "failed"
+    COMPLETE             completion marker, written after result.json; a job is skipped only if both exist
+All files are written atomically (temp file, then os.replace).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..adapters import (AdapterConfig, ModeError, adapter_layers, collapse_to_lora, inject_adapters, load_adapters,
+                        prepare_adaptation, read_export_meta, routing_tables)
+from ..evaluation import LossWeights, accuracy, collate_choices, collate_lm, evaluate, lm_loss, tfew_losses, write_jsonl
+
+RESULT_FILE = "result.json"
+MARKER_FILE = "COMPLETE"
+FULLFT = "fullft"
+RESULT_FORMAT = 1
+
+
+class JobError(ValueError):
+    """The job description is invalid or does not fit the data / export."""
+
+
+@dataclass
+class AdaptJob:
+    # what to adapt
+    out_dir: str
+    data_dir: str
+    task: str
+    seed: int = 0
+    k: int | None = None                  # shots; None = the only k prepared for the task; 0 = zero-shot
+    mode: str = "full"                    # full | z | mu
+    export: str | None = None             # pretrained adapter export (safetensors + adapter_config.json)
+    method: str | None = None             # without export: "fullft" or an adapter method (fresh, w/o pretraining)
+    adapter: dict = field(default_factory=dict)   # AdapterConfig fields for a fresh adapter
+    label: str | None = None              # row name in reports (default: derived from the method)
+    model: str = "tiny"                   # backbone: architecture name (built from config) or HF name / path
+    model_seed: int = 0                   # init seed of a backbone built from an architecture name
+    collapse: bool = False                # mu on Poly/MHR: collapse the uniform mixture into one LoRA first
+    # few-shot recipe (reference: Adafactor 3e-3, 1000 steps, warmup 6 %, clip 1, batch 8)
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-3
+    routing_lr: float | None = None       # default: lr
+    warmup_ratio: float = 0.06
+    clip: float = 1.0
+    optimizer: str = "adafactor"          # adafactor | adamw
+    loss_lm: float = 1.0
+    loss_mc: float = 1.0
+    loss_unlikelihood: float = 1.0
+    # evaluation
+    eval_every: int = 100                 # steps; 0 = only at the end (and before training if eval_at_start)
+    eval_at_start: bool = False
+    eval_batch_size: int = 16
+    length_norm: float = 1.0              # rank-classification score: NLL / len ** length_norm (t-zero: 0)
+    max_eval_examples: int | None = None  # cap on eval rows (smoke runs); None = all
+    # zero-shot MHR-mu recipe: extra multi-task LM steps on DIR/train before (or instead of) few-shot training
+    multitask_steps: int = 0
+    multitask_batch_size: int = 8
+    multitask_lr: float | None = None     # default: lr
+    save_adapter: bool = False            # also export the adapted adapter to OUT/adapter
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("full", "z", "mu"):
+            raise JobError(f"job field 'mode' = {self.mode!r}: valid modes: full, z, mu")
+        if self.export is None and self.method is None:
+            raise JobError("a job needs 'export' (pretrained adapters) or 'method' (fullft or a fresh adapter)")
+        for name in ("steps", "multitask_steps", "eval_every"):
+            if getattr(self, name) < 0:
+                raise JobError(f"job field {name!r} = {getattr(self, name)!r}: must be >= 0")
+        for name in ("batch_size", "grad_accum", "eval_batch_size", "multitask_batch_size"):
+            if getattr(self, name) < 1:
+                raise JobError(f"job field {name!r} = {getattr(self, name)!r}: must be >= 1")
+        if self.k is not None and self.k < 0:
+            raise JobError(f"job field 'k' = {self.k!r}: must be >= 0")
+        if self.optimizer not in ("adafactor", "adamw"):
+            raise JobError(f"job field 'optimizer' = {self.optimizer!r}: valid: adafactor, adamw")
+        if self.method == FULLFT and self.mode != "full":
+            raise JobError(f"FullFT has no routing: mode must be 'full', got {self.mode!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "job") -> "AdaptJob":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise JobError(f"{source}: unknown job field(s) {unknown}; valid fields: {sorted(known)}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in data]
+        if missing:
+            raise JobError(f"{source}: missing job field(s) {missing}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- small utilities ---------------------------------------------------------------------------------------
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def is_complete(out_dir: str | os.PathLike) -> bool:
+    """True only if the marker exists and result.json says complete (a crash before either = rerun)."""
+    out = Path(out_dir)
+    if not (out / MARKER_FILE).is_file():
+        return False
+    try:
+        return json.loads((out / RESULT_FILE).read_text()).get("status") == "complete"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def method_label(job: AdaptJob, cfg: AdapterConfig | None) -> str:
+    if job.label:
+        return job.label
+    if cfg is None:
+        return "FullFT"
+    names = {"lora": "LoRA", "tlora": "TLoRA", "poly": "Poly", "mhr": "MHR", "tensorpoly_i": "TensorPoly-I",
+             "tensorpoly_ii": "TensorPoly-II", "tensorpoly_x": "TensorPoly-X", "ia3": "(IA)^3"}
+    name = names.get(cfg.method, cfg.method)
+    if cfg.method in ("tlora", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x"):
+        name += f" R{cfg.tensor_rank} N{cfg.order}"
+    if job.export is None:
+        name += " (w/o pretrain)"
+    return name
+
+
+# --- data --------------------------------------------------------------------------------------------------
+
+def open_data(data_dir: str):
+    from data_prep.manifest import read_manifest
+
+    return read_manifest(data_dir)
+
+
+def load_rows(data_dir: str, split: str) -> list[dict]:
+    from data_prep.manifest import load_split
+
+    ds = load_split(data_dir, split)
+    cols = ds.to_dict()
+    names = list(cols)
+    return [{c: cols[c][i] for c in names} for i in range(len(ds))]
+
+
+def resolve_k(manifest, data_dir: str, task: str, k: int | None) -> int:
+    prefix = f"few_shot/{task}/"
+    ks = sorted({int(s[len(prefix):].split("_shot")[0]) for s in manifest.shards if s.startswith(prefix)})
+    if k is None:
+        if len(ks) != 1:
+            raise JobError(f"{data_dir}: task {task!r} has few-shot sets for k in {ks}; set k explicitly")
+        return ks[0]
+    if k > 0 and k not in ks:
+        raise JobError(f"{data_dir}: no {k}-shot set for task {task!r}; prepared: {ks or 'none'}")
+    return k
+
+
+# --- model -------------------------------------------------------------------------------------------------
+
+def build_backbone(job: AdaptJob, vocab_size: int) -> nn.Module:
+    from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
+
+    from ..models import KNOWN_ARCHITECTURES, t5_config
+
+    if job.model in KNOWN_ARCHITECTURES:
+        # Deterministic init: the pretraining run must have built the same backbone (same name, vocab, seed).
+        state = torch.random.get_rng_state()
+        torch.manual_seed(job.model_seed)
+        model = T5ForConditionalGeneration(t5_config(job.model, vocab_size=vocab_size))
+        torch.random.set_rng_state(state)
+        return model
+    return AutoModelForSeq2SeqLM.from_pretrained(job.model, dtype=torch.float32)
+
+
+def count_adapter_params(model: nn.Module) -> dict[str, int]:
+    tables = routing_tables(model)
+    routing_ids = {id(t.logits) for t in tables.values()}
+    modules = 0
+    seen: set[int] = set()
+    for layer in adapter_layers(model).values():
+        for pname, p in layer.named_parameters():
+            if pname.startswith("base.") or id(p) in seen or id(p) in routing_ids:
+                continue
+            seen.add(id(p))
+            modules += p.numel()
+    routing = sum(t.logits.numel() for t in tables.values())
+    return {"modules": modules, "routing": routing, "total": modules + routing}
+
+
+def setup_model(job: AdaptJob, vocab_size: int) -> tuple[nn.Module, dict[str, Any]]:
+    """Backbone + adapters (pretrained export or fresh) + adaptation mode. Returns (model, info)."""
+    model = build_backbone(job, vocab_size)
+    info: dict[str, Any] = {"backbone_params": sum(p.numel() for p in model.parameters())}
+    cfg = None
+    if job.export is not None:
+        meta = load_adapters(model, job.export)
+        cfg = model.tpds_adapter_config
+        if job.method is not None and job.method != cfg.method:
+            raise JobError(f"job method {job.method!r} differs from the export's {cfg.method!r} ({job.export})")
+        info["export_tasks"] = len(meta.get("tasks", []))
+        info["multi_task_params"] = count_adapter_params(model)
+    elif job.method == FULLFT:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        info["multi_task_params"] = None
+    else:
+        cfg = AdapterConfig.from_dict({"method": job.method, **job.adapter}, source="job.adapter")
+        inject_adapters(model, cfg, num_tasks=1)
+        info["multi_task_params"] = None
+    if cfg is not None:
+        if cfg.routed:
+            prepare_adaptation(model, job.mode)
+            if job.collapse:
+                if job.mode != "mu":
+                    raise JobError("collapse applies to mode mu only (uniform routing is one LoRA)")
+                collapse_to_lora(model)
+        elif job.mode != "full":
+            raise ModeError(f"method {cfg.method!r} has no routing, so mode {job.mode!r} does not apply; use 'full'")
+        else:
+            prepare_adaptation(model, "full")
+    info["method"] = cfg.method if cfg is not None else FULLFT
+    info["adapter"] = cfg.to_dict() if cfg is not None else None
+    info["label"] = method_label(job, cfg)
+    info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, info
+
+
+def routing_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Logits and evaluation weights of task 0 for every routing table."""
+    out = {}
+    for key, table in routing_tables(model).items():
+        was = table.training
+        table.eval()
+        with torch.no_grad():
+            out[f"{key}.weights"] = table.weights(torch.tensor([0]))[0].detach().cpu().contiguous()
+            out[f"{key}.logits"] = table.logits[0].detach().cpu().contiguous()
+        table.train(was)
+    return out
+
+
+# --- training ----------------------------------------------------------------------------------------------
+
+def build_optimizer(model: nn.Module, name: str, lr: float, routing_lr: float | None) -> torch.optim.Optimizer:
+    tables = routing_tables(model)
+    routing = [t.logits for t in tables.values() if t.logits.requires_grad]
+    rid = {id(p) for p in routing}
+    modules = [p for p in model.parameters() if p.requires_grad and id(p) not in rid]
+    groups = [g for g in ({"params": modules, "lr": lr, "name": "modules"},
+                          {"params": routing, "lr": routing_lr or lr, "name": "routing"}) if g["params"]]
+    if not groups:
+        raise JobError("no trainable parameters")
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
+    """Linear warmup over warmup_ratio * total steps, then linear decay to 0."""
+    warmup = int(round(warmup_ratio * total))
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+class EpochSampler:
+    """Batches of row indices: a fresh seeded permutation per epoch (rows smaller than a batch repeat)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if n < 1:
+            raise JobError("no training rows")
+        self.n, self.batch, self.gen = n, batch_size, torch.Generator().manual_seed(seed)
+        self.queue: list[int] = []
+
+    def next(self) -> list[int]:
+        while len(self.queue) < self.batch:
+            self.queue += torch.randperm(self.n, generator=self.gen).tolist()
+        out, self.queue = self.queue[:self.batch], self.queue[self.batch:]
+        return out
+
+
+def train_steps(model: nn.Module, *, steps: int, batch_fn: Callable[[], Any], loss_fn: Callable[[Any], dict],
+                optimizer: torch.optim.Optimizer, warmup_ratio: float, clip: float, grad_accum: int = 1,
+                on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """A plain single-process loop: loss hook, warmup + linear decay, grad-norm clipping."""
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup_ratio))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    history = []
+    model.train()
+    for step in range(1, steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        stats: dict[str, float] = {}
+        for _ in range(grad_accum):
+            out = loss_fn(batch_fn())
+            (out["loss"] / grad_accum).backward()
+            for k, v in out.items():
+                stats[k] = stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / grad_accum
+        if clip > 0:
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        optimizer.step()
+        sched.step()
+        stats["lr"] = optimizer.param_groups[0]["lr"]
+        if not math.isfinite(stats["loss"]):
+            raise FloatingPointError(f"step {step}: non-finite loss {stats['loss']}")
+        history.append({"step": step, **stats})
+        if on_step is not None:
+            on_step(step, stats)
+    return history
+
+
+# --- the job -----------------------------------------------------------------------------------------------
+
+def run_job(job: AdaptJob, *, force: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run one job (skipped if complete unless force). Returns the result dict. On error a result with
+    status "failed" is written (no marker) and the exception re-raised."""
+    out = Path(job.out_dir)
+    if not force and is_complete(out):
+        log(f"[adapt] {out}: complete, skipped")
+        return json.loads((out / RESULT_FILE).read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER_FILE).unlink(missing_ok=True)
+    write_json(out / "job.json", job.to_dict())
+    t_start = time.time()
+    timings: dict[str, float] = {}
+    try:
+        result = _run(job, out, timings, log)
+    except BaseException as err:
+        write_json(out / RESULT_FILE, {"format": RESULT_FORMAT, "status": "failed", "job": job.to_dict(),
+                                       "error": f"{type(err).__name__}: {err}",
+                                       "traceback": traceback.format_exc(), "timings": timings,
+                                       "finished": time.time()})
+        raise
+    timings["total_s"] = time.time() - t_start
+    result["timings"] = timings
+    write_json(out / RESULT_FILE, result)
+    atomic_write_text(out / MARKER_FILE, "complete\n")   # last: its presence means result.json is final
+    return result
+
+
+def _run(job: AdaptJob, out: Path, timings: dict, log: Callable[[str], None]) -> dict:
+    t0 = time.time()
+    manifest = open_data(job.data_dir)
+    if job.task not in manifest.held_out:
+        log(f"[adapt] warning: task {job.task!r} is not in the manifest's held_out list {manifest.held_out}")
+    k = resolve_k(manifest, job.data_dir, job.task, job.k)
+    eval_rows = load_rows(job.data_dir, f"eval/{job.task}")
+    if job.max_eval_examples is not None:
+        eval_rows = eval_rows[:job.max_eval_examples]
+    train_rows = load_rows(job.data_dir, f"few_shot/{job.task}/{k}_shot/{job.seed}_seed") if k > 0 else []
+    timings["data_s"] = time.time() - t0
+
+    t0 = time.time()
+    seed_everything(job.seed)
+    model, info = setup_model(job, manifest.tokenizer["vocab_size"])
+    timings["setup_s"] = time.time() - t0
+    log(f"[adapt] {info['label']} mode={job.mode} task={job.task} k={k} seed={job.seed}: "
+        f"{info['trainable_params']:,} trainable parameters")
+
+    evaluations: list[dict] = []
+    best: dict | None = None
+    eval_time = [0.0]
+
+    def run_eval(step: int, phase: str) -> None:
+        nonlocal best
+        t = time.time()
+        records = evaluate(model, eval_rows, batch_size=job.eval_batch_size, length_norm=job.length_norm, task_id=0)
+        acc = accuracy(records)
+        entry = {"step": step, "phase": phase, "accuracy": acc["accuracy"], "examples": acc["examples"],
+                 "per_template": acc["per_template"].get(job.task, {})}
+        evaluations.append(entry)
+        write_jsonl(out / "predictions.jsonl", records)
+        if best is None or entry["accuracy"] > best["accuracy"]:
+            best = entry
+            write_jsonl(out / "predictions_best.jsonl", records)
+        write_json(out / "progress.json", {"evaluations": evaluations})
+        eval_time[0] += time.time() - t
+        log(f"[adapt] step {step} ({phase}): accuracy {entry['accuracy']:.4f} on {entry['examples']} examples")
+
+    multitask_history: list[dict] = []
+    if job.multitask_steps > 0:
+        t0 = time.time()
+        mt_rows = load_rows(job.data_dir, "train")
+        sampler = EpochSampler(len(mt_rows), job.multitask_batch_size, job.seed + 1)
+        optimizer = build_optimizer(model, job.optimizer, job.multitask_lr or job.lr, job.routing_lr)
+        # All rows use routing row 0: the uniform / freshly opened routing of the adapted model.
+        multitask_history = train_steps(
+            model, steps=job.multitask_steps, batch_fn=lambda: collate_lm([mt_rows[i] for i in sampler.next()], 0),
+            loss_fn=lambda b: {"loss": lm_loss(model, b)}, optimizer=optimizer, warmup_ratio=job.warmup_ratio,
+            clip=job.clip)
+        timings["multitask_s"] = time.time() - t0
+
+    history: list[dict] = []
+    steps = job.steps if k > 0 else 0
+    if job.eval_at_start or steps == 0:
+        run_eval(0, "start" if steps else "final")
+    if steps > 0:
+        t0 = time.time()
+        weights = LossWeights(lm=job.loss_lm, mc=job.loss_mc, unlikelihood=job.loss_unlikelihood)
+        sampler = EpochSampler(len(train_rows), job.batch_size, job.seed)
+        optimizer = build_optimizer(model, job.optimizer, job.lr, job.routing_lr)
+
+        def on_step(step: int, stats: dict) -> None:
+            if step == steps:
+                run_eval(step, "final")
+            elif job.eval_every and step % job.eval_every == 0:
+                run_eval(step, "periodic")
+                model.train()
+
+        history = train_steps(
+            model, steps=steps, batch_fn=lambda: collate_choices([train_rows[i] for i in sampler.next()], 0),
+            loss_fn=lambda b: tfew_losses(model, b, weights), optimizer=optimizer, warmup_ratio=job.warmup_ratio,
+            clip=job.clip, grad_accum=job.grad_accum, on_step=on_step)
+        timings["train_s"] = time.time() - t0 - eval_time[0]
+    timings["eval_s"] = eval_time[0]
+
+    routing = routing_snapshot(model)
+    if routing:
+        from safetensors.torch import save_file
+
+        tmp = out / f".routing.safetensors.tmp{os.getpid()}"
+        save_file(routing, str(tmp))
+        os.replace(tmp, out / "routing.safetensors")
+    if job.save_adapter and info["adapter"] is not None:
+        from ..adapters import export_adapters
+
+        export_adapters(model, out / "adapter", [job.task], extra={"adapted_from": job.export, "mode": job.mode})
+
+    final = evaluations[-1]
+    return {
+        "format": RESULT_FORMAT,
+        "status": "complete",
+        "job": job.to_dict(),
+        "label": info["label"],
+        "method": info["method"],
+        "adapter": info["adapter"],
+        "mode": job.mode,
+        "task": job.task,
+        "seed": job.seed,
+        "k": k,
+        "zero_shot": k == 0,
+        "evaluations": evaluations,
+        "final": {"step": final["step"], "accuracy": final["accuracy"]},
+        "best": {"step": best["step"], "accuracy": best["accuracy"]},
+        "per_template": final["per_template"],
+        "params": {"trainable": info["trainable_params"], "multi_task": info["multi_task_params"],
+                   "backbone": info["backbone_params"]},
+        "train_loss": [{"step": h["step"], "loss": h["loss"], "lm": h.get("lm"), "mc": h.get("mc"),
+                        "unlikelihood": h.get("unlikelihood")} for h in history],
+        "multitask_loss": [{"step": h["step"], "loss": h["loss"]} for h in multitask_history],
+        "routing_file": "routing.safetensors" if routing else None,
+        "finished": time.time(),
+    }

@@ -1,0 +1,135 @@
+"""Job tables: one JSON object per line, row i = Slurm array task i. Expansion of a sweep grid."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .job import AdaptJob, FULLFT, JobError
+
+ROUTED = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")
+
+
+class TableError(ValueError):
+    pass
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
+
+
+def read_grid(path: str | os.PathLike) -> dict:
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+
+        grid = yaml.safe_load(text)
+    else:
+        grid = json.loads(text)
+    if not isinstance(grid, dict):
+        raise TableError(f"{path}: a grid is a mapping with 'methods', 'modes', 'tasks', 'seeds' (and 'base')")
+    return grid
+
+
+def _method_of(entry: dict) -> str | None:
+    if entry.get("method"):
+        return entry["method"]
+    if entry.get("export"):
+        from ..adapters import read_export_meta
+
+        return read_export_meta(entry["export"])["adapter"]["method"]
+    return None
+
+
+def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> list[dict]:
+    """methods x modes x tasks x seeds x ks -> rows {"row", "id", "job"} in this fixed, stable order.
+
+    grid = {"base": {job fields shared by all rows, e.g. data_dir, steps},
+            "methods": [{"label": ..., "export": DIR} | {"label": ..., "method": "fullft"|"lora"|..., ...}],
+            "modes": ["full", "z", "mu"], "tasks": [...] or "held_out", "seeds": [0, 1024, 42], "ks": [null]}
+    Unrouted methods only get mode "full" (other modes are skipped, not errors)."""
+    unknown = sorted(set(grid) - {"base", "methods", "modes", "tasks", "seeds", "ks"})
+    if unknown:
+        raise TableError(f"grid: unknown key(s) {unknown}; valid: base, methods, modes, tasks, seeds, ks")
+    base = dict(grid.get("base") or {})
+    methods = grid.get("methods") or []
+    if not methods:
+        raise TableError("grid: 'methods' is empty")
+    modes = grid.get("modes") or ["full"]
+    seeds = grid.get("seeds") or [0, 1024, 42]
+    ks = grid.get("ks") or [base.pop("k", None)]
+    tasks = grid.get("tasks") or "held_out"
+    if tasks == "held_out":
+        if "data_dir" not in base:
+            raise TableError("grid: tasks 'held_out' needs base.data_dir")
+        from data_prep.manifest import read_manifest
+
+        tasks = list(read_manifest(base["data_dir"]).held_out)
+    rel = Path(base_dir) if base_dir else None
+
+    def resolve(p):
+        return str((rel / p).resolve()) if (rel and p and not os.path.isabs(p)) else p
+
+    if "data_dir" in base:
+        base["data_dir"] = resolve(base["data_dir"])
+    rows, ids = [], set()
+    for m_i, entry in enumerate(methods):
+        if isinstance(entry, str):
+            entry = {"export": entry}
+        entry = dict(entry)
+        if "export" in entry:
+            entry["export"] = resolve(entry["export"])
+        method = _method_of(entry)
+        label = entry.get("label") or (Path(entry["export"]).name if entry.get("export") else method)
+        for mode, task, seed, k in itertools.product(modes, tasks, seeds, ks):
+            if mode != "full" and method not in ROUTED:
+                continue
+            job_id = _slug(f"{label}__{mode}__{task}__k{'auto' if k is None else k}__s{seed}")
+            if job_id in ids:
+                raise TableError(f"grid: two rows get the id {job_id!r}; give the methods distinct labels")
+            ids.add(job_id)
+            fields = {**base, **{k2: v for k2, v in entry.items()}, "label": label, "mode": mode, "task": task,
+                      "seed": seed, "k": k, "out_dir": str(Path(out_dir) / "jobs" / job_id)}
+            AdaptJob.from_dict(fields, source=f"grid row {job_id}")   # validate now, not on the cluster
+            rows.append({"row": len(rows), "id": job_id, "job": fields})
+    return rows
+
+
+def write_table(path: str | os.PathLike, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_table(path: str | os.PathLike) -> list[dict]:
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TableError(f"{path}:{n}: not JSON ({err})") from None
+        if row.get("row") != len(rows) or "job" not in row:
+            raise TableError(f"{path}:{n}: expected row {len(rows)} with a 'job' object")
+        rows.append(row)
+    return rows
+
+
+def table_job(path: str | os.PathLike, row: int) -> AdaptJob:
+    rows = read_table(path)
+    if not 0 <= row < len(rows):
+        raise TableError(f"{path}: row {row} out of range (the table has {len(rows)} rows, 0..{len(rows) - 1})")
+    return AdaptJob.from_dict(rows[row]["job"], source=f"{path} row {row}")
+
+
+__all__ = ["TableError", "expand_grid", "read_grid", "read_table", "table_job", "write_table", "FULLFT", "JobError"]
