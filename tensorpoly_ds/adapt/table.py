@@ -94,8 +94,9 @@ def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathL
             ids.add(job_id)
             fields = {**base, **{k2: v for k2, v in entry.items()}, "label": label, "mode": mode, "task": task,
                       "seed": seed, "k": k, "out_dir": str(Path(out_dir) / "jobs" / job_id)}
-            AdaptJob.from_dict(fields, source=f"grid row {job_id}")   # validate now, not on the cluster
-            rows.append({"row": len(rows), "id": job_id, "job": fields})
+            # validated now, not on the cluster; the row holds every field (defaults filled in)
+            job = AdaptJob.from_dict(fields, source=f"grid row {job_id}").to_dict()
+            rows.append({"row": len(rows), "id": job_id, "job": job})
     return rows
 
 
