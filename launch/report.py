@@ -1,0 +1,38 @@
+"""`tensorpoly-ds report RUN_DIRS... --out DIR`: tables (Table 1 layout, parameter counts) and plots.
+
+Writes DIR/report.md (everything, incl. the list of missing/failed jobs), table1.md/.csv, params.md/.csv,
+accuracy.png and routing_<method>_<mode>.png. Missing or failed jobs are listed on stderr too; the
+exit code is 0 unless --strict and something is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tensorpoly_ds.adapt.report import build_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tensorpoly-ds report", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dirs", nargs="+", help="directories searched recursively for job results (and jobs.jsonl)")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--job-table", action="append", default=[],
+                   help="job table(s) whose rows must all have results (jobs.jsonl in RUN_DIRS are used anyway)")
+    p.add_argument("--metric", choices=("final", "best"), default="final",
+                   help="accuracy of the final evaluation (default) or the best one")
+    p.add_argument("--spread", choices=("minmax", "iqr"), default="minmax")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any job is missing, failed or incomplete")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = build_report(args.run_dirs, args.out, tables=args.job_table, metric=args.metric, spread=args.spread,
+                          plots=not args.no_plots)
+    return 1 if (args.strict and report["problems"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

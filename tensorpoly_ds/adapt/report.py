@@ -1,0 +1,390 @@
+"""Collect adaptation results into the papers' tables and plots.
+
+Every job directory (one holding job.json or result.json) below the given run directories is
+classified as complete (result.json status complete and the COMPLETE marker), failed (status failed),
+incomplete (started, no final result: crashed or still running) or broken (unreadable). Job tables
+(jobs.jsonl) found in the run directories, or given explicitly, add the rows that never started
+(missing). Nothing is dropped silently: every non-complete job is listed in the report and on stderr.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .job import MARKER_FILE, RESULT_FILE
+from .table import read_table
+
+MODE_ORDER = {"full": 0, "z": 1, "mu": 2}
+
+
+@dataclass
+class Collected:
+    results: list[dict] = field(default_factory=list)          # complete result.json contents (+ "_dir")
+    problems: list[dict] = field(default_factory=list)         # {"dir", "state", "detail", "job"}
+
+
+def _job_key(job: dict) -> tuple:
+    return (job.get("label"), job.get("mode"), job.get("task"), job.get("seed"), job.get("k"))
+
+
+def collect(run_dirs: list[str | os.PathLike], tables: list[str | os.PathLike] = ()) -> Collected:
+    out = Collected()
+    seen_dirs: set[Path] = set()
+    table_files = [Path(t) for t in tables]
+    for root in map(Path, run_dirs):
+        if not root.exists():
+            out.problems.append({"dir": str(root), "state": "missing", "detail": "run directory does not exist",
+                                 "job": {}})
+            continue
+        table_files += sorted(root.rglob("jobs.jsonl"))
+        job_dirs = {p.parent for p in root.rglob(RESULT_FILE)} | {p.parent for p in root.rglob("job.json")}
+        for d in sorted(job_dirs):
+            if d.resolve() in seen_dirs:
+                continue
+            seen_dirs.add(d.resolve())
+            _classify(d, out)
+    for table in dict.fromkeys(t.resolve() for t in table_files):
+        try:
+            rows = read_table(table)
+        except Exception as err:  # a broken table is reported, not fatal
+            out.problems.append({"dir": str(table), "state": "broken", "detail": f"job table unreadable: {err}",
+                                 "job": {}})
+            continue
+        for row in rows:
+            d = Path(row["job"]["out_dir"]).resolve()
+            if d not in seen_dirs:
+                seen_dirs.add(d)
+                if d.exists():
+                    _classify(d, out)
+                else:
+                    out.problems.append({"dir": str(d), "state": "missing", "job": row["job"],
+                                         "detail": f"row {row['row']} of {table} never ran"})
+    return out
+
+
+def _classify(d: Path, out: Collected) -> None:
+    job: dict = {}
+    try:
+        job = json.loads((d / "job.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    rpath = d / RESULT_FILE
+    if not rpath.exists():
+        out.problems.append({"dir": str(d), "state": "incomplete", "job": job,
+                             "detail": "started but no result.json (crashed, killed or still running)"})
+        return
+    try:
+        result = json.loads(rpath.read_text())
+        job = result.get("job", job)
+    except (OSError, json.JSONDecodeError) as err:
+        out.problems.append({"dir": str(d), "state": "broken", "job": job, "detail": f"result.json: {err}"})
+        return
+    status = result.get("status")
+    if status == "failed":
+        out.problems.append({"dir": str(d), "state": "failed", "job": job,
+                             "detail": str(result.get("error", "unknown error"))})
+    elif status != "complete" or not (d / MARKER_FILE).exists():
+        out.problems.append({"dir": str(d), "state": "incomplete", "job": job,
+                             "detail": f"status {status!r}, marker {'present' if (d / MARKER_FILE).exists() else 'absent'}"})
+    else:
+        try:
+            float(result["final"]["accuracy"])
+            result["label"], result["task"], result["mode"]
+        except (KeyError, TypeError, ValueError) as err:
+            out.problems.append({"dir": str(d), "state": "broken", "job": job, "detail": f"result.json lacks {err}"})
+            return
+        out.results.append({**result, "_dir": str(d)})
+
+
+# --- aggregation -------------------------------------------------------------------------------------------
+
+def quantile(xs: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default)."""
+    xs = sorted(xs)
+    pos = (len(xs) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def row_key(r: dict) -> tuple[str, str]:
+    return (r["label"], r["mode"])
+
+
+def aggregate(results: list[dict], metric: str = "final") -> dict:
+    """cells[(label, mode)][task] = {median, min, max, q1, q3, n, seeds, values} with accuracies in %."""
+    values: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    duplicates = []
+    for r in results:
+        acc = 100.0 * float(r[metric]["accuracy"])
+        seeds = values[row_key(r)][r["task"]]
+        if r["seed"] in seeds:
+            duplicates.append(r["_dir"])
+        seeds[r["seed"]] = acc
+    rows = sorted(values, key=lambda k: (k[0], MODE_ORDER.get(k[1], 9), k[1]))
+    tasks = sorted({t for v in values.values() for t in v})
+    cells: dict[tuple, dict[str, dict]] = {}
+    for key in rows:
+        cells[key] = {}
+        for task, by_seed in values[key].items():
+            xs = [by_seed[s] for s in sorted(by_seed)]
+            cells[key][task] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs),
+                                "q1": quantile(xs, 0.25), "q3": quantile(xs, 0.75), "n": len(xs),
+                                "seeds": sorted(by_seed), "values": xs}
+    return {"rows": rows, "tasks": tasks, "cells": cells, "duplicates": duplicates}
+
+
+def row_average(cells: dict[str, dict], tasks: list[str]) -> float | None:
+    """Mean over tasks of the per-task medians; None unless every task has a cell."""
+    if not tasks or any(t not in cells for t in tasks):
+        return None
+    return sum(cells[t]["median"] for t in tasks) / len(tasks)
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:.1f}"
+
+
+def table1_markdown(agg: dict, spread: str = "minmax") -> str:
+    tasks = agg["tasks"]
+    head = "| Method | Mode | " + " | ".join(tasks) + " | Avg |"
+    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+    for key in agg["rows"]:
+        cells = agg["cells"][key]
+        parts = []
+        for t in tasks:
+            c = cells.get(t)
+            if c is None:
+                parts.append("—")
+                continue
+            lo, hi = (c["min"], c["max"]) if spread == "minmax" else (c["q1"], c["q3"])
+            parts.append(f"{c['median']:.1f} ({lo:.1f}–{hi:.1f}, n={c['n']})")
+        avg = row_average(cells, tasks)
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(parts) + f" | {_fmt(avg) or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def table1_csv(agg: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "mode", "task", "median", "min", "max", "q1", "q3", "n", "seeds"])
+    for key in agg["rows"]:
+        for t in agg["tasks"]:
+            c = agg["cells"][key].get(t)
+            if c is None:
+                w.writerow([key[0], key[1], t, "", "", "", "", "", 0, ""])
+            else:
+                w.writerow([key[0], key[1], t, *(f"{c[x]:.4f}" for x in ("median", "min", "max", "q1", "q3")),
+                            c["n"], " ".join(map(str, c["seeds"]))])
+        avg = row_average(agg["cells"][key], agg["tasks"])
+        w.writerow([key[0], key[1], "avg", "" if avg is None else f"{avg:.4f}", "", "", "", "", "", ""])
+    return buf.getvalue()
+
+
+def params_table(results: list[dict]) -> list[dict]:
+    """One row per method label: multi-task (pretraining) parameters and adaptation parameters per mode."""
+    by_label: dict[str, dict] = {}
+    for r in sorted(results, key=lambda r: (r["label"], MODE_ORDER.get(r["mode"], 9))):
+        row = by_label.setdefault(r["label"], {"method": r["label"], "multi_task": None, "modules": None,
+                                               "routing": None, "adaptation": {}})
+        mt = (r.get("params") or {}).get("multi_task")
+        if mt and row["multi_task"] is None:
+            row.update(multi_task=mt.get("total"), modules=mt.get("modules"), routing=mt.get("routing"))
+        trainable = (r.get("params") or {}).get("trainable")
+        if trainable is not None:
+            row["adaptation"].setdefault(r["mode"], trainable)
+    return list(by_label.values())
+
+
+def params_markdown(rows: list[dict]) -> str:
+    modes = sorted({m for r in rows for m in r["adaptation"]}, key=lambda m: MODE_ORDER.get(m, 9))
+
+    def n(x):
+        return "—" if x is None else f"{x:,}"
+
+    lines = ["| Method | Multi-task params | modules | routing | " + " | ".join(f"Adaptation ({m})" for m in modes)
+             + " |", "|" + "---|" * (4 + len(modes))]
+    for r in rows:
+        lines.append(f"| {r['method']} | {n(r['multi_task'])} | {n(r['modules'])} | {n(r['routing'])} | "
+                     + " | ".join(n(r["adaptation"].get(m)) for m in modes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def params_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    modes = sorted({m for r in rows for m in r["adaptation"]}, key=lambda m: MODE_ORDER.get(m, 9))
+    w.writerow(["method", "multi_task", "modules", "routing", *[f"adaptation_{m}" for m in modes]])
+    for r in rows:
+        w.writerow([r["method"], r["multi_task"], r["modules"], r["routing"],
+                    *[r["adaptation"].get(m, "") for m in modes]])
+    return buf.getvalue()
+
+
+def problems_markdown(problems: list[dict]) -> str:
+    if not problems:
+        return "All jobs complete.\n"
+    lines = ["| State | Method | Mode | Task | Seed | Directory | Detail |", "|---|---|---|---|---|---|---|"]
+    for p in sorted(problems, key=lambda p: (p["state"], p["dir"])):
+        j = p.get("job") or {}
+        detail = str(p["detail"]).replace("|", "\\|").replace("\n", " ")[:200]
+        lines.append(f"| {p['state']} | {j.get('label') or j.get('method') or j.get('export') or ''} | "
+                     f"{j.get('mode', '')} | {j.get('task', '')} | {j.get('seed', '')} | {p['dir']} | {detail} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- plots -------------------------------------------------------------------------------------------------
+
+def plot_accuracy(agg: dict, path: Path) -> Path | None:
+    if not agg["rows"]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, rows = agg["tasks"], agg["rows"]
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * max(1, len(rows) / 3)), 4))
+    for i, key in enumerate(rows):
+        xs, med, lo, hi = [], [], [], []
+        for j, t in enumerate(tasks):
+            c = agg["cells"][key].get(t)
+            if c is None:
+                continue
+            xs.append(j - 0.4 + width * (i + 0.5))
+            med.append(c["median"])
+            lo.append(c["median"] - c["min"])
+            hi.append(c["max"] - c["median"])
+        ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=f"{key[0]} ({key[1]})")
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%), median over seeds, bars = min–max")
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _save_fig(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def routing_matrix(path: Path) -> tuple[list[str], list[list[float]]]:
+    """Rows = routing tables (layers), columns = skills; weights averaged over heads."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    names = sorted(k[:-len(".weights")] for k in state if k.endswith(".weights"))
+    return names, [state[f"{n}.weights"].float().mean(dim=0).tolist() for n in names]
+
+
+def plot_routing(results: list[dict], out: Path, log=print) -> list[Path]:
+    """One PNG per (method, mode) with a heatmap per adapted task (first seed present)."""
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in sorted(results, key=lambda r: r["seed"]):
+        if r.get("routing_file") and r["mode"] in ("full", "z"):
+            groups[row_key(r)].setdefault(r["task"], r)
+    if not groups:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for (label, mode), by_task in sorted(groups.items()):
+        mats = []
+        for task, r in sorted(by_task.items()):
+            try:
+                mats.append((task, r["seed"], *routing_matrix(Path(r["_dir"]) / r["routing_file"])))
+            except Exception as err:  # an unreadable routing file is reported, the rest still plots
+                log(f"[report] {r['_dir']}: cannot read routing weights ({err})")
+        if not mats:
+            continue
+        fig, axes = plt.subplots(1, len(mats), figsize=(3 + 2.5 * len(mats), 0.5 + 0.18 * len(mats[0][2]) + 1.5),
+                                 squeeze=False)
+        for ax, (task, seed, names, mat) in zip(axes[0], mats):
+            im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0)
+            ax.set_title(f"{task} (seed {seed})", fontsize="small")
+            ax.set_xlabel("skill")
+            ax.set_yticks(range(len(names)))
+            ax.set_yticklabels([n.replace("__", ".")[-40:] for n in names], fontsize=5)
+            fig.colorbar(im, ax=ax, fraction=0.05)
+        fig.suptitle(f"routing weights: {label} ({mode})")
+        fig.tight_layout()
+        path = out / f"routing_{_slug(label)}_{mode}.png"
+        _save_fig(fig, path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
+
+
+# --- the report --------------------------------------------------------------------------------------------
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: list[str] = (), metric: str = "final",
+                 spread: str = "minmax", plots: bool = True, log=print, err=None) -> dict:
+    err = err or (lambda s: print(s, file=sys.stderr))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    col = collect(run_dirs, tables)
+    agg = aggregate(col.results, metric)
+    params = params_table(col.results)
+    files = {}
+    t1 = table1_markdown(agg, spread)
+    write_text(out / "table1.md", t1)
+    write_text(out / "table1.csv", table1_csv(agg))
+    write_text(out / "params.md", params_markdown(params))
+    write_text(out / "params.csv", params_csv(params))
+    files.update(table1_md=out / "table1.md", table1_csv=out / "table1.csv", params_md=out / "params.md",
+                 params_csv=out / "params.csv")
+    plot_files: list[Path] = []
+    if plots:
+        for fn, args in ((plot_accuracy, (agg, out / "accuracy.png")), (plot_routing, (col.results, out, log))):
+            try:
+                made = fn(*args)
+            except Exception as e:  # plots are a bonus: a plotting failure must not lose the tables
+                err(f"[report] plot {fn.__name__} failed: {type(e).__name__}: {e}")
+                continue
+            plot_files += [made] if isinstance(made, Path) else list(made or [])
+    spread_name = "min–max" if spread == "minmax" else "interquartile range"
+    md = [f"# Adaptation results\n", f"{len(col.results)} complete jobs, {len(col.problems)} missing or failed. "
+          f"Cells: median accuracy (%) over seeds of the **{metric}** evaluation, ({spread_name}, n = seeds). "
+          "Avg: mean of the task medians, only when every task has a cell.\n",
+          "## Few-shot accuracy (Table 1 layout)\n", t1,
+          "\n## Parameters (multi-task pretraining and adaptation)\n", params_markdown(params),
+          "\n## Missing, failed and incomplete jobs\n", problems_markdown(col.problems)]
+    if agg["duplicates"]:
+        md.append(f"\nDuplicate results for the same (method, mode, task, seed), last one kept: {agg['duplicates']}\n")
+    if plot_files:
+        md.append("\n## Plots\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plot_files))
+    write_text(out / "report.md", "\n".join(md))
+    for p in sorted(col.problems, key=lambda p: (p["state"], p["dir"])):
+        err(f"[report] {p['state']}: {p['dir']}: {p['detail']}")
+    log(f"[report] {len(col.results)} results, {len(col.problems)} missing/failed -> {out}")
+    return {"results": len(col.results), "problems": col.problems, "aggregate": agg, "files": files,
+            "plots": plot_files}
