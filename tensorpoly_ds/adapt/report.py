@@ -268,7 +268,8 @@ def plot_accuracy(agg: dict, path: Path) -> Path | None:
         ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=f"{key[0]} ({key[1]})")
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks, rotation=30, ha="right")
-    ax.set_ylabel("accuracy (%), median over seeds, bars = min–max")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("median over seeds; error bars: min–max", fontsize="small")
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     _save_fig(fig, path)
@@ -321,7 +322,7 @@ def plot_routing(results: list[dict], out: Path, log=print) -> list[Path]:
             ax.set_title(f"{task} (seed {seed})", fontsize="small")
             ax.set_xlabel("skill")
             ax.set_yticks(range(len(names)))
-            ax.set_yticklabels([n.replace("__", ".")[-40:] for n in names], fontsize=5)
+            ax.set_yticklabels([_short(n) for n in names], fontsize=5)
             fig.colorbar(im, ax=ax, fraction=0.05)
         fig.suptitle(f"routing weights: {label} ({mode})")
         fig.tight_layout()
@@ -330,6 +331,14 @@ def plot_routing(results: list[dict], out: Path, log=print) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _short(table_name: str) -> str:
+    """'decoder__block__1__layer__2__DenseReluDense__wi_0' -> 'dec.1.2.DenseReluDense.wi_0'."""
+    name = table_name.replace("__", ".")
+    for long, short in (("encoder.block.", "enc."), ("decoder.block.", "dec."), ("layer.", "")):
+        name = name.replace(long, short)
+    return name[-36:]
 
 
 def _slug(text: str) -> str:

@@ -63,12 +63,6 @@ def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathL
     seeds = grid.get("seeds") or [0, 1024, 42]
     ks = grid.get("ks") or [base.pop("k", None)]
     tasks = grid.get("tasks") or "held_out"
-    if tasks == "held_out":
-        if "data_dir" not in base:
-            raise TableError("grid: tasks 'held_out' needs base.data_dir")
-        from data_prep.manifest import read_manifest
-
-        tasks = list(read_manifest(base["data_dir"]).held_out)
     rel = Path(base_dir) if base_dir else None
 
     def resolve(p):
@@ -76,6 +70,12 @@ def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathL
 
     if "data_dir" in base:
         base["data_dir"] = resolve(base["data_dir"])
+    if tasks == "held_out":
+        if "data_dir" not in base:
+            raise TableError("grid: tasks 'held_out' needs base.data_dir")
+        from data_prep.manifest import read_manifest
+
+        tasks = list(read_manifest(base["data_dir"]).held_out)
     rows, ids = [], set()
     for m_i, entry in enumerate(methods):
         if isinstance(entry, str):
