@@ -318,7 +318,7 @@ def plot_routing(results: list[dict], out: Path, log=print) -> list[Path]:
         fig, axes = plt.subplots(1, len(mats), figsize=(3 + 2.5 * len(mats), 0.5 + 0.18 * len(mats[0][2]) + 1.5),
                                  squeeze=False)
         for ax, (task, seed, names, mat) in zip(axes[0], mats):
-            im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0)
+            im = ax.imshow(mat, aspect="auto", cmap="viridis")   # colour range = this task's weights
             ax.set_title(f"{task} (seed {seed})", fontsize="small")
             ax.set_xlabel("skill")
             ax.set_yticks(range(len(names)))
