@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ in FLAGS.items():
         fields.add_argument(f"--{name.replace('_', '-')}", type=typ, dest=name, default=None)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any other job field, VALUE as JSON (e.g. --set multitask_steps=20 --set collapse=true)")
+                   help="any other job field, VALUE as JSON (e.g. --set multitask_steps=20 --set collapse=true); "
+                        "also overrides fields of a --job-table row")
     p.add_argument("--force", action="store_true", help="rerun even if the job is complete")
     p.add_argument("--print-job", action="store_true", help="print the resolved job as JSON and exit")
     return p
@@ -46,14 +47,18 @@ def resolve_job(args) -> AdaptJob:
             if env is None:
                 raise TableError("--job-table needs --row (or $SLURM_ARRAY_TASK_ID)")
             row = int(env)
-        return table_job(args.job_table, row)
-    data: dict = {}
-    if args.job:
-        data = json.loads(open(args.job).read())
-    for name in FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            data[RENAME.get(name, name)] = value
+        job = table_job(args.job_table, row)
+        if not args.set:
+            return job
+        data = job.to_dict()   # --set overrides a table row (e.g. a smaller eval batch on one cluster)
+    else:
+        data = {}
+        if args.job:
+            data = json.loads(open(args.job).read())
+        for name in FLAGS:
+            value = getattr(args, name)
+            if value is not None:
+                data[RENAME.get(name, name)] = value
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:

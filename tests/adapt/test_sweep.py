@@ -56,6 +56,8 @@ def test_expand_only_and_adapt_row(prepared, poly_export, tmp_path, capsys):
     capsys.readouterr()
     assert adapt_cli.main(["--job-table", str(table), "--row", "10", "--print-job"]) == 0
     assert json.loads(capsys.readouterr().out) == rows[10]["job"]
+    assert adapt_cli.main(["--job-table", str(table), "--row", "10", "--set", "eval_batch_size=2", "--print-job"]) == 0
+    assert json.loads(capsys.readouterr().out) == {**rows[10]["job"], "eval_batch_size": 2}
     assert adapt_cli.main(["--job-table", str(table), "--row", "45"]) == 2
     os.environ["SLURM_ARRAY_TASK_ID"] = "10"
     try:
