@@ -14,6 +14,7 @@ All files are written atomically (temp file, then os.replace).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -82,6 +83,11 @@ class AdaptJob:
     multitask_batch_size: int = 8
     multitask_lr: float | None = None     # default: lr
     save_adapter: bool = False            # also export the adapted adapter to OUT/adapter
+    # training loop: "local" (one process, plain PyTorch), "engine" (tensorpoly_ds.engine on DeepSpeed, any
+    # number of ranks, ZeRO 0-3), "auto" (engine when installed)
+    trainer: str = "auto"
+    zero_stage: int = 0                   # engine trainer only
+    precision: str = "fp32"               # engine trainer only: fp32 | bf16
 
     def __post_init__(self) -> None:
         if self.mode not in ("full", "z", "mu"):
@@ -98,6 +104,10 @@ class AdaptJob:
             raise JobError(f"job field 'k' = {self.k!r}: must be >= 0")
         if self.optimizer not in ("adafactor", "adamw"):
             raise JobError(f"job field 'optimizer' = {self.optimizer!r}: valid: adafactor, adamw")
+        if self.trainer not in ("auto", "local", "engine"):
+            raise JobError(f"job field 'trainer' = {self.trainer!r}: valid: auto, local, engine")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise JobError(f"job field 'zero_stage' = {self.zero_stage!r}: valid: 0, 1, 2, 3")
         if self.method == FULLFT and self.mode != "full":
             raise JobError(f"FullFT has no routing: mode must be 'full', got {self.mode!r}")
 
@@ -358,34 +368,81 @@ def train_steps(model: nn.Module, *, steps: int, batch_fn: Callable[[], Any], lo
 
 # --- the job -----------------------------------------------------------------------------------------------
 
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _broadcast(obj):
+    if _rank_world()[1] > 1:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def engine_available() -> bool:
+    try:
+        import tensorpoly_ds.engine.trainer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_trainer(job: AdaptJob) -> str:
+    if job.trainer == "auto":
+        return "engine" if engine_available() else "local"
+    if job.trainer == "engine" and not engine_available():
+        raise JobError("job field 'trainer' = 'engine' but tensorpoly_ds.engine is not installed")
+    return job.trainer
+
+
 def run_job(job: AdaptJob, *, force: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run one job (skipped if complete unless force). Returns the result dict. On error a result with
-    status "failed" is written (no marker) and the exception re-raised."""
+    status "failed" is written (no marker) and the exception re-raised.
+
+    With the engine trainer the job may run on several ranks (torchrun / srun): every rank calls run_job,
+    rank 0 alone writes files."""
     out = Path(job.out_dir)
-    if not force and is_complete(out):
-        log(f"[adapt] {out}: complete, skipped")
+    trainer = resolve_trainer(job)
+    if trainer == "engine":
+        from ..engine.distributed import init_distributed
+
+        init_distributed()
+    rank, _ = _rank_world()
+    main_rank = rank == 0
+    complete = _broadcast(not force and is_complete(out))
+    if complete:
+        if main_rank:
+            log(f"[adapt] {out}: complete, skipped")
         return json.loads((out / RESULT_FILE).read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER_FILE).unlink(missing_ok=True)
-    write_json(out / "job.json", job.to_dict())
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER_FILE).unlink(missing_ok=True)
+        write_json(out / "job.json", job.to_dict())
     t_start = time.time()
     timings: dict[str, float] = {}
     try:
-        result = _run(job, out, timings, log)
+        result = _run(job, out, timings, trainer, log if main_rank else (lambda s: None))
     except BaseException as err:
-        write_json(out / RESULT_FILE, {"format": RESULT_FORMAT, "status": "failed", "job": job.to_dict(),
-                                       "error": f"{type(err).__name__}: {err}",
-                                       "traceback": traceback.format_exc(), "timings": timings,
-                                       "finished": time.time()})
+        if main_rank:
+            write_json(out / RESULT_FILE, {"format": RESULT_FORMAT, "status": "failed", "job": job.to_dict(),
+                                           "error": f"{type(err).__name__}: {err}",
+                                           "traceback": traceback.format_exc(), "timings": timings,
+                                           "finished": time.time()})
         raise
     timings["total_s"] = time.time() - t_start
     result["timings"] = timings
-    write_json(out / RESULT_FILE, result)
-    atomic_write_text(out / MARKER_FILE, "complete\n")   # last: its presence means result.json is final
+    if main_rank:
+        write_json(out / RESULT_FILE, result)
+        atomic_write_text(out / MARKER_FILE, "complete\n")   # last: its presence means result.json is final
     return result
 
 
-def _run(job: AdaptJob, out: Path, timings: dict, log: Callable[[str], None]) -> dict:
+def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[str], None]) -> dict:
+    rank, world = _rank_world()
+    main_rank = rank == 0
     t0 = time.time()
     manifest = open_data(job.data_dir)
     if job.task not in manifest.held_out:
@@ -401,68 +458,86 @@ def _run(job: AdaptJob, out: Path, timings: dict, log: Callable[[str], None]) ->
     seed_everything(job.seed)
     model, info = setup_model(job, manifest.tokenizer["vocab_size"])
     timings["setup_s"] = time.time() - t0
-    log(f"[adapt] {info['label']} mode={job.mode} task={job.task} k={k} seed={job.seed}: "
-        f"{info['trainable_params']:,} trainable parameters")
+    log(f"[adapt] {info['label']} mode={job.mode} task={job.task} k={k} seed={job.seed} trainer={trainer} "
+        f"world={world}: {info['trainable_params']:,} trainable parameters")
 
     evaluations: list[dict] = []
     best: dict | None = None
     eval_time = [0.0]
+    steps = job.steps if k > 0 else 0
 
-    def run_eval(step: int, phase: str) -> None:
+    def run_eval(net: nn.Module, step: int) -> dict:
+        """On every rank (same number of forward passes); rank 0 writes the files."""
         nonlocal best
         t = time.time()
-        records = evaluate(model, eval_rows, batch_size=job.eval_batch_size, length_norm=job.length_norm, task_id=0)
+        phase = "final" if step == steps else ("start" if step == 0 else "periodic")
+        records = evaluate(net, eval_rows, batch_size=job.eval_batch_size, length_norm=job.length_norm, task_id=0)
         acc = accuracy(records)
         entry = {"step": step, "phase": phase, "accuracy": acc["accuracy"], "examples": acc["examples"],
                  "per_template": acc["per_template"].get(job.task, {})}
         evaluations.append(entry)
-        write_jsonl(out / "predictions.jsonl", records)
-        if best is None or entry["accuracy"] > best["accuracy"]:
+        improved = best is None or entry["accuracy"] > best["accuracy"]
+        if improved:
             best = entry
-            write_jsonl(out / "predictions_best.jsonl", records)
-        write_json(out / "progress.json", {"evaluations": evaluations})
+        if main_rank:
+            write_jsonl(out / "predictions.jsonl", records)
+            if improved:
+                write_jsonl(out / "predictions_best.jsonl", records)
+            write_json(out / "progress.json", {"evaluations": evaluations})
         eval_time[0] += time.time() - t
         log(f"[adapt] step {step} ({phase}): accuracy {entry['accuracy']:.4f} on {entry['examples']} examples")
+        return {"eval/accuracy": entry["accuracy"]}
 
+    weights = LossWeights(lm=job.loss_lm, mc=job.loss_mc, unlikelihood=job.loss_unlikelihood)
+    net: nn.Module = model          # the module evaluated at the end (the DeepSpeed engine on that path)
+    gather = None
     multitask_history: list[dict] = []
-    if job.multitask_steps > 0:
-        t0 = time.time()
-        mt_rows = load_rows(job.data_dir, "train")
-        sampler = EpochSampler(len(mt_rows), job.multitask_batch_size, job.seed + 1)
-        optimizer = build_optimizer(model, job.optimizer, job.multitask_lr or job.lr, job.routing_lr)
-        # All rows use routing row 0: the uniform / freshly opened routing of the adapted model.
-        multitask_history = train_steps(
-            model, steps=job.multitask_steps, batch_fn=lambda: collate_lm([mt_rows[i] for i in sampler.next()], 0),
-            loss_fn=lambda b: {"loss": lm_loss(model, b)}, optimizer=optimizer, warmup_ratio=job.warmup_ratio,
-            clip=job.clip)
-        timings["multitask_s"] = time.time() - t0
-
     history: list[dict] = []
-    steps = job.steps if k > 0 else 0
-    if job.eval_at_start or steps == 0:
-        run_eval(0, "start" if steps else "final")
-    if steps > 0:
+    if trainer == "local":
+        if world > 1:
+            raise JobError("the local trainer runs one process; use trainer 'engine' for several ranks")
+        if job.multitask_steps > 0:
+            t0 = time.time()
+            mt_rows = load_rows(job.data_dir, "train")
+            sampler = EpochSampler(len(mt_rows), job.multitask_batch_size, job.seed + 1)
+            optimizer = build_optimizer(model, job.optimizer, job.multitask_lr or job.lr, job.routing_lr)
+            # All rows use routing row 0: the uniform / freshly opened routing of the adapted model.
+            multitask_history = train_steps(
+                model, steps=job.multitask_steps,
+                batch_fn=lambda: collate_lm([mt_rows[i] for i in sampler.next()], 0),
+                loss_fn=lambda b: {"loss": lm_loss(model, b)}, optimizer=optimizer, warmup_ratio=job.warmup_ratio,
+                clip=job.clip)
+            timings["multitask_s"] = time.time() - t0
+        if job.eval_at_start or steps == 0:
+            run_eval(model, 0)
+        if steps > 0:
+            t0 = time.time()
+            sampler = EpochSampler(len(train_rows), job.batch_size, job.seed)
+            optimizer = build_optimizer(model, job.optimizer, job.lr, job.routing_lr)
+
+            def on_step(step: int, stats: dict) -> None:
+                if step == steps or (job.eval_every and step % job.eval_every == 0):
+                    run_eval(model, step)
+
+            history = train_steps(
+                model, steps=steps, batch_fn=lambda: collate_choices([train_rows[i] for i in sampler.next()], 0),
+                loss_fn=lambda b: tfew_losses(model, b, weights), optimizer=optimizer,
+                warmup_ratio=job.warmup_ratio, clip=job.clip, grad_accum=job.grad_accum, on_step=on_step)
+            timings["train_s"] = time.time() - t0 - eval_time[0]
+    else:
+        from .engine_train import engine_train
+
         t0 = time.time()
-        weights = LossWeights(lm=job.loss_lm, mc=job.loss_mc, unlikelihood=job.loss_unlikelihood)
-        sampler = EpochSampler(len(train_rows), job.batch_size, job.seed)
-        optimizer = build_optimizer(model, job.optimizer, job.lr, job.routing_lr)
-
-        def on_step(step: int, stats: dict) -> None:
-            if step == steps:
-                run_eval(step, "final")
-            elif job.eval_every and step % job.eval_every == 0:
-                run_eval(step, "periodic")
-                model.train()
-
-        history = train_steps(
-            model, steps=steps, batch_fn=lambda: collate_choices([train_rows[i] for i in sampler.next()], 0),
-            loss_fn=lambda b: tfew_losses(model, b, weights), optimizer=optimizer, warmup_ratio=job.warmup_ratio,
-            clip=job.clip, grad_accum=job.grad_accum, on_step=on_step)
+        net, gather, history, multitask_history = engine_train(
+            job, model, out, steps=steps, train_rows=train_rows, weights=weights, run_eval=run_eval,
+            world=world, data_dir=job.data_dir)
         timings["train_s"] = time.time() - t0 - eval_time[0]
     timings["eval_s"] = eval_time[0]
 
-    routing = routing_snapshot(model)
-    if routing:
+    tables = [t.logits for t in routing_tables(_unwrap(net)).values()]
+    with (gather(tables) if gather else contextlib.nullcontext()):   # ZeRO-3: a collective, every rank
+        routing = routing_snapshot(_unwrap(net))
+    if routing and main_rank:
         from safetensors.torch import save_file
 
         tmp = out / f".routing.safetensors.tmp{os.getpid()}"
@@ -471,13 +546,19 @@ def _run(job: AdaptJob, out: Path, timings: dict, log: Callable[[str], None]) ->
     if job.save_adapter and info["adapter"] is not None:
         from ..adapters import export_adapters
 
-        export_adapters(model, out / "adapter", [job.task], extra={"adapted_from": job.export, "mode": job.mode})
+        params = [p for p in _unwrap(net).parameters() if p.requires_grad]
+        with (gather(params) if gather else contextlib.nullcontext()):
+            if main_rank:
+                export_adapters(_unwrap(net), out / "adapter", [job.task],
+                                extra={"adapted_from": job.export, "mode": job.mode})
 
     final = evaluations[-1]
     return {
         "format": RESULT_FORMAT,
         "status": "complete",
         "job": job.to_dict(),
+        "trainer": trainer,
+        "world_size": world,
         "label": info["label"],
         "method": info["method"],
         "adapter": info["adapter"],
@@ -492,9 +573,14 @@ def _run(job: AdaptJob, out: Path, timings: dict, log: Callable[[str], None]) ->
         "per_template": final["per_template"],
         "params": {"trainable": info["trainable_params"], "multi_task": info["multi_task_params"],
                    "backbone": info["backbone_params"]},
-        "train_loss": [{"step": h["step"], "loss": h["loss"], "lm": h.get("lm"), "mc": h.get("mc"),
-                        "unlikelihood": h.get("unlikelihood")} for h in history],
-        "multitask_loss": [{"step": h["step"], "loss": h["loss"]} for h in multitask_history],
+        "train_loss": [{"step": h["step"], "loss": h.get("loss", h.get("train/loss")), "lm": h.get("lm", h.get("train/lm")),
+                        "mc": h.get("mc", h.get("train/mc")),
+                        "unlikelihood": h.get("unlikelihood", h.get("train/unlikelihood"))} for h in history],
+        "multitask_loss": [{"step": h["step"], "loss": h.get("loss", h.get("train/loss"))} for h in multitask_history],
         "routing_file": "routing.safetensors" if routing else None,
         "finished": time.time(),
     }
+
+
+def _unwrap(net: nn.Module) -> nn.Module:
+    return getattr(net, "module", net)

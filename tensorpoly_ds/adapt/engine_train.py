@@ -1,0 +1,118 @@
+"""Adaptation through the stage-2 training engine (tensorpoly_ds.engine.trainer.train on DeepSpeed).
+
+The engine owns the optimizer (Adafactor param groups), the schedule, clipping, ZeRO and the ranks; this
+module supplies the hooks: a collate function for choice batches, the T-Few loss, the per-example
+normaliser and the rank-classification evaluation (called on every rank).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..evaluation import LossWeights, collate_choices, collate_lm, tfew_losses
+from ..evaluation.rank_classification import ChoiceBatch
+
+_CHOICE_FIELDS = tuple(ChoiceBatch.__dataclass_fields__)
+
+
+def choice_collate(rows: list[dict]) -> dict[str, Any]:
+    """A ChoiceBatch as a flat dict of tensors (the engine moves dict tensors to the device)."""
+    b = collate_choices(rows, 0)
+    return {name: getattr(b, name) for name in _CHOICE_FIELDS}
+
+
+def tfew_hook(weights: LossWeights) -> Callable:
+    def loss_fn(model: nn.Module, batch: dict[str, Any]):
+        out = tfew_losses(model, ChoiceBatch(**{k: batch[k] for k in _CHOICE_FIELDS}), weights)
+        n = batch["input_ids"].shape[0]
+        # the engine divides the summed loss by the summed weights of the global batch: example mean
+        return out["loss"] * n, {k: float(out[k]) for k in ("lm", "mc", "unlikelihood")}
+
+    return loss_fn
+
+
+def examples(batch: dict[str, Any]) -> float:
+    return float(batch["input_ids"].shape[0])
+
+
+def _sections(job, steps: int, world: int, micro_total: int, eval_every: int):
+    from ..engine.config import DeepSpeedSection, OptimSection, TrainSection
+
+    if micro_total % world:
+        raise ValueError(f"batch size {micro_total} is not divisible by the {world} ranks")
+    optim = OptimSection(name=job.optimizer, lr=job.lr, module_lr=job.lr, routing_lr=job.routing_lr or job.lr,
+                         warmup_ratio=job.warmup_ratio, clip=job.clip, schedule="linear")
+    train = TrainSection(steps=steps, micro_batch=micro_total // world, grad_accum=job.grad_accum,
+                         eval_every=eval_every, save_every=0, seed=job.seed, export_at_end=False,
+                         eval_at_end=True, progress_bar=False, keep_checkpoints=1)
+    ds = DeepSpeedSection(zero_stage=job.zero_stage, precision=job.precision)
+    return optim, train, ds
+
+
+class _Rows:
+    """A list of dicts with the indexing the engine's data stream uses (ds[list_of_ints] -> columns)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+        self.column_names = list(rows[0]) if rows else []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, int):
+            return self.rows[idx]
+        picked = [self.rows[i] for i in idx]
+        return {c: [r[c] for r in picked] for c in self.column_names}
+
+
+def engine_train(job, model: nn.Module, out: Path, *, steps: int, train_rows: list[dict], weights: LossWeights,
+                 run_eval: Callable[[nn.Module, int], dict], world: int, data_dir: str):
+    """Returns (network to evaluate / snapshot, gather(params) context factory, history, multitask history)."""
+    from ..engine import trainer as eng
+    from ..engine.trainer import TrainHooks, train
+
+    from .job import JobError, load_rows
+
+    run_root = out / "engine"
+    net: nn.Module = model
+    multitask_history: list[dict] = []
+    history: list[dict] = []
+    if job.multitask_steps > 0 and steps > 0 and job.zero_stage == 3:
+        raise JobError("multitask_steps and few-shot steps in one job need two DeepSpeed initialisations, "
+                       "which ZeRO-3 does not allow on one model: use zero_stage <= 2 or split the job")
+    if job.multitask_steps > 0:
+        mt_rows = _Rows(load_rows(data_dir, "train"))
+        optim, tr, ds = _sections(job, job.multitask_steps, world, job.multitask_batch_size, 0)
+        optim.lr = optim.module_lr = job.multitask_lr or job.lr
+        tr.eval_at_end = False
+        hooks = TrainHooks(collate_fn=lambda rows: collate_lm(rows, 0))   # default loss: token-mean LM
+        res = train(net, mt_rows, optim=optim, train=tr, deepspeed=ds, run_dir=run_root / "multitask",
+                    tasks=[job.task], hooks=hooks)
+        multitask_history = res.history
+        net = res.engine
+    if job.eval_at_start or steps == 0:
+        run_eval(net, 0)
+    if steps > 0:
+        optim, tr, ds = _sections(job, steps, world, job.batch_size, job.eval_every)
+        hooks = TrainHooks(loss_fn=tfew_hook(weights), weight_fn=examples, collate_fn=choice_collate,
+                           eval_fn=lambda engine, step: run_eval(engine, step))
+        res = train(getattr(net, "module", net), _Rows(train_rows), optim=optim, train=tr, deepspeed=ds,
+                    run_dir=run_root / "fewshot", tasks=[job.task], hooks=hooks)
+        history = res.history
+        net = res.engine
+    if hasattr(net, "zero_optimization_partition_weights"):
+        def gather(params):
+            return eng.gathered(net, params)
+    else:
+        gather = None
+    # the engine checkpoints at the end of every run; a finished adaptation job does not need them
+    if (not torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0:
+        for sub in ("multitask", "fewshot"):
+            shutil.rmtree(run_root / sub / "checkpoints", ignore_errors=True)
+    return net, gather, history, multitask_history
