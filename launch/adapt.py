@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # the failure is recorded in OUT/result.json (status failed)
         print(f"tensorpoly-ds adapt: job {job.out_dir} failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    print(json.dumps({"out_dir": job.out_dir, "final": result["final"], "best": result["best"]}))
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(json.dumps({"out_dir": job.out_dir, "final": result["final"], "best": result["best"]}))
     return 0
 
 

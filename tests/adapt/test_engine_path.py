@@ -1,0 +1,73 @@
+"""Adaptation through the stage-2 engine (DeepSpeed): one rank, and two ranks under ZeRO-3 via torchrun.
+Skipped where tensorpoly_ds.engine is not installed (branches without the engine)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_prep.manifest import read_manifest
+from tensorpoly_ds.adapt.job import engine_available, is_complete
+from tests.adapt.conftest import ROOT
+
+pytestmark = pytest.mark.skipif(not engine_available(), reason="tensorpoly_ds.engine not installed")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def adapt_args(prepared, export, out, mode, zero):
+    task = read_manifest(prepared).held_out[0]
+    return ["-m", "launch.adapt", "--export", str(export), "--data", str(prepared), "--task", task, "--mode", mode,
+            "--seed", "0", "--out", str(out), "--steps", "4", "--batch-size", "4", "--eval-every", "2",
+            "--set", "max_eval_examples=12", "--set", "eval_batch_size=4", "--set", "trainer=\"engine\"",
+            "--set", f"zero_stage={zero}", "--set", "save_adapter=true", "--set", "warmup_ratio=0.0"]
+
+
+def env():
+    port = free_port()
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port), PYTHONPATH=str(ROOT),
+                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))), port
+
+
+def check_z(out, export):
+    result = json.loads((out / "result.json").read_text())
+    assert is_complete(out) and result["trainer"] == "engine"
+    assert [e["step"] for e in result["evaluations"]] == [2, 4] and result["evaluations"][-1]["examples"] == 12
+    pre = load_file(str(Path(export) / "adapter_model.safetensors"))
+    post = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    for k, v in pre.items():
+        if not k.startswith("tpds_routing."):
+            assert torch.equal(v, post[k]), f"mode z changed module tensor {k}"
+    logits = torch.cat([v.flatten() for k, v in load_file(str(out / "routing.safetensors")).items()
+                        if k.endswith(".logits")])
+    assert logits.abs().max() > 2e-3
+    return result
+
+
+@pytest.mark.slow
+def test_engine_one_rank_and_zero3_two_ranks(prepared, poly_export, tmp_path):
+    e, _ = env()
+    one = subprocess.run([sys.executable, *adapt_args(prepared, poly_export, tmp_path / "one", "z", 0)], cwd=ROOT,
+                         env=e, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-4000:]
+    r1 = check_z(tmp_path / "one", poly_export)
+    assert r1["world_size"] == 1
+    e, port = env()
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), *adapt_args(prepared, poly_export, tmp_path / "two", "z", 3)[1:]],
+                         cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
+    r2 = check_z(tmp_path / "two", poly_export)
+    assert r2["world_size"] == 2
+    assert two.stdout.count('"final"') == 1, "only rank 0 prints the result line"
