@@ -65,7 +65,7 @@ def test_engine_one_rank_and_zero3_two_ranks(prepared, poly_export, tmp_path):
     assert r1["world_size"] == 1
     e, port = env()
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(port), *adapt_args(prepared, poly_export, tmp_path / "two", "z", 3)[1:]],
+                          str(port), *adapt_args(prepared, poly_export, tmp_path / "two", "z", 3)],
                          cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
     r2 = check_z(tmp_path / "two", poly_export)
