@@ -546,7 +546,9 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[s
     if job.save_adapter and info["adapter"] is not None:
         from ..adapters import export_adapters
 
-        params = [p for p in _unwrap(net).parameters() if p.requires_grad]
+        # every adapter tensor, frozen ones included (mode z freezes the modules), never the backbone
+        params = [p for layer in adapter_layers(_unwrap(net)).values()
+                  for n, p in layer.named_parameters() if not n.startswith("base.")] + tables
         with (gather(params) if gather else contextlib.nullcontext()):
             if main_rank:
                 export_adapters(_unwrap(net), out / "adapter", [job.task],
