@@ -27,9 +27,11 @@ def split_tensors(path):
     return modules, routing
 
 
-@pytest.mark.parametrize("mode", ["full", "z", "mu"])
-def test_modes_end_to_end_and_weights(prepared, poly_export, tmp_path, mode):
-    job = make_job(prepared, tmp_path / mode, export=str(poly_export), mode=mode, save_adapter=True)
+@pytest.mark.parametrize("mode,trainer", [("full", "auto"), ("z", "auto"), ("mu", "auto"), ("z", "local")])
+def test_modes_end_to_end_and_weights(prepared, poly_export, tmp_path, mode, trainer):
+    """trainer auto = the engine (DeepSpeed) where tensorpoly_ds.engine is installed, else the local loop."""
+    job = make_job(prepared, tmp_path / mode, export=str(poly_export), mode=mode, save_adapter=True,
+                   trainer=trainer)
     result = run_job(job, log=lambda s: None)
     assert result["status"] == "complete" and is_complete(job.out_dir)
     saved = json.loads((tmp_path / mode / RESULT_FILE).read_text())
@@ -74,11 +76,12 @@ def test_skip_if_complete_and_rerun_if_crashed(prepared, poly_export, tmp_path, 
     assert any("skipped" in line for line in logs)
     assert (tmp_path / "j" / RESULT_FILE).stat().st_mtime_ns == stamp
 
-    # a crash during training: result says failed, no marker; the next run redoes the job
+    # a crash (here in the final evaluation, with either trainer): result says failed, no marker; the next
+    # run redoes the job
     def boom(*a, **k):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(job_mod, "tfew_losses", boom)
+    monkeypatch.setattr(job_mod, "evaluate", boom)
     crashed = make_job(prepared, tmp_path / "c", export=str(poly_export), mode="z", steps=2, eval_every=0)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_job(crashed, log=logs.append)
