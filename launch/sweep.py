@@ -6,7 +6,7 @@
 
 Row i of OUT/jobs.jsonl is Slurm array task i. Each local job runs as its own subprocess
 (`python -m launch.adapt --job-table OUT/jobs.jsonl --row i`) with its own MASTER_PORT, a per-worker
-TORCH_EXTENSIONS_DIR, and its log in <job out_dir>/log.txt. Complete jobs are skipped, so an
+TORCH_EXTENSIONS_DIR ($TORCH_EXTENSIONS_DIR/worker<j>, or OUT/.torch_extensions/worker<j>), and its log in <job out_dir>/log.txt. Complete jobs are skipped, so an
 interrupted sweep rerun with the same grid only redoes unfinished jobs.
 """
 
@@ -65,7 +65,10 @@ def job_env(out: Path, worker: int, threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
     env["MASTER_PORT"] = str(free_port())
-    env["TORCH_EXTENSIONS_DIR"] = str(out / ".torch_extensions" / f"worker{worker}")
+    # one build cache per worker slot (concurrent JIT builds clash on the lock, REFERENCE pitfall 9), under
+    # $TORCH_EXTENSIONS_DIR when set (reused across sweeps), else under the sweep directory
+    base = Path(os.environ["TORCH_EXTENSIONS_DIR"]) if os.environ.get("TORCH_EXTENSIONS_DIR") else out / ".torch_extensions"
+    env["TORCH_EXTENSIONS_DIR"] = str(base / f"worker{worker}")
     env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID"):

@@ -17,7 +17,9 @@ from tensorpoly_ds.adapt.job import is_complete
 from tensorpoly_ds.adapt.table import TableError, expand_grid, read_table
 from tests.adapt.conftest import ROOT
 
-FAST = dict(steps=2, batch_size=4, eval_every=0, eval_batch_size=8, max_eval_examples=8, warmup_ratio=0.0)
+# the local trainer: this file tests the sweep machinery; the engine path has its own test
+FAST = dict(steps=2, batch_size=4, eval_every=0, eval_batch_size=8, max_eval_examples=8, warmup_ratio=0.0,
+            trainer="local")
 
 
 def grid(prepared, poly_export, **base):
@@ -80,7 +82,8 @@ def test_local_sweep_workers_interrupt_and_rerun(prepared, poly_export, tmp_path
     gfile = tmp_path / "grid.json"
     gfile.write_text(json.dumps(g))
     out = tmp_path / "sw"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT),
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")))
     # 1) start with one worker, interrupt after the first job completed
     proc = subprocess.Popen(sweep_cmd(gfile, out, "--workers", "1"), cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
