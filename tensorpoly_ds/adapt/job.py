@@ -58,7 +58,9 @@ class AdaptJob:
     adapter: dict = field(default_factory=dict)   # AdapterConfig fields for a fresh adapter
     label: str | None = None              # row name in reports (default: derived from the method)
     model: str = "tiny"                   # backbone: architecture name (built from config) or HF name / path
-    model_seed: int = 0                   # init seed of a backbone built from an architecture name
+    model_seed: int | None = None         # init seed of a backbone built from an architecture name: the
+                                          # export's backbone.init_seed if recorded, else 42 (= the seed
+                                          # stage 2 seeds with before building it, train.seed default)
     collapse: bool = False                # mu on Poly/MHR: collapse the uniform mixture into one LoRA first
     # few-shot recipe (reference: Adafactor 3e-3, 1000 steps, warmup 6 %, clip 1, batch 8)
     steps: int = 1000
@@ -214,15 +216,32 @@ def resolve_k(manifest, data_dir: str, task: str, k: int | None) -> int:
 
 # --- model -------------------------------------------------------------------------------------------------
 
+DEFAULT_MODEL_SEED = 42
+
+
+def backbone_seed(job: AdaptJob) -> int:
+    if job.model_seed is not None:
+        return job.model_seed
+    if job.export is not None:
+        try:
+            seed = (read_export_meta(job.export).get("backbone") or {}).get("init_seed")
+        except Exception:  # a missing export is reported by load_adapters with a better message
+            seed = None
+        if seed is not None:
+            return int(seed)
+    return DEFAULT_MODEL_SEED
+
+
 def build_backbone(job: AdaptJob, vocab_size: int) -> nn.Module:
     from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
 
     from ..models import KNOWN_ARCHITECTURES, t5_config
 
     if job.model in KNOWN_ARCHITECTURES:
-        # Deterministic init: the pretraining run must have built the same backbone (same name, vocab, seed).
+        # Deterministic init: the pretraining run must have built the same backbone (same name, vocab, seed):
+        # stage 2 seeds torch with train.seed and then builds the model, which this reproduces exactly.
         state = torch.random.get_rng_state()
-        torch.manual_seed(job.model_seed)
+        torch.manual_seed(backbone_seed(job))
         model = T5ForConditionalGeneration(t5_config(job.model, vocab_size=vocab_size))
         torch.random.set_rng_state(state)
         return model
@@ -244,10 +263,17 @@ def count_adapter_params(model: nn.Module) -> dict[str, int]:
     return {"modules": modules, "routing": routing, "total": modules + routing}
 
 
+def _architectures():
+    from ..models import KNOWN_ARCHITECTURES
+
+    return KNOWN_ARCHITECTURES
+
+
 def setup_model(job: AdaptJob, vocab_size: int) -> tuple[nn.Module, dict[str, Any]]:
     """Backbone + adapters (pretrained export or fresh) + adaptation mode. Returns (model, info)."""
     model = build_backbone(job, vocab_size)
-    info: dict[str, Any] = {"backbone_params": sum(p.numel() for p in model.parameters())}
+    info: dict[str, Any] = {"backbone_params": sum(p.numel() for p in model.parameters()),
+                            "backbone_seed": backbone_seed(job) if job.model in _architectures() else None}
     cfg = None
     if job.export is not None:
         meta = load_adapters(model, job.export)
@@ -575,6 +601,7 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[s
         "per_template": final["per_template"],
         "params": {"trainable": info["trainable_params"], "multi_task": info["multi_task_params"],
                    "backbone": info["backbone_params"]},
+        "backbone": {"model": job.model, "init_seed": info["backbone_seed"]},
         "train_loss": [{"step": h["step"], "loss": h.get("loss", h.get("train/loss")), "lm": h.get("lm", h.get("train/lm")),
                         "mc": h.get("mc", h.get("train/mc")),
                         "unlikelihood": h.get("unlikelihood", h.get("train/unlikelihood"))} for h in history],

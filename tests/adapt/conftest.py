@@ -21,7 +21,7 @@ def prepared(tmp_path_factory):
 
 
 def make_export(prepared, directory, method="poly", **adapter):
-    """A 'pretrained' export on the tiny backbone the jobs build (model tiny, model_seed 0), with
+    """A 'pretrained' export on the tiny backbone the jobs build (model tiny, default seed 42), with
     non-zero random modules and routing so that adaptation starts from something non-trivial."""
     from data_prep.manifest import read_manifest
     from tensorpoly_ds.adapt.job import AdaptJob, build_backbone

@@ -71,3 +71,17 @@ def test_engine_one_rank_and_zero3_two_ranks(prepared, poly_export, tmp_path):
     r2 = check_z(tmp_path / "two", poly_export)
     assert r2["world_size"] == 2
     assert two.stdout.count('"final"') == 1, "only rank 0 prints the result line"
+
+
+def test_tiny_backbone_is_the_one_stage2_builds():
+    """Adapting a tiny export is only meaningful on the pretraining backbone: same weights, bit for bit."""
+    from tensorpoly_ds.adapt.job import AdaptJob, build_backbone
+    from tensorpoly_ds.engine.config import ModelSection
+    from tensorpoly_ds.engine.model import build_backbone as engine_build
+    from tensorpoly_ds.engine.trainer import _seed_all
+
+    _seed_all(42)   # what `tensorpoly-ds pretrain` does with the default train.seed before building
+    ref, _ = engine_build(ModelSection(name_or_path="tiny"), vocab_size=130, ds_config=None, precision="fp32")
+    ours = build_backbone(AdaptJob(out_dir="x", data_dir="x", task="t", method="fullft"), 130)
+    a, b = ref.state_dict(), ours.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

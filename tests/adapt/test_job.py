@@ -121,6 +121,9 @@ def test_fullft_and_fresh_lora_baselines(prepared, tmp_path):
     lora = run_job(make_job(prepared, tmp_path / "lora", method="lora", adapter={"rank": 2}, steps=2, eval_every=0),
                    log=lambda s: None)
     assert lora["label"] == "LoRA (w/o pretrain)" and 0 < lora["params"]["trainable"] < lora["params"]["backbone"]
+    ia3 = run_job(make_job(prepared, tmp_path / "ia3", method="ia3", steps=2, eval_every=0), log=lambda s: None)
+    # (IA)^3 on k, v (self + cross attention) and wi_1 of the tiny T5: 2 enc + 2 dec blocks, d_model 64, d_ff 128
+    assert ia3["label"] == "(IA)^3 (w/o pretrain)" and ia3["params"]["trainable"] == 2 * (2 * 64 + 128) + 2 * (4 * 64 + 128)
 
 
 def test_invalid_jobs_are_refused(prepared, poly_export, tmp_path):
