@@ -158,10 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     workers = max(1, args.workers)
     threads = args.threads_per_job or max(1, (os.cpu_count() or 1) // workers)
+    def on_term(signum, frame):   # scancel / kill: stop the jobs like Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         status = run_table(table, out, rows, selected, workers, threads)
     except KeyboardInterrupt:
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"[sweep] done {len(status['done'])}, skipped (complete) {len(status['skipped'])}, "
           f"failed {len(status['failed'])}" + (f": rows {sorted(status['failed'])}" if status["failed"] else ""))
     return 0 if not status["failed"] else 1

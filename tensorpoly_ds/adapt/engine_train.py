@@ -106,6 +106,9 @@ def engine_train(job, model: nn.Module, out: Path, *, steps: int, train_rows: li
         run_eval(net, 0)
     if steps > 0:
         optim, tr, ds = _sections(job, steps, world, job.batch_size, job.eval_every)
+        if len(train_rows) < job.batch_size:
+            # the engine's stream needs one global batch per epoch: repeat the few shots (k < batch size)
+            train_rows = train_rows * -(-job.batch_size // len(train_rows))
         hooks = TrainHooks(loss_fn=tfew_hook(weights), weight_fn=examples, collate_fn=choice_collate,
                            eval_fn=lambda engine, step: run_eval(engine, step))
         res = train(getattr(net, "module", net), _Rows(train_rows), optim=optim, train=tr, deepspeed=ds,
