@@ -54,6 +54,14 @@ def _sections(job, steps: int, world: int, micro_total: int, eval_every: int):
     return optim, train, ds
 
 
+def ds_config_for(job, steps: int, world: int) -> dict:
+    """The DeepSpeed config the few-shot run will use (needed before the backbone is built under ZeRO-3)."""
+    from ..engine.ds_config import fill_sections
+
+    optim, train, ds = _sections(job, steps, world, job.batch_size, job.eval_every)
+    return fill_sections(ds, train, optim, world)
+
+
 class _Rows:
     """A list of dicts with the indexing the engine's data stream uses (ds[list_of_ints] -> columns)."""
 

@@ -232,7 +232,7 @@ def backbone_seed(job: AdaptJob) -> int:
     return DEFAULT_MODEL_SEED
 
 
-def build_backbone(job: AdaptJob, vocab_size: int) -> nn.Module:
+def build_backbone(job: AdaptJob, vocab_size: int, zero3_config: dict | None = None) -> nn.Module:
     from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
 
     from ..models import KNOWN_ARCHITECTURES, t5_config
@@ -245,7 +245,21 @@ def build_backbone(job: AdaptJob, vocab_size: int) -> nn.Module:
         model = T5ForConditionalGeneration(t5_config(job.model, vocab_size=vocab_size))
         torch.random.set_rng_state(state)
         return model
+    if zero3_config is not None:
+        # ZeRO-3: load straight into partitions (zero.Init) instead of a full copy per rank (REFERENCE
+        # pitfall 5); the HfDeepSpeedConfig must stay alive until deepspeed.initialize
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keepalive = HfDeepSpeedConfig(zero3_config)
+        model = AutoModelForSeq2SeqLM.from_pretrained(job.model, dtype=torch.float32)
+        object.__setattr__(model, "_tpds_ds_keepalive", keepalive)
+        return model
     return AutoModelForSeq2SeqLM.from_pretrained(job.model, dtype=torch.float32)
+
+
+def numel(p: torch.Tensor) -> int:
+    """Full element count, also for ZeRO-3 partitioned parameters (whose numel() is 0; pitfall 3)."""
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def count_adapter_params(model: nn.Module) -> dict[str, int]:
@@ -258,8 +272,8 @@ def count_adapter_params(model: nn.Module) -> dict[str, int]:
             if pname.startswith("base.") or id(p) in seen or id(p) in routing_ids:
                 continue
             seen.add(id(p))
-            modules += p.numel()
-    routing = sum(t.logits.numel() for t in tables.values())
+            modules += numel(p)
+    routing = sum(numel(t.logits) for t in tables.values())
     return {"modules": modules, "routing": routing, "total": modules + routing}
 
 
@@ -269,10 +283,10 @@ def _architectures():
     return KNOWN_ARCHITECTURES
 
 
-def setup_model(job: AdaptJob, vocab_size: int) -> tuple[nn.Module, dict[str, Any]]:
+def setup_model(job: AdaptJob, vocab_size: int, zero3_config: dict | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Backbone + adapters (pretrained export or fresh) + adaptation mode. Returns (model, info)."""
-    model = build_backbone(job, vocab_size)
-    info: dict[str, Any] = {"backbone_params": sum(p.numel() for p in model.parameters()),
+    model = build_backbone(job, vocab_size, zero3_config)
+    info: dict[str, Any] = {"backbone_params": sum(numel(p) for p in model.parameters()),
                             "backbone_seed": backbone_seed(job) if job.model in _architectures() else None}
     cfg = None
     if job.export is not None:
@@ -304,7 +318,7 @@ def setup_model(job: AdaptJob, vocab_size: int) -> tuple[nn.Module, dict[str, An
     info["method"] = cfg.method if cfg is not None else FULLFT
     info["adapter"] = cfg.to_dict() if cfg is not None else None
     info["label"] = method_label(job, cfg)
-    info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info["trainable_params"] = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return model, info
 
 
@@ -482,7 +496,12 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[s
 
     t0 = time.time()
     seed_everything(job.seed)
-    model, info = setup_model(job, manifest.tokenizer["vocab_size"])
+    zero3_config = None
+    if trainer == "engine" and job.zero_stage == 3 and job.model not in _architectures():
+        from .engine_train import ds_config_for
+
+        zero3_config = ds_config_for(job, max(1, job.steps if k > 0 else job.multitask_steps), world)
+    model, info = setup_model(job, manifest.tokenizer["vocab_size"], zero3_config)
     timings["setup_s"] = time.time() - t0
     log(f"[adapt] {info['label']} mode={job.mode} task={job.task} k={k} seed={job.seed} trainer={trainer} "
         f"world={world}: {info['trainable_params']:,} trainable parameters")

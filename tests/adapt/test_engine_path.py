@@ -85,3 +85,33 @@ def test_tiny_backbone_is_the_one_stage2_builds():
     ours = build_backbone(AdaptJob(out_dir="x", data_dir="x", task="t", method="fullft"), 130)
     a, b = ref.state_dict(), ours.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_zero3_hf_checkpoint_backbone_two_ranks(prepared, tmp_path):
+    """A backbone given as a HF directory is loaded into ZeRO-3 partitions (zero.Init); parameter counts
+    still see the full sizes and the adapted export is complete."""
+    from transformers import T5ForConditionalGeneration
+
+    from tensorpoly_ds.adapt.job import AdaptJob, build_backbone
+    from tests.adapt.conftest import make_export
+
+    vocab = read_manifest(prepared).tokenizer["vocab_size"]
+    backbone = build_backbone(AdaptJob(out_dir="x", data_dir="x", task="t", method="fullft"), vocab)
+    backbone.save_pretrained(str(tmp_path / "hf"))
+    export = make_export(prepared, tmp_path / "export", "poly", skills=2)   # same weights as tmp_path/hf
+    e, port = env()
+    args = adapt_args(prepared, export, tmp_path / "job", "full", 3) + ["--model", str(tmp_path / "hf")]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "job" / "result.json").read_text())
+    assert result["world_size"] == 2 and result["status"] == "complete"
+    assert result["params"]["backbone"] == sum(p.numel() for p in T5ForConditionalGeneration.from_pretrained(
+        str(tmp_path / "hf")).parameters())
+    assert result["params"]["trainable"] == result["params"]["multi_task"]["modules"] + 2 * len(
+        [k for k in load_file(str(tmp_path / "job" / "routing.safetensors")) if k.endswith(".logits")])
+    post = load_file(str(tmp_path / "job" / "adapter" / "adapter_model.safetensors"))
+    pre = load_file(str(Path(export) / "adapter_model.safetensors"))
+    changed = [k for k, v in pre.items() if not k.startswith("tpds_routing.") and not torch.equal(v, post[k])]
+    assert changed and all(post[k].numel() == pre[k].numel() for k in changed)
