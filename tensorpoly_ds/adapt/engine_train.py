@@ -110,6 +110,11 @@ def engine_train(job, model: nn.Module, out: Path, *, steps: int, train_rows: li
                     tasks=[job.task], hooks=hooks)
         multitask_history = res.history
         net = res.engine
+    if steps == 0 and job.multitask_steps == 0 and job.zero_stage == 3:
+        # zero-shot under ZeRO-3: no training, but the (partitioned) model still needs the engine to run
+        import deepspeed
+
+        net, *_ = deepspeed.initialize(model=model, config=ds_config_for(job, 1, world))
     if job.eval_at_start or steps == 0:
         run_eval(net, 0)
     if steps > 0:

@@ -115,3 +115,11 @@ def test_zero3_hf_checkpoint_backbone_two_ranks(prepared, tmp_path):
     pre = load_file(str(Path(export) / "adapter_model.safetensors"))
     changed = [k for k, v in pre.items() if not k.startswith("tpds_routing.") and not torch.equal(v, post[k])]
     assert changed and all(post[k].numel() == pre[k].numel() for k in changed)
+    # zero-shot (k = 0) under ZeRO-3: no training, evaluation still through the partitioned engine
+    e, port = env()
+    args = adapt_args(prepared, export, tmp_path / "zs", "mu", 3) + ["--model", str(tmp_path / "hf"), "--k", "0"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    zs = json.loads((tmp_path / "zs" / "result.json").read_text())
+    assert zs["zero_shot"] and [x["step"] for x in zs["evaluations"]] == [0] and zs["evaluations"][0]["examples"] == 12
