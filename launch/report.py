@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=("final", "best"), default="final",
                    help="accuracy of the final evaluation (default) or the best one")
     p.add_argument("--spread", choices=("minmax", "iqr"), default="minmax")
+    p.add_argument("--tasks", default=None,
+                   help="column order, comma-separated (e.g. the paper's: rte,cb,anli_r1,anli_r2,anli_r3,copa,"
+                        "hellaswag,story_cloze,wsc,winogrande,wic); other tasks follow alphabetically")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--strict", action="store_true", help="exit 1 if any job is missing, failed or incomplete")
     return p
@@ -30,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report = build_report(args.run_dirs, args.out, tables=args.job_table, metric=args.metric, spread=args.spread,
-                          plots=not args.no_plots)
+                          plots=not args.no_plots, task_order=args.tasks.split(",") if args.tasks else None)
     return 1 if (args.strict and report["problems"]) else 0
 
 

@@ -120,7 +120,7 @@ def row_key(r: dict) -> tuple[str, str]:
     return (r["label"], r["mode"])
 
 
-def aggregate(results: list[dict], metric: str = "final") -> dict:
+def aggregate(results: list[dict], metric: str = "final", task_order: list[str] | None = None) -> dict:
     """cells[(label, mode)][task] = {median, min, max, q1, q3, n, seeds, values} with accuracies in %."""
     values: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     duplicates = []
@@ -131,7 +131,9 @@ def aggregate(results: list[dict], metric: str = "final") -> dict:
             duplicates.append(r["_dir"])
         seeds[r["seed"]] = acc
     rows = sorted(values, key=lambda k: (k[0], MODE_ORDER.get(k[1], 9), k[1]))
-    tasks = sorted({t for v in values.values() for t in v})
+    present = {t for v in values.values() for t in v}
+    # the given column order (e.g. the paper's), then any other task alphabetically
+    tasks = [t for t in (task_order or []) if t in present] + sorted(present - set(task_order or []))
     cells: dict[tuple, dict[str, dict]] = {}
     for key in rows:
         cells[key] = {}
@@ -356,12 +358,13 @@ def write_text(path: Path, text: str) -> None:
 
 
 def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: list[str] = (), metric: str = "final",
-                 spread: str = "minmax", plots: bool = True, log=print, err=None) -> dict:
+                 spread: str = "minmax", plots: bool = True, task_order: list[str] | None = None, log=print,
+                 err=None) -> dict:
     err = err or (lambda s: print(s, file=sys.stderr))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     col = collect(run_dirs, tables)
-    agg = aggregate(col.results, metric)
+    agg = aggregate(col.results, metric, task_order)
     params = params_table(col.results)
     files = {}
     t1 = table1_markdown(agg, spread)

@@ -132,7 +132,9 @@ def test_report_cells_match_medians_and_problems_are_listed(runs, capsys):
     for name in ("accuracy.png", "routing_Poly_full.png", "routing_Poly_z.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "routing_Poly_mu.png").exists()
-    assert report_cli.main([str(root / "sweep"), "--out", str(root / "r2"), "--strict", "--no-plots"]) == 1
+    assert report_cli.main([str(root / "sweep"), "--out", str(root / "r2"), "--strict", "--no-plots",
+                            "--tasks", "rte,anli_r1"]) == 1
+    assert (root / "r2" / "table1.md").read_text().splitlines()[0] == "| Method | Mode | rte | anli_r1 | cb | Avg |"
 
 
 def test_report_iqr_best_metric_and_empty(tmp_path, capsys):
