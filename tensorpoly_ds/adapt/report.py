@@ -116,8 +116,23 @@ def quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def setting(r: dict) -> str:
+    """'' for few-shot training; '0-shot' without training; '+mt' marks extra multi-task steps (MHR's recipe)."""
+    mt = int((r.get("job") or {}).get("multitask_steps") or 0) > 0
+    if r.get("zero_shot") or r.get("k") == 0:
+        return "0-shot+mt" if mt else "0-shot"
+    return "+mt" if mt else ""
+
+
 def row_key(r: dict) -> tuple[str, str]:
-    return (r["label"], r["mode"])
+    """(method label, mode with the setting): zero-shot and few-shot results of one method are separate rows."""
+    s = setting(r)
+    return (r["label"], f"{r['mode']} ({s})" if s else r["mode"])
+
+
+def _mode_rank(mode: str) -> tuple:
+    base, _, rest = mode.partition(" ")
+    return (MODE_ORDER.get(base, 9), base, rest)
 
 
 def aggregate(results: list[dict], metric: str = "final", task_order: list[str] | None = None) -> dict:
@@ -130,7 +145,7 @@ def aggregate(results: list[dict], metric: str = "final", task_order: list[str] 
         if r["seed"] in seeds:
             duplicates.append(r["_dir"])
         seeds[r["seed"]] = acc
-    rows = sorted(values, key=lambda k: (k[0], MODE_ORDER.get(k[1], 9), k[1]))
+    rows = sorted(values, key=lambda k: (k[0], _mode_rank(k[1])))
     present = {t for v in values.values() for t in v}
     # the given column order (e.g. the paper's), then any other task alphabetically
     tasks = [t for t in (task_order or []) if t in present] + sorted(present - set(task_order or []))
@@ -298,7 +313,7 @@ def plot_routing(results: list[dict], out: Path, log=print) -> list[Path]:
     """One PNG per (method, mode) with a heatmap per adapted task (first seed present)."""
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in sorted(results, key=lambda r: r["seed"]):
-        if r.get("routing_file") and r["mode"] in ("full", "z"):
+        if r.get("routing_file") and r["mode"] in ("full", "z") and not setting(r).startswith("0-shot"):
             groups[row_key(r)].setdefault(r["task"], r)
     if not groups:
         return []
@@ -328,7 +343,7 @@ def plot_routing(results: list[dict], out: Path, log=print) -> list[Path]:
             fig.colorbar(im, ax=ax, fraction=0.05)
         fig.suptitle(f"routing weights: {label} ({mode})")
         fig.tight_layout()
-        path = out / f"routing_{_slug(label)}_{mode}.png"
+        path = out / f"routing_{_slug(label)}_{_slug(mode)}.png"
         _save_fig(fig, path)
         plt.close(fig)
         written.append(path)

@@ -77,6 +77,17 @@ def runs(tmp_path):
                 write_result(d, label, mode, task, seed, acc, routing=(label == "Poly" and mode != "mu"))
                 expected.setdefault((label, mode, task), []).append(100 * acc)
     write_table(sweep / "jobs.jsonl", table_rows)
+    # zero-shot results of the same method and mode: a separate row, never mixed with the few-shot seeds
+    zs = {}
+    for task in TASKS:
+        for seed in SEEDS:
+            d = tmp_path / "zeroshot" / f"{task}_{seed}"
+            write_result(d, "Poly", "mu", task, seed, 0.1 + 0.01 * seed % 7)
+            body = json.loads((d / "result.json").read_text())
+            body.update(k=0, zero_shot=True)
+            (d / "result.json").write_text(json.dumps(body))
+            zs.setdefault(("Poly", "mu (0-shot)", task), []).append(100 * (0.1 + 0.01 * seed % 7))
+    expected.update(zs)
     # a second run directory with an unreadable result
     bad = tmp_path / "other" / "broken"
     bad.mkdir(parents=True)
@@ -88,7 +99,7 @@ def runs(tmp_path):
 def test_report_cells_match_medians_and_problems_are_listed(runs, capsys):
     root, expected, problems = runs
     out = root / "report"
-    assert report_cli.main([str(root / "sweep"), str(root / "other"), "--out", str(out)]) == 0
+    assert report_cli.main([str(root / "sweep"), str(root / "other"), str(root / "zeroshot"), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     for d, state in problems.items():
         assert f"{state}: {d}" in err
@@ -108,7 +119,7 @@ def test_report_cells_match_medians_and_problems_are_listed(runs, capsys):
         assert float(c["q1"]) == pytest.approx(np.percentile(xs, 25), abs=1e-3)
         assert int(c["n"]) == len(xs)
     assert seen == set(expected)
-    for label, mode in ROWS:
+    for label, mode in ROWS + [("Poly", "mu (0-shot)")]:
         avg = next(c for c in cells if (c["method"], c["mode"], c["task"]) == (label, mode, "avg"))
         assert float(avg["median"]) == pytest.approx(np.mean([np.median(expected[(label, mode, t)]) for t in TASKS]),
                                                      abs=1e-3)
@@ -118,7 +129,8 @@ def test_report_cells_match_medians_and_problems_are_listed(runs, capsys):
     poly_z = next(line for line in md if line.startswith("| Poly | z |"))
     xs = expected[("Poly", "z", "cb")]
     assert f"{np.median(xs):.1f} ({min(xs):.1f}–{max(xs):.1f}, n=2)" in poly_z
-    assert len(md) == 2 + len(ROWS)
+    assert len(md) == 2 + len(ROWS) + 1
+    assert [line.split(" | ")[1] for line in md[2:]] == ["full", "full", "z", "mu", "mu (0-shot)"]
     report = (out / "report.md").read_text()
     for d, state in problems.items():
         assert d in report
