@@ -10,7 +10,10 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+
+import datasets
 
 MANIFEST = "manifest.json"
 
@@ -41,15 +44,28 @@ class Staging:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
+@contextmanager
+def _quiet_datasets_progress():
+    """Flattening and saving a few thousand rows is instant; their bars would bury the real progress."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def save_split(ds, root: Path, rel: str, num_shards: int) -> list[str]:
     """save_to_disk with at most one shard per row; returns the shard files relative to root."""
     target = root / rel
     shards = max(1, min(num_shards, len(ds)))
     # Rewrite into fixed-size record batches: the chunk layout otherwise depends on num_proc
     # (and selections leave an indices mapping), and it shows up in the shard bytes.
-    ds = ds.flatten_indices(keep_in_memory=True, writer_batch_size=1000,
-                            new_fingerprint=hashlib.sha256(f"{ds._fingerprint}|flat".encode()).hexdigest()[:32])
-    ds.save_to_disk(str(target), num_shards=shards)
+    with _quiet_datasets_progress():
+        ds = ds.flatten_indices(keep_in_memory=True, writer_batch_size=1000,
+                                new_fingerprint=hashlib.sha256(f"{ds._fingerprint}|flat".encode()).hexdigest()[:32])
+        ds.save_to_disk(str(target), num_shards=shards)
     return sorted(f"{rel}/{p.name}" for p in target.glob("*.arrow"))
 
 

@@ -218,3 +218,29 @@ def test_activation_checkpointing_sees_the_same_task_ids():
     assert plain.keys() == ckpt.keys()
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], msg=name)
+
+
+@pytest.mark.parametrize("gen_kwargs", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, num_return_sequences=2),
+                                        dict(do_sample=True, num_return_sequences=2)])
+def test_generation_with_mixed_tasks_equals_each_task_alone(gen_kwargs):
+    from tensorpoly_ds.adapters import generate
+
+    model = tiny_t5()
+    inject_adapters(model, cfg_for("poly"), num_tasks=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.5)
+    x = torch.randint(2, 64, (3, 6))
+    ids = torch.tensor([2, 0, 1])
+    kw = dict(max_new_tokens=5, min_new_tokens=5, **gen_kwargs)
+    torch.manual_seed(3)
+    together = generate(model, x, ids, **kw)
+    per_row = together.shape[0] // 3
+    for row in range(3):
+        torch.manual_seed(3)
+        alone = generate(model, x[row : row + 1], ids[row : row + 1], **kw)
+        if gen_kwargs.get("do_sample"):
+            assert alone.shape == together[row * per_row : (row + 1) * per_row].shape
+        else:
+            torch.testing.assert_close(alone, together[row * per_row : (row + 1) * per_row])
