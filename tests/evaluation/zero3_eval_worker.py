@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 
-from tensorpoly_ds.adapters import AdapterConfig, adapter_layers, inject_adapters  # noqa: E402
+from tensorpoly_ds.adapters import AdapterConfig, inject_adapters, register_external_routing_params  # noqa: E402
 from tensorpoly_ds.evaluation import evaluate  # noqa: E402
 from tests.evaluation.test_rank_classification import make_rows  # noqa: E402
 from tests.conftest import tiny_t5  # noqa: E402
@@ -36,11 +36,7 @@ def main(out, stage):
         deepspeed.init_distributed(dist_backend="gloo")
         config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": int(stage)},
                   "bf16": {"enabled": False}, "fp16": {"enabled": False}}
-        # adapters.register_external_routing_params imports `deepspeed.zero` as a module, which fails
-        # on deepspeed 0.19 (it is an attribute): register through the attribute here.
-        for layer in adapter_layers(model).values():
-            if layer.routing is not None:
-                deepspeed.zero.register_external_parameter(layer, layer.routing.logits)
+        register_external_routing_params(model)   # shared routing tables (REFERENCE pitfall 4)
         model, *_ = deepspeed.initialize(model=model, config=config)
         model.eval()
     records = evaluate(model, rows, batch_size=3, length_norm=1.0, task_id=1, device=torch.device("cpu"))
