@@ -92,9 +92,9 @@ def engine_train(job, model: nn.Module, out: Path, *, steps: int, train_rows: li
     if job.zero_stage == 3 and getattr(model, "tpds_routing", None) is not None:
         # prepare_adaptation made fresh routing tables shared by many layers: ZeRO-3 must gather them
         # with every layer that reads them (REFERENCE pitfall 4)
-        from ..engine.model import register_routing_zero3
+        from ..adapters import register_external_routing_params
 
-        register_routing_zero3(model)
+        register_external_routing_params(model)
     multitask_history: list[dict] = []
     history: list[dict] = []
     if job.multitask_steps > 0 and steps > 0 and job.zero_stage == 3:

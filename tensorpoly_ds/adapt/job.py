@@ -423,11 +423,15 @@ def _broadcast(obj):
 
 
 def engine_available() -> bool:
+    """tensorpoly_ds.engine is importable from this same package tree (an editable install of another
+    checkout can make a foreign `engine` subpackage importable: that one does not count)."""
     try:
-        import tensorpoly_ds.engine.trainer  # noqa: F401
+        import tensorpoly_ds
+        import tensorpoly_ds.engine.trainer as trainer
     except ImportError:
         return False
-    return True
+    here = Path(tensorpoly_ds.__file__).resolve().parent
+    return Path(trainer.__file__).resolve().is_relative_to(here)
 
 
 def resolve_trainer(job: AdaptJob) -> str:
