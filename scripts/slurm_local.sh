@@ -172,7 +172,7 @@ start_munge() {
     rm -f "$munge_socket" "$munge_socket.lock"
     munged --socket="$munge_socket" --key-file="$munge_dir/munge.key" --pid-file="$munge_dir/munged.pid" \
         --log-file="$munge_dir/munged.log" --seed-file="$munge_dir/munged.seed" \
-        || die "munged failed to start; see $munge_dir/munged.log"
+        || die "munged failed to start (it needs every directory above $munge_dir to be searchable by all users); see $munge_dir/munged.log"
     local t=0
     until munge -n -S "$munge_socket" | unmunge -S "$munge_socket" >/dev/null 2>&1; do
         t=$((t + 1))
@@ -237,21 +237,28 @@ cmd_start() {
     log "start: $nodes node(s) idle after $(($(date +%s) - t0))s; export SLURM_CONF=$conf"
 }
 
-stop_pidfile() {  # stop_pidfile PIDFILE NAME
-    local pid t=0
-    pid_alive "$1" || { rm -f "$1"; return 0; }
-    pid="$(cat "$1")"
-    kill -TERM "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do
-        t=$((t + 1))
-        if [ "$t" -gt 100 ]; then
-            log "stop: $2 (pid $pid) ignores SIGTERM; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            break
+stop_pidfiles() {  # stop_pidfiles PIDFILE...: SIGTERM all at once, wait up to 15 s, then SIGKILL
+    local f pid t=0
+    local -a pids=()
+    for f in "$@"; do
+        if pid_alive "$f"; then
+            pid="$(cat "$f")"
+            pids+=("$pid")
+            kill -TERM "$pid" 2>/dev/null || true
         fi
-        sleep 0.1
     done
-    rm -f "$1"
+    for pid in "${pids[@]}"; do
+        while kill -0 "$pid" 2>/dev/null; do
+            t=$((t + 1))
+            if [ "$t" -gt 150 ]; then
+                log "stop: pid $pid ignores SIGTERM; sending SIGKILL"
+                kill -KILL "$pid" 2>/dev/null || true
+                break
+            fi
+            sleep 0.1
+        done
+    done
+    rm -f "$@"
 }
 
 cmd_stop() {
@@ -268,9 +275,10 @@ cmd_stop() {
             done
         fi
     fi
-    for i in $(node_names); do stop_pidfile "$state/run/slurmd-$i.pid" "slurmd $i"; done
-    stop_pidfile "$state/run/slurmctld.pid" slurmctld
-    stop_pidfile "$munge_dir/munged.pid" munged
+    local -a files=("$state/run/slurmctld.pid")
+    for i in $(node_names); do files+=("$state/run/slurmd-$i.pid"); done
+    stop_pidfiles "${files[@]}"
+    stop_pidfiles "$munge_dir/munged.pid"   # last: the others talk to it while shutting down
     log "stop: stopped"
 }
 
@@ -283,8 +291,10 @@ cmd_status() {
         if pid_alive "$state/run/slurmd-$i.pid"; then echo "slurmd $i: running (pid $(cat "$state/run/slurmd-$i.pid"))"; else echo "slurmd $i: stopped"; rc=1; fi
     done
     echo "SLURM_CONF=$conf"
-    SLURM_CONF="$conf" sinfo -N -o '%N %P %t %c %E' 2>/dev/null || rc=1
-    nodes_ready || rc=1
+    if pid_alive "$state/run/slurmctld.pid"; then   # sinfo without a controller retries for many seconds
+        SLURM_CONF="$conf" sinfo -N -o '%N %P %t %c %E' 2>/dev/null || rc=1
+        nodes_ready || rc=1
+    fi
     return "$rc"
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -115,4 +116,46 @@ def test_usr1_is_forwarded_and_exit_124_requeues(jobs, tmp_path):
 
 def test_time_limit_signal_reaches_the_ranks(jobs, tmp_path):
     """The real path: Slurm itself sends B:USR1 ahead of the time limit (checked every ~30 s by slurmctld)."""
-    _pretrain_usr1(jobs, tmp_path, ["--time=2", "--signal=B:USR1@115"], send_signal=False)
+    _pretrain_usr1(jobs, tmp_path, ["--time=2", "--signal=B:USR1@115", "--cpus-per-task=1"], send_signal=False)
+
+
+def test_local_cluster_lifecycle_is_idempotent(slurm_cluster, tmp_path):
+    """A second, one-node cluster on other ports: start twice, stop, status, start again, clean."""
+    import tempfile
+    import time
+
+    from .conftest import LOCAL
+
+    # munged wants every directory above its socket searchable by all: pytest's tmp_path (0700) is not
+    tmp_path = Path(tempfile.mkdtemp(prefix="tpds-slurm-test-", dir="/tmp"))
+    tmp_path.chmod(0o755)
+    env = slurm_cluster.env(TPDS_SLURM_DIR=str(tmp_path / "c2"), TPDS_SLURM_NODES="1", TPDS_SLURM_CTLD_PORT="16917",
+                            TPDS_SLURM_NODE_PORT="17101", TPDS_SLURM_LINK_CONF="0")
+    env["SLURM_CONF"] = str(tmp_path / "c2" / "slurm.conf")
+
+    def local(cmd, timeout=120):
+        t0 = time.time()
+        r = subprocess.run(["bash", str(LOCAL), cmd], capture_output=True, text=True, env=env, timeout=timeout)
+        return r, time.time() - t0
+
+    try:
+        r, _ = local("start")
+        assert r.returncode == 0, r.stderr
+        r, dt = local("start")
+        assert r.returncode == 0 and "already running" in r.stderr and dt < 5, (r.stderr, dt)
+        r, _ = local("status")
+        assert r.returncode == 0 and "node1" in r.stdout, r.stdout
+        out = subprocess.run(["srun", "-N1", "hostname"], capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        r, _ = local("stop")
+        assert r.returncode == 0, r.stderr
+        r, _ = local("status")
+        assert r.returncode != 0 and "slurmctld: stopped" in r.stdout
+        r, _ = local("start")
+        assert r.returncode == 0, r.stderr
+    finally:
+        r, _ = local("clean")
+    assert r.returncode == 0 and not (tmp_path / "c2").exists()
+    tmp_path.rmdir()
+    r, dt = local("install")     # already installed: a quick check, no apt
+    assert r.returncode == 0 and "already installed" in r.stderr and dt < 5
