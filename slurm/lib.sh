@@ -8,6 +8,8 @@
 #                          (STAGE = PREP, PRETRAIN, SWEEP, ADAPT, REPORT; default "$TPDS_CMD <stage>")
 #   TPDS_MASTER_PORT       fixed rendezvous port (default: derived from the job id / array id)
 #   TPDS_TORCH_EXT_ROOT    parent of the per-job TORCH_EXTENSIONS_DIR [${TMPDIR:-/tmp}/tpds-torch-ext-$USER]
+#   TPDS_TORCH_EXT_SEED    a directory of already built torch extensions (e.g. one job's TORCH_EXTENSIONS_DIR)
+#                          copied into each new per-job directory, so jobs do not rebuild (no shared lock)
 # Command prefixes are split on whitespace (no quotes, no globbing, no eval): a path with spaces
 # cannot be a prefix; wrap it in a small script instead.
 
@@ -69,6 +71,32 @@ tpds_torch_ext_dir() {
         leaf="${SLURM_JOB_ID:-local-$$}"
     fi
     printf '%s/%s\n' "$root" "$leaf"
+}
+
+# Export TORCH_EXTENSIONS_DIR (per job / array task) and create it on this node, seeded from
+# TPDS_TORCH_EXT_SEED when that is set and the directory is new. The copy goes to a temporary directory
+# renamed into place, so ranks of one node racing here never see a half-copied directory. Build locks
+# are not copied (a stale lock is what makes a JIT build wait forever).
+tpds_prepare_torch_ext() {
+    local tmp
+    TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR_FOR_JOB:-$(tpds_torch_ext_dir)}"
+    export TORCH_EXTENSIONS_DIR
+    if [ -d "$TORCH_EXTENSIONS_DIR" ]; then   # a restart of this job (or a leftover): keep it unless empty
+        [ -z "$(ls -A "$TORCH_EXTENSIONS_DIR")" ] || return 0
+        rmdir "$TORCH_EXTENSIONS_DIR" 2>/dev/null || true
+    fi
+    mkdir -p "$(dirname "$TORCH_EXTENSIONS_DIR")"
+    if [ -n "${TPDS_TORCH_EXT_SEED:-}" ] && [ -d "$TPDS_TORCH_EXT_SEED" ]; then
+        tmp="$TORCH_EXTENSIONS_DIR.tmp.$$"
+        rm -rf "$tmp"
+        mkdir -p "$tmp"
+        cp -R "$TPDS_TORCH_EXT_SEED/." "$tmp/"
+        find "$tmp" -name lock -type f -delete
+        mv -T "$tmp" "$TORCH_EXTENSIONS_DIR" 2>/dev/null || rm -rf "$tmp"   # another rank was first
+    else
+        [ -z "${TPDS_TORCH_EXT_SEED:-}" ] || tpds_log "warning: TPDS_TORCH_EXT_SEED=$TPDS_TORCH_EXT_SEED is not a directory"
+        mkdir -p "$TORCH_EXTENSIONS_DIR"
+    fi
 }
 
 tpds_banner() {

@@ -71,7 +71,8 @@ class Jobs:
         self.record.mkdir(exist_ok=True)
 
     def env(self, **extra: str) -> dict[str, str]:
-        base = {"TPDS_TEST_RECORD": str(self.record), "TPDS_SLURM_HOME": str(SLURM_DIR)}
+        base = {"TPDS_TEST_RECORD": str(self.record), "TPDS_SLURM_HOME": str(SLURM_DIR),
+                "TPDS_TORCH_EXT_ROOT": str(self.workdir / "torch_ext")}   # job ids restart with a new cluster
         for stage in ("prep", "pretrain", "sweep", "adapt", "report"):
             base[f"TPDS_{stage.upper()}_CMD"] = f"{sys.executable} {STAND_IN} {stage}"
         return self.cluster.env(**{**base, **extra})

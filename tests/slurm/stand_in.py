@@ -23,9 +23,18 @@ VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROC
         "MASTER_PORT", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "TPDS_TEST_FROM_ENV_FILE")
 
 
+def ext_files() -> list[str] | None:
+    """Files in TORCH_EXTENSIONS_DIR (relative), None if it does not exist."""
+    d = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not d or not os.path.isdir(d):
+        return None
+    return sorted(str(p.relative_to(d)) for p in Path(d).rglob("*") if p.is_file())
+
+
 def record(stage: str, **fields) -> None:
     out = Path(os.environ["TPDS_TEST_RECORD"]) / f"{stage}.jsonl"
-    line = json.dumps({"stage": stage, "pid": os.getpid(), **{v: os.environ.get(v) for v in VARS}, **fields})
+    line = json.dumps({"stage": stage, "pid": os.getpid(), **{v: os.environ.get(v) for v in VARS},
+                       "ext_files": ext_files(), **fields})
     with open(out, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write(line + "\n")

@@ -62,9 +62,11 @@ def test_two_node_srun_distinct_ranks_and_first_host(jobs, slurm_cluster):
 def test_adapt_array_runs_each_row_once_with_own_port_and_extensions_dir(jobs, tmp_path):
     table = tmp_path / "jobs.jsonl"
     table.write_text("".join(f'{{"row": {i}, "id": "r{i}", "job": {{}}}}\n' for i in range(3)))
+    seed = _ext_seed(tmp_path)
     r = subprocess.run(["bash", str(SLURM_DIR / "submit_array.sh"), "--parallel", "2", str(table),
                         f"--output={tmp_path}/adapt-%A_%a.out", "--", "--force"],
-                       capture_output=True, text=True, env=jobs.env(MASTER_PORT="29500"), cwd=tmp_path, timeout=60)
+                       capture_output=True, text=True, env=jobs.env(MASTER_PORT="29500", TPDS_TORCH_EXT_SEED=seed),
+                       cwd=tmp_path, timeout=60)
     assert r.returncode == 0, r.stderr
     array = jobs.track(r.stdout.strip())
     shown = jobs.wait(array, 60)
@@ -76,15 +78,25 @@ def test_adapt_array_runs_each_row_once_with_own_port_and_extensions_dir(jobs, t
         i = rec["SLURM_ARRAY_TASK_ID"]
         assert rec["args"] == ["--job-table", str(table), "--row", i, "--force"]
         assert rec["SLURM_ARRAY_JOB_ID"] == array
-        assert rec["TORCH_EXTENSIONS_DIR"].endswith(f"/{array}_{i}")
+        assert rec["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "torch_ext" / f"{array}_{i}")
         assert rec["OMP_NUM_THREADS"] == "2"            # --cpus-per-task of adapt_array.sbatch
+        assert rec["ext_files"] == ["fused_op/fused_op.so"]   # seeded, without the stale build lock
     ports = [rec["MASTER_PORT"] for rec in recs]
     assert len(set(ports)) == 3 and "29500" not in ports     # an inherited MASTER_PORT is not reused
     assert len({rec["TORCH_EXTENSIONS_DIR"] for rec in recs}) == 3
 
 
+def _ext_seed(tmp_path) -> str:
+    """A fake prebuilt torch-extensions directory, with a stale lock that must not be copied."""
+    seed = tmp_path / "ext_seed" / "fused_op"
+    seed.mkdir(parents=True)
+    (seed / "fused_op.so").write_text("built")
+    (seed / "lock").write_text("")
+    return str(seed.parent)
+
+
 def _pretrain_usr1(jobs, tmp_path, extra: list[str], send_signal: bool):
-    env = jobs.env(TPDS_TEST_USR1="1", TPDS_SRUN_WAIT="30")
+    env = jobs.env(TPDS_TEST_USR1="1", TPDS_SRUN_WAIT="30", TPDS_TORCH_EXT_SEED=_ext_seed(tmp_path))
     job = jobs.sbatch("-N2", "--ntasks-per-node=1", f"--output={tmp_path}/pretrain-%j.out", *extra,
                       str(SLURM_DIR / "pretrain.sbatch"), "--config", "cfg.yaml", "train.steps=5", env=env)
     jobs.wait_for(lambda: len([r for r in jobs.records("pretrain") if r["event"] == "ready"]) == 2, 60,
@@ -105,6 +117,7 @@ def _pretrain_usr1(jobs, tmp_path, extra: list[str], send_signal: bool):
     for r in recs:
         assert r["args"] == ["--resume", "auto", "--config", "cfg.yaml", "train.steps=5"]
         assert r["MASTER_ADDR"] == "127.0.0.1" and r["MASTER_PORT"] == recs[0]["MASTER_PORT"]
+        assert r["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "torch_ext" / job) and r["ext_files"] == ["fused_op/fused_op.so"]
     log = (tmp_path / f"pretrain-{job}.out").read_text()     # one log for both runs (--open-mode=append)
     assert "SIGUSR1: forwarding" in log and f"requeuing job {job}" in log and "restarts=1" in log
     return job
