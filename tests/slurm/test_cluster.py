@@ -95,8 +95,8 @@ def _ext_seed(tmp_path) -> str:
     return str(seed.parent)
 
 
-def _pretrain_usr1(jobs, tmp_path, extra: list[str], send_signal: bool):
-    env = jobs.env(TPDS_TEST_USR1="1", TPDS_SRUN_WAIT="30", TPDS_TORCH_EXT_SEED=_ext_seed(tmp_path))
+def _pretrain_usr1(jobs, tmp_path, extra: list[str], send_signal: bool, mode: str = "1"):
+    env = jobs.env(TPDS_TEST_USR1=mode, TPDS_SRUN_WAIT="30", TPDS_TORCH_EXT_SEED=_ext_seed(tmp_path))
     job = jobs.sbatch("-N2", "--ntasks-per-node=1", f"--output={tmp_path}/pretrain-%j.out", *extra,
                       str(SLURM_DIR / "pretrain.sbatch"), "--config", "cfg.yaml", "train.steps=5", env=env)
     jobs.wait_for(lambda: len([r for r in jobs.records("pretrain") if r["event"] == "ready"]) == 2, 60,
@@ -110,8 +110,11 @@ def _pretrain_usr1(jobs, tmp_path, extra: list[str], send_signal: bool):
     recs = jobs.records("pretrain")
     first = [r for r in recs if r["SLURM_RESTART_COUNT"] in (None, "0")]
     second = [r for r in recs if r["SLURM_RESTART_COUNT"] == "1"]
-    assert sorted((r["SLURM_PROCID"], r["event"]) for r in first) == [
-        ("0", "ready"), ("0", "usr1"), ("1", "ready"), ("1", "usr1")]
+    if mode == "1":
+        assert sorted((r["SLURM_PROCID"], r["event"]) for r in first) == [
+            ("0", "ready"), ("0", "usr1"), ("1", "ready"), ("1", "usr1")]
+    else:   # killed by the signal: only "ready" was written
+        assert sorted((r["SLURM_PROCID"], r["event"]) for r in first) == [("0", "ready"), ("1", "ready")]
     assert sorted((r["SLURM_PROCID"], r["event"]) for r in second) == [("0", "done"), ("1", "done")]
     assert {r["SLURMD_NODENAME"] for r in second} == {"node1", "node2"}
     for r in recs:
@@ -125,6 +128,12 @@ def _pretrain_usr1(jobs, tmp_path, extra: list[str], send_signal: bool):
 
 def test_usr1_is_forwarded_and_exit_124_requeues(jobs, tmp_path):
     _pretrain_usr1(jobs, tmp_path, [], send_signal=True)
+
+
+def test_usr1_before_the_trainer_handles_it_still_requeues(jobs, tmp_path):
+    """A signal during start-up kills the ranks (status 138): the job is requeued, not failed."""
+    job = _pretrain_usr1(jobs, tmp_path, [], send_signal=True, mode="early")
+    assert "killed by SIGUSR1 before handling it" in (tmp_path / f"pretrain-{job}.out").read_text()
 
 
 def test_time_limit_signal_reaches_the_ranks(jobs, tmp_path):
