@@ -90,7 +90,8 @@ tpds_prepare_torch_ext() {
         tmp="$TORCH_EXTENSIONS_DIR.tmp.$$"
         rm -rf "$tmp"
         mkdir -p "$tmp"
-        cp -R "$TPDS_TORCH_EXT_SEED/." "$tmp/"
+        # timestamps must survive the copy: ninja rebuilds outputs newer than its recorded deps
+        cp -R -p "$TPDS_TORCH_EXT_SEED/." "$tmp/" 2>/dev/null || cp -R --preserve=timestamps,mode "$TPDS_TORCH_EXT_SEED/." "$tmp/"
         find "$tmp" -name lock -type f -delete
         mv -T "$tmp" "$TORCH_EXTENSIONS_DIR" 2>/dev/null || rm -rf "$tmp"   # another rank was first
     else
