@@ -181,3 +181,18 @@ def test_local_cluster_lifecycle_is_idempotent(slurm_cluster, tmp_path):
     tmp_path.rmdir()
     r, dt = local("install")     # already installed: a quick check, no apt
     assert r.returncode == 0 and "already installed" in r.stderr and dt < 5
+
+
+def test_sbatch_script_finds_its_helpers_without_tpds_slurm_home(jobs, tmp_path):
+    """`sbatch slurm/report.sbatch ...` from any directory: Slurm runs a spooled copy, lib.sh is found via
+    the submitted script's path; the env file is sourced."""
+    env = jobs.env()
+    del env["TPDS_SLURM_HOME"]
+    (tmp_path / "env.sh").write_text("export TPDS_TEST_FROM_ENV_FILE=yes\n")
+    env["TPDS_ENV_FILE"] = str(tmp_path / "env.sh")
+    job = jobs.sbatch(f"--output={tmp_path}/report-%j.out", str(SLURM_DIR / "report.sbatch"), "runs", "--out", "rep",
+                      env=env)
+    (state,) = jobs.wait(job, 30)
+    assert state["JobState"] == "COMPLETED", jobs.logs()
+    (rec,) = jobs.records("report")
+    assert rec["args"] == ["runs", "--out", "rep"] and rec["TPDS_TEST_FROM_ENV_FILE"] == "yes"
