@@ -5,7 +5,8 @@ $TPDS_TEST_RECORD/<stage>.jsonl. Stage behaviour:
   sweep     writes <--out>/jobs.jsonl with $TPDS_TEST_ROWS (default 3) rows, as `tensorpoly-ds sweep --expand-only`
   pretrain  with TPDS_TEST_USR1=1 on the first run (SLURM_RESTART_COUNT unset/0): write "ready", wait for
             SIGUSR1 (at most 60 s), then record it and exit 124 ("checkpointed, requeue me"); with
-            TPDS_TEST_USR1=early: write "ready" and sleep without a handler (killed by SIGUSR1); otherwise exit 0
+            TPDS_TEST_USR1=early: write "ready" and sleep without a handler (killed by SIGUSR1); with
+            TPDS_TEST_USR1=always124: exit 124 at once, every run; otherwise exit 0
   other     record and exit 0; TPDS_TEST_FAIL=<stage> makes that stage exit 3
 """
 
@@ -64,6 +65,9 @@ def main() -> int:
         record(stage, args=args, start=start, event="ready")
         time.sleep(60)
         return 1
+    if stage == "pretrain" and os.environ.get("TPDS_TEST_USR1") == "always124":
+        record(stage, args=args, start=start, end=time.time(), event="124")
+        return 124
     if stage == "pretrain" and os.environ.get("TPDS_TEST_USR1") == "1" and first_run:
         got = []
         signal.signal(signal.SIGUSR1, lambda *_: got.append(time.time()))

@@ -196,3 +196,14 @@ def test_sbatch_script_finds_its_helpers_without_tpds_slurm_home(jobs, tmp_path)
     assert state["JobState"] == "COMPLETED", jobs.logs()
     (rec,) = jobs.records("report")
     assert rec["args"] == ["runs", "--out", "rep"] and rec["TPDS_TEST_FROM_ENV_FILE"] == "yes"
+
+
+def test_requeue_loop_is_bounded(jobs, tmp_path):
+    """A trainer that always exits 124 is requeued TPDS_MAX_REQUEUES times, then the job fails."""
+    env = jobs.env(TPDS_TEST_USR1="always124", TPDS_MAX_REQUEUES="1")
+    job = jobs.sbatch("-N1", f"--output={tmp_path}/pretrain-%j.out", str(SLURM_DIR / "pretrain.sbatch"),
+                      "--config", "c.yaml", env=env)
+    (state,) = jobs.wait(job, 90)
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "1" and state["ExitCode"] == "124:0", state
+    assert [r["SLURM_RESTART_COUNT"] or "0" for r in jobs.records("pretrain")] == ["0", "1"]
+    assert "already requeued 1 times" in (tmp_path / f"pretrain-{job}.out").read_text()

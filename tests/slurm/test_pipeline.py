@@ -194,3 +194,23 @@ def test_failed_stage_cancels_the_rest_of_the_chain(jobs, tmp_path):
         states = jobs.wait(ids[stage], 60)
         assert {s["JobState"] for s in states} == {"CANCELLED"}, (stage, states)
     assert jobs.records("adapt") == [] and jobs.records("report") == []
+
+
+@pytest.mark.slow
+def test_report_after_any_runs_when_adaptation_rows_fail(jobs, tmp_path):
+    table = tmp_path / "jobs.jsonl"
+    table.write_text('{"row": 0}\n{"row": 1}\n')
+    env = jobs.env(TPDS_TEST_FAIL="adapt")
+    r = subprocess.run(["bash", str(SUBMIT), "--table", str(table), "--report-out", "rep", "--report-after", "any",
+                        "--log-dir", "logs", "--time", "5"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    ids = dict(line.split() for line in r.stdout.splitlines() if not line.startswith("#"))
+    assert list(ids) == ["adapt", "report"]
+    for job in ids.values():
+        jobs.track(job)
+    (report,) = jobs.wait(ids["report"], 60)
+    assert report["JobState"] == "COMPLETED"
+    assert {s["JobState"] for s in jobs.show(ids["adapt"])} == {"FAILED"}
+    assert [r_["event"] for r_ in jobs.records("adapt")] == ["fail", "fail"]
+    assert len(jobs.records("report")) == 1
