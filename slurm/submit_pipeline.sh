@@ -244,9 +244,10 @@ elif [ -n "$grid" ]; then
     # The array arguments, NUL-separated, for the sweep job; the report job id is filled in below.
     argv_file="$sweep_out/.submit_array.argv"
     [ "$dry_run" -eq 1 ] || mkdir -p "$sweep_out"
+    # Held until its argument file (which names the report job, submitted next) is written.
     submit sweep env "TPDS_ARRAY_ARGV_FILE=$argv_file" "TPDS_REPORT_DEPENDENCY=$report_dep" \
-        sbatch "${common[@]}" "${deps[@]}" "${time_sweep[@]}" "--output=$log_dir/%x-%j.out" "$here/sweep.sbatch" "$sweep_out" --grid "$grid" \
-        "${sweep_args[@]}"
+        sbatch "${common[@]}" --hold "${deps[@]}" "${time_sweep[@]}" "--output=$log_dir/%x-%j.out" \
+        "$here/sweep.sbatch" "$sweep_out" --grid "$grid" "${sweep_args[@]}"
     sweep_job="$prev"
     report_job=""
     if [ -n "$report_out" ]; then
@@ -264,8 +265,10 @@ elif [ -n "$grid" ]; then
         printf '#   TPDS_REPORT_DEPENDENCY=%q bash %q ' "$report_dep" "$here/submit_array.sh"
         printf '%q ' "${array_argv[@]}"
         printf '\n'
+        printf 'scontrol release %q\n' "$sweep_job"
     else
         printf '%s\0' "${array_argv[@]}" >"$argv_file"
+        scontrol release "$sweep_job" || die "could not release the held sweep job $sweep_job"
         echo "# the adapt array is submitted by the sweep job $sweep_job; its id will be in $sweep_out/adapt_array.jobid"
     fi
     prev=""

@@ -100,6 +100,8 @@ def test_dry_run_with_grid_defers_the_array_to_the_sweep_job(tmp_path):
     assert len(later) == 1 and "TPDS_REPORT_DEPENDENCY=afterany" in later[0]
     assert "--report-job '<report>'" in later[0] or "--report-job \\<report\\>" in later[0]
     assert str(tmp_path / "sw" / "jobs.jsonl") in later[0]
+    assert "--hold" in sweep    # released once its argument file is written
+    assert r.stdout.rstrip().splitlines()[-1] == "scontrol release \\<sweep\\>"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -214,3 +216,22 @@ def test_report_after_any_runs_when_adaptation_rows_fail(jobs, tmp_path):
     assert {s["JobState"] for s in jobs.show(ids["adapt"])} == {"FAILED"}
     assert [r_["event"] for r_ in jobs.records("adapt")] == ["fail", "fail"]
     assert len(jobs.records("report")) == 1
+
+
+@pytest.mark.slow
+def test_grid_pipeline_without_upstream_jobs_does_not_race(jobs, tmp_path):
+    """Only sweep -> array -> report: the sweep job has no dependency, so it is held until the submitter has
+    written its argument file."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("methods: []\n")
+    r = subprocess.run(["bash", str(SUBMIT), "--grid", str(grid), "--sweep-out", "sweep", "--report-out", "report",
+                        "--log-dir", "logs", "--time", "5"],
+                       capture_output=True, text=True, cwd=tmp_path, env=jobs.env(TPDS_TEST_ROWS="2"), timeout=60)
+    assert r.returncode == 0, r.stderr
+    ids = dict(line.split() for line in r.stdout.splitlines() if not line.startswith("#"))
+    assert list(ids) == ["sweep", "report"]
+    for job in ids.values():
+        jobs.track(job)
+    (report,) = jobs.wait(ids["report"], 90)
+    assert report["JobState"] == "COMPLETED", jobs.logs()
+    assert sorted(r_["args"][3] for r_ in jobs.records("adapt")) == ["0", "1"]
