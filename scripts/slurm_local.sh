@@ -3,7 +3,7 @@
 # (virtual nodes node1 and node2 on 127.0.0.1, ports 17001-17002), no systemd, no cgroups, no accounting.
 #
 # Usage: bash scripts/slurm_local.sh {install|start|stop|status|env|clean}
-#   install  apt-get install Debian's slurmctld, slurmd, slurm-client and munge (no-op when present)
+#   install  apt-get install Debian's slurmctld, slurmd, slurm-client, munge and shellcheck (no-op when present)
 #   start    create a munge key if missing, write slurm.conf, start munged, slurmctld and the slurmds,
 #            wait until every node is idle (idempotent: a running cluster is only checked)
 #   stop     cancel the cluster's jobs, stop the daemons this script started (by their pid files)
@@ -70,7 +70,8 @@ as_root() {
 
 cmd_install() {
     if command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 \
-        && command -v sbatch >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then
+        && command -v sbatch >/dev/null 2>&1 && command -v munged >/dev/null 2>&1 \
+        && command -v shellcheck >/dev/null 2>&1; then
         log "install: already installed ($(slurmd -V 2>/dev/null || echo slurmd))"
         return 0
     fi
@@ -80,7 +81,7 @@ cmd_install() {
         as_root apt-get update -q
     fi
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        slurmctld slurmd slurm-client munge
+        slurmctld slurmd slurm-client munge shellcheck
     log "install: ok ($(slurmd -V))"
 }
 
