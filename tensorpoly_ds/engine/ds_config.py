@@ -13,11 +13,13 @@ from .config import RunConfig, RunConfigError
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
-def template_path(cfg: RunConfig) -> Path:
-    if cfg.deepspeed.template:
-        return Path(cfg.deepspeed.template)
-    stage = cfg.deepspeed.zero_stage
-    if stage == 3 and (cfg.deepspeed.offload_param or cfg.deepspeed.offload_optimizer):
+def template_path(deepspeed) -> Path:
+    """deepspeed: the DeepSpeedSection (or a RunConfig)."""
+    d = getattr(deepspeed, "deepspeed", deepspeed)
+    if d.template:
+        return Path(d.template)
+    stage = d.zero_stage
+    if stage == 3 and (d.offload_param or d.offload_optimizer):
         return TEMPLATE_DIR / "zero3_offload.json"
     return TEMPLATE_DIR / f"zero{stage}.json"
 
@@ -37,14 +39,19 @@ def _find_auto(d: Any, prefix: str = "") -> list[str]:
 
 def fill_ds_config(cfg: RunConfig, world_size: int) -> dict:
     """The effective DeepSpeed config: the template with every "auto" filled; checks fp16 and the stage."""
-    path = template_path(cfg)
+    return fill_sections(cfg.deepspeed, cfg.train, cfg.optim, world_size)
+
+
+def fill_sections(deepspeed, train, optim, world_size: int) -> dict:
+    """fill_ds_config for the three sections alone (the trainer API takes sections, not a RunConfig)."""
+    path = template_path(deepspeed)
     try:
         ds = json.loads(path.read_text())
     except FileNotFoundError:
         raise RunConfigError(f"deepspeed.template: {path} not found") from None
     except json.JSONDecodeError as err:
         raise RunConfigError(f"deepspeed.template: {path} is not valid JSON ({err})") from None
-    d, t = cfg.deepspeed, cfg.train
+    d, t = deepspeed, train
     ds = _merge(ds, d.overrides)
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = d.zero_stage
@@ -61,7 +68,7 @@ def fill_ds_config(cfg: RunConfig, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch * t.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.clip,
+        "gradient_clipping": optim.clip,
     }
     for key, value in fills.items():
         if ds.get(key, "auto") == "auto":
