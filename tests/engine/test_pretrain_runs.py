@@ -1,0 +1,114 @@
+"""End-to-end runs of launch/pretrain.py as subprocesses (1 process, and 2 ranks under torchrun)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import BASE_STEPS, REPO, base_overrides, child_env, pretrain_cmd, read_metrics, run_pretrain
+
+pytestmark = pytest.mark.slow
+REL = 1e-5   # fp32 on CPU: only the summation order differs between layouts
+
+
+def assert_same_trajectory(a: dict, b: dict, rel: float = REL):
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * max(1.0, abs(a[step])), (step, a[step], b[step])
+
+
+def test_single_process_tiny_run_lowers_loss(baseline_run):
+    losses = read_metrics(baseline_run)
+    assert sorted(losses) == list(range(1, BASE_STEPS + 1))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (22, 23, 24)) / 3
+    assert last < 0.8 * first, (first, last)
+    val = read_metrics(baseline_run, "eval", "val/loss")
+    assert sorted(val) == [8, 16, 24] and val[24] < val[8]
+    for name in ("config.yaml", "ds_config.json", "export/adapter_model.safetensors", "export/adapter_config.json"):
+        assert (baseline_run / name).is_file(), name
+    tags = sorted(p.name for p in (baseline_run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert tags == ["step_00000008", "step_00000016", "step_00000024"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_one_rank(stage, tmp_path, prepared_dir, backbone_dir, baseline_run):
+    """2 ranks x micro 2 (ZeRO-2 / ZeRO-3, the backbone loaded under zero.Init) == 1 rank x micro 4 (ZeRO-0)."""
+    run_dir = tmp_path / f"z{stage}"
+    run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir, stage=stage, micro=2), nproc=2)
+    assert_same_trajectory(read_metrics(baseline_run), read_metrics(run_dir))
+    assert_same_trajectory(read_metrics(baseline_run, "eval", "val/loss"), read_metrics(run_dir, "eval", "val/loss"))
+    # the export does not depend on the world size or the ZeRO stage
+    from safetensors.torch import load_file
+
+    a = load_file(str(baseline_run / "export" / "adapter_model.safetensors"))
+    b = load_file(str(run_dir / "export" / "adapter_model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, prepared_dir, backbone_dir):
+    """A run sent SIGUSR1 after a few steps (returns its exit status), then resumed with --resume auto."""
+    run_dir = tmp_path_factory.mktemp("runs") / "interrupted"
+    cmd = pretrain_cmd(run_dir, prepared_dir, base_overrides(backbone_dir))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and len(read_metrics(run_dir)) >= 5:
+                os.kill(proc.pid, signal.SIGUSR1)
+                break
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopped = dict(read_metrics(run_dir))
+    tags = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    resumed = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir))
+    return {"run_dir": run_dir, "returncode": proc.returncode, "stdout": out, "stderr": err, "stopped": stopped,
+            "tags": tags, "resumed": resumed}
+
+
+def test_sigusr1_checkpoints_and_exits_with_requeue_status(interrupted_run):
+    from tensorpoly_ds.engine.checkpoint import read_meta, verify_tag
+    from tensorpoly_ds.engine.trainer import REQUEUE_EXIT_CODE
+
+    r = interrupted_run
+    assert r["returncode"] == REQUEUE_EXIT_CODE, r["stderr"][-3000:]
+    last = max(r["stopped"])
+    assert 5 <= last < BASE_STEPS
+    tag = f"step_{last:08d}"
+    assert tag in r["tags"], r["tags"]
+    assert "SIGUSR1" in r["stdout"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(interrupted_run, baseline_run):
+    r = interrupted_run
+    assert "resumed from" in r["resumed"].stdout
+    assert_same_trajectory(read_metrics(baseline_run), read_metrics(r["run_dir"]), rel=1e-6)
+    assert_same_trajectory(read_metrics(baseline_run, "eval", "val/loss"),
+                           read_metrics(r["run_dir"], "eval", "val/loss"), rel=1e-6)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, prepared_dir, backbone_dir, baseline_run):
+    run_dir = tmp_path / "corrupt"
+    shutil.copytree(baseline_run / "checkpoints", run_dir / "checkpoints")
+    latest = run_dir / "checkpoints" / "step_00000024"
+    victim = latest / "mp_rank_00_model_states.pt"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])   # truncated write
+    proc = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir))
+    assert "incomplete or corrupt" in proc.stderr and "step_00000024" in proc.stderr
+    assert "resumed from" in proc.stdout and "step_00000016" in proc.stdout
+    losses = read_metrics(run_dir)
+    assert sorted(losses) == list(range(17, BASE_STEPS + 1))
+    base = read_metrics(baseline_run)
+    assert_same_trajectory({s: base[s] for s in losses}, losses, rel=1e-6)
