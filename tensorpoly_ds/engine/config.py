@@ -88,7 +88,11 @@ class DeepSpeedSection:
     zero_stage: int = 2                      # 0, 1, 2, 3
     offload_optimizer: bool = False          # ZeRO-Offload of optimizer states to CPU (stage >= 1)
     offload_param: bool = False              # parameters to CPU (stage 3 only)
-    precision: str = "bf16"                  # bf16 | fp32 (fp16 is refused: T5 overflows in fp16)
+    # bf16: DeepSpeed bf16 (bf16 weights, fp32 master copy; the optimizer sees flattened partitions)
+    # bf16_autocast: fp32 weights, forward under torch.autocast(bfloat16) (DeepSpeed "torch_autocast"); with
+    #   zero_stage 0 the optimizer sees the real parameter shapes (Adafactor factoring as in the reference)
+    # fp32: CPU runs and tests.   fp16 is refused: T5 overflows in fp16.
+    precision: str = "bf16"
     template: str | None = None              # a JSON template; default ds_configs/zero<stage>[_offload].json
     overrides: dict = field(default_factory=dict)   # merged into the filled config last
 
@@ -329,8 +333,8 @@ def validate(cfg: RunConfig, sources: dict) -> None:
     if d.precision == "fp16":
         raise bad("deepspeed.precision", "fp16 is refused: T5/T0 activations overflow in fp16 (NaN losses); "
                                          "use bf16 on GPUs that support it, fp32 otherwise")
-    if d.precision not in ("bf16", "fp32"):
-        raise bad("deepspeed.precision", "valid values: bf16, fp32")
+    if d.precision not in ("bf16", "fp32", "bf16_autocast"):
+        raise bad("deepspeed.precision", "valid values: bf16, bf16_autocast, fp32")
     if d.offload_param and d.zero_stage != 3:
         raise bad("deepspeed.offload_param", "parameter offload needs zero_stage 3")
     if d.offload_optimizer and d.zero_stage == 0:

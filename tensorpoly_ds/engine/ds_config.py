@@ -82,6 +82,10 @@ def fill_sections(deepspeed, train, optim, world_size: int) -> dict:
     ds["fp16"] = {"enabled": False}
     ds.setdefault("bf16", {})
     ds["bf16"]["enabled"] = d.precision == "bf16"
+    if d.precision == "bf16_autocast":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    else:
+        ds.pop("torch_autocast", None)
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise RunConfigError(f"{path}: '{key}' section found; the engine builds the optimizer and scheduler "
