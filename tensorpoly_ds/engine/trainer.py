@@ -335,6 +335,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
     try:
         while step < train.steps:
             t0 = time.perf_counter()
+            lrs = {f"lr/{name}": group["lr"] for name, group in zip(group_names, optimizer.param_groups)}
             micro_batches = [_to(b, device) for b in stream.next_step()]
             local_w = sum(hooks.weight_fn(b) for b in micro_batches)
             local_tok = sum(float(b["attention_mask"].sum()) + hooks.weight_fn(b) for b in micro_batches)
@@ -365,8 +366,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
             metrics = {"train/loss": loss_all / global_w if global_w > 0 else float("nan"),
                        "train/grad_norm": grad_norm, "perf/step_time_s": dt,
                        "perf/samples_per_s": stream.global_batch / dt, "perf/tokens_per_s": global_tok / dt}
-            for name, group in zip(group_names, optimizer.param_groups):
-                metrics[f"lr/{name}"] = group["lr"]
+            metrics.update(lrs)   # the learning rates this step used
             metrics.update(memory_mb(device))
             metrics.update({f"train/{k}": v for k, v in extra.items()})
             history.append({"step": step, **metrics})

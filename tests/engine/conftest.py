@@ -82,7 +82,7 @@ def read_metrics(run_dir, kind: str = "train", key: str = "train/loss") -> dict[
 
 # The reference single-process run most integration tests compare against: ZeRO-0, 1 rank, micro 4 x accum 2.
 BASE_STEPS = 24
-BASE = ["optim.name=adamw", f"train.steps={BASE_STEPS}", "train.micro_batch=4", "train.grad_accum=2",
+BASE = ["optim.name=adamw", "optim.warmup_ratio=0.25", f"train.steps={BASE_STEPS}", "train.micro_batch=4", "train.grad_accum=2",
         "train.save_every=8", "train.eval_every=8", "train.keep_checkpoints=3", "train.log_every=2"]
 
 
