@@ -77,6 +77,7 @@ class TrainSection:
     gradient_checkpointing: bool = False
     full_finetune: bool = False              # FullFT baseline: no adapters, every parameter trainable
     keep_checkpoints: int = 2
+    save_checkpoints: bool = True            # False: no checkpoints at all (short adaptation jobs)
     export_at_end: bool = True
     eval_at_end: bool = True
     heatmap_max_layers: int = 8              # routing heatmaps per eval (evenly spaced routing tables)

@@ -249,6 +249,8 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
 
     hooks = hooks or TrainHooks()
     run_dir = Path(run_dir)
+    if not dist.is_dist():
+        dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
     device = dist.device_and_backend()[0]
     ds_config = ds_config or fill_sections(deepspeed, train, optim, world)
@@ -310,7 +312,9 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
     manual_norm = ds_config["zero_optimization"]["stage"] == 0 and not ds_config.get("bf16", {}).get("enabled")
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
 
-    def save(at_step: int) -> Path:
+    def save(at_step: int) -> Path | None:
+        if not train.save_checkpoints:
+            return None
         meta = dict(meta_base, step=at_step, data=stream.state_dict(), time=time.time())
         return ckpt.save(engine, ckpt_dir, at_step, meta, keep=train.keep_checkpoints)
 

@@ -39,7 +39,9 @@ def test_single_process_tiny_run_lowers_loss(baseline_run):
 def test_two_ranks_match_one_rank(stage, tmp_path, prepared_dir, backbone_dir, baseline_run):
     """2 ranks x micro 2 (ZeRO-2 / ZeRO-3, the backbone loaded under zero.Init) == 1 rank x micro 4 (ZeRO-0)."""
     run_dir = tmp_path / f"z{stage}"
-    run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir, stage=stage, micro=2), nproc=2)
+    proc = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir, stage=stage, micro=2), nproc=2)
+    if stage == 3:   # the pretrained backbone was loaded under deepspeed.zero.Init (HfDeepSpeedConfig alive)
+        assert "backbone partitioned at load (zero.Init): True" in proc.stdout, proc.stdout[-2000:]
     assert_same_trajectory(read_metrics(baseline_run), read_metrics(run_dir))
     assert_same_trajectory(read_metrics(baseline_run, "eval", "val/loss"), read_metrics(run_dir, "eval", "val/loss"))
     # the export does not depend on the world size or the ZeRO stage
@@ -112,3 +114,48 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, prepared_dir
     assert sorted(losses) == list(range(17, BASE_STEPS + 1))
     base = read_metrics(baseline_run)
     assert_same_trajectory({s: base[s] for s in losses}, losses, rel=1e-6)
+
+
+def test_srun_style_two_ranks_zero1_match_one_rank(tmp_path, prepared_dir, backbone_dir, baseline_run):
+    """Two plain python processes with only Slurm's variables (as `srun --ntasks 2` starts them)."""
+    from .conftest import free_port
+
+    run_dir = tmp_path / "srun"
+    cmd = pretrain_cmd(run_dir, prepared_dir, base_overrides(backbone_dir, stage=1, micro=2))
+    port = free_port()
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=child_env(SLURM_PROCID=r, SLURM_LOCALID=r, SLURM_NTASKS=2,
+                                                           SLURM_STEP_ID=0, SLURM_JOB_ID=4242,
+                                                           SLURM_JOB_NODELIST="localhost", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    assert_same_trajectory(read_metrics(baseline_run), read_metrics(run_dir))
+    ds = __import__("json").loads((run_dir / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 1 and ds["train_batch_size"] == 8
+
+
+def test_time_budget_checkpoints_and_requeues(tmp_path, prepared_dir, backbone_dir):
+    from tensorpoly_ds.engine.checkpoint import verify_tag
+    from tensorpoly_ds.engine.trainer import REQUEUE_EXIT_CODE
+
+    run_dir = tmp_path / "budget"
+    # the default tiny architecture of tiny_cpu.yaml (random init, vocab from the manifest)
+    overrides = [o for o in base_overrides(backbone_dir) if not o.startswith("model.")]
+    proc = run_pretrain(run_dir, prepared_dir, overrides + ["train.max_minutes=0.0001"], check=False)
+    assert proc.returncode == REQUEUE_EXIT_CODE, proc.stderr[-3000:]
+    assert "time budget" in proc.stdout
+    assert verify_tag(run_dir / "checkpoints" / "step_00000001") is None
+    assert not (run_dir / "export").exists()
+
+
+def test_export_on_request_equals_the_end_of_run_export(tmp_path, prepared_dir, backbone_dir, baseline_run):
+    run_dir = tmp_path / "export_only"
+    shutil.copytree(baseline_run / "checkpoints", run_dir / "checkpoints")
+    proc = subprocess.run(pretrain_cmd(run_dir, prepared_dir, base_overrides(backbone_dir)) + ["--export-only"],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = (baseline_run / "export" / "adapter_model.safetensors").read_bytes()
+    b = (run_dir / "export" / "adapter_model.safetensors").read_bytes()
+    assert a == b
+    assert not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir)
