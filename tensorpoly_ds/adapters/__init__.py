@@ -6,12 +6,12 @@ from .export import ExportError, export_adapters, load_adapters, read_export_met
 from .inject import (InjectionError, adapter_config, adapter_layers, adapter_param_groups, inject_adapters,
                      register_external_routing_params, routing_tables)
 from .modes import MODES, ModeError, collapse_to_lora, merge_adapters, prepare_adaptation
-from .routing import RoutingError, RoutingTable, routing_checkpoint_context_fn, task_routing
+from .routing import RoutingError, RoutingTable, generate, routing_checkpoint_context_fn, task_routing
 
 __all__ = [
     "AdapterConfig", "AdapterLinear", "ConfigError", "ExportError", "InjectionError", "METHODS", "MODES", "ModeError",
     "ROUTED_METHODS", "RoutingError", "RoutingTable", "adapter_config", "adapter_layers", "adapter_param_groups",
-    "collapse_to_lora", "export_adapters", "inject_adapters", "int_root", "load_adapters", "merge_adapters",
+    "collapse_to_lora", "export_adapters", "generate", "inject_adapters", "int_root", "load_adapters", "merge_adapters",
     "prepare_adaptation", "read_export_meta", "register_external_routing_params", "routing_checkpoint_context_fn",
     "routing_tables", "task_routing",
 ]

@@ -135,7 +135,7 @@ def adapter_param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 def register_external_routing_params(model: nn.Module) -> int:
     """Under ZeRO-3 a layer only gathers its own parameters; shared routing tables live in
     model.tpds_routing, so each layer must declare the table it reads as an external parameter."""
-    from deepspeed.zero import register_external_parameter
+    from deepspeed.runtime.zero import register_external_parameter
 
     count = 0
     for layer in adapter_layers(model).values():

@@ -119,3 +119,14 @@ class RoutingTable(nn.Module):
         else:
             probs = torch.sigmoid(logits)
         return probs / (probs.sum(dim=self.normalise_dim, keepdim=True) + NORMALISE_EPS)
+
+
+def generate(model, input_ids: torch.Tensor, task_ids, **generate_kwargs) -> torch.Tensor:
+    """`model.generate` with routing: the encoder sees one row per example, the decoder one row per
+    beam (beam search) or per returned sequence (sampling), so the decoder ids are repeated to match."""
+    ids = _as_ids(task_ids, "task_ids")
+    beams = int(generate_kwargs.get("num_beams", 1) or 1)
+    expand = beams if beams > 1 else int(generate_kwargs.get("num_return_sequences", 1) or 1)
+    decoder_ids = ids if ids.dim() == 0 else ids.repeat_interleave(expand)
+    with task_routing(ids, decoder_task_ids=decoder_ids):
+        return model.generate(input_ids=input_ids, **generate_kwargs)

@@ -1,0 +1,225 @@
+"""Speed and memory of the adapters, side by side with the alternatives, in one run.
+
+Each row times forward+backward (median of repeats) and measures the activation memory autograd
+saves for backward (unique storages), for:
+  * Poly / MHR: our mixing once per distinct task vs mixing per example (what peft and the official
+    code do), with 1, a few, or all-distinct tasks in the batch; and peft's Poly on the same T5.
+  * LoRA: ours vs peft's LoRA on the same T5.
+  * TLoRA / TensorPoly-I: materialising A and B once per distinct task vs contracting the Kronecker
+    factors with every token.
+  * TensorPoly-X: our cheaper-path choice vs materialising d_in x d_out per example (official code).
+
+Usage: python benchmarks/bench_adapters.py [--quick] [--out benchmarks/results/adapters.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tensorpoly_ds.adapters import AdapterConfig, inject_adapters, task_routing
+from tensorpoly_ds.adapters.inject import ADAPTER_CLASSES
+from tensorpoly_ds.adapters.routing import RoutingTable
+from tensorpoly_ds.adapters.tlora import kron_columns
+
+
+def saved_activation_bytes(fn) -> int:
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen and t.device.type != "meta":
+            seen.add(key)
+            total += key[1]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    out.backward()
+    return total
+
+
+def timed(fn, repeats: int) -> float:
+    fn().backward()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn().backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# --- single-layer alternatives -------------------------------------------------------------------
+def per_example_poly(layer, x, ids):
+    """Mix A and B for every example (peft / official style), then bmm."""
+    w = layer.routing.weights(ids)                                   # [b, h, S]
+    a = torch.einsum("bhs,shir->bhir", w, layer.lora_a).reshape(x.shape[0], layer.in_features, -1)
+    b = torch.einsum("bhs,shro->brho", w, layer.lora_b).reshape(x.shape[0], -1, layer.out_features)
+    return layer.base(x) + torch.bmm(torch.bmm(x, a), b) * layer.scale
+
+
+def per_token_kron(layer, x, ids):
+    """Contract every token with the Kronecker factors instead of materialising A and B."""
+    w = layer.routing.weights(ids)[:, 0, :]                           # [b, R]
+    leaves_a = layer.side_a.leaves                                     # [N, R, r, q]
+    n, q = leaves_a.shape[0], leaves_a.shape[-1]
+    pad = q ** n - layer.in_features
+    xp = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:2], *([q] * n))
+    letters = "ijkl"[:n]
+    # h[b, t, R, r] = sum_{i,j,..} x[b,t,i,j,..] * v1[R,r,i] * v2[R,r,j] ...
+    eq = f"bt{letters}," + ",".join(f"Rr{c}" for c in letters) + "->btRr"
+    h = torch.einsum(eq, xp, *[leaves_a[m] for m in range(n)])
+    h = torch.einsum("btRr,bR->btr", h, w)
+    b_terms = kron_columns(layer.side_b.leaves.transpose(0, 1))[..., : layer.out_features]  # [R, r, out]
+    b = torch.einsum("bR,Rro->bro", w, b_terms)
+    return layer.base(x) + torch.bmm(h, b) * layer.scale
+
+
+def per_example_dense_tt(layer, x, ids):
+    """Materialise delta W (d_in x d_out) for every example, as the official TensorPoly-X code does."""
+    w = layer.routing.weights(ids)
+    return layer.base(x) + torch.bmm(x, layer.dense(w))
+
+
+def single_layer_rows(args) -> list[dict]:
+    rows = []
+    d, batch, seq = args.dim, args.batch, args.seq
+    specs = [
+        ("poly", dict(skills=8, rank=1), per_example_poly, "per-example mixing"),
+        ("mhr", dict(skills=8, heads=16, rank=1), per_example_poly, "per-example mixing"),
+        ("tensorpoly_i", dict(rank=16, tensor_rank=8, order=2), per_token_kron, "per-token Kronecker"),
+        ("tensorpoly_x", dict(tensor_rank=4, order=2), per_example_dense_tt, "per-example dense dW"),
+    ]
+    for method, kw, alternative, alt_name in specs:
+        cfg = AdapterConfig(method=method, **kw)
+        layer = ADAPTER_CLASSES[method](nn.Linear(d, d), cfg, "encoder", method)
+        heads, skills = layer.routing_shape
+        layer.attach_routing(RoutingTable(64, heads, skills))
+        with torch.no_grad():
+            for name, p in layer.named_parameters():
+                if not name.startswith("base."):
+                    p.normal_(std=0.02)
+        x = torch.randn(batch, seq, d)
+        for distinct in sorted({1, 4, batch}):
+            ids = torch.arange(batch) % distinct
+
+            def ours():
+                with task_routing(ids):
+                    return layer(x).square().mean()
+
+            def theirs():
+                return alternative(layer, x, ids).square().mean()
+
+            with torch.no_grad():
+                with task_routing(ids):
+                    ref = layer(x)
+                torch.testing.assert_close(alternative(layer, x, ids), ref, rtol=1e-4, atol=1e-4)
+            t_ours, t_alt = timed(ours, args.repeats), timed(theirs, args.repeats)
+            m_ours, m_alt = saved_activation_bytes(ours), saved_activation_bytes(theirs)
+            rows.append(dict(case=f"{method} layer d={d} b={batch} L={seq}", distinct_tasks=distinct,
+                             ours_ms=1e3 * t_ours, alternative=alt_name, alternative_ms=1e3 * t_alt,
+                             speedup=t_alt / t_ours, ours_saved_mb=m_ours / 2**20, alternative_saved_mb=m_alt / 2**20))
+    return rows
+
+
+# --- whole-model comparison with peft -------------------------------------------------------------
+def t5_model(d_model: int):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=512, d_model=d_model, d_kv=64, num_heads=d_model // 64, d_ff=4 * d_model, num_layers=4,
+                   num_decoder_layers=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                   decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg)
+
+
+def peft_rows(args) -> list[dict]:
+    try:
+        import peft
+    except ImportError:
+        return [dict(case="peft comparison", skipped="peft not installed (pip install peft)")]
+    rows = []
+    x = torch.randint(2, 512, (args.batch, args.seq))
+    y = torch.randint(2, 512, (args.batch, 32))
+    targets = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
+    for name, ours_cfg, peft_cfg in [
+        ("LoRA r=4", AdapterConfig(method="lora", rank=4),
+         peft.LoraConfig(r=4, lora_alpha=1, target_modules=targets, lora_dropout=0.0, task_type="SEQ_2_SEQ_LM")),
+        ("Poly S=8 r=1", AdapterConfig(method="poly", skills=8, rank=1),
+         peft.PolyConfig(r=1, n_skills=8, n_tasks=64, n_splits=1, target_modules=targets,
+                         task_type="SEQ_2_SEQ_LM")),
+    ]:
+        distinct = 4
+        ids = torch.arange(args.batch) % distinct
+        ours_model = t5_model(args.dim)
+        inject_adapters(ours_model, ours_cfg, num_tasks=64)
+        ours_model.train()
+        peft_model = peft.get_peft_model(t5_model(args.dim), peft_cfg)
+        peft_model.train()
+        kwargs = {"task_ids": ids} if name.startswith("Poly") else {}
+
+        def ours():
+            with task_routing(ids):
+                return ours_model(input_ids=x, labels=y).loss
+
+        def theirs():
+            return peft_model(input_ids=x, labels=y, **kwargs).loss
+
+        t_ours, t_alt = timed(ours, args.repeats), timed(theirs, args.repeats)
+        m_ours, m_alt = saved_activation_bytes(ours), saved_activation_bytes(theirs)
+        rows.append(dict(case=f"T5 d={args.dim} 4+4 layers, {name}", distinct_tasks=distinct if kwargs else 1,
+                         ours_ms=1e3 * t_ours, alternative=f"peft {peft.__version__}", alternative_ms=1e3 * t_alt,
+                         speedup=t_alt / t_ours, ours_saved_mb=m_ours / 2**20, alternative_saved_mb=m_alt / 2**20))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'case':<44}{'tasks':>6}{'ours ms':>10}{'alt ms':>10}{'speedup':>9}{'ours MB':>9}{'alt MB':>9}  alternative"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['case']:<44}  skipped: {r['skipped']}")
+            continue
+        lines.append(f"{r['case']:<44}{r['distinct_tasks']:>6}{r['ours_ms']:>10.2f}{r['alternative_ms']:>10.2f}"
+                     f"{r['speedup']:>8.2f}x{r['ours_saved_mb']:>9.1f}{r['alternative_saved_mb']:>9.1f}  {r['alternative']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats (seconds)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="benchmarks/results/adapters.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.dim, args.batch, args.seq, args.repeats = 256, 8, 32, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = single_layer_rows(args) + peft_rows(args)
+    print(format_table(rows))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+                cores=os.cpu_count(), args=vars(args))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

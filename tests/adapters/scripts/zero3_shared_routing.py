@@ -1,0 +1,69 @@
+"""Run by test_zero3.py under torchrun: a few DeepSpeed steps of a tiny T5 with Poly adapters whose
+routing table is shared by every layer (granularity 'model'); rank 0 writes losses and the exported
+adapter state so the test can compare them with a single-process run."""
+
+import json
+import os
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from transformers import T5ForConditionalGeneration
+
+sys.path.insert(0, os.getcwd())
+from tensorpoly_ds.adapters import (AdapterConfig, adapter_param_groups, export_adapters, inject_adapters,  # noqa: E402
+                                    register_external_routing_params, task_routing)
+from tensorpoly_ds.models import t5_config  # noqa: E402
+
+
+def main(out_dir: str, stage: int) -> None:
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(t5_config("tiny", vocab_size=64))
+    cfg = AdapterConfig(method="poly", skills=3, rank=2, routing_granularity="model")
+    inject_adapters(model, cfg, num_tasks=4)
+    with torch.no_grad():  # non-zero B so the routing receives gradient from the first step
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    groups = adapter_param_groups(model)
+    global_batch, micro = 8, 8 // world
+    ds_config = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro,
+                 "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+                 "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True}
+    # Plain SGD: updates are linear in the gradients, so one rank and two ranks agree to float
+    # precision (Adam would amplify rounding noise in near-zero gradients).
+    optimizer = torch.optim.SGD([{"params": groups["modules"], "lr": 0.5}, {"params": groups["routing"], "lr": 2.0}])
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if stage == 3:
+        register_external_routing_params(engine.module)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(2, 64, (global_batch, 7), generator=gen)
+    y = torch.randint(2, 64, (global_batch, 5), generator=gen)
+    ids = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    rows = slice(rank * micro, (rank + 1) * micro)
+    losses = []
+    for _ in range(4):
+        with task_routing(ids[rows]):
+            loss = engine(input_ids=x[rows], labels=y[rows]).loss
+        engine.backward(loss)
+        engine.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / world)
+    gather = None
+    if stage == 3:
+        gather = lambda: deepspeed.zero.GatheredParameters(list(engine.module.parameters()))  # noqa: E731
+    with (gather() if gather else torch.no_grad()):
+        if rank == 0:
+            export_adapters(engine.module, out_dir, tasks=["a", "b", "c", "d"])
+    if rank == 0:
+        with open(os.path.join(out_dir, "losses.json"), "w") as f:
+            json.dump(losses, f)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

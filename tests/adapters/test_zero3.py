@@ -1,0 +1,38 @@
+"""A routing table shared by every layer trains under ZeRO-3 on two ranks exactly as on one rank."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+SCRIPT = Path(__file__).parent / "scripts" / "zero3_shared_routing.py"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def launch(out: Path, ranks: int, stage: int, port: int) -> list[float]:
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
+           str(SCRIPT), str(out), str(stage)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((out / "losses.json").read_text())
+
+
+@pytest.mark.slow
+def test_shared_routing_zero3_two_ranks_equals_one_rank(tmp_path):
+    single = launch(tmp_path / "one", 1, 0, 29631)
+    zero3 = launch(tmp_path / "two", 2, 3, 29632)
+    assert single[-1] < single[0]
+    torch.testing.assert_close(torch.tensor(zero3), torch.tensor(single), rtol=1e-4, atol=1e-4)
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and "tpds_routing.model.logits" in a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)

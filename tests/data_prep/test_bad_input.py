@@ -1,0 +1,104 @@
+"""Every malformed-record case: DataError naming file, config, row and field; --skip-invalid counts."""
+import json
+
+import pytest
+
+from data_prep.errors import DataError
+from data_prep.manifest import read_manifest
+from data_prep.pipeline import PrepConfig, build
+
+from conftest import HELD, TRAIN_CONFIGS, local_args, make_dump, rte_configs, write_split, p3_rows
+
+
+def _cfg(dump, out, **kw):
+    return PrepConfig("t0_train", f"local:{dump}", "embedded", out, train_tasks=tuple(TRAIN_CONFIGS),
+                      held_out=(HELD,), val_per_template=5, few_shot_k=8, **kw)
+
+
+def _corrupt(dump, config, split, row, mutate, fmt="jsonl"):
+    rows = p3_rows(config, split, {"train": 60 if config in rte_configs() else 40, "validation": 12}[split])
+    mutate(rows[row])
+    path = dump / config / f"{split}.jsonl"
+    path.unlink()
+    return write_split(dump / config, split, rows, fmt)
+
+
+CASES = [
+    ("missing_field", TRAIN_CONFIGS[0], "train", 7, lambda r: r.pop("inputs_pretokenized"), "inputs_pretokenized"),
+    ("wrong_type", TRAIN_CONFIGS[1], "train", 2, lambda r: r.update(inputs_pretokenized=42), "inputs_pretokenized"),
+    ("empty_target", TRAIN_CONFIGS[0], "train", 11, lambda r: r.update(targets_pretokenized="  "), "targets_pretokenized"),
+    ("target_not_in_choices", None, "validation", 3, lambda r: r.update(targets_pretokenized="maybe"), "targets_pretokenized"),
+    ("wrong_type", None, "validation", 4, lambda r: r.update(answer_choices="no ||| yes"), "answer_choices"),
+    ("missing_field", None, "train", 9, lambda r: r.pop("answer_choices"), "answer_choices"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize("reason,config,split,row,mutate,field", CASES)
+def test_bad_record_message(tmp_path, reason, config, split, row, mutate, field, fmt):
+    if fmt == "parquet" and reason == "wrong_type":
+        pytest.skip("a Parquet column has one type; see test_parquet_column_of_wrong_type")
+    dump = make_dump(tmp_path / "dump")
+    config = config or rte_configs()[2]
+    path = _corrupt(dump, config, split, row, mutate, fmt)
+    with pytest.raises(DataError) as e:
+        build(_cfg(dump, tmp_path / "out"), log=lambda m: None)
+    msg = str(e.value)
+    assert str(path) in msg and repr(config) in msg and f"row {row}" in msg and repr(field) in msg
+    assert reason in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_invalid_counts_per_reason(tmp_path, run):
+    dump = make_dump(tmp_path / "dump")
+    groups = {}
+    for reason, config, split, row, mutate, _ in CASES:
+        groups.setdefault((config or rte_configs()[0], split), []).append((row, mutate))
+    for (config, split), edits in groups.items():
+        rows = p3_rows(config, split, {"train": 60 if config in rte_configs() else 40, "validation": 12}[split])
+        for row, mutate in edits:
+            mutate(rows[row])
+        (dump / config / f"{split}.jsonl").unlink()
+        write_split(dump / config, split, rows, "jsonl")
+    out = tmp_path / "out"
+    assert run(local_args(dump, out)) == 2
+    assert run(local_args(dump, out, "--skip-invalid")) == 0
+    m = read_manifest(out)
+    assert m.skipped["total"] == {"missing_field": 2, "wrong_type": 2, "empty_target": 1, "target_not_in_choices": 1}
+    assert m.skipped["by_config"][f"{TRAIN_CONFIGS[0]}/train"] == {"empty_target": 1, "missing_field": 1}
+    assert m.counts["train"] == {TRAIN_CONFIGS[0]: 33, TRAIN_CONFIGS[1]: 34}
+    assert m.counts["eval"][HELD] == 12 * len(rte_configs()) - 2
+    # The shot with a missing choice list (row 9 of the pool) can never be drawn.
+    assert all(9 not in ids for ids in m.few_shot[HELD]["example_ids"].values())
+
+
+def test_parquet_column_of_wrong_type(tmp_path):
+    dump = make_dump(tmp_path / "dump")
+    rows = p3_rows(TRAIN_CONFIGS[1], "train", 40)
+    for i, r in enumerate(rows):
+        r["inputs_pretokenized"] = i
+    (dump / TRAIN_CONFIGS[1] / "train.jsonl").unlink()
+    path = write_split(dump / TRAIN_CONFIGS[1], "train", rows, "parquet")
+    with pytest.raises(DataError) as e:
+        build(_cfg(dump, tmp_path / "out"), log=lambda m: None)
+    msg = str(e.value)
+    assert str(path) in msg and "row 0" in msg and "'inputs_pretokenized'" in msg and "wrong_type" in msg
+
+
+def test_malformed_json_line(tmp_path):
+    dump = make_dump(tmp_path / "dump")
+    p = dump / TRAIN_CONFIGS[0] / "train.jsonl"
+    lines = p.read_text().splitlines()
+    lines[5] = lines[5][:-3]
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"row 5.*|invalid JSON"):
+        build(_cfg(dump, tmp_path / "out"), log=lambda m: None)
+
+
+def test_validation_runs_before_tokenisation(tmp_path, monkeypatch):
+    dump = make_dump(tmp_path / "dump")
+    _corrupt(dump, rte_configs()[-1], "validation", 0, lambda r: r.update(targets_pretokenized=""))
+    import data_prep.pipeline as pl
+    monkeypatch.setattr(pl, "_tokenizer", lambda *a: pytest.fail("tokenizer built before validation finished"))
+    with pytest.raises(DataError):
+        build(_cfg(dump, tmp_path / "out"), log=lambda m: None)
