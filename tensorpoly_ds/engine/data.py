@@ -11,7 +11,6 @@ smaller than G is dropped.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -38,22 +37,17 @@ class PreparedData:
 
     @classmethod
     def open(cls, directory: str | Path) -> "PreparedData":
+        """Reads DIR/manifest.json through data_prep.manifest.read_manifest (validated there)."""
+        from data_prep.manifest import ManifestError, read_manifest
+
         directory = Path(directory)
-        path = directory / "manifest.json"
-        if not path.is_file():
-            raise DataError(f"{path}: not found (is {directory} a complete prepared data directory?)")
         try:
-            body = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: invalid JSON ({err})") from None
-        try:
-            tok = body["tokenizer"]
-            tasks = body["tasks"]
-            return cls(directory, list(tasks), int(tok["vocab_size"]), int(tok.get("pad_token_id", 0)),
-                       int(tok.get("eos_token_id", 1)), body)
-        except (KeyError, TypeError, ValueError) as err:
-            raise DataError(f"{path}: missing or bad field ({err!r}); expected 'tasks' and "
-                            "'tokenizer.vocab_size'") from None
+            m = read_manifest(directory)
+        except ManifestError as err:
+            raise DataError(str(err)) from None
+        tok = m.tokenizer
+        return cls(directory, list(m.tasks), int(tok["vocab_size"]), int(tok.get("pad_token_id", 0)),
+                   int(tok.get("eos_token_id", 1)), m.to_json())
 
     def split(self, name: str):
         """The whole split, memory-mapped (datasets.load_from_disk)."""

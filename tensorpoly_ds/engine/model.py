@@ -76,27 +76,8 @@ def prepare_model(model: nn.Module, adapter: AdapterConfig | None, num_tasks: in
         return model
     inject_adapters(model, adapter, num_tasks)
     if zero_stage == 3 and adapter.routed:
-        register_routing_zero3(model)
+        register_external_routing_params(model)
     return model
-
-
-def register_routing_zero3(model: nn.Module) -> int:
-    """tensorpoly_ds.adapters.register_external_routing_params, with a fallback: the library imports
-    `deepspeed.zero` as a module path, which DeepSpeed 0.19 does not provide (it is an attribute of the
-    `deepspeed` package; the function lives in deepspeed.runtime.zero). Reported to the adapter owner."""
-    try:
-        return register_external_routing_params(model)
-    except ModuleNotFoundError:
-        import deepspeed
-
-        from tensorpoly_ds.adapters import adapter_layers
-
-        count = 0
-        for layer in adapter_layers(model).values():
-            if layer.routing is not None:
-                deepspeed.zero.register_external_parameter(layer, layer.routing.logits)
-                count += 1
-        return count
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from .fixtures import make_prepared_dir
-
 REPO = Path(__file__).resolve().parents[2]
+VOCAB = 130   # the embedded tokenizer of data_prep
 PRETRAIN = REPO / "launch" / "pretrain.py"
 TINY = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
 # A fixed, shared build cache for DeepSpeed's JIT op (the first build takes about a minute).
@@ -18,7 +17,13 @@ os.environ["DS_ACCELERATOR"] = "cpu"
 
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory):
-    return make_prepared_dir(tmp_path_factory.mktemp("data") / "prepared")
+    """The real stage-1 output on the embedded mixture (16 tasks, 6400 train / 1600 val rows, ~3 s)."""
+    out = tmp_path_factory.mktemp("data") / "embedded"
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "--mixture", "embedded", "--source", "embedded",
+                           "--tokenizer", "embedded", "--out", str(out)], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +35,7 @@ def backbone_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("backbone") / "tiny_t5"
-    T5ForConditionalGeneration(t5_config("tiny", vocab_size=64)).save_pretrained(str(out))
+    T5ForConditionalGeneration(t5_config("tiny", vocab_size=VOCAB)).save_pretrained(str(out))
     return out
 
 
@@ -82,7 +87,7 @@ def read_metrics(run_dir, kind: str = "train", key: str = "train/loss") -> dict[
 
 # The reference single-process run most integration tests compare against: ZeRO-0, 1 rank, micro 4 x accum 2.
 BASE_STEPS = 24
-BASE = ["optim.name=adamw", "optim.warmup_ratio=0.25", f"train.steps={BASE_STEPS}", "train.micro_batch=4", "train.grad_accum=2",
+BASE = ["optim.name=adamw", "optim.warmup_ratio=0.25", "data.val_max_samples=45", f"train.steps={BASE_STEPS}", "train.micro_batch=4", "train.grad_accum=2",
         "train.save_every=8", "train.eval_every=8", "train.keep_checkpoints=3", "train.log_every=2"]
 
 

@@ -29,7 +29,7 @@ def tiny(seed=0):
     from tensorpoly_ds.models import t5_config
 
     torch.manual_seed(seed)
-    return T5ForConditionalGeneration(t5_config("tiny", vocab_size=64))
+    return T5ForConditionalGeneration(t5_config("tiny", vocab_size=130))
 
 
 def sections(steps=12, **train_kw):
@@ -57,7 +57,7 @@ def test_train_api_with_hooks_and_export_reload(tmp_path, prepared_dir):
     def on_step(step, metrics):
         calls["steps"] += 1
 
-    result = train(model, rows, run_dir=tmp_path / "run", tasks=data.tasks, val_rows=val,
+    result = train(model, rows, run_dir=tmp_path / "run", tasks=data.tasks, val_rows=val, val_max_samples=40,
                    hooks=TrainHooks(loss_fn=loss_fn, eval_fn=eval_fn, on_step=on_step), **sections())
     assert result.status == "done" and result.step == 12 and result.exit_code == 0
     assert calls["eval"] == [5, 10, 12] and calls["steps"] == 12
