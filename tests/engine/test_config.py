@@ -108,3 +108,22 @@ def test_bad_config_fails_before_any_expensive_work(tmp_path, monkeypatch):
     assert pretrain.main(["--config", str(bad)]) == 2
     good = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
     assert pretrain.main(["--config", str(good), f"data.dir={tmp_path / 'missing'}"]) == 2
+    from tensorpoly_ds.cli import main as cli_main   # `tensorpoly-ds pretrain` dispatches here
+
+    assert cli_main(["pretrain", "--config", str(bad)]) == 2
+
+
+def test_sigterm_and_sigusr1_set_the_stop_flag():
+    import os
+    import signal
+
+    from tensorpoly_ds.engine.trainer import StopFlag
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        before = signal.getsignal(sig)
+        flag = StopFlag()
+        flag.install()
+        os.kill(os.getpid(), sig)
+        assert flag.signal == sig
+        flag.restore()
+        assert signal.getsignal(sig) == before

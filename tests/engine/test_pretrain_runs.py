@@ -44,6 +44,16 @@ def test_two_ranks_match_one_rank(stage, tmp_path, prepared_dir, backbone_dir, b
         assert "backbone partitioned at load (zero.Init): True" in proc.stdout, proc.stdout[-2000:]
     assert_same_trajectory(read_metrics(baseline_run), read_metrics(run_dir))
     assert_same_trajectory(read_metrics(baseline_run, "eval", "val/loss"), read_metrics(run_dir, "eval", "val/loss"))
+    if stage == 3:
+        # resume a ZeRO-3 run (partitioned model and optimizer states) from its step-16 checkpoint
+        resumed = tmp_path / "z3_resumed"
+        shutil.copytree(run_dir / "checkpoints", resumed / "checkpoints")
+        shutil.rmtree(resumed / "checkpoints" / "step_00000024")
+        proc = run_pretrain(resumed, prepared_dir, base_overrides(backbone_dir, stage=stage, micro=2), nproc=2)
+        assert "resumed from" in proc.stdout and "step_00000016" in proc.stdout
+        losses = read_metrics(resumed)
+        assert sorted(losses) == list(range(17, BASE_STEPS + 1))
+        assert_same_trajectory({s: v for s, v in read_metrics(run_dir).items() if s > 16}, losses, rel=1e-6)
     # the export does not depend on the world size or the ZeRO stage
     from safetensors.torch import load_file
 
