@@ -227,6 +227,18 @@ def export_trained(engine, out_dir: Path, tasks: list[str], extra: dict | None =
     return out_dir
 
 
+def _tokens(batch: dict[str, Any]) -> float:
+    """Input plus target tokens of a batch (for tokens/s), whatever the collate function produced."""
+    n = 0.0
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        n += float(mask.sum())
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        n += float((labels != IGNORE_INDEX).sum())
+    return n
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -342,7 +354,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
             lrs = {f"lr/{name}": group["lr"] for name, group in zip(group_names, optimizer.param_groups)}
             micro_batches = [_to(b, device) for b in stream.next_step()]
             local_w = sum(hooks.weight_fn(b) for b in micro_batches)
-            local_tok = sum(float(b["attention_mask"].sum()) + hooks.weight_fn(b) for b in micro_batches)
+            local_tok = sum(_tokens(b) for b in micro_batches)
             global_w, global_tok = dist.all_reduce_sum([local_w, local_tok], device)
             scale = world * train.grad_accum / global_w if global_w > 0 else 0.0
             loss_total, extra = 0.0, {}
