@@ -122,7 +122,8 @@ class RunConfig:
         return out
 
     def fingerprint(self) -> str:
-        """Hash of what must not change across a resume (model, adapter, data dir, optimizer kind)."""
+        """Hash of what must not change across a resume (model section, adapter, training mode, optimizer
+        kind). The data directory may move; the data position checks the training split's size."""
         body = {"model": dataclasses.asdict(self.model), "adapter": self.to_dict()["adapter"],
                 "full_finetune": self.train.full_finetune, "optim": self.optim.name}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]

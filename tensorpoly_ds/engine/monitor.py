@@ -52,7 +52,7 @@ def heatmap_figure(weights: torch.Tensor, title: str, tasks: list[str] | None = 
     import matplotlib.pyplot as plt
 
     w = weights.mean(dim=1).numpy()   # tasks x skills (heads averaged)
-    fig, ax = plt.subplots(figsize=(min(2 + 0.4 * w.shape[1], 12), min(1.5 + 0.25 * w.shape[0], 20)))
+    fig, ax = plt.subplots(figsize=(max(6.0, min(4 + 0.4 * w.shape[1], 14)), max(3.0, min(1.5 + 0.25 * w.shape[0], 20))))
     im = ax.imshow(w, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("module (skill / expert)")
     ax.set_ylabel("task")
