@@ -171,3 +171,21 @@ def test_export_on_request_equals_the_end_of_run_export(tmp_path, prepared_dir, 
     b = (run_dir / "export" / "adapter_model.safetensors").read_bytes()
     assert a == b
     assert not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir)
+
+
+@pytest.mark.parametrize("extra,check", [
+    (["deepspeed.precision=bf16", "deepspeed.zero_stage=2", "optim.name=adafactor"],
+     lambda ds: ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2),
+    (["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"],
+     lambda ds: ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+     and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"),
+], ids=["bf16-zero2-adafactor", "zero3-offload"])
+def test_precision_and_offload_variants_run(extra, check, tmp_path, prepared_dir):
+    import json
+    import math
+
+    run_dir = tmp_path / "variant"
+    run_pretrain(run_dir, prepared_dir, ["train.steps=4", "train.eval_every=2", "data.val_max_samples=20", *extra])
+    losses = read_metrics(run_dir)
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+    assert check(json.loads((run_dir / "ds_config.json").read_text()))
