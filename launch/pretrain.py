@@ -36,6 +36,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tensorpoly_ds.engine.stop import STOP
+
+    STOP.install()   # before anything slow: a SIGUSR1 during start-up must not kill the rank
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.local_rank is not None:

@@ -98,8 +98,10 @@ def distributed_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
         out["WORLD_SIZE"] = env.get("WORLD_SIZE", env["SLURM_NTASKS"])
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         out["MASTER_ADDR"] = env.get("MASTER_ADDR") or (expand_nodelist(nodelist)[0] if nodelist else "127.0.0.1")
-        out["MASTER_PORT"] = env.get("MASTER_PORT") or str(slurm_port(env.get("SLURM_JOB_ID", "0"),
-                                                                       env.get("SLURM_ARRAY_TASK_ID")))
+        # Array tasks share SLURM_ARRAY_JOB_ID and differ in SLURM_ARRAY_TASK_ID; their own SLURM_JOB_IDs
+        # are not guaranteed to be distinct from each other's ports.
+        job = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID", "0")
+        out["MASTER_PORT"] = env.get("MASTER_PORT") or str(slurm_port(job, env.get("SLURM_ARRAY_TASK_ID")))
     elif launcher == "python":
         out.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR=env.get("MASTER_ADDR", "127.0.0.1"))
         out["MASTER_PORT"] = env.get("MASTER_PORT") or str(free_port())
@@ -129,7 +131,8 @@ def setup_environment() -> dict[str, str]:
 def device_and_backend() -> tuple[torch.device, str]:
     """GPU: cuda:LOCAL_RANK with nccl; otherwise (or with DS_ACCELERATOR=cpu) cpu with gloo."""
     if os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        # With `srun --gpus-per-task 1` each task sees one device, so LOCAL_RANK can exceed the count.
+        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
         torch.cuda.set_device(local)
         return torch.device("cuda", local), "nccl"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

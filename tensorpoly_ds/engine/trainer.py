@@ -40,6 +40,7 @@ from tensorpoly_ds.adapters.export import config_differences
 
 from . import checkpoint as ckpt
 from . import distributed as dist
+from .stop import REQUEUE_EXIT_CODE, STOP, StopFlag  # noqa: F401  (re-exported)
 from .config import DeepSpeedSection, OptimSection, RunConfigError, TrainSection
 from .data import IGNORE_INDEX, TrainStream, eval_batches
 from .ds_config import fill_sections, save_json
@@ -47,7 +48,6 @@ from .monitor import Monitor, memory_mb, routing_weights
 
 log = logging.getLogger(__name__)
 
-REQUEUE_EXIT_CODE = 124   # signal (SIGUSR1/SIGTERM) or time budget: checkpoint written, "requeue me"
 
 
 # ---- hooks -----------------------------------------------------------------------------------------------
@@ -155,29 +155,6 @@ def gathered(engine, params) -> contextlib.AbstractContextManager:
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-class StopFlag:
-    """SIGUSR1/SIGTERM set the flag; the step finishes, a checkpoint is written, the run exits 124."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:   # not the main thread: leave signals to the caller
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 def evaluate_loss(engine, val_rows, *, batch_size: int, device, hooks: TrainHooks, max_rows=None,
@@ -309,8 +286,8 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
             raise ckpt.CheckpointError(f"{resume}: no checkpoint")
 
     monitor = Monitor(run_dir, enabled=rank == 0)
-    stop = StopFlag()
-    stop.install()
+    stop = STOP
+    installed_here = stop.install()   # launchers install it at start-up; library callers get it here
     start_time = time.monotonic()
     history: list[dict] = []
     bar = None
@@ -422,7 +399,8 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
                 export_path = export_trained(engine, Path(export_dir or run_dir / "export"), tasks or [],
                                              extra={"step": step})
     finally:
-        stop.restore()
+        if installed_here:
+            stop.restore()
         if bar is not None:
             bar.close()
         monitor.close()

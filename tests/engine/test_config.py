@@ -125,5 +125,6 @@ def test_sigterm_and_sigusr1_set_the_stop_flag():
         flag.install()
         os.kill(os.getpid(), sig)
         assert flag.signal == sig
+        assert flag.install() is False  # idempotent: the launcher's early install is kept
         flag.restore()
         assert signal.getsignal(sig) == before

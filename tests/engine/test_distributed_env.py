@@ -35,6 +35,13 @@ def test_srun_array_tasks_get_distinct_ports_and_explicit_port_wins():
     assert distributed_env(srun_env(MASTER_ADDR="head"))["MASTER_ADDR"] == "head"
 
 
+def test_array_tasks_derive_the_port_from_the_array_job_id():
+    a = distributed_env(srun_env(SLURM_JOB_ID="501", SLURM_ARRAY_JOB_ID="500", SLURM_ARRAY_TASK_ID="0"))
+    b = distributed_env(srun_env(SLURM_JOB_ID="502", SLURM_ARRAY_JOB_ID="500", SLURM_ARRAY_TASK_ID="1"))
+    assert a["MASTER_PORT"] == str(slurm_port("500", "0")) and b["MASTER_PORT"] == str(slurm_port("500", "1"))
+    assert a["MASTER_PORT"] != b["MASTER_PORT"]
+
+
 def test_torchrun_and_deepspeed_variables_are_kept():
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500",
            "TORCHELASTIC_RUN_ID": "x"}
