@@ -1,0 +1,102 @@
+"""Stage 2: multi-task pretraining on DeepSpeed.
+
+    tensorpoly-ds pretrain --config configs/pretrain/base_t0_3b.yaml --config configs/pretrain/poly.yaml \
+        data.dir=/data/p3 run.dir=runs/poly [--resume auto]
+
+Runs under `deepspeed`, `torchrun`, `srun` or plain `python` (one process). Exit status: 0 done,
+2 bad config or arguments, 124 stopped by SIGUSR1/SIGTERM or the time budget after writing a checkpoint
+("requeue me": rerun the same command with --resume auto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):   # `python launch/pretrain.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+EXIT_BAD_CONFIG = 2
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tensorpoly-ds pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", default=[], required=True,
+                   help="YAML run config; repeat to compose (later wins, nested merge)")
+    p.add_argument("--resume", default="auto",
+                   help="auto (newest complete checkpoint of run.dir, if any; default), none, or a tag directory")
+    p.add_argument("--export-only", action="store_true",
+                   help="load the newest checkpoint and write the adapter export, without training")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tensorpoly_ds.engine.stop import STOP
+
+    STOP.install()   # before anything slow: a SIGUSR1 during start-up must not kill the rank
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+    from tensorpoly_ds.engine.config import RunConfigError, load_run_config, save_run_config
+    from tensorpoly_ds.engine.data import DataError, PreparedData
+
+    # Everything checkable is checked before a process group, model or dataset is created.
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        if not cfg.data.dir:
+            raise RunConfigError("key 'data.dir' is empty: set it to a prepared data directory")
+        data = PreparedData.open(cfg.data.dir)
+        from tensorpoly_ds.engine.ds_config import fill_ds_config
+
+        fill_ds_config(cfg, 1)    # template errors and fp16 surface here too
+    except (RunConfigError, DataError) as err:
+        print(f"tensorpoly-ds pretrain: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+
+    from tensorpoly_ds.engine import distributed as dist
+
+    rank, world, device = dist.init_distributed()
+    from tensorpoly_ds.engine.ds_config import fill_ds_config, save_json
+    from tensorpoly_ds.engine.model import build_backbone, prepare_model
+    from tensorpoly_ds.engine.trainer import _seed_all, train
+
+    run_dir = Path(cfg.run.dir)
+    ds_config = fill_ds_config(cfg, world)
+    if rank == 0:
+        save_run_config(cfg, run_dir / "config.yaml")
+        save_json(ds_config, run_dir / "ds_config.json")
+    _seed_all(cfg.train.seed)   # identical initial weights on every rank
+    model, keepalive = build_backbone(cfg.model, vocab_size=data.vocab_size, ds_config=ds_config,
+                                      precision=cfg.deepspeed.precision)
+    model = prepare_model(model, cfg.adapter, len(data.tasks), full_finetune=cfg.train.full_finetune,
+                          zero_stage=cfg.deepspeed.zero_stage)
+    if rank == 0 and cfg.deepspeed.zero_stage == 3:
+        partitioned = all(hasattr(p, "ds_id") for p in model.parameters() if not p.requires_grad)
+        print(f"[tensorpoly-ds] ZeRO-3: backbone partitioned at load (zero.Init): {partitioned}", flush=True)
+    train_rows = data.split("train")
+    val_rows = data.split("val") if (data.dir / "val").is_dir() else None
+    steps = cfg.train.steps
+    if args.export_only:
+        cfg.train.steps = 0
+    result = train(model, train_rows, optim=cfg.optim, train=cfg.train, deepspeed=cfg.deepspeed, run_dir=run_dir,
+                   tasks=data.tasks, val_rows=val_rows, resume=args.resume, ds_config=ds_config,
+                   fingerprint={"hash": cfg.fingerprint()}, max_input_len=cfg.data.max_input_len,
+                   max_target_len=cfg.data.max_target_len, eos_id=data.eos_token_id,
+                   eval_micro_batch=cfg.data.eval_micro_batch, val_max_samples=cfg.data.val_max_samples)
+    cfg.train.steps = steps
+    del keepalive
+    if rank == 0:
+        print(f"[tensorpoly-ds] {result.status} at step {result.step}; run dir {run_dir}"
+              + (f"; export {result.export_dir}" if result.export_dir else ""), flush=True)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+# shellcheck shell=bash
+# Helpers shared by the sbatch scripts in slurm/. Sourced, never executed.
+#
+# Knobs read here (all optional; documented in the README, section "Slurm"):
+#   TPDS_ENV_FILE          a bash file sourced first in every job (module loads, venv activation, exports)
+#   TPDS_CMD               the command line prefix of the CLI [tensorpoly-ds]
+#   TPDS_<STAGE>_CMD       full prefix for one stage, e.g. TPDS_ADAPT_CMD="python my_fake_adapt.py"
+#                          (STAGE = PREP, PRETRAIN, SWEEP, ADAPT, REPORT; default "$TPDS_CMD <stage>")
+#   TPDS_MASTER_PORT       fixed rendezvous port (default: derived from the job id / array id)
+#   TPDS_TORCH_EXT_ROOT    parent of the per-job TORCH_EXTENSIONS_DIR [${TMPDIR:-/tmp}/tpds-torch-ext-$USER]
+#   TPDS_TORCH_EXT_SEED    a directory of already built torch extensions (e.g. one job's TORCH_EXTENSIONS_DIR)
+#                          copied into each new per-job directory, so jobs do not rebuild (no shared lock)
+# Command prefixes are split on whitespace (no quotes, no globbing, no eval): a path with spaces
+# cannot be a prefix; wrap it in a small script instead.
+
+tpds_log() { printf '[tpds-slurm %s] %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" >&2; }
+tpds_die() { tpds_log "error: $*"; exit 2; }
+
+# Source the user's environment file. Module systems and venv scripts are often not `set -u` clean.
+tpds_source_env() {
+    if [ -n "${TPDS_ENV_FILE:-}" ]; then
+        [ -r "$TPDS_ENV_FILE" ] || tpds_die "TPDS_ENV_FILE=$TPDS_ENV_FILE is not readable"
+        set +u
+        # shellcheck disable=SC1090
+        source "$TPDS_ENV_FILE"
+        set -u
+    fi
+}
+
+# tpds_stage_cmd STAGE: fill the global array TPDS_STAGE_ARGV with the command prefix of STAGE.
+tpds_stage_cmd() {
+    local stage="$1" var
+    var="TPDS_$(printf '%s' "$stage" | tr '[:lower:]' '[:upper:]')_CMD"
+    TPDS_STAGE_ARGV=()
+    if [ -n "${!var:-}" ]; then
+        read -r -a TPDS_STAGE_ARGV <<<"${!var}"
+    else
+        read -r -a TPDS_STAGE_ARGV <<<"${TPDS_CMD:-tensorpoly-ds}"
+        TPDS_STAGE_ARGV+=("$stage")
+    fi
+    [ "${#TPDS_STAGE_ARGV[@]}" -gt 0 ] || tpds_die "$var is empty"
+}
+
+# A port in [20000, 40000) from the job id, or, for array tasks, from the array job id and the task id
+# (distinct for every task of one array: the task id is added, not hashed).
+tpds_port() {
+    local key
+    if [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+        key=$((SLURM_ARRAY_JOB_ID * 1009 + SLURM_ARRAY_TASK_ID))
+    else
+        key=$((${SLURM_JOB_ID:-0} * 1009))
+    fi
+    printf '%d\n' $((20000 + key % 20000))
+}
+
+# The address of the first node of the allocation: its NodeAddr (what slurmd listens on), else its name.
+tpds_master_addr() {
+    local first addr
+    first="$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)"
+    addr="$(scontrol -o show node "$first" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p' | head -n 1)"
+    printf '%s\n' "${addr:-$first}"
+}
+
+# Per-job (per array task) torch extensions directory: concurrent jobs on one node must not share the
+# build lock (REFERENCE pitfall 9). Node-local by default.
+tpds_torch_ext_dir() {
+    local root="${TPDS_TORCH_EXT_ROOT:-${TMPDIR:-/tmp}/tpds-torch-ext-${USER:-$(id -un)}}" leaf
+    if [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+        leaf="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    else
+        leaf="${SLURM_JOB_ID:-local-$$}"
+    fi
+    printf '%s/%s\n' "$root" "$leaf"
+}
+
+# Export TORCH_EXTENSIONS_DIR (per job / array task) and create it on this node, seeded from
+# TPDS_TORCH_EXT_SEED when that is set and the directory is new. The copy goes to a temporary directory
+# renamed into place, so ranks of one node racing here never see a half-copied directory. Build locks
+# are not copied (a stale lock is what makes a JIT build wait forever).
+tpds_prepare_torch_ext() {
+    local tmp
+    TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR_FOR_JOB:-$(tpds_torch_ext_dir)}"
+    export TORCH_EXTENSIONS_DIR
+    if [ -d "$TORCH_EXTENSIONS_DIR" ]; then   # a restart of this job (or a leftover): keep it unless empty
+        [ -z "$(ls -A "$TORCH_EXTENSIONS_DIR")" ] || return 0
+        rmdir "$TORCH_EXTENSIONS_DIR" 2>/dev/null || true
+    fi
+    mkdir -p "$(dirname "$TORCH_EXTENSIONS_DIR")"
+    if [ -n "${TPDS_TORCH_EXT_SEED:-}" ] && [ -d "$TPDS_TORCH_EXT_SEED" ]; then
+        tmp="$TORCH_EXTENSIONS_DIR.tmp.$$"
+        rm -rf "$tmp"
+        mkdir -p "$tmp"
+        # timestamps must survive the copy: ninja rebuilds outputs newer than its recorded deps
+        cp -R -p "$TPDS_TORCH_EXT_SEED/." "$tmp/" 2>/dev/null || cp -R --preserve=timestamps,mode "$TPDS_TORCH_EXT_SEED/." "$tmp/"
+        find "$tmp" -name lock -type f -delete
+        mv -T "$tmp" "$TORCH_EXTENSIONS_DIR" 2>/dev/null || rm -rf "$tmp"   # another rank was first
+    else
+        [ -z "${TPDS_TORCH_EXT_SEED:-}" ] || tpds_log "warning: TPDS_TORCH_EXT_SEED=$TPDS_TORCH_EXT_SEED is not a directory"
+        mkdir -p "$TORCH_EXTENSIONS_DIR"
+    fi
+}
+
+tpds_banner() {
+    tpds_log "job ${SLURM_JOB_ID:-?}${SLURM_ARRAY_TASK_ID:+ (array ${SLURM_ARRAY_JOB_ID:-?}_${SLURM_ARRAY_TASK_ID})} '${SLURM_JOB_NAME:-?}' on $(hostname) nodes=${SLURM_JOB_NODELIST:-?} restarts=${SLURM_RESTART_COUNT:-0}"
+}
+
+# Threads per process: one per allocated CPU of the task unless the user chose.
+tpds_threads() {
+    if [ -z "${OMP_NUM_THREADS:-}" ] && [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+        export OMP_NUM_THREADS="$SLURM_CPUS_PER_TASK"
+    fi
+}

@@ -1,0 +1,374 @@
+"""Run configuration: YAML files validated into dataclasses.
+
+    cfg = load_run_config(["configs/base.yaml", "configs/lora.yaml"], ["train.steps=200", "optim.name=adamw"])
+
+Files are merged in order (later wins, dicts merged key by key, anything else replaced), then the dotted
+`key=value` overrides are applied (values parsed as YAML: `3` is an int, `true` a bool, `null` None).
+Unknown keys are rejected naming the key and the file that set it; wrong types likewise. Everything is
+checked here, before any process group, model or data is touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from tensorpoly_ds.adapters import AdapterConfig
+from tensorpoly_ds.adapters import ConfigError as AdapterConfigError
+
+
+class RunConfigError(ValueError):
+    """A run configuration is invalid; the message names the key and where it came from."""
+
+
+@dataclass
+class ModelSection:
+    # A tensorpoly_ds.models architecture name ("tiny", "t0-3b", "t0-11b": built from a config with random
+    # weights, vocab from the data manifest) or any Hugging Face seq2seq name or local path (pretrained).
+    name_or_path: str = "tiny"
+    vocab_size: int | None = None            # default: the manifest's tokenizer.vocab_size (architectures only)
+    arch_overrides: dict = field(default_factory=dict)   # extra T5Config fields for architecture names
+    dtype: str = "auto"                      # weights dtype: auto (= deepspeed.precision), fp32, bf16
+
+
+@dataclass
+class DataSection:
+    dir: str = ""                            # prepared data directory (docs/design.md)
+    max_input_len: int | None = None         # further truncation (None: as prepared)
+    max_target_len: int | None = None
+    eval_micro_batch: int | None = None      # default: train.micro_batch * 2
+    val_max_samples: int | None = None       # cap the validation rows (None: all of DIR/val)
+
+
+@dataclass
+class OptimSection:
+    name: str = "adafactor"                  # adafactor | adamw
+    lr: float = 3e-4                         # base lr: every trainable param of a full fine-tune
+    module_lr: float = 1e-3                  # adapter modules (LoRA/TLoRA/... parameters)
+    routing_lr: float = 0.1                  # routing logits
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"                 # linear (warmup then linear decay to 0) | constant (after warmup)
+    clip: float = 1.0                        # global grad-norm clip; 0 disables
+    betas: list = field(default_factory=lambda: [0.9, 0.999])   # adamw
+    eps: float = 1e-8                        # adamw
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100_000                     # optimizer steps
+    micro_batch: int = 8                     # per rank per forward pass
+    grad_accum: int = 2
+    eval_every: int = 20_000                 # 0: never (except at the end)
+    save_every: int = 20_000                 # 0: only at the end / on signals
+    log_every: int = 10
+    seed: int = 42
+    max_minutes: float = 0.0                 # wall budget; 0: none. On expiry: checkpoint, exit 124 (requeue)
+    gradient_checkpointing: bool = False
+    full_finetune: bool = False              # FullFT baseline: no adapters, every parameter trainable
+    keep_checkpoints: int = 2
+    save_checkpoints: bool = True            # False: no checkpoints at all (short adaptation jobs)
+    export_at_end: bool = True
+    eval_at_end: bool = True
+    heatmap_max_layers: int = 8              # routing heatmaps per eval (evenly spaced routing tables)
+    progress_bar: bool = True
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 2                      # 0, 1, 2, 3
+    offload_optimizer: bool = False          # ZeRO-Offload of optimizer states to CPU (stage >= 1)
+    offload_param: bool = False              # parameters to CPU (stage 3 only)
+    # bf16: DeepSpeed bf16 (bf16 weights, fp32 master copy; the optimizer sees flattened partitions)
+    # bf16_autocast: fp32 weights, forward under torch.autocast(bfloat16) (DeepSpeed "torch_autocast"); with
+    #   zero_stage 0 the optimizer sees the real parameter shapes (Adafactor factoring as in the reference)
+    # fp32: CPU runs and tests.   fp16 is refused: T5 overflows in fp16.
+    precision: str = "bf16"
+    template: str | None = None              # a JSON template; default ds_configs/zero<stage>[_offload].json
+    overrides: dict = field(default_factory=dict)   # merged into the filled config last
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/default"
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    adapter: AdapterConfig | None = field(default_factory=AdapterConfig)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = None if value is None else (value.to_dict() if isinstance(value, AdapterConfig)
+                                                      else dataclasses.asdict(value))
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of what must not change across a resume (model section, adapter, training mode, optimizer
+        kind). The data directory may move; the data position checks the training split's size."""
+        body = {"model": dataclasses.asdict(self.model), "adapter": self.to_dict()["adapter"],
+                "full_finetune": self.train.full_finetune, "optim": self.optim.name}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+# ---- loading, merging, overrides -----------------------------------------------------------------------
+def deep_merge(base: dict, update: dict, sources: dict, origin: str, prefix: str = "") -> dict:
+    """Merge `update` into a copy of `base`; record in `sources` which origin set each dotted key."""
+    out = dict(base)
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value, sources, origin, dotted + ".")
+        else:
+            out[key] = copy.deepcopy(value)
+            sources[dotted] = origin
+            if isinstance(value, dict):
+                for sub in _dotted_keys(value, dotted + "."):
+                    sources[sub] = origin
+    return out
+
+
+def _dotted_keys(d: dict, prefix: str) -> list[str]:
+    keys = []
+    for k, v in d.items():
+        keys.append(prefix + str(k))
+        if isinstance(v, dict):
+            keys.extend(_dotted_keys(v, prefix + str(k) + "."))
+    return keys
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RunConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise RunConfigError(f"{path}: not valid YAML ({err})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RunConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RunConfigError(f"override {text!r}: expected key=value (e.g. train.steps=200)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RunConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(data: dict, parts: list[str], value: Any, sources: dict, origin: str) -> None:
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RunConfigError(f"{origin}: {'.'.join(parts)}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+    sources[".".join(parts)] = origin
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _check_value(value: Any, tp, key: str, origin: str) -> Any:
+    origin_t = typing.get_origin(tp)
+    if origin_t in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key, origin)
+            except RunConfigError as err:
+                errors.append(err)
+        raise RunConfigError(f"{origin}: key '{key}' = {value!r}: expected "
+                             f"{' or '.join(_type_name(a) for a in args)}, got {type(value).__name__}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RunConfigError(f"{origin}: key '{key}' = {value!r}: expected a number, got {type(value).__name__}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RunConfigError(f"{origin}: key '{key}' = {value!r}: expected an integer, got {type(value).__name__}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RunConfigError(f"{origin}: key '{key}' = {value!r}: expected true/false, got {type(value).__name__}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise RunConfigError(f"{origin}: key '{key}' = {value!r}: expected a string, got {type(value).__name__}")
+        return value
+    if tp in (dict, list):
+        if not isinstance(value, tp):
+            raise RunConfigError(f"{origin}: key '{key}' = {value!r}: expected a {tp.__name__}, "
+                                 f"got {type(value).__name__}")
+        return copy.deepcopy(value)
+    raise RunConfigError(f"{origin}: key '{key}': unsupported type {tp}")  # pragma: no cover
+
+
+def _build_section(cls, data: Any, section: str, sources: dict):
+    origin = sources.get(section, "defaults")
+    if not isinstance(data, dict):
+        raise RunConfigError(f"{origin}: section '{section}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            where = sources.get(f"{section}.{key}", origin)
+            raise RunConfigError(f"{where}: unknown key '{section}.{key}'; valid keys in '{section}': "
+                                 f"{', '.join(sorted(known))}")
+    kwargs = {k: _check_value(v, hints[k], f"{section}.{k}", sources.get(f"{section}.{k}", origin))
+              for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _build_adapter(data: Any, sources: dict) -> AdapterConfig | None:
+    if data is None:
+        return None
+    origin = sources.get("adapter", "defaults")
+    if not isinstance(data, dict):
+        raise RunConfigError(f"{origin}: section 'adapter' must be a mapping or null, got {type(data).__name__}")
+    hints = typing.get_type_hints(AdapterConfig)
+    known = {f.name for f in dataclasses.fields(AdapterConfig)}
+    for key, value in data.items():
+        where = sources.get(f"adapter.{key}", origin)
+        if key not in known:
+            raise RunConfigError(f"{where}: unknown key 'adapter.{key}'; valid keys in 'adapter': "
+                                 f"{', '.join(sorted(known))}")
+        _check_value(value, hints[key], f"adapter.{key}", where)
+    try:
+        return AdapterConfig(**{k: (float(v) if hints[k] is float and isinstance(v, int) else v)
+                                for k, v in data.items()})
+    except AdapterConfigError as err:
+        raise RunConfigError(f"{origin}: {err}") from None
+
+
+def build_run_config(data: dict, sources: dict | None = None) -> RunConfig:
+    sources = sources or {}
+    for key in data:
+        if key not in SECTIONS:
+            raise RunConfigError(f"{sources.get(key, 'defaults')}: unknown section '{key}'; valid sections: "
+                                 f"{', '.join(SECTIONS)}")
+    kwargs = {}
+    for name, f in SECTIONS.items():
+        if name not in data:
+            continue
+        if name == "adapter":
+            kwargs[name] = _build_adapter(data[name], sources)
+        else:
+            cls = typing.get_type_hints(RunConfig)[name]
+            kwargs[name] = _build_section(cls, data[name], name, sources)
+    cfg = RunConfig(**kwargs)
+    validate(cfg, sources)
+    return cfg
+
+
+def validate(cfg: RunConfig, sources: dict) -> None:
+    def bad(key: str, why: str) -> RunConfigError:
+        section, _, name = key.partition(".")
+        obj = getattr(cfg, section)
+        value = getattr(obj, name) if obj is not None and name else obj
+        return RunConfigError(f"{sources.get(key, sources.get(section, 'defaults'))}: key '{key}' = {value!r}: {why}")
+
+    o, t, d, m = cfg.optim, cfg.train, cfg.deepspeed, cfg.model
+    if o.name not in ("adafactor", "adamw"):
+        raise bad("optim.name", "valid values: adafactor, adamw")
+    if o.schedule not in ("linear", "constant"):
+        raise bad("optim.schedule", "valid values: linear, constant")
+    for k in ("lr", "module_lr", "routing_lr"):
+        if getattr(o, k) <= 0:
+            raise bad(f"optim.{k}", "must be > 0")
+    if not 0 <= o.warmup_ratio < 1:
+        raise bad("optim.warmup_ratio", "must be in [0, 1)")
+    if o.clip < 0 or o.weight_decay < 0:
+        raise bad("optim.clip" if o.clip < 0 else "optim.weight_decay", "must be >= 0")
+    if len(o.betas) != 2:
+        raise bad("optim.betas", "needs two numbers")
+    for k in ("steps", "micro_batch", "grad_accum", "log_every", "keep_checkpoints"):
+        if getattr(t, k) < 1:
+            raise bad(f"train.{k}", "must be >= 1")
+    for k in ("eval_every", "save_every", "heatmap_max_layers"):
+        if getattr(t, k) < 0:
+            raise bad(f"train.{k}", "must be >= 0")
+    if t.max_minutes < 0:
+        raise bad("train.max_minutes", "must be >= 0")
+    if d.zero_stage not in (0, 1, 2, 3):
+        raise bad("deepspeed.zero_stage", "valid values: 0, 1, 2, 3")
+    if d.precision == "fp16":
+        raise bad("deepspeed.precision", "fp16 is refused: T5/T0 activations overflow in fp16 (NaN losses); "
+                                         "use bf16 on GPUs that support it, fp32 otherwise")
+    if d.precision not in ("bf16", "fp32", "bf16_autocast"):
+        raise bad("deepspeed.precision", "valid values: bf16, bf16_autocast, fp32")
+    if d.offload_param and d.zero_stage != 3:
+        raise bad("deepspeed.offload_param", "parameter offload needs zero_stage 3")
+    if d.offload_optimizer and d.zero_stage == 0:
+        raise bad("deepspeed.offload_optimizer", "optimizer offload needs zero_stage >= 1")
+    if m.dtype not in ("auto", "fp32", "bf16"):
+        raise bad("model.dtype", "valid values: auto, fp32, bf16 (fp16 is refused for T5)")
+    if t.full_finetune and cfg.adapter is not None:
+        raise bad("train.full_finetune", "a full fine-tune trains no adapters: set `adapter: null`")
+    if not t.full_finetune and cfg.adapter is None:
+        raise bad("adapter", "no adapter configured: set an adapter section or train.full_finetune: true")
+    for k in ("max_input_len", "max_target_len", "eval_micro_batch", "val_max_samples"):
+        v = getattr(cfg.data, k)
+        if v is not None and v < 1:
+            raise bad(f"data.{k}", "must be >= 1 or null")
+
+
+def load_run_config(paths: list[str | os.PathLike], overrides: list[str] = ()) -> RunConfig:
+    """Compose YAML files (later wins, nested merge) and dotted overrides into a validated RunConfig."""
+    data: dict = {}
+    sources: dict = {}
+    for path in paths:
+        data = deep_merge(data, read_yaml(path), sources, str(path))
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(data, parts, value, sources, f"override {text!r}")
+    return build_run_config(data, sources)
+
+
+def save_run_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+    return path

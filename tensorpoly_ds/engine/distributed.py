@@ -1,0 +1,190 @@
+"""Launcher environments -> the torch.distributed variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT), and small collective helpers that are no-ops without a process group.
+
+Supported launchers: `deepspeed` and `torchrun` (they set the variables themselves), `srun` (SLURM_PROCID,
+SLURM_LOCALID, SLURM_NTASKS, first host of SLURM_JOB_NODELIST; the port derived from SLURM_JOB_ID and
+SLURM_ARRAY_TASK_ID so that array tasks on one node do not clash) and plain `python` (one process).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Mapping
+
+import torch
+
+PORT_BASE = 20000
+PORT_SPAN = 20000
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a Slurm host list: 'node[1-3,7],gpu05' -> ['node1', 'node2', 'node3', 'node7', 'gpu05'].
+    Zero padding is kept ('n[08-10]' -> n08 n09 n10). Only one bracket group per host name is supported
+    (what Slurm produces for ordinary clusters)."""
+    hosts: list[str] = []
+    # split on commas that are not inside brackets
+    parts, depth, cur = [], 0, ""
+    for ch in nodelist.strip():
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        parts.append(cur)
+    for part in parts:
+        m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]+)\]([^\[\]]*)", part)
+        if not m:
+            if "[" in part or "]" in part:
+                raise LaunchError(f"cannot parse SLURM_JOB_NODELIST entry {part!r}")
+            hosts.append(part)
+            continue
+        prefix, body, suffix = m.groups()
+        for item in body.split(","):
+            if "-" in item:
+                lo, hi = item.split("-", 1)
+                width = len(lo)
+                for i in range(int(lo), int(hi) + 1):
+                    hosts.append(f"{prefix}{i:0{width}d}{suffix}")
+            else:
+                hosts.append(f"{prefix}{item}{suffix}")
+    if not hosts:
+        raise LaunchError(f"empty SLURM_JOB_NODELIST {nodelist!r}")
+    return hosts
+
+
+def slurm_port(job_id: str, array_task_id: str | None = None) -> int:
+    """A port in [PORT_BASE, PORT_BASE + PORT_SPAN) derived from the job id and array task id."""
+    key = int(re.sub(r"\D", "", job_id) or 0) * 1009 + int(re.sub(r"\D", "", array_task_id or "") or 0)
+    return PORT_BASE + key % PORT_SPAN
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect_launcher(env: Mapping[str, str]) -> str:
+    if "RANK" in env and "WORLD_SIZE" in env:
+        # deepspeed's launcher sets these too; torchrun adds TORCHELASTIC_RUN_ID
+        return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed" if "CROSS_RANK" in env or \
+            "DEEPSPEED_LAUNCHER" in env else "env"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        return "srun"
+    return "python"
+
+
+def distributed_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables torch.distributed needs, derived from `env` (default os.environ). Variables already
+    set win; nothing is written. Returned keys: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+    LAUNCHER."""
+    env = dict(os.environ if env is None else env)
+    launcher = detect_launcher(env)
+    out: dict[str, str] = {"LAUNCHER": launcher}
+    if launcher == "srun":
+        out["RANK"] = env.get("RANK", env["SLURM_PROCID"])
+        out["LOCAL_RANK"] = env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+        out["WORLD_SIZE"] = env.get("WORLD_SIZE", env["SLURM_NTASKS"])
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        out["MASTER_ADDR"] = env.get("MASTER_ADDR") or (expand_nodelist(nodelist)[0] if nodelist else "127.0.0.1")
+        # Array tasks share SLURM_ARRAY_JOB_ID and differ in SLURM_ARRAY_TASK_ID; their own SLURM_JOB_IDs
+        # are not guaranteed to be distinct from each other's ports.
+        job = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID", "0")
+        out["MASTER_PORT"] = env.get("MASTER_PORT") or str(slurm_port(job, env.get("SLURM_ARRAY_TASK_ID")))
+    elif launcher == "python":
+        out.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR=env.get("MASTER_ADDR", "127.0.0.1"))
+        out["MASTER_PORT"] = env.get("MASTER_PORT") or str(free_port())
+    else:
+        out["RANK"] = env["RANK"]
+        out["WORLD_SIZE"] = env["WORLD_SIZE"]
+        out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
+        out["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in env:
+            raise LaunchError("RANK and WORLD_SIZE are set but MASTER_PORT is not")
+        out["MASTER_PORT"] = env["MASTER_PORT"]
+    rank, world = int(out["RANK"]), int(out["WORLD_SIZE"])
+    if not 0 <= rank < world:
+        raise LaunchError(f"inconsistent launcher variables: RANK={rank}, WORLD_SIZE={world}")
+    return out
+
+
+def setup_environment() -> dict[str, str]:
+    """Write the mapped variables into os.environ (before any process group is created)."""
+    mapped = distributed_env()
+    for k, v in mapped.items():
+        if k != "LAUNCHER":
+            os.environ[k] = v
+    return mapped
+
+
+def device_and_backend() -> tuple[torch.device, str]:
+    """GPU: cuda:LOCAL_RANK with nccl; otherwise (or with DS_ACCELERATOR=cpu) cpu with gloo."""
+    if os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available():
+        # With `srun --gpus-per-task 1` each task sees one device, so LOCAL_RANK can exceed the count.
+        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local), "nccl"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return torch.device("cpu"), "gloo"
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Map the launcher's variables, then create the process group through DeepSpeed."""
+    setup_environment()
+    device, backend = device_and_backend()
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+# ---- collectives that degrade to no-ops without a process group ---------------------------------------
+def is_dist() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_dist() else 1
+
+
+def barrier() -> None:
+    if is_dist():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_dist():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_reduce_max(value: float, device: torch.device | str = "cpu") -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if is_dist():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_dist():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]

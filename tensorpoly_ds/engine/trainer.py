@@ -1,0 +1,424 @@
+"""The training loop (one readable function, nanoGPT-style) and the reusable API other stages call.
+
+    from tensorpoly_ds.engine.trainer import train, TrainHooks
+
+    result = train(model, train_rows, optim=cfg.optim, train=cfg.train, deepspeed=cfg.deepspeed,
+                   run_dir="runs/x", tasks=task_names, val_rows=val_rows, hooks=TrainHooks(loss_fn=..., eval_fn=...))
+    result.status   # "done" | "requeue" (signal or time budget: a checkpoint was written, exit with 124)
+    result.engine   # the DeepSpeed engine; result.model is engine.module
+
+Objective. For every optimizer step the engine minimises  sum(loss_sum over the global batch) /
+sum(weight over the global batch): the default loss_sum is the summed token NLL and the weight the number
+of target tokens, i.e. the token-mean over the global batch. The weights are all-reduced before the
+forward passes, each micro-batch's backward gets loss_sum * world * accum / global_weight (DeepSpeed
+divides by accum and averages over ranks), so gradients do not depend on how the global batch is split
+over ranks or micro-steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorpoly_ds.adapters import adapter_param_groups, routing_tables, task_routing
+from tensorpoly_ds.adapters.export import config_differences
+
+from . import checkpoint as ckpt
+from . import distributed as dist
+from .stop import REQUEUE_EXIT_CODE, STOP, StopFlag  # noqa: F401  (re-exported)
+from .config import DeepSpeedSection, OptimSection, RunConfigError, TrainSection
+from .data import IGNORE_INDEX, TrainStream, eval_batches
+from .ds_config import fill_sections, save_json
+from .monitor import Monitor, memory_mb, routing_weights
+
+log = logging.getLogger(__name__)
+
+
+
+# ---- hooks -----------------------------------------------------------------------------------------------
+def _module(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def lm_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed token NLL of the targets (labels -100 ignored). Called inside task_routing(batch task ids)."""
+    labels = batch["labels"]
+    dec_in = _module(model).prepare_decoder_input_ids_from_labels(labels=labels)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec_in,
+                use_cache=False)
+    logits = out.logits.float()
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum, {}
+
+
+def token_weight(batch: dict[str, Any]) -> float:
+    return float((batch["labels"] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class TrainHooks:
+    """loss_fn(model, batch) -> (loss_sum tensor, extra stats {name: float}); runs inside task_routing.
+    weight_fn(batch) -> float: the batch's share of the normaliser (default: target tokens); must not need
+    the forward pass. eval_fn(engine, step) -> {name: float}: called on EVERY rank every eval_every steps
+    and at the end (ZeRO-3: run the same number of forward passes on every rank), rank 0 logs the result.
+    collate_fn(rows) -> batch overrides the default padding (rows are dicts of the dataset's columns).
+    on_step(step, metrics) on every rank after each optimizer step."""
+    loss_fn: Callable = lm_loss
+    weight_fn: Callable = token_weight
+    eval_fn: Callable | None = None
+    collate_fn: Callable | None = None
+    on_step: Callable | None = None
+
+
+@dataclass
+class TrainResult:
+    status: str                 # "done" or "requeue"
+    step: int
+    engine: Any
+    run_dir: Path
+    history: list[dict] = field(default_factory=list)   # this process's per-step metrics
+    export_dir: Path | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.status == "done" else REQUEUE_EXIT_CODE
+
+
+# ---- optimizer and schedule -------------------------------------------------------------------------------
+def param_groups(model: nn.Module, optim: OptimSection) -> list[dict[str, Any]]:
+    """Adapters: {"modules": module_lr, "routing": routing_lr}; no adapters (full fine-tune): {"base": lr}.
+    Only trainable parameters; empty groups dropped."""
+    if getattr(model, "tpds_adapter_config", None) is not None:
+        groups = adapter_param_groups(model)
+        spec = [("modules", groups["modules"], optim.module_lr), ("routing", groups["routing"], optim.routing_lr)]
+    else:
+        spec = [("base", [p for p in model.parameters() if p.requires_grad], optim.lr)]
+    out = [{"params": ps, "lr": lr, "name": name, "weight_decay": optim.weight_decay} for name, ps, lr in spec if ps]
+    if not out:
+        raise RunConfigError("no trainable parameters")
+    return out
+
+
+def build_optimizer(groups: list[dict[str, Any]], optim: OptimSection) -> torch.optim.Optimizer:
+    if optim.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=groups[0]["lr"], scale_parameter=False, relative_step=False,
+                         warmup_init=False, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(optim.betas), eps=optim.eps,
+                             weight_decay=optim.weight_decay)
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
+    """Linear warmup over warmup_ratio*total steps, then linear decay to 0 (or constant)."""
+    warmup = int(round(warmup_ratio * total))
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+def _zero3(engine) -> bool:
+    return engine.zero_optimization_partition_weights()
+
+
+def gathered(engine, params) -> contextlib.AbstractContextManager:
+    """Collective under ZeRO-3 (every rank must enter): full tensors visible inside."""
+    if not _zero3(engine):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def evaluate_loss(engine, val_rows, *, batch_size: int, device, hooks: TrainHooks, max_rows=None,
+                  max_input_len=None, max_target_len=None, eos_id=1) -> float:
+    """Token-mean validation loss over all of val_rows (all ranks, same number of forward passes)."""
+    engine.eval()
+    total = [0.0, 0.0]
+    with torch.no_grad():
+        for batch in eval_batches(val_rows, batch_size=batch_size, rank=dist.rank(), world_size=dist.world_size(),
+                                  max_rows=max_rows, max_input_len=max_input_len, max_target_len=max_target_len,
+                                  eos_id=eos_id):
+            batch = _to(batch, device)
+            with task_routing(batch["task_ids"]):
+                loss_sum, _ = hooks.loss_fn(engine, batch)
+            total[0] += float(loss_sum)
+            total[1] += hooks.weight_fn(batch)
+    engine.train()
+    s, w = dist.all_reduce_sum(total, device)
+    return s / w if w > 0 else float("nan")
+
+
+def export_trained(engine, out_dir: Path, tasks: list[str], extra: dict | None = None) -> Path:
+    """Collective. Adapters: tensorpoly_ds.adapters.export_adapters (safetensors + adapter JSON with the
+    task registry); full fine-tune: save_pretrained (safetensors). Gathered on every rank under ZeRO-3,
+    written by rank 0 only; independent of world size and ZeRO stage."""
+    from tensorpoly_ds.adapters import export_adapters
+
+    module = engine.module
+    out_dir = Path(out_dir)
+    has_adapters = getattr(module, "tpds_adapter_config", None) is not None
+    params = [p for p in module.parameters() if p.requires_grad] if has_adapters else list(module.parameters())
+    with gathered(engine, params):
+        if dist.rank() == 0:
+            if has_adapters:
+                export_adapters(module, out_dir, tasks, extra=extra)
+            else:
+                tmp = out_dir.with_name(out_dir.name + ".tmp")
+                module.save_pretrained(str(tmp), safe_serialization=True,
+                                       state_dict={k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
+                (tmp / "tasks.json").write_text(json.dumps({"tasks": tasks, **(extra or {})}, indent=2))
+                if out_dir.exists():
+                    import shutil
+
+                    shutil.rmtree(out_dir)
+                tmp.rename(out_dir)
+    dist.barrier()
+    return out_dir
+
+
+def _tokens(batch: dict[str, Any]) -> float:
+    """Input plus target tokens of a batch (for tokens/s), whatever the collate function produced."""
+    n = 0.0
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        n += float(mask.sum())
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        n += float((labels != IGNORE_INDEX).sum())
+    return n
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSection, deepspeed: DeepSpeedSection,
+          run_dir: str | Path, tasks: list[str] | None = None, val_rows=None, hooks: TrainHooks | None = None,
+          resume: str = "none", ds_config: dict | None = None, fingerprint: dict | None = None,
+          max_input_len: int | None = None, max_target_len: int | None = None, eos_id: int = 1,
+          eval_micro_batch: int | None = None, val_max_samples: int | None = None,
+          export_dir: str | Path | None = None) -> TrainResult:
+    """Train `model` (adapters injected and frozen backbone, or everything trainable) on `train_rows`
+    (a datasets.Dataset or anything indexable by a list of ints returning a dict of columns, with at least
+    task_id, input_ids, target_ids). The process group must exist (distributed.init_distributed()) or the
+    run is a single process. `resume`: "none", "auto" (newest complete checkpoint under RUN_DIR/checkpoints,
+    if any) or a tag directory. Every rank must call it."""
+    import deepspeed as ds_lib
+
+    hooks = hooks or TrainHooks()
+    run_dir = Path(run_dir)
+    if not dist.is_dist():
+        dist.init_distributed()
+    rank, world = dist.rank(), dist.world_size()
+    device = dist.device_and_backend()[0]
+    ds_config = ds_config or fill_sections(deepspeed, train, optim, world)
+    if rank == 0:
+        save_json(ds_config, run_dir / "ds_config.json")
+    fingerprint = fingerprint or {}
+    adapter_cfg = getattr(_module(model), "tpds_adapter_config", None)
+    meta_base = {"fingerprint": fingerprint.get("hash"), "adapter": adapter_cfg.to_dict() if adapter_cfg else None,
+                 "full_finetune": adapter_cfg is None, "world_size": world, "tasks": tasks}
+
+    if train.gradient_checkpointing:
+        from .model import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+    groups = param_groups(model, optim)
+    group_names = [g["name"] for g in groups]
+    optimizer = build_optimizer(groups, optim)
+
+    def make_scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, train.steps, optim.warmup_ratio, optim.schedule))
+
+    engine, _, _, scheduler = ds_lib.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
+                                                config=ds_config)
+    engine.train()
+    _seed_all(train.seed + 1000 * rank)   # per-rank streams (dropout, Gumbel noise); restored on resume
+
+    stream = TrainStream(train_rows, seed=train.seed, micro_batch=train.micro_batch, grad_accum=train.grad_accum,
+                         rank=rank, world_size=world, max_input_len=max_input_len, max_target_len=max_target_len,
+                         eos_id=eos_id, collate_fn=hooks.collate_fn)
+    ckpt_dir = run_dir / "checkpoints"
+    step = 0
+    if resume and resume != "none":
+        tag_dir = ckpt.find_resumable(ckpt_dir) if resume == "auto" else Path(resume)
+        if tag_dir is not None:
+            meta = ckpt.read_meta(tag_dir)
+            _check_compatible(meta, meta_base, tag_dir)
+            meta = ckpt.load(engine, tag_dir)
+            step = int(meta["step"])
+            stream.load_state_dict(meta["data"])
+            if rank == 0:
+                print(f"[tensorpoly-ds] resumed from {tag_dir} at step {step}", flush=True)
+        elif resume != "auto":
+            raise ckpt.CheckpointError(f"{resume}: no checkpoint")
+
+    monitor = Monitor(run_dir, enabled=rank == 0)
+    stop = STOP
+    installed_here = stop.install()   # launchers install it at start-up; library callers get it here
+    start_time = time.monotonic()
+    history: list[dict] = []
+    bar = None
+    if rank == 0 and train.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=train.steps, initial=step, desc="train", dynamic_ncols=True)
+    eval_kwargs = dict(batch_size=eval_micro_batch or 2 * train.micro_batch, device=device, hooks=hooks,
+                       max_rows=val_max_samples, max_input_len=max_input_len, max_target_len=max_target_len,
+                       eos_id=eos_id)
+    manual_norm = ds_config["zero_optimization"]["stage"] == 0 and not ds_config.get("bf16", {}).get("enabled")
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+
+    def save(at_step: int) -> Path | None:
+        if not train.save_checkpoints:
+            return None
+        meta = dict(meta_base, step=at_step, data=stream.state_dict(), time=time.time())
+        return ckpt.save(engine, ckpt_dir, at_step, meta, keep=train.keep_checkpoints)
+
+    def run_eval(at_step: int) -> None:
+        metrics = {}
+        if val_rows is not None:
+            metrics["val/loss"] = evaluate_loss(engine, val_rows, **eval_kwargs)
+        if hooks.eval_fn is not None:
+            metrics.update(hooks.eval_fn(engine, at_step) or {})
+        tables = routing_tables(engine.module)
+        if tables:
+            with gathered(engine, [t.logits for t in tables.values()]):
+                weights = routing_weights(tables)
+            monitor.routing(at_step, weights, tasks or [], train.heatmap_max_layers)
+        if metrics:
+            monitor.scalars(at_step, metrics, kind="eval")
+            if bar is not None:
+                bar.write(f"step {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        monitor.flush()
+
+    status, last_saved = "done", step if step > 0 else -1
+    try:
+        while step < train.steps:
+            t0 = time.perf_counter()
+            lrs = {f"lr/{name}": group["lr"] for name, group in zip(group_names, optimizer.param_groups)}
+            micro_batches = [_to(b, device) for b in stream.next_step()]
+            local_w = sum(hooks.weight_fn(b) for b in micro_batches)
+            local_tok = sum(_tokens(b) for b in micro_batches)
+            global_w, global_tok = dist.all_reduce_sum([local_w, local_tok], device)
+            scale = world * train.grad_accum / global_w if global_w > 0 else 0.0
+            loss_total, extra = 0.0, {}
+            grad_norm = None
+            for i, batch in enumerate(micro_batches):
+                with task_routing(batch["task_ids"]):
+                    loss_sum, stats = hooks.loss_fn(engine, batch)
+                engine.backward(loss_sum * scale)
+                if manual_norm and i == len(micro_batches) - 1 and trainable:
+                    grads = [p.grad.detach().float().norm() for p in trainable if p.grad is not None]
+                    grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+                engine.step()
+                loss_total += float(loss_sum.detach())
+                for k, v in (stats or {}).items():
+                    extra[k] = extra.get(k, 0.0) + float(v)
+            step += 1
+            if grad_norm is None:
+                norm = engine.get_global_grad_norm()
+                grad_norm = float(norm) if norm is not None else float("nan")
+            # one collective per step: the loss sum and the stop vote (signal or time budget)
+            over_budget = train.max_minutes > 0 and (time.monotonic() - start_time) > 60 * train.max_minutes
+            loss_all, stop_votes = dist.all_reduce_sum([loss_total, float(stop.signal is not None or over_budget)],
+                                                       device)
+            dt = time.perf_counter() - t0
+            metrics = {"train/loss": loss_all / global_w if global_w > 0 else float("nan"),
+                       "train/grad_norm": grad_norm, "perf/step_time_s": dt,
+                       "perf/samples_per_s": stream.global_batch / dt, "perf/tokens_per_s": global_tok / dt}
+            metrics.update(lrs)   # the learning rates this step used
+            metrics.update(memory_mb(device))
+            metrics.update({f"train/{k}": v for k, v in extra.items()})
+            history.append({"step": step, **metrics})
+            if hooks.on_step is not None:
+                hooks.on_step(step, metrics)
+            if rank == 0:
+                if step % train.log_every == 0 or step == 1 or step == train.steps:
+                    monitor.scalars(step, metrics)
+                else:   # metrics.jsonl gets every step (trajectory comparisons); TensorBoard every log_every
+                    monitor.jsonl.write(json.dumps({"kind": "train", "step": step, **metrics}) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
+            if not math.isfinite(metrics["train/loss"]):
+                warnings.warn(f"step {step}: non-finite training loss {metrics['train/loss']}", RuntimeWarning)
+            if stop_votes > 0:
+                if rank == 0:
+                    why = "time budget" if stop.signal is None else signal.Signals(stop.signal).name
+                    print(f"[tensorpoly-ds] stop requested ({why}) at step {step}: checkpointing, exit "
+                          f"{REQUEUE_EXIT_CODE}", flush=True)
+                save(step)
+                last_saved = step
+                status = "requeue"
+                break
+            if train.eval_every and step % train.eval_every == 0 and step < train.steps:
+                run_eval(step)
+            if train.save_every and step % train.save_every == 0 and step < train.steps:
+                save(step)
+                last_saved = step
+        export_path = None
+        if status == "done":
+            if last_saved != step:
+                save(step)
+            if train.eval_at_end:
+                run_eval(step)
+            if train.export_at_end:
+                export_path = export_trained(engine, Path(export_dir or run_dir / "export"), tasks or [],
+                                             extra={"step": step})
+    finally:
+        if installed_here:
+            stop.restore()
+        if bar is not None:
+            bar.close()
+        monitor.close()
+    return TrainResult(status, step, engine, run_dir, history, export_path)
+
+
+def _check_compatible(meta: dict, current: dict, tag_dir: Path) -> None:
+    """Refuse a checkpoint from another adapter config (naming the differing fields) or training mode."""
+    from tensorpoly_ds.adapters import AdapterConfig
+
+    if bool(meta.get("full_finetune")) != bool(current["full_finetune"]):
+        raise ckpt.CheckpointError(f"{tag_dir}: checkpoint full_finetune={meta.get('full_finetune')}, this run "
+                                   f"full_finetune={current['full_finetune']}")
+    if meta.get("adapter") is not None and current["adapter"] is not None:
+        diff = config_differences(AdapterConfig.from_dict(meta["adapter"]), AdapterConfig.from_dict(current["adapter"]))
+        if diff:
+            raise ckpt.CheckpointError(f"{tag_dir}: checkpoint was trained with a different adapter config "
+                                       f"(checkpoint vs this run): {'; '.join(diff)}")
+    if meta.get("fingerprint") and current.get("fingerprint") and meta["fingerprint"] != current["fingerprint"]:
+        raise ckpt.CheckpointError(f"{tag_dir}: config fingerprint {meta['fingerprint']} differs from this run's "
+                                   f"{current['fingerprint']} (model, optimizer or data changed)")

@@ -1,0 +1,102 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = 130   # the embedded tokenizer of data_prep
+PRETRAIN = REPO / "launch" / "pretrain.py"
+TINY = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
+# A fixed, shared build cache for DeepSpeed's JIT op (the first build takes about a minute).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory):
+    """The real stage-1 output on the embedded mixture (16 tasks, 6400 train / 1600 val rows, ~3 s)."""
+    out = tmp_path_factory.mktemp("data") / "embedded"
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "--mixture", "embedded", "--source", "embedded",
+                           "--tokenizer", "embedded", "--out", str(out)], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def backbone_dir(tmp_path_factory):
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from tensorpoly_ds.models import t5_config
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("backbone") / "tiny_t5"
+    T5ForConditionalGeneration(t5_config("tiny", vocab_size=VOCAB)).save_pretrained(str(out))
+    return out
+
+
+def free_port() -> int:
+    from tensorpoly_ds.engine.distributed import free_port as fp
+
+    return fp()
+
+
+def child_env(**extra) -> dict:
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                "SLURM_STEP_ID", "SLURM_JOB_ID"):
+        env.pop(key, None)
+    env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def pretrain_cmd(run_dir, prepared, overrides=(), nproc: int = 1, resume: str = "auto", configs=(TINY,)):
+    args = [str(PRETRAIN)] + [a for c in configs for a in ("--config", str(c))] + ["--resume", resume,
+            f"data.dir={prepared}", f"run.dir={run_dir}", "train.progress_bar=false", *overrides]
+    if nproc == 1:
+        return [sys.executable] + args
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port())] + args
+
+
+def run_pretrain(run_dir, prepared, overrides=(), nproc: int = 1, resume: str = "auto", timeout: int = 240,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(pretrain_cmd(run_dir, prepared, overrides, nproc, resume), cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pretrain exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                             f"STDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir, kind: str = "train", key: str = "train/loss") -> dict[int, float]:
+    """step -> value; the last record of a step wins (a resumed run repeats steps after its checkpoint)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["kind"] == kind and key in row:
+            out[row["step"]] = row[key]
+    return out
+
+
+# The reference single-process run most integration tests compare against: ZeRO-0, 1 rank, micro 4 x accum 2.
+BASE_STEPS = 24
+BASE = ["optim.name=adamw", "optim.warmup_ratio=0.25", "data.val_max_samples=45", f"train.steps={BASE_STEPS}", "train.micro_batch=4", "train.grad_accum=2",
+        "train.save_every=8", "train.eval_every=8", "train.keep_checkpoints=3", "train.log_every=2"]
+
+
+def base_overrides(backbone, stage: int = 0, micro: int = 4) -> list[str]:
+    return BASE + [f"model.name_or_path={backbone}", f"deepspeed.zero_stage={stage}", f"train.micro_batch={micro}"]
+
+
+@pytest.fixture(scope="session")
+def baseline_run(tmp_path_factory, prepared_dir, backbone_dir):
+    run_dir = tmp_path_factory.mktemp("runs") / "baseline"
+    run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir))
+    return run_dir

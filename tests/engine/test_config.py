@@ -1,0 +1,130 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tensorpoly_ds.engine.config import RunConfigError, load_run_config, save_run_config
+from tensorpoly_ds.engine.ds_config import fill_ds_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_unknown_key_named_with_its_file(tmp_path):
+    base = write(tmp_path, "base.yaml", {"train": {"steps": 10}})
+    bad = write(tmp_path, "method.yaml", {"train": {"stepz": 10}})
+    with pytest.raises(RunConfigError) as err:
+        load_run_config([base, bad])
+    assert "train.stepz" in str(err.value) and "method.yaml" in str(err.value)
+    with pytest.raises(RunConfigError, match=r"adapter\.rnak.*|.*adapter\.rnak"):
+        load_run_config([write(tmp_path, "a.yaml", {"adapter": {"rnak": 2}})])
+    with pytest.raises(RunConfigError, match="unknown section 'trian'"):
+        load_run_config([write(tmp_path, "s.yaml", {"trian": {}})])
+    with pytest.raises(RunConfigError, match="override 'train.nope=1'"):
+        load_run_config([base], ["train.nope=1"])
+
+
+def test_wrong_types_named(tmp_path):
+    with pytest.raises(RunConfigError, match=r"train\.steps.*expected an integer"):
+        load_run_config([write(tmp_path, "a.yaml", {"train": {"steps": "many"}})])
+    with pytest.raises(RunConfigError, match=r"adapter\.rank.*expected an integer"):
+        load_run_config([], ["adapter.rank=1.5"])
+    with pytest.raises(RunConfigError, match=r"train\.gradient_checkpointing.*true/false"):
+        load_run_config([], ["train.gradient_checkpointing=3"])
+    with pytest.raises(RunConfigError, match=r"adapter.*method"):
+        load_run_config([], ["adapter.method=nope"])
+    with pytest.raises(RunConfigError, match="optim.name"):
+        load_run_config([], ["optim.name=sgd"])
+
+
+def test_fp16_refused(tmp_path):
+    with pytest.raises(RunConfigError, match="fp16 is refused"):
+        load_run_config([], ["deepspeed.precision=fp16"])
+    cfg = load_run_config([], ["deepspeed.overrides={fp16: {enabled: true}}"])
+    with pytest.raises(RunConfigError, match="fp16"):
+        fill_ds_config(cfg, 1)
+
+
+def test_compose_and_overrides(tmp_path):
+    base = write(tmp_path, "base.yaml", {"optim": {"name": "adafactor", "lr": 0.5},
+                                          "adapter": {"method": "poly", "skills": 8},
+                                          "deepspeed": {"overrides": {"zero_optimization": {"a": 1}}}})
+    method = write(tmp_path, "m.yaml", {"optim": {"lr": 0.25}, "adapter": {"skills": 4},
+                                         "deepspeed": {"overrides": {"zero_optimization": {"b": 2}}}})
+    cfg = load_run_config([base, method], ["optim.warmup_ratio=0.1", "train.steps=7", "adapter.rank=2"])
+    assert cfg.optim.name == "adafactor" and cfg.optim.lr == 0.25 and cfg.optim.warmup_ratio == 0.1
+    assert cfg.adapter.method == "poly" and cfg.adapter.skills == 4 and cfg.adapter.rank == 2
+    assert cfg.train.steps == 7
+    assert cfg.deepspeed.overrides == {"zero_optimization": {"a": 1, "b": 2}}
+    # FullFT: adapter null replaces the mapping
+    ft = load_run_config([base], ["adapter=null", "train.full_finetune=true"])
+    assert ft.adapter is None and ft.train.full_finetune
+    with pytest.raises(RunConfigError, match="full_finetune"):
+        load_run_config([base], ["train.full_finetune=true"])
+    # the resolved config round-trips
+    saved = save_run_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_run_config([saved]) == cfg
+
+
+def test_ds_config_filled_from_run_config():
+    cfg = load_run_config([], ["train.micro_batch=3", "train.grad_accum=5", "optim.clip=0.5",
+                               "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true"])
+    ds = fill_ds_config(cfg, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
+    assert ds["train_batch_size"] == 60 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 3 and "offload_optimizer" in ds["zero_optimization"]
+    for stage in (0, 1, 2):
+        ds = fill_ds_config(load_run_config([], [f"deepspeed.zero_stage={stage}", "deepspeed.precision=fp32"]), 2)
+        assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] is False
+    with pytest.raises(RunConfigError, match="offload_param"):
+        load_run_config([], ["deepspeed.zero_stage=2", "deepspeed.offload_param=true"])
+
+
+def test_shipped_configs_load():
+    configs = sorted((REPO / "configs").rglob("*.yaml"))
+    assert configs
+    base = REPO / "configs" / "pretrain" / "base_t0_3b.yaml"
+    for path in configs:
+        paths = [path] if path.name in ("base_t0_3b.yaml", "tiny_cpu.yaml") else [base, path]
+        cfg = load_run_config(paths, ["data.dir=/x"])
+        fill_ds_config(cfg, 8)
+
+
+def test_bad_config_fails_before_any_expensive_work(tmp_path, monkeypatch):
+    import launch.pretrain as pretrain
+    import tensorpoly_ds.engine.distributed as dist
+
+    def boom():
+        raise AssertionError("process group created before the config was validated")
+
+    monkeypatch.setattr(dist, "init_distributed", boom)
+    bad = write(tmp_path, "bad.yaml", {"train": {"stepz": 1}})
+    assert pretrain.main(["--config", str(bad)]) == 2
+    good = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
+    assert pretrain.main(["--config", str(good), f"data.dir={tmp_path / 'missing'}"]) == 2
+    from tensorpoly_ds.cli import main as cli_main   # `tensorpoly-ds pretrain` dispatches here
+
+    assert cli_main(["pretrain", "--config", str(bad)]) == 2
+
+
+def test_sigterm_and_sigusr1_set_the_stop_flag():
+    import os
+    import signal
+
+    from tensorpoly_ds.engine.trainer import StopFlag
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        before = signal.getsignal(sig)
+        flag = StopFlag()
+        flag.install()
+        os.kill(os.getpid(), sig)
+        assert flag.signal == sig
+        assert flag.install() is False  # idempotent: the launcher's early install is kept
+        flag.restore()
+        assert signal.getsignal(sig) == before

@@ -1,0 +1,191 @@
+"""End-to-end runs of launch/pretrain.py as subprocesses (1 process, and 2 ranks under torchrun)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import BASE_STEPS, REPO, base_overrides, child_env, pretrain_cmd, read_metrics, run_pretrain
+
+pytestmark = pytest.mark.slow
+REL = 1e-5   # fp32 on CPU: only the summation order differs between layouts
+
+
+def assert_same_trajectory(a: dict, b: dict, rel: float = REL):
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * max(1.0, abs(a[step])), (step, a[step], b[step])
+
+
+def test_single_process_tiny_run_lowers_loss(baseline_run):
+    losses = read_metrics(baseline_run)
+    assert sorted(losses) == list(range(1, BASE_STEPS + 1))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (22, 23, 24)) / 3
+    assert last < 0.8 * first, (first, last)
+    val = read_metrics(baseline_run, "eval", "val/loss")
+    assert sorted(val) == [8, 16, 24] and val[24] < val[8]
+    for name in ("config.yaml", "ds_config.json", "export/adapter_model.safetensors", "export/adapter_config.json"):
+        assert (baseline_run / name).is_file(), name
+    tags = sorted(p.name for p in (baseline_run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert tags == ["step_00000008", "step_00000016", "step_00000024"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_one_rank(stage, tmp_path, prepared_dir, backbone_dir, baseline_run):
+    """2 ranks x micro 2 (ZeRO-2 / ZeRO-3, the backbone loaded under zero.Init) == 1 rank x micro 4 (ZeRO-0)."""
+    run_dir = tmp_path / f"z{stage}"
+    proc = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir, stage=stage, micro=2), nproc=2)
+    if stage == 3:   # the pretrained backbone was loaded under deepspeed.zero.Init (HfDeepSpeedConfig alive)
+        assert "backbone partitioned at load (zero.Init): True" in proc.stdout, proc.stdout[-2000:]
+    assert_same_trajectory(read_metrics(baseline_run), read_metrics(run_dir))
+    assert_same_trajectory(read_metrics(baseline_run, "eval", "val/loss"), read_metrics(run_dir, "eval", "val/loss"))
+    if stage == 3:
+        # resume a ZeRO-3 run (partitioned model and optimizer states) from its step-16 checkpoint
+        resumed = tmp_path / "z3_resumed"
+        shutil.copytree(run_dir / "checkpoints", resumed / "checkpoints")
+        shutil.rmtree(resumed / "checkpoints" / "step_00000024")
+        proc = run_pretrain(resumed, prepared_dir, base_overrides(backbone_dir, stage=stage, micro=2), nproc=2)
+        assert "resumed from" in proc.stdout and "step_00000016" in proc.stdout
+        losses = read_metrics(resumed)
+        assert sorted(losses) == list(range(17, BASE_STEPS + 1))
+        assert_same_trajectory({s: v for s, v in read_metrics(run_dir).items() if s > 16}, losses, rel=1e-6)
+    # the export does not depend on the world size or the ZeRO stage
+    from safetensors.torch import load_file
+
+    a = load_file(str(baseline_run / "export" / "adapter_model.safetensors"))
+    b = load_file(str(run_dir / "export" / "adapter_model.safetensors"))
+    assert set(a) == set(b)
+    # AdamW divides by sqrt(v): float-summation noise in near-zero routing gradients (lr 0.1) moves single
+    # logits by ~1e-4 while the losses agree to 1e-5
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=3e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, prepared_dir, backbone_dir):
+    """A run sent SIGUSR1 after a few steps (returns its exit status), then resumed with --resume auto."""
+    run_dir = tmp_path_factory.mktemp("runs") / "interrupted"
+    cmd = pretrain_cmd(run_dir, prepared_dir, base_overrides(backbone_dir))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and len(read_metrics(run_dir)) >= 5:
+                os.kill(proc.pid, signal.SIGUSR1)
+                break
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopped = dict(read_metrics(run_dir))
+    tags = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    resumed = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir))
+    return {"run_dir": run_dir, "returncode": proc.returncode, "stdout": out, "stderr": err, "stopped": stopped,
+            "tags": tags, "resumed": resumed}
+
+
+def test_sigusr1_checkpoints_and_exits_with_requeue_status(interrupted_run):
+    from tensorpoly_ds.engine.checkpoint import read_meta, verify_tag
+    from tensorpoly_ds.engine.trainer import REQUEUE_EXIT_CODE
+
+    r = interrupted_run
+    assert r["returncode"] == REQUEUE_EXIT_CODE, r["stderr"][-3000:]
+    last = max(r["stopped"])
+    assert 5 <= last < BASE_STEPS
+    tag = f"step_{last:08d}"
+    assert tag in r["tags"], r["tags"]
+    assert "SIGUSR1" in r["stdout"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(interrupted_run, baseline_run):
+    r = interrupted_run
+    assert "resumed from" in r["resumed"].stdout
+    assert_same_trajectory(read_metrics(baseline_run), read_metrics(r["run_dir"]), rel=1e-6)
+    assert_same_trajectory(read_metrics(baseline_run, "eval", "val/loss"),
+                           read_metrics(r["run_dir"], "eval", "val/loss"), rel=1e-6)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, prepared_dir, backbone_dir, baseline_run):
+    run_dir = tmp_path / "corrupt"
+    shutil.copytree(baseline_run / "checkpoints", run_dir / "checkpoints")
+    latest = run_dir / "checkpoints" / "step_00000024"
+    victim = latest / "mp_rank_00_model_states.pt"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])   # truncated write
+    proc = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir))
+    assert "incomplete or corrupt" in proc.stderr and "step_00000024" in proc.stderr
+    assert "resumed from" in proc.stdout and "step_00000016" in proc.stdout
+    losses = read_metrics(run_dir)
+    assert sorted(losses) == list(range(17, BASE_STEPS + 1))
+    base = read_metrics(baseline_run)
+    assert_same_trajectory({s: base[s] for s in losses}, losses, rel=1e-6)
+
+
+def test_srun_style_two_ranks_zero1_match_one_rank(tmp_path, prepared_dir, backbone_dir, baseline_run):
+    """Two plain python processes with only Slurm's variables (as `srun --ntasks 2` starts them)."""
+    from .conftest import free_port
+
+    run_dir = tmp_path / "srun"
+    cmd = pretrain_cmd(run_dir, prepared_dir, base_overrides(backbone_dir, stage=1, micro=2))
+    port = free_port()
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=child_env(SLURM_PROCID=r, SLURM_LOCALID=r, SLURM_NTASKS=2,
+                                                           SLURM_STEP_ID=0, SLURM_JOB_ID=4242,
+                                                           SLURM_JOB_NODELIST="localhost", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    assert_same_trajectory(read_metrics(baseline_run), read_metrics(run_dir))
+    ds = __import__("json").loads((run_dir / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 1 and ds["train_batch_size"] == 8
+
+
+def test_time_budget_checkpoints_and_requeues(tmp_path, prepared_dir, backbone_dir):
+    from tensorpoly_ds.engine.checkpoint import verify_tag
+    from tensorpoly_ds.engine.trainer import REQUEUE_EXIT_CODE
+
+    run_dir = tmp_path / "budget"
+    # the default tiny architecture of tiny_cpu.yaml (random init, vocab from the manifest)
+    overrides = [o for o in base_overrides(backbone_dir) if not o.startswith("model.")]
+    proc = run_pretrain(run_dir, prepared_dir, overrides + ["train.max_minutes=0.0001"], check=False)
+    assert proc.returncode == REQUEUE_EXIT_CODE, proc.stderr[-3000:]
+    assert "time budget" in proc.stdout
+    assert verify_tag(run_dir / "checkpoints" / "step_00000001") is None
+    assert not (run_dir / "export").exists()
+
+
+def test_export_on_request_equals_the_end_of_run_export(tmp_path, prepared_dir, backbone_dir, baseline_run):
+    run_dir = tmp_path / "export_only"
+    shutil.copytree(baseline_run / "checkpoints", run_dir / "checkpoints")
+    proc = subprocess.run(pretrain_cmd(run_dir, prepared_dir, base_overrides(backbone_dir)) + ["--export-only"],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = (baseline_run / "export" / "adapter_model.safetensors").read_bytes()
+    b = (run_dir / "export" / "adapter_model.safetensors").read_bytes()
+    assert a == b
+    assert not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir)
+
+
+@pytest.mark.parametrize("extra,check", [
+    (["deepspeed.precision=bf16", "deepspeed.zero_stage=2", "optim.name=adafactor"],
+     lambda ds: ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2),
+    (["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"],
+     lambda ds: ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+     and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"),
+], ids=["bf16-zero2-adafactor", "zero3-offload"])
+def test_precision_and_offload_variants_run(extra, check, tmp_path, prepared_dir):
+    import json
+    import math
+
+    run_dir = tmp_path / "variant"
+    run_pretrain(run_dir, prepared_dir, ["train.steps=4", "train.eval_every=2", "data.val_max_samples=20", *extra])
+    losses = read_metrics(run_dir)
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+    assert check(json.loads((run_dir / "ds_config.json").read_text()))
