@@ -35,6 +35,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def backbone_record(cfg, vocab_size: int) -> dict:
+    """What adaptation needs to rebuild the same backbone: a backbone built from an architecture name is
+    random, so its init seed (train.seed, set on every rank before the build) is part of its identity."""
+    return {"name_or_path": cfg.model.name_or_path, "vocab_size": cfg.model.vocab_size or vocab_size,
+            "arch_overrides": dict(cfg.model.arch_overrides), "init_seed": cfg.train.seed,
+            "precision": cfg.deepspeed.precision}
+
+
 def main(argv: list[str] | None = None) -> int:
     from tensorpoly_ds.engine.stop import STOP
 
@@ -89,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                    tasks=data.tasks, val_rows=val_rows, resume=args.resume, ds_config=ds_config,
                    fingerprint={"hash": cfg.fingerprint()}, max_input_len=cfg.data.max_input_len,
                    max_target_len=cfg.data.max_target_len, eos_id=data.eos_token_id,
-                   eval_micro_batch=cfg.data.eval_micro_batch, val_max_samples=cfg.data.val_max_samples)
+                   eval_micro_batch=cfg.data.eval_micro_batch, val_max_samples=cfg.data.val_max_samples,
+                   export_extra={"backbone": backbone_record(cfg, data.vocab_size)})
     cfg.train.steps = steps
     del keepalive
     if rank == 0:

@@ -43,6 +43,13 @@ def adapter_state_names(model: nn.Module) -> list[str]:
     return names
 
 
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter an export holds, trainable or not (frozen LayerNorm affines, routing fixed by
+    mode mu or modules frozen by mode z): what a ZeRO-3 gather must cover before export."""
+    names = set(adapter_state_names(model))
+    return [p for n, p in model.named_parameters() if n in names]
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     full = model.state_dict()
     return {k: full[k].detach().to("cpu").contiguous() for k in adapter_state_names(model)}

@@ -180,12 +180,12 @@ def export_trained(engine, out_dir: Path, tasks: list[str], extra: dict | None =
     """Collective. Adapters: tensorpoly_ds.adapters.export_adapters (safetensors + adapter JSON with the
     task registry); full fine-tune: save_pretrained (safetensors). Gathered on every rank under ZeRO-3,
     written by rank 0 only; independent of world size and ZeRO stage."""
-    from tensorpoly_ds.adapters import export_adapters
+    from tensorpoly_ds.adapters import adapter_parameters, export_adapters
 
     module = engine.module
     out_dir = Path(out_dir)
     has_adapters = getattr(module, "tpds_adapter_config", None) is not None
-    params = [p for p in module.parameters() if p.requires_grad] if has_adapters else list(module.parameters())
+    params = adapter_parameters(module) if has_adapters else list(module.parameters())
     with gathered(engine, params):
         if dist.rank() == 0:
             if has_adapters:
@@ -228,7 +228,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
           resume: str = "none", ds_config: dict | None = None, fingerprint: dict | None = None,
           max_input_len: int | None = None, max_target_len: int | None = None, eos_id: int = 1,
           eval_micro_batch: int | None = None, val_max_samples: int | None = None,
-          export_dir: str | Path | None = None) -> TrainResult:
+          export_dir: str | Path | None = None, export_extra: dict | None = None) -> TrainResult:
     """Train `model` (adapters injected and frozen backbone, or everything trainable) on `train_rows`
     (a datasets.Dataset or anything indexable by a list of ints returning a dict of columns, with at least
     task_id, input_ids, target_ids). The process group must exist (distributed.init_distributed()) or the
@@ -397,7 +397,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
                 run_eval(step)
             if train.export_at_end:
                 export_path = export_trained(engine, Path(export_dir or run_dir / "export"), tasks or [],
-                                             extra={"step": step})
+                                             extra={"step": step, **(export_extra or {})})
     finally:
         if installed_here:
             stop.restore()
