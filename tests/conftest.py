@@ -14,6 +14,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _isolated_environ():
+    """In-process runs write RANK, WORLD_SIZE, MASTER_PORT... into os.environ (as a launcher would); a
+    later test that starts srun or torchrun must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def tiny_t5(vocab_size: int = 64, **overrides):
     from transformers import T5ForConditionalGeneration
 
