@@ -14,14 +14,18 @@ def _seed():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _isolated_environ():
-    """In-process runs write RANK, WORLD_SIZE, MASTER_PORT... into os.environ (as a launcher would); a
-    later test that starts srun or torchrun must not inherit them."""
+def _restoring_environ():
     saved = dict(os.environ)
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+# In-process runs write RANK, WORLD_SIZE, MASTER_PORT... into os.environ (as a launcher would); a later
+# test that starts srun or torchrun must not inherit them. Module scope covers module-scoped fixtures
+# that initialise a process group; function scope covers single tests.
+_isolated_environ_module = pytest.fixture(scope="module", autouse=True)(_restoring_environ)
+_isolated_environ = pytest.fixture(autouse=True)(_restoring_environ)
 
 
 def tiny_t5(vocab_size: int = 64, **overrides):

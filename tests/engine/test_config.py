@@ -87,7 +87,7 @@ def test_ds_config_filled_from_run_config():
 
 
 def test_shipped_configs_load():
-    configs = sorted((REPO / "configs").rglob("*.yaml"))
+    configs = sorted((REPO / "configs" / "pretrain").rglob("*.yaml"))
     assert configs
     base = REPO / "configs" / "pretrain" / "base_t0_3b.yaml"
     for path in configs:
