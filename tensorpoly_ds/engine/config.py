@@ -221,6 +221,12 @@ def _check_value(value: Any, tp, key: str, origin: str) -> Any:
         raise RunConfigError(f"{origin}: key '{key}' = {value!r}: expected "
                              f"{' or '.join(_type_name(a) for a in args)}, got {type(value).__name__}")
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-3 (no dot) as a string; a researcher means the number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RunConfigError(f"{origin}: key '{key}' = {value!r}: expected a number, got {type(value).__name__}")
         return float(value)

@@ -50,6 +50,14 @@ def test_fp16_refused(tmp_path):
         fill_ds_config(cfg, 1)
 
 
+def test_exponent_without_dot_is_a_number(tmp_path):
+    base = write(tmp_path, "base.yaml", {"optim": {"module_lr": "1e-3"}})
+    cfg = load_run_config([base], ["optim.lr=3e-3"])
+    assert cfg.optim.lr == 3e-3 and cfg.optim.module_lr == 1e-3
+    with pytest.raises(RunConfigError, match="'optim.lr' = 'fast'.*expected a number"):
+        load_run_config([base], ["optim.lr=fast"])
+
+
 def test_compose_and_overrides(tmp_path):
     base = write(tmp_path, "base.yaml", {"optim": {"name": "adafactor", "lr": 0.5},
                                           "adapter": {"method": "poly", "skills": 8},
