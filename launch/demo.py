@@ -1,9 +1,11 @@
 """The demo: the whole pipeline on the embedded mixture, on this machine's CPUs.
 
   1. prep      the embedded mixture (16 training tasks, 3 held-out tasks) and its tokenizer
-  2. pretrain  a tiny T5 with each method's adapters on the multi-task mixture (DeepSpeed, ZeRO-0, fp32)
-  3. sweep     few-shot adaptation: methods x modes x held-out tasks x seeds, P local workers
-  4. report    Table 1 (median over seeds), parameter table, plots
+  2. backbone  full fine-tuning of a tiny T5 on the mixture: the stand-in for T0, which is itself a
+               multi-task-trained T5 (adapters on a random frozen backbone would learn little)
+  3. pretrain  each method's adapters on that frozen backbone, multi-task (DeepSpeed, ZeRO-0, fp32)
+  4. sweep     few-shot adaptation: methods x modes x held-out tasks x seeds, P local workers
+  5. report    Table 1 (median over seeds), parameter table, plots
 
 Every stage is the real command (`tensorpoly-ds prep|pretrain|sweep|report`) and every stage is
 resumable: rerunning the demo with the same --out skips what is finished.
@@ -59,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, from: {', '.join(DEMO_METHODS)}")
     p.add_argument("--modes", default="full,z,mu", help="adaptation modes for routed methods")
     p.add_argument("--seeds", default="0,1024,42")
-    p.add_argument("--pretrain-steps", type=int, default=200)
-    p.add_argument("--adapt-steps", type=int, default=40)
+    p.add_argument("--backbone-steps", type=int, default=300, help="full fine-tuning steps of the tiny backbone")
+    p.add_argument("--pretrain-steps", type=int, default=200, help="multi-task adapter steps per method")
+    p.add_argument("--adapt-steps", type=int, default=100, help="few-shot steps per job")
     p.add_argument("--workers", type=int, default=2, help="concurrent adaptation jobs")
     p.add_argument("--quick", action="store_true", help="one seed, 60 pretraining and 20 adaptation steps")
     return p
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tensorpoly-ds demo: unknown method(s) {unknown}; valid: {', '.join(DEMO_METHODS)}", file=sys.stderr)
         return 2
     if args.quick:
-        args.seeds, args.pretrain_steps, args.adapt_steps = "0", 60, 20
+        args.seeds, args.backbone_steps, args.pretrain_steps, args.adapt_steps = "0", 150, 60, 40
     out = Path(args.out).resolve()
     data_dir, report_dir, sweep_dir = out / "data", out / "report", out / "sweep"
     env = dict(os.environ)
@@ -84,14 +87,24 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     started = time.monotonic()
 
-    t = stage("1/4 prep: the embedded mixture")
+    t = stage("1/5 prep: the embedded mixture")
     run([py, "-m", "data_prep", "--mixture", "embedded", "--source", "embedded", "--tokenizer", "embedded",
          "--out", str(data_dir)], env)
     print(f"prep: {time.monotonic() - t:.0f} s")
 
+    t = stage(f"2/5 backbone: full fine-tuning of a tiny T5 on the mixture, {args.backbone_steps} steps")
+    backbone = out / "backbone" / "export"
+    if (backbone / "config.json").is_file():
+        print(f"backbone: {backbone} exists, skipped")
+    else:
+        run([py, "-m", "launch.pretrain", "--config", str(TINY_CONFIG), f"data.dir={data_dir}",
+             f"run.dir={backbone.parent}", "adapter=null", "train.full_finetune=true", "optim.lr=3e-3",
+             f"train.steps={args.backbone_steps}", "train.progress_bar=false"], env)
+        print(f"backbone: {time.monotonic() - t:.0f} s")
+
     exports: dict[str, Path] = {}
     for method in methods:
-        t = stage(f"2/4 pretrain: {LABELS[method]} adapters on a tiny T5, {args.pretrain_steps} steps")
+        t = stage(f"3/5 pretrain: {LABELS[method]} adapters on the frozen backbone, {args.pretrain_steps} steps")
         run_dir = out / "pretrain" / method
         exports[method] = run_dir / "export"
         if (exports[method] / "adapter_config.json").is_file():
@@ -99,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         overrides = [f"{k}={v}" for k, v in DEMO_METHODS[method].items()]
         run([py, "-m", "launch.pretrain", "--config", str(TINY_CONFIG), f"data.dir={data_dir}", f"run.dir={run_dir}",
-             f"train.steps={args.pretrain_steps}", "train.progress_bar=false", *overrides], env)
+             f"model.name_or_path={backbone}", f"train.steps={args.pretrain_steps}", "train.progress_bar=false",
+             *overrides], env)
         print(f"pretrain {method}: {time.monotonic() - t:.0f} s")
 
-    t = stage("3/4 sweep: few-shot adaptation per method, mode, held-out task and seed")
+    t = stage("4/5 sweep: few-shot adaptation per method, mode, held-out task and seed")
     grid = {
-        "base": {"data_dir": str(data_dir), "model": "tiny", "steps": args.adapt_steps, "batch_size": 8,
+        "base": {"data_dir": str(data_dir), "model": str(backbone), "steps": args.adapt_steps, "batch_size": 8,
                  "eval_every": args.adapt_steps, "optimizer": "adamw", "lr": 1e-2},
         "methods": [{"label": LABELS[m], "export": str(exports[m])} for m in methods],
         "modes": [m.strip() for m in args.modes.split(",") if m.strip()],
@@ -119,14 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         env)
     print(f"sweep: {time.monotonic() - t:.0f} s")
 
-    t = stage("4/4 report")
+    t = stage("5/5 report")
     run([py, "-m", "launch.report", str(sweep_dir), "--out", str(report_dir)], env)
     table = report_dir / "table1.md"
     if table.is_file():
         print("\n" + table.read_text())
     print(f"demo finished in {time.monotonic() - started:.0f} s; report in {report_dir} "
           f"(report.md, table1.csv, params.md, accuracy.png, routing_*.png); "
-          f"TensorBoard: tensorboard --logdir {out / 'pretrain'}")
+          f"TensorBoard: tensorboard --logdir {out}")
     return 0
 
 
