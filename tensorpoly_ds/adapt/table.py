@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.rank_classification import write_jsonl
 from .job import AdaptJob, FULLFT, JobError
 
 ROUTED = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")
@@ -101,14 +102,8 @@ def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathL
 
 
 def write_table(path: str | os.PathLike, rows: list[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    """The job table: JSON Lines, one job per line, written atomically (row i = array task i)."""
+    return write_jsonl(path, rows)
 
 
 def read_table(path: str | os.PathLike) -> list[dict]:

@@ -103,6 +103,21 @@ class AdapterLinear(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("base.")]
 
 
+class MixedLowRank:
+    """For routed methods whose task adapter is a pair (A [u, in, r], B [u, r, out]) built by `mixed`."""
+
+    def mixed(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def delta_from_weights(self, x, weights, inverse):
+        a, b = self.mixed(weights)
+        return apply_low_rank(x, a, b, inverse, self.scale)
+
+    def delta_weight(self, weights):
+        a, b = self.mixed(weights[None])
+        return a[0] @ b[0] * self.scale
+
+
 def apply_low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inverse: torch.Tensor | None,
                    scale: float) -> torch.Tensor:
     """x @ A @ B * scale with A [u, in, r], B [u, r, out] per distinct task (or [in, r], [r, out])."""

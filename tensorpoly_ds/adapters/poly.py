@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AdapterLinear, apply_low_rank, reference_bound, uniform_
+from .base import AdapterLinear, MixedLowRank, reference_bound, uniform_
 from .config import AdapterConfig
 
 
-class PolyLinear(AdapterLinear):
+class PolyLinear(MixedLowRank, AdapterLinear):
     def __init__(self, base: nn.Linear, cfg: AdapterConfig, side: str, name: str) -> None:
         super().__init__(base, cfg, side, name)
         h = cfg.heads
@@ -33,14 +33,6 @@ class PolyLinear(AdapterLinear):
         a = torch.einsum("uhs,shir->uhir", w, self.lora_a).reshape(w.shape[0], self.in_features, -1)
         b = torch.einsum("uhs,shro->urho", w, self.lora_b).reshape(w.shape[0], -1, self.out_features)
         return a, b
-
-    def delta_from_weights(self, x, weights, inverse):
-        a, b = self.mixed(weights)
-        return apply_low_rank(x, a, b, inverse, self.scale)
-
-    def delta_weight(self, weights):
-        a, b = self.mixed(weights[None])
-        return a[0] @ b[0] * self.scale
 
     def collapsed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The single LoRA (A, B) that uniform routing computes: the mean of the skills."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLinear, apply_low_rank, reference_bound, uniform_
+from .base import AdapterLinear, MixedLowRank, apply_low_rank, reference_bound, uniform_
 from .config import AdapterConfig, int_root
 
 
@@ -97,7 +97,7 @@ class TLoRALinear(AdapterLinear):
         return a @ b * self.scale
 
 
-class TensorPolyILinear(TLoRALinear):
+class TensorPolyILinear(MixedLowRank, TLoRALinear):
     """TensorPoly-I: the R Kronecker terms are the skills; A_task = sum_k w_k kron_j v_jk."""
 
     def __init__(self, base, cfg, side, name) -> None:
@@ -109,14 +109,6 @@ class TensorPolyILinear(TLoRALinear):
         a = torch.einsum("uk,krd->udr", w, self.side_a.terms())
         b = torch.einsum("uk,krd->urd", w, self.side_b.terms())
         return a, b
-
-    def delta_from_weights(self, x, weights, inverse):
-        a, b = self.mixed(weights)
-        return apply_low_rank(x, a, b, inverse, self.scale)
-
-    def delta_weight(self, weights):
-        a, b = self.mixed(weights[None])
-        return a[0] @ b[0] * self.scale
 
 
 class TensorPolyIILinear(TensorPolyILinear):
