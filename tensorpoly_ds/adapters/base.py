@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .routing import RoutingTable, current_task_ids
+from .routing import RoutingTable, current_task_groups
 
 
 def uniform_(tensor: torch.Tensor, bound: float) -> torch.Tensor:
@@ -64,14 +64,12 @@ class AdapterLinear(nn.Module):
     def attach_routing(self, table: RoutingTable) -> None:
         self._routing[:] = [table]
 
-    def task_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights of the distinct tasks [u, heads, skills], row -> distinct task index [batch])."""
-        ids = current_task_ids(self.side, x.shape[0], self.adapter_name).to(x.device)
-        if ids.numel() > 0 and bool((ids == ids[0]).all()):
-            distinct, inverse = ids[:1], torch.zeros_like(ids)
-        else:
-            distinct, inverse = torch.unique(ids, return_inverse=True)
-        return self.routing.weights(distinct), inverse
+    def task_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weights of the distinct tasks [u, heads, skills], row -> distinct task index [batch] or None
+        when every row has the same task)."""
+        groups = current_task_groups(self.side, x.shape[0], self.adapter_name)
+        inverse = None if groups.inverse is None else groups.inverse.to(x.device)
+        return self.routing.weights(groups.distinct), inverse
 
     # --- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

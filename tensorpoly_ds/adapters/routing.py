@@ -23,9 +23,26 @@ class RoutingError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class TaskGroups:
+    """One side's ids, grouped once per routing scope so that every adapted layer reuses the grouping
+    (hundreds of layers per forward pass) instead of recomputing it (a device sync each on GPUs)."""
+
+    ids: torch.Tensor                    # [batch] or a 0-dim tensor (one task for every row)
+    distinct: torch.Tensor               # [u] distinct task ids
+    inverse: torch.Tensor | None         # [batch] row -> index into `distinct`; None for a 0-dim id
+
+    @classmethod
+    def of(cls, ids: torch.Tensor) -> "TaskGroups":
+        if ids.dim() == 0:
+            return cls(ids, ids[None], None)
+        distinct, inverse = torch.unique(ids, return_inverse=True)
+        return cls(ids, distinct, inverse)
+
+
+@dataclass(frozen=True)
 class RoutingBatch:
-    encoder: torch.Tensor   # [batch] or a 0-dim tensor (one task for every row)
-    decoder: torch.Tensor
+    encoder: TaskGroups
+    decoder: TaskGroups
 
 
 _CURRENT: ContextVar[RoutingBatch | None] = ContextVar("tensorpoly_ds_routing", default=None)
@@ -43,8 +60,8 @@ def task_routing(task_ids, decoder_task_ids=None) -> Iterator[RoutingBatch]:
     """Route one forward pass. `task_ids` has one id per encoder row (or one id for all rows);
     `decoder_task_ids` one per decoder row, defaulting to `task_ids`. Rank classification passes the
     ids repeated per answer choice; beam search passes them repeated per beam."""
-    encoder = _as_ids(task_ids, "task_ids")
-    decoder = encoder if decoder_task_ids is None else _as_ids(decoder_task_ids, "decoder_task_ids")
+    encoder = TaskGroups.of(_as_ids(task_ids, "task_ids"))
+    decoder = encoder if decoder_task_ids is None else TaskGroups.of(_as_ids(decoder_task_ids, "decoder_task_ids"))
     token = _CURRENT.set(RoutingBatch(encoder, decoder))
     try:
         yield _CURRENT.get()
@@ -68,19 +85,17 @@ def routing_checkpoint_context_fn():
     return contextlib.nullcontext(), _restored(captured)
 
 
-def current_task_ids(side: str, batch_size: int, where: str) -> torch.Tensor:
-    """The ids for a layer on `side` ('encoder' or 'decoder') that sees `batch_size` rows."""
+def current_task_groups(side: str, batch_size: int, where: str) -> TaskGroups:
+    """The grouped ids for a layer on `side` ('encoder' or 'decoder') that sees `batch_size` rows."""
     routing = _CURRENT.get()
     if routing is None:
         raise RoutingError(f"{where}: a routed adapter ran outside task_routing(...); "
                            "wrap the forward pass in `with task_routing(task_ids): ...`")
-    ids = routing.encoder if side == "encoder" else routing.decoder
-    if ids.dim() == 0:
-        return ids.expand(batch_size)
-    if ids.shape[0] != batch_size:
-        raise RoutingError(f"{where}: {side} batch has {batch_size} rows but {ids.shape[0]} task ids were given; "
-                           "pass decoder_task_ids explicitly when the decoder batch differs (choices, beams)")
-    return ids
+    groups = routing.encoder if side == "encoder" else routing.decoder
+    if groups.ids.dim() == 1 and groups.ids.shape[0] != batch_size:
+        raise RoutingError(f"{where}: {side} batch has {batch_size} rows but {groups.ids.shape[0]} task ids were "
+                           "given; pass decoder_task_ids explicitly when the decoder batch differs (choices, beams)")
+    return groups
 
 
 class RoutingTable(nn.Module):
