@@ -30,7 +30,7 @@ TABLE_FILE = "jobs.jsonl"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tensorpoly-ds sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", help="YAML or JSON grid (base, methods, modes, tasks, seeds, ks); see the README, stage 3")
+    p.add_argument("--grid", help="YAML or JSON grid (base, methods, modes, tasks, seeds, ks); see docs/adapt.md")
     p.add_argument("--table", help="run an existing job table instead of expanding a grid")
     p.add_argument("--out", required=True, help="sweep directory: jobs.jsonl and jobs/<id>/ go here")
     p.add_argument("--workers", "-P", type=int, default=1, help="concurrent local jobs (default 1)")

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Helpers shared by the sbatch scripts in slurm/. Sourced, never executed.
 #
-# Knobs read here (all optional; documented in the README, section "Slurm"):
+# Knobs read here (all optional; documented in docs/slurm.md):
 #   TPDS_ENV_FILE          a bash file sourced first in every job (module loads, venv activation, exports)
 #   TPDS_CMD               the command line prefix of the CLI [tensorpoly-ds]
 #   TPDS_<STAGE>_CMD       full prefix for one stage, e.g. TPDS_ADAPT_CMD="python my_fake_adapt.py"

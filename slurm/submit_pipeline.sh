@@ -49,7 +49,7 @@
 #   --dry-run           print the sbatch commands (with <prep>, <pretrain>, ... for the job ids) and submit nothing
 #
 # Output: one line per submitted job, "<stage> <job id>". Stage commands can be replaced for testing or
-# site wrappers with TPDS_CMD / TPDS_<STAGE>_CMD (see the README, section "Slurm"); they are passed to the jobs.
+# site wrappers with TPDS_CMD / TPDS_<STAGE>_CMD (see docs/slurm.md); they are passed to the jobs.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
