@@ -319,6 +319,7 @@ def build(cfg: PrepConfig, log: Callable[[str], None] = print) -> Result:
             skipped={"total": {r: sum(c.get(r, 0) for c in ld.skipped.values()) for r in REASONS},
                      "by_config": {k: dict(sorted(v.items())) for k, v in ld.skipped.items()}},
             shards=shards, content_hash="", args=cfg.output_args(), few_shot=few_info, eval=eval_info,
+            extra=dict(p.mixture.manifest_extra),
         ).to_json()
         body["content_hash"] = content_hash(stage.path, body)
         write_json_atomic(stage.path / MANIFEST, body)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import embedded
+from . import embedded, latent_skills
 from .errors import ConfigError, DataError
 from .records import MISSING, Chunk
 
@@ -144,14 +144,16 @@ class EmbeddedSource:
         return "embedded"
 
     def check_configs(self, configs: list[str]) -> None:
-        valid = set(embedded.config_names())
+        valid = set(embedded.config_names()) | set(latent_skills.config_names())
         missing = [c for c in configs if c not in valid]
         if missing:
-            raise ConfigError(f"the embedded source only provides the embedded mixture; it has no configs "
+            raise ConfigError(f"the embedded source only provides the generated mixtures (embedded, latent_skills*); "
+                              f"it has no configs "
                               f"{missing[:10]}; valid configs: {sorted(valid)}")
 
     def load(self, config: str, split: str) -> list[Chunk]:
-        rows = embedded.records(config, split)
+        generator = latent_skills if config in set(latent_skills.config_names()) else embedded
+        rows = generator.records(config, split)
         cols, n = _columns_from_rows(rows, f"embedded:{config}/{split}", config)
         return [Chunk(f"embedded:{config}/{split}", cols, n)]
 
