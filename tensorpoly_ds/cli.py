@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("launch.sweep", "expand a grid into a job table and run it with P workers"),
     "report": ("launch.report", "collect results into tables and plots"),
     "demo": ("launch.demo", "the whole pipeline on the embedded mixture"),
+    "replicate": ("launch.replicate", "the laptop-scale replication: every method, mode, task, k, seed; verdicts"),
 }
 
 
