@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
 
 from .adapters import AdapterConfig, adapter_layers, inject_adapters, routing_tables
-from .adapters.config import METHODS
+from .adapters.config import METHODS, ROUTINGS
 from .models import KNOWN_ARCHITECTURES, resolve_config
 
 
@@ -42,7 +42,7 @@ def count_parameters(model: str, cfg: AdapterConfig, num_tasks: int) -> dict:
         row = per_type[layer_type(name)]
         row["layers"] += 1
         row["modules"] += n
-        if layer.routing is not None and cfg.routing_granularity == "layer":
+        if layer.routing is not None and cfg.routing_granularity == "layer" and cfg.routing == "learned":
             row["routing"] += layer.routing.logits.numel()
             row["routing_per_task"] += layer.routing.heads * layer.routing.skills
         modules_total += n
@@ -55,6 +55,8 @@ def count_parameters(model: str, cfg: AdapterConfig, num_tasks: int) -> dict:
                                          for l in adapter_layers(net).values())
     if not cfg.routed:
         adaptation = {"full": modules_total}
+    elif cfg.routing == "random":   # Random-mu: no routing parameters, only the uniform average adapts
+        adaptation = {k: v for k, v in adaptation.items() if k.startswith("mu")}
     return {
         "model": model,
         "method": cfg.method,
@@ -82,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=1, help="h: MHR heads")
     p.add_argument("--tasks", type=int, default=313, help="number of multi-task training tasks (313 for T0)")
     p.add_argument("--targets", default=None, help="regex over module names (default: the method's T5 set)")
+    p.add_argument("--routing", default="learned", choices=ROUTINGS,
+                   help="learned routing logits, or random (Random-mu: no routing parameters)")
     p.add_argument("--routing-granularity", default="layer", choices=("layer", "block", "group", "model"))
     p.add_argument("--routing-group-size", type=int, default=1)
     p.add_argument("--layernorm", action="store_true", help="TLoRA family: LayerNorm on Kronecker products")
@@ -91,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_table(report: dict) -> str:
+    routing = ("random routing (no parameters)" if report["adapter"]["routing"] == "random"
+               else f"{report['routing_tables']} routing tables")
     lines = [f"{report['method']} on {report['model']}: {report['adapted_layers']} adapted layers, "
-             f"{report['routing_tables']} routing tables, {report['num_tasks']} tasks",
+             f"{routing}, {report['num_tasks']} tasks",
              f"{'layer type':<34}{'layers':>8}{'modules':>14}{'routing':>12}"]
     for name, row in report["per_layer_type"].items():
         lines.append(f"{name:<34}{row['layers']:>8}{row['modules']:>14,}{row.get('routing', 0):>12,}")
@@ -106,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = AdapterConfig(method=args.method, rank=args.rank, tensor_rank=args.tensor_rank, order=args.order,
                         skills=args.skills, heads=args.heads, targets=args.targets,
-                        routing_granularity=args.routing_granularity, routing_group_size=args.routing_group_size,
+                        routing=args.routing, routing_granularity=args.routing_granularity,
+                        routing_group_size=args.routing_group_size,
                         layernorm=args.layernorm, layernorm_affine=args.layernorm_affine)
     report = count_parameters(args.model, cfg, args.tasks)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
