@@ -51,20 +51,21 @@ def alignment_records(run_dir):
     return [r for r in map(json.loads, lines) if r["kind"] == "grad_alignment"]
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_monitor_leaves_training_unchanged_and_logs_the_direct_matrix(tmp_path, prepared_dir, stage):
+@pytest.mark.parametrize("stage,n_tasks", [(0, None), (2, 3)])   # None: the default choice of tasks
+def test_monitor_leaves_training_unchanged_and_logs_the_direct_matrix(tmp_path, prepared_dir, stage, n_tasks):
     data = PreparedData.open(prepared_dir)
     rows = data.split("train")
+    tasks = data.tasks[:n_tasks] if n_tasks else []
     off = run(tmp_path, "off", data, rows, every=0, stage=stage)
-    on = run(tmp_path, "on", data, rows, every=2, stage=stage)
+    on = run(tmp_path, "on", data, rows, every=2, stage=stage, tasks=tasks)
     assert [h["train/loss"] for h in on.history] == [h["train/loss"] for h in off.history]
     for (name, a), (_, b) in zip(off.model.named_parameters(), on.model.named_parameters()):
         assert torch.equal(a, b), name
     records = alignment_records(tmp_path / "on")
     assert [r["step"] for r in records] == [2, 4] and not alignment_records(tmp_path / "off")
     last = records[-1]
-    ids = select_tasks(data.tasks, [])
-    assert last["tasks"] == [data.tasks[t] for t in ids] and len(ids) == min(8, len(data.tasks))
+    ids = select_tasks(data.tasks, tasks)
+    assert last["tasks"] == [data.tasks[t] for t in ids] and len(ids) == (n_tasks or min(8, len(data.tasks)))
     expected = direct_matrix(on.model, rows, ids, per_task=3)   # the parameters after step 4
     torch.testing.assert_close(torch.tensor(last["matrix"]), expected, atol=2e-6, rtol=0)
     n = len(ids)
