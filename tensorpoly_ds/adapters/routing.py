@@ -166,7 +166,7 @@ def uniform_weights(shape: tuple[int, ...], normalise_dim: int, device=None, dty
 
 def random_allocation(rows: int, heads: int, skills: int, normalise_dim: int, generator: torch.Generator) -> torch.Tensor:
     """[rows, heads, skills]: along `normalise_dim`, a uniformly random non-empty subset of the modules
-    (i.i.d. fair coins conditioned on at least one head), weighted 1/|subset| as Poly normalises a binary
+    (i.i.d. fair coins conditioned on at least one module), weighted 1/|subset| as Poly normalises a binary
     routing. A non-empty subset is the bit pattern of an integer drawn uniformly from [1, 2^n)."""
     shape = [rows, heads, skills]
     dim = normalise_dim % 3

@@ -250,3 +250,24 @@ def test_one_allocation_per_example_for_layers_sharing_a_table():
         model(input_ids=torch.randint(2, 64, (2, 5)), labels=torch.randint(2, 64, (2, 3)))
     assert len(seen) == 3 and all(torch.equal(w, seen[0]) for w in seen)
     assert math.isclose(float(seen[0].sum()), 2.0)
+
+
+def test_adaptation_job_refuses_full_and_z_before_building_the_backbone(tmp_path, monkeypatch):
+    from tensorpoly_ds.adapt import job as job_module
+
+    export_adapters(trained_random_model("poly"), tmp_path / "export", tasks=["a", "b", "c", "d"])
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was built before the mode was checked")
+
+    monkeypatch.setattr(job_module, "build_backbone", no_backbone)
+    for mode in ("full", "z"):
+        job = job_module.AdaptJob(out_dir=str(tmp_path / mode), data_dir=str(tmp_path), task="t", mode=mode,
+                                  export=str(tmp_path / "export"))
+        with pytest.raises(ModeError, match=rf"{tmp_path / 'export'}: adapter field 'routing' = 'random'"):
+            job_module.setup_model(job, vocab_size=64)
+    job = job_module.AdaptJob(out_dir=str(tmp_path / "mu"), data_dir=str(tmp_path), task="t", mode="mu",
+                              export=str(tmp_path / "export"))
+    with pytest.raises(AssertionError, match="backbone was built"):
+        job_module.setup_model(job, vocab_size=64)
+    assert job_module.method_label(job, AdapterConfig(method="poly", routing="random")) == "Random-mu (Poly)"
