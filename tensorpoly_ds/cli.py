@@ -7,6 +7,7 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "params": ("tensorpoly_ds.params", "count multi-task and adaptation parameters (meta device)"),
+    "plan": ("tensorpoly_ds.plan.cli", "per-GPU memory by component and the cheapest setting that fits (meta device)"),
     "prep": ("data_prep.cli", "stage 1: P3 mixtures -> tokenised, sharded Arrow datasets"),
     "pretrain": ("launch.pretrain", "stage 2: multi-task pretraining on DeepSpeed"),
     "adapt": ("launch.adapt", "stage 3: few-shot adaptation of one (task, seed) job, or a job-table row"),
