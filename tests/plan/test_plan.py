@@ -60,6 +60,7 @@ def test_plan_matches_the_peak_memory_of_real_training_steps(tmp_path, checkpoin
     report = plan(run_config(build_parser().parse_args(["--config", str(path)])), num_tasks=4, gpus=1,
                   gpu_bytes=None, device="cpu")
     predicted = configured_total(report)
+    print(f"checkpointing={checkpointing}: plan {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
     assert abs(predicted - measured) <= TOLERANCE * measured, (predicted / 2**20, measured / 2**20)
 
 
