@@ -19,6 +19,7 @@ from dataclasses import asdict
 from .memory import CANDIDATES, GIB, Estimate, Setting, Workload, deepspeed_estimate, estimate, recommend
 
 DEFAULT_LENGTH = 256   # T0's max input/target length, when neither the config nor a flag gives one
+T0_TASKS = 313
 COLUMNS = ("frozen weights", "adapter weights", "gradients", "optimizer states", "activations", "ZeRO-3 gathered",
            "buffers")
 SHORT = ("frozen", "adapter", "grads", "optim", "activ", "zero3", "buffers")
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="t0-3b | t0-11b | tiny | a config.json, model directory or known Hub name")
     p.add_argument("--method", choices=(*METHODS, "fullft"), help="adapter method, or fullft (every parameter)")
     add_adapter_arguments(p)
-    p.add_argument("--tasks", type=int, default=313, help="multi-task training tasks (routing rows; 313 for T0)")
+    p.add_argument("--tasks", type=int, default=None,
+                   help="multi-task training tasks (routing rows); default: the manifest's of data.dir, else 313 (T0)")
     p.add_argument("--micro-batch", type=int, help="per-GPU micro batch (train.micro_batch)")
     p.add_argument("--input-len", type=int, help=f"input tokens (data.max_input_len; default {DEFAULT_LENGTH})")
     p.add_argument("--target-len", type=int, help=f"target tokens (data.max_target_len; default {DEFAULT_LENGTH})")
@@ -88,6 +90,18 @@ def run_config(args):
     if args.checkpointing:
         flags.append(f"train.gradient_checkpointing={str(args.checkpointing == 'on').lower()}")
     return load_run_config(args.config, flags + list(args.overrides))
+
+
+def manifest_tasks(cfg) -> int | None:
+    """The number of training tasks of the run's prepared data, when data.dir holds a manifest."""
+    if not cfg.data.dir:
+        return None
+    from tensorpoly_ds.engine.data import DataError, PreparedData
+
+    try:
+        return len(PreparedData.open(cfg.data.dir).tasks)
+    except (DataError, OSError):   # no prepared data yet: plan for the T0 mixture
+        return None
 
 
 def ds_config_for(cfg, setting: Setting, gpus: int) -> dict:
@@ -211,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             raise PlanError(f"--gpus {args.gpus}: must be >= 1")
         gpu_bytes = parse_size(args.gpu_mem) if args.gpu_mem else None
         cfg = run_config(args)
-        report = plan(cfg, num_tasks=args.tasks, gpus=args.gpus, gpu_bytes=gpu_bytes, device=args.device)
+        report = plan(cfg, num_tasks=args.tasks or manifest_tasks(cfg) or T0_TASKS, gpus=args.gpus,
+                      gpu_bytes=gpu_bytes, device=args.device)
     except (ValueError, OSError) as err:   # config, adapter and size errors name the field and the value
         print(f"tensorpoly-ds plan: {err}", file=sys.stderr)
         return 2
