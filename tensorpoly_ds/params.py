@@ -30,9 +30,9 @@ def build_meta_model(model: str | PretrainedConfig):
 
     config = model if isinstance(model, PretrainedConfig) else resolve_config(model)
     with init_empty_weights():
-        if config.model_type == "t5":
-            return T5ForConditionalGeneration(config)
-        return AutoModelForSeq2SeqLM.from_config(config)
+        net = T5ForConditionalGeneration(config) if config.model_type == "t5" else AutoModelForSeq2SeqLM.from_config(config)
+    net.tie_weights()   # init_empty_weights re-creates every parameter, which unties shared embeddings
+    return net
 
 
 def count_parameters(model: str, cfg: AdapterConfig, num_tasks: int) -> dict:

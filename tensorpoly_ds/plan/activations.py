@@ -5,7 +5,8 @@ This measures what the model's own code saves (attention scores, FFN hidden stat
 float32 logits of the loss) instead of a formula that would drift from it. Storages are counted once (views
 share them) and parameters are not activations. Saved tensors are attributed to the transformer block that
 was running, which gives the checkpointed footprint too: with per-block activation checkpointing only the
-blocks' inputs stay alive, plus one block's activations while it is recomputed in backward.
+blocks' inputs stay alive, plus what the loss and the head keep until their backward has run, then one
+block's activations at a time while it is recomputed.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ class ActivationProfile:
 
     @property
     def with_checkpointing(self) -> int:
-        return self.outside_blocks + self.block_inputs + max(self.blocks, default=0)
+        """Peak with per-block checkpointing: the blocks' inputs, plus the larger of what the loss and the head
+        keep (their backward runs first) and one recomputed block (afterwards)."""
+        return self.block_inputs + max(self.outside_blocks, self.largest_block)
 
     @property
     def largest_block(self) -> int:

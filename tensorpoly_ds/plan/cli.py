@@ -16,7 +16,8 @@ import re
 import sys
 from dataclasses import asdict
 
-from .memory import CANDIDATES, GIB, Estimate, Setting, Workload, deepspeed_estimate, estimate, recommend
+from .memory import (BACKWARD_WORKSPACE, CANDIDATES, GIB, Estimate, Setting, Workload, deepspeed_estimate,
+                     estimate, recommend)
 
 DEFAULT_LENGTH = 256   # T0's max input/target length, when neither the config nor a flag gives one
 T0_TASKS = 313
@@ -147,7 +148,8 @@ def plan(cfg, *, num_tasks: int, gpus: int, gpu_bytes: float | None, device: str
         "gpu_bytes": gpu_bytes,
         "params": {"frozen": facts.frozen, "trainable": facts.trainable, "largest_module": facts.largest_module},
         "activations": {"without_checkpointing": profile.without_checkpointing,
-                        "with_checkpointing": profile.with_checkpointing, "workspace": profile.largest_tensor},
+                        "with_checkpointing": profile.with_checkpointing,
+                        "workspace": BACKWARD_WORKSPACE * profile.largest_tensor},
         "configured": asdict(configured),
         "settings": [{"setting": asdict(e.setting), "label": e.setting.label(), "gpu": e.gpu, "cpu": e.cpu,
                       "total": e.total, "cpu_total": e.cpu_total,

@@ -21,7 +21,7 @@ master weights and master gradients live in CPU memory; offloaded ZeRO-3 paramet
 Buffers: ZeRO-1/2 with contiguous_gradients allocate `reduce_bucket_size` elements (twice with overlap_comm)
 whatever the model size; ZeRO-3 one reduce bucket and the gathered parameters: the module being run plus the
 prefetch bucket, at most `stage3_max_live_parameters`. Activations are measured (activations.py); their
-backward workspace is the gradient of the largest saved tensor.
+backward workspace is two gradients the size of the largest saved tensor (BACKWARD_WORKSPACE).
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ import math
 from dataclasses import dataclass
 
 GIB = 2**30
+# At the start of backward the loss's gradients w.r.t. the log-probabilities and w.r.t. the logits are alive
+# together, each the size of the largest saved tensor (the float32 logits).
+BACKWARD_WORKSPACE = 2
 
 
 @dataclass(frozen=True)
@@ -169,12 +172,16 @@ def estimate(facts: ModelFacts, work: Workload, setting: Setting, gpus: int, ds_
         gpu["optimizer states"] = master + moments
 
     profile = facts.activations[activation_dtype(work.precision)]
-    saved = profile.with_checkpointing if setting.checkpointing else profile.without_checkpointing
-    if work.precision == "bf16_autocast":
-        # autocast hands each frozen Linear a bf16 copy of its fp32 weight, which autograd keeps for backward
-        copies = 2 * profile.linear_weights_saved
-        saved += copies / max(1, len(profile.blocks)) if setting.checkpointing else copies
-    gpu["activations"] = saved + profile.largest_tensor
+    workspace = BACKWARD_WORKSPACE * profile.largest_tensor
+    # autocast hands each frozen Linear a bf16 copy of its fp32 weight, which autograd keeps for backward
+    copies = 2 * profile.linear_weights_saved if work.precision == "bf16_autocast" else 0
+    if setting.checkpointing:
+        # backward first runs the loss and the head with every block's input kept, then recomputes one block
+        # at a time, once those have been freed
+        block = profile.largest_block + copies / max(1, len(profile.blocks))
+        gpu["activations"] = profile.block_inputs + max(profile.outside_blocks + workspace, block)
+    else:
+        gpu["activations"] = profile.without_checkpointing + copies + workspace
 
     buffers = 0.0
     if stage in (1, 2) and z.contiguous_gradients:
