@@ -48,6 +48,7 @@ SIDECAR_FILE = "tensorpoly_ds.json"
 PREFIX = "base_model.model."
 PEFT_TYPES = {"lora": "LORA", "poly": "POLY", "mhr": "POLY", "ia3": "IA3"}
 TASK_TYPE = "SEQ_2_SEQ_LM"
+KEY_SEPARATORS = {"lora": ".lora_", "poly": ".poly_", "mhr": ".poly_", "ia3": "."}   # module | tensor in a key
 
 
 class PeftInteropError(ValueError):
@@ -259,8 +260,8 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], method: str, linea
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise PeftInteropError(f"{source / PEFT_WEIGHTS_FILE}: tensor {key!r} does not start with {PREFIX!r}")
-        module, _, kind = key[len(PREFIX):].partition(".lora_") if method == "lora" else \
-            key[len(PREFIX):].rpartition(".poly_") if method in ("poly", "mhr") else key[len(PREFIX):].rpartition(".")
+        # <module>.lora_A.weight, <module>.poly_router.module_logits, <module>.ia3_l
+        module, _, kind = key[len(PREFIX):].rpartition(KEY_SEPARATORS[method])
         per_module.setdefault(module, {})[kind] = value
     num_tasks = int(config.get("n_tasks", 1)) if method in ("poly", "mhr") else 1
     ours: dict[str, dict[str, torch.Tensor]] = {}
