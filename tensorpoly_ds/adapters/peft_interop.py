@@ -107,6 +107,9 @@ def check_exportable(cfg: AdapterConfig, state: dict[str, torch.Tensor], inferen
                                         f"methods: {', '.join(PEFT_TYPES)}")
     if not cfg.routed:
         return []
+    routing = getattr(cfg, "routing", "learned")   # Random-mu (routing: random, on main) has no logits to map
+    if routing != "learned":
+        raise bad("routing", routing, "peft's Poly routes with learned logits only")
     if cfg.routing_granularity != "layer":
         raise bad("routing_granularity", cfg.routing_granularity, "peft's Poly has one router per layer; routing "
                                                                   "tables shared across layers cannot map")
