@@ -95,10 +95,19 @@ def test_malformed_json_line(tmp_path):
         build(_cfg(dump, tmp_path / "out"), log=lambda m: None)
 
 
-def test_validation_runs_before_tokenisation(tmp_path, monkeypatch):
+def test_bad_record_late_in_the_mixture_keeps_the_finished_configs(tmp_path, emb_dir):
+    """Configs are validated and tokenised one at a time: a bad record in the last held-out config
+    stops the run with a named error, the parts finished before it stay cached, and the rerun
+    after the fix reuses them instead of starting over."""
+    from data_prep.pipeline import build
     dump = make_dump(tmp_path / "dump")
-    _corrupt(dump, rte_configs()[-1], "validation", 0, lambda r: r.update(targets_pretokenized=""))
-    import data_prep.pipeline as pl
-    monkeypatch.setattr(pl, "_tokenizer", lambda *a: pytest.fail("tokenizer built before validation finished"))
-    with pytest.raises(DataError):
-        build(_cfg(dump, tmp_path / "out"), log=lambda m: None)
+    path = _corrupt(dump, rte_configs()[-1], "validation", 0, lambda r: r.update(targets_pretokenized=""))
+    cfg = PrepConfig("t0_train", f"local:{dump}", str(emb_dir / "tokenizer"), tmp_path / "out",
+                     train_tasks=tuple(TRAIN_CONFIGS), held_out=(HELD,), val_per_template=5, few_shot_k=8)
+    with pytest.raises(DataError) as e:
+        build(cfg, log=lambda m: None)
+    assert str(path) in str(e.value) and "row 0" in str(e.value)
+    assert not (tmp_path / "out").exists()
+    _corrupt(dump, rte_configs()[-1], "validation", 0, lambda r: None)
+    res = build(cfg, log=lambda m: None)
+    assert (res.parts_reused, res.parts_built) == (len(TRAIN_CONFIGS), 1)
