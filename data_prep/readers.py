@@ -100,7 +100,7 @@ class ArrowFormat(FileFormat):
         with pa.OSFile(str(path), "rb") as f:
             try:
                 reader = pa.ipc.open_stream(f)
-            except pa.ArrowInvalid:
+            except (pa.ArrowException, OSError):   # not a stream: maybe the IPC file format
                 reader = None
             if reader is not None:
                 while True:

@@ -287,6 +287,8 @@ def decode_feature(name: str, spec: dict, kind: str, values: list):
     Raises ValueError naming the feature on a type mismatch or invalid UTF-8."""
     dtype = spec["dtype"]
     scalar = list(spec.get("shape") or []) == []
+    if not values and not scalar:   # an empty list carries no type; writers pick any kind for it
+        return []
     if dtype == "string":
         if kind != "bytes":
             raise ValueError(f"feature {name!r}: declared string, stored as {kind}")
