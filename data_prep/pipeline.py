@@ -13,6 +13,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import shutil
+import time
 from collections import Counter
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -417,6 +418,19 @@ def _assemble(cfg: PrepConfig, p: _Plan, jobs: list, results: dict, tok, tinfo, 
     }
 
 
+def _log_rate(log, what: str, started: float, jobs: list, results: dict) -> None:
+    """Rows read and tokenised by the parts built in this run (not the reused ones), per second."""
+    sec = time.perf_counter() - started
+    rows = 0
+    for j in jobs:
+        r = results[j.name]
+        if not r["reused"]:
+            rows += sum(r["rows"].values()) if isinstance(j, TrainPart) else r["eval"]["rows"]
+    built = sum(not r["reused"] for r in results.values())
+    log(f"{what}: {built} built, {len(jobs) - built} reused, {rows} rows in {sec:.1f} s "
+        f"({rows / max(sec, 1e-9):.1f} rows/s)")
+
+
 def _clean_stale(work: Path) -> None:
     """Staging folders of runs that were killed (we hold the lock, so none is live)."""
     for p in work.glob("stage-*"):
@@ -439,7 +453,10 @@ def build(cfg: PrepConfig, log: Callable[[str], None] = print) -> Result:
         tok, tinfo, spec = _tokenizer(cfg, p, work)
         jobs = _jobs(cfg, p)
         cache = PartCache(work / "parts")
+        started = time.perf_counter()
         results = _run_parts(cfg, p, jobs, tok, tinfo, spec, cache, log)
+        _log_rate(log, "parts", started, jobs, results)
+        started = time.perf_counter()
         sources = {}
         for job in jobs:
             sfs = [job.sf] if isinstance(job, TrainPart) else [sf for _, sf in job.eval_sfs + job.pool_sfs]
@@ -450,6 +467,7 @@ def build(cfg: PrepConfig, log: Callable[[str], None] = print) -> Result:
             body["content_hash"] = content_hash(stage.path, body)
             write_json_atomic(stage.path / MANIFEST, body)
             stage.commit()
+        log(f"assembled {cfg.out} in {time.perf_counter() - started:.1f} s")
         write_json_atomic(work / SOURCES_RECORD, sources)
         keep = {j.name for j in jobs} if not cfg.drop_cache else set()
         cache.prune(keep)
