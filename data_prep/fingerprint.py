@@ -13,16 +13,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from .writer import file_sha256
+
 HASH_ALL_BELOW = 64 << 20
 _PARQUET_MAGIC = b"PAR1"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _parquet_footer_sha256(path: Path, size: int) -> str | None:
@@ -50,7 +44,7 @@ def file_fingerprint(path, previous: dict | None = None) -> dict:
         digest = _parquet_footer_sha256(path, st.st_size)
         if digest is not None:
             return {**fp, "sha256": digest, "hashed": "parquet-footer"}
-    return {**fp, "sha256": _sha256_file(path), "hashed": "bytes"}
+    return {**fp, "sha256": file_sha256(path), "hashed": "bytes"}
 
 
 def stat_unchanged(recorded: dict) -> bool:

@@ -303,8 +303,14 @@ def _run_parts(cfg: PrepConfig, p: _Plan, jobs: list, tok, tinfo, spec, cache: P
                     finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
                     for f in finished:
                         done(*f.result())
-            finally:
-                ex.shutdown(wait=True, cancel_futures=True)
+            except BaseException:
+                # An error or Ctrl-C: stop the other workers now rather than after their current
+                # part (their unfinished parts are only temporary folders, pruned by the next build).
+                for proc in list((getattr(ex, "_processes", None) or {}).values()):
+                    proc.terminate()
+                ex.shutdown(wait=False, cancel_futures=True)
+                raise
+            ex.shutdown(wait=True)
     finally:
         bar.close()
     reused = sum(r["reused"] for r in results.values())

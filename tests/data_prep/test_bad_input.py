@@ -111,3 +111,17 @@ def test_bad_record_late_in_the_mixture_keeps_the_finished_configs(tmp_path, emb
     _corrupt(dump, rte_configs()[-1], "validation", 0, lambda r: None)
     res = build(cfg, log=lambda m: None)
     assert (res.parts_reused, res.parts_built) == (len(TRAIN_CONFIGS), 1)
+
+
+@pytest.mark.slow
+def test_bad_record_in_a_worker_process_keeps_its_message(tmp_path, run, capsys, emb_dir):
+    """With --num-proc 2 the error is raised in a worker process and must reach the user intact
+    (an hf tokenizer path: the embedded one would meet the record first, in the parent's vocabulary pass)."""
+    dump = make_dump(tmp_path / "dump")
+    path = _corrupt(dump, TRAIN_CONFIGS[1], "train", 4, lambda r: r.pop("targets_pretokenized"))
+    args = local_args(dump, tmp_path / "out", "--num-proc", "2")
+    args[args.index("--tokenizer") + 1] = str(emb_dir / "tokenizer")
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert f"in file {path}, config {TRAIN_CONFIGS[1]!r}, row 4, field 'targets_pretokenized'" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -135,6 +135,7 @@ def _cli(*args):
     return [sys.executable, "-m", "data_prep", *args]
 
 
+@pytest.mark.slow
 def test_second_prep_refuses_or_waits_for_the_holder(tmp_path):
     out = tmp_path / "o"
     release = tmp_path / "release"
@@ -163,6 +164,7 @@ def test_second_prep_refuses_or_waits_for_the_holder(tmp_path):
         holder.kill()
 
 
+@pytest.mark.slow
 def test_two_preps_with_different_arguments_never_both_win(tmp_path):
     out = tmp_path / "o"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
