@@ -296,16 +296,15 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def init_worker(source, tokenizer_spec: tuple, max_input_len: int, max_target_len: int, cache_root: str,
-                common_key: str, skip_invalid: bool) -> None:
+def init_worker(source, backend_json: str, eos_token_id: int, max_input_len: int, max_target_len: int,
+                cache_root: str, common_key: str, skip_invalid: bool) -> None:
     global _WORKER
     # The workers are the parallelism; Rust-side threads on top would only oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _exit_with_parent()
-    from .tokenizer import Encoder, load_tokenizer_spec
-    tok = load_tokenizer_spec(tokenizer_spec)
-    _WORKER = Worker(source, Encoder(tok, max_input_len, max_target_len), PartCache(Path(cache_root)),
-                     common_key, skip_invalid)
+    from .tokenizer import Encoder, load_backend
+    encoder = Encoder(load_backend(backend_json), eos_token_id, max_input_len, max_target_len)
+    _WORKER = Worker(source, encoder, PartCache(Path(cache_root)), common_key, skip_invalid)
 
 
 def run_in_worker(job) -> tuple[str, dict]:

@@ -237,22 +237,14 @@ def _embedded_texts(cfg: PrepConfig, p: _Plan):
                     yield from cs
 
 
-def _tokenizer(cfg: PrepConfig, p: _Plan, work: Path):
-    """(tokenizer, info, spec for the workers)."""
+def _tokenizer(cfg: PrepConfig, p: _Plan):
     if cfg.tokenizer == toklib.EMBEDDED:
         counts = Counter()
         toklib.count_pieces(_embedded_texts(cfg, p), counts)
         tok = toklib.build_embedded_tokenizer(counts)
-        tinfo = toklib.info(tok, "tokenizer", toklib.EMBEDDED)
-        saved = work / f"tokenizer-{tinfo.sha256[:16]}"
-        if not saved.is_dir():
-            tmp = work / f".{saved.name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tok.save_pretrained(str(tmp))
-            tmp.rename(saved)
-        return tok, tinfo, (toklib.EMBEDDED, str(saved))
+        return tok, toklib.info(tok, "tokenizer", toklib.EMBEDDED)
     tok = toklib.load_hf_tokenizer(cfg.tokenizer)
-    return tok, toklib.info(tok, cfg.tokenizer, "hf"), ("hf", cfg.tokenizer)
+    return tok, toklib.info(tok, cfg.tokenizer, "hf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +262,7 @@ def _jobs(cfg: PrepConfig, p: _Plan) -> list:
     return jobs
 
 
-def _run_parts(cfg: PrepConfig, p: _Plan, jobs: list, tok, tinfo, spec, cache: PartCache, log) -> dict:
+def _run_parts(cfg: PrepConfig, p: _Plan, jobs: list, tok, tinfo, cache: PartCache, log) -> dict:
     from tqdm.auto import tqdm
 
     common = hashlib.sha256(json.dumps([tinfo.sha256, cfg.max_input_len, cfg.max_target_len,
@@ -285,16 +277,18 @@ def _run_parts(cfg: PrepConfig, p: _Plan, jobs: list, tok, tinfo, spec, cache: P
 
     try:
         if cfg.num_proc == 1 or len(jobs) <= 1:
-            worker = Worker(p.source, toklib.Encoder(tok, cfg.max_input_len, cfg.max_target_len), cache,
-                            common, cfg.skip_invalid)
+            worker = Worker(p.source, toklib.Encoder.for_tokenizer(tok, cfg.max_input_len, cfg.max_target_len),
+                            cache, common, cfg.skip_invalid)
             for job in jobs:
                 done(job.name, worker.run(job))
         else:
             from .parts import init_worker, run_in_worker
+            backend = cache.root.parent / f"tokenizer-{tinfo.sha256[:16]}.json"
+            toklib.save_backend(tok, backend)
             ctx = mp.get_context("spawn")   # no fork with tokenizer/arrow threads alive
             ex = ProcessPoolExecutor(min(cfg.num_proc, len(jobs)), mp_context=ctx, initializer=init_worker,
-                                     initargs=(p.source, spec, cfg.max_input_len, cfg.max_target_len,
-                                               str(cache.root), common, cfg.skip_invalid))
+                                     initargs=(p.source, str(backend), tok.eos_token_id, cfg.max_input_len,
+                                               cfg.max_target_len, str(cache.root), common, cfg.skip_invalid))
             try:
                 # Largest first would balance better, but sizes are unknown until read; registry
                 # order keeps the cache filling from the front, which is what a resume sees.
@@ -456,11 +450,11 @@ def build(cfg: PrepConfig, log: Callable[[str], None] = print) -> Result:
         done = _existing_state(cfg, p, work, log)
         if done is not None:
             return done
-        tok, tinfo, spec = _tokenizer(cfg, p, work)
+        tok, tinfo = _tokenizer(cfg, p)
         jobs = _jobs(cfg, p)
         cache = PartCache(work / "parts")
         started = time.perf_counter()
-        results = _run_parts(cfg, p, jobs, tok, tinfo, spec, cache, log)
+        results = _run_parts(cfg, p, jobs, tok, tinfo, cache, log)
         _log_rate(log, "parts", started, jobs, results)
         started = time.perf_counter()
         sources = {}
@@ -477,9 +471,8 @@ def build(cfg: PrepConfig, log: Callable[[str], None] = print) -> Result:
         write_json_atomic(work / SOURCES_RECORD, sources)
         keep = {j.name for j in jobs} if not cfg.drop_cache else set()
         cache.prune(keep)
-        for saved in work.glob("tokenizer-*"):   # keep only this build's embedded tokenizer
-            if cfg.drop_cache or spec != (toklib.EMBEDDED, str(saved)):
-                shutil.rmtree(saved, ignore_errors=True)
+        for saved in work.glob("tokenizer-*.json"):   # the workers' copy; rewritten when needed
+            saved.unlink()
     finally:
         lock.release()
     m = read_manifest(cfg.out)

@@ -94,16 +94,24 @@ def info(tok, name_or_path: str, kind: str) -> TokenizerInfo:
 
 
 def load_from_info(root: Path, kind: str, name_or_path: str):
-    return load_tokenizer_spec((kind, str(root / name_or_path) if kind == EMBEDDED else name_or_path))
-
-
-def load_tokenizer_spec(spec: tuple[str, str]):
-    """Load what `pipeline` resolved: ("hf", name or path) or ("embedded", saved folder)."""
-    kind, where = spec
     if kind == EMBEDDED:
         from transformers import PreTrainedTokenizerFast
-        return PreTrainedTokenizerFast.from_pretrained(where)
-    return load_hf_tokenizer(where)
+        return PreTrainedTokenizerFast.from_pretrained(str(root / name_or_path))
+    return load_hf_tokenizer(name_or_path)
+
+
+def save_backend(tok, path: Path) -> None:
+    """The tokenizer's `tokenizers` backend as one JSON file: what the worker processes load, so they
+    need neither transformers nor the Hub (and start faster and smaller)."""
+    if not path.is_file():
+        tmp = path.with_name(path.name + ".tmp")
+        tok.backend_tokenizer.save(str(tmp))
+        tmp.rename(path)
+
+
+def load_backend(path: str):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(path)
 
 
 def _list_array(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
@@ -118,12 +126,14 @@ class Encoder:
     count them. Ids are the tokenizer's own (`tok(texts, add_special_tokens=False)`); the backend
     is called directly because the Python-side BatchEncoding costs more than the cutting here."""
 
-    def __init__(self, tokenizer, max_input_len: int, max_target_len: int):
-        self.tokenizer = tokenizer
+    def __init__(self, backend, eos_token_id: int, max_input_len: int, max_target_len: int):
         self.max_input_len, self.max_target_len = max_input_len, max_target_len
-        self.eos = tokenizer.eos_token_id
-        backend = tokenizer.backend_tokenizer
+        self.eos = eos_token_id
         self._encode_batch = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+
+    @classmethod
+    def for_tokenizer(cls, tok, max_input_len: int, max_target_len: int) -> "Encoder":
+        return cls(tok.backend_tokenizer, tok.eos_token_id, max_input_len, max_target_len)
 
     def ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._encode_batch(texts, add_special_tokens=False)]

@@ -55,7 +55,7 @@ def test_slow_and_fast_loads_agree_with_sentencepiece(t0_like, tmp_path):
         assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
         assert [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:2]] == \
             [reference.encode(t) for t in TEXTS[:2]]
-        enc = toklib.Encoder(tok, 512, 512)
+        enc = toklib.Encoder.for_tokenizer(tok, 512, 512)
         assert enc.ids(TEXTS) == [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     ids = {toklib.info(t, "x", "hf").sha256 for t in (slow, fast, from_json)}
     assert len(ids) == 1
