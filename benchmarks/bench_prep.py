@@ -77,7 +77,6 @@ def generate_dump(root: Path, n_rows: int, n_configs: int, seed: int = 0) -> tup
         return root, configs, json.loads((root / "TEXT_BYTES").read_text())
     if root.exists():
         shutil.rmtree(root)
-    data = {}
     for c in configs:
         rows = [row(rng.randint(40, 160)) for _ in range(per)]
         text_bytes += sum(len(r["inputs_pretokenized"].encode()) + len(r["targets_pretokenized"].encode()) for r in rows)

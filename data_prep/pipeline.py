@@ -29,7 +29,6 @@ from .lock import OutputLock
 from .manifest import FORMAT_VERSION, Manifest, ManifestError, read_manifest
 from .mixture import CapRule, HeldOutTask, Mixture, TrainTemplate, get_mixture
 from .parts import FEW_SCHEMA, HeldOutPart, PartCache, TrainPart, Worker, read_part, split_rows
-from .readers import SplitFiles
 from .records import REASONS, validate_chunks
 from .sources import HubSource, parse_source
 from .writer import MANIFEST, Staging, content_hash, write_json_atomic, write_split

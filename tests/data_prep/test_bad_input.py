@@ -1,5 +1,4 @@
 """Every malformed-record case: DataError naming file, config, row and field; --skip-invalid counts."""
-import json
 
 import pytest
 

@@ -6,7 +6,7 @@ from data_prep.errors import ConfigError
 from data_prep.manifest import load_split, read_manifest
 from data_prep.pipeline import PrepConfig, plan
 
-from conftest import TRAIN_CONFIGS, emb_args, local_args, make_dump, p3_rows
+from conftest import TRAIN_CONFIGS, local_args, make_dump, p3_rows
 
 
 def test_budget_cap_rule_scaled(tmp_path, run):

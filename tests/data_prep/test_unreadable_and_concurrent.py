@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import tfrecord
 from data_prep.manifest import read_manifest
 from data_prep.pipeline import PrepConfig, build, work_dir
 
