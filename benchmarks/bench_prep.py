@@ -328,7 +328,7 @@ def main() -> None:
     if args.scale:
         res["scale"] = scale_run(work, args.scale, 40, args.num_proc)
     else:
-        rows, sizes, n_configs = (20_000, [5_000, 20_000, 80_000], 8) if args.quick else \
+        rows, sizes, n_configs = (40_000, [10_000, 40_000, 160_000], 8) if args.quick else \
             (200_000, [25_000, 100_000, 400_000], 16)
         res["throughput"] = throughput(work, rows, n_configs)
         res["memory"] = memory_curve(work, sizes, n_configs)
