@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_job(args) -> AdaptJob:
+    from tensorpoly_ds.adapt.engine_train import launcher_job_fields
+
+    launcher = launcher_job_fields()   # `accelerate launch`: its ZeRO stage and precision, before --set
     if args.job_table:
         row = args.row
         if row is None:
@@ -48,7 +51,7 @@ def resolve_job(args) -> AdaptJob:
                 raise TableError("--job-table needs --row (or $SLURM_ARRAY_TASK_ID)")
             row = int(env)
         job = table_job(args.job_table, row)
-        if not args.set:
+        if not args.set and not launcher:
             return job
         data = job.to_dict()   # --set overrides a table row (e.g. a smaller eval batch on one cluster)
     else:
@@ -59,6 +62,7 @@ def resolve_job(args) -> AdaptJob:
             value = getattr(args, name)
             if value is not None:
                 data[RENAME.get(name, name)] = value
+    data.update(launcher)
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         job = resolve_job(args)
-    except (JobError, TableError, OSError, ValueError) as err:
+    except (JobError, TableError, OSError, ValueError, RuntimeError) as err:   # RuntimeError: LaunchError
         print(f"tensorpoly-ds adapt: {err}", file=sys.stderr)
         return 2
     if args.print_job:

@@ -54,17 +54,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from tensorpoly_ds.engine.config import RunConfigError, load_run_config, save_run_config
     from tensorpoly_ds.engine.data import DataError, PreparedData
+    from tensorpoly_ds.engine.distributed import LaunchError, accelerate_overrides
 
     # Everything checkable is checked before a process group, model or dataset is created.
     try:
-        cfg = load_run_config(args.config, args.overrides)
+        # `accelerate launch`: its DeepSpeed plugin settings, after the files, before the command line
+        launcher_overrides = accelerate_overrides()
+        cfg = load_run_config(args.config, launcher_overrides + args.overrides)
         if not cfg.data.dir:
             raise RunConfigError("key 'data.dir' is empty: set it to a prepared data directory")
         data = PreparedData.open(cfg.data.dir)
         from tensorpoly_ds.engine.ds_config import fill_ds_config
 
         fill_ds_config(cfg, 1)    # template errors and fp16 surface here too
-    except (RunConfigError, DataError) as err:
+    except (RunConfigError, DataError, LaunchError) as err:
         print(f"tensorpoly-ds pretrain: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.run.dir)
     ds_config = fill_ds_config(cfg, world)
     if rank == 0:
+        if launcher_overrides:
+            print(f"[tensorpoly-ds] accelerate launch: {' '.join(launcher_overrides)}", flush=True)
         save_run_config(cfg, run_dir / "config.yaml")
         save_json(ds_config, run_dir / "ds_config.json")
     _seed_all(cfg.train.seed)   # identical initial weights on every rank

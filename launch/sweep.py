@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = read_table(table)
         elif args.grid:
             grid = read_grid(args.grid)
-            rows = expand_grid(grid, out, base_dir=Path(args.grid).resolve().parent)
+            rows = expand_grid(grid, out, base_dir=Path(args.grid).resolve().parent, source=args.grid)
             table = write_table(out / TABLE_FILE, rows)
         else:
             raise TableError("give --grid (expand and run) or --table (run an existing table)")

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapters import (AdapterConfig, ModeError, adapter_layers, collapse_to_lora, inject_adapters, load_adapters,
-                        prepare_adaptation, read_export_meta, routing_tables)
+from ..adapters import (AdapterConfig, ModeError, adapter_layers, check_mode, collapse_to_lora, inject_adapters,
+                        load_adapters, prepare_adaptation, read_export_meta, routing_tables)
 from ..evaluation import LossWeights, accuracy, collate_choices, collate_lm, evaluate, lm_loss, tfew_losses, write_jsonl
 
 RESULT_FILE = "result.json"
@@ -180,6 +180,8 @@ def method_label(job: AdaptJob, cfg: AdapterConfig | None) -> str:
     name = names.get(cfg.method, cfg.method)
     if cfg.method in ("tlora", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x"):
         name += f" R{cfg.tensor_rank} N{cfg.order}"
+    if cfg.routing == "random":
+        name = f"Random-mu ({name})"
     if job.export is None:
         name += " (w/o pretrain)"
     return name
@@ -285,6 +287,8 @@ def _architectures():
 
 def setup_model(job: AdaptJob, vocab_size: int, zero3_config: dict | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Backbone + adapters (pretrained export or fresh) + adaptation mode. Returns (model, info)."""
+    if job.export is not None:   # a mode the export cannot run fails before the backbone is built
+        check_mode(AdapterConfig.from_dict(read_export_meta(job.export)["adapter"]), job.mode, source=job.export)
     model = build_backbone(job, vocab_size, zero3_config)
     info: dict[str, Any] = {"backbone_params": sum(numel(p) for p in model.parameters()),
                             "backbone_seed": backbone_seed(job) if job.model in _architectures() else None}

@@ -1,9 +1,10 @@
 """Launcher environments -> the torch.distributed variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT), and small collective helpers that are no-ops without a process group.
 
-Supported launchers: `deepspeed` and `torchrun` (they set the variables themselves), `srun` (SLURM_PROCID,
-SLURM_LOCALID, SLURM_NTASKS, first host of SLURM_JOB_NODELIST; the port derived from SLURM_JOB_ID and
-SLURM_ARRAY_TASK_ID so that array tasks on one node do not clash) and plain `python` (one process).
+Supported launchers: `deepspeed`, `torchrun` and `accelerate launch` (they set the variables themselves;
+accelerate's DeepSpeed plugin settings map to run-config overrides, see accelerate_overrides), `srun`
+(SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, first host of SLURM_JOB_NODELIST; the port derived from
+SLURM_JOB_ID and SLURM_ARRAY_TASK_ID so that array tasks on one node do not clash) and plain `python`.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def free_port() -> int:
 
 
 def detect_launcher(env: Mapping[str, str]) -> str:
+    if "RANK" in env and "WORLD_SIZE" in env and env.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        return "accelerate"   # `accelerate launch` with its DeepSpeed plugin (torchrun underneath)
     if "RANK" in env and "WORLD_SIZE" in env:
         # deepspeed's launcher sets these too; torchrun adds TORCHELASTIC_RUN_ID
         return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed" if "CROSS_RANK" in env or \
@@ -116,6 +119,47 @@ def distributed_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     rank, world = int(out["RANK"]), int(out["WORLD_SIZE"])
     if not 0 <= rank < world:
         raise LaunchError(f"inconsistent launcher variables: RANK={rank}, WORLD_SIZE={world}")
+    return out
+
+
+def accelerate_overrides(env: Mapping[str, str] | None = None) -> list[str]:
+    """Run-config overrides (dotted key=value) for what `accelerate launch`'s DeepSpeed plugin configured
+    (ACCELERATE_* variables, default os.environ); empty for other launchers. Callers apply them after the
+    config files and before the command line's key=value arguments. mixed_precision `no` is accelerate's
+    default, not a request, so it keeps the run config's precision; fp16/fp8 are refused (T5 overflows)."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_DEEPSPEED") != "true":
+        return []
+    out: list[str] = []
+    config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if config_file:
+        import json
+
+        try:
+            stage = json.loads(open(config_file).read()).get("zero_optimization", {}).get("stage", 0)
+        except (OSError, ValueError) as err:
+            raise LaunchError(f"ACCELERATE_DEEPSPEED_CONFIG_FILE={config_file}: cannot read it ({err})") from None
+        out += [f"deepspeed.template={config_file}", f"deepspeed.zero_stage={stage}"]
+    if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:
+        out.append(f"deepspeed.zero_stage={int(env['ACCELERATE_DEEPSPEED_ZERO_STAGE'])}")
+    for var, key in (("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "deepspeed.offload_optimizer"),
+                     ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "deepspeed.offload_param")):
+        device = env.get(var)
+        if device is None:
+            continue
+        if device not in ("none", "cpu"):
+            raise LaunchError(f"{var}={device}: only 'none' and 'cpu' offload are supported")
+        out.append(f"{key}={str(device == 'cpu').lower()}")
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "bf16":
+        out.append("deepspeed.precision=bf16")
+    elif precision != "no":
+        raise LaunchError(f"ACCELERATE_MIXED_PRECISION={precision}: T5/T0 needs bf16 or fp32 (fp16 activations "
+                          "overflow); set mixed_precision to bf16 or no in the accelerate config")
+    if "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" in env:
+        out.append(f"train.grad_accum={int(env['ACCELERATE_GRADIENT_ACCUMULATION_STEPS'])}")
+    if env.get("ACCELERATE_GRADIENT_CLIPPING") not in (None, "none"):
+        out.append(f"optim.clip={float(env['ACCELERATE_GRADIENT_CLIPPING'])}")
     return out
 
 

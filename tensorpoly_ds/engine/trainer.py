@@ -42,7 +42,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .stop import REQUEUE_EXIT_CODE, STOP, StopFlag  # noqa: F401  (re-exported)
 from .config import DeepSpeedSection, OptimSection, RunConfigError, TrainSection
-from .data import IGNORE_INDEX, TrainStream, eval_batches
+from .data import IGNORE_INDEX, TrainStream, collate, eval_batches
 from .ds_config import fill_sections, save_json
 from .monitor import Monitor, memory_mb, routing_weights
 
@@ -256,6 +256,8 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
         enable_gradient_checkpointing(model)
     groups = param_groups(model, optim)
     group_names = [g["name"] for g in groups]
+    probe = _grad_alignment_probe(train, ds_config, adapter_cfg, train_rows, tasks or [], hooks, rank,
+                                  max_input_len, max_target_len, eos_id)
     optimizer = build_optimizer(groups, optim)
 
     def make_scheduler(opt):
@@ -373,6 +375,9 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
+            if probe is not None and step % train.grad_alignment_every == 0:
+                matrix, seconds = probe.measure(engine.module, device)
+                monitor.grad_alignment(step, probe.task_names, matrix, seconds)
             if not math.isfinite(metrics["train/loss"]):
                 warnings.warn(f"step {step}: non-finite training loss {metrics['train/loss']}", RuntimeWarning)
             if stop_votes > 0:
@@ -405,6 +410,23 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
             bar.close()
         monitor.close()
     return TrainResult(status, step, engine, run_dir, history, export_path)
+
+
+def _grad_alignment_probe(train: TrainSection, ds_config: dict, adapter_cfg, train_rows, tasks: list[str],
+                          hooks: TrainHooks, rank: int, max_input_len, max_target_len, eos_id):
+    """The gradient-alignment probe on rank 0 (None when off or on other ranks). Built on every rank, so that
+    an unsupported setup or an unknown task fails everywhere before DeepSpeed starts (not rank 0 alone)."""
+    if not train.grad_alignment_every:
+        return None
+    from .grad_alignment import GradAlignmentProbe, unsupported
+
+    why = unsupported(ds_config["zero_optimization"]["stage"], has_adapter=adapter_cfg is not None)
+    if why:
+        raise RunConfigError(f"train.grad_alignment_every = {train.grad_alignment_every}: {why}")
+    batch_of = hooks.collate_fn or (lambda rows: collate(rows, max_input_len, max_target_len, eos_id))
+    probe = GradAlignmentProbe.build(train_rows, tasks, train.grad_alignment_tasks, train.grad_alignment_rows,
+                                     batch_of, hooks.loss_fn, hooks.weight_fn)
+    return probe if rank == 0 else None
 
 
 def _check_compatible(meta: dict, current: dict, tag_dir: Path) -> None:
