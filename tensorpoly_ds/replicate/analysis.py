@@ -192,10 +192,51 @@ def plot_similarity(learned, truth, tasks: list[str], path: Path, title: str) ->
 
 # --- plots -----------------------------------------------------------------------------------------------------
 
+def plot_rows(selected: list[dict], k: int, path: Path, title: str, chance: float | None = None) -> Path | None:
+    """One bar per result row at k (and each zero-shot row): the mean over tasks of the test accuracy, per seed
+    (dots), median over seeds (bar) and min-max over seeds (line)."""
+    rows: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in selected:
+        if r["k"] == k or setting(r).startswith("0-shot"):
+            rows[r["row"]][r["seed"]].append(100 * r["test"]["accuracy"])
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..adapt.report import _save_fig
+
+    names = sorted(rows, key=lambda n: ("0-shot" in n, n))
+    per_seed = {n: [statistics.mean(v) for _, v in sorted(rows[n].items())] for n in names}
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(names) + 1.4))
+    for i, n in enumerate(names):
+        xs = per_seed[n]
+        colour = "C1" if "0-shot" in n else ("C0" if "(full)" in n else "C2")
+        ax.barh(i, statistics.median(xs), color=colour, alpha=0.55)
+        ax.plot([min(xs), max(xs)], [i, i], color="k", lw=1)
+        ax.plot(xs, [i] * len(xs), "k.", ms=3)
+    if chance is not None:
+        ax.axvline(100 * chance, color="grey", ls="--", lw=1, label=f"chance ({100 * chance:.0f} %)")
+        ax.legend(fontsize="x-small", loc="lower right")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel(f"held-out test accuracy (%), mean over tasks; bar: median over seeds, line: min-max, dots: seeds")
+    ax.set_title(title, fontsize="small")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+    return path
+
+
 def plot_vs_k(selected: list[dict], path: Path, title: str) -> Path | None:
-    """Mean over tasks of the median test accuracy over seeds, against k, one line per row."""
+    """Mean over tasks of the median test accuracy over seeds, against k, one line per row (several ks only)."""
     few = [r for r in selected if not setting(r).startswith("0-shot")]
-    if not few:
+    if len({r["k"] for r in few}) < 2:
         return None
     import matplotlib
 
@@ -207,20 +248,17 @@ def plot_vs_k(selected: list[dict], path: Path, title: str) -> Path | None:
     by_row: dict[str, dict[int, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in few:
         by_row[r["row"]][r["k"]][r["task"]].append(100 * r["test"]["accuracy"])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, keep, name in ((axes[0], lambda row: "(full)" in row or "Random" in row or "(w/o" in row, "full adaptation"),
-                           (axes[1], lambda row: "(z)" in row or "(mu)" in row, "routing only (z) / average (mu)")):
-        for i, row in enumerate(sorted(r for r in by_row if keep(r))):
-            ks = sorted(by_row[row])
-            ys = [statistics.mean(statistics.median(v) for v in by_row[row][k].values()) for k in ks]
-            ax.plot(ks, ys, marker="o", color=f"C{i % 10}", ls="-" if i < 10 else "--", label=row)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("k (shots)")
-        ax.set_title(name, fontsize="small")
-        ax.legend(fontsize="x-small")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%), mean over tasks of the seed median")
-    fig.suptitle(title, fontsize="small")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, row in enumerate(sorted(by_row)):
+        ks = sorted(by_row[row])
+        ys = [statistics.mean(statistics.median(v) for v in by_row[row][k].values()) for k in ks]
+        ax.plot(ks, ys, marker="o", color=f"C{i % 10}", ls="-" if i < 10 else "--", label=row)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (shots)")
+    ax.set_ylabel("test accuracy (%), mean over tasks of the seed median")
+    ax.legend(fontsize="x-small", ncol=2)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize="small")
     fig.tight_layout()
     _save_fig(fig, path)
     plt.close(fig)
@@ -234,7 +272,7 @@ def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Pat
     dev_examples = int(truth.get("dev_examples", 0))
     results, problems = load_results([out / "adapt" / variant], dev_examples)
     selected, selection = select_lr(results, cfg.search_seeds())
-    tasks = list(cfg.adapt.tasks or manifest.held_out)
+    tasks = [t for t in manifest.held_out if cfg.adapt.tasks is None or t in cfg.adapt.tasks]
     tabs = tables(selected, tasks)
     verdicts = {}
     claims_path = cfg.claims_path()
@@ -246,6 +284,10 @@ def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Pat
             verdicts[k] = evaluate_claims(scores_by_row(selected, k), claims)
     k = max(cfg.prep.ks)
     figures = {}
+    made = plot_rows(selected, k, res_dir / f"{variant}_rows_k{k}.png",
+                     f"{variant}: held-out test accuracy, k = {k} (zero-shot rows: no shot)", truth.get("chance"))
+    if made:
+        figures["rows"] = made.name
     made = plot_vs_k(selected, res_dir / f"{variant}_accuracy_vs_k.png", f"{variant}: held-out test accuracy")
     if made:
         figures["accuracy_vs_k"] = made.name

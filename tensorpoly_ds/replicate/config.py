@@ -30,6 +30,7 @@ class ReplicateConfigError(ValueError):
 class Variant:
     name: str                                 # directory name and the prefix of every row in the results
     mixture: str                              # a data_prep mixture (latent_skills, latent_skills_noprompt)
+    modes: list | None = None                 # adaptation modes run on this variant (default: each method's)
 
 
 @dataclass
@@ -129,6 +130,9 @@ class ReplicateConfig:
     # --- derived -----------------------------------------------------------------------------------------
     def methods_for(self, variant: str) -> list[MethodSpec]:
         return [m for m in self.methods if m.variants is None or variant in m.variants]
+
+    def modes_for(self, variant: Variant, method: MethodSpec) -> list[str]:
+        return [x for x in method.modes if variant.modes is None or x in variant.modes]
 
     def method(self, label: str) -> MethodSpec:
         for m in self.methods:
@@ -238,6 +242,8 @@ def validate(cfg: ReplicateConfig) -> None:
     for v in cfg.variants:
         if v.mixture not in mixture_names():
             raise bad("variants", f"unknown mixture {v.mixture!r}; valid: {', '.join(mixture_names())}")
+        if v.modes is not None and (not v.modes or set(v.modes) - set(MODES)):
+            raise bad(f"variants ({v.name}).modes", f"{v.modes!r}: a non-empty subset of {list(MODES)}")
     labels = [m.label for m in cfg.methods]
     if len(set(labels)) != len(labels):
         raise bad("methods", f"duplicate labels {sorted(x for x in set(labels) if labels.count(x) > 1)}")

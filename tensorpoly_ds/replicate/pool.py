@@ -27,8 +27,8 @@ class PoolReport:
 
 
 def _worker(threads: int, jobs, results) -> None:
-    # own session: Ctrl-C reaches the parent only, which then stops the workers (run_rows' finally), so a
-    # job is never cut short between writing result.json and the COMPLETE marker by a stray SIGINT
+    # own session: Ctrl-C reaches the parent only, and the parent decides when the workers stop
+    # (JobPool.close); a job cut short has no COMPLETE marker and runs again next time
     os.setsid()
     import torch
 
@@ -51,53 +51,80 @@ def _worker(threads: int, jobs, results) -> None:
                 results.put((index, f"{type(err).__name__}: {err}", time.monotonic() - t0))
 
 
-def run_rows(rows: list[dict], *, workers: int, threads: int = 1, desc: str = "adapt",
-             log: Callable[[str], None] = print) -> PoolReport:
-    """Run every incomplete row (job-table rows: {"row", "id", "job"}) with `workers` processes."""
-    from tqdm import tqdm
+class JobPool:
+    """`workers` long-lived processes; `run(rows)` may be called several times (phases, variants) without
+    paying their start-up (Python, torch, transformers imports) again. Use as a context manager."""
 
-    report = PoolReport()
-    pending = []
-    for i, row in enumerate(rows):
-        (report.skipped if is_complete(row["job"]["out_dir"]) else pending).append(i)
-    log(f"[{desc}] {len(rows)} jobs: {len(report.skipped)} complete, {len(pending)} to run on {workers} worker(s)")
-    if not pending:
+    def __init__(self, workers: int, threads: int = 1) -> None:
+        self.workers, self.threads = workers, threads
+        self.procs: list = []
+        self.ctx = mp.get_context("spawn")   # no fork of a process that holds torch threads or a process group
+        self.jobs, self.results = self.ctx.Queue(), self.ctx.Queue()
+
+    def __enter__(self) -> "JobPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        if self.procs:
+            return
+        previous = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = str(self.threads)   # inherited by the spawned workers
+        try:
+            self.procs = [self.ctx.Process(target=_worker, args=(self.threads, self.jobs, self.results), daemon=True)
+                          for _ in range(self.workers)]
+            for p in self.procs:
+                p.start()
+        finally:
+            if previous is None:
+                os.environ.pop("OMP_NUM_THREADS")
+            else:
+                os.environ["OMP_NUM_THREADS"] = previous
+
+    def run(self, rows: list[dict], *, desc: str = "adapt", log: Callable[[str], None] = print) -> PoolReport:
+        """Run every incomplete row (job-table rows: {"row", "id", "job"}); complete ones are skipped."""
+        from tqdm import tqdm
+
+        report = PoolReport()
+        pending = []
+        for i, row in enumerate(rows):
+            (report.skipped if is_complete(row["job"]["out_dir"]) else pending).append(i)
+        log(f"[{desc}] {len(rows)} jobs: {len(report.skipped)} complete, {len(pending)} to run on "
+            f"{self.workers} worker(s)")
+        if not pending:
+            return report
+        self._start()
+        for i in pending:
+            self.jobs.put((i, rows[i]["job"]))
+        try:
+            with tqdm(total=len(pending), desc=desc, unit="job", dynamic_ncols=True) as bar:
+                for _ in range(len(pending)):
+                    index, error, seconds = _next_result(self.results, self.procs)
+                    report.seconds[index] = seconds
+                    if error is None:
+                        report.done.append(index)
+                    else:
+                        report.failed[index] = error
+                        bar.write(f"[{desc}] FAILED {rows[index]['id']}: {error}")
+                    bar.update(1)
+                    bar.set_postfix(failed=len(report.failed), refresh=False)
+        except BaseException:
+            self.close(force=True)   # interrupted: a running job has no COMPLETE marker and reruns next time
+            raise
         return report
-    ctx = mp.get_context("spawn")   # no fork of a process that holds torch threads or a process group
-    jobs, results = ctx.Queue(), ctx.Queue()
-    for i in pending:
-        jobs.put((i, rows[i]["job"]))
-    n = min(workers, len(pending))
-    for _ in range(n):
-        jobs.put(None)
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads)   # inherited by the spawned workers
-    procs = [ctx.Process(target=_worker, args=(threads, jobs, results), daemon=True) for _ in range(n)]
-    for p in procs:
-        p.start()
-    if env_threads is None:
-        os.environ.pop("OMP_NUM_THREADS")
-    else:
-        os.environ["OMP_NUM_THREADS"] = env_threads
-    try:
-        with tqdm(total=len(pending), desc=desc, unit="job", dynamic_ncols=True) as bar:
-            for _ in range(len(pending)):
-                index, error, seconds = _next_result(results, procs)
-                report.seconds[index] = seconds
-                if error is None:
-                    report.done.append(index)
-                else:
-                    report.failed[index] = error
-                    bar.write(f"[{desc}] FAILED {rows[index]['id']}: {error}")
-                bar.update(1)
-                bar.set_postfix(failed=len(report.failed), refresh=False)
-    finally:
-        for p in procs:
+
+    def close(self, force: bool = False) -> None:
+        if not force:
+            for _ in self.procs:
+                self.jobs.put(None)
+        for p in self.procs:
+            p.join(timeout=0 if force else 30)
             if p.is_alive():
-                p.terminate()   # interrupted: a running job has no COMPLETE marker and reruns next time
-        for p in procs:
-            p.join(timeout=10)
-    return report
+                p.terminate()
+                p.join(timeout=10)
+        self.procs = []
 
 
 def _next_result(results, procs):

@@ -101,9 +101,9 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
         exports[r.variant][r.method.label] = r.export
     job_seconds: dict[str, float] = {}
     if "adapt" in want:
-        from .pool import run_rows
+        from .pool import JobPool
 
-        with timer("adapt"):
+        with timer("adapt"), JobPool(workers, threads) as pool:
             for variant in cfg.variants:
                 table: dict[str, dict] = {}
                 for phase in ("search", "chosen"):
@@ -115,8 +115,7 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
                     # the variant's job table (tensorpoly-ds report lists its missing rows): every job so far
                     write_table(out / "adapt" / variant.name / "jobs.jsonl",
                                 [{**r, "row": i} for i, r in enumerate(table.values())])
-                    report = run_rows(rows, workers=workers, threads=threads, desc=f"adapt {variant.name} ({phase})",
-                                      log=log)
+                    report = pool.run(rows, desc=f"adapt {variant.name} ({phase})", log=log)
                     job_seconds.update({rows[i]["job"]["out_dir"]: s for i, s in report.seconds.items()})
                     if report.failed:
                         raise RuntimeError(f"{variant.name}: {len(report.failed)} adaptation jobs failed (their "

@@ -235,22 +235,33 @@ def _entry(m: MethodSpec, exports: dict[str, Path]) -> dict:
     return {"label": m.label, "method": method, **({"adapter": fresh} if method != FULLFT else {})}
 
 
+def variant_tasks(cfg: ReplicateConfig, out: Path, variant: str) -> list[str]:
+    """The variant's held-out tasks (its manifest's), restricted to adapt.tasks when that is set."""
+    from data_prep.manifest import read_manifest
+
+    held = list(read_manifest(data_dir(out, variant, max(cfg.prep.ks))).held_out)
+    if cfg.adapt.tasks is None:
+        return held
+    tasks = [t for t in held if t in cfg.adapt.tasks]
+    if not tasks:
+        raise RuntimeError(f"adapt.tasks {cfg.adapt.tasks} names none of variant {variant!r}'s held-out tasks {held}")
+    return tasks
+
+
 def adaptation_rows(cfg: ReplicateConfig, out: Path, variant: Variant, backbone: Path, exports: dict[str, Path],
                     chosen_lr: dict[tuple[str, int], float] | None = None) -> list[dict]:
     """The jobs of one variant as job-table rows (tensorpoly_ds.adapt.table.expand_grid, so every job is
     validated now). Without `chosen_lr`: every lr of the grid for the search seeds (phase 1) and the zero-shot
     rows; with `chosen_lr` ({(row name, k): lr}, chosen on phase 1's dev scores): every seed at its row's
     chosen lr (phase 2; the search seeds' jobs are the same directories, already complete)."""
-    from data_prep.manifest import read_manifest
-
     from .analysis import row_name
 
     rows: list[dict] = []
-    tasks = cfg.adapt.tasks or read_manifest(data_dir(out, variant.name, max(cfg.prep.ks))).held_out
+    tasks = variant_tasks(cfg, out, variant.name)
     search = cfg.search_seeds()
     for lr in cfg.adapt.lrs:
         for m in cfg.methods_for(variant.name):
-            for mode in m.modes:
+            for mode in cfg.modes_for(variant, m):
                 for k in cfg.prep.ks:
                     if chosen_lr is None:
                         seeds = search

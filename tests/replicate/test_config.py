@@ -60,10 +60,12 @@ def test_a_different_protocol_is_refused_in_the_same_out(tmp_path):
     check_protocol(cfg, tmp_path / "out")
 
 
-def test_rows_cover_the_grid_with_the_same_lrs_for_every_method(tmp_path):
+def test_rows_cover_the_grid_with_the_same_lrs_for_every_method(tmp_path, monkeypatch):
+    from tensorpoly_ds.replicate import stages
+
     cfg = load_config(ROOT / "configs" / "replicate" / "full.yaml")
     manifest_tasks = ["t1", "t2"]
-    cfg.adapt.tasks = manifest_tasks
+    monkeypatch.setattr(stages, "variant_tasks", lambda cfg, out, variant: manifest_tasks)   # no prepared data here
     exports = {}
     for m in cfg.methods:
         if m.is_pretrained():   # expand_grid reads the method from the export's metadata
@@ -82,6 +84,7 @@ def test_rows_cover_the_grid_with_the_same_lrs_for_every_method(tmp_path):
         assert len({j["steps"] for j in few}) == 1 and len({j["batch_size"] for j in few}) == 1
         assert len({r["job"]["out_dir"] for r in rows}) == len(rows)
         assert {lab for lab, _ in per_row} == {m.label for m in cfg.methods_for(variant.name)}
+        assert {mode for _, mode in per_row} <= set(variant.modes or ["full", "z", "mu"])
         # phase 2: every seed at the chosen lr only; the search seeds' jobs are the same directories
         chosen = {(f"{lab} ({mode})", k): cfg.adapt.lrs[i % len(cfg.adapt.lrs)]
                   for i, (lab, mode) in enumerate(sorted(per_row)) for k in cfg.prep.ks}
