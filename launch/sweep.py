@@ -128,7 +128,7 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
                 continue
             fh.close()
             rc = proc.returncode
-            if rc == 0 and is_complete(job_dir(row)):
+            if is_complete(job_dir(row)):   # final, whatever happened after (a stop during interpreter exit)
                 status["done"].append(row)
                 log(f"[sweep] row {row} {rows[row]['id']}: done")
             elif rc == REQUEUE_EXIT_CODE:
