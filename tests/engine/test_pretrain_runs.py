@@ -237,3 +237,35 @@ def test_precision_and_offload_variants_run(extra, check, tmp_path, prepared_dir
     losses = read_metrics(run_dir)
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
     assert check(json.loads((run_dir / "ds_config.json").read_text()))
+
+
+def test_fullft_export_only_keeps_tied_embeddings_where_zero_to_fp32_safetensors_fails(tmp_path, prepared_dir):
+    """T5 ties shared.weight to the encoder/decoder embeddings (and, with transformers 5, the LM head of a
+    config-built backbone): DeepSpeed's zero_to_fp32 --safe_serialization refuses such a checkpoint ("share
+    memory") and writes nothing. `pretrain --export-only` writes safetensors that reload to the same model."""
+    from safetensors.torch import load_file
+    from transformers import T5ForConditionalGeneration
+
+    run_dir = tmp_path / "fullft"
+    overrides = ["adapter=null", "train.full_finetune=true", "deepspeed.zero_stage=2", "train.steps=3",
+                 "train.save_every=0", "train.eval_every=0", "train.micro_batch=2", "train.grad_accum=1"]
+    run_pretrain(run_dir, prepared_dir, overrides)
+    ckpt_dir = run_dir / "checkpoints"
+    z2f = subprocess.run([sys.executable, "-m", "deepspeed.utils.zero_to_fp32", str(ckpt_dir), str(tmp_path / "z2f"),
+                          "--safe_serialization"], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                         timeout=240)
+    assert z2f.returncode != 0 and "share memory" in z2f.stderr, z2f.stderr[-2000:]
+    assert not (tmp_path / "z2f" / "model.safetensors").exists()
+
+    end_of_run = load_file(str(run_dir / "export" / "model.safetensors"))
+    shutil.rmtree(run_dir / "export")
+    proc = subprocess.run(pretrain_cmd(run_dir, prepared_dir, overrides) + ["--export-only"], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = load_file(str(run_dir / "export" / "model.safetensors"))
+    assert exported.keys() == end_of_run.keys() and all(torch.equal(exported[k], end_of_run[k]) for k in exported)
+    model = T5ForConditionalGeneration.from_pretrained(str(run_dir / "export"))
+    shared = model.shared.weight
+    assert model.encoder.embed_tokens.weight is shared and model.decoder.embed_tokens.weight is shared
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in exported.items())   # reloads to the trained weights
