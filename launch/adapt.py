@@ -98,7 +98,15 @@ def check_world(job: AdaptJob, env=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    STOP.install()   # first: a stop request while the model loads is kept, not fatal
+    installed = STOP.install()   # first: a stop request while the model loads is kept, not fatal
+    try:
+        return _main(argv)
+    finally:
+        if installed:   # in-process callers (tests) get their handlers back
+            STOP.restore()
+
+
+def _main(argv: list[str] | None) -> int:
     if os.environ.get(PARENT_PID_ENV):
         stop_when_parent_dies(int(os.environ[PARENT_PID_ENV]))
     args = build_parser().parse_args(argv)

@@ -5,9 +5,10 @@
 
 Runs under `deepspeed`, `torchrun`, `srun` or plain `python` (one process). Exit status: 0 done,
 2 bad config or arguments (nothing started), 124 stopped by SIGUSR1/SIGTERM/SIGINT or the time budget after
-writing a checkpoint ("requeue me": rerun the same command with --resume auto). Each rank records its exit
-reason in RUN_DIR/status/rank<r>.json; torchrun turns a rank's 124 into its own exit 1, so under torchrun
-use `python -m launch.torchrun` (same arguments), which maps "every rank says requeue" back to 124.
+writing a checkpoint ("requeue me": rerun the same command with --resume auto), 75 another live run holds
+run.dir. Each rank records its exit reason in RUN_DIR/status/rank<r>.json; torchrun turns a rank's 124 into
+its own exit 1, so under torchrun use `python -m launch.torchrun` (same arguments), which maps "every rank
+says requeue" back to 124.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if __package__ in (None, ""):   # `python launch/pretrain.py`: make the reposito
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 EXIT_BAD_CONFIG = 2
+EXIT_BUSY = 75   # another live run holds run.dir
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,7 +51,15 @@ def backbone_record(cfg, vocab_size: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from tensorpoly_ds.engine.stop import STOP
 
-    STOP.install()   # before anything slow: a SIGUSR1 during start-up must not kill the rank
+    installed = STOP.install()   # before anything slow: a SIGUSR1 during start-up must not kill the rank
+    try:
+        return _main(argv)
+    finally:
+        if installed:   # in-process callers (tests) get their handlers back
+            STOP.restore()
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.local_rank is not None:
@@ -60,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from tensorpoly_ds.engine.data import DataError, PreparedData
     from tensorpoly_ds.engine.distributed import LaunchError, distributed_env
     from tensorpoly_ds.engine.rank_status import write_status
+    from tensorpoly_ds.locking import FolderLock, LockHeld
 
     # Everything checkable is checked before a process group, model or dataset is created.
     try:
@@ -84,14 +95,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
 
     rank = int(launch["RANK"])
-    write_status(cfg.run.dir, rank, "running", launcher=launch["LAUNCHER"])
+    # One run per run.dir: rank 0 holds its lock (a second run's rank 0 exits 75; its other ranks then fail
+    # at the rendezvous instead of interleaving checkpoints with ours).
+    lock = FolderLock(cfg.run.dir, what="pretraining run directory") if rank == 0 else None
     try:
-        result = _run(args, cfg, data)
-    except BaseException as err:
-        write_status(cfg.run.dir, rank, "failed", exit_code=1, error=f"{type(err).__name__}: {err}"[:2000])
-        raise
-    write_status(cfg.run.dir, rank, result.status, exit_code=result.exit_code, step=result.step)
-    return result.exit_code
+        if lock is not None:
+            lock.acquire()
+    except LockHeld as err:
+        print(f"tensorpoly-ds pretrain: {err}", file=sys.stderr)
+        return EXIT_BUSY
+    try:
+        write_status(cfg.run.dir, rank, "running", launcher=launch["LAUNCHER"])
+        try:
+            result = _run(args, cfg, data)
+        except BaseException as err:
+            write_status(cfg.run.dir, rank, "failed", exit_code=1, error=f"{type(err).__name__}: {err}"[:2000])
+            raise
+        write_status(cfg.run.dir, rank, result.status, exit_code=result.exit_code, step=result.step)
+        return result.exit_code
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _run(args, cfg, data):

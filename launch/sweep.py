@@ -219,7 +219,15 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
 
 
 def main(argv: list[str] | None = None) -> int:
-    STOP.install()   # Ctrl-C / SIGTERM / SIGUSR1: stop the jobs in order (run_table)
+    installed = STOP.install()   # Ctrl-C / SIGTERM / SIGUSR1: stop the jobs in order (run_table)
+    try:
+        return _main(argv)
+    finally:
+        if installed:   # in-process callers (tests) get their handlers back
+            STOP.restore()
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out).resolve()
     lock = FolderLock(out, what="sweep directory")

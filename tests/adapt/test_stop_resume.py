@@ -18,6 +18,7 @@ from tensorpoly_ds.adapt.job import MARKER_FILE, RESULT_FILE, AdaptJob, JobBusy,
 from tensorpoly_ds.adapt.local_train import CHECKPOINT_FILE
 from tensorpoly_ds.adapt.report import collect
 from tests.adapt.conftest import ROOT
+from tests.lock_holder import held
 
 FAST = dict(steps=6, batch_size=4, eval_every=2, eval_batch_size=8, max_eval_examples=12, warmup_ratio=0.0,
             mode="full", seed=1024)
@@ -104,21 +105,9 @@ def test_a_different_job_does_not_resume_another_jobs_checkpoint(prepared, poly_
     assert run_job(changed, force=True, log=lambda s: None)["status"] == "complete"
 
 
-HOLDER = """
-import sys, time
-from tensorpoly_ds.locking import FolderLock
-FolderLock(sys.argv[1], what="adaptation job").acquire()
-print("locked", flush=True)
-time.sleep(600)
-"""
-
-
 def test_a_job_held_by_a_live_process_is_refused_and_a_dead_holder_releases_it(prepared, poly_export, tmp_path):
     job = make_job(prepared, poly_export, tmp_path / "held", trainer="local", steps=2, eval_every=0)
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, job.out_dir], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with held(job.out_dir, "adaptation job") as holder:
         with pytest.raises(JobBusy, match=rf"in use by pid {holder.pid} on host .* since"):
             run_job(job, log=lambda s: None)
         assert not (Path(job.out_dir) / RESULT_FILE).exists()
@@ -127,9 +116,7 @@ def test_a_job_held_by_a_live_process_is_refused_and_a_dead_holder_releases_it(p
                               cwd=ROOT, capture_output=True, text=True, timeout=300,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert proc.returncode == 75 and f"pid {holder.pid}" in proc.stderr, proc.stderr[-2000:]
-    finally:
-        holder.kill()   # kill -9: the kernel drops its lock; its holder file stays behind, stale
-        holder.wait()
+    # the holder was killed (kill -9): the kernel dropped its lock; its holder file stays behind, stale
     assert (Path(job.out_dir) / ".tpds.lock.json").exists()
     assert run_job(job, log=lambda s: None)["status"] == "complete"
     assert not (Path(job.out_dir) / ".tpds.lock.json").exists()

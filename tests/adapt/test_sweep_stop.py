@@ -16,17 +16,11 @@ from tensorpoly_ds.adapt.job import RESULT_FILE, is_complete
 from tensorpoly_ds.adapt.table import read_table
 from tensorpoly_ds.locking import holder_if_locked
 from tests.adapt.conftest import ROOT
+from tests.lock_holder import held
 
 pytestmark = pytest.mark.slow
 
 FAST = dict(batch_size=4, eval_batch_size=4, max_eval_examples=4, warmup_ratio=0.0, trainer="local")
-HOLDER = """
-import sys, time
-from tensorpoly_ds.locking import FolderLock
-FolderLock(sys.argv[1], what="adaptation job").acquire()
-print("locked", flush=True)
-time.sleep(600)
-"""
 
 
 def env():
@@ -100,23 +94,17 @@ def test_a_row_held_by_another_process_is_waited_for_and_sigterm_stops_the_sweep
     assert subprocess.run([sys.executable, "-m", "launch.sweep", "--grid", str(grid), "--out", str(out),
                            "--expand-only"], cwd=ROOT, env=env(), timeout=120).returncode == 0
     rows = read_table(out / "jobs.jsonl")
-    held = Path(rows[1]["job"]["out_dir"])
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(held)], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    held_dir = Path(rows[1]["job"]["out_dir"])
+    with held(held_dir, "adaptation job") as holder:
         proc = sweep(grid, out)
         wait_until(lambda: is_complete(rows[0]["job"]["out_dir"]), 300, "row 0", proc)
         time.sleep(1.0)
-        assert proc.poll() is None and not (held / RESULT_FILE).exists()   # row 1 never started
+        assert proc.poll() is None and not (held_dir / RESULT_FILE).exists()   # row 1 never started
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 124, stdout + stderr
         assert f"row 1 {rows[1]['id']}: held by pid {holder.pid}" in stdout and "waiting for it" in stdout
         assert "rows remaining [1]" in stderr and "not started: [1]" in stderr
-    finally:
-        holder.kill()
-        holder.wait()
     proc = sweep(grid, out)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stdout + stderr

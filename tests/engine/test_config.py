@@ -199,3 +199,15 @@ def test_bad_resume_is_refused_before_any_process_group(tmp_path, monkeypatch, c
     assert "step_00000016" in err and "--resume none" in err
     with pytest.raises(_Started):   # starting over is the explicit choice
         pretrain.main(args + ["--resume", "none"])
+
+
+def test_a_second_run_on_a_held_run_dir_is_refused(tmp_path, monkeypatch, capsys, prepared_dir):
+    import launch.pretrain as pretrain
+    from tests.lock_holder import held
+
+    _no_process_group(monkeypatch)
+    run = tmp_path / "run"
+    with held(run, "pretraining run directory") as holder:
+        assert pretrain.main(["--config", str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"),
+                              f"data.dir={prepared_dir}", f"run.dir={run}"]) == 75
+    assert f"pretraining run directory {run} is in use by pid {holder.pid}" in capsys.readouterr().err
