@@ -98,12 +98,8 @@ def check_world(job: AdaptJob, env=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    installed = STOP.install()   # first: a stop request while the model loads is kept, not fatal
-    try:
+    with STOP.handling():   # first: a stop request while the model loads is kept, not fatal
         return _main(argv)
-    finally:
-        if installed:   # in-process callers (tests) get their handlers back
-            STOP.restore()
 
 
 def _main(argv: list[str] | None) -> int:

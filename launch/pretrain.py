@@ -51,12 +51,8 @@ def backbone_record(cfg, vocab_size: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from tensorpoly_ds.engine.stop import STOP
 
-    installed = STOP.install()   # before anything slow: a SIGUSR1 during start-up must not kill the rank
-    try:
+    with STOP.handling():   # before anything slow: a SIGUSR1 during start-up must not kill the rank
         return _main(argv)
-    finally:
-        if installed:   # in-process callers (tests) get their handlers back
-            STOP.restore()
 
 
 def _main(argv: list[str] | None) -> int:

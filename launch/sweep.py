@@ -219,12 +219,8 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
 
 
 def main(argv: list[str] | None = None) -> int:
-    installed = STOP.install()   # Ctrl-C / SIGTERM / SIGUSR1: stop the jobs in order (run_table)
-    try:
+    with STOP.handling():   # Ctrl-C / SIGTERM / SIGUSR1: stop the jobs in order (run_table)
         return _main(argv)
-    finally:
-        if installed:   # in-process callers (tests) get their handlers back
-            STOP.restore()
 
 
 def _main(argv: list[str] | None) -> int:

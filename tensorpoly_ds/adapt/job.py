@@ -299,12 +299,10 @@ def run_job(job: AdaptJob, *, force: bool = False, log: Callable[[str], None] = 
     busy = _broadcast(busy)
     if busy:
         raise JobBusy(busy)
-    installed = STOP.install()   # launch/adapt installs it at start-up; library callers get it here
     try:
-        return _run_locked(job, out, trainer, force, log)
+        with STOP.handling():   # launch/adapt installs it at start-up; library callers get it here
+            return _run_locked(job, out, trainer, force, log)
     finally:
-        if installed:
-            STOP.restore()
         if lock is not None:
             lock.release()
 

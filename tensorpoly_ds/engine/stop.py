@@ -12,12 +12,13 @@ no checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 REQUEUE_EXIT_CODE = 124
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -57,6 +58,17 @@ class StopFlag:
             signal.signal(sig, handler)
         self._previous.clear()
         self.signal = None
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator["StopFlag"]:
+        """Handlers installed for the block; restored after it only if this block installed them (an
+        enclosing launcher's stay, with any stop request they recorded)."""
+        installed = self.install()
+        try:
+            yield self
+        finally:
+            if installed:
+                self.restore()
 
 
 STOP = StopFlag()

@@ -1,6 +1,5 @@
 """End-to-end runs of launch/pretrain.py as subprocesses (1 process, and 2 ranks under torchrun)."""
 
-import os
 import shutil
 import signal
 import subprocess
@@ -68,24 +67,28 @@ def test_two_ranks_match_one_rank(stage, tmp_path, prepared_dir, backbone_dir, b
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=3e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def run_and_signal(cmd, run_dir, after_steps: int, timeout: float = 240):
+    """Run `cmd`, send it SIGUSR1 once `after_steps` training steps are logged; (proc, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= after_steps:
+                proc.send_signal(signal.SIGUSR1)
+                break
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc, out, err
+
+
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory, prepared_dir, backbone_dir):
     """A run sent SIGUSR1 after a few steps (returns its exit status), then resumed with --resume auto."""
     run_dir = tmp_path_factory.mktemp("runs") / "interrupted"
-    cmd = pretrain_cmd(run_dir, prepared_dir, base_overrides(backbone_dir))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.is_file() and len(read_metrics(run_dir)) >= 5:
-                os.kill(proc.pid, signal.SIGUSR1)
-                break
-            time.sleep(0.05)
-        out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, out, err = run_and_signal(pretrain_cmd(run_dir, prepared_dir, base_overrides(backbone_dir)), run_dir, 5)
     stopped = dict(read_metrics(run_dir))
     tags = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
     resumed = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir))
@@ -155,18 +158,7 @@ def test_torchrun_stop_exits_124_through_the_wrapper(tmp_path, prepared_dir, bac
     cmd = [sys.executable, "-m", "launch.torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(PRETRAIN), "--config", str(TINY), f"data.dir={prepared_dir}", f"run.dir={run_dir}",
            "train.progress_bar=false", *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 3:
-                proc.send_signal(signal.SIGUSR1)
-                break
-            time.sleep(0.05)
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, out, err = run_and_signal(cmd, run_dir, 3)
     assert proc.returncode == 124, err[-4000:]
     assert "torchrun exited 1; every rank checkpointed" in err
     statuses = read_statuses(run_dir / "status")
