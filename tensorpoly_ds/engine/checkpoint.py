@@ -162,7 +162,11 @@ def verify_tag(tag_dir: Path, content: bool = True) -> str | None:
     if expected is None:   # written before checksums existed: sizes are all there is to check
         _warn(f"checkpoint {tag_dir} has no content checksums (older format): only sizes verified")
         return None
-    actual = _digests(tag_dir, {n: marker["files"].get(n, 0) for n in expected})
+    sizes = {n: marker["files"].get(n, 0) for n in expected}
+    if dist.rank() == 0 and sum(sizes.values()) > 1 << 30:   # seconds to minutes: say what is happening
+        print(f"[tensorpoly-ds] verifying the checksums of {tag_dir.name} ({sum(sizes.values()) / 1e9:.1f} GB, "
+              f"{dist.world_size()} rank(s) sharing the work)", flush=True)
+    actual = _digests(tag_dir, sizes)
     for name in sorted(expected):
         if actual.get(name) != expected[name]:
             return (f"file {name}: content differs from the checksum in {MARKER} "
