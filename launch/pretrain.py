@@ -104,6 +104,11 @@ def _main(argv: list[str] | None) -> int:
         write_status(cfg.run.dir, rank, "running", launcher=launch["LAUNCHER"])
         try:
             result = _run(args, cfg, data)
+        except ckpt.CheckpointError as err:   # seen by the collective checks: the same verdict on every rank
+            write_status(cfg.run.dir, rank, "failed", exit_code=EXIT_BAD_CONFIG, error=str(err)[:2000])
+            if rank == 0:
+                print(f"tensorpoly-ds pretrain: {err}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
         except BaseException as err:
             write_status(cfg.run.dir, rank, "failed", exit_code=1, error=f"{type(err).__name__}: {err}"[:2000])
             raise

@@ -79,9 +79,15 @@ def stop_when_parent_dies(parent_pid: int) -> None:
     installed handler makes a stop request (checkpoint, exit 124): a sweep killed with kill -9 leaves no
     orphans training on. Linux: PR_SET_PDEATHSIG, delivered by the kernel the moment the parent dies, even
     while this process is busy in C code. Elsewhere: a daemon thread polling os.getppid() every second."""
-    if os.getppid() != parent_pid:   # the parent died before we got here
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
+    if os.getppid() != parent_pid:
+        try:
+            os.kill(parent_pid, 0)
+            return   # alive but not our parent: a variable inherited from further up, not meant for us
+        except ProcessLookupError:   # the parent died before we got here
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        except PermissionError:
+            return
     if sys.platform.startswith("linux"):
         import ctypes
 

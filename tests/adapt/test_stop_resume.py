@@ -131,22 +131,22 @@ def _job_file(job, tmp_path) -> Path:
 @pytest.mark.slow
 def test_adapt_cli_sigterm_exits_124_and_rerun_resumes(prepared, poly_export, tmp_path):
     """The command line: SIGTERM mid-training -> exit 124, no COMPLETE; the same command resumes, exit 0."""
-    job = make_job(prepared, poly_export, tmp_path / "cli", trainer="engine", steps=40, eval_every=1,
+    job = make_job(prepared, poly_export, tmp_path / "cli", trainer="engine", steps=30, eval_every=0,
                    max_eval_examples=4, eval_batch_size=4)
     jfile = _job_file(job, tmp_path)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")))
     cmd = [sys.executable, "-m", "launch.adapt", "--job", str(jfile)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    progress = Path(job.out_dir) / "progress.json"
+    metrics = Path(job.out_dir) / "engine" / "fewshot" / "metrics.jsonl"   # one line per step, line-buffered
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not progress.exists():
+    while time.monotonic() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 124, err[-3000:]
     saved = json.loads((Path(job.out_dir) / RESULT_FILE).read_text())
-    assert saved["status"] == "requeue" and saved["signal"] == "SIGTERM" and 1 <= saved["stopped"]["step"] < 40
+    assert saved["status"] == "requeue" and saved["signal"] == "SIGTERM" and 1 <= saved["stopped"]["step"] < 30
     assert not (Path(job.out_dir) / MARKER_FILE).exists() and "rerun to resume" in err
     resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
