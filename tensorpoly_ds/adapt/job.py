@@ -7,8 +7,11 @@ Output directory of a job:
     predictions_best.jsonl   the same for the best evaluation
     routing.safetensors  routing logits and weights of the adapted task (routed methods)
     result.json          config, accuracy at every evaluation, best, final, per template, parameter counts,
-                         timings; status "complete" or "failed"
+                         timings; status "complete", "failed", "interrupted" or "requeue" (stopped with a
+                         checkpoint: the evaluations and losses so far, which the next run continues)
     COMPLETE             completion marker, written after result.json; a job is skipped only if both exist
+    local_checkpoint.pt, engine/<phase>/checkpoints/   the training state of a stopped job (removed when complete)
+    .tpds.lock, .tpds.lock.json   the folder lock of the process running the job, and who that is
 All files are written atomically (temp file, then os.replace).
 """
 
@@ -314,13 +317,18 @@ def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool, log: Callab
         if main_rank:
             log(f"[adapt] {out}: complete, skipped")
         return json.loads((out / RESULT_FILE).read_text())
-    prior = None
+    prior, refused = None, None
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER_FILE).unlink(missing_ok=True)
-        prior = stopped_state(out, job, force)
-        write_json(out / "job.json", job.to_dict())
-    prior = _broadcast(prior)
+        try:
+            prior = stopped_state(out, job, force)
+            write_json(out / "job.json", job.to_dict())
+        except JobError as err:   # every rank must learn it, or the others wait in the broadcast forever
+            refused = str(err)
+    prior, refused = _broadcast((prior, refused))
+    if refused:
+        raise JobError(refused)
     if prior is not None:
         log(f"[adapt] {out}: resuming the run stopped at {prior['stopped']['phase']} step {prior['stopped']['step']}")
     t_start = time.time()
