@@ -140,11 +140,11 @@ def _run(args, cfg, data):
     _seed_all(cfg.train.seed)   # identical initial weights on every rank
     model, keepalive = build_backbone(cfg.model, vocab_size=data.vocab_size, ds_config=ds_config,
                                       precision=cfg.deepspeed.precision)
+    if rank == 0 and cfg.deepspeed.zero_stage == 3:   # the backbone alone: adapters are partitioned later
+        partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+        print(f"[tensorpoly-ds] ZeRO-3: backbone partitioned at load (zero.Init): {partitioned}", flush=True)
     model = prepare_model(model, cfg.adapter, len(data.tasks), full_finetune=cfg.train.full_finetune,
                           zero_stage=cfg.deepspeed.zero_stage)
-    if rank == 0 and cfg.deepspeed.zero_stage == 3:
-        partitioned = all(hasattr(p, "ds_id") for p in model.parameters() if not p.requires_grad)
-        print(f"[tensorpoly-ds] ZeRO-3: backbone partitioned at load (zero.Init): {partitioned}", flush=True)
     train_rows = data.split("train")
     val_rows = data.split("val") if (data.dir / "val").is_dir() else None
     steps = cfg.train.steps

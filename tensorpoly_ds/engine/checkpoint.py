@@ -15,6 +15,7 @@ Resume policy (`resume(...)`, `precheck(...)`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -283,6 +284,31 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
     return json.loads((tag_dir / META).read_text())
 
 
+def _frozen_names(module: torch.nn.Module) -> set[str]:
+    """Every state_dict name of a frozen parameter, tied aliases included."""
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+@contextlib.contextmanager
+def _every_frozen_name_excluded(engine):
+    """DeepSpeed's exclude_frozen_parameters drops a frozen parameter under its first name only; its tied
+    aliases (T5's encoder/decoder embed_tokens and lm_head are all `shared.weight`) would still carry it."""
+    frozen = _frozen_names(engine.module)
+    module_state_dict = engine.module_state_dict
+
+    def without_frozen(*args, **kwargs):
+        state = module_state_dict(*args, **kwargs)
+        for name in frozen:
+            state.pop(name, None)
+        return state
+
+    engine.module_state_dict = without_frozen
+    try:
+        yield
+    finally:
+        del engine.module_state_dict
+
+
 def save(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
     """Collective: every rank must call it. Returns the tag directory."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -293,7 +319,11 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], keep: int) -> 
         shutil.rmtree(tag_dir)
     dist.barrier()
     client_state = {"tpds": meta}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
+    # Frozen parameters (the backbone of an adapter run) are not saved: they are rebuilt from the model config
+    # on resume, so a checkpoint holds the trained tensors and their optimizer state only. FullFT has none.
+    with _every_frozen_name_excluded(engine):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True,
+                               exclude_frozen_parameters=True)
     tag_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(tag_dir / f"rng_rank{rank}.json", json.dumps(rng_state()))
     if rank == 0:
@@ -328,11 +358,33 @@ def prune(ckpt_dir: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def load_module_state(state: dict[str, torch.Tensor], module: torch.nn.Module, tag_dir: Path) -> None:
+    """Load a checkpoint's module state saved without frozen parameters: strict about everything else (a
+    trainable parameter or buffer it lacks, a tensor the model does not have). Frozen Kronecker LayerNorm
+    constants that checkpoints written before they stopped being tensors hold are checked and dropped."""
+    from tensorpoly_ds.adapters import ExportError
+    from tensorpoly_ds.adapters.export import drop_frozen_norm_constants
+
+    adapter_cfg = getattr(module, "tpds_adapter_config", None)
+    if adapter_cfg is not None:
+        try:
+            state = drop_frozen_norm_constants(state, adapter_cfg, str(tag_dir))
+        except ExportError as err:
+            raise CheckpointError(str(err)) from None
+    result = module.load_state_dict(state, strict=False)
+    frozen = _frozen_names(module)
+    missing = [k for k in result.missing_keys if k not in frozen]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{tag_dir}: the checkpoint's module state does not match the model: missing "
+                              f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
 def load(engine, tag_dir: Path, *, load_optimizer: bool = True) -> dict[str, Any]:
     """Collective. Restores model, optimizer, scheduler (DeepSpeed) and this rank's RNG states."""
     path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                           load_optimizer_states=load_optimizer,
-                                          load_lr_scheduler_states=load_optimizer)
+                                          load_lr_scheduler_states=load_optimizer,
+                                          custom_load_fn=lambda src, dst: load_module_state(src, dst, tag_dir))
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
     rng_file = tag_dir / f"rng_rank{dist.rank()}.json"
