@@ -105,7 +105,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         write_status(cfg.run.dir, rank, "running", launcher=launch["LAUNCHER"])
         try:
-            result = _run(args, cfg, data)
+            result = _run(args, cfg, data, launcher_overrides)
         except ckpt.CheckpointError as err:   # seen by the collective checks: the same verdict on every rank
             write_status(cfg.run.dir, rank, "failed", exit_code=EXIT_BAD_CONFIG, error=str(err)[:2000])
             if rank == 0:
@@ -121,7 +121,7 @@ def _main(argv: list[str] | None) -> int:
             lock.release()
 
 
-def _run(args, cfg, data):
+def _run(args, cfg, data, launcher_overrides: list[str]):
     from tensorpoly_ds.engine import distributed as dist
     from tensorpoly_ds.engine.config import save_run_config
 

@@ -31,6 +31,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 LOCK_NAME = ".tpds.lock"
 HOLDER_NAME = ".tpds.lock.json"
@@ -70,18 +71,24 @@ class FolderLock:
         self._fd: int | None = None
         self.supported = True
 
-    def acquire(self, wait_s: float = 0.5) -> "FolderLock":
+    def acquire(self, wait_s: float | None = 0.5, on_wait: Callable[[str], None] | None = None) -> "FolderLock":
         """Raises LockHeld if a live process still holds the lock after `wait_s` seconds (the short wait
-        covers another process's momentary probe, see holder_if_locked)."""
+        covers another process's momentary probe, see holder_if_locked). `wait_s=None` waits for as long as the
+        holder lives, telling `on_wait` once who it is waiting for."""
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        deadline = time.monotonic() + wait_s
+        deadline = None if wait_s is None else time.monotonic() + wait_s
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except OSError as err:
                 if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    if deadline is None:
+                        if on_wait is not None:
+                            on_wait(f"{self.what} {self.folder} is in use by {describe(read_holder(self.folder))}")
+                        fcntl.flock(fd, fcntl.LOCK_EX)
+                        break
                     if time.monotonic() < deadline:
                         time.sleep(0.05)
                         continue
