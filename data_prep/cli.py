@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, OutputBusy
 from .mixture import mixture_names
 from .pipeline import DEFAULT_SEEDS, PrepConfig, build
 from .sources import SOURCE_KINDS
@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid", action="store_true", help="drop malformed rows, counted in the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR made with other arguments")
     p.add_argument("--no-wait", action="store_true",
-                   help="if another prep holds DIR, exit 2 at once instead of waiting for it")
+                   help="if another prep holds DIR, exit 75 at once instead of waiting for it")
     p.add_argument("--drop-cache", action="store_true",
                    help="delete the per-config part cache (.DIR.prep/parts) after a successful build")
     return p
@@ -71,4 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutputBusy as e:   # 75 (EX_TEMPFAIL) like every other stage's "folder in use": try again later
+        print(f"error: {e}", file=sys.stderr)
+        return 75
     return 0

@@ -48,3 +48,7 @@ def unknown_name(kind: str, name: str, valid) -> ConfigError:
     valid = sorted(valid)
     shown = ", ".join(valid[:40]) + (f", ... ({len(valid)} in total)" if len(valid) > 40 else "")
     return ConfigError(f"unknown {kind} {name!r}; valid {kind}s: {shown}")
+
+
+class OutputBusy(RuntimeError):
+    """Another live prep holds the output folder and --no-wait was given (CLI exit 75, like every stage)."""

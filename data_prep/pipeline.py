@@ -24,8 +24,9 @@ import numpy as np
 import pyarrow as pa
 
 from . import tokenizer as toklib
-from .errors import ConfigError, unknown_name
-from .lock import OutputLock
+from tensorpoly_ds.locking import FolderLock, LockHeld
+
+from .errors import ConfigError, OutputBusy, unknown_name
 from .manifest import FORMAT_VERSION, Manifest, ManifestError, read_manifest
 from .mixture import CapRule, HeldOutTask, Mixture, TrainTemplate, get_mixture
 from .parts import FEW_SCHEMA, HeldOutPart, PartCache, TrainPart, Worker, read_part, split_rows
@@ -442,8 +443,12 @@ def _clean_stale(work: Path) -> None:
 def build(cfg: PrepConfig, log: Callable[[str], None] = print) -> Result:
     p = plan(cfg)
     work = work_dir(cfg.out)
-    lock = OutputLock(work / "lock", cfg.out)
-    lock.acquire(wait=not cfg.no_wait, log=log)
+    lock = FolderLock(work, what=f"the prep of {cfg.out}")
+    try:
+        lock.acquire(wait_s=0.5 if cfg.no_wait else None,
+                     on_wait=lambda who: log(f"{who}; waiting for it to finish (--no-wait refuses instead)"))
+    except LockHeld as held:
+        raise OutputBusy(f"{held} (not waiting: --no-wait)") from None
     try:
         _clean_stale(work)
         _resolve(p)

@@ -2,7 +2,8 @@
 
 Every job directory (one holding job.json or result.json) below the given run directories is
 classified as complete (result.json status complete and the COMPLETE marker), failed (status failed),
-incomplete (started, no final result: crashed or still running) or broken (unreadable). Job tables
+incomplete (started, no final result: crashed, stopped with a checkpoint ("requeue") or still running) or
+broken (unreadable). Job tables
 (jobs.jsonl) found in the run directories, or given explicitly, add the rows that never started
 (missing). Nothing is dropped silently: every non-complete job is listed in the report and on stderr.
 """
@@ -93,6 +94,11 @@ def _classify(d: Path, out: Collected) -> None:
     if status == "failed":
         out.problems.append({"dir": str(d), "state": "failed", "job": job,
                              "detail": str(result.get("error", "unknown error"))})
+    elif status == "requeue":
+        stopped = result.get("stopped") or {}
+        out.problems.append({"dir": str(d), "state": "incomplete", "job": job,
+                             "detail": f"stopped ({result.get('signal', '?')}) at {stopped.get('phase', '?')} step "
+                                       f"{stopped.get('step', '?')} with a checkpoint: rerun adapt or the sweep to resume"})
     elif status != "complete" or not (d / MARKER_FILE).exists():
         out.problems.append({"dir": str(d), "state": "incomplete", "job": job,
                              "detail": f"status {status!r}, marker {'present' if (d / MARKER_FILE).exists() else 'absent'}"})

@@ -10,8 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.rank_classification import write_jsonl
-from .job import FULLFT, AdaptJob, JobError
+from .spec import AdaptJob, FULLFT, JobError
 
 ROUTED = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")
 
@@ -136,6 +135,8 @@ def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathL
 
 def write_table(path: str | os.PathLike, rows: list[dict]) -> Path:
     """The job table: JSON Lines, one job per line, written atomically (row i = array task i)."""
+    from ..evaluation.rank_classification import write_jsonl   # torch: only when a table is written
+
     return write_jsonl(path, rows)
 
 

@@ -1,7 +1,9 @@
 """Adapter export: safetensors weights plus a JSON of the adapter config and the task registry.
 
 The export holds full (gathered) tensors, so it does not depend on the world size or ZeRO stage
-it was trained with, and reloads into a fresh model of the same backbone.
+it was trained with, and reloads into a fresh model of the same backbone. It holds what was trained or
+adapted, not what the config determines: frozen Kronecker LayerNorm affines are no tensors (see
+tlora.KronLayerNorm); exports written when they were still load, their constants checked and dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .inject import CONFIG_ATTR, ROUTING_ATTR, adapter_config, adapter_layers, inject_adapters
+from .tlora import frozen_norm_constant
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "adapter_config.json"
@@ -44,8 +47,8 @@ def adapter_state_names(model: nn.Module) -> list[str]:
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every parameter an export holds, trainable or not (frozen LayerNorm affines, routing fixed by
-    mode mu or modules frozen by mode z): what a ZeRO-3 gather must cover before export."""
+    """Every parameter an export holds, trainable or not (routing fixed by mode mu, modules frozen by mode
+    z): what a ZeRO-3 gather must cover before export."""
     names = set(adapter_state_names(model))
     return [p for n, p in model.named_parameters() if n in names]
 
@@ -98,6 +101,20 @@ def read_export_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def drop_frozen_norm_constants(state: dict[str, torch.Tensor], cfg: AdapterConfig, source: str) -> dict[str, torch.Tensor]:
+    """`state` without the frozen LayerNorm constants that exports and checkpoints written before they
+    stopped being tensors hold; such a tensor that does not hold its constant is refused."""
+    out = {}
+    for key, value in state.items():
+        constant = frozen_norm_constant(key, cfg)
+        if constant is None:
+            out[key] = value
+        elif not bool(torch.all(value == constant)):
+            raise ExportError(f"{source}: tensor {key!r} is a LayerNorm affine of a config with frozen affines "
+                              f"(layernorm_affine: frozen) but does not hold the constant {constant:g}")
+    return out
+
+
 def config_differences(a: AdapterConfig, b: AdapterConfig) -> list[str]:
     da, db = a.to_dict(), b.to_dict()
     return [f"{k}: {da[k]!r} vs {db[k]!r}" for k in sorted(da) if da[k] != db[k]]
@@ -119,6 +136,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     except Exception as err:  # safetensors raises several types for truncated or foreign files
         raise ExportError(f"{weights_path}: cannot read adapter weights ({err})") from None
     expected = set(adapter_state_names(model))
+    state = drop_frozen_norm_constants(state, cfg, str(weights_path))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ExportError(f"{weights_path}: tensors do not match the model: missing {missing[:5]}, "

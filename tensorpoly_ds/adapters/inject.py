@@ -101,19 +101,15 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, num_tasks: int) -> nn.
         setattr(parent, child, layer)
     setattr(model, ROUTING_ATTR, nn.ModuleDict(tables))
     object.__setattr__(model, CONFIG_ATTR, cfg)  # plain attribute: not a module, not in state_dict
-    # Frozen LayerNorm affine weights stay frozen; everything else the adapters own trains.
+    # Everything the adapters own trains (frozen LayerNorm affines are no parameters: tlora.KronLayerNorm).
     for layer in adapter_layers(model).values():
         for pname, p in layer.named_parameters():
-            if not pname.startswith("base.") and not _is_frozen_norm(layer, pname):
+            if not pname.startswith("base."):
                 p.requires_grad_(True)
     for table in tables.values():
         for p in table.parameters():
             p.requires_grad_(True)
     return model
-
-
-def _is_frozen_norm(layer: AdapterLinear, pname: str) -> bool:
-    return ".norms." in f".{pname}" and layer.cfg.layernorm_affine == "frozen"
 
 
 def adapter_config(model: nn.Module) -> AdapterConfig:

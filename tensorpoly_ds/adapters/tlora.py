@@ -3,9 +3,16 @@
 Each of the r columns of A (length d_in) is sum_k kron(v_1k, ..., v_Nk) truncated to d_in, with
 v in R^q and q the integer N-th root of d_in; B likewise with d_out. Leaves: [N, R, r, q].
 The adapter is materialised once per distinct task (d x r), never per token.
+
+Memory: the factor build (Kronecker products, their LayerNorms, the mix over R) makes tensors of
+R x r x q^N per layer and side, far larger than the leaves or than A and B themselves (at T0-3B about
+2.7 GB saved for backward over the 432 layers with the official LayerNorm). It is therefore recomputed in
+backward (`recompute_factors`, on by default): only the leaves, the routing weights and A, B are kept.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn.functional as F
@@ -16,16 +23,38 @@ from .config import AdapterConfig, int_root
 
 
 class KronLayerNorm(nn.Module):
-    """The official code's LayerNorm over [r, q^order] on Kronecker products of orders 2 and 4."""
+    """The official code's LayerNorm over [r, q^order] on Kronecker products of orders 2 and 4.
+
+    Frozen affine weights (the official best config) stay at their init, ones and zeros: the identity, so
+    the module holds no tensors for them (at T0-3B they would be 72.6M constants, 290 MB of every export,
+    partitioned and gathered under ZeRO-3 for nothing). Trainable affine weights are parameters."""
 
     def __init__(self, rank: int, q: int, order: int, trainable: bool, device=None, dtype=None) -> None:
         super().__init__()
         self.shape = (rank, q ** order)
-        self.weight = nn.Parameter(torch.ones(self.shape, device=device, dtype=dtype), requires_grad=trainable)
-        self.bias = nn.Parameter(torch.zeros(self.shape, device=device, dtype=dtype), requires_grad=trainable)
+        self.weight = self.bias = None
+        if trainable:
+            self.weight = nn.Parameter(torch.ones(self.shape, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(self.shape, device=device, dtype=dtype))
 
     def forward(self, products: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            return F.layer_norm(products, self.shape)
         return F.layer_norm(products, self.shape, self.weight.to(products.dtype), self.bias.to(products.dtype))
+
+
+# state_dict keys of the affine weights of a KronLayerNorm, which exports and checkpoints written before the
+# frozen ones stopped being tensors still hold
+_NORM_AFFINE_KEY = re.compile(r"\.side_[ab]\.norms\.[24]\.(weight|bias)$")
+
+
+def frozen_norm_constant(key: str, cfg: AdapterConfig) -> float | None:
+    """The value a tensor stored under `key` holds if it is a frozen KronLayerNorm affine under `cfg` (weight
+    1, bias 0; older exports and checkpoints stored them), else None."""
+    match = _NORM_AFFINE_KEY.search(key)
+    if match is None or not cfg.layernorm or cfg.layernorm_affine != "frozen":
+        return None
+    return 1.0 if match.group(1) == "weight" else 0.0
 
 
 def kron_columns(leaves: torch.Tensor, norms: nn.ModuleDict | None = None) -> torch.Tensor:
@@ -46,6 +75,46 @@ def kron_columns(leaves: torch.Tensor, norms: nn.ModuleDict | None = None) -> to
     left = norms["2"](product(leaves[..., 0, :, :], leaves[..., 1, :, :]))
     right = norms["2"](product(leaves[..., 2, :, :], leaves[..., 3, :, :]))
     return norms["4"](product(left, right))
+
+
+class _RecomputedFactors(torch.autograd.Function):
+    """(A, B) = fn(*args) without saving fn's intermediates: backward runs fn again on the same inputs under
+    the same autocast state and differentiates that. fn also reads parameters (leaves, trainable LayerNorm
+    affines) from their modules: `slots` names them as (module, attribute) and they follow the args as
+    inputs, so autograd routes their gradients, and the recomputation reads the very tensors the forward
+    read (also under torch.func.functional_call, which swaps them only for the forward). A custom Function
+    rather than torch.utils.checkpoint: per call it costs one nested autograd.grad, not saved-tensor hooks."""
+
+    @staticmethod
+    def forward(ctx, fn, num_args: int, slots, *tensors):
+        device = tensors[-1].device.type
+        ctx.fn, ctx.num_args, ctx.slots = fn, num_args, slots
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(*tensors)
+        return fn(*tensors[:num_args])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        args = [t.detach().requires_grad_(t.requires_grad) for t in saved[: ctx.num_args]]
+        params = saved[ctx.num_args:]
+        device, autocast, dtype = ctx.autocast
+        current = [module._parameters[name] for module, name in ctx.slots]
+        try:
+            for (module, name), tensor in zip(ctx.slots, params):
+                module._parameters[name] = tensor
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
+                outputs = ctx.fn(*args)
+        finally:
+            for (module, name), tensor in zip(ctx.slots, current):
+                module._parameters[name] = tensor
+        inputs = [*args, *params]
+        wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
+        found = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grads, allow_unused=True)
+        out = [None] * len(inputs)
+        for i, grad in zip(wanted, found):
+            out[i] = grad
+        return (None, None, None, *out)
 
 
 class _KronSide(nn.Module):
@@ -75,6 +144,10 @@ class _KronSide(nn.Module):
 class TLoRALinear(AdapterLinear):
     """Unrouted TLoRA: A = sum_k kron_j v_jk (the R terms are summed, not mixed)."""
 
+    # Recompute the factor build in backward instead of saving its R x r x q^N intermediates (module
+    # docstring). Exact: the recomputation runs the same operations on the same inputs.
+    recompute_factors: bool = True
+
     def __init__(self, base: nn.Linear, cfg: AdapterConfig, side: str, name: str) -> None:
         super().__init__(base, cfg, side, name)
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
@@ -88,8 +161,22 @@ class TLoRALinear(AdapterLinear):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.side_a.terms().sum(0).t(), self.side_b.terms().sum(0)
 
+    def build(self, factor_fn, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        """factor_fn(*args) -> (A, B), with its intermediates recomputed in backward if recompute_factors.
+        factor_fn draws no random numbers (routing noise is drawn before), so recomputing it is exact."""
+        if self.recompute_factors and torch.is_grad_enabled():
+            slots, params = [], []
+            for side in (self.side_a, self.side_b):
+                for module in side.modules():
+                    for name, p in module._parameters.items():
+                        if p is not None and p.requires_grad:
+                            slots.append((module, name))
+                            params.append(p)
+            return _RecomputedFactors.apply(factor_fn, len(args), slots, *args, *params)
+        return factor_fn(*args)
+
     def delta_from_weights(self, x, weights, inverse):
-        a, b = self.factors()
+        a, b = self.build(self.factors)
         return apply_low_rank(x, a, b, None, self.scale)
 
     def delta_weight(self, weights=None):
@@ -103,6 +190,10 @@ class TensorPolyILinear(MixedLowRank, TLoRALinear):
     def __init__(self, base, cfg, side, name) -> None:
         super().__init__(base, cfg, side, name)
         self.routing_shape = (1, cfg.tensor_rank)
+
+    def delta_from_weights(self, x, weights, inverse):
+        a, b = self.build(self.mixed, weights)
+        return apply_low_rank(x, a, b, inverse, self.scale)
 
     def mixed(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = weights[:, 0, :].to(self.side_a.leaves.dtype)

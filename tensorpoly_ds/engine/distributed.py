@@ -12,9 +12,14 @@ from __future__ import annotations
 import os
 import re
 import socket
-from typing import Mapping
+import sys
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that need it: the launcher mapping (distributed_env,
+# launch_world_size) serves pre-checks that must run before anything heavy is imported.
 
 PORT_BASE = 20000
 PORT_SPAN = 20000
@@ -163,6 +168,12 @@ def accelerate_overrides(env: Mapping[str, str] | None = None) -> list[str]:
     return out
 
 
+def launch_world_size(env: Mapping[str, str] | None = None) -> int:
+    """The number of ranks the launcher started, read from its variables before any process group exists
+    (so that config checks such as DeepSpeed's train_batch_size see the real world size)."""
+    return int(distributed_env(env)["WORLD_SIZE"])
+
+
 def setup_environment() -> dict[str, str]:
     """Write the mapped variables into os.environ (before any process group is created)."""
     mapped = distributed_env()
@@ -174,6 +185,8 @@ def setup_environment() -> dict[str, str]:
 
 def device_and_backend() -> tuple[torch.device, str]:
     """GPU: cuda:LOCAL_RANK with nccl; otherwise (or with DS_ACCELERATOR=cpu) cpu with gloo."""
+    import torch
+
     if os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available():
         # With `srun --gpus-per-task 1` each task sees one device, so LOCAL_RANK can exceed the count.
         local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
@@ -185,6 +198,8 @@ def device_and_backend() -> tuple[torch.device, str]:
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """Map the launcher's variables, then create the process group through DeepSpeed."""
+    import torch
+
     setup_environment()
     device, backend = device_and_backend()
     import deepspeed
@@ -196,23 +211,29 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 # ---- collectives that degrade to no-ops without a process group ---------------------------------------
 def is_dist() -> bool:
+    if "torch" not in sys.modules:   # no torch, no process group
+        return False
+    import torch
+
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def rank() -> int:
-    return torch.distributed.get_rank() if is_dist() else 0
+    return sys.modules["torch"].distributed.get_rank() if is_dist() else 0
 
 
 def world_size() -> int:
-    return torch.distributed.get_world_size() if is_dist() else 1
+    return sys.modules["torch"].distributed.get_world_size() if is_dist() else 1
 
 
 def barrier() -> None:
     if is_dist():
-        torch.distributed.barrier()
+        sys.modules["torch"].distributed.barrier()
 
 
 def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    import torch
+
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if is_dist():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
@@ -220,15 +241,26 @@ def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> l
 
 
 def all_reduce_max(value: float, device: torch.device | str = "cpu") -> float:
+    import torch
+
     t = torch.tensor([value], dtype=torch.float64, device=device)
     if is_dist():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return float(t.item())
 
 
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size()
+    sys.modules["torch"].distributed.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     if not is_dist():
         return obj
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
+    sys.modules["torch"].distributed.broadcast_object_list(box, src=src)
     return box[0]

@@ -1,10 +1,12 @@
 """Backbones for the engine: a Hugging Face seq2seq name/path (pretrained) or a tensorpoly_ds.models
 architecture name (random init, vocab from the manifest), then adapters injected.
 
-Under ZeRO-3 a pretrained backbone is loaded inside deepspeed.zero.Init: an `HfDeepSpeedConfig` built from
-the effective DeepSpeed config is created before `from_pretrained` and must stay alive (the returned
-`keepalive`), so an 11B model is never materialised whole on each rank. Architecture names are built
-normally (same seed on every rank -> same weights) unless they exceed ZERO_INIT_MIN_PARAMS parameters.
+Under ZeRO-3 a backbone is never materialised whole on each rank: a pretrained one is loaded inside
+deepspeed.zero.Init (an `HfDeepSpeedConfig` built from the effective DeepSpeed config is created before
+`from_pretrained` and must stay alive: the returned `keepalive`); an architecture name is built inside
+deepspeed.zero.Init with its init run on gathered partitions (`hf_init_on_gathered_partitions`), so that it
+holds exactly the weights a normal build with the same seed holds, which is what adaptation rebuilds from the export's
+recorded seed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from tensorpoly_ds.models import KNOWN_ARCHITECTURES, t5_config
 from .config import ModelSection
 
 log = logging.getLogger(__name__)
-ZERO_INIT_MIN_PARAMS = 1_000_000_000
 
 
 def _dtype(model_cfg: ModelSection, precision: str) -> torch.dtype:
@@ -30,9 +31,55 @@ def _dtype(model_cfg: ModelSection, precision: str) -> torch.dtype:
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
-def _estimate_params(config) -> int:
-    d, ff, L = config.d_model, config.d_ff, config.num_layers + config.num_decoder_layers
-    return L * (4 * d * d + 3 * d * ff) + 2 * config.vocab_size * d
+@contextlib.contextmanager
+def _as_fp32(params: list[nn.Parameter]):
+    """The parameters hold fp32 copies inside, written back (rounded) on exit: the init draws and computes in
+    fp32, as a normal build does before its cast (normal_ on bf16 storage draws the same numbers but rounds
+    intermediate results differently)."""
+    kept = [p.data for p in params]
+    for p in params:
+        p.data = p.data.float()
+    try:
+        yield
+    finally:
+        for p, data in zip(params, kept):
+            data.copy_(p.data)
+            p.data = data
+
+
+@contextlib.contextmanager
+def hf_init_on_gathered_partitions():
+    """Inside deepspeed.zero.Init, make a Hugging Face model's own weight init take effect, drawing exactly
+    what a normal build draws.
+
+    Under zero.Init each submodule's parameters are partitioned as soon as its constructor returns, so the
+    init that Hugging Face runs at the end of every (sub)model's constructor (post_init, interleaved with the
+    construction: T5's encoder is initialised before its decoder is built) would write into empty partitions:
+    nothing drawn, nothing written, PyTorch's default init left in place. The constructors' own default inits
+    draw the same numbers either way. So, for the duration, each module's init runs on gathered fp32 tensors
+    of its own and its direct children's parameters (T5's init of an attention or FFN block writes its
+    q/k/v/o or wi/wo children; the model's writes its shared and lm_head embeddings), at its normal place in
+    the sequence, and rank 0's result is kept: every tensor, and the RNG state after the build, are those of
+    a normal build with the same seed, at the memory of one module."""
+    import deepspeed
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel._initialize_weights
+
+    def gathered(self, module: nn.Module, is_custom_code: bool = False):
+        if getattr(module, "_is_hf_initialized", False):
+            return
+        params = list({id(p): p for m in (module, *module.children()) for p in m.parameters(recurse=False)}.values())
+        if not params:
+            return original(self, module, is_custom_code)
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0), _as_fp32(params):
+            return original(self, module, is_custom_code)
+
+    PreTrainedModel._initialize_weights = gathered
+    try:
+        yield
+    finally:
+        PreTrainedModel._initialize_weights = original
 
 
 def build_backbone(model_cfg: ModelSection, *, vocab_size: int | None, ds_config: dict | None = None,
@@ -48,15 +95,16 @@ def build_backbone(model_cfg: ModelSection, *, vocab_size: int | None, ds_config
         if vocab is None:
             raise ValueError("model.vocab_size is not set and no manifest gives tokenizer.vocab_size")
         config = t5_config(model_cfg.name_or_path, vocab_size=vocab, **model_cfg.arch_overrides)
-        if stage3 and _estimate_params(config) >= ZERO_INIT_MIN_PARAMS:
-            import deepspeed
+        if not stage3:
+            return T5ForConditionalGeneration(config).to(dtype), None
+        import deepspeed
 
-            ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype)
-        else:
-            ctx = contextlib.nullcontext()
-        with ctx:
+        # The dtype comes from the config's bf16 flag: zero.Init's own `dtype` argument is ignored whenever the
+        # accelerator lacks fp16 (DeepSpeed 0.19's operator precedence: dtype=float32 gives bf16 on the CPU).
+        init_config = dict(ds_config, bf16={"enabled": dtype == torch.bfloat16}, fp16={"enabled": False})
+        with deepspeed.zero.Init(config_dict_or_path=init_config), hf_init_on_gathered_partitions():
             model = T5ForConditionalGeneration(config)
-        return model.to(dtype), None
+        return model, None
     keepalive = None
     if stage3:
         from transformers.integrations import HfDeepSpeedConfig

@@ -31,8 +31,8 @@ def cfg_for(key, **extra):
     return AdapterConfig(method=method, **kw, **extra)
 
 
-def make_layer(key, num_tasks=3, d_in=8, d_out=6, dtype=torch.float64):
-    cfg = cfg_for(key)
+def make_layer(key, num_tasks=3, d_in=8, d_out=6, dtype=torch.float64, cfg=None):
+    cfg = cfg or cfg_for(key)
     base = nn.Linear(d_in, d_out).to(dtype)
     mod = ADAPTER_CLASSES[cfg.method](base, cfg, "encoder", key)
     if mod.routing_shape is not None:

@@ -120,10 +120,8 @@ def test_edited_source_is_rebuilt_touch_is_not(tmp_path, emb_dir):
 HOLD = """
 import sys, time
 from pathlib import Path
-from data_prep.lock import OutputLock
-out = Path(sys.argv[1])
-lock = OutputLock(Path(sys.argv[2]), out)
-lock.acquire(wait=False, log=print)
+from tensorpoly_ds.locking import FolderLock
+lock = FolderLock(Path(sys.argv[2]), what="test holder").acquire()
 print("holding", flush=True)
 while not Path(sys.argv[3]).exists():
     time.sleep(0.05)
@@ -139,12 +137,12 @@ def test_second_prep_refuses_or_waits_for_the_holder(tmp_path):
     out = tmp_path / "o"
     release = tmp_path / "release"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out), str(work_dir(out) / "lock"), str(release)],
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out), str(work_dir(out)), str(release)],
                               stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout.readline().strip() == "holding"
         refused = subprocess.run(_cli(*emb_args(out, "--no-wait")), capture_output=True, text=True, env=env, timeout=300)
-        assert refused.returncode == 2 and f"pid {holder.pid}" in refused.stderr and "--no-wait" in refused.stderr
+        assert refused.returncode == 75 and f"pid {holder.pid}" in refused.stderr and "--no-wait" in refused.stderr
         assert "Traceback" not in refused.stderr and not out.exists()
         waiter = subprocess.Popen(_cli(*emb_args(out)), stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.time() + 120
