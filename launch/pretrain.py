@@ -62,6 +62,7 @@ def _main(argv: list[str] | None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
     from tensorpoly_ds.engine import checkpoint as ckpt
+    from tensorpoly_ds.engine import elastic
     from tensorpoly_ds.engine.config import RunConfigError, load_run_config
     from tensorpoly_ds.engine.data import DataError, PreparedData
     from tensorpoly_ds.engine.distributed import LaunchError, accelerate_overrides, distributed_env
@@ -88,6 +89,10 @@ def _main(argv: list[str] | None) -> int:
                     and args.resume == "auto":
                 raise ckpt.CheckpointError(f"--export-only: no complete checkpoint in {ckpt_dir}")
         ckpt.precheck(ckpt_dir, args.resume)
+        world = int(launch["WORLD_SIZE"])   # another world size: refusals that need no process group
+        elastic.precheck(elastic.candidate(ckpt_dir, args.resume), world=world, optimizer=cfg.optim.name,
+                         batch=None if args.export_only else
+                         elastic.batch_layout(cfg.train.micro_batch, cfg.train.grad_accum, world))
     except (RunConfigError, DataError, LaunchError, ckpt.CheckpointError) as err:
         print(f"tensorpoly-ds pretrain: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -35,6 +35,7 @@ from . import distributed as dist
 MARKER = "COMPLETE.json"
 META = "meta.json"
 TAG_RE = re.compile(r"^step_(\d+)$")
+UNIVERSAL_SUFFIX = "_universal"   # a tag's universal-checkpoint sibling (elastic.py)
 
 
 HASH = "sha256"
@@ -356,6 +357,11 @@ def prune(ckpt_dir: Path, keep: int) -> None:
         # older complete tags beyond `keep`, and incomplete tags older than the newest good one
         if path not in keep_set and step <= newest_good:
             shutil.rmtree(path, ignore_errors=True)
+    # universal conversions (elastic.py) of pruned tags, and conversions a crash left unfinished
+    for path in [*ckpt_dir.glob(f"step_*{UNIVERSAL_SUFFIX}"), *ckpt_dir.glob(f".step_*{UNIVERSAL_SUFFIX}.tmp")]:
+        tag = path.name.lstrip(".").removesuffix(".tmp").removesuffix(UNIVERSAL_SUFFIX)
+        if not (ckpt_dir / tag).is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def load_module_state(state: dict[str, torch.Tensor], module: torch.nn.Module, tag_dir: Path) -> None:
@@ -379,18 +385,36 @@ def load_module_state(state: dict[str, torch.Tensor], module: torch.nn.Module, t
                               f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
-def load(engine, tag_dir: Path, *, load_optimizer: bool = True) -> dict[str, Any]:
-    """Collective. Restores model, optimizer, scheduler (DeepSpeed) and this rank's RNG states."""
-    path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                          load_optimizer_states=load_optimizer,
-                                          load_lr_scheduler_states=load_optimizer,
-                                          custom_load_fn=lambda src, dst: load_module_state(src, dst, tag_dir))
+def load(engine, tag_dir: Path, *, load_optimizer: bool = True, rng_seed: int = 0) -> dict[str, Any]:
+    """Collective. Restores model, optimizer, scheduler (DeepSpeed) and this rank's RNG states. A ZeRO
+    checkpoint written on another world size is converted to a universal checkpoint first (elastic.py); the
+    returned meta then names it under "universal". A rank the checkpoint has no RNG state for (it was
+    written on fewer ranks) is seeded from (rng_seed, rank, step)."""
+    from . import elastic
+
+    meta = read_meta(tag_dir)
+    universal = None
+    if load_optimizer and elastic.needs_conversion(meta, tag_dir, dist.world_size()):
+        universal = elastic.ensure_universal(tag_dir, int(meta["step"]))
+    source = universal or tag_dir
+    with elastic.universal_loading(engine) if universal else contextlib.nullcontext():
+        path, client = engine.load_checkpoint(str(source.parent), tag=source.name,
+                                              load_optimizer_states=load_optimizer,
+                                              load_lr_scheduler_states=load_optimizer,
+                                              custom_load_fn=lambda src, dst: load_module_state(src, dst, tag_dir))
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
+        raise CheckpointError(f"DeepSpeed could not load {source}")
+    if universal:
+        elastic.repair_after_universal_load(engine)
     rng_file = tag_dir / f"rng_rank{dist.rank()}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
     else:
-        warnings.warn(f"{rng_file} not found (resuming on a larger world size?); RNG states not restored",
-                      RuntimeWarning, stacklevel=2)
-    return read_meta(tag_dir)
+        seed_all(elastic.new_rank_seed(rng_seed, dist.rank(), int(meta["step"])))
+    return {**meta, "universal": str(universal) if universal else None}
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -22,14 +22,12 @@ import dataclasses
 import json
 import logging
 import math
-import random
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +37,8 @@ from tensorpoly_ds.adapters.export import config_differences
 
 from . import checkpoint as ckpt
 from . import distributed as dist
+from . import elastic
+from .checkpoint import seed_all as _seed_all   # launchers import it from here
 from .stop import REQUEUE_EXIT_CODE, STOP, StopFlag  # noqa: F401  (re-exported)
 from .config import DeepSpeedSection, OptimSection, RunConfigError, TrainSection
 from .data import IGNORE_INDEX, TrainStream, collate, eval_batches
@@ -215,12 +215,6 @@ def _tokens(batch: dict[str, Any]) -> float:
     return n
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # ---- the loop -----------------------------------------------------------------------------------------
 def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSection, deepspeed: DeepSpeedSection,
           run_dir: str | Path, tasks: list[str] | None = None, val_rows=None, hooks: TrainHooks | None = None,
@@ -248,7 +242,8 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
     fingerprint = fingerprint or {}
     adapter_cfg = getattr(_module(model), "tpds_adapter_config", None)
     meta_base = {"fingerprint": fingerprint.get("hash"), "adapter": adapter_cfg.to_dict() if adapter_cfg else None,
-                 "full_finetune": adapter_cfg is None, "world_size": world, "tasks": tasks}
+                 "full_finetune": adapter_cfg is None, "world_size": world, "tasks": tasks,
+                 "batch": elastic.batch_layout(train.micro_batch, train.grad_accum, world)}
 
     if train.gradient_checkpointing:
         from .model import enable_gradient_checkpointing
@@ -275,7 +270,13 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
     ckpt_dir = run_dir / "checkpoints"
     step = 0
     eval_pending = False
-    meta = ckpt.resume(engine, ckpt_dir, resume, check=lambda m, tag: _check_compatible(m, meta_base, tag))
+
+    def check_resumable(saved: dict, tag: Path) -> None:
+        _check_compatible(saved, meta_base, tag)
+        more_steps = train.steps > int(saved.get("step", 0))   # an export alone does not care about the batch
+        elastic.check(saved, tag, world=world, batch=meta_base["batch"] if more_steps else None, optimizer=optim.name)
+
+    meta = ckpt.resume(engine, ckpt_dir, resume, check=check_resumable, rng_seed=train.seed)
     if meta is not None:
         step = int(meta["step"])
         stream.load_state_dict(meta["data"])
@@ -283,7 +284,8 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
         # uninterrupted run did at this step
         eval_pending = bool(meta.get("eval_pending"))
         if rank == 0:
-            print(f"[tensorpoly-ds] resumed from {meta['tag']} at step {step}", flush=True)
+            print(f"[tensorpoly-ds] resumed from {meta['tag']} at step {step} on {world} rank(s)"
+                  + _written_on(meta, world), flush=True)
 
     monitor = Monitor(run_dir, enabled=rank == 0)
     stop = STOP
@@ -430,6 +432,15 @@ def _grad_alignment_probe(train: TrainSection, ds_config: dict, adapter_cfg, tra
     probe = GradAlignmentProbe.build(train_rows, tasks, train.grad_alignment_tasks, train.grad_alignment_rows,
                                      batch_of, hooks.loss_fn, hooks.weight_fn)
     return probe if rank == 0 else None
+
+
+def _written_on(meta: dict, world: int) -> str:
+    saved = int(meta.get("world_size", world))
+    if saved == world:
+        return ""
+    if meta.get("universal"):
+        return f" (checkpoint written on {saved} rank(s), converted to a universal checkpoint at {meta['universal']})"
+    return f" (checkpoint written on {saved} rank(s); its optimizer state is not sharded, loaded as it is)"
 
 
 def _check_compatible(meta: dict, current: dict, tag_dir: Path) -> None:
