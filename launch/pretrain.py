@@ -44,9 +44,11 @@ def backbone_record(cfg, vocab_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tensorpoly_ds.engine.allocator import configure_malloc
     from tensorpoly_ds.engine.stop import STOP
 
     STOP.install()   # before anything slow: a SIGUSR1 during start-up must not kill the rank
+    configure_malloc()   # before the backbone's allocations (host memory at T0-3B: docs/pretrain.md)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.local_rank is not None:
