@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, OutputBusy
 from .mixture import mixture_names
 from .pipeline import DEFAULT_SEEDS, PrepConfig, build
 from .sources import SOURCE_KINDS
@@ -32,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="HF tokenizer name or path, or 'embedded' (offline)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--num-shards", type=int, default=4, help="Arrow shards for train/val (default 4)")
-    p.add_argument("--num-proc", type=int, default=1, help="tokenisation processes (default 1)")
+    p.add_argument("--num-proc", type=int, default=1,
+                   help="worker processes, each preparing whole configs (default 1)")
     p.add_argument("--max-input-len", type=int, default=256)
     p.add_argument("--max-target-len", type=int, default=256)
     p.add_argument("--cap-per-template", default=None,
@@ -46,6 +47,10 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated held-out tasks (default: all of the mixture's)")
     p.add_argument("--skip-invalid", action="store_true", help="drop malformed rows, counted in the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR made with other arguments")
+    p.add_argument("--no-wait", action="store_true",
+                   help="if another prep holds DIR, exit 75 at once instead of waiting for it")
+    p.add_argument("--drop-cache", action="store_true",
+                   help="delete the per-config part cache (.DIR.prep/parts) after a successful build")
     return p
 
 
@@ -55,7 +60,8 @@ def config_from_args(ns: argparse.Namespace) -> PrepConfig:
         num_shards=ns.num_shards, num_proc=ns.num_proc, max_input_len=ns.max_input_len,
         max_target_len=ns.max_target_len, cap_per_template=ns.cap_per_template,
         val_per_template=ns.val_per_template, few_shot_seeds=tuple(ns.few_shot_seeds), few_shot_k=ns.few_shot_k,
-        train_tasks=ns.train_tasks, held_out=ns.held_out, skip_invalid=ns.skip_invalid, overwrite=ns.overwrite)
+        train_tasks=ns.train_tasks, held_out=ns.held_out, skip_invalid=ns.skip_invalid, overwrite=ns.overwrite,
+        no_wait=ns.no_wait, drop_cache=ns.drop_cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,4 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutputBusy as e:   # 75 (EX_TEMPFAIL) like every other stage's "folder in use": try again later
+        print(f"error: {e}", file=sys.stderr)
+        return 75
     return 0

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .writer import MANIFEST
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # 2 adds `sources` and `skipped.empty`; splits are read the same way
 
 
 class ManifestError(ValueError):
@@ -33,6 +34,7 @@ class Manifest:
     args: dict
     few_shot: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def task_id(self, name: str) -> int:
@@ -52,9 +54,9 @@ _TYPES = {"format_version": int, "tasks": list, "held_out": list, "tokenizer": d
 def manifest_from_json(body: dict, path: str = MANIFEST) -> Manifest:
     if not isinstance(body, dict):
         raise ManifestError(f"{path}: expected a JSON object")
-    if body.get("format_version") != FORMAT_VERSION:
+    if body.get("format_version") not in READABLE_VERSIONS:
         raise ManifestError(f"{path}: field 'format_version' is {body.get('format_version')!r}, "
-                            f"this code reads format_version {FORMAT_VERSION}")
+                            f"this code reads format_version {' or '.join(map(str, READABLE_VERSIONS))}")
     for name, typ in _TYPES.items():
         if name not in body:
             raise ManifestError(f"{path}: missing field {name!r}")

@@ -6,7 +6,7 @@ config name. The order of `Mixture.train` is the task-id order every later stage
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
@@ -40,6 +40,7 @@ class Mixture:
     train: tuple[TrainTemplate, ...]
     held_out: tuple[HeldOutTask, ...]
     description: str
+    manifest_extra: dict = field(default_factory=dict, hash=False, compare=False)   # extra manifest keys
 
     def held_out_task(self, name: str) -> HeldOutTask:
         for t in self.held_out:
@@ -140,10 +141,17 @@ def _embedded_mixture(name: str) -> Mixture:
     return embedded.mixture(name)
 
 
+def _latent_skills_mixture(name: str) -> Mixture:
+    from . import latent_skills
+    return latent_skills.mixture(name)
+
+
 _MIXTURES = {
     "t0_train": lambda: _t0_mixture("t0_train", original_only=False),
     "t0_train_og": lambda: _t0_mixture("t0_train_og", original_only=True),
     "embedded": lambda: _embedded_mixture("embedded"),
+    "latent_skills": lambda: _latent_skills_mixture("latent_skills"),
+    "latent_skills_noprompt": lambda: _latent_skills_mixture("latent_skills_noprompt"),
 }
 
 

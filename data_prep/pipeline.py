@@ -1,29 +1,41 @@
-"""Orchestration: resolve the request, load and validate, tokenise, write atomically.
+"""Orchestration: resolve the request, lock DIR, run the parts (cached), assemble atomically.
 
-Order matters for the user: every cheap check (names, options, output directory state,
-presence of configs) runs before loading, and every record is validated before tokenising.
+Order matters for the user: every cheap check (names, options, the lock, every config's files,
+the state of DIR) runs before any data is read. Then each training config and each held-out
+task is one part (parts.py): read, validated and tokenised a bounded chunk at a time, in
+`--num-proc` worker processes, and cached. Finally the splits are assembled from the parts in
+task order in a staging folder that replaces DIR in one rename, with the manifest written last.
+Memory stays at about one chunk per worker plus the part being copied, whatever the mixture size.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import multiprocessing as mp
+import shutil
+import time
 from collections import Counter
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 
-from . import fewshot, tokenizer as toklib
-from .errors import ConfigError, unknown_name
+from . import tokenizer as toklib
+from tensorpoly_ds.locking import FolderLock, LockHeld
+
+from .errors import ConfigError, OutputBusy, unknown_name
 from .manifest import FORMAT_VERSION, Manifest, ManifestError, read_manifest
 from .mixture import CapRule, HeldOutTask, Mixture, TrainTemplate, get_mixture
-from .records import REASONS, Records, split_size, validate
+from .parts import FEW_SCHEMA, HeldOutPart, PartCache, TrainPart, Worker, read_part, split_rows
+from .records import REASONS, validate_chunks
 from .sources import HubSource, parse_source
-from .writer import MANIFEST, Staging, content_hash, save_split, write_json_atomic
+from .writer import MANIFEST, Staging, content_hash, write_json_atomic, write_split
 
 DEFAULT_SEEDS = (0, 1024, 42)
+SOURCES_RECORD = "sources.json"   # in the work folder: the last build's fingerprints with mtimes
 
 
 @dataclass(frozen=True)
@@ -44,11 +56,13 @@ class PrepConfig:
     held_out: tuple[str, ...] | None = None
     skip_invalid: bool = False
     overwrite: bool = False
+    no_wait: bool = False
+    drop_cache: bool = False
 
     def output_args(self) -> dict:
-        """Everything that can change the output (not out, num_proc or overwrite)."""
+        """Everything that can change the output (not where it goes, nor how it is computed)."""
         d = asdict(self)
-        for k in ("out", "num_proc", "overwrite"):
+        for k in ("out", "num_proc", "overwrite", "no_wait", "drop_cache"):
             d.pop(k)
         return json.loads(json.dumps(d))
 
@@ -58,6 +72,8 @@ class Result:
     status: str          # "built" | "unchanged"
     out: Path
     manifest: Manifest
+    parts_reused: int = 0
+    parts_built: int = 0
 
 
 @dataclass
@@ -68,16 +84,12 @@ class _Plan:
     excluded: dict
     cap: CapRule
     source: object
+    splits: dict = field(default_factory=dict)      # (config, split) -> SplitFiles
 
 
-@dataclass
-class _Loaded:
-    train: dict = field(default_factory=dict)      # task -> Records
-    val: dict = field(default_factory=dict)        # task -> Records
-    eval: dict = field(default_factory=dict)       # task -> [(template, Records)]
-    pool: dict = field(default_factory=dict)       # task -> [(template, Records)] (aligned templates)
-    pool_excluded: dict = field(default_factory=dict)
-    skipped: dict = field(default_factory=dict)    # "config/split" -> Counter
+def work_dir(out: Path) -> Path:
+    """Lock, part cache and staging live next to DIR (same filesystem, so the final rename is atomic)."""
+    return out.parent / f".{out.name}.prep"
 
 
 def _check_options(cfg: PrepConfig) -> None:
@@ -121,7 +133,40 @@ def plan(cfg: PrepConfig) -> _Plan:
     return _Plan(mixture, train, held, excluded, cap, source)
 
 
-def _existing_state(cfg: PrepConfig, log) -> Result | None:
+def _resolve(p: _Plan) -> None:
+    """Every needed (config, split) mapped to its files; all missing ones listed in one error."""
+    wanted = [(t.task, "train") for t in p.train]
+    for h in p.held:
+        wanted += [(c, s) for _, c in h.templates for s in (h.eval_split, h.few_shot_split)]
+    missing = []
+    for key in dict.fromkeys(wanted):
+        sf = p.source.resolve(*key)
+        if sf is None:
+            missing.append(key)
+        p.splits[key] = sf
+    if missing:
+        raise ConfigError(p.source.missing_message(missing))
+
+
+def _recorded_sources(work: Path) -> list[dict]:
+    try:
+        body = json.loads((work / SOURCES_RECORD).read_text("utf-8"))
+        return [fp for fps in body.values() for fp in fps]
+    except (OSError, ValueError):
+        return []
+
+
+def _current_sources(p: _Plan, work: Path) -> dict[str, list[dict]]:
+    previous = _recorded_sources(work)
+    return {f"{c}/{s}": p.source.fingerprints(sf, previous) for (c, s), sf in p.splits.items()}
+
+
+def _content_only(sources: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """What the manifest records: no mtimes, so equal inputs give equal manifests."""
+    return {k: [{f: v for f, v in fp.items() if f != "mtime_ns"} for fp in fps] for k, fps in sorted(sources.items())}
+
+
+def _existing_state(cfg: PrepConfig, p: _Plan, work: Path, log) -> Result | None:
     out = cfg.out
     if not out.exists():
         return None
@@ -131,8 +176,19 @@ def _existing_state(cfg: PrepConfig, log) -> Result | None:
         except ManifestError:
             m = None
         if m is not None and m.args == cfg.output_args():
-            log(f"{out} is already prepared with these arguments (content hash {m.content_hash[:12]}); nothing to do")
-            return Result("unchanged", out, m)
+            recorded = m.sources if m.format_version == FORMAT_VERSION else None
+            if recorded is None:
+                log(f"{out} was prepared by an older format ({m.format_version}); rebuilding it")
+                return None
+            current = _content_only(_current_sources(p, work))
+            if current == recorded:
+                log(f"{out} is already prepared with these arguments and sources (content hash "
+                    f"{m.content_hash[:12]}); nothing to do")
+                return Result("unchanged", out, m)
+            changed = sorted(k for k in set(current) | set(recorded) if current.get(k) != recorded.get(k))
+            log(f"source data changed since {out} was prepared ({', '.join(changed[:10])}"
+                f"{', ...' if len(changed) > 10 else ''}); rebuilding (unchanged configs come from the cache)")
+            return None
         if not cfg.overwrite:
             diff = sorted(k for k in set(cfg.output_args()) | set(m.args if m else {})
                           if (m.args if m else {}).get(k) != cfg.output_args().get(k))
@@ -144,224 +200,290 @@ def _existing_state(cfg: PrepConfig, log) -> Result | None:
     return None
 
 
-def _load(cfg: PrepConfig, p: _Plan, log) -> _Loaded:
-    from tqdm.auto import tqdm
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
 
-    src, ld = p.source, _Loaded()
-    configs = [t.task for t in p.train] + [c for h in p.held for _, c in h.templates]
-    src.check_configs(configs)
-
-    def note(recs: Records) -> None:
-        if recs.skipped:
-            ld.skipped[f"{recs.config}/{recs.split}"] = recs.skipped
-
-    for t in tqdm(p.train, desc="Loading training configs", unit="config"):
-        chunks = src.load(t.task, "train")
-        n = split_size(chunks)
-        # Validation rows are the last v rows of the split, so they never overlap train[0:cap].
-        v = min(cfg.val_per_template, n // 2)
-        n_train = min(p.cap.cap(n, t.n_templates), n - v)
-        ld.train[t.task] = validate(chunks, t.task, "train", range(0, n_train), skip_invalid=cfg.skip_invalid)
-        ld.val[t.task] = validate(chunks, t.task, "val", range(n - v, n), skip_invalid=cfg.skip_invalid)
-        note(ld.train[t.task]), note(ld.val[t.task])
-
-    for h in tqdm(p.held, desc="Loading held-out configs", unit="task"):
-        ld.eval[h.name] = []
+def _embedded_texts(cfg: PrepConfig, p: _Plan):
+    """Every text the embedded vocabulary is counted over: training and validation rows, eval
+    rows and the full-size few-shot pools (inputs, targets, answer choices)."""
+    src = p.source
+    for t in p.train:
+        sf = p.splits[(t.task, "train")]
+        reader = src.open(sf)
+        for rows in split_rows(reader.num_rows(), p.cap, t.n_templates, cfg.val_per_template):
+            for r in validate_chunks(reader.chunks(rows), t.task, "train", Counter(), skip_invalid=cfg.skip_invalid):
+                yield from r.inputs
+                yield from r.targets
+    for h in p.held:
         pools = []
-        for template, config in h.templates:
-            recs = validate(src.load(config, h.eval_split), config, h.eval_split,
-                            require_choices=True, skip_invalid=cfg.skip_invalid)
-            note(recs)
-            ld.eval[h.name].append((template, recs))
-            chunks = src.load(config, h.few_shot_split)
-            recs = validate(chunks, config, h.few_shot_split, require_choices=True, skip_invalid=cfg.skip_invalid)
-            note(recs)
-            pools.append((template, recs, split_size(chunks)))
-        # example_id is the row index inside a config; only templates rendering the full split
-        # (same row count) index the same examples, so only those are used for few-shot rows.
+        for _, config in h.templates:
+            reader = src.open(p.splits[(config, h.eval_split)])
+            for r in validate_chunks(reader.chunks(range(reader.num_rows())), config, h.eval_split, Counter(),
+                                     require_choices=True, skip_invalid=cfg.skip_invalid):
+                yield from r.inputs
+                for cs in r.choices:
+                    yield from cs
+            reader = src.open(p.splits[(config, h.few_shot_split)])
+            pools.append((config, reader, reader.num_rows()))
         full = max(n for _, _, n in pools) if pools else 0
-        ld.pool[h.name] = [(t, r) for t, r, n in pools if n == full]
-        ld.pool_excluded[h.name] = [t for t, _, n in pools if n != full]
-    return ld
-
-
-def _texts(ld: _Loaded):
-    for group in (ld.train, ld.val):
-        for r in group.values():
-            yield from r.inputs
-            yield from r.targets
-    for group in (ld.eval, ld.pool):
-        for pairs in group.values():
-            for _, r in pairs:
+        for config, reader, n in pools:
+            if n != full:
+                continue
+            for r in validate_chunks(reader.chunks(range(n)), config, h.few_shot_split, Counter(),
+                                     require_choices=True, skip_invalid=cfg.skip_invalid):
                 yield from r.inputs
                 for cs in r.choices:
                     yield from cs
 
 
-def _tokenizer(cfg: PrepConfig, ld: _Loaded, staging: Path):
+def _tokenizer(cfg: PrepConfig, p: _Plan):
     if cfg.tokenizer == toklib.EMBEDDED:
-        tok = toklib.build_embedded_tokenizer(_texts(ld))
-        tok.save_pretrained(str(staging / "tokenizer"))
+        counts = Counter()
+        toklib.count_pieces(_embedded_texts(cfg, p), counts)
+        tok = toklib.build_embedded_tokenizer(counts)
         return tok, toklib.info(tok, "tokenizer", toklib.EMBEDDED)
     tok = toklib.load_hf_tokenizer(cfg.tokenizer)
     return tok, toklib.info(tok, cfg.tokenizer, "hf")
 
+
+# ---------------------------------------------------------------------------------------------
+# Parts
+# ---------------------------------------------------------------------------------------------
+
+def _jobs(cfg: PrepConfig, p: _Plan) -> list:
+    jobs: list = [TrainPart(t.task, p.splits[(t.task, "train")], t.n_templates, p.cap, cfg.val_per_template)
+                  for t in p.train]
+    for h in p.held:
+        jobs.append(HeldOutPart(
+            h.name, tuple((t, p.splits[(c, h.eval_split)]) for t, c in h.templates),
+            tuple((t, p.splits[(c, h.few_shot_split)]) for t, c in h.templates),
+            cfg.few_shot_k or h.few_shot_k, tuple(cfg.few_shot_seeds)))
+    return jobs
+
+
+def _run_parts(cfg: PrepConfig, p: _Plan, jobs: list, tok, tinfo, cache: PartCache, log) -> dict:
+    from tqdm.auto import tqdm
+
+    common = hashlib.sha256(json.dumps([tinfo.sha256, cfg.max_input_len, cfg.max_target_len,
+                                        cfg.skip_invalid]).encode()).hexdigest()
+    results: dict[str, dict] = {}
+    bar = tqdm(total=len(jobs), desc="Preparing configs", unit="config")
+
+    def done(name: str, res: dict) -> None:
+        results[name] = res
+        bar.update(1)
+        bar.set_postfix(reused=sum(r["reused"] for r in results.values()), refresh=False)
+
+    try:
+        if cfg.num_proc == 1 or len(jobs) <= 1:
+            worker = Worker(p.source, toklib.Encoder.for_tokenizer(tok, cfg.max_input_len, cfg.max_target_len),
+                            cache, common, cfg.skip_invalid)
+            for job in jobs:
+                done(job.name, worker.run(job))
+        else:
+            from .parts import init_worker, run_in_worker
+            backend = cache.root.parent / f"tokenizer-{tinfo.sha256[:16]}.json"
+            toklib.save_backend(tok, backend)
+            ctx = mp.get_context("spawn")   # no fork with tokenizer/arrow threads alive
+            ex = ProcessPoolExecutor(min(cfg.num_proc, len(jobs)), mp_context=ctx, initializer=init_worker,
+                                     initargs=(p.source, str(backend), tok.eos_token_id, cfg.max_input_len,
+                                               cfg.max_target_len, str(cache.root), common, cfg.skip_invalid))
+            try:
+                # Largest first would balance better, but sizes are unknown until read; registry
+                # order keeps the cache filling from the front, which is what a resume sees.
+                pending = {ex.submit(run_in_worker, job) for job in jobs}
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for f in finished:
+                        done(*f.result())
+            except BaseException:
+                # An error or Ctrl-C: stop the other workers now rather than after their current
+                # part (their unfinished parts are only temporary folders, pruned by the next build).
+                for proc in list((getattr(ex, "_processes", None) or {}).values()):
+                    proc.terminate()
+                ex.shutdown(wait=False, cancel_futures=True)
+                raise
+            ex.shutdown(wait=True)
+    finally:
+        bar.close()
+    reused = sum(r["reused"] for r in results.values())
+    if reused:
+        log(f"reused {reused} of {len(jobs)} parts from the cache ({cache.root})")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembly
+# ---------------------------------------------------------------------------------------------
 
 def _features(kind: str):
     from datasets import Features, List, Value
     ids = List(Value("int32"))
     if kind == "train":
         return Features({"task_id": Value("int32"), "task_name": Value("string"), "input_ids": ids,
-                         "target_ids": ids, "input_truncated": Value("bool"), "target_truncated": Value("bool")})
-    return Features({"task_name": Value("string"), "template": Value("string"), "example_id": Value("int64"),
-                     "label": Value("int32"), "input_ids": ids, "choice_ids": List(ids), "target_ids": ids,
-                     "input_truncated": Value("bool"), "target_truncated": Value("bool")})
-
-
-def _tokenise(rows: dict, kind: str, fn: Callable, key: str, num_proc: int, desc: str):
-    """One datasets.map over all rows of a split. The cache is bypassed and the fingerprint set
-    from our own key: datasets cannot hash fast tokenizers stably (REFERENCE pitfall 10)."""
-    from datasets import Dataset, Features, List, Value
-
-    text_cols = ["input_text", "target_text"] if kind == "train" else ["input_text", "choices"]
-    in_feats = {k: v for k, v in _features(kind).items()
-                if k in rows and k not in ("input_ids", "target_ids", "choice_ids")}
-    in_feats.update({"input_text": Value("string")})
-    in_feats.update({"target_text": Value("string")} if kind == "train" else {"choices": List(Value("string"))})
-    ds = Dataset.from_dict(rows, features=Features(in_feats))
-    n_proc = max(1, min(num_proc, len(ds)))
-    return ds.map(fn, batched=True, batch_size=1000, num_proc=n_proc if n_proc > 1 else None,
-                  keep_in_memory=True, load_from_cache_file=False, new_fingerprint=key,
-                  remove_columns=text_cols, features=_features(kind), desc=desc)
-
-
-def _trunc_counts(ds, key_col: str, names: list) -> dict:
-    keys = ds.data.column(key_col).to_pylist()
-    inp = ds.data.column("input_truncated").to_numpy(zero_copy_only=False)
-    tgt = ds.data.column("target_truncated").to_numpy(zero_copy_only=False)
-    out = {n: {"input": 0, "target": 0} for n in names}
-    for k, a, b in zip(keys, inp, tgt):
-        name = names[k] if isinstance(k, (int, np.integer)) else k
-        out[name]["input"] += int(a)
-        out[name]["target"] += int(b)
-    return out
+                         "target_ids": ids})
+    cols = {"task_name": Value("string"), "template": Value("string"), "example_id": Value("int64"),
+            "input_ids": ids, "choice_ids": List(ids), "label": Value("int32")}
+    if kind == "few_shot":
+        cols["target_ids"] = ids
+    return Features(cols)
 
 
 def _fp(base: str, part: str) -> str:
     return hashlib.sha256(f"{base}|{part}".encode()).hexdigest()[:32]
 
 
+def _const(value, n: int, typ) -> pa.Array:
+    return pa.array(np.full(n, value, dtype=np.int32)) if typ == pa.int32() else pa.array([value] * n, typ)
+
+
+def _train_tables(cache: PartCache, jobs: list[TrainPart], split: str):
+    for task_id, job in enumerate(jobs):
+        for b in read_part(cache.entry(job.name) / f"{split}.arrow"):
+            yield pa.table({"task_id": _const(task_id, b.num_rows, pa.int32()),
+                            "task_name": _const(job.task, b.num_rows, pa.string()),
+                            "input_ids": b.column("input_ids"), "target_ids": b.column("target_ids")})
+
+
+def _with_task(table: pa.Table, task: str) -> pa.Table:
+    return table.add_column(0, "task_name", _const(task, table.num_rows, pa.string()))
+
+
+def _assemble(cfg: PrepConfig, p: _Plan, jobs: list, results: dict, tok, tinfo, sources: dict,
+              cache: PartCache, stage: Path) -> dict:
+    base = hashlib.sha256(json.dumps([cfg.output_args(), tinfo.sha256]).encode()).hexdigest()
+    tasks = [t.task for t in p.train]
+    train_jobs = [j for j in jobs if isinstance(j, TrainPart)]
+    if cfg.tokenizer == toklib.EMBEDDED:
+        tok.save_pretrained(str(stage / "tokenizer"))
+    shards = {}
+    counts = {"train": {}, "val": {}, "eval": {}, "few_shot": {}}
+    truncated = {"train": {}, "val": {}, "eval": {}, "few_shot": {}}
+    skipped_by, empty = {}, []
+    for j in train_jobs:
+        r = results[j.name]
+        for split in ("train", "val"):
+            counts[split][j.task] = r["rows"][split]
+            truncated[split][j.task] = r["truncated"][split]
+        skipped_by.update(r["skipped"])
+        empty += r["empty"]
+    for split in ("train", "val"):
+        shards[split] = write_split(stage, split, _features("train"), _train_tables(cache, train_jobs, split),
+                                    sum(counts[split].values()), cfg.num_shards, _fp(base, split))
+
+    eval_info, few_info = {}, {}
+    for j in (j for j in jobs if isinstance(j, HeldOutPart)):
+        r = results[j.name]
+        skipped_by.update(r["skipped"])
+        empty += r["empty"]
+        rel = f"eval/{j.task}"
+        tables = (_with_task(pa.Table.from_batches([b]), j.task) for b in read_part(cache.entry(j.name) / "eval.arrow"))
+        shards[rel] = write_split(stage, rel, _features("eval"), tables, r["eval"]["rows"], 1, _fp(base, rel))
+        counts["eval"][j.task] = r["eval"]["rows"]
+        truncated["eval"][j.task] = {"input": r["eval"]["truncated"].get("input", 0),
+                                     "target": r["eval"]["truncated"].get("target", 0)}
+        eval_info[j.task] = {"split": j.eval_sfs[0][1].split, "templates": [t for t, _ in j.eval_sfs],
+                             "examples": r["eval"]["examples"]}
+        few = pa.Table.from_batches(list(read_part(cache.entry(j.name) / "few.arrow")), schema=FEW_SCHEMA)
+        info = r["few_shot"]
+        where = {(e, t): i for i, (e, t) in enumerate(zip(few.column("example_id").to_pylist(),
+                                                          few.column("template").to_pylist()))}
+        counts["few_shot"][j.task] = {}
+        for seed, ids in info["example_ids"].items():
+            rel = f"few_shot/{j.task}/{info['k']}_shot/{seed}_seed"
+            order = [where[(e, t)] for e in ids for t in info["templates"]]
+            table = _with_task(few.take(pa.array(order, pa.int64())), j.task)
+            shards[rel] = write_split(stage, rel, _features("few_shot"), [table], len(order), 1, _fp(base, rel))
+            counts["few_shot"][j.task][seed] = len(order)
+        truncated["few_shot"][j.task] = r["few_truncated"]
+        few_info[j.task] = info
+    totals = {s: sum(counts[s].values()) for s in ("train", "val", "eval")}
+    return {
+        "format_version": FORMAT_VERSION, "tasks": tasks, "held_out": [h.name for h in p.held],
+        "tokenizer": tinfo.to_json(), "max_input_len": cfg.max_input_len, "max_target_len": cfg.max_target_len,
+        "mixture": cfg.mixture, "source": p.source.describe(),
+        "rule": {"tasks": "every template of every training dataset is a task (task id = index in tasks)",
+                 "mixing": "examples-proportional with a per-template cap",
+                 "cap": p.cap.describe(), "cap_per_template": cfg.cap_per_template,
+                 "val_per_template": cfg.val_per_template,
+                 "val_rows": "last min(val_per_template, size // 2) rows of each template's train split; "
+                             "training rows are train[0:min(cap, size - v)]",
+                 "held_out_excluded": p.excluded},
+        "counts": {**counts, "totals": totals}, "truncated": truncated,
+        "skipped": {"total": {r: sum(c.get(r, 0) for c in skipped_by.values()) for r in REASONS},
+                    "by_config": dict(sorted(skipped_by.items())), "empty": sorted(empty)},
+        "shards": shards, "content_hash": "", "args": cfg.output_args(), "few_shot": few_info, "eval": eval_info,
+        "sources": _content_only(sources),
+        **p.mixture.manifest_extra,   # e.g. the latent-skill mixtures' ground truth
+    }
+
+
+def _log_rate(log, what: str, started: float, jobs: list, results: dict) -> None:
+    """Rows read and tokenised by the parts built in this run (not the reused ones), per second."""
+    sec = time.perf_counter() - started
+    rows = 0
+    for j in jobs:
+        r = results[j.name]
+        if not r["reused"]:
+            rows += sum(r["rows"].values()) if isinstance(j, TrainPart) else r["eval"]["rows"]
+    built = sum(not r["reused"] for r in results.values())
+    log(f"{what}: {built} built, {len(jobs) - built} reused, {rows} rows in {sec:.1f} s "
+        f"({rows / max(sec, 1e-9):.1f} rows/s)")
+
+
+def _clean_stale(work: Path) -> None:
+    """Staging folders of runs that were killed (we hold the lock, so none is live)."""
+    for p in work.glob("stage-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in work.glob("old-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def build(cfg: PrepConfig, log: Callable[[str], None] = print) -> Result:
     p = plan(cfg)
-    done = _existing_state(cfg, log)
-    if done is not None:
-        return done
-    ld = _load(cfg, p, log)
-    if cfg.num_proc > 1:
-        # Rust-side threads plus forked map workers can deadlock; the workers give parallelism.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tasks = [t.task for t in p.train]
-    with Staging(cfg.out) as stage:
-        tok, tinfo = _tokenizer(cfg, ld, stage.path)
-        enc = toklib.Encoder(tok, cfg.max_input_len, cfg.max_target_len)
-        base = hashlib.sha256(json.dumps([cfg.output_args(), tinfo.sha256]).encode()).hexdigest()
-        shards, counts, truncated = {}, {"train": {}, "val": {}, "eval": {}, "few_shot": {}}, {}
-
-        for split, group in (("train", ld.train), ("val", ld.val)):
-            rows = {"task_id": [], "task_name": [], "input_text": [], "target_text": []}
-            for i, name in enumerate(tasks):
-                r = group[name]
-                rows["task_id"] += [i] * len(r)
-                rows["task_name"] += [name] * len(r)
-                rows["input_text"] += r.inputs
-                rows["target_text"] += r.targets
-                counts[split][name] = len(r)
-            ds = _tokenise(rows, "train", enc.train_batch, _fp(base, split), cfg.num_proc, f"Tokenising {split}")
-            truncated[split] = _trunc_counts(ds, "task_id", tasks)
-            ds = ds.remove_columns(["input_truncated", "target_truncated"])
-            shards[split] = save_split(ds, stage.path, split, cfg.num_shards)
-
-        eval_cols = ["task_name", "template", "example_id", "input_ids", "choice_ids", "label"]
-        eval_info, few_info = {}, {}
-        truncated["eval"], truncated["few_shot"] = {}, {}
-        for h in p.held:
-            rows = {"task_name": [], "template": [], "example_id": [], "label": [], "input_text": [], "choices": []}
-            for template, r in ld.eval[h.name]:
-                rows["task_name"] += [h.name] * len(r)
-                rows["template"] += [template] * len(r)
-                rows["example_id"] += r.example_ids
-                rows["label"] += r.labels
-                rows["input_text"] += r.inputs
-                rows["choices"] += r.choices
-            ds = _tokenise(rows, "choice", enc.choice_batch, _fp(base, f"eval/{h.name}"), cfg.num_proc,
-                           f"Tokenising eval {h.name}")
-            truncated["eval"].update(_trunc_counts(ds, "task_name", [h.name]))
-            ds = ds.select_columns(eval_cols)
-            shards[f"eval/{h.name}"] = save_split(ds, stage.path, f"eval/{h.name}", 1)
-            counts["eval"][h.name] = len(ds)
-            eval_info[h.name] = {"split": h.eval_split, "templates": [t for t, _ in h.templates],
-                                 "examples": len({e for _, r in ld.eval[h.name] for e in r.example_ids})}
-            few_info[h.name] = _few_shot(cfg, h, ld, enc, base, stage.path, shards, counts, truncated)
-
-        body = Manifest(
-            format_version=FORMAT_VERSION, tasks=tasks, held_out=[h.name for h in p.held],
-            tokenizer=tinfo.to_json(), max_input_len=cfg.max_input_len, max_target_len=cfg.max_target_len,
-            mixture=cfg.mixture, source=p.source.describe(),
-            rule={"tasks": "every template of every training dataset is a task (task id = index in tasks)",
-                  "mixing": "examples-proportional with a per-template cap",
-                  "cap": p.cap.describe(), "cap_per_template": cfg.cap_per_template,
-                  "val_per_template": cfg.val_per_template,
-                  "val_rows": "last min(val_per_template, size // 2) rows of each template's train split; "
-                              "training rows are train[0:min(cap, size - v)]",
-                  "held_out_excluded": p.excluded},
-            counts={**counts, "totals": {s: sum(counts[s].values()) for s in ("train", "val", "eval")}},
-            truncated=truncated,
-            skipped={"total": {r: sum(c.get(r, 0) for c in ld.skipped.values()) for r in REASONS},
-                     "by_config": {k: dict(sorted(v.items())) for k, v in ld.skipped.items()}},
-            shards=shards, content_hash="", args=cfg.output_args(), few_shot=few_info, eval=eval_info,
-        ).to_json()
-        body["content_hash"] = content_hash(stage.path, body)
-        write_json_atomic(stage.path / MANIFEST, body)
-        stage.commit()
+    work = work_dir(cfg.out)
+    lock = FolderLock(work, what=f"the prep of {cfg.out}")
+    try:
+        lock.acquire(wait_s=0.5 if cfg.no_wait else None,
+                     on_wait=lambda who: log(f"{who}; waiting for it to finish (--no-wait refuses instead)"))
+    except LockHeld as held:
+        raise OutputBusy(f"{held} (not waiting: --no-wait)") from None
+    try:
+        _clean_stale(work)
+        _resolve(p)
+        done = _existing_state(cfg, p, work, log)
+        if done is not None:
+            return done
+        tok, tinfo = _tokenizer(cfg, p)
+        jobs = _jobs(cfg, p)
+        cache = PartCache(work / "parts")
+        started = time.perf_counter()
+        results = _run_parts(cfg, p, jobs, tok, tinfo, cache, log)
+        _log_rate(log, "parts", started, jobs, results)
+        started = time.perf_counter()
+        sources = {}
+        for job in jobs:
+            sfs = [job.sf] if isinstance(job, TrainPart) else [sf for _, sf in job.eval_sfs + job.pool_sfs]
+            for sf, fps in zip(sfs, results[job.name]["sources"]):
+                sources[f"{sf.config}/{sf.split}"] = fps
+        with Staging(cfg.out, work) as stage:
+            body = _assemble(cfg, p, jobs, results, tok, tinfo, sources, cache, stage.path)
+            body["content_hash"] = content_hash(stage.path, body)
+            write_json_atomic(stage.path / MANIFEST, body)
+            stage.commit()
+        log(f"assembled {cfg.out} in {time.perf_counter() - started:.1f} s")
+        write_json_atomic(work / SOURCES_RECORD, sources)
+        keep = {j.name for j in jobs} if not cfg.drop_cache else set()
+        cache.prune(keep)
+        for saved in work.glob("tokenizer-*.json"):   # the workers' copy; rewritten when needed
+            saved.unlink()
+    finally:
+        lock.release()
     m = read_manifest(cfg.out)
-    log(f"wrote {cfg.out}: {len(tasks)} training tasks, {counts_line(m)}, content hash {m.content_hash[:12]}")
-    return Result("built", cfg.out, m)
-
-
-def _few_shot(cfg, h: HeldOutTask, ld: _Loaded, enc, base: str, root: Path, shards, counts, truncated) -> dict:
-    k = cfg.few_shot_k or h.few_shot_k
-    pools = ld.pool[h.name]
-    cands = set.intersection(*(set(r.example_ids) for _, r in pools)) if pools else set()
-    if h.few_shot_split == h.eval_split:   # same split: keep eval rows out of the shots
-        cands -= {e for _, r in ld.eval[h.name] for e in r.example_ids}
-    picks = {s: fewshot.sample(h.name, s, sorted(cands), k) for s in cfg.few_shot_seeds}
-    needed = sorted({e for ids in picks.values() for e in ids})
-    rows = {"task_name": [], "template": [], "example_id": [], "label": [], "input_text": [], "choices": []}
-    where = {}
-    for template, r in pools:
-        pos = {e: i for i, e in enumerate(r.example_ids)}
-        for e in needed:
-            i = pos[e]
-            where[(e, template)] = len(rows["task_name"])
-            rows["task_name"].append(h.name)
-            rows["template"].append(template)
-            rows["example_id"].append(e)
-            rows["label"].append(r.labels[i])
-            rows["input_text"].append(r.inputs[i])
-            rows["choices"].append(r.choices[i])
-    ds = _tokenise(rows, "choice", enc.choice_batch, _fp(base, f"few_shot/{h.name}"), cfg.num_proc,
-                   f"Tokenising few-shot {h.name}")
-    truncated["few_shot"].update(_trunc_counts(ds, "task_name", [h.name]))
-    ds = ds.select_columns(["task_name", "template", "example_id", "input_ids", "choice_ids", "label", "target_ids"])
-    counts["few_shot"][h.name] = {}
-    for seed, ids in picks.items():
-        rel = f"few_shot/{h.name}/{k}_shot/{seed}_seed"
-        order = [where[(e, t)] for e in ids for t, _ in pools]
-        shards[rel] = save_split(ds.select(order), root, rel, 1)
-        counts["few_shot"][h.name][str(seed)] = len(order)
-    return {"k": k, "seeds": list(cfg.few_shot_seeds), "source_split": h.few_shot_split,
-            "templates": [t for t, _ in pools], "templates_excluded": ld.pool_excluded[h.name],
-            "candidates": len(cands), "example_ids": {str(s): ids for s, ids in picks.items()}}
+    reused = sum(r["reused"] for r in results.values())
+    log(f"wrote {cfg.out}: {len(m.tasks)} training tasks, {counts_line(m)}, content hash {m.content_hash[:12]}")
+    return Result("built", cfg.out, m, parts_reused=reused, parts_built=len(jobs) - reused)
 
 
 def counts_line(m: Manifest) -> str:

@@ -1,15 +1,14 @@
-"""Validation of P3-format records.
+"""Validation of P3-format records, chunk by chunk.
 
 P3 rows carry `inputs_pretokenized`, `targets_pretokenized` and, for templates with answer
 choices, `answer_choices`; the int `inputs`/`targets` columns are ignored because we always
-re-tokenise with the chosen tokenizer. Validation runs right after loading, before any
-tokenisation, so a bad dump fails in seconds rather than after an hour of work.
+re-tokenise with the chosen tokenizer. A chunk is validated before any of it is tokenised.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .errors import DataError
 
@@ -23,10 +22,13 @@ REASONS = ("missing_field", "wrong_type", "empty_target", "target_not_in_choices
 
 @dataclass
 class Chunk:
-    """Rows of one config split as read from one file (or one hub download), column-wise."""
+    """Consecutive rows of one config split read from one file, column-wise.
+    `first` is the row index of the first row within that file, `offset` within the split."""
     origin: str
     columns: dict[str, list]
     n_rows: int
+    first: int = 0
+    offset: int = 0
 
     def get(self, name: str, i: int):
         col = self.columns.get(name)
@@ -35,7 +37,7 @@ class Chunk:
 
 @dataclass
 class Records:
-    """Valid rows of one config split. `example_ids` are row indices within the split."""
+    """Valid rows of (part of) one config split. `example_ids` are row indices within the split."""
     config: str
     split: str
     example_ids: list[int] = field(default_factory=list)
@@ -43,14 +45,9 @@ class Records:
     targets: list[str] = field(default_factory=list)
     choices: list[list[str] | None] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
-    skipped: Counter = field(default_factory=Counter)
 
     def __len__(self) -> int:
         return len(self.example_ids)
-
-
-def split_size(chunks: Iterable[Chunk]) -> int:
-    return sum(c.n_rows for c in chunks)
 
 
 @dataclass(frozen=True)
@@ -86,30 +83,26 @@ def _check_row(chunk: Chunk, i: int, require_choices: bool):
     return values[INPUT], values[TARGET], list(choices), stripped.index(target)
 
 
-def validate(chunks: list[Chunk], config: str, split: str, rows: range | None = None,
-             require_choices: bool = False, skip_invalid: bool = False) -> Records:
-    """Validate the rows of `rows` (indices within the split; all rows if None).
+def validate_chunks(chunks: Iterable[Chunk], config: str, split: str, skipped: Counter,
+                    require_choices: bool = False, skip_invalid: bool = False) -> Iterator[Records]:
+    """The valid rows of each chunk, as one Records per chunk (possibly empty).
 
-    Raises DataError naming file, config, row (within that file) and field, unless
-    skip_invalid, in which case bad rows are dropped and counted per reason.
+    Raises DataError naming file, config, row (within that file) and field, unless skip_invalid,
+    in which case bad rows are dropped and counted per reason in `skipped`.
     """
-    out = Records(config, split)
-    offset = 0
     for chunk in chunks:
-        lo, hi = offset, offset + chunk.n_rows
-        want = range(lo, hi) if rows is None else range(max(lo, rows.start), min(hi, rows.stop))
-        for gi in want:
-            res = _check_row(chunk, gi - lo, require_choices)
+        out = Records(config, split)
+        for i in range(chunk.n_rows):
+            res = _check_row(chunk, i, require_choices)
             if isinstance(res, _Bad):
                 if not skip_invalid:
-                    raise DataError(res.reason, chunk.origin, config, gi - lo, res.field, res.detail)
-                out.skipped[res.reason] += 1
+                    raise DataError(res.reason, chunk.origin, config, chunk.first + i, res.field, res.detail)
+                skipped[res.reason] += 1
                 continue
             inp, tgt, ch, label = res
-            out.example_ids.append(gi)
+            out.example_ids.append(chunk.offset + i)
             out.inputs.append(inp)
             out.targets.append(tgt)
             out.choices.append(ch)
             out.labels.append(label)
-        offset = hi
-    return out
+        yield out

@@ -3,6 +3,11 @@
     tensorpoly-ds adapt --export runs/pre/export --data runs/data --task rte --mode z --seed 0 --out runs/adapt/x
     tensorpoly-ds adapt --job-table runs/sweep/jobs.jsonl --row 7          # what a Slurm array task runs
     tensorpoly-ds adapt --job-table runs/sweep/jobs.jsonl                  # row = $SLURM_ARRAY_TASK_ID
+
+Exit status: 0 done (or already complete), 1 failed (OUT/result.json has the error), 2 bad arguments or a
+job the launcher's ranks cannot run (refused before anything is imported or started), 75 another live
+process holds the job folder, 124 stopped by SIGTERM/SIGINT/SIGUSR1 after checkpointing in OUT (rerun to
+resume), 130 aborted by a second Ctrl-C (no checkpoint).
 """
 
 from __future__ import annotations
@@ -12,8 +17,14 @@ import json
 import os
 import sys
 
-from tensorpoly_ds.adapt.job import AdaptJob, JobError, run_job
+# Light imports only up to the pre-checks (no torch): an impossible job is refused in well under a second.
+from tensorpoly_ds.adapt.spec import AdaptJob, JobBusy, JobError
 from tensorpoly_ds.adapt.table import TableError, table_job
+from tensorpoly_ds.engine.distributed import LaunchError, distributed_env
+from tensorpoly_ds.engine.stop import REQUEUE_EXIT_CODE, STOP, stop_when_parent_dies
+
+EXIT_BUSY = 75            # EX_TEMPFAIL: try again once the other process is done
+PARENT_PID_ENV = "TPDS_PARENT_PID"   # set by `tensorpoly-ds sweep`: stop when the sweep dies
 
 # flag -> job field for the common fields; everything else via --set FIELD=VALUE (VALUE parsed as JSON)
 FLAGS = {"export": str, "method": str, "mode": str, "task": str, "seed": int, "k": int, "data": str, "out": str,
@@ -40,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_job(args) -> AdaptJob:
+    from tensorpoly_ds.adapt.engine_train import launcher_job_fields
+
+    launcher = launcher_job_fields()   # `accelerate launch`: its ZeRO stage and precision, before --set
     if args.job_table:
         row = args.row
         if row is None:
@@ -48,7 +62,7 @@ def resolve_job(args) -> AdaptJob:
                 raise TableError("--job-table needs --row (or $SLURM_ARRAY_TASK_ID)")
             row = int(env)
         job = table_job(args.job_table, row)
-        if not args.set:
+        if not args.set and not launcher:
             return job
         data = job.to_dict()   # --set overrides a table row (e.g. a smaller eval batch on one cluster)
     else:
@@ -59,6 +73,7 @@ def resolve_job(args) -> AdaptJob:
             value = getattr(args, name)
             if value is not None:
                 data[RENAME.get(name, name)] = value
+    data.update(launcher)
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -70,27 +85,64 @@ def resolve_job(args) -> AdaptJob:
     return AdaptJob.from_dict(data, source="command line")
 
 
+def check_world(job: AdaptJob, env=None) -> None:
+    """Refuse what the launcher's ranks cannot run, from its variables alone (before any process group)."""
+    world = int(distributed_env(env)["WORLD_SIZE"])
+    if world == 1:
+        return
+    if job.trainer == "local":
+        raise JobError(f"job field 'trainer' = 'local' runs one process, but the launcher started {world} ranks; "
+                       "use trainer 'engine' (or 'auto')")
+    sizes = [("batch_size", job.batch_size)] + ([("multitask_batch_size", job.multitask_batch_size)]
+                                                if job.multitask_steps > 0 else [])
+    for name, value in sizes:
+        if value % world:
+            raise JobError(f"job field {name!r} = {value} does not divide over the launcher's {world} ranks "
+                           f"(WORLD_SIZE={world}); use a multiple of {world}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    with STOP.handling():   # first: a stop request while the model loads is kept, not fatal
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    if os.environ.get(PARENT_PID_ENV):
+        stop_when_parent_dies(int(os.environ[PARENT_PID_ENV]))
     args = build_parser().parse_args(argv)
     try:
         job = resolve_job(args)
-    except (JobError, TableError, OSError, ValueError) as err:
+        if not args.print_job:
+            check_world(job)
+    except (JobError, TableError, LaunchError, OSError, ValueError) as err:
         print(f"tensorpoly-ds adapt: {err}", file=sys.stderr)
         return 2
     if args.print_job:
         print(json.dumps(job.to_dict(), indent=2, sort_keys=True))
         return 0
+    from tensorpoly_ds.adapt.job import run_job
+
     try:
         result = run_job(job, force=args.force)
+    except JobBusy as err:
+        print(f"tensorpoly-ds adapt: {err}", file=sys.stderr)
+        return EXIT_BUSY
     except KeyboardInterrupt:
-        print("tensorpoly-ds adapt: interrupted; the job is incomplete and will rerun", file=sys.stderr)
+        print("tensorpoly-ds adapt: aborted (second Ctrl-C) without a checkpoint; the job will rerun from scratch",
+              file=sys.stderr)
         return 130
     except Exception as err:  # the failure is recorded in OUT/result.json (status failed)
         print(f"tensorpoly-ds adapt: job {job.out_dir} failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    main_rank = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if result.get("status") == "requeue":
+        if main_rank:
+            print(f"tensorpoly-ds adapt: stopped ({result['signal']}) at {result['stopped']['phase']} step "
+                  f"{result['stopped']['step']}; checkpoint in {job.out_dir}: rerun to resume", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
+    if main_rank:
         print(json.dumps({"out_dir": job.out_dir, "final": result["final"], "best": result["best"]}))
     return 0
 

@@ -4,8 +4,11 @@
         data.dir=/data/p3 run.dir=runs/poly [--resume auto]
 
 Runs under `deepspeed`, `torchrun`, `srun` or plain `python` (one process). Exit status: 0 done,
-2 bad config or arguments, 124 stopped by SIGUSR1/SIGTERM or the time budget after writing a checkpoint
-("requeue me": rerun the same command with --resume auto).
+2 bad config or arguments (nothing started), 124 stopped by SIGUSR1/SIGTERM/SIGINT or the time budget after
+writing a checkpoint ("requeue me": rerun the same command with --resume auto), 75 another live run holds
+run.dir. Each rank records its exit reason in RUN_DIR/status/rank<r>.json; torchrun turns a rank's 124 into
+its own exit 1, so under torchrun use `python -m launch.torchrun` (same arguments), which maps "every rank
+says requeue" back to 124.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ if __package__ in (None, ""):   # `python launch/pretrain.py`: make the reposito
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 EXIT_BAD_CONFIG = 2
+EXIT_BUSY = 75   # another live run holds run.dir
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -27,7 +31,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", action="append", default=[], required=True,
                    help="YAML run config; repeat to compose (later wins, nested merge)")
     p.add_argument("--resume", default="auto",
-                   help="auto (newest complete checkpoint of run.dir, if any; default), none, or a tag directory")
+                   help="auto (default): the newest intact checkpoint of run.dir, a fresh start if there are none, "
+                        "an error if there are some but none is usable; none: start afresh; or a tag directory")
     p.add_argument("--export-only", action="store_true",
                    help="load the newest checkpoint and write the adapter export, without training")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
@@ -47,30 +52,80 @@ def main(argv: list[str] | None = None) -> int:
     from tensorpoly_ds.engine.allocator import configure_malloc
     from tensorpoly_ds.engine.stop import STOP
 
-    STOP.install()   # before anything slow: a SIGUSR1 during start-up must not kill the rank
     configure_malloc()   # before the backbone's allocations (host memory at T0-3B: docs/pretrain.md)
+    with STOP.handling():   # before anything slow: a SIGUSR1 during start-up must not kill the rank
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
-    from tensorpoly_ds.engine.config import RunConfigError, load_run_config, save_run_config
+    from tensorpoly_ds.engine import checkpoint as ckpt
+    from tensorpoly_ds.engine.config import RunConfigError, load_run_config
     from tensorpoly_ds.engine.data import DataError, PreparedData
+    from tensorpoly_ds.engine.distributed import LaunchError, accelerate_overrides, distributed_env
+    from tensorpoly_ds.engine.rank_status import write_status
+    from tensorpoly_ds.locking import FolderLock, LockHeld
 
     # Everything checkable is checked before a process group, model or dataset is created.
     try:
-        cfg = load_run_config(args.config, args.overrides)
+        # `accelerate launch`: its DeepSpeed plugin settings, after the files, before the command line
+        launcher_overrides = accelerate_overrides()
+        cfg = load_run_config(args.config, launcher_overrides + args.overrides)
         if not cfg.data.dir:
             raise RunConfigError("key 'data.dir' is empty: set it to a prepared data directory")
         data = PreparedData.open(cfg.data.dir)
         from tensorpoly_ds.engine.ds_config import fill_ds_config
 
-        fill_ds_config(cfg, 1)    # template errors and fp16 surface here too
-    except (RunConfigError, DataError) as err:
+        launch = distributed_env()   # the launcher's world size, known before any process group
+        fill_ds_config(cfg, int(launch["WORLD_SIZE"]))    # template errors, fp16 and the batch sizes surface here
+        ckpt_dir = Path(cfg.run.dir) / "checkpoints"
+        if args.export_only:
+            if args.resume == "none":
+                raise RunConfigError("--export-only exports a checkpoint: it cannot be combined with --resume none")
+            if not any(ckpt.check_structure(tag) is None for _, tag in ckpt.list_tags(ckpt_dir)) \
+                    and args.resume == "auto":
+                raise ckpt.CheckpointError(f"--export-only: no complete checkpoint in {ckpt_dir}")
+        ckpt.precheck(ckpt_dir, args.resume)
+    except (RunConfigError, DataError, LaunchError, ckpt.CheckpointError) as err:
         print(f"tensorpoly-ds pretrain: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 
+    rank = int(launch["RANK"])
+    # One run per run.dir: rank 0 holds its lock (a second run's rank 0 exits 75; its other ranks then fail
+    # at the rendezvous instead of interleaving checkpoints with ours).
+    lock = FolderLock(cfg.run.dir, what="pretraining run directory") if rank == 0 else None
+    try:
+        if lock is not None:
+            lock.acquire()
+    except LockHeld as err:
+        print(f"tensorpoly-ds pretrain: {err}", file=sys.stderr)
+        return EXIT_BUSY
+    try:
+        write_status(cfg.run.dir, rank, "running", launcher=launch["LAUNCHER"])
+        try:
+            result = _run(args, cfg, data, launcher_overrides)
+        except ckpt.CheckpointError as err:   # seen by the collective checks: the same verdict on every rank
+            write_status(cfg.run.dir, rank, "failed", exit_code=EXIT_BAD_CONFIG, error=str(err)[:2000])
+            if rank == 0:
+                print(f"tensorpoly-ds pretrain: {err}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        except BaseException as err:
+            write_status(cfg.run.dir, rank, "failed", exit_code=1, error=f"{type(err).__name__}: {err}"[:2000])
+            raise
+        write_status(cfg.run.dir, rank, result.status, exit_code=result.exit_code, step=result.step)
+        return result.exit_code
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(args, cfg, data, launcher_overrides: list[str]):
     from tensorpoly_ds.engine import distributed as dist
+    from tensorpoly_ds.engine.config import save_run_config
 
     rank, world, device = dist.init_distributed()
     from tensorpoly_ds.engine.ds_config import fill_ds_config, save_json
@@ -80,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.run.dir)
     ds_config = fill_ds_config(cfg, world)
     if rank == 0:
+        if launcher_overrides:
+            print(f"[tensorpoly-ds] accelerate launch: {' '.join(launcher_overrides)}", flush=True)
         save_run_config(cfg, run_dir / "config.yaml")
         save_json(ds_config, run_dir / "ds_config.json")
     _seed_all(cfg.train.seed)   # identical initial weights on every rank
@@ -106,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         print(f"[tensorpoly-ds] {result.status} at step {result.step}; run dir {run_dir}"
               + (f"; export {result.export_dir}" if result.export_dir else ""), flush=True)
-    return result.exit_code
+    return result
 
 
 if __name__ == "__main__":

@@ -5,9 +5,19 @@
     sbatch --array=0-$((N-1)) slurm/adapt_array.sbatch runs/sweep/jobs.jsonl   # the same table on Slurm
 
 Row i of OUT/jobs.jsonl is Slurm array task i. Each local job runs as its own subprocess
-(`python -m launch.adapt --job-table OUT/jobs.jsonl --row i`) with its own MASTER_PORT, a per-worker
-TORCH_EXTENSIONS_DIR ($TORCH_EXTENSIONS_DIR/worker<j>, or OUT/.torch_extensions/worker<j>), and its log in <job out_dir>/log.txt. Complete jobs are skipped, so an
-interrupted sweep rerun with the same grid only redoes unfinished jobs.
+(`python -m launch.adapt --job-table OUT/jobs.jsonl --row i`) in its own process group, with its own
+MASTER_PORT, a per-worker TORCH_EXTENSIONS_DIR ($TORCH_EXTENSIONS_DIR/worker<j>, or
+OUT/.torch_extensions/worker<j>), and its log in <job out_dir>/log.txt. Complete jobs are skipped, so an
+interrupted sweep rerun with the same grid only redoes unfinished jobs (a stopped one resumes from its
+checkpoint).
+
+Stopping: Ctrl-C, SIGTERM or SIGUSR1 stops every running job (SIGTERM to its process group: it finishes
+its step, checkpoints, exits 124); the sweep lists the rows that remain and exits 130 (Ctrl-C) or 124.
+A second Ctrl-C kills the jobs at once. If the sweep itself is killed (kill -9), its jobs get SIGTERM
+from the kernel (PR_SET_PDEATHSIG) and stop the same way: no orphan keeps training.
+Concurrency: OUT is locked for the sweep's lifetime (a second sweep on it exits 75, naming the holder),
+and each job folder has its own lock, held by the `adapt` process running it: a row held by another live
+process (an array task, a job still checkpointing after a killed sweep) is waited for, never run twice.
 """
 
 from __future__ import annotations
@@ -21,11 +31,15 @@ import sys
 import time
 from pathlib import Path
 
-from tensorpoly_ds.adapt.job import JobError, is_complete
+from tensorpoly_ds.adapt.spec import JobError, is_complete
 from tensorpoly_ds.adapt.table import TableError, expand_grid, read_grid, read_table, write_table
+from tensorpoly_ds.engine.stop import REQUEUE_EXIT_CODE, STOP
+from tensorpoly_ds.locking import FolderLock, LockHeld, describe, holder_if_locked
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TABLE_FILE = "jobs.jsonl"
+EXIT_BUSY = 75              # as `tensorpoly-ds adapt`: another live process holds the folder
+PARENT_PID_ENV = "TPDS_PARENT_PID"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", default=None, help="only these rows, e.g. 0,3-5 (default: all)")
     p.add_argument("--threads-per-job", type=int, default=None,
                    help="OMP/torch threads per job (default: CPUs // workers)")
+    p.add_argument("--stop-grace", type=float, default=120.0,
+                   help="seconds stopped jobs get to checkpoint before they are killed (default 120)")
     return p
 
 
@@ -73,13 +89,18 @@ def job_env(out: Path, worker: int, threads: int) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID"):
         env.pop(var, None)   # a local worker is a single process; the row comes from --row
+    env[PARENT_PID_ENV] = str(os.getpid())   # the worker stops (checkpoints) if the sweep dies
     return env
 
 
 def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], workers: int, threads: int,
-              log=print) -> dict[str, list[int]]:
-    status: dict[str, list[int]] = {"skipped": [], "done": [], "failed": []}
-    pending = []
+              log=print, stop_grace: float = 120.0) -> dict[str, list[int]]:
+    """Run the selected rows with `workers` concurrent jobs. Returns {"skipped", "done", "failed",
+    "stopped" (checkpointed by a stop request), "killed", "not_started"}; "stopped" is set by a stop request
+    (STOP, installed by main)."""
+    status: dict[str, list[int]] = {"skipped": [], "done": [], "failed": [], "stopped": [], "killed": [],
+                                    "not_started": []}
+    pending: list[int] = []
     for i in selected:
         if is_complete(rows[i]["job"]["out_dir"]):
             status["skipped"].append(i)
@@ -89,6 +110,15 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
         f"{workers} worker(s)")
     running: dict[int, tuple[int, subprocess.Popen, object]] = {}   # worker slot -> (row, proc, log file)
     free_slots = list(range(workers))[::-1]
+    waiting: dict[int, float] = {}   # row held by another live process -> when to look again
+
+    def job_dir(row: int) -> Path:
+        return Path(rows[row]["job"]["out_dir"])
+
+    def wait_for(row: int, holder: dict) -> None:
+        if row not in waiting:
+            log(f"[sweep] row {row} {rows[row]['id']}: held by {describe(holder)}; waiting for it")
+        waiting[row] = time.monotonic() + 2.0
 
     def reap(block: bool) -> None:
         for slot, (row, proc, fh) in list(running.items()):
@@ -97,55 +127,125 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
             if proc.poll() is None:
                 continue
             fh.close()
-            ok = proc.returncode == 0 and is_complete(rows[row]["job"]["out_dir"])
-            status["done" if ok else "failed"].append(row)
-            log(f"[sweep] row {row} {rows[row]['id']}: {'done' if ok else f'FAILED (exit {proc.returncode})'}"
-                + ("" if ok else f", log {Path(rows[row]['job']['out_dir']) / 'log.txt'}"))
+            rc = proc.returncode
+            if is_complete(job_dir(row)):   # final, whatever happened after (a stop during interpreter exit)
+                status["done"].append(row)
+                log(f"[sweep] row {row} {rows[row]['id']}: done")
+            elif rc == REQUEUE_EXIT_CODE:
+                status["stopped"].append(row)
+                log(f"[sweep] row {row} {rows[row]['id']}: stopped with a checkpoint (resumes on rerun)")
+            elif rc == EXIT_BUSY:   # another process took the row between our check and the job's start
+                wait_for(row, holder_if_locked(job_dir(row)) or {})
+            elif rc < 0 and STOP.signal is not None:
+                status["killed"].append(row)
+                log(f"[sweep] row {row} {rows[row]['id']}: killed ({signal.Signals(-rc).name}) before it checkpointed")
+            else:
+                status["failed"].append(row)
+                log(f"[sweep] row {row} {rows[row]['id']}: FAILED (exit {rc}), log {job_dir(row) / 'log.txt'}")
             del running[slot]
             free_slots.append(slot)
 
-    try:
-        while pending or running:
-            while pending and free_slots:
-                slot, row = free_slots.pop(), pending.pop(0)
-                job_out = Path(rows[row]["job"]["out_dir"])
-                job_out.mkdir(parents=True, exist_ok=True)
-                fh = open(job_out / "log.txt", "a")
-                fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} row {row} worker {slot}\n")
-                fh.flush()
-                cmd = [sys.executable, "-m", "launch.adapt", "--job-table", str(table), "--row", str(row)]
-                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=job_env(out, slot, threads),
-                                        cwd=str(REPO_ROOT), start_new_session=True)
-                running[slot] = (row, proc, fh)
-                log(f"[sweep] row {row} {rows[row]['id']}: started on worker {slot} (pid {proc.pid})")
-            time.sleep(0.2)
-            reap(block=False)
-    except KeyboardInterrupt:
-        log("[sweep] interrupted: stopping running jobs (rerun the sweep to finish the rest)")
+    def next_row() -> int | None:
+        now = time.monotonic()
+        for row in [r for r, t in waiting.items() if t <= now]:   # held rows whose holder may be gone
+            holder = holder_if_locked(job_dir(row))
+            if holder is None:
+                del waiting[row]
+                if is_complete(job_dir(row)):
+                    status["skipped"].append(row)
+                else:
+                    pending.insert(0, row)
+            else:
+                wait_for(row, holder)
+        while pending:
+            row = pending.pop(0)
+            holder = holder_if_locked(job_dir(row))
+            if holder is None:
+                return row
+            wait_for(row, holder)
+        return None
+
+    def start(slot: int, row: int) -> None:
+        job_out = job_dir(row)
+        job_out.mkdir(parents=True, exist_ok=True)
+        fh = open(job_out / "log.txt", "a")
+        fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} row {row} worker {slot}\n")
+        fh.flush()
+        cmd = [sys.executable, "-m", "launch.adapt", "--job-table", str(table), "--row", str(row)]
+        # a session (process group) of its own: a stop reaches the job and its children, and the
+        # terminal's Ctrl-C reaches only the sweep, which stops the jobs in order
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=job_env(out, slot, threads),
+                                cwd=str(REPO_ROOT), start_new_session=True)
+        running[slot] = (row, proc, fh)
+        log(f"[sweep] row {row} {rows[row]['id']}: started on worker {slot} (pid {proc.pid})")
+
+    def signal_all(sig: int) -> None:
         for _, proc, _ in running.values():
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.time() + 30
-        for _, proc, _ in running.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    try:
+        while (pending or running or waiting) and STOP.signal is None:
+            while free_slots and STOP.signal is None:
+                row = next_row()
+                if row is None:
+                    break
+                start(free_slots.pop(), row)
+            time.sleep(0.2)
+            reap(block=False)
+        if STOP.signal is not None:
+            log(f"[sweep] {STOP.name}: stopping {len(running)} running job(s) (they checkpoint; up to "
+                f"{stop_grace:.0f} s)")
+            signal_all(signal.SIGTERM)
+            deadline = time.monotonic() + stop_grace
+            while running and time.monotonic() < deadline:
+                time.sleep(0.2)
+                reap(block=False)
+            if running:
+                log(f"[sweep] {len(running)} job(s) still running after {stop_grace:.0f} s: killing them")
+                signal_all(signal.SIGKILL)
+                reap(block=True)
+    except KeyboardInterrupt:   # a second Ctrl-C: no more waiting
+        log("[sweep] second Ctrl-C: killing the running jobs")
+        signal_all(signal.SIGKILL)
         reap(block=True)
+        status["not_started"] = sorted(pending + list(waiting))
         raise
+    status["not_started"] = sorted(pending + list(waiting))
     return status
 
 
 def main(argv: list[str] | None = None) -> int:
+    with STOP.handling():   # Ctrl-C / SIGTERM / SIGUSR1: stop the jobs in order (run_table)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out).resolve()
+    lock = FolderLock(out, what="sweep directory")
+    try:
+        lock.acquire()
+    except LockHeld as err:
+        print(f"tensorpoly-ds sweep: {err}", file=sys.stderr)
+        return EXIT_BUSY
+    try:
+        return _sweep(args, out)
+    finally:
+        lock.release()
+
+
+def _sweep(args, out: Path) -> int:
     try:
         if args.table:
             table = Path(args.table).resolve()
             rows = read_table(table)
         elif args.grid:
             grid = read_grid(args.grid)
-            rows = expand_grid(grid, out, base_dir=Path(args.grid).resolve().parent)
+            rows = expand_grid(grid, out, base_dir=Path(args.grid).resolve().parent, source=args.grid)
             table = write_table(out / TABLE_FILE, rows)
         else:
             raise TableError("give --grid (expand and run) or --table (run an existing table)")
@@ -158,18 +258,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     workers = max(1, args.workers)
     threads = args.threads_per_job or max(1, (os.cpu_count() or 1) // workers)
-    def on_term(signum, frame):   # scancel / kill: stop the jobs like Ctrl-C does
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        status = run_table(table, out, rows, selected, workers, threads)
+        status = run_table(table, out, rows, selected, workers, threads, stop_grace=args.stop_grace)
     except KeyboardInterrupt:
+        print("[sweep] aborted by a second Ctrl-C: running jobs were killed (they restart from scratch)",
+              file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(f"[sweep] done {len(status['done'])}, skipped (complete) {len(status['skipped'])}, "
           f"failed {len(status['failed'])}" + (f": rows {sorted(status['failed'])}" if status["failed"] else ""))
+    if STOP.signal is not None:
+        remaining = sorted(status["stopped"] + status["killed"] + status["not_started"] + status["failed"])
+        print(f"[sweep] stopped by {STOP.name}: rows remaining {remaining} (checkpointed: {sorted(status['stopped'])}, "
+              f"killed: {sorted(status['killed'])}, not started: {status['not_started']}); rerun the same command "
+              "to finish them", file=sys.stderr)
+        return 130 if STOP.signal == signal.SIGINT else REQUEUE_EXIT_CODE
     return 0 if not status["failed"] else 1
 
 

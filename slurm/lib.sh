@@ -110,3 +110,59 @@ tpds_threads() {
         export OMP_NUM_THREADS="$SLURM_CPUS_PER_TASK"
     fi
 }
+
+# tpds_run_requeueable CMD [ARGS...]: run CMD (srun ... or one process) in the background and requeue this
+# job when it exits 124 ("checkpointed, requeue me").
+# Slurm's --signal=B:USR1@T signals this batch shell only: the trap forwards SIGUSR1 to CMD (srun delivers it
+# to every task; a single process gets it directly). On exit 124 the job is requeued (`scontrol requeue`,
+# same job id, --open-mode=append log) and this function exits 0; TPDS_MAX_REQUEUES (default 20) bounds the
+# loop. If CMD died of the forwarded SIGUSR1 (128+10: a signal before its handler was installed), the job
+# is requeued too: it resumes from its last checkpoint. Any other status is returned as the job's.
+tpds_run_requeueable() {
+    local rc restarts
+    tpds_child_pid=""
+    tpds_got_usr1=0
+    trap tpds_forward_usr1 USR1
+    "$@" &
+    tpds_child_pid=$!
+    # A signal received before CMD started is forwarded once it could get it.
+    if [ "$tpds_got_usr1" -eq 1 ]; then sleep 2; tpds_forward_usr1; fi
+    # `wait` returns early (status > 128) whenever a trapped signal arrives: wait again until CMD is gone,
+    # then once more for its real exit status (bash keeps it for a reaped background job).
+    while kill -0 "$tpds_child_pid" 2>/dev/null; do
+        wait "$tpds_child_pid" || true
+    done
+    set +e
+    wait "$tpds_child_pid"
+    rc=$?
+    set -e
+    trap - USR1
+    tpds_log "$1 exited with status $rc (SIGUSR1 received: $tpds_got_usr1)"
+    if [ "$rc" -eq $((128 + 10)) ] && [ "$tpds_got_usr1" -eq 1 ]; then
+        tpds_log "the tasks were killed by SIGUSR1 before handling it (no new checkpoint); requeuing anyway"
+        rc=124
+    fi
+    if [ "$rc" -eq 124 ]; then
+        restarts="${SLURM_RESTART_COUNT:-0}"
+        if [ "$restarts" -ge "${TPDS_MAX_REQUEUES:-20}" ]; then
+            tpds_log "checkpointed, but this job was already requeued $restarts times (TPDS_MAX_REQUEUES); not requeuing"
+            exit 124
+        fi
+        tpds_log "checkpointed: requeuing job $SLURM_JOB_ID (restart $((restarts + 1)))"
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            exit 0
+        fi
+        tpds_log "scontrol requeue failed (is the job requeueable? JobRequeue/--requeue); resubmit the same command by hand"
+        exit 124
+    fi
+    exit "$rc"
+}
+
+tpds_forward_usr1() {
+    tpds_got_usr1=1
+    if [ -n "${tpds_child_pid:-}" ] && kill -0 "$tpds_child_pid" 2>/dev/null; then
+        tpds_log "SIGUSR1: forwarding to pid $tpds_child_pid"
+        kill -USR1 "$tpds_child_pid" 2>/dev/null || true
+    fi
+}
+

@@ -5,14 +5,19 @@ from __future__ import annotations
 import importlib
 import sys
 
+# name -> ("module" whose main(argv) runs it, or "module:function", one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "params": ("tensorpoly_ds.params", "count multi-task and adaptation parameters (meta device)"),
+    "plan": ("tensorpoly_ds.plan.cli", "per-GPU memory by component and the cheapest setting that fits (meta device)"),
     "prep": ("data_prep.cli", "stage 1: P3 mixtures -> tokenised, sharded Arrow datasets"),
     "pretrain": ("launch.pretrain", "stage 2: multi-task pretraining on DeepSpeed"),
     "adapt": ("launch.adapt", "stage 3: few-shot adaptation of one (task, seed) job, or a job-table row"),
     "sweep": ("launch.sweep", "expand a grid into a job table and run it with P workers"),
     "report": ("launch.report", "collect results into tables and plots"),
+    "export": ("launch.interop:export_main", "write an adapter export in another format (peft)"),
+    "import": ("launch.interop:import_main", "turn another format's adapter (peft) into an adapter export"),
     "demo": ("launch.demo", "the whole pipeline on the embedded mixture"),
+    "replicate": ("launch.replicate", "the laptop-scale replication: every method, mode, task, k, seed; verdicts"),
 }
 
 
@@ -31,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"tensorpoly-ds: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    module_name, _, function = SUBCOMMANDS[name][0].partition(":")
+    entry = getattr(importlib.import_module(module_name), function or "main")
+    return int(entry(rest) or 0)
 
 
 if __name__ == "__main__":

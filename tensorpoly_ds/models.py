@@ -28,10 +28,13 @@ def t5_config(name: str, vocab_size: int = 32128, **overrides) -> T5Config:
     return T5Config(**kwargs)
 
 
-def resolve_config(model: str, vocab_size: int | None = None) -> PretrainedConfig:
-    """A config from a known architecture name, a config.json file, or a model directory/Hub name."""
-    if model in KNOWN_ARCHITECTURES:
-        return t5_config(model, **({"vocab_size": vocab_size} if vocab_size else {}))
+def resolve_config(model: str, vocab_size: int | None = None, arch_overrides: dict | None = None) -> PretrainedConfig:
+    """A config from a known architecture name (with `arch_overrides`), a known Hub name (its built-in shape, no
+    download), a config.json file, or a model directory/Hub name."""
+    by_hub_name = {hub: name for name, hub in HUB_NAMES.items()}
+    if model in KNOWN_ARCHITECTURES or model in by_hub_name:
+        kwargs = {"vocab_size": vocab_size} if vocab_size else {}
+        return t5_config(by_hub_name.get(model, model), **kwargs, **(arch_overrides or {}))
     path = Path(model)
     if path.is_file():
         return AutoConfig.from_pretrained(str(path.parent) if path.name == "config.json" else str(path))

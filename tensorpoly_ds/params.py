@@ -9,10 +9,10 @@ import sys
 from collections import defaultdict
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
+from transformers import AutoModelForSeq2SeqLM, PretrainedConfig, T5ForConditionalGeneration
 
 from .adapters import AdapterConfig, adapter_layers, inject_adapters, routing_tables
-from .adapters.config import METHODS
+from .adapters.config import METHODS, ROUTINGS
 from .models import KNOWN_ARCHITECTURES, resolve_config
 
 
@@ -23,12 +23,16 @@ def layer_type(name: str) -> str:
     return ".".join([side, *parts[-2:]])
 
 
-def build_meta_model(model: str):
-    config = resolve_config(model)
-    with torch.device("meta"):
-        if config.model_type == "t5":
-            return T5ForConditionalGeneration(config)
-        return AutoModelForSeq2SeqLM.from_config(config)
+def build_meta_model(model: str | PretrainedConfig):
+    """The backbone with every parameter on the meta device (no storage): an architecture or Hub name, a
+    config.json or model directory, or a config."""
+    from accelerate import init_empty_weights
+
+    config = model if isinstance(model, PretrainedConfig) else resolve_config(model)
+    with init_empty_weights():
+        net = T5ForConditionalGeneration(config) if config.model_type == "t5" else AutoModelForSeq2SeqLM.from_config(config)
+    net.tie_weights()   # init_empty_weights re-creates every parameter, which unties shared embeddings
+    return net
 
 
 def count_parameters(model: str, cfg: AdapterConfig, num_tasks: int) -> dict:
@@ -42,7 +46,7 @@ def count_parameters(model: str, cfg: AdapterConfig, num_tasks: int) -> dict:
         row = per_type[layer_type(name)]
         row["layers"] += 1
         row["modules"] += n
-        if layer.routing is not None and cfg.routing_granularity == "layer":
+        if layer.routing is not None and cfg.routing_granularity == "layer" and cfg.routing == "learned":
             row["routing"] += layer.routing.logits.numel()
             row["routing_per_task"] += layer.routing.heads * layer.routing.skills
         modules_total += n
@@ -55,6 +59,8 @@ def count_parameters(model: str, cfg: AdapterConfig, num_tasks: int) -> dict:
                                          for l in adapter_layers(net).values())
     if not cfg.routed:
         adaptation = {"full": modules_total}
+    elif cfg.routing == "random":   # Random-mu: no routing parameters, only the uniform average adapts
+        adaptation = {k: v for k, v in adaptation.items() if k.startswith("mu")}
     return {
         "model": model,
         "method": cfg.method,
@@ -68,6 +74,35 @@ def count_parameters(model: str, cfg: AdapterConfig, num_tasks: int) -> dict:
     }
 
 
+# flag -> AdapterConfig field; unset flags keep the AdapterConfig (or run config) value
+ADAPTER_FLAGS: dict[str, tuple[str, dict]] = {
+    "--rank": ("rank", dict(type=int, help="LoRA rank r (default 1)")),
+    "--tensor-rank": ("tensor_rank", dict(type=int, help="R: Kronecker terms / TT bond dimension (default 1)")),
+    "--order": ("order", dict(type=int, help="N: Kronecker order / TT cores (default 2)")),
+    "--skills": ("skills", dict(type=int, help="S: Poly/MHR skills (default 8)")),
+    "--heads": ("heads", dict(type=int, help="h: MHR heads (default 1)")),
+    "--targets": ("targets", dict(help="regex over module names (default: the method's T5 set)")),
+    "--routing": ("routing", dict(choices=ROUTINGS,
+                                  help="learned routing logits, or random (Random-mu: no routing parameters)")),
+    "--routing-granularity": ("routing_granularity", dict(choices=("layer", "block", "group", "model"))),
+    "--routing-group-size": ("routing_group_size", dict(type=int)),
+    "--layernorm": ("layernorm", dict(action="store_const", const=True,
+                                      help="TLoRA family: LayerNorm on Kronecker products")),
+    "--layernorm-affine": ("layernorm_affine", dict(choices=("frozen", "trainable"))),
+}
+
+
+def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("adapter options (AdapterConfig fields)")
+    for flag, (dest, kwargs) in ADAPTER_FLAGS.items():
+        group.add_argument(flag, dest=dest, default=None, **kwargs)
+
+
+def adapter_fields(args: argparse.Namespace) -> dict:
+    """The AdapterConfig fields set on the command line."""
+    return {dest: getattr(args, dest) for dest, _ in ADAPTER_FLAGS.values() if getattr(args, dest) is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tensorpoly-ds params",
                                 description="Count multi-task and adaptation parameters of an adapter configuration "
@@ -75,24 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help=f"{' | '.join(KNOWN_ARCHITECTURES)} | a Hugging Face config.json, model directory or name")
     p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--rank", type=int, default=1, help="LoRA rank r")
-    p.add_argument("--tensor-rank", type=int, default=1, help="R: Kronecker terms / TT bond dimension")
-    p.add_argument("--order", type=int, default=2, help="N: Kronecker order / TT cores")
-    p.add_argument("--skills", type=int, default=8, help="S: Poly/MHR skills")
-    p.add_argument("--heads", type=int, default=1, help="h: MHR heads")
+    add_adapter_arguments(p)
     p.add_argument("--tasks", type=int, default=313, help="number of multi-task training tasks (313 for T0)")
-    p.add_argument("--targets", default=None, help="regex over module names (default: the method's T5 set)")
-    p.add_argument("--routing-granularity", default="layer", choices=("layer", "block", "group", "model"))
-    p.add_argument("--routing-group-size", type=int, default=1)
-    p.add_argument("--layernorm", action="store_true", help="TLoRA family: LayerNorm on Kronecker products")
-    p.add_argument("--layernorm-affine", default="frozen", choices=("frozen", "trainable"))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
 def format_table(report: dict) -> str:
+    routing = ("random routing (no parameters)" if report["adapter"]["routing"] == "random"
+               else f"{report['routing_tables']} routing tables")
     lines = [f"{report['method']} on {report['model']}: {report['adapted_layers']} adapted layers, "
-             f"{report['routing_tables']} routing tables, {report['num_tasks']} tasks",
+             f"{routing}, {report['num_tasks']} tasks",
              f"{'layer type':<34}{'layers':>8}{'modules':>14}{'routing':>12}"]
     for name, row in report["per_layer_type"].items():
         lines.append(f"{name:<34}{row['layers']:>8}{row['modules']:>14,}{row.get('routing', 0):>12,}")
@@ -104,10 +132,7 @@ def format_table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = AdapterConfig(method=args.method, rank=args.rank, tensor_rank=args.tensor_rank, order=args.order,
-                        skills=args.skills, heads=args.heads, targets=args.targets,
-                        routing_granularity=args.routing_granularity, routing_group_size=args.routing_group_size,
-                        layernorm=args.layernorm, layernorm_affine=args.layernorm_affine)
+    cfg = AdapterConfig(method=args.method, **adapter_fields(args))
     report = count_parameters(args.model, cfg, args.tasks)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0

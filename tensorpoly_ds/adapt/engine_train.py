@@ -7,11 +7,9 @@ normaliser and the rank-classification evaluation (called on every rank).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from ..evaluation import LossWeights, collate_choices, collate_lm, tfew_losses
@@ -38,6 +36,32 @@ def tfew_hook(weights: LossWeights) -> Callable:
 
 def examples(batch: dict[str, Any]) -> float:
     return float(batch["input_ids"].shape[0])
+
+
+# run-config keys `accelerate launch` can set (engine.distributed.accelerate_overrides) -> job fields
+LAUNCHER_JOB_FIELDS = {"deepspeed.zero_stage": "zero_stage", "deepspeed.precision": "precision",
+                       "train.grad_accum": "grad_accum", "optim.clip": "clip"}
+
+
+def launcher_job_fields(env=None) -> dict[str, Any]:
+    """Job fields for what `accelerate launch`'s DeepSpeed plugin configured (empty for other launchers): the
+    engine trainer with the plugin's ZeRO stage and precision. Offload and a DeepSpeed config file have no
+    job field and are refused."""
+    import yaml
+
+    from ..engine.distributed import LaunchError, accelerate_overrides
+
+    overrides = accelerate_overrides(env)
+    fields: dict[str, Any] = {"trainer": "engine"} if overrides else {}
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        value = yaml.safe_load(raw)
+        if key in LAUNCHER_JOB_FIELDS:
+            fields[LAUNCHER_JOB_FIELDS[key]] = value
+        elif value not in (False, None):
+            raise LaunchError(f"accelerate launch sets {item}, which adaptation jobs do not support (no offload, "
+                              "no DeepSpeed config file: jobs build theirs from ds_configs/)")
+    return fields
 
 
 def _sections(job, steps: int, world: int, micro_total: int, eval_every: int):
@@ -80,14 +104,19 @@ class _Rows:
 
 
 def engine_train(job, model: nn.Module, out: Path, *, steps: int, train_rows: list[dict], weights: LossWeights,
-                 run_eval: Callable[[nn.Module, int], dict], world: int, data_dir: str):
-    """Returns (network to evaluate / snapshot, gather(params) context factory, history, multitask history)."""
+                 run_eval: Callable[[nn.Module, int], dict], world: int, data_dir: str,
+                 resumed_in: str | None = None, eval_at_start: bool = False):
+    """Returns (network to evaluate / snapshot, gather(params) context factory, history, multitask history,
+    stopped): `stopped` is {"phase", "step"} when a stop request ended a phase (the engine checkpointed
+    under OUT/engine/<phase>/checkpoints; the job is then "requeue"), else None. `resumed_in` (the phase a
+    stopped run ended in) resumes both phases from their checkpoints (a finished phase from its last one)."""
     from ..engine import trainer as eng
     from ..engine.trainer import TrainHooks, train
 
     from .job import JobError, load_rows
 
     run_root = out / "engine"
+    resume = "auto" if resumed_in is not None else "none"
     net: nn.Module = model
     if job.zero_stage == 3 and getattr(model, "tpds_routing", None) is not None:
         # prepare_adaptation made fresh routing tables shared by many layers: ZeRO-3 must gather them
@@ -107,15 +136,17 @@ def engine_train(job, model: nn.Module, out: Path, *, steps: int, train_rows: li
         tr.eval_at_end = False
         hooks = TrainHooks(collate_fn=lambda rows: collate_lm(rows, 0))   # default loss: token-mean LM
         res = train(net, mt_rows, optim=optim, train=tr, deepspeed=ds, run_dir=run_root / "multitask",
-                    tasks=[job.task], hooks=hooks)
+                    tasks=[job.task], hooks=hooks, resume=resume)
         multitask_history = res.history
         net = res.engine
+        if res.status == "requeue":
+            return net, None, history, multitask_history, {"phase": "multitask", "step": res.step}
     if steps == 0 and job.multitask_steps == 0 and job.zero_stage == 3:
         # zero-shot under ZeRO-3: no training, but the (partitioned) model still needs the engine to run
         import deepspeed
 
         net, *_ = deepspeed.initialize(model=model, config=ds_config_for(job, 1, world))
-    if job.eval_at_start or steps == 0:
+    if eval_at_start:
         run_eval(net, 0)
     if steps > 0:
         optim, tr, ds = _sections(job, steps, world, job.batch_size, job.eval_every)
@@ -125,16 +156,15 @@ def engine_train(job, model: nn.Module, out: Path, *, steps: int, train_rows: li
         hooks = TrainHooks(loss_fn=tfew_hook(weights), weight_fn=examples, collate_fn=choice_collate,
                            eval_fn=lambda engine, step: run_eval(engine, step))
         res = train(getattr(net, "module", net), _Rows(train_rows), optim=optim, train=tr, deepspeed=ds,
-                    run_dir=run_root / "fewshot", tasks=[job.task], hooks=hooks)
+                    run_dir=run_root / "fewshot", tasks=[job.task], hooks=hooks,
+                    resume=resume if resumed_in == "fewshot" else "none")
         history = res.history
         net = res.engine
+        if res.status == "requeue":
+            return net, None, history, multitask_history, {"phase": "fewshot", "step": res.step}
     if hasattr(net, "zero_optimization_partition_weights"):
         def gather(params):
             return eng.gathered(net, params)
     else:
         gather = None
-    # the engine checkpoints at the end of every run; a finished adaptation job does not need them
-    if (not torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0:
-        for sub in ("multitask", "fewshot"):
-            shutil.rmtree(run_root / sub / "checkpoints", ignore_errors=True)
-    return net, gather, history, multitask_history
+    return net, gather, history, multitask_history, None

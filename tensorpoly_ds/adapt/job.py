@@ -7,22 +7,23 @@ Output directory of a job:
     predictions_best.jsonl   the same for the best evaluation
     routing.safetensors  routing logits and weights of the adapted task (routed methods)
     result.json          config, accuracy at every evaluation, best, final, per template, parameter counts,
-                         timings; status "complete" or "failed"
+                         timings; status "complete", "failed", "interrupted" or "requeue" (stopped with a
+                         checkpoint: the evaluations and losses so far, which the next run continues)
     COMPLETE             completion marker, written after result.json; a job is skipped only if both exist
+    local_checkpoint.pt, engine/<phase>/checkpoints/   the training state of a stopped job (removed when complete)
+    .tpds.lock, .tpds.lock.json   the folder lock of the process running the job, and who that is
 All files are written atomically (temp file, then os.replace).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import os
 import random
+import shutil
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,104 +31,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapters import (AdapterConfig, ModeError, adapter_layers, collapse_to_lora, inject_adapters, load_adapters,
-                        prepare_adaptation, read_export_meta, routing_tables)
+from ..adapters import (AdapterConfig, ModeError, adapter_layers, check_mode, collapse_to_lora, inject_adapters,
+                        load_adapters, prepare_adaptation, read_export_meta, routing_tables)
+from ..engine.stop import STOP
 from ..evaluation import LossWeights, accuracy, collate_choices, collate_lm, evaluate, lm_loss, tfew_losses, write_jsonl
+from ..locking import FolderLock, LockHeld
+from .local_train import (CHECKPOINT_FILE, EpochSampler, LocalCheckpointError, build_optimizer, load_checkpoint,
+                          train_steps)
 
-RESULT_FILE = "result.json"
-MARKER_FILE = "COMPLETE"
-FULLFT = "fullft"
-RESULT_FORMAT = 1
-
-
-class JobError(ValueError):
-    """The job description is invalid or does not fit the data / export."""
-
-
-@dataclass
-class AdaptJob:
-    # what to adapt
-    out_dir: str
-    data_dir: str
-    task: str
-    seed: int = 0
-    k: int | None = None                  # shots; None = the only k prepared for the task; 0 = zero-shot
-    mode: str = "full"                    # full | z | mu
-    export: str | None = None             # pretrained adapter export (safetensors + adapter_config.json)
-    method: str | None = None             # without export: "fullft" or an adapter method (fresh, w/o pretraining)
-    adapter: dict = field(default_factory=dict)   # AdapterConfig fields for a fresh adapter
-    label: str | None = None              # row name in reports (default: derived from the method)
-    model: str = "tiny"                   # backbone: architecture name (built from config) or HF name / path
-    model_seed: int | None = None         # init seed of a backbone built from an architecture name: the
-                                          # export's backbone.init_seed if recorded, else 42 (= the seed
-                                          # stage 2 seeds with before building it, train.seed default)
-    collapse: bool = False                # mu on Poly/MHR: collapse the uniform mixture into one LoRA first
-    # few-shot recipe (reference: Adafactor 3e-3, 1000 steps, warmup 6 %, clip 1, batch 8)
-    steps: int = 1000
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-3
-    routing_lr: float | None = None       # default: lr
-    warmup_ratio: float = 0.06
-    clip: float = 1.0
-    optimizer: str = "adafactor"          # adafactor | adamw
-    loss_lm: float = 1.0
-    loss_mc: float = 1.0
-    loss_unlikelihood: float = 1.0
-    # evaluation
-    eval_every: int = 100                 # steps; 0 = only at the end (and before training if eval_at_start)
-    eval_at_start: bool = False
-    eval_batch_size: int = 16
-    length_norm: float = 1.0              # rank-classification score: NLL / len ** length_norm (t-zero: 0)
-    max_eval_examples: int | None = None  # cap on eval rows (smoke runs); None = all
-    # zero-shot MHR-mu recipe: extra multi-task LM steps on DIR/train before (or instead of) few-shot training
-    multitask_steps: int = 0
-    multitask_batch_size: int = 8
-    multitask_lr: float | None = None     # default: lr
-    save_adapter: bool = False            # also export the adapted adapter to OUT/adapter
-    # training loop: "local" (one process, plain PyTorch), "engine" (tensorpoly_ds.engine on DeepSpeed, any
-    # number of ranks, ZeRO 0-3), "auto" (engine when installed)
-    trainer: str = "auto"
-    zero_stage: int = 0                   # engine trainer only
-    precision: str = "fp32"               # engine trainer only: fp32 | bf16
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("full", "z", "mu"):
-            raise JobError(f"job field 'mode' = {self.mode!r}: valid modes: full, z, mu")
-        if self.export is None and self.method is None:
-            raise JobError("a job needs 'export' (pretrained adapters) or 'method' (fullft or a fresh adapter)")
-        for name in ("steps", "multitask_steps", "eval_every"):
-            if getattr(self, name) < 0:
-                raise JobError(f"job field {name!r} = {getattr(self, name)!r}: must be >= 0")
-        for name in ("batch_size", "grad_accum", "eval_batch_size", "multitask_batch_size"):
-            if getattr(self, name) < 1:
-                raise JobError(f"job field {name!r} = {getattr(self, name)!r}: must be >= 1")
-        if self.k is not None and self.k < 0:
-            raise JobError(f"job field 'k' = {self.k!r}: must be >= 0")
-        if self.optimizer not in ("adafactor", "adamw"):
-            raise JobError(f"job field 'optimizer' = {self.optimizer!r}: valid: adafactor, adamw")
-        if self.trainer not in ("auto", "local", "engine"):
-            raise JobError(f"job field 'trainer' = {self.trainer!r}: valid: auto, local, engine")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise JobError(f"job field 'zero_stage' = {self.zero_stage!r}: valid: 0, 1, 2, 3")
-        if self.method == FULLFT and self.mode != "full":
-            raise JobError(f"FullFT has no routing: mode must be 'full', got {self.mode!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "job") -> "AdaptJob":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise JobError(f"{source}: unknown job field(s) {unknown}; valid fields: {sorted(known)}")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                   and f.name not in data]
-        if missing:
-            raise JobError(f"{source}: missing job field(s) {missing}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+from .spec import (FULLFT, MARKER_FILE, RESULT_FILE, RESULT_FORMAT, AdaptJob, JobBusy, JobError,  # noqa: F401
+                   is_complete)
 
 
 # --- small utilities ---------------------------------------------------------------------------------------
@@ -153,17 +66,6 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def is_complete(out_dir: str | os.PathLike) -> bool:
-    """True only if the marker exists and result.json says complete (a crash before either = rerun)."""
-    out = Path(out_dir)
-    if not (out / MARKER_FILE).is_file():
-        return False
-    try:
-        return json.loads((out / RESULT_FILE).read_text()).get("status") == "complete"
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -180,6 +82,8 @@ def method_label(job: AdaptJob, cfg: AdapterConfig | None) -> str:
     name = names.get(cfg.method, cfg.method)
     if cfg.method in ("tlora", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x"):
         name += f" R{cfg.tensor_rank} N{cfg.order}"
+    if cfg.routing == "random":
+        name = f"Random-mu ({name})"
     if job.export is None:
         name += " (w/o pretrain)"
     return name
@@ -285,6 +189,8 @@ def _architectures():
 
 def setup_model(job: AdaptJob, vocab_size: int, zero3_config: dict | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Backbone + adapters (pretrained export or fresh) + adaptation mode. Returns (model, info)."""
+    if job.export is not None:   # a mode the export cannot run fails before the backbone is built
+        check_mode(AdapterConfig.from_dict(read_export_meta(job.export)["adapter"]), job.mode, source=job.export)
     model = build_backbone(job, vocab_size, zero3_config)
     info: dict[str, Any] = {"backbone_params": sum(numel(p) for p in model.parameters()),
                             "backbone_seed": backbone_seed(job) if job.model in _architectures() else None}
@@ -335,77 +241,6 @@ def routing_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-# --- training ----------------------------------------------------------------------------------------------
-
-def build_optimizer(model: nn.Module, name: str, lr: float, routing_lr: float | None) -> torch.optim.Optimizer:
-    tables = routing_tables(model)
-    routing = [t.logits for t in tables.values() if t.logits.requires_grad]
-    rid = {id(p) for p in routing}
-    modules = [p for p in model.parameters() if p.requires_grad and id(p) not in rid]
-    groups = [g for g in ({"params": modules, "lr": lr, "name": "modules"},
-                          {"params": routing, "lr": routing_lr or lr, "name": "routing"}) if g["params"]]
-    if not groups:
-        raise JobError("no trainable parameters")
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
-
-
-def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
-    """Linear warmup over warmup_ratio * total steps, then linear decay to 0."""
-    warmup = int(round(warmup_ratio * total))
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-class EpochSampler:
-    """Batches of row indices: a fresh seeded permutation per epoch (rows smaller than a batch repeat)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        if n < 1:
-            raise JobError("no training rows")
-        self.n, self.batch, self.gen = n, batch_size, torch.Generator().manual_seed(seed)
-        self.queue: list[int] = []
-
-    def next(self) -> list[int]:
-        while len(self.queue) < self.batch:
-            self.queue += torch.randperm(self.n, generator=self.gen).tolist()
-        out, self.queue = self.queue[:self.batch], self.queue[self.batch:]
-        return out
-
-
-def train_steps(model: nn.Module, *, steps: int, batch_fn: Callable[[], Any], loss_fn: Callable[[Any], dict],
-                optimizer: torch.optim.Optimizer, warmup_ratio: float, clip: float, grad_accum: int = 1,
-                on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """A plain single-process loop: loss hook, warmup + linear decay, grad-norm clipping."""
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup_ratio))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    history = []
-    model.train()
-    for step in range(1, steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        stats: dict[str, float] = {}
-        for _ in range(grad_accum):
-            out = loss_fn(batch_fn())
-            (out["loss"] / grad_accum).backward()
-            for k, v in out.items():
-                stats[k] = stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / grad_accum
-        if clip > 0:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        optimizer.step()
-        sched.step()
-        stats["lr"] = optimizer.param_groups[0]["lr"]
-        if not math.isfinite(stats["loss"]):
-            raise FloatingPointError(f"step {step}: non-finite loss {stats['loss']}")
-        history.append({"step": step, **stats})
-        if on_step is not None:
-            on_step(step, stats)
-    return history
-
-
 # --- the job -----------------------------------------------------------------------------------------------
 
 def _rank_world() -> tuple[int, int]:
@@ -446,8 +281,14 @@ def run_job(job: AdaptJob, *, force: bool = False, log: Callable[[str], None] = 
     """Run one job (skipped if complete unless force). Returns the result dict. On error a result with
     status "failed" is written (no marker) and the exception re-raised.
 
+    Stop requests (SIGTERM/SIGINT/SIGUSR1, see tensorpoly_ds.engine.stop) end training after the current
+    step: the job checkpoints in its folder and returns a result with status "requeue" (result.json says
+    so, no marker); the next run_job of the same job resumes from that checkpoint. A job that crashed or
+    was killed restarts from scratch. `force` reruns a complete job and discards a stopped one.
+
+    One live process per job folder: a folder lock (tensorpoly_ds.locking) refuses a second one (JobBusy).
     With the engine trainer the job may run on several ranks (torchrun / srun): every rank calls run_job,
-    rank 0 alone writes files."""
+    rank 0 alone holds the lock and writes files."""
     out = Path(job.out_dir)
     trainer = resolve_trainer(job)
     if trainer == "engine":
@@ -455,36 +296,97 @@ def run_job(job: AdaptJob, *, force: bool = False, log: Callable[[str], None] = 
 
         init_distributed()
     rank, _ = _rank_world()
-    main_rank = rank == 0
+    lock = FolderLock(out, what="adaptation job") if rank == 0 else None
+    busy = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except LockHeld as err:
+            busy = str(err)
+    busy = _broadcast(busy)
+    if busy:
+        raise JobBusy(busy)
+    try:
+        with STOP.handling():   # launch/adapt installs it at start-up; library callers get it here
+            return _run_locked(job, out, trainer, force, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool, log: Callable[[str], None]) -> dict:
+    main_rank = _rank_world()[0] == 0
     complete = _broadcast(not force and is_complete(out))
     if complete:
         if main_rank:
             log(f"[adapt] {out}: complete, skipped")
         return json.loads((out / RESULT_FILE).read_text())
+    prior, refused = None, None
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER_FILE).unlink(missing_ok=True)
-        write_json(out / "job.json", job.to_dict())
+        try:
+            prior = stopped_state(out, job, force)
+            write_json(out / "job.json", job.to_dict())
+        except JobError as err:   # every rank must learn it, or the others wait in the broadcast forever
+            refused = str(err)
+    prior, refused = _broadcast((prior, refused))
+    if refused:
+        raise JobError(refused)
+    if prior is not None:
+        log(f"[adapt] {out}: resuming the run stopped at {prior['stopped']['phase']} step {prior['stopped']['step']}")
     t_start = time.time()
     timings: dict[str, float] = {}
     try:
-        result = _run(job, out, timings, trainer, log if main_rank else (lambda s: None))
+        result = _run(job, out, timings, trainer, log if main_rank else (lambda s: None), prior)
     except BaseException as err:
         if main_rank:
-            write_json(out / RESULT_FILE, {"format": RESULT_FORMAT, "status": "failed", "job": job.to_dict(),
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            write_json(out / RESULT_FILE, {"format": RESULT_FORMAT, "status": status, "job": job.to_dict(),
                                            "error": f"{type(err).__name__}: {err}",
                                            "traceback": traceback.format_exc(), "timings": timings,
                                            "finished": time.time()})
         raise
-    timings["total_s"] = time.time() - t_start
+    timings["total_s"] = time.time() - t_start + (prior or {}).get("timings", {}).get("total_s", 0.0)
     result["timings"] = timings
     if main_rank:
         write_json(out / RESULT_FILE, result)
-        atomic_write_text(out / MARKER_FILE, "complete\n")   # last: its presence means result.json is final
+        if result["status"] == "complete":
+            atomic_write_text(out / MARKER_FILE, "complete\n")   # last: its presence means result.json is final
+            discard_checkpoints(out)
+        else:
+            log(f"[adapt] stopped ({result['signal']}) at {result['stopped']['phase']} step "
+                f"{result['stopped']['step']}: checkpoint kept in {out}; rerun the job to resume")
     return result
 
 
-def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[str], None]) -> dict:
+def discard_checkpoints(out: Path) -> None:
+    """The training state of an unfinished run (local loop and engine), which only a stopped run resumes."""
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    for sub in ("multitask", "fewshot"):
+        shutil.rmtree(out / "engine" / sub / "checkpoints", ignore_errors=True)
+
+
+def stopped_state(out: Path, job: AdaptJob, force: bool) -> dict | None:
+    """The saved state of a stopped ("requeue") run of this very job, which this run continues; None for a
+    fresh start (checkpoints of a crashed or killed run are discarded: it restarts from scratch)."""
+    try:
+        saved = json.loads((out / RESULT_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        saved = None
+    if force or not isinstance(saved, dict) or saved.get("status") != "requeue":
+        discard_checkpoints(out)
+        return None
+    before, now = saved.get("job") or {}, job.to_dict()
+    diff = [f"{k}: {before.get(k)!r} then, {v!r} now" for k, v in now.items() if before.get(k) != v]
+    if diff:
+        raise JobError(f"{out} holds a stopped run of a different job ({'; '.join(diff)}); rerun the original job "
+                       "to resume it, or add --force to start this one over")
+    return saved
+
+
+def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[str], None],
+         prior: dict | None = None) -> dict:
     rank, world = _rank_world()
     main_rank = rank == 0
     t0 = time.time()
@@ -510,8 +412,13 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[s
     log(f"[adapt] {info['label']} mode={job.mode} task={job.task} k={k} seed={job.seed} trainer={trainer} "
         f"world={world}: {info['trainable_params']:,} trainable parameters")
 
-    evaluations: list[dict] = []
+    prior = prior or {}
+    resumed_in = (prior.get("stopped") or {}).get("phase")   # None, "multitask" or "fewshot"
+    evaluations: list[dict] = list(prior.get("evaluations", []))
     best: dict | None = None
+    for entry in evaluations:   # the stopped run's evaluations, with the rule run_eval applies
+        if best is None or entry["accuracy"] > best["accuracy"]:
+            best = entry
     eval_time = [0.0]
     steps = job.steps if k > 0 else 0
 
@@ -537,29 +444,42 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[s
         log(f"[adapt] step {step} ({phase}): accuracy {entry['accuracy']:.4f} on {entry['examples']} examples")
         return {"eval/accuracy": entry["accuracy"]}
 
+    # the start evaluation comes after the multi-task steps: a run stopped during few-shot training did it
+    eval_at_start = (job.eval_at_start or steps == 0) and resumed_in != "fewshot"
     weights = LossWeights(lm=job.loss_lm, mc=job.loss_mc, unlikelihood=job.loss_unlikelihood)
     net: nn.Module = model          # the module evaluated at the end (the DeepSpeed engine on that path)
     gather = None
     multitask_history: list[dict] = []
     history: list[dict] = []
+    stopped: dict | None = None     # {"phase", "step"} when a stop request ended training
     if trainer == "local":
         if world > 1:
             raise JobError("the local trainer runs one process; use trainer 'engine' for several ranks")
-        if job.multitask_steps > 0:
+        ckpt_path = out / CHECKPOINT_FILE
+        state = None
+        if resumed_in is not None:
+            if not ckpt_path.is_file():
+                raise LocalCheckpointError(f"{ckpt_path} is missing: the stopped run cannot be resumed; rerun with "
+                                           "--force to start the job over")
+            state = load_checkpoint(ckpt_path)
+        if job.multitask_steps > 0 and resumed_in != "fewshot":
             t0 = time.time()
             mt_rows = load_rows(job.data_dir, "train")
             sampler = EpochSampler(len(mt_rows), job.multitask_batch_size, job.seed + 1)
             optimizer = build_optimizer(model, job.optimizer, job.multitask_lr or job.lr, job.routing_lr)
             # All rows use routing row 0: the uniform / freshly opened routing of the adapted model.
-            multitask_history = train_steps(
-                model, steps=job.multitask_steps,
-                batch_fn=lambda: collate_lm([mt_rows[i] for i in sampler.next()], 0),
+            multitask_history, at = train_steps(
+                model, steps=job.multitask_steps, sampler=sampler,
+                make_batch=lambda idx: collate_lm([mt_rows[i] for i in idx], 0),
                 loss_fn=lambda b: {"loss": lm_loss(model, b)}, optimizer=optimizer, warmup_ratio=job.warmup_ratio,
-                clip=job.clip)
+                clip=job.clip, stop=STOP, checkpoint=ckpt_path, phase="multitask",
+                resume_state=state if resumed_in == "multitask" else None)
             timings["multitask_s"] = time.time() - t0
-        if job.eval_at_start or steps == 0:
+            if at is not None:
+                stopped = {"phase": "multitask", "step": at}
+        if stopped is None and eval_at_start:
             run_eval(model, 0)
-        if steps > 0:
+        if stopped is None and steps > 0:
             t0 = time.time()
             sampler = EpochSampler(len(train_rows), job.batch_size, job.seed)
             optimizer = build_optimizer(model, job.optimizer, job.lr, job.routing_lr)
@@ -568,20 +488,37 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[s
                 if step == steps or (job.eval_every and step % job.eval_every == 0):
                     run_eval(model, step)
 
-            history = train_steps(
-                model, steps=steps, batch_fn=lambda: collate_choices([train_rows[i] for i in sampler.next()], 0),
+            history, at = train_steps(
+                model, steps=steps, sampler=sampler,
+                make_batch=lambda idx: collate_choices([train_rows[i] for i in idx], 0),
                 loss_fn=lambda b: tfew_losses(model, b, weights), optimizer=optimizer,
-                warmup_ratio=job.warmup_ratio, clip=job.clip, grad_accum=job.grad_accum, on_step=on_step)
+                warmup_ratio=job.warmup_ratio, clip=job.clip, grad_accum=job.grad_accum, on_step=on_step,
+                stop=STOP, checkpoint=ckpt_path, phase="fewshot",
+                resume_state=state if resumed_in == "fewshot" else None)
             timings["train_s"] = time.time() - t0 - eval_time[0]
+            if at is not None:
+                stopped = {"phase": "fewshot", "step": at}
     else:
         from .engine_train import engine_train
 
         t0 = time.time()
-        net, gather, history, multitask_history = engine_train(
+        net, gather, history, multitask_history, stopped = engine_train(
             job, model, out, steps=steps, train_rows=train_rows, weights=weights, run_eval=run_eval,
-            world=world, data_dir=job.data_dir)
+            world=world, data_dir=job.data_dir, resumed_in=resumed_in, eval_at_start=eval_at_start)
         timings["train_s"] = time.time() - t0 - eval_time[0]
     timings["eval_s"] = eval_time[0]
+    train_loss = prior.get("train_loss", []) + [
+        {"step": h["step"], "loss": h.get("loss", h.get("train/loss")), "lm": h.get("lm", h.get("train/lm")),
+         "mc": h.get("mc", h.get("train/mc")), "unlikelihood": h.get("unlikelihood", h.get("train/unlikelihood"))}
+        for h in history]
+    multitask_loss = prior.get("multitask_loss", []) + [
+        {"step": h["step"], "loss": h.get("loss", h.get("train/loss"))} for h in multitask_history]
+    if stopped is not None:
+        # the state a rerun resumes from (stopped_state): everything the final result accumulates
+        return {"format": RESULT_FORMAT, "status": "requeue", "job": job.to_dict(), "trainer": trainer,
+                "world_size": world, "stopped": stopped, "signal": STOP.name or "stop request",
+                "evaluations": evaluations, "train_loss": train_loss, "multitask_loss": multitask_loss,
+                "finished": time.time()}
 
     tables = [t.logits for t in routing_tables(_unwrap(net)).values()]
     with (gather(tables) if gather else contextlib.nullcontext()):   # ZeRO-3: a collective, every rank
@@ -625,10 +562,8 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[s
         "params": {"trainable": info["trainable_params"], "multi_task": info["multi_task_params"],
                    "backbone": info["backbone_params"]},
         "backbone": {"model": job.model, "init_seed": info["backbone_seed"]},
-        "train_loss": [{"step": h["step"], "loss": h.get("loss", h.get("train/loss")), "lm": h.get("lm", h.get("train/lm")),
-                        "mc": h.get("mc", h.get("train/mc")),
-                        "unlikelihood": h.get("unlikelihood", h.get("train/unlikelihood"))} for h in history],
-        "multitask_loss": [{"step": h["step"], "loss": h.get("loss", h.get("train/loss"))} for h in multitask_history],
+        "train_loss": train_loss,
+        "multitask_loss": multitask_loss,
         "routing_file": "routing.safetensors" if routing else None,
         "finished": time.time(),
     }

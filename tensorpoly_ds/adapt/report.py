@@ -2,7 +2,8 @@
 
 Every job directory (one holding job.json or result.json) below the given run directories is
 classified as complete (result.json status complete and the COMPLETE marker), failed (status failed),
-incomplete (started, no final result: crashed or still running) or broken (unreadable). Job tables
+incomplete (started, no final result: crashed, stopped with a checkpoint ("requeue") or still running) or
+broken (unreadable). Job tables
 (jobs.jsonl) found in the run directories, or given explicitly, add the rows that never started
 (missing). Nothing is dropped silently: every non-complete job is listed in the report and on stderr.
 """
@@ -93,6 +94,11 @@ def _classify(d: Path, out: Collected) -> None:
     if status == "failed":
         out.problems.append({"dir": str(d), "state": "failed", "job": job,
                              "detail": str(result.get("error", "unknown error"))})
+    elif status == "requeue":
+        stopped = result.get("stopped") or {}
+        out.problems.append({"dir": str(d), "state": "incomplete", "job": job,
+                             "detail": f"stopped ({result.get('signal', '?')}) at {stopped.get('phase', '?')} step "
+                                       f"{stopped.get('step', '?')} with a checkpoint: rerun adapt or the sweep to resume"})
     elif status != "complete" or not (d / MARKER_FILE).exists():
         out.problems.append({"dir": str(d), "state": "incomplete", "job": job,
                              "detail": f"status {status!r}, marker {'present' if (d / MARKER_FILE).exists() else 'absent'}"})
@@ -135,8 +141,12 @@ def _mode_rank(mode: str) -> tuple:
     return (MODE_ORDER.get(base, 9), base, rest)
 
 
+AGGREGATES = ("median", "mean")
+
+
 def aggregate(results: list[dict], metric: str = "final", task_order: list[str] | None = None) -> dict:
-    """cells[(label, mode)][task] = {median, min, max, q1, q3, n, seeds, values} with accuracies in %."""
+    """cells[(label, mode)][task] = {median, min, max, q1, q3, mean, std, n, seeds, values}, accuracies in %;
+    std is the sample standard deviation over seeds (n - 1; None for a single seed)."""
     values: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     duplicates = []
     for r in results:
@@ -155,55 +165,79 @@ def aggregate(results: list[dict], metric: str = "final", task_order: list[str] 
         for task, by_seed in values[key].items():
             xs = [by_seed[s] for s in sorted(by_seed)]
             cells[key][task] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs),
-                                "q1": quantile(xs, 0.25), "q3": quantile(xs, 0.75), "n": len(xs),
+                                "q1": quantile(xs, 0.25), "q3": quantile(xs, 0.75), "mean": statistics.fmean(xs),
+                                "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs),
                                 "seeds": sorted(by_seed), "values": xs}
     return {"rows": rows, "tasks": tasks, "cells": cells, "duplicates": duplicates}
 
 
-def row_average(cells: dict[str, dict], tasks: list[str]) -> float | None:
-    """Mean over tasks of the per-task medians; None unless every task has a cell."""
+def row_average(cells: dict[str, dict], tasks: list[str], aggregate_by: str = "median") -> float | None:
+    """Mean over tasks of the per-task medians (or means); None unless every task has a cell."""
     if not tasks or any(t not in cells for t in tasks):
         return None
-    return sum(cells[t]["median"] for t in tasks) / len(tasks)
+    return sum(cells[t][aggregate_by] for t in tasks) / len(tasks)
 
 
-def _fmt(x: float | None) -> str:
-    return "" if x is None else f"{x:.1f}"
+def row_seed_std(cells: dict[str, dict], tasks: list[str]) -> float | None:
+    """Standard deviation over seeds of the per-seed average over tasks (MHR's spread of the average), on the
+    seeds every task has; None unless every task has a cell and at least two seeds are common."""
+    if not tasks or any(t not in cells for t in tasks):
+        return None
+    common = set.intersection(*(set(cells[t]["seeds"]) for t in tasks))
+    if len(common) < 2:
+        return None
+    per_seed = [statistics.fmean(cells[t]["values"][cells[t]["seeds"].index(s)] for t in tasks) for s in sorted(common)]
+    return statistics.stdev(per_seed)
 
 
-def table1_markdown(agg: dict, spread: str = "minmax") -> str:
+def format_cell(c: dict, spread: str = "minmax", aggregate_by: str = "median") -> str:
+    if aggregate_by == "mean":
+        return f"{c['mean']:.1f} ± {c['std']:.1f} (n={c['n']})" if c["std"] is not None else f"{c['mean']:.1f} (n=1)"
+    lo, hi = (c["min"], c["max"]) if spread == "minmax" else (c["q1"], c["q3"])
+    return f"{c['median']:.1f} ({lo:.1f}–{hi:.1f}, n={c['n']})"
+
+
+def format_average(cells: dict[str, dict], tasks: list[str], aggregate_by: str = "median") -> str:
+    avg = row_average(cells, tasks, aggregate_by)
+    if avg is None:
+        return "—"
+    std = row_seed_std(cells, tasks) if aggregate_by == "mean" else None
+    return f"{avg:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+
+
+def table1_markdown(agg: dict, spread: str = "minmax", aggregate_by: str = "median") -> str:
     tasks = agg["tasks"]
     head = "| Method | Mode | " + " | ".join(tasks) + " | Avg |"
     lines = [head, "|" + "---|" * (len(tasks) + 3)]
     for key in agg["rows"]:
         cells = agg["cells"][key]
-        parts = []
-        for t in tasks:
-            c = cells.get(t)
-            if c is None:
-                parts.append("—")
-                continue
-            lo, hi = (c["min"], c["max"]) if spread == "minmax" else (c["q1"], c["q3"])
-            parts.append(f"{c['median']:.1f} ({lo:.1f}–{hi:.1f}, n={c['n']})")
-        avg = row_average(cells, tasks)
-        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(parts) + f" | {_fmt(avg) or '—'} |")
+        parts = [format_cell(cells[t], spread, aggregate_by) if t in cells else "—" for t in tasks]
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(parts) + f" | {format_average(cells, tasks, aggregate_by)} |")
     return "\n".join(lines) + "\n"
 
 
 def table1_csv(agg: dict) -> str:
+    """One line per cell with both aggregates; the `avg` line holds the mean of the task medians (median
+    column) and of the task means with MHR's seed spread of the average (mean, std columns)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "mode", "task", "median", "min", "max", "q1", "q3", "n", "seeds"])
+    stats = ("median", "min", "max", "q1", "q3", "mean", "std")
+    w.writerow(["method", "mode", "task", *stats, "n", "seeds"])
+
+    def num(x):
+        return "" if x is None else f"{x:.4f}"
+
     for key in agg["rows"]:
+        cells = agg["cells"][key]
         for t in agg["tasks"]:
-            c = agg["cells"][key].get(t)
+            c = cells.get(t)
             if c is None:
-                w.writerow([key[0], key[1], t, "", "", "", "", "", 0, ""])
+                w.writerow([key[0], key[1], t, *[""] * len(stats), 0, ""])
             else:
-                w.writerow([key[0], key[1], t, *(f"{c[x]:.4f}" for x in ("median", "min", "max", "q1", "q3")),
-                            c["n"], " ".join(map(str, c["seeds"]))])
-        avg = row_average(agg["cells"][key], agg["tasks"])
-        w.writerow([key[0], key[1], "avg", "" if avg is None else f"{avg:.4f}", "", "", "", "", "", ""])
+                w.writerow([key[0], key[1], t, *(num(c[x]) for x in stats), c["n"], " ".join(map(str, c["seeds"]))])
+        tasks = agg["tasks"]
+        w.writerow([key[0], key[1], "avg", num(row_average(cells, tasks)), "", "", "", "",
+                    num(row_average(cells, tasks, "mean")), num(row_seed_std(cells, tasks)), "", ""])
     return buf.getvalue()
 
 
@@ -261,7 +295,7 @@ def problems_markdown(problems: list[dict]) -> str:
 
 # --- plots -------------------------------------------------------------------------------------------------
 
-def plot_accuracy(agg: dict, path: Path) -> Path | None:
+def plot_accuracy(agg: dict, path: Path, aggregate_by: str = "median") -> Path | None:
     if not agg["rows"]:
         return None
     import matplotlib
@@ -279,14 +313,20 @@ def plot_accuracy(agg: dict, path: Path) -> Path | None:
             if c is None:
                 continue
             xs.append(j - 0.4 + width * (i + 0.5))
-            med.append(c["median"])
-            lo.append(c["median"] - c["min"])
-            hi.append(c["max"] - c["median"])
+            if aggregate_by == "mean":
+                med.append(c["mean"])
+                lo.append(c["std"] or 0.0)
+                hi.append(c["std"] or 0.0)
+            else:
+                med.append(c["median"])
+                lo.append(c["median"] - c["min"])
+                hi.append(c["max"] - c["median"])
         ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=f"{key[0]} ({key[1]})")
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("median over seeds; error bars: min–max", fontsize="small")
+    ax.set_title("mean over seeds; error bars: ± std" if aggregate_by == "mean" else
+                 "median over seeds; error bars: min–max", fontsize="small")
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     _save_fig(fig, path)
@@ -374,7 +414,10 @@ def write_text(path: Path, text: str) -> None:
 
 def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: list[str] = (), metric: str = "final",
                  spread: str = "minmax", plots: bool = True, task_order: list[str] | None = None, log=print,
-                 err=None) -> dict:
+                 err=None, aggregate_by: str = "median") -> dict:
+    """`aggregate_by`: "median" (with `spread`, TensorPoly's tables) or "mean" (± std, MHR's tables)."""
+    if aggregate_by not in AGGREGATES:
+        raise ValueError(f"aggregate_by = {aggregate_by!r}: valid values: {', '.join(AGGREGATES)}")
     err = err or (lambda s: print(s, file=sys.stderr))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -382,7 +425,7 @@ def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: lis
     agg = aggregate(col.results, metric, task_order)
     params = params_table(col.results)
     files = {}
-    t1 = table1_markdown(agg, spread)
+    t1 = table1_markdown(agg, spread, aggregate_by)
     write_text(out / "table1.md", t1)
     write_text(out / "table1.csv", table1_csv(agg))
     write_text(out / "params.md", params_markdown(params))
@@ -391,17 +434,24 @@ def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: lis
                  params_csv=out / "params.csv")
     plot_files: list[Path] = []
     if plots:
-        for fn, args in ((plot_accuracy, (agg, out / "accuracy.png")), (plot_routing, (col.results, out, log))):
+        for fn, args in ((plot_accuracy, (agg, out / "accuracy.png", aggregate_by)),
+                         (plot_routing, (col.results, out, log))):
             try:
                 made = fn(*args)
             except Exception as e:  # plots are a bonus: a plotting failure must not lose the tables
                 err(f"[report] plot {fn.__name__} failed: {type(e).__name__}: {e}")
                 continue
             plot_files += [made] if isinstance(made, Path) else list(made or [])
-    spread_name = "min–max" if spread == "minmax" else "interquartile range"
+    if aggregate_by == "mean":
+        cells_text = (f"Cells: mean accuracy (%) over seeds of the **{metric}** evaluation ± sample standard "
+                      "deviation (n = seeds). Avg: mean of the task means ± the standard deviation over seeds of "
+                      "the per-seed average (seeds common to every task), only when every task has a cell.")
+    else:
+        spread_name = "min–max" if spread == "minmax" else "interquartile range"
+        cells_text = (f"Cells: median accuracy (%) over seeds of the **{metric}** evaluation, ({spread_name}, "
+                      "n = seeds). Avg: mean of the task medians, only when every task has a cell.")
     md = [f"# Adaptation results\n", f"{len(col.results)} complete jobs, {len(col.problems)} missing or failed. "
-          f"Cells: median accuracy (%) over seeds of the **{metric}** evaluation, ({spread_name}, n = seeds). "
-          "Avg: mean of the task medians, only when every task has a cell.\n",
+          + cells_text + "\n",
           "## Few-shot accuracy (Table 1 layout)\n", t1,
           "\n## Parameters (multi-task pretraining and adaptation)\n", params_markdown(params),
           "\n## Missing, failed and incomplete jobs\n", problems_markdown(col.problems)]

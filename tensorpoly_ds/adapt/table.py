@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -9,8 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.rank_classification import write_jsonl
-from .job import AdaptJob, FULLFT, JobError
+from .spec import AdaptJob, FULLFT, JobError
 
 ROUTED = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")
 
@@ -46,20 +46,51 @@ def _method_of(entry: dict) -> str | None:
     return None
 
 
-def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> list[dict]:
+GRID_KEYS = ("base", "methods", "modes", "tasks", "seeds", "ks", "overrides")
+# Per-row fields that depend on the method, mode, task, seed or k of the row: an override cannot set them.
+ROW_FIELDS = ("label", "mode", "task", "seed", "k", "out_dir", "export", "method")
+
+
+def task_overrides(grid: dict, tasks: list[str], source: str) -> dict[str, dict]:
+    """`overrides: {task: {job field: value}}`, checked: every task is one of the grid's tasks or a T0 held-out
+    task (data_prep/resources/t0_tasks.json), every field a job field that is not set per row."""
+    overrides = grid.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise TableError(f"{source}: 'overrides' must map task names to job fields, got {type(overrides).__name__}")
+    from data_prep.mixture import load_t0_tasks
+
+    known_tasks = set(tasks) | {t["task"] for t in load_t0_tasks()["held_out_eval"]}
+    fields = {f.name for f in dataclasses.fields(AdaptJob)} - set(ROW_FIELDS)
+    for task, values in overrides.items():
+        if task not in known_tasks:
+            raise TableError(f"{source}: overrides.{task}: unknown task {task!r}; tasks of this grid: "
+                             f"{', '.join(tasks)}")
+        if not isinstance(values, dict):
+            raise TableError(f"{source}: overrides.{task} must map job fields to values, got {values!r}")
+        for key in values:
+            if key not in fields:
+                raise TableError(f"{source}: overrides.{task}.{key}: not a job field an override can set; "
+                                 f"valid: {', '.join(sorted(fields))}")
+    return overrides
+
+
+def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None,
+                source: str = "grid") -> list[dict]:
     """methods x modes x tasks x seeds x ks -> rows {"row", "id", "job"} in this fixed, stable order.
 
     grid = {"base": {job fields shared by all rows, e.g. data_dir, steps},
             "methods": [{"label": ..., "export": DIR} | {"label": ..., "method": "fullft"|"lora"|..., ...}],
-            "modes": ["full", "z", "mu"], "tasks": [...] or "held_out", "seeds": [0, 1024, 42], "ks": [null]}
-    Unrouted methods only get mode "full" (other modes are skipped, not errors)."""
-    unknown = sorted(set(grid) - {"base", "methods", "modes", "tasks", "seeds", "ks"})
+            "modes": ["full", "z", "mu"], "tasks": [...] or "held_out", "seeds": [0, 1024, 42], "ks": [null],
+            "overrides": {task: {job fields for that task's rows, e.g. batch_size: 4, grad_accum: 2}}}
+    Unrouted methods only get mode "full" (other modes are skipped, not errors). A task's overrides win over
+    base and the method entry. `source` (the grid file) names the grid in errors."""
+    unknown = sorted(set(grid) - set(GRID_KEYS))
     if unknown:
-        raise TableError(f"grid: unknown key(s) {unknown}; valid: base, methods, modes, tasks, seeds, ks")
+        raise TableError(f"{source}: unknown key(s) {unknown}; valid: {', '.join(GRID_KEYS)}")
     base = dict(grid.get("base") or {})
     methods = grid.get("methods") or []
     if not methods:
-        raise TableError("grid: 'methods' is empty")
+        raise TableError(f"{source}: 'methods' is empty")
     modes = grid.get("modes") or ["full"]
     seeds = grid.get("seeds") or [0, 1024, 42]
     ks = grid.get("ks") or [base.pop("k", None)]
@@ -73,10 +104,11 @@ def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathL
         base["data_dir"] = resolve(base["data_dir"])
     if tasks == "held_out":
         if "data_dir" not in base:
-            raise TableError("grid: tasks 'held_out' needs base.data_dir")
+            raise TableError(f"{source}: tasks 'held_out' needs base.data_dir")
         from data_prep.manifest import read_manifest
 
         tasks = list(read_manifest(base["data_dir"]).held_out)
+    overrides = task_overrides(grid, list(tasks), source)
     rows, ids = [], set()
     for m_i, entry in enumerate(methods):
         if isinstance(entry, str):
@@ -91,9 +123,9 @@ def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathL
                 continue
             job_id = _slug(f"{label}__{mode}__{task}__k{'auto' if k is None else k}__s{seed}")
             if job_id in ids:
-                raise TableError(f"grid: two rows get the id {job_id!r}; give the methods distinct labels")
+                raise TableError(f"{source}: two rows get the id {job_id!r}; give the methods distinct labels")
             ids.add(job_id)
-            fields = {**base, **{k2: v for k2, v in entry.items()}, "label": label, "mode": mode, "task": task,
+            fields = {**base, **entry, **overrides.get(task, {}), "label": label, "mode": mode, "task": task,
                       "seed": seed, "k": k, "out_dir": str(Path(out_dir) / "jobs" / job_id)}
             # validated now, not on the cluster; the row holds every field (defaults filled in)
             job = AdaptJob.from_dict(fields, source=f"grid row {job_id}").to_dict()
@@ -103,6 +135,8 @@ def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathL
 
 def write_table(path: str | os.PathLike, rows: list[dict]) -> Path:
     """The job table: JSON Lines, one job per line, written atomically (row i = array task i)."""
+    from ..evaluation.rank_classification import write_jsonl   # torch: only when a table is written
+
     return write_jsonl(path, rows)
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .routing import RoutingTable, current_task_groups
+from .routing import RandomRouting, RoutingTable, current_task_groups
 
 
 def uniform_(tensor: torch.Tensor, bound: float) -> torch.Tensor:
@@ -44,7 +44,7 @@ class AdapterLinear(nn.Module):
         self.side, self.adapter_name = side, name
         self.cfg = cfg
         # Set by injection; not a submodule, because tables may be shared and live in model.tpds_routing.
-        self._routing: list[RoutingTable] = []
+        self._routing: list[RoutingTable | RandomRouting] = []
         self.merged = False
 
     # Hugging Face code reads `.weight` of projections (T5 checks wo.weight.dtype).
@@ -58,18 +58,17 @@ class AdapterLinear(nn.Module):
 
     # --- routing -----------------------------------------------------------------------------------
     @property
-    def routing(self) -> RoutingTable | None:
+    def routing(self) -> RoutingTable | RandomRouting | None:
         return self._routing[0] if self._routing else None
 
-    def attach_routing(self, table: RoutingTable) -> None:
+    def attach_routing(self, table: RoutingTable | RandomRouting) -> None:
         self._routing[:] = [table]
 
     def task_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weights of the distinct tasks [u, heads, skills], row -> distinct task index [batch] or None
-        when every row has the same task)."""
+        """(mixing weights [u, heads, skills], row -> index into them [batch], or None when every row uses
+        the first): one entry per distinct task (learned routing) or per row (random routing in training)."""
         groups = current_task_groups(self.side, x.shape[0], self.adapter_name)
-        inverse = None if groups.inverse is None else groups.inverse.to(x.device)
-        return self.routing.weights(groups.distinct), inverse
+        return self.routing.route(groups, x.shape[0], x.device)
 
     # --- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ from typing import Any
 METHODS = ("lora", "tlora", "poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x", "ia3")
 ROUTED_METHODS = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")
 GRANULARITIES = ("layer", "block", "group", "model")
+ROUTINGS = ("learned", "random")
+MAX_RANDOM_GROUP = 62   # random allocations are drawn as the bit pattern of one int64
 
 # q, k, v, o of self- and cross-attention and the FFN projections (wi for non-gated FFNs).
 T5_TARGETS = r"(SelfAttention|EncDecAttention)\.(q|k|v|o)$|DenseReluDense\.(wi|wi_0|wi_1|wo)$"
@@ -31,7 +33,9 @@ class AdapterConfig:
     skills: int = 8                # S: LoRA modules mixed by Poly / MHR
     heads: int = 1                 # h: MHR routing blocks; in and out features must be divisible by h
     targets: str | None = None     # regex over module names; None = the method's default T5 set
-    # Routing (Poly family).
+    # Routing (Poly family). "random" = Random-mu (MHR paper): a random binary allocation per example in
+    # training, the uniform average of the modules outside it; no routing parameters (docs/adapters.md).
+    routing: str = "learned"
     routing_granularity: str = "layer"
     routing_group_size: int = 1    # blocks per routing table when granularity == "group"
     gumbel: bool = False           # RelaxedBernoulli noise in training (papers); the T0 configs run without
@@ -53,6 +57,16 @@ class AdapterConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, "must be an integer >= 1")
+        if self.routing not in ROUTINGS:
+            raise bad("routing", f"valid values: {', '.join(ROUTINGS)}")
+        if self.routing == "random":
+            if self.method not in ROUTED_METHODS:
+                raise bad("routing", f"method {self.method!r} has no routing to randomise; "
+                                     f"random routing applies to {', '.join(ROUTED_METHODS)}")
+            if self.gumbel:
+                raise bad("gumbel", "Gumbel noise perturbs learned routing logits; random routing has none")
+            if getattr(self, self.routed_axis) > MAX_RANDOM_GROUP:
+                raise bad(self.routed_axis, f"random routing draws subsets of at most {MAX_RANDOM_GROUP} modules")
         if self.routing_granularity not in GRANULARITIES:
             raise bad("routing_granularity", f"valid values: {', '.join(GRANULARITIES)}")
         if self.temperature <= 0:
@@ -74,6 +88,15 @@ class AdapterConfig:
     @property
     def routed(self) -> bool:
         return self.method in ROUTED_METHODS
+
+    @property
+    def routed_axis(self) -> str:
+        """The field counting what the routing weights of one head sum over (skills, terms or orders)."""
+        if self.method in ("poly", "mhr"):
+            return "skills"
+        if self.method == "tensorpoly_ii" and self.tensorpoly_ii_semantics == "paper":
+            return "order"
+        return "tensor_rank"
 
     @property
     def target_regex(self) -> str:
@@ -105,4 +128,4 @@ def int_root(d: int, n: int) -> int:
     return q
 
 
-__all__ = ["AdapterConfig", "ConfigError", "METHODS", "ROUTED_METHODS", "T5_TARGETS", "IA3_TARGETS", "int_root"]
+__all__ = ["AdapterConfig", "ConfigError", "METHODS", "ROUTED_METHODS", "ROUTINGS", "T5_TARGETS", "IA3_TARGETS", "int_root"]

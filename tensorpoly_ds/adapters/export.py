@@ -70,11 +70,17 @@ def export_adapters(model: nn.Module, out_dir: str | os.PathLike, tasks: list[st
     """Write WEIGHTS_FILE and META_FILE into out_dir. `gather` (e.g. a ZeRO-3 GatheredParameters
     factory) makes the full tensors visible while the state is read."""
     cfg = adapter_config(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     with (gather() if gather else contextlib.nullcontext()):
         state = adapter_state_dict(model)
     num_tasks = next((t.num_tasks for t in getattr(model, ROUTING_ATTR).values()), len(tasks)) if cfg.routed else len(tasks)
+    return write_export(out_dir, state, cfg, tasks, num_tasks, extra)
+
+
+def write_export(out_dir: str | os.PathLike, state: dict[str, torch.Tensor], cfg: AdapterConfig, tasks: list[str],
+                 num_tasks: int, extra: dict[str, Any] | None = None) -> Path:
+    """Write an adapter state (the keys of adapter_state_names) as an export; each file atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     meta = {"format": EXPORT_FORMAT, "adapter": cfg.to_dict(), "tasks": list(tasks), "num_tasks": num_tasks,
             "tensors": {k: list(v.shape) for k, v in state.items()}, **(extra or {})}
     _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": str(EXPORT_FORMAT)}))

@@ -11,7 +11,7 @@ from .config import AdapterConfig
 from .ia3 import IA3Linear
 from .lora import LoRALinear
 from .poly import PolyLinear
-from .routing import RoutingTable
+from .routing import RandomRouting, RoutingTable
 from .tensor_train import TensorPolyXLinear
 from .tlora import TensorPolyIILinear, TensorPolyILinear, TLoRALinear
 
@@ -76,14 +76,17 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, num_tasks: int) -> nn.
     for p in model.parameters():
         p.requires_grad_(False)
     cls = ADAPTER_CLASSES[cfg.method]
-    tables: dict[str, RoutingTable] = {}
+    tables: dict[str, RoutingTable | RandomRouting] = {}
     for name, linear in targets:
         layer = cls(linear, cfg, module_side(name), name)
         if cfg.routed:
             key = routing_key(name, cfg)
             heads, skills = layer.routing_shape
             table = tables.get(key)
-            if table is None:
+            if table is None and cfg.routing == "random":
+                table = tables[key] = RandomRouting(num_tasks, heads, skills, normalise_dim=layer.routing_normalise_dim,
+                                                    device=linear.weight.device)
+            elif table is None:
                 table = RoutingTable(num_tasks, heads, skills, gumbel=cfg.gumbel, temperature=cfg.temperature,
                                      straight_through=cfg.straight_through,
                                      normalise_dim=layer.routing_normalise_dim,
@@ -104,7 +107,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, num_tasks: int) -> nn.
             if not pname.startswith("base."):
                 p.requires_grad_(True)
     for table in tables.values():
-        table.logits.requires_grad_(True)
+        for p in table.parameters():
+            p.requires_grad_(True)
     return model
 
 
@@ -116,8 +120,9 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
 
 
 def routing_tables(model: nn.Module) -> dict[str, RoutingTable]:
+    """The learned routing tables (logits per task); random routing (Random-mu) has none."""
     bank = getattr(model, ROUTING_ATTR, None)
-    return dict(bank.items()) if bank is not None else {}
+    return {k: t for k, t in bank.items() if isinstance(t, RoutingTable)} if bank is not None else {}
 
 
 def adapter_param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -135,7 +140,7 @@ def register_external_routing_params(model: nn.Module) -> int:
 
     count = 0
     for layer in adapter_layers(model).values():
-        if layer.routing is not None:
+        if isinstance(layer.routing, RoutingTable):
             register_external_parameter(layer, layer.routing.logits)
             count += 1
     return count

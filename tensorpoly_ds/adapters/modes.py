@@ -21,6 +21,18 @@ class ModeError(ValueError):
     pass
 
 
+def check_mode(cfg: AdapterConfig, mode: str, source: str = "model") -> None:
+    """Refuse an adaptation mode the adapter cannot run (cheap: call it before building the backbone)."""
+    if mode not in MODES:
+        raise ModeError(f"unknown adaptation mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if not cfg.routed and mode != "full":
+        raise ModeError(f"{source}: method {cfg.method!r} has no routing, so mode {mode!r} does not apply; use 'full'")
+    if cfg.routing == "random" and mode != "mu":
+        raise ModeError(f"{source}: adapter field 'routing' = 'random' (Random-mu): its routing was random and carries "
+                        f"no task information, so mode {mode!r} does not apply; use mode 'mu' (the uniform "
+                        "average of the modules; collapse=true turns Poly/MHR into one LoRA)")
+
+
 def prepare_adaptation(model: nn.Module, mode: str) -> int:
     """Set the model up to learn one new task and return its task id (0).
 
@@ -28,13 +40,15 @@ def prepare_adaptation(model: nn.Module, mode: str) -> int:
     z:    only the fresh routing row trains.
     mu:   routing fixed to uniform (1/S), module parameters train.
     Unrouted methods (LoRA, TLoRA, (IA)^3) only have `full`: all their parameters train.
+    Random routing (Random-mu) only has `mu`: its allocations are fixed to the uniform average.
     """
-    if mode not in MODES:
-        raise ModeError(f"unknown adaptation mode {mode!r}; valid modes: {', '.join(MODES)}")
     cfg = adapter_config(model)
+    check_mode(cfg, mode)
     if not cfg.routed:
-        if mode != "full":
-            raise ModeError(f"method {cfg.method!r} has no routing, so mode {mode!r} does not apply; use 'full'")
+        return 0
+    if cfg.routing == "random":
+        for table in getattr(model, ROUTING_ATTR).values():
+            table.uniform.fill_(True)
         return 0
     old_tables = routing_tables(model)
     new_tables: dict[str, RoutingTable] = {}
@@ -63,7 +77,7 @@ def collapse_to_lora(model: nn.Module) -> nn.Module:
     cfg = adapter_config(model)
     if cfg.method not in ("poly", "mhr"):
         raise ModeError(f"only Poly and MHR collapse into one LoRA, not {cfg.method!r}")
-    lora_cfg = dataclasses.replace(cfg, method="lora", heads=1)
+    lora_cfg = dataclasses.replace(cfg, method="lora", heads=1, routing="learned")
     for name, layer in adapter_layers(model).items():
         assert isinstance(layer, PolyLinear)
         a, b = layer.collapsed()
@@ -103,5 +117,5 @@ def mode_trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-__all__ = ["MODES", "ModeError", "prepare_adaptation", "collapse_to_lora", "merge_adapters", "AdapterLinear",
+__all__ = ["MODES", "ModeError", "check_mode", "prepare_adaptation", "collapse_to_lora", "merge_adapters", "AdapterLinear",
            "AdapterConfig", "mode_trainable_names"]

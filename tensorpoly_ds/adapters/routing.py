@@ -3,13 +3,18 @@
 Task ids travel in a ContextVar set by `task_routing(...)` for the duration of one forward pass.
 Nothing is stored on the modules, so concurrent forward passes (threads, generation, activation
 recomputation) cannot see each other's ids, and a layer called outside a routing scope fails loudly.
+
+Two kinds of routing sit behind a layer: `RoutingTable` (learned logits per task: Poly, MHR, TensorPoly)
+and `RandomRouting` (Random-mu of the MHR paper: no parameters; a random binary allocation per example
+in training, the uniform average otherwise). Both answer `route(groups, rows, device)`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -43,6 +48,20 @@ class TaskGroups:
 class RoutingBatch:
     encoder: TaskGroups
     decoder: TaskGroups
+    # Random allocations drawn in this scope, so every layer sharing a table, and the recomputation of
+    # activation checkpointing (which re-enters this same object), sees the same allocation.
+    draws: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This scope's generator for random routing on `device`, seeded once per scope from Python's
+        global RNG. Not torch's: activation checkpointing rewinds torch's RNG for the recomputation, where
+        the cached allocation is not redrawn, so drawing from torch's stream would shift every later
+        dropout mask. Python's state is per rank and saved in the engine's checkpoints (resume-exact)."""
+        key = ("generator", str(device))
+        gen = self.draws.get(key)
+        if gen is None:
+            gen = self.draws[key] = torch.Generator(device=device).manual_seed(random.getrandbits(63))
+        return gen
 
 
 _CURRENT: ContextVar[RoutingBatch | None] = ContextVar("tensorpoly_ds_routing", default=None)
@@ -121,11 +140,16 @@ class RoutingTable(nn.Module):
     def extra_repr(self) -> str:
         return f"tasks={self.num_tasks}, heads={self.heads}, skills={self.skills}, gumbel={self.gumbel}"
 
+    def route(self, groups: TaskGroups, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weights of the distinct tasks [u, heads, skills], row -> distinct index [rows] or None)."""
+        inverse = None if groups.inverse is None else groups.inverse.to(device)
+        return self.weights(groups.distinct), inverse
+
     def weights(self, task_ids: torch.Tensor) -> torch.Tensor:
         """Mixing weights [len(task_ids), heads, skills] for the given (distinct) task ids."""
         logits = self.logits[task_ids.to(self.logits.device)]
         if bool(self.uniform):
-            return torch.full_like(logits, 1.0 / logits.shape[self.normalise_dim]).detach()
+            return uniform_weights(tuple(logits.shape), self.normalise_dim, device=logits.device, dtype=logits.dtype)
         if self.training and self.gumbel:
             probs = torch.distributions.RelaxedBernoulli(
                 torch.tensor(self.temperature, dtype=logits.dtype, device=logits.device), logits=logits).rsample()
@@ -134,6 +158,54 @@ class RoutingTable(nn.Module):
         else:
             probs = torch.sigmoid(logits)
         return probs / (probs.sum(dim=self.normalise_dim, keepdim=True) + NORMALISE_EPS)
+
+
+def uniform_weights(shape: tuple[int, ...], normalise_dim: int, device=None, dtype=None) -> torch.Tensor:
+    return torch.full(shape, 1.0 / shape[normalise_dim], device=device, dtype=dtype)
+
+
+def random_allocation(rows: int, heads: int, skills: int, normalise_dim: int, generator: torch.Generator) -> torch.Tensor:
+    """[rows, heads, skills]: along `normalise_dim`, a uniformly random non-empty subset of the modules
+    (i.i.d. fair coins conditioned on at least one module), weighted 1/|subset| as Poly normalises a binary
+    routing. A non-empty subset is the bit pattern of an integer drawn uniformly from [1, 2^n)."""
+    shape = [rows, heads, skills]
+    dim = normalise_dim % 3
+    n = shape[dim]
+    other = shape[:dim] + shape[dim + 1:]
+    codes = torch.randint(1, 2 ** n, other, generator=generator, device=generator.device)
+    bits = (codes[..., None] >> torch.arange(n, device=codes.device)) & 1
+    bits = bits.movedim(-1, dim).float()
+    return bits / bits.sum(dim=dim, keepdim=True)
+
+
+class RandomRouting(nn.Module):
+    """Random-mu (MHR paper, "Learning the routing function is essential"): no parameters, no task
+    information. In training every example gets its own random binary allocation per routing table
+    (one subset per head, or per order for TensorPoly-II/X: the same rows the learned weights have);
+    outside training, or once adaptation mode mu fixed it (`uniform`), the modules are averaged."""
+
+    def __init__(self, num_tasks: int, heads: int, skills: int, *, normalise_dim: int = -1, device=None) -> None:
+        super().__init__()
+        self.num_tasks, self.heads, self.skills, self.normalise_dim = num_tasks, heads, skills, normalise_dim
+        self.register_buffer("uniform", torch.zeros((), dtype=torch.bool, device=device), persistent=True)
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.num_tasks}, heads={self.heads}, skills={self.skills}, random"
+
+    def weights(self, task_ids: torch.Tensor) -> torch.Tensor:
+        """The deterministic (evaluation) weights: uniform, whatever the task."""
+        return uniform_weights((len(task_ids), self.heads, self.skills), self.normalise_dim, device=task_ids.device)
+
+    def route(self, groups: TaskGroups, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.training or bool(self.uniform):
+            return uniform_weights((1, self.heads, self.skills), self.normalise_dim, device=device), None
+        batch = _CURRENT.get()
+        key = (id(self), id(groups), rows)
+        drawn = batch.draws.get(key)
+        if drawn is None:
+            weights = random_allocation(rows, self.heads, self.skills, self.normalise_dim, batch.generator(device))
+            drawn = batch.draws[key] = (weights, torch.arange(rows, device=device))
+        return drawn
 
 
 def generate(model, input_ids: torch.Tensor, task_ids, **generate_kwargs) -> torch.Tensor:

@@ -1,7 +1,20 @@
-"""Stage 2: multi-task pretraining on DeepSpeed (config, launcher env, data, checkpoints, training loop)."""
+"""Stage 2: multi-task pretraining on DeepSpeed (config, launcher env, data, checkpoints, training loop).
 
-from .config import RunConfig, RunConfigError, load_run_config, save_run_config
-from .trainer import REQUEUE_EXIT_CODE, TrainHooks, TrainResult, train
+Attributes load lazily (PEP 562): the launcher-variable mapping (`engine.distributed.distributed_env`) and
+the stop flag (`engine.stop`) are usable before torch is imported."""
 
-__all__ = ["REQUEUE_EXIT_CODE", "RunConfig", "RunConfigError", "TrainHooks", "TrainResult", "load_run_config",
-           "save_run_config", "train"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"RunConfig": "config", "RunConfigError": "config", "load_run_config": "config",
+            "save_run_config": "config", "REQUEUE_EXIT_CODE": "stop", "TrainHooks": "trainer",
+            "TrainResult": "trainer", "train": "trainer"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

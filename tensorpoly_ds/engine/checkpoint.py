@@ -1,21 +1,31 @@
 """Checkpoints: DeepSpeed's save_checkpoint (called on every rank) plus, per tag directory,
 `rng_rank<r>.json` (python/numpy/torch RNG states of every rank), `meta.json` (step, data position,
 config fingerprint, adapter config) and `COMPLETE.json`, the completion marker rank 0 writes last with the
-size of every file. A tag without a valid marker (interrupted save, truncated or missing file) is skipped
-with a warning and the previous good one is used. Only the last `keep` complete tags are kept.
+size and the SHA-256 of every file (each rank hashes a share of the files). Only the last `keep` complete
+tags are kept.
+
+Resume policy (`resume(...)`, `precheck(...)`):
+- `auto`: the newest tag whose files match their sizes and checksums and that DeepSpeed can load; every
+  newer tag that fails is skipped with a warning naming the file and why. Tags without a marker are saves
+  that never finished (killed mid-save): skipped. If tags with markers exist and none is usable, resuming
+  stops with a CheckpointError listing every tag and why: starting over is the explicit `none`.
+  No checkpoints at all: a fresh start.
+- a tag directory: that tag, verified the same way, or a CheckpointError (no fallback).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,6 +35,10 @@ from . import distributed as dist
 MARKER = "COMPLETE.json"
 META = "meta.json"
 TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+HASH = "sha256"
+BLOCK = 1 << 20   # hashing streams 1 MiB blocks: constant memory whatever the file size
 
 
 class CheckpointError(RuntimeError):
@@ -82,36 +96,188 @@ def _files(tag_dir: Path) -> dict[str, int]:
             if p.is_file() and p.name != MARKER and not p.name.startswith(".")}
 
 
-def verify_tag(tag_dir: Path) -> str | None:
-    """None if the tag is complete, else why not."""
-    marker = tag_dir / MARKER
-    if not marker.is_file():
-        return "no completion marker (save interrupted?)"
+def file_digest(path: Path) -> str:
+    h = hashlib.new(HASH)
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(BLOCK)
+        view = memoryview(buf)
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _digests(tag_dir: Path, sizes: dict[str, int]) -> dict[str, str]:
+    """Collective: the files {name: size} are shared out over the ranks by size (largest first, each to
+    the least loaded rank), every rank hashes its share, all ranks get every checksum."""
+    rank, world = dist.rank(), dist.world_size()
+    load, mine = [0] * world, []
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        r = load.index(min(load))
+        load[r] += sizes[name] + 1
+        if r == rank:
+            mine.append(name)
+    digests = {n: file_digest(tag_dir / n) for n in mine}
+    out: dict[str, str] = {}
+    for part in dist.all_gather_object(digests):
+        out.update(part)
+    return out
+
+
+def read_marker(tag_dir: Path) -> dict | None:
     try:
-        body = json.loads(marker.read_text())
-        expected = body["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        body = json.loads((tag_dir / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return body if isinstance(body, dict) and isinstance(body.get("files"), dict) else None
+
+
+def check_structure(tag_dir: Path) -> str | None:
+    """Cheap, local: None if the marker is readable and every listed file exists with its size."""
+    if not (tag_dir / MARKER).is_file():
+        return "no completion marker (save interrupted?)"
+    marker = read_marker(tag_dir)
+    if marker is None:
         return "unreadable completion marker"
-    for name, size in expected.items():
+    for name, size in marker["files"].items():
         path = tag_dir / name
         if not path.is_file():
             return f"missing file {name}"
         if path.stat().st_size != size:
-            return f"file {name} has {path.stat().st_size} bytes, {size} expected"
+            return f"file {name} has {path.stat().st_size} bytes, {size} expected (truncated?)"
     if not (tag_dir / META).is_file():
         return f"missing {META}"
     return None
 
 
-def find_resumable(ckpt_dir: Path) -> Path | None:
-    """The newest complete tag; warns about every newer incomplete one it skips."""
+def verify_tag(tag_dir: Path, content: bool = True) -> str | None:
+    """None if the tag is complete and intact, else why not. With `content`, every file's checksum is
+    compared with the marker's (collective under a process group: call it on every rank; rank 0's view of
+    the structure decides, so that every rank takes the same branch)."""
+    if not content:
+        return check_structure(tag_dir)
+    why = dist.broadcast_object(check_structure(tag_dir) if dist.rank() == 0 else None)
+    if why is not None:
+        return why
+    marker = read_marker(tag_dir)
+    expected = marker.get(HASH)
+    if expected is None:   # written before checksums existed: sizes are all there is to check
+        _warn(f"checkpoint {tag_dir} has no content checksums (older format): only sizes verified")
+        return None
+    sizes = {n: marker["files"].get(n, 0) for n in expected}
+    if dist.rank() == 0 and sum(sizes.values()) > 1 << 30:   # seconds to minutes: say what is happening
+        print(f"[tensorpoly-ds] verifying the checksums of {tag_dir.name} ({sum(sizes.values()) / 1e9:.1f} GB, "
+              f"{dist.world_size()} rank(s) sharing the work)", flush=True)
+    actual = _digests(tag_dir, sizes)
+    for name in sorted(expected):
+        if actual.get(name) != expected[name]:
+            return (f"file {name}: content differs from the checksum in {MARKER} "
+                    f"({HASH} {actual.get(name, '?')[:12]}..., {expected[name][:12]}... expected; corrupted on disk?)")
+    return None
+
+
+def unreadable_file(tag_dir: Path) -> str | None:
+    """The first torch zip archive in the tag that fails its CRC check (which file a failed load tripped
+    on: DeepSpeed's error does not say), else None."""
+    for path in sorted(tag_dir.rglob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+            if bad is not None:
+                return f"{path.name} (member {bad})"
+        except (OSError, zipfile.BadZipFile, RuntimeError) as err:
+            return f"{path.name} ({err})"
+    return None
+
+
+def _warn(message: str) -> None:
+    if dist.rank() == 0:   # the same verdict on every rank: say it once
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _explain_unusable(ckpt_dir: Path, problems: list[tuple[Path, str]]) -> CheckpointError:
+    lines = "\n".join(f"  {tag.name}: {why}" for tag, why in problems)
+    return CheckpointError(f"{ckpt_dir}: no usable checkpoint (resume auto):\n{lines}\n"
+                           "Refusing to start over silently: fix or remove them, resume from an explicit tag, "
+                           "or start afresh with --resume none.")
+
+
+def precheck(ckpt_dir: Path, resume: str) -> None:
+    """Before any process group or model: refuse a `resume` that cannot work, from what is cheap to see
+    (markers and file sizes; checksums are verified collectively at load time)."""
+    if resume in ("none", "", None):
+        return
+    if resume != "auto":
+        tag = Path(resume)
+        if not tag.is_dir():
+            raise CheckpointError(f"--resume {resume}: no such checkpoint directory")
+        why = check_structure(tag)
+        if why is not None:
+            raise CheckpointError(f"--resume {resume}: not a usable checkpoint: {why}")
+        return
+    tags = list_tags(ckpt_dir)
+    problems = [(p, check_structure(p)) for _, p in tags]
+    marked = [(p, why) for p, why in problems if (p / MARKER).is_file()]
+    if marked and all(why is not None for _, why in marked):
+        raise _explain_unusable(ckpt_dir, problems)
+
+
+def find_resumable(ckpt_dir: Path, skip: set[Path] = frozenset(), problems: list | None = None) -> Path | None:
+    """The newest intact tag not in `skip` (collective: checksums are shared out over the ranks); warns
+    about every newer one it skips. None if there are no finished checkpoints at all; CheckpointError if
+    there are, but none is usable."""
+    problems = [] if problems is None else problems
     for step, tag_dir in reversed(list_tags(ckpt_dir)):
+        if tag_dir in skip:
+            continue
         why = verify_tag(tag_dir)
         if why is None:
             return tag_dir
-        warnings.warn(f"checkpoint {tag_dir} is incomplete or corrupt ({why}); falling back to the previous one",
-                      RuntimeWarning, stacklevel=2)
+        problems.append((tag_dir, why))
+        _warn(f"checkpoint {tag_dir} is incomplete or corrupt ({why}); falling back to the previous one")
+    if any((p / MARKER).is_file() for p, _ in problems):
+        raise _explain_unusable(ckpt_dir, problems)
     return None
+
+
+def resume(engine, ckpt_dir: Path, resume_from: str, check: Callable[[dict, Path], None] | None = None,
+           **load_kwargs) -> dict[str, Any] | None:
+    """Collective. Restore from `resume_from` ("auto" or a tag directory); returns the tag's meta (with
+    "tag") or None for a fresh start. `check(meta, tag_dir)` may refuse a tag (CheckpointError, not a
+    fallback: an incompatible run is a configuration error). A tag DeepSpeed fails to read is a named
+    fallback to the previous one (auto) or an error (explicit tag)."""
+    if resume_from in ("none", "", None):
+        return None
+    explicit = resume_from != "auto"
+    failed: set[Path] = set()
+    problems: list[tuple[Path, str]] = []
+    while True:
+        if explicit:
+            tag_dir = Path(resume_from)
+            why = verify_tag(tag_dir)
+            if why is not None:
+                raise CheckpointError(f"--resume {tag_dir}: {why}")
+        else:
+            tag_dir = find_resumable(ckpt_dir, skip=failed, problems=problems)
+            if tag_dir is None:
+                return None
+        meta = read_meta(tag_dir)
+        if check is not None:
+            check(meta, tag_dir)
+        error = None
+        try:
+            meta = load(engine, tag_dir, **load_kwargs)
+        except Exception as err:  # noqa: BLE001 - any unreadable file becomes a named fallback
+            culprit = unreadable_file(tag_dir)
+            error = f"{culprit or 'a file'} could not be loaded ({type(err).__name__}: {str(err)[:300]})"
+        errors = [e for e in dist.all_gather_object(error) if e]
+        if not errors:
+            return {**meta, "tag": str(tag_dir)}
+        why = errors[0]
+        if explicit:
+            raise CheckpointError(f"--resume {tag_dir}: {why}")
+        failed.add(tag_dir)
+        problems.append((tag_dir, why))
+        _warn(f"checkpoint {tag_dir} is unreadable ({why}); falling back to the previous one")
 
 
 def read_meta(tag_dir: Path) -> dict[str, Any]:
@@ -160,18 +326,28 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], keep: int) -> 
                                exclude_frozen_parameters=True)
     tag_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(tag_dir / f"rng_rank{rank}.json", json.dumps(rng_state()))
-    dist.barrier()
     if rank == 0:
         atomic_write_text(tag_dir / META, json.dumps(meta, indent=2, sort_keys=True))
-        atomic_write_text(tag_dir / MARKER, json.dumps({"step": step, "files": _files(tag_dir)}, indent=2))
+    dist.barrier()
+    write_marker(tag_dir, step)
+    if rank == 0:
         prune(ckpt_dir, keep)
     dist.barrier()
     return tag_dir
 
 
+def write_marker(tag_dir: Path, step: int) -> None:
+    """Collective, once every rank's files are written (on a file system all ranks share): rank 0 writes
+    COMPLETE.json with every file's size and checksum (hashed by all ranks, a share each)."""
+    files = dist.broadcast_object(_files(tag_dir) if dist.rank() == 0 else None)
+    digests = _digests(tag_dir, files)
+    if dist.rank() == 0:
+        atomic_write_text(tag_dir / MARKER, json.dumps({"step": step, "files": files, HASH: digests}, indent=2))
+
+
 def prune(ckpt_dir: Path, keep: int) -> None:
     tags = list_tags(ckpt_dir)
-    complete = [(s, p) for s, p in tags if verify_tag(p) is None]
+    complete = [(s, p) for s, p in tags if check_structure(p) is None]
     if not complete:
         return
     keep_set = {p for _, p in complete[-keep:]}

@@ -85,6 +85,11 @@ class TrainSection:
     eval_at_end: bool = True
     heatmap_max_layers: int = 8              # routing heatmaps per eval (evenly spaced routing tables)
     progress_bar: bool = True
+    # Gradient alignment between tasks (MHR paper, Fig. 3 left; docs/pretrain.md): every N steps, the cosine
+    # similarity of per-task adapter gradients on fixed probe batches. 0 = off.
+    grad_alignment_every: int = 0
+    grad_alignment_tasks: list = field(default_factory=list)   # task names; [] = up to 8, evenly spaced
+    grad_alignment_rows: int = 8             # rows per task in its probe batch (its first rows in DIR/train)
 
 
 @dataclass
@@ -334,9 +339,19 @@ def validate(cfg: RunConfig, sources: dict) -> None:
     for k in ("steps", "micro_batch", "grad_accum", "log_every", "keep_checkpoints"):
         if getattr(t, k) < 1:
             raise bad(f"train.{k}", "must be >= 1")
-    for k in ("eval_every", "save_every", "heatmap_max_layers"):
+    for k in ("eval_every", "save_every", "heatmap_max_layers", "grad_alignment_every"):
         if getattr(t, k) < 0:
             raise bad(f"train.{k}", "must be >= 0")
+    if t.grad_alignment_rows < 1:
+        raise bad("train.grad_alignment_rows", "must be >= 1")
+    if not all(isinstance(name, str) for name in t.grad_alignment_tasks):
+        raise bad("train.grad_alignment_tasks", "must be a list of task names")
+    if t.grad_alignment_every:
+        from .grad_alignment import unsupported
+
+        why = unsupported(d.zero_stage, has_adapter=cfg.adapter is not None)
+        if why:
+            raise bad("train.grad_alignment_every", why)
     if t.max_minutes < 0:
         raise bad("train.max_minutes", "must be >= 0")
     if d.zero_stage not in (0, 1, 2, 3):

@@ -1,9 +1,10 @@
 """Launcher environments -> the torch.distributed variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT), and small collective helpers that are no-ops without a process group.
 
-Supported launchers: `deepspeed` and `torchrun` (they set the variables themselves), `srun` (SLURM_PROCID,
-SLURM_LOCALID, SLURM_NTASKS, first host of SLURM_JOB_NODELIST; the port derived from SLURM_JOB_ID and
-SLURM_ARRAY_TASK_ID so that array tasks on one node do not clash) and plain `python` (one process).
+Supported launchers: `deepspeed`, `torchrun` and `accelerate launch` (they set the variables themselves;
+accelerate's DeepSpeed plugin settings map to run-config overrides, see accelerate_overrides), `srun`
+(SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, first host of SLURM_JOB_NODELIST; the port derived from
+SLURM_JOB_ID and SLURM_ARRAY_TASK_ID so that array tasks on one node do not clash) and plain `python`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,14 @@ from __future__ import annotations
 import os
 import re
 import socket
-from typing import Mapping
+import sys
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that need it: the launcher mapping (distributed_env,
+# launch_world_size) serves pre-checks that must run before anything heavy is imported.
 
 PORT_BASE = 20000
 PORT_SPAN = 20000
@@ -76,6 +82,8 @@ def free_port() -> int:
 
 
 def detect_launcher(env: Mapping[str, str]) -> str:
+    if "RANK" in env and "WORLD_SIZE" in env and env.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        return "accelerate"   # `accelerate launch` with its DeepSpeed plugin (torchrun underneath)
     if "RANK" in env and "WORLD_SIZE" in env:
         # deepspeed's launcher sets these too; torchrun adds TORCHELASTIC_RUN_ID
         return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed" if "CROSS_RANK" in env or \
@@ -119,6 +127,53 @@ def distributed_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return out
 
 
+def accelerate_overrides(env: Mapping[str, str] | None = None) -> list[str]:
+    """Run-config overrides (dotted key=value) for what `accelerate launch`'s DeepSpeed plugin configured
+    (ACCELERATE_* variables, default os.environ); empty for other launchers. Callers apply them after the
+    config files and before the command line's key=value arguments. mixed_precision `no` is accelerate's
+    default, not a request, so it keeps the run config's precision; fp16/fp8 are refused (T5 overflows)."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_DEEPSPEED") != "true":
+        return []
+    out: list[str] = []
+    config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if config_file:
+        import json
+
+        try:
+            stage = json.loads(open(config_file).read()).get("zero_optimization", {}).get("stage", 0)
+        except (OSError, ValueError) as err:
+            raise LaunchError(f"ACCELERATE_DEEPSPEED_CONFIG_FILE={config_file}: cannot read it ({err})") from None
+        out += [f"deepspeed.template={config_file}", f"deepspeed.zero_stage={stage}"]
+    if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:
+        out.append(f"deepspeed.zero_stage={int(env['ACCELERATE_DEEPSPEED_ZERO_STAGE'])}")
+    for var, key in (("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "deepspeed.offload_optimizer"),
+                     ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "deepspeed.offload_param")):
+        device = env.get(var)
+        if device is None:
+            continue
+        if device not in ("none", "cpu"):
+            raise LaunchError(f"{var}={device}: only 'none' and 'cpu' offload are supported")
+        out.append(f"{key}={str(device == 'cpu').lower()}")
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "bf16":
+        out.append("deepspeed.precision=bf16")
+    elif precision != "no":
+        raise LaunchError(f"ACCELERATE_MIXED_PRECISION={precision}: T5/T0 needs bf16 or fp32 (fp16 activations "
+                          "overflow); set mixed_precision to bf16 or no in the accelerate config")
+    if "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" in env:
+        out.append(f"train.grad_accum={int(env['ACCELERATE_GRADIENT_ACCUMULATION_STEPS'])}")
+    if env.get("ACCELERATE_GRADIENT_CLIPPING") not in (None, "none"):
+        out.append(f"optim.clip={float(env['ACCELERATE_GRADIENT_CLIPPING'])}")
+    return out
+
+
+def launch_world_size(env: Mapping[str, str] | None = None) -> int:
+    """The number of ranks the launcher started, read from its variables before any process group exists
+    (so that config checks such as DeepSpeed's train_batch_size see the real world size)."""
+    return int(distributed_env(env)["WORLD_SIZE"])
+
+
 def setup_environment() -> dict[str, str]:
     """Write the mapped variables into os.environ (before any process group is created)."""
     mapped = distributed_env()
@@ -130,6 +185,8 @@ def setup_environment() -> dict[str, str]:
 
 def device_and_backend() -> tuple[torch.device, str]:
     """GPU: cuda:LOCAL_RANK with nccl; otherwise (or with DS_ACCELERATOR=cpu) cpu with gloo."""
+    import torch
+
     if os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available():
         # With `srun --gpus-per-task 1` each task sees one device, so LOCAL_RANK can exceed the count.
         local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
@@ -141,6 +198,8 @@ def device_and_backend() -> tuple[torch.device, str]:
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """Map the launcher's variables, then create the process group through DeepSpeed."""
+    import torch
+
     setup_environment()
     device, backend = device_and_backend()
     import deepspeed
@@ -152,23 +211,29 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 # ---- collectives that degrade to no-ops without a process group ---------------------------------------
 def is_dist() -> bool:
+    if "torch" not in sys.modules:   # no torch, no process group
+        return False
+    import torch
+
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def rank() -> int:
-    return torch.distributed.get_rank() if is_dist() else 0
+    return sys.modules["torch"].distributed.get_rank() if is_dist() else 0
 
 
 def world_size() -> int:
-    return torch.distributed.get_world_size() if is_dist() else 1
+    return sys.modules["torch"].distributed.get_world_size() if is_dist() else 1
 
 
 def barrier() -> None:
     if is_dist():
-        torch.distributed.barrier()
+        sys.modules["torch"].distributed.barrier()
 
 
 def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    import torch
+
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if is_dist():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
@@ -176,15 +241,26 @@ def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> l
 
 
 def all_reduce_max(value: float, device: torch.device | str = "cpu") -> float:
+    import torch
+
     t = torch.tensor([value], dtype=torch.float64, device=device)
     if is_dist():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return float(t.item())
 
 
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size()
+    sys.modules["torch"].distributed.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     if not is_dist():
         return obj
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
+    sys.modules["torch"].distributed.broadcast_object_list(box, src=src)
     return box[0]

@@ -1,4 +1,5 @@
-"""Rank-0 monitoring: TensorBoard (RUN_DIR/tb), metrics.jsonl, routing entropy and heatmaps, memory."""
+"""Rank-0 monitoring: TensorBoard (RUN_DIR/tb), metrics.jsonl, routing entropy and heatmaps, gradient
+alignment, memory."""
 
 from __future__ import annotations
 
@@ -65,6 +66,29 @@ def heatmap_figure(weights: torch.Tensor, title: str, tasks: list[str] | None = 
     return fig
 
 
+def alignment_figure(matrix: torch.Tensor, tasks: list[str], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = matrix.shape[0]
+    fig, ax = plt.subplots(figsize=(2.5 + 0.45 * n, 2 + 0.4 * n))
+    im = ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xticklabels(tasks, rotation=60, ha="right", fontsize=6)
+    ax.set_yticklabels(tasks, fontsize=6)
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{float(matrix[i, j]):.2f}", ha="center", va="center", fontsize=6)
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
 class Monitor:
     """No-op on ranks other than 0."""
 
@@ -107,6 +131,25 @@ class Monitor:
             fig = heatmap_figure(weights[name], f"{name} (step {step})", tasks)
             self.writer.add_figure(f"routing_heatmap/{name}", fig, step, close=True)
             plt.close(fig)
+
+    def grad_alignment(self, step: int, tasks: list[str], matrix: torch.Tensor, seconds: float) -> None:
+        """TensorBoard: the heatmap and grad_alignment/mean_offdiag; metrics.jsonl: the whole matrix."""
+        if not self.enabled:
+            return
+        from .grad_alignment import mean_offdiag
+
+        mean = mean_offdiag(matrix)
+        if self.writer is not None:
+            self.writer.add_scalar("grad_alignment/mean_offdiag", mean, step)
+            self.writer.add_scalar("perf/grad_alignment_s", seconds, step)
+            import matplotlib.pyplot as plt
+
+            fig = alignment_figure(matrix, tasks, f"gradient cosine similarity (step {step})")
+            self.writer.add_figure("grad_alignment/matrix", fig, step, close=True)
+            plt.close(fig)
+        self.jsonl.write(json.dumps({"kind": "grad_alignment", "step": step, "grad_alignment/mean_offdiag": mean,
+                                     "perf/grad_alignment_s": seconds, "tasks": tasks,
+                                     "matrix": [[round(float(v), 6) for v in row] for row in matrix]}) + "\n")
 
     def text(self, tag: str, text: str) -> None:
         if self.enabled and self.writer is not None:

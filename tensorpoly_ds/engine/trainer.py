@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import random
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .stop import REQUEUE_EXIT_CODE, STOP, StopFlag  # noqa: F401  (re-exported)
 from .config import DeepSpeedSection, OptimSection, RunConfigError, TrainSection
-from .data import IGNORE_INDEX, TrainStream, eval_batches
+from .data import IGNORE_INDEX, TrainStream, collate, eval_batches
 from .ds_config import fill_sections, save_json
 from .monitor import Monitor, memory_mb, routing_weights
 
@@ -232,8 +231,9 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
     """Train `model` (adapters injected and frozen backbone, or everything trainable) on `train_rows`
     (a datasets.Dataset or anything indexable by a list of ints returning a dict of columns, with at least
     task_id, input_ids, target_ids). The process group must exist (distributed.init_distributed()) or the
-    run is a single process. `resume`: "none", "auto" (newest complete checkpoint under RUN_DIR/checkpoints,
-    if any) or a tag directory. Every rank must call it."""
+    run is a single process. `resume`: "none", "auto" (the newest intact checkpoint under
+    RUN_DIR/checkpoints; none at all: a fresh start; some, but none usable: CheckpointError) or a tag
+    directory (checkpoint.resume). Every rank must call it."""
     import deepspeed as ds_lib
 
     hooks = hooks or TrainHooks()
@@ -257,6 +257,8 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
     set_factor_recomputation(model, train.recompute_adapter_factors)
     groups = param_groups(model, optim)
     group_names = [g["name"] for g in groups]
+    probe = _grad_alignment_probe(train, ds_config, adapter_cfg, train_rows, tasks or [], hooks, rank,
+                                  max_input_len, max_target_len, eos_id)
     optimizer = build_optimizer(groups, optim)
 
     def make_scheduler(opt):
@@ -273,18 +275,16 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
                          eos_id=eos_id, collate_fn=hooks.collate_fn)
     ckpt_dir = run_dir / "checkpoints"
     step = 0
-    if resume and resume != "none":
-        tag_dir = ckpt.find_resumable(ckpt_dir) if resume == "auto" else Path(resume)
-        if tag_dir is not None:
-            meta = ckpt.read_meta(tag_dir)
-            _check_compatible(meta, meta_base, tag_dir)
-            meta = ckpt.load(engine, tag_dir)
-            step = int(meta["step"])
-            stream.load_state_dict(meta["data"])
-            if rank == 0:
-                print(f"[tensorpoly-ds] resumed from {tag_dir} at step {step}", flush=True)
-        elif resume != "auto":
-            raise ckpt.CheckpointError(f"{resume}: no checkpoint")
+    eval_pending = False
+    meta = ckpt.resume(engine, ckpt_dir, resume, check=lambda m, tag: _check_compatible(m, meta_base, tag))
+    if meta is not None:
+        step = int(meta["step"])
+        stream.load_state_dict(meta["data"])
+        # a stop at an evaluation step checkpointed before evaluating: evaluate first, as the
+        # uninterrupted run did at this step
+        eval_pending = bool(meta.get("eval_pending"))
+        if rank == 0:
+            print(f"[tensorpoly-ds] resumed from {meta['tag']} at step {step}", flush=True)
 
     monitor = Monitor(run_dir, enabled=rank == 0)
     stop = STOP
@@ -302,10 +302,10 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
     manual_norm = ds_config["zero_optimization"]["stage"] == 0 and not ds_config.get("bf16", {}).get("enabled")
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
 
-    def save(at_step: int) -> Path | None:
+    def save(at_step: int, eval_pending: bool = False) -> Path | None:
         if not train.save_checkpoints:
             return None
-        meta = dict(meta_base, step=at_step, data=stream.state_dict(), time=time.time())
+        meta = dict(meta_base, step=at_step, data=stream.state_dict(), time=time.time(), eval_pending=eval_pending)
         return ckpt.save(engine, ckpt_dir, at_step, meta, keep=train.keep_checkpoints)
 
     def run_eval(at_step: int) -> None:
@@ -325,8 +325,13 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
                 bar.write(f"step {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         monitor.flush()
 
+    def eval_due(at_step: int) -> bool:
+        return bool(train.eval_every) and at_step % train.eval_every == 0 and at_step < train.steps
+
     status, last_saved = "done", step if step > 0 else -1
     try:
+        if eval_pending and eval_due(step):
+            run_eval(step)
         while step < train.steps:
             t0 = time.perf_counter()
             lrs = {f"lr/{name}": group["lr"] for name, group in zip(group_names, optimizer.param_groups)}
@@ -374,18 +379,21 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
+            if probe is not None and step % train.grad_alignment_every == 0:
+                matrix, seconds = probe.measure(engine.module, device)
+                monitor.grad_alignment(step, probe.task_names, matrix, seconds)
             if not math.isfinite(metrics["train/loss"]):
                 warnings.warn(f"step {step}: non-finite training loss {metrics['train/loss']}", RuntimeWarning)
             if stop_votes > 0:
                 if rank == 0:
-                    why = "time budget" if stop.signal is None else signal.Signals(stop.signal).name
+                    why = "time budget" if stop.signal is None else stop.name
                     print(f"[tensorpoly-ds] stop requested ({why}) at step {step}: checkpointing, exit "
                           f"{REQUEUE_EXIT_CODE}", flush=True)
-                save(step)
+                save(step, eval_pending=eval_due(step))
                 last_saved = step
                 status = "requeue"
                 break
-            if train.eval_every and step % train.eval_every == 0 and step < train.steps:
+            if eval_due(step):
                 run_eval(step)
             if train.save_every and step % train.save_every == 0 and step < train.steps:
                 save(step)
@@ -406,6 +414,23 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
             bar.close()
         monitor.close()
     return TrainResult(status, step, engine, run_dir, history, export_path)
+
+
+def _grad_alignment_probe(train: TrainSection, ds_config: dict, adapter_cfg, train_rows, tasks: list[str],
+                          hooks: TrainHooks, rank: int, max_input_len, max_target_len, eos_id):
+    """The gradient-alignment probe on rank 0 (None when off or on other ranks). Built on every rank, so that
+    an unsupported setup or an unknown task fails everywhere before DeepSpeed starts (not rank 0 alone)."""
+    if not train.grad_alignment_every:
+        return None
+    from .grad_alignment import GradAlignmentProbe, unsupported
+
+    why = unsupported(ds_config["zero_optimization"]["stage"], has_adapter=adapter_cfg is not None)
+    if why:
+        raise RunConfigError(f"train.grad_alignment_every = {train.grad_alignment_every}: {why}")
+    batch_of = hooks.collate_fn or (lambda rows: collate(rows, max_input_len, max_target_len, eos_id))
+    probe = GradAlignmentProbe.build(train_rows, tasks, train.grad_alignment_tasks, train.grad_alignment_rows,
+                                     batch_of, hooks.loss_fn, hooks.weight_fn)
+    return probe if rank == 0 else None
 
 
 def _check_compatible(meta: dict, current: dict, tag_dir: Path) -> None:

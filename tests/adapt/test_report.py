@@ -161,3 +161,41 @@ def test_report_iqr_best_metric_and_empty(tmp_path, capsys):
     assert report_cli.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "r3")]) == 0
     assert "missing" in capsys.readouterr().err
     assert (tmp_path / "r3" / "report.md").exists()
+
+
+def test_mean_aggregate_cells_and_average_against_numpy(runs):
+    """--aggregate mean (MHR's tables): every cell is mean ± sample std over seeds; the average is the mean of
+    the task means ± the std over seeds of the per-seed average; --metric best reads the best evaluation."""
+    root, _, _ = runs
+    out = root / "mean"
+    assert report_cli.main([str(root / "sweep"), "--out", str(out), "--aggregate", "mean", "--metric", "best",
+                            "--no-plots"]) == 0
+    best: dict[tuple, dict[int, float]] = {}   # (label, mode, task) -> seed -> best accuracy (%), read here
+    for path in (root / "sweep").rglob("COMPLETE"):
+        r = json.loads((path.parent / "result.json").read_text())
+        best.setdefault((r["label"], r["mode"], r["task"]), {})[r["seed"]] = 100 * r["best"]["accuracy"]
+    with open(out / "table1.csv") as f:
+        cells = {(c["method"], c["mode"], c["task"]): c for c in csv.DictReader(f)}
+    md = {"|".join(line.split(" | ")[:2])[2:]: line for line in (out / "table1.md").read_text().splitlines()[2:]}
+    for (label, mode, task), by_seed in best.items():
+        xs = list(by_seed.values())
+        c = cells[(label, mode, task)]
+        assert float(c["mean"]) == pytest.approx(np.mean(xs), abs=1e-3)
+        assert float(c["median"]) == pytest.approx(np.median(xs), abs=1e-3)
+        if len(xs) > 1:
+            assert float(c["std"]) == pytest.approx(np.std(xs, ddof=1), abs=1e-3)
+            assert f"{np.mean(xs):.1f} ± {np.std(xs, ddof=1):.1f} (n={len(xs)})" in md[f"{label}|{mode}"]
+        else:
+            assert c["std"] == "" and f"{np.mean(xs):.1f} (n=1)" in md[f"{label}|{mode}"]
+    for label, mode in ROWS:
+        avg = cells[(label, mode, "avg")]
+        mean = np.mean([np.mean(list(best[(label, mode, t)].values())) for t in TASKS])
+        assert float(avg["mean"]) == pytest.approx(mean, abs=1e-3)
+        common = sorted(set.intersection(*(set(best[(label, mode, t)]) for t in TASKS)))
+        per_seed = [np.mean([best[(label, mode, t)][s] for t in TASKS]) for s in common]
+        if len(common) >= 2:
+            assert float(avg["std"]) == pytest.approx(np.std(per_seed, ddof=1), abs=1e-3)
+            assert md[f"{label}|{mode}"].endswith(f"| {mean:.1f} ± {np.std(per_seed, ddof=1):.1f} |")
+        else:   # Poly mu: rte has only seed 42, so no spread of the average
+            assert avg["std"] == "" and md[f"{label}|{mode}"].endswith(f"| {mean:.1f} |")
+    assert "mean accuracy (%) over seeds of the **best** evaluation" in (out / "report.md").read_text()

@@ -100,6 +100,12 @@ def test_local_sweep_workers_interrupt_and_rerun(prepared, poly_export, tmp_path
     assert proc.returncode == 130, output
     done_before = [r["row"] for r in rows if is_complete(r["job"]["out_dir"])]
     assert 1 <= len(done_before) < 4, output
+    remaining = sorted(set(range(4)) - set(done_before))
+    assert f"stopped by SIGINT: rows remaining {remaining}" in output
+    # the job running at Ctrl-C stopped after its step with a checkpoint (or had not started training yet)
+    stopped = [i for i in remaining if Path(rows[i]["job"]["out_dir"], "result.json").exists()]
+    for i in stopped:
+        assert json.loads(Path(rows[i]["job"]["out_dir"], "result.json").read_text())["status"] == "requeue"
     stamps = {i: Path(rows[i]["job"]["out_dir"], "result.json").stat().st_mtime_ns for i in done_before}
     # 2) rerun with two workers: only the unfinished rows run
     res = subprocess.run(sweep_cmd(gfile, out, "--workers", "2"), cwd=ROOT, env=env, capture_output=True,
@@ -111,6 +117,8 @@ def test_local_sweep_workers_interrupt_and_rerun(prepared, poly_export, tmp_path
         assert Path(rows[i]["job"]["out_dir"], "result.json").stat().st_mtime_ns == stamps[i]
     for r in rows:
         assert (Path(r["job"]["out_dir"]) / "log.txt").read_text().count("=== ") >= 1
+    for i in stopped:   # ... and the rerun resumed it
+        assert "resuming the run stopped at" in Path(rows[i]["job"]["out_dir"], "log.txt").read_text()
     # 3) a third run has nothing to do
     res = subprocess.run(sweep_cmd(gfile, out, "--workers", "2"), cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)

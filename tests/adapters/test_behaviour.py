@@ -192,13 +192,23 @@ def test_gumbel_noise_in_training_only_and_straight_through_is_hard():
     assert hard.logits.grad is not None
 
 
-def test_activation_checkpointing_sees_the_same_task_ids():
+@pytest.mark.parametrize("cfg,dropout", [
+    (cfg_for("poly"), 0.0),
+    # Random-mu draws inside checkpointed blocks: with dropout on, the recomputation must see the same
+    # allocation and the same dropout masks (tables per layer, and one table shared by every layer)
+    (AdapterConfig(method="mhr", rank=2, skills=3, heads=2, routing="random"), 0.2),
+    (AdapterConfig(method="mhr", rank=2, skills=3, heads=2, routing="random", routing_granularity="model"), 0.2),
+], ids=["poly", "random_mhr_layer", "random_mhr_model"])
+def test_activation_checkpointing_sees_the_same_task_ids(cfg, dropout):
+    import random
+
     from tensorpoly_ds.adapters import routing_checkpoint_context_fn
 
     def run(checkpointing):
         torch.manual_seed(0)
-        model = tiny_t5()
-        inject_adapters(model, cfg_for("poly"), num_tasks=3)
+        random.seed(0)
+        model = tiny_t5(dropout_rate=dropout)
+        inject_adapters(model, cfg, num_tasks=3)
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
@@ -209,12 +219,16 @@ def test_activation_checkpointing_sees_the_same_task_ids():
                 "use_reentrant": False, "context_fn": routing_checkpoint_context_fn})
         x = torch.randint(2, 64, (3, 6))
         y = torch.randint(2, 64, (3, 4))
-        with task_routing(torch.tensor([0, 2, 1])):
-            loss = model(input_ids=x, labels=y).loss
-        loss.backward()  # recomputation happens here, outside the routing scope
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        losses = []
+        for _ in range(2):
+            with task_routing(torch.tensor([0, 2, 1])):
+                loss = model(input_ids=x, labels=y).loss
+            loss.backward()  # recomputation happens here, outside the routing scope
+            losses.append(loss.item())
+        return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    plain, ckpt = run(False), run(True)
+    (plain_losses, plain), (ckpt_losses, ckpt) = run(False), run(True)
+    assert plain_losses == ckpt_losses
     assert plain.keys() == ckpt.keys()
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], msg=name)

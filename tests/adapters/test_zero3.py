@@ -14,12 +14,12 @@ SCRIPT = Path(__file__).parent / "scripts" / "zero3_shared_routing.py"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def launch(out: Path, ranks: int, stage: int, port: int) -> list[float]:
+def launch(out: Path, ranks: int, stage: int, port: int, *extra: str) -> list[float]:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
-           str(SCRIPT), str(out), str(stage)]
+           str(SCRIPT), str(out), str(stage), *extra]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads((out / "losses.json").read_text())
@@ -36,3 +36,18 @@ def test_shared_routing_zero3_two_ranks_equals_one_rank(tmp_path):
     assert a.keys() == b.keys() and "tpds_routing.model.logits" in a
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_random_routing_zero3_equals_zero0_on_two_ranks(tmp_path):
+    """Random-mu draws per rank: ZeRO-3 (partitioned modules, no routing parameters to register) must train
+    exactly as ZeRO-0 on the same two ranks with the same draws."""
+    zero0 = launch(tmp_path / "zero0", 2, 0, 29633, "random")
+    zero3 = launch(tmp_path / "zero3", 2, 3, 29634, "random")
+    assert zero0[-1] < zero0[0]
+    torch.testing.assert_close(torch.tensor(zero3), torch.tensor(zero0), rtol=1e-5, atol=1e-6)
+    a = load_file(str(tmp_path / "zero0" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "zero3" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and "tpds_routing.model.uniform" in a and not [k for k in a if k.endswith(".logits")]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -36,7 +36,9 @@ def test_rerun_is_noop_and_different_args_refuse(tmp_path, run, capsys):
     assert read_manifest(out).content_hash == before
     assert run(emb_args(out, "--max-input-len", "20", "--overwrite")) == 0
     assert read_manifest(out).max_input_len == 20
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no staging leftovers
+    from data_prep.pipeline import work_dir
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [work_dir(out).name]
+    assert not list(work_dir(out).glob("stage-*")) and not list(work_dir(out).glob("old-*"))
 
 
 def test_non_manifest_dir_is_not_clobbered(tmp_path, run, capsys):

@@ -6,7 +6,7 @@ from data_prep.errors import ConfigError
 from data_prep.manifest import load_split, read_manifest
 from data_prep.pipeline import PrepConfig, plan
 
-from conftest import TRAIN_CONFIGS, emb_args, local_args, make_dump, p3_rows
+from conftest import TRAIN_CONFIGS, local_args, make_dump, p3_rows
 
 
 def test_budget_cap_rule_scaled(tmp_path, run):
@@ -48,7 +48,7 @@ def test_truncation_is_counted(tmp_path, run):
 
 
 @pytest.mark.parametrize("kw,needle", [
-    ({"mixture": "t1_train"}, "valid mixtures: embedded, t0_train, t0_train_og"),
+    ({"mixture": "t1_train"}, "valid mixtures: embedded, latent_skills, latent_skills_noprompt, t0_train, t0_train_og"),
     ({"source": "ftp:x"}, "valid sources: hub, embedded, local:PATH"),
     ({"train_tasks": ("nope",)}, "valid training tasks: emb_"),
     ({"held_out": ("rte",)}, "valid held-out tasks: emb_"),
@@ -74,7 +74,7 @@ def test_missing_local_configs_listed_before_loading(tmp_path):
     dump = make_dump(tmp_path / "dump")
     import shutil
     shutil.rmtree(dump / TRAIN_CONFIGS[1])
-    with pytest.raises(ConfigError, match=f"lacks config folders: {TRAIN_CONFIGS[1]}"):
+    with pytest.raises(ConfigError, match=f"lacks data for:\n  {TRAIN_CONFIGS[1]}/train"):
         from data_prep.pipeline import build
         build(PrepConfig("t0_train", f"local:{dump}", "embedded", tmp_path / "o",
                          train_tasks=tuple(TRAIN_CONFIGS), held_out=("rte",)), log=lambda m: None)

@@ -136,3 +136,78 @@ def test_sigterm_and_sigusr1_set_the_stop_flag():
         assert flag.install() is False  # idempotent: the launcher's early install is kept
         flag.restore()
         assert signal.getsignal(sig) == before
+
+
+def _launched_as_rank0_of(monkeypatch, world: int) -> None:
+    """The variables torchrun sets in each worker: the config checks must see the world size from them."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29999", "TORCHELASTIC_RUN_ID": "t"}.items():
+        monkeypatch.setenv(key, value)
+
+
+class _Started(Exception):
+    pass
+
+
+def _no_process_group(monkeypatch):
+    import tensorpoly_ds.engine.distributed as dist
+
+    def started():
+        raise _Started
+
+    monkeypatch.setattr(dist, "init_distributed", started)
+
+
+def test_train_batch_size_is_checked_against_the_launchers_world_size(tmp_path, monkeypatch, capsys, prepared_dir):
+    """micro 4 x accum 4 x 2 ranks = 32: a correct train_batch_size is accepted, a wrong one refused (exit 2,
+    the field and both values named) before any process group."""
+    import launch.pretrain as pretrain
+
+    _launched_as_rank0_of(monkeypatch, 2)
+    _no_process_group(monkeypatch)
+    args = ["--config", str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"), f"data.dir={prepared_dir}",
+            f"run.dir={tmp_path / 'run'}", "train.micro_batch=4", "train.grad_accum=4"]
+    with pytest.raises(_Started):
+        pretrain.main(args + ["deepspeed.overrides={train_batch_size: 32}"])
+    assert pretrain.main(args + ["deepspeed.overrides={train_batch_size: 16}"]) == 2
+    err = capsys.readouterr().err
+    assert "'train_batch_size' = 16" in err and "(32)" in err
+
+
+def test_bad_resume_is_refused_before_any_process_group(tmp_path, monkeypatch, capsys, prepared_dir):
+    import json
+
+    import launch.pretrain as pretrain
+
+    _no_process_group(monkeypatch)
+    run = tmp_path / "run"
+    args = ["--config", str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"), f"data.dir={prepared_dir}",
+            f"run.dir={run}"]
+    assert pretrain.main(args + ["--resume", "/no/such/tag"]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    assert pretrain.main(args + ["--export-only"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    for step in (8, 16):   # every kept checkpoint truncated
+        tag = run / "checkpoints" / f"step_{step:08d}"
+        tag.mkdir(parents=True)
+        (tag / "meta.json").write_text("{}")
+        (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+        (tag / "COMPLETE.json").write_text(json.dumps({"step": step, "files": {"mp_rank_00_model_states.pt": 100}}))
+    assert pretrain.main(args) == 2
+    err = capsys.readouterr().err
+    assert "no usable checkpoint" in err and "step_00000008: file mp_rank_00_model_states.pt has 10 bytes" in err
+    assert "step_00000016" in err and "--resume none" in err
+    with pytest.raises(_Started):   # starting over is the explicit choice
+        pretrain.main(args + ["--resume", "none"])
+
+
+def test_a_second_run_on_a_held_run_dir_is_refused(tmp_path, monkeypatch, capsys, prepared_dir):
+    import launch.pretrain as pretrain
+    from tests.lock_holder import held
+
+    _no_process_group(monkeypatch)
+    run = tmp_path / "run"
+    with held(run, "pretraining run directory") as holder:
+        assert pretrain.main(["--config", str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"),
+                              f"data.dir={prepared_dir}", f"run.dir={run}"]) == 75
+    assert f"pretraining run directory {run} is in use by pid {holder.pid}" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 import json
-import warnings
+import shutil
 
 import pytest
 import torch
@@ -64,10 +64,10 @@ def test_eval_batches_equal_count_per_rank_and_cover_each_row_once(rows):
 def fake_tag(root, step, files=None):
     tag = root / ckpt.tag_for(step)
     tag.mkdir(parents=True)
-    for name, data in (files or {"model.pt": b"x" * 100}).items():
+    for name, data in (files or {"model.pt": b"x" * 100, "optim.pt": bytes(range(256)) * 64}).items():
         (tag / name).write_bytes(data)
     (tag / ckpt.META).write_text(json.dumps({"step": step}))
-    (tag / ckpt.MARKER).write_text(json.dumps({"step": step, "files": ckpt._files(tag)}))
+    ckpt.write_marker(tag, step)
     return tag
 
 
@@ -82,9 +82,68 @@ def test_corrupt_or_incomplete_latest_falls_back_with_a_warning(tmp_path):
     text = " ".join(str(w.message) for w in record)
     assert "step_00000030" in text and "marker" in text and "step_00000020" in text and "bytes" in text
     assert ckpt.verify_tag(good) is None
-    (good / "model.pt").unlink()
-    with pytest.warns(RuntimeWarning):
-        assert ckpt.find_resumable(tmp_path) is None
+
+
+def test_zeroed_block_inside_a_file_of_unchanged_size_is_caught_by_its_checksum(tmp_path):
+    """4 KiB zeroed in the middle of an optimizer file: same size, different content (sizes alone pass)."""
+    good = fake_tag(tmp_path, 10)
+    bad = fake_tag(tmp_path, 20)
+    data = bytearray((bad / "optim.pt").read_bytes())
+    data[4096:8192] = bytes(4096)
+    (bad / "optim.pt").write_bytes(bytes(data))
+    assert ckpt.check_structure(bad) is None          # what the size-only check saw
+    why = ckpt.verify_tag(bad)
+    assert why is not None and "optim.pt" in why and "checksum" in why
+    with pytest.warns(RuntimeWarning, match=r"step_00000020.*optim\.pt"):
+        assert ckpt.find_resumable(tmp_path) == good
+    marker = json.loads((good / ckpt.MARKER).read_text())
+    assert set(marker[ckpt.HASH]) == set(marker["files"]) == {"model.pt", "optim.pt", ckpt.META}
+
+
+def test_no_usable_checkpoint_is_an_error_listing_every_tag(tmp_path):
+    """Every kept checkpoint damaged: resume auto refuses (before and at load time) instead of silently
+    starting over; interrupted saves alone (no marker) and no checkpoints at all are a fresh start."""
+    assert ckpt.find_resumable(tmp_path / "none") is None
+    ckpt.precheck(tmp_path / "none", "auto")
+    interrupted = fake_tag(tmp_path / "interrupted", 5)
+    (interrupted / ckpt.MARKER).unlink()
+    with pytest.warns(RuntimeWarning, match="no completion marker"):
+        assert ckpt.find_resumable(tmp_path / "interrupted") is None
+    ckpt.precheck(tmp_path / "interrupted", "auto")
+
+    root = tmp_path / "damaged"
+    for step in (8, 16, 24):
+        tag = fake_tag(root, step)
+        (tag / "model.pt").write_bytes(b"x" * 50)            # truncated
+    zeroed = fake_tag(root, 32)
+    (zeroed / "optim.pt").write_bytes(bytes(256 * 64))       # same size, zeroed
+    with pytest.raises(ckpt.CheckpointError) as err:
+        with pytest.warns(RuntimeWarning):
+            ckpt.find_resumable(root)
+    text = str(err.value)
+    for step in (8, 16, 24):
+        assert f"step_{step:08d}: file model.pt has 50 bytes" in text
+    assert "step_00000032: file optim.pt: content differs" in text and "--resume none" in text
+    with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint"):   # sizes: seen before any process group
+        shutil.rmtree(zeroed)
+        ckpt.precheck(root, "auto")
+    ckpt.precheck(root, "none")
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint directory"):
+        ckpt.precheck(root, "/no/such/tag")
+    with pytest.raises(ckpt.CheckpointError, match="not a usable checkpoint"):
+        ckpt.precheck(root, str(root / "step_00000008"))
+
+
+def test_unreadable_torch_archive_is_named(tmp_path):
+    tag = tmp_path / "step_00000001"
+    tag.mkdir()
+    torch.save({"w": torch.arange(1000.0)}, tag / "ok_model_states.pt")
+    torch.save({"w": torch.arange(1000.0)}, tag / "bad_optim_states.pt")
+    assert ckpt.unreadable_file(tag) is None
+    data = bytearray((tag / "bad_optim_states.pt").read_bytes())
+    data[-200:] = bytes(200)   # the zip's central directory
+    (tag / "bad_optim_states.pt").write_bytes(bytes(data))
+    assert ckpt.unreadable_file(tag).startswith("bad_optim_states.pt")
 
 
 def test_prune_keeps_the_last_k_complete(tmp_path):

@@ -1,9 +1,9 @@
 """End-to-end runs of launch/pretrain.py as subprocesses (1 process, and 2 ranks under torchrun)."""
 
-import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -67,24 +67,28 @@ def test_two_ranks_match_one_rank(stage, tmp_path, prepared_dir, backbone_dir, b
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=3e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def run_and_signal(cmd, run_dir, after_steps: int, timeout: float = 240):
+    """Run `cmd`, send it SIGUSR1 once `after_steps` training steps are logged; (proc, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= after_steps:
+                proc.send_signal(signal.SIGUSR1)
+                break
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc, out, err
+
+
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory, prepared_dir, backbone_dir):
     """A run sent SIGUSR1 after a few steps (returns its exit status), then resumed with --resume auto."""
     run_dir = tmp_path_factory.mktemp("runs") / "interrupted"
-    cmd = pretrain_cmd(run_dir, prepared_dir, base_overrides(backbone_dir))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.is_file() and len(read_metrics(run_dir)) >= 5:
-                os.kill(proc.pid, signal.SIGUSR1)
-                break
-            time.sleep(0.05)
-        out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, out, err = run_and_signal(pretrain_cmd(run_dir, prepared_dir, base_overrides(backbone_dir)), run_dir, 5)
     stopped = dict(read_metrics(run_dir))
     tags = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
     resumed = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir))
@@ -113,19 +117,55 @@ def test_resume_reproduces_the_uninterrupted_run(interrupted_run, baseline_run):
                            read_metrics(r["run_dir"], "eval", "val/loss"), rel=1e-6)
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, prepared_dir, backbone_dir, baseline_run):
+def test_corrupt_checkpoints_fall_back_by_name(tmp_path, prepared_dir, backbone_dir, baseline_run):
+    """step 24: 4 KiB zeroed inside a file, size unchanged (its checksum catches it); step 16: a file that was
+    already unreadable when its checksum was taken (DeepSpeed's load fails: named fallback). Resume auto
+    warns about both by file name and continues from step 8 exactly as the uninterrupted run did."""
+    from tensorpoly_ds.engine import checkpoint as ckpt
+
     run_dir = tmp_path / "corrupt"
     shutil.copytree(baseline_run / "checkpoints", run_dir / "checkpoints")
-    latest = run_dir / "checkpoints" / "step_00000024"
-    victim = latest / "mp_rank_00_model_states.pt"
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])   # truncated write
+    victim = run_dir / "checkpoints" / "step_00000024" / "mp_rank_00_model_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
+    victim.write_bytes(bytes(data))
+    unreadable = run_dir / "checkpoints" / "step_00000016" / "mp_rank_00_model_states.pt"
+    data = bytearray(unreadable.read_bytes())
+    data[-300:] = bytes(300)   # the zip's central directory: "PytorchStreamReader failed reading zip archive"
+    unreadable.write_bytes(bytes(data))
+    ckpt.write_marker(unreadable.parent, 16)   # checksums taken over the broken file
     proc = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir))
-    assert "incomplete or corrupt" in proc.stderr and "step_00000024" in proc.stderr
-    assert "resumed from" in proc.stdout and "step_00000016" in proc.stdout
+    assert "step_00000024" in proc.stderr and "mp_rank_00_model_states.pt: content differs" in proc.stderr
+    assert "step_00000016 is unreadable (mp_rank_00_model_states.pt" in proc.stderr, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step_00000008" in proc.stdout
     losses = read_metrics(run_dir)
-    assert sorted(losses) == list(range(17, BASE_STEPS + 1))
+    assert sorted(losses) == list(range(9, BASE_STEPS + 1))
     base = read_metrics(baseline_run)
     assert_same_trajectory({s: base[s] for s in losses}, losses, rel=1e-6)
+
+
+def test_torchrun_stop_exits_124_through_the_wrapper(tmp_path, prepared_dir, backbone_dir):
+    """torchrun turns a rank's 124 into its own 1; `python -m launch.torchrun` (same arguments) forwards
+    SIGUSR1 to the ranks, reads their status files and exits 124."""
+    from tensorpoly_ds.engine.checkpoint import list_tags, verify_tag
+    from tensorpoly_ds.engine.rank_status import read_statuses
+
+    from .conftest import PRETRAIN, TINY, free_port
+
+    run_dir = tmp_path / "torchrun"
+    overrides = base_overrides(backbone_dir, stage=2, micro=2) + ["train.steps=5000", "train.save_every=0",
+                                                                   "train.eval_every=0"]
+    cmd = [sys.executable, "-m", "launch.torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(PRETRAIN), "--config", str(TINY), f"data.dir={prepared_dir}", f"run.dir={run_dir}",
+           "train.progress_bar=false", *overrides]
+    proc, out, err = run_and_signal(cmd, run_dir, 3)
+    assert proc.returncode == 124, err[-4000:]
+    assert "torchrun exited 1; every rank checkpointed" in err
+    statuses = read_statuses(run_dir / "status")
+    assert sorted(statuses) == [0, 1] and {s["status"] for s in statuses.values()} == {"requeue"}
+    assert {s["exit_code"] for s in statuses.values()} == {124} and statuses[0]["step"] < 5000
+    (tag,) = [p for _, p in list_tags(run_dir / "checkpoints")]
+    assert tag.name == f"step_{statuses[0]['step']:08d}" and verify_tag(tag) is None
 
 
 def test_srun_style_two_ranks_zero1_match_one_rank(tmp_path, prepared_dir, backbone_dir, baseline_run):
@@ -189,3 +229,35 @@ def test_precision_and_offload_variants_run(extra, check, tmp_path, prepared_dir
     losses = read_metrics(run_dir)
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
     assert check(json.loads((run_dir / "ds_config.json").read_text()))
+
+
+def test_fullft_export_only_keeps_tied_embeddings_where_zero_to_fp32_safetensors_fails(tmp_path, prepared_dir):
+    """T5 ties shared.weight to the encoder/decoder embeddings (and, with transformers 5, the LM head of a
+    config-built backbone): DeepSpeed's zero_to_fp32 --safe_serialization refuses such a checkpoint ("share
+    memory") and writes nothing. `pretrain --export-only` writes safetensors that reload to the same model."""
+    from safetensors.torch import load_file
+    from transformers import T5ForConditionalGeneration
+
+    run_dir = tmp_path / "fullft"
+    overrides = ["adapter=null", "train.full_finetune=true", "deepspeed.zero_stage=2", "train.steps=3",
+                 "train.save_every=0", "train.eval_every=0", "train.micro_batch=2", "train.grad_accum=1"]
+    run_pretrain(run_dir, prepared_dir, overrides)
+    ckpt_dir = run_dir / "checkpoints"
+    z2f = subprocess.run([sys.executable, "-m", "deepspeed.utils.zero_to_fp32", str(ckpt_dir), str(tmp_path / "z2f"),
+                          "--safe_serialization"], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                         timeout=240)
+    assert z2f.returncode != 0 and "share memory" in z2f.stderr, z2f.stderr[-2000:]
+    assert not (tmp_path / "z2f" / "model.safetensors").exists()
+
+    end_of_run = load_file(str(run_dir / "export" / "model.safetensors"))
+    shutil.rmtree(run_dir / "export")
+    proc = subprocess.run(pretrain_cmd(run_dir, prepared_dir, overrides) + ["--export-only"], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = load_file(str(run_dir / "export" / "model.safetensors"))
+    assert exported.keys() == end_of_run.keys() and all(torch.equal(exported[k], end_of_run[k]) for k in exported)
+    model = T5ForConditionalGeneration.from_pretrained(str(run_dir / "export"))
+    shared = model.shared.weight
+    assert model.encoder.embed_tokens.weight is shared and model.decoder.embed_tokens.weight is shared
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in exported.items())   # reloads to the trained weights

@@ -4,7 +4,7 @@ Every run appends one JSON line (stage, args, the Slurm/launcher variables, star
 $TPDS_TEST_RECORD/<stage>.jsonl. Stage behaviour:
   sweep     writes <--out>/jobs.jsonl with $TPDS_TEST_ROWS (default 3) rows, as `tensorpoly-ds sweep --expand-only`
   pretrain  with TPDS_TEST_USR1=1 on the first run (SLURM_RESTART_COUNT unset/0): write "ready", wait for
-            SIGUSR1 (at most 60 s), then record it and exit 124 ("checkpointed, requeue me"); with
+  (adapt)   SIGUSR1 (at most 60 s), then record it and exit 124 ("checkpointed, requeue me"); with
             TPDS_TEST_USR1=early: write "ready" and sleep without a handler (killed by SIGUSR1); with
             TPDS_TEST_USR1=always124: exit 124 at once, every run; otherwise exit 0
   other     record and exit 0; TPDS_TEST_FAIL=<stage> makes that stage exit 3
@@ -60,15 +60,16 @@ def main() -> int:
             for i in range(rows):
                 f.write(json.dumps({"row": i, "id": f"row{i}", "job": {"out_dir": str(out / "jobs" / f"row{i}")}}) + "\n")
     first_run = os.environ.get("SLURM_RESTART_COUNT", "0") in ("", "0")
-    if stage == "pretrain" and os.environ.get("TPDS_TEST_USR1") == "early" and first_run:
+    requeueable = stage in ("pretrain", "adapt")
+    if requeueable and os.environ.get("TPDS_TEST_USR1") == "early" and first_run:
         # a trainer still starting up: no handler yet, so SIGUSR1's default action kills it
         record(stage, args=args, start=start, event="ready")
         time.sleep(60)
         return 1
-    if stage == "pretrain" and os.environ.get("TPDS_TEST_USR1") == "always124":
+    if requeueable and os.environ.get("TPDS_TEST_USR1") == "always124":
         record(stage, args=args, start=start, end=time.time(), event="124")
         return 124
-    if stage == "pretrain" and os.environ.get("TPDS_TEST_USR1") == "1" and first_run:
+    if requeueable and os.environ.get("TPDS_TEST_USR1") == "1" and first_run:
         got = []
         signal.signal(signal.SIGUSR1, lambda *_: got.append(time.time()))
         record(stage, args=args, start=start, event="ready")

@@ -86,6 +86,26 @@ def test_adapt_array_runs_each_row_once_with_own_port_and_extensions_dir(jobs, t
     assert len({rec["TORCH_EXTENSIONS_DIR"] for rec in recs}) == 3
 
 
+def test_adapt_array_task_stopped_by_usr1_requeues_itself_and_reruns(jobs, tmp_path):
+    """The time-limit signal of an array task reaches `adapt` (which checkpoints and exits 124): the task
+    requeues itself and its rerun (same task, restart 1) finishes the row."""
+    table = tmp_path / "jobs.jsonl"
+    table.write_text('{"row": 0, "id": "r0", "job": {}}\n')
+    r = subprocess.run(["bash", str(SLURM_DIR / "submit_array.sh"), str(table), f"--output={tmp_path}/adapt-%A_%a.out"],
+                       capture_output=True, text=True, env=jobs.env(TPDS_TEST_USR1="1"), cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    array = jobs.track(r.stdout.strip())
+    jobs.wait_for(lambda: [x for x in jobs.records("adapt") if x["event"] == "ready"], 60, "the first run")
+    r = jobs.cluster.run(["scancel", "--signal=USR1", "--batch", f"{array}_0"])
+    assert r.returncode == 0, r.stderr
+    (state,) = jobs.wait(array, 120)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, jobs.logs())
+    events = [(x["SLURM_RESTART_COUNT"] or "0", x["event"]) for x in jobs.records("adapt")]
+    assert events == [("0", "ready"), ("0", "usr1"), ("1", "done")], events
+    log = (tmp_path / f"adapt-{array}_0.out").read_text()
+    assert "SIGUSR1: forwarding" in log and "requeuing job" in log
+
+
 def _ext_seed(tmp_path) -> str:
     """A fake prebuilt torch-extensions directory, with a stale lock that must not be copied."""
     seed = tmp_path / "ext_seed" / "fused_op"

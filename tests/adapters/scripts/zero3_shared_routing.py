@@ -1,9 +1,11 @@
 """Run by test_zero3.py under torchrun: a few DeepSpeed steps of a tiny T5 with Poly adapters whose
 routing table is shared by every layer (granularity 'model'); rank 0 writes losses and the exported
-adapter state so the test can compare them with a single-process run."""
+adapter state so the test can compare them with a single-process run. Optional third argument: the
+adapter's routing ('learned' or 'random')."""
 
 import json
 import os
+import random
 import sys
 
 import deepspeed
@@ -17,12 +19,13 @@ from tensorpoly_ds.adapters import (AdapterConfig, adapter_param_groups, export_
 from tensorpoly_ds.models import t5_config  # noqa: E402
 
 
-def main(out_dir: str, stage: int) -> None:
+def main(out_dir: str, stage: int, routing: str = "learned") -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
+    random.seed(1000 + rank)   # random routing draws per rank (the engine seeds every rank like this)
     model = T5ForConditionalGeneration(t5_config("tiny", vocab_size=64))
-    cfg = AdapterConfig(method="poly", skills=3, rank=2, routing_granularity="model")
+    cfg = AdapterConfig(method="poly", skills=3, rank=2, routing_granularity="model", routing=routing)
     inject_adapters(model, cfg, num_tasks=4)
     with torch.no_grad():  # non-zero B so the routing receives gradient from the first step
         for p in model.parameters():
@@ -66,4 +69,4 @@ def main(out_dir: str, stage: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])

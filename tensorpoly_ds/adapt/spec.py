@@ -1,0 +1,124 @@
+"""What an adaptation job is: the AdaptJob fields, their validation and the files that mark a job's state.
+
+Pure Python (no torch): `tensorpoly-ds adapt` resolves and checks a job with it before anything heavy is
+imported, so that an impossible job is refused in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULT_FILE = "result.json"
+MARKER_FILE = "COMPLETE"
+FULLFT = "fullft"
+RESULT_FORMAT = 1
+
+
+class JobError(ValueError):
+    """The job description is invalid or does not fit the data / export."""
+
+
+class JobBusy(JobError):
+    """Another live process holds the job's folder (its lock)."""
+
+
+@dataclass
+class AdaptJob:
+    # what to adapt
+    out_dir: str
+    data_dir: str
+    task: str
+    seed: int = 0
+    k: int | None = None                  # shots; None = the only k prepared for the task; 0 = zero-shot
+    mode: str = "full"                    # full | z | mu
+    export: str | None = None             # pretrained adapter export (safetensors + adapter_config.json)
+    method: str | None = None             # without export: "fullft" or an adapter method (fresh, w/o pretraining)
+    adapter: dict = field(default_factory=dict)   # AdapterConfig fields for a fresh adapter
+    label: str | None = None              # row name in reports (default: derived from the method)
+    model: str = "tiny"                   # backbone: architecture name (built from config) or HF name / path
+    model_seed: int | None = None         # init seed of a backbone built from an architecture name: the
+                                          # export's backbone.init_seed if recorded, else 42 (= the seed
+                                          # stage 2 seeds with before building it, train.seed default)
+    collapse: bool = False                # mu on Poly/MHR: collapse the uniform mixture into one LoRA first
+    # few-shot recipe (reference: Adafactor 3e-3, 1000 steps, warmup 6 %, clip 1, batch 8)
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-3
+    routing_lr: float | None = None       # default: lr
+    warmup_ratio: float = 0.06
+    clip: float = 1.0
+    optimizer: str = "adafactor"          # adafactor | adamw
+    loss_lm: float = 1.0
+    loss_mc: float = 1.0
+    loss_unlikelihood: float = 1.0
+    # evaluation
+    eval_every: int = 100                 # steps; 0 = only at the end (and before training if eval_at_start)
+    eval_at_start: bool = False
+    eval_batch_size: int = 16
+    length_norm: float = 1.0              # rank-classification score: NLL / len ** length_norm (t-zero: 0)
+    max_eval_examples: int | None = None  # cap on eval rows (smoke runs); None = all
+    # zero-shot MHR-mu recipe: extra multi-task LM steps on DIR/train before (or instead of) few-shot training
+    multitask_steps: int = 0
+    multitask_batch_size: int = 8
+    multitask_lr: float | None = None     # default: lr
+    save_adapter: bool = False            # also export the adapted adapter to OUT/adapter
+    # training loop: "local" (one process, plain PyTorch), "engine" (tensorpoly_ds.engine on DeepSpeed, any
+    # number of ranks, ZeRO 0-3), "auto" (engine when installed)
+    trainer: str = "auto"
+    zero_stage: int = 0                   # engine trainer only
+    precision: str = "fp32"               # engine trainer only: fp32 | bf16
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("full", "z", "mu"):
+            raise JobError(f"job field 'mode' = {self.mode!r}: valid modes: full, z, mu")
+        if self.export is None and self.method is None:
+            raise JobError("a job needs 'export' (pretrained adapters) or 'method' (fullft or a fresh adapter)")
+        for name in ("steps", "multitask_steps", "eval_every"):
+            if getattr(self, name) < 0:
+                raise JobError(f"job field {name!r} = {getattr(self, name)!r}: must be >= 0")
+        for name in ("batch_size", "grad_accum", "eval_batch_size", "multitask_batch_size"):
+            if getattr(self, name) < 1:
+                raise JobError(f"job field {name!r} = {getattr(self, name)!r}: must be >= 1")
+        if self.k is not None and self.k < 0:
+            raise JobError(f"job field 'k' = {self.k!r}: must be >= 0")
+        if self.optimizer not in ("adafactor", "adamw"):
+            raise JobError(f"job field 'optimizer' = {self.optimizer!r}: valid: adafactor, adamw")
+        if self.trainer not in ("auto", "local", "engine"):
+            raise JobError(f"job field 'trainer' = {self.trainer!r}: valid: auto, local, engine")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise JobError(f"job field 'zero_stage' = {self.zero_stage!r}: valid: 0, 1, 2, 3")
+        if self.method == FULLFT and self.mode != "full":
+            raise JobError(f"FullFT has no routing: mode must be 'full', got {self.mode!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "job") -> "AdaptJob":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise JobError(f"{source}: unknown job field(s) {unknown}; valid fields: {sorted(known)}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in data]
+        if missing:
+            raise JobError(f"{source}: missing job field(s) {missing}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def is_complete(out_dir: str | os.PathLike) -> bool:
+    """True only if the marker exists and result.json says complete (a crash before either = rerun)."""
+    out = Path(out_dir)
+    if not (out / MARKER_FILE).is_file():
+        return False
+    try:
+        return json.loads((out / RESULT_FILE).read_text()).get("status") == "complete"
+    except (OSError, json.JSONDecodeError):
+        return False

@@ -1,0 +1,292 @@
+"""The replication protocol as one YAML file, validated into dataclasses before anything runs.
+
+Everything that decides a number in the results is here (and so in the committed config): the data
+variants, the backbone recipe, the multi-task pretraining budget shared by every method, the methods and
+their adaptation modes, the few-shot budget and the learning-rate grid shared by every method, the seeds,
+the zero-shot rows and the claims file. Unknown keys are rejected naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..adapters import AdapterConfig, ConfigError
+from ..adapters.modes import MODES
+from ..engine.config import RunConfigError, _build_section, read_yaml
+
+FULLFT = "fullft"
+
+
+class ReplicateConfigError(ValueError):
+    """The replicate config is invalid; the message names the file and the key."""
+
+
+@dataclass
+class Variant:
+    name: str                                 # directory name and the prefix of every row in the results
+    mixture: str                              # a data_prep mixture (latent_skills, latent_skills_noprompt)
+    modes: list | None = None                 # adaptation modes run on this variant (default: each method's)
+
+
+@dataclass
+class PrepSection:
+    ks: list = field(default_factory=lambda: [4, 16])      # few-shot sizes, one prepared directory each
+    seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    val_per_template: int = 50
+    cap_per_template: str | None = None       # prep --cap-per-template (None: every generated example)
+
+
+@dataclass
+class BackboneSection:
+    """The T5-LM analogue: a tiny T5 trained with the pretrain engine (full fine-tune) to reconstruct
+    corrupted generic word sequences of the benchmark's vocabulary (never the tasks)."""
+    arch: str = "tiny"                        # tensorpoly_ds.models architecture
+    arch_overrides: dict = field(default_factory=dict)
+    corpus_size: int = 20000                  # training sequences (each corrupted once, statically)
+    val_size: int = 500
+    mask_ratio: float = 0.25                  # share of words replaced by the mask token (<unk>)
+    steps: int = 1500
+    micro_batch: int = 64
+    lr: float = 1e-2
+    warmup_ratio: float = 0.06
+    eval_every: int = 250
+    seed: int = 0
+
+
+@dataclass
+class PretrainSection:
+    """Multi-task pretraining: the same budget and recipe for every method (tensorpoly-ds pretrain)."""
+    steps: int = 600
+    micro_batch: int = 32
+    optimizer: str = "adamw"
+    module_lr: float = 1e-2
+    routing_lr: float = 1e-1
+    warmup_ratio: float = 0.06
+    eval_every: int = 200
+    val_max_samples: int = 200
+    seed: int = 42
+
+
+@dataclass
+class MethodSpec:
+    label: str
+    adapter: dict | None = None               # AdapterConfig fields: pretrained multi-task, then adapted
+    fresh: dict | None = None                 # {"method": "fullft"} or AdapterConfig fields: no pretraining
+    modes: list | None = None                 # default: full, z, mu for routed methods, full otherwise
+    variants: list | None = None              # default: every variant
+
+    def is_pretrained(self) -> bool:
+        return self.adapter is not None
+
+
+@dataclass
+class AdaptSection:
+    """Few-shot adaptation: the same steps, batch and learning-rate grid for every (method, mode)."""
+    steps: int = 60
+    batch_size: int = 8
+    lrs: list = field(default_factory=lambda: [1e-3, 1e-2])
+    routing_lr_scale: float = 10.0            # routing logits train with lr x this (pretraining's 0.1 / 1e-2)
+    lr_search_seeds: int | None = None        # the first N seeds run every lr; the others only the lr chosen
+                                              # on their dev accuracy (None: every seed runs every lr)
+    optimizer: str = "adamw"
+    warmup_ratio: float = 0.06
+    clip: float = 1.0
+    eval_batch_size: int = 64
+    length_norm: float = 1.0
+    tasks: list | None = None                 # default: every held-out task of the variant
+
+
+@dataclass
+class ZeroShotSection:
+    """MHR's Table 5: average the modules (mode mu), then k extra multi-task steps, no few-shot data; LoRA
+    gets the same steps. Rows for every entry of multitask_steps (0 = averaging alone)."""
+    variants: list = field(default_factory=list)
+    methods: list = field(default_factory=list)            # labels of pretrained methods
+    multitask_steps: list = field(default_factory=lambda: [0, 50])
+    multitask_batch_size: int = 16
+    lr: float = 1e-3
+
+
+@dataclass
+class ReplicateConfig:
+    variants: list[Variant]
+    methods: list[MethodSpec]
+    prep: PrepSection = field(default_factory=PrepSection)
+    backbone: BackboneSection = field(default_factory=BackboneSection)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
+    adapt: AdaptSection = field(default_factory=AdaptSection)
+    zero_shot: ZeroShotSection = field(default_factory=ZeroShotSection)
+    claims: str | None = None                 # claims YAML (relative to this config file)
+    workers: int = 2                          # concurrent adaptation jobs / pretraining runs
+    out: str = "runs/replicate"               # default output directory (--out overrides)
+    cache: str | None = None                  # backbone cache (default: OUT/cache)
+    source: str = ""                          # the file this config was read from
+
+    # --- derived -----------------------------------------------------------------------------------------
+    def methods_for(self, variant: str) -> list[MethodSpec]:
+        return [m for m in self.methods if m.variants is None or variant in m.variants]
+
+    def modes_for(self, variant: Variant, method: MethodSpec) -> list[str]:
+        return [x for x in method.modes if variant.modes is None or x in variant.modes]
+
+    def method(self, label: str) -> MethodSpec:
+        for m in self.methods:
+            if m.label == label:
+                return m
+        raise KeyError(label)
+
+    def search_seeds(self) -> list[int]:
+        """The seeds that run every learning rate of the grid (the lr of a row is chosen on their dev scores)."""
+        n = self.adapt.lr_search_seeds
+        return list(self.prep.seeds if n is None else self.prep.seeds[:n])
+
+    def claims_path(self) -> Path | None:
+        if not self.claims:
+            return None
+        p = Path(self.claims)
+        return p if p.is_absolute() or not self.source else Path(self.source).resolve().parent / p
+
+    def digest(self, section: Any, *extra: Any) -> str:
+        """A short stable hash of a section (plus extra values): cache and run keys."""
+        body = json.dumps([dataclasses.asdict(section), *extra], sort_keys=True, default=str)
+        return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+@dataclass
+class _TopLevel:
+    """The top-level scalars of ReplicateConfig, validated like a section."""
+    claims: str | None = None
+    workers: int = 2
+    out: str = "runs/replicate"
+    cache: str | None = None
+
+
+_SECTIONS = {"prep": PrepSection, "backbone": BackboneSection, "pretrain": PretrainSection, "adapt": AdaptSection,
+             "zero_shot": ZeroShotSection}
+_SCALARS = {f.name for f in dataclasses.fields(_TopLevel)}
+
+
+def _section(cls, data: Any, name: str, src: str):
+    try:
+        return _build_section(cls, data, name, {name: src})
+    except RunConfigError as err:
+        raise ReplicateConfigError(str(err)) from None
+
+
+def _check_adapter(fields: dict, where: str) -> None:
+    try:
+        AdapterConfig.from_dict(fields, source=where)
+    except (ConfigError, TypeError) as err:
+        raise ReplicateConfigError(f"{where}: {err}") from None
+
+
+def _method(data: Any, i: int, src: str) -> MethodSpec:
+    where = f"methods[{i}]"
+    m = _section(MethodSpec, data, where, src)
+    if (m.adapter is None) == (m.fresh is None):
+        raise ReplicateConfigError(f"{src}: {where} ({m.label}): give exactly one of 'adapter' (pretrained) or "
+                                   "'fresh' (no multi-task pretraining)")
+    if m.adapter is not None:
+        _check_adapter(m.adapter, f"{src}: {where}.adapter")
+        routed = AdapterConfig.from_dict(m.adapter).routed
+    else:
+        if m.fresh.get("method") != FULLFT:
+            _check_adapter(m.fresh, f"{src}: {where}.fresh")
+        routed = False   # a fresh adapter has no multi-task routing to adapt
+    if m.modes is None:
+        m.modes = list(MODES) if routed else ["full"]
+    bad = [x for x in m.modes if x not in MODES or (not routed and x != "full")]
+    if bad:
+        raise ReplicateConfigError(f"{src}: {where}.modes ({m.label}): {bad} not applicable; valid: "
+                                   f"{list(MODES) if routed else ['full']}")
+    return m
+
+
+def build_config(data: dict, src: str = "<dict>") -> ReplicateConfig:
+    if not isinstance(data, dict):
+        raise ReplicateConfigError(f"{src}: the top level must be a mapping")
+    valid = {"variants", "methods", *_SECTIONS, *_SCALARS}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ReplicateConfigError(f"{src}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
+    for key in ("variants", "methods"):
+        if not isinstance(data.get(key), list) or not data[key]:
+            raise ReplicateConfigError(f"{src}: '{key}' must be a non-empty list")
+    variants = [_section(Variant, v, f"variants[{i}]", src) for i, v in enumerate(data["variants"])]
+    methods = [_method(m, i, src) for i, m in enumerate(data["methods"])]
+    kwargs: dict[str, Any] = {name: _section(cls, data[name], name, src) for name, cls in _SECTIONS.items()
+                              if name in data}
+    top = _section(_TopLevel, {k: data[k] for k in _SCALARS if k in data}, "config", src)
+    kwargs.update({k: getattr(top, k) for k in _SCALARS if k in data})
+    cfg = ReplicateConfig(variants=variants, methods=methods, source=src, **kwargs)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ReplicateConfig) -> None:
+    src = cfg.source
+
+    def bad(key: str, why: str) -> ReplicateConfigError:
+        return ReplicateConfigError(f"{src}: {key}: {why}")
+
+    names = [v.name for v in cfg.variants]
+    if len(set(names)) != len(names):
+        raise bad("variants", f"duplicate names {names}")
+    from data_prep.mixture import mixture_names
+
+    for v in cfg.variants:
+        if v.mixture not in mixture_names():
+            raise bad("variants", f"unknown mixture {v.mixture!r}; valid: {', '.join(mixture_names())}")
+        if v.modes is not None and (not v.modes or set(v.modes) - set(MODES)):
+            raise bad(f"variants ({v.name}).modes", f"{v.modes!r}: a non-empty subset of {list(MODES)}")
+    labels = [m.label for m in cfg.methods]
+    if len(set(labels)) != len(labels):
+        raise bad("methods", f"duplicate labels {sorted(x for x in set(labels) if labels.count(x) > 1)}")
+    for m in cfg.methods:
+        unknown = sorted(set(m.variants or []) - set(names))
+        if unknown:
+            raise bad(f"methods ({m.label}).variants", f"unknown variant(s) {unknown}; variants: {names}")
+    p, a, z = cfg.prep, cfg.adapt, cfg.zero_shot
+    if not p.ks or any(not isinstance(k, int) or k < 1 for k in p.ks):
+        raise bad("prep.ks", f"{p.ks!r}: a non-empty list of integers >= 1")
+    if not p.seeds or len(set(p.seeds)) != len(p.seeds) or any(not isinstance(s, int) for s in p.seeds):
+        raise bad("prep.seeds", f"{p.seeds!r}: a non-empty list of distinct integers")
+    if not a.lrs or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x <= 0 for x in a.lrs):
+        raise bad("adapt.lrs", f"{a.lrs!r}: a non-empty list of positive numbers")
+    a.lrs = [float(x) for x in a.lrs]
+    if a.lr_search_seeds is not None and not 1 <= a.lr_search_seeds <= len(p.seeds):
+        raise bad("adapt.lr_search_seeds", f"{a.lr_search_seeds!r}: between 1 and the number of seeds ({len(p.seeds)})")
+    for section, keys in ((cfg.backbone, ("corpus_size", "val_size", "steps", "micro_batch")),
+                          (cfg.pretrain, ("steps", "micro_batch")), (a, ("steps", "batch_size", "eval_batch_size"))):
+        for k in keys:
+            if getattr(section, k) < 1:
+                raise bad(f"{type(section).__name__}.{k}", "must be >= 1")
+    if not 0 < cfg.backbone.mask_ratio < 1:
+        raise bad("backbone.mask_ratio", "must be in (0, 1)")
+    if cfg.workers < 1:
+        raise bad("workers", "must be >= 1")
+    unknown = sorted(set(z.variants) - set(names))
+    if unknown:
+        raise bad("zero_shot.variants", f"unknown variant(s) {unknown}")
+    for label in z.methods:
+        if label not in labels or not cfg.method(label).is_pretrained():
+            raise bad("zero_shot.methods", f"{label!r} is not a pretrained method of this config")
+    if any(not isinstance(s, int) or s < 0 for s in z.multitask_steps):
+        raise bad("zero_shot.multitask_steps", "integers >= 0")
+    path = cfg.claims_path()
+    if path is not None and not path.is_file():
+        raise bad("claims", f"{path} not found")
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> ReplicateConfig:
+    try:
+        data = read_yaml(path)
+    except RunConfigError as err:
+        raise ReplicateConfigError(str(err)) from None
+    data.update(overrides or {})
+    return build_config(data, str(path))
