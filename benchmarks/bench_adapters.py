@@ -8,6 +8,8 @@ saves for backward (unique storages), for:
   * TLoRA / TensorPoly-I: materialising A and B once per distinct task vs contracting the Kronecker
     factors with every token.
   * TensorPoly-X: our cheaper-path choice vs materialising d_in x d_out per example (official code).
+  * TensorPoly-I's factor build with the official Kronecker LayerNorm at T0-3B shapes (all 432 adapted
+    layers, R8 N2 r16, fp32): recomputed in backward (shipped) vs saved for backward, 1 and 8 tasks.
 
 Usage: python benchmarks/bench_adapters.py [--quick] [--out benchmarks/results/adapters.json]
 """
@@ -28,7 +30,7 @@ from torch import nn
 from tensorpoly_ds.adapters import AdapterConfig, inject_adapters, task_routing
 from tensorpoly_ds.adapters.inject import ADAPTER_CLASSES
 from tensorpoly_ds.adapters.routing import RoutingTable
-from tensorpoly_ds.adapters.tlora import kron_columns
+from tensorpoly_ds.adapters.tlora import TensorPolyILinear, kron_columns
 
 
 def saved_activation_bytes(fn) -> int:
@@ -131,6 +133,39 @@ def single_layer_rows(args) -> list[dict]:
     return rows
 
 
+# --- TensorPoly-I's factor build at T0-3B shapes --------------------------------------------------
+# (d_in, d_out) of the 432 adapted layers of T0-3B and how many have it: q/k/v/o of 24 encoder self-attentions
+# and 24 decoder self- and cross-attentions; wi_0 and wi_1 of 48 FFNs; wo of 48 FFNs.
+T0_3B_LAYERS = [((2048, 2048), 288), ((2048, 5120), 96), ((5120, 2048), 48)]
+
+
+def kron_factor_rows(args) -> list[dict]:
+    """One layer per distinct shape (one token per task: the factor build does not depend on the tokens),
+    scaled by the number of layers of that shape."""
+    cfg = AdapterConfig(method="tensorpoly_i", rank=16, tensor_rank=8, order=2, layernorm=True)
+    rows = []
+    for tasks in (1, 8):
+        totals = {True: [0.0, 0], False: [0.0, 0]}   # recompute -> [seconds, saved bytes]
+        for (d_in, d_out), count in T0_3B_LAYERS:
+            layer = TensorPolyILinear(nn.Linear(d_in, d_out).requires_grad_(False), cfg, "encoder", "t0")
+            layer.attach_routing(RoutingTable(8, *layer.routing_shape))
+            x, ids = torch.randn(tasks, 1, d_in), torch.arange(tasks)
+
+            def run():
+                with task_routing(ids):
+                    return layer(x).square().mean()
+
+            for recompute in (True, False):
+                layer.recompute_factors = recompute
+                totals[recompute][0] += count * timed(run, args.repeats)
+                totals[recompute][1] += count * saved_activation_bytes(run)
+        (t_ours, m_ours), (t_alt, m_alt) = totals[True], totals[False]
+        rows.append(dict(case="T0-3B TensorPoly-I R8 N2 LN factors, 432 l.", distinct_tasks=tasks,
+                         ours_ms=1e3 * t_ours, alternative="factors saved for backward", alternative_ms=1e3 * t_alt,
+                         speedup=t_alt / t_ours, ours_saved_mb=m_ours / 2**20, alternative_saved_mb=m_alt / 2**20))
+    return rows
+
+
 # --- whole-model comparison with peft -------------------------------------------------------------
 def t5_model(d_model: int):
     from transformers import T5Config, T5ForConditionalGeneration
@@ -208,7 +243,7 @@ def main(argv=None) -> int:
         args.dim, args.batch, args.seq, args.repeats = 256, 8, 32, 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = single_layer_rows(args) + peft_rows(args)
+    rows = single_layer_rows(args) + kron_factor_rows(args) + peft_rows(args)
     print(format_table(rows))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

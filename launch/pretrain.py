@@ -49,8 +49,10 @@ def backbone_record(cfg, vocab_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tensorpoly_ds.engine.allocator import configure_malloc
     from tensorpoly_ds.engine.stop import STOP
 
+    configure_malloc()   # before the backbone's allocations (host memory at T0-3B: docs/pretrain.md)
     with STOP.handling():   # before anything slow: a SIGUSR1 during start-up must not kill the rank
         return _main(argv)
 

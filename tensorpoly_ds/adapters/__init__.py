@@ -8,11 +8,12 @@ from .inject import (InjectionError, adapter_config, adapter_layers, adapter_par
 from .modes import MODES, ModeError, check_mode, collapse_to_lora, merge_adapters, prepare_adaptation
 from .routing import (RandomRouting, RoutingError, RoutingTable, generate, routing_checkpoint_context_fn,
                       task_routing)
+from .tlora import set_factor_recomputation
 
 __all__ = [
     "AdapterConfig", "AdapterLinear", "ConfigError", "ExportError", "InjectionError", "METHODS", "MODES", "ModeError",
     "ROUTED_METHODS", "RandomRouting", "RoutingError", "RoutingTable", "adapter_config", "adapter_layers", "adapter_parameters", "adapter_param_groups",
     "check_mode", "collapse_to_lora", "export_adapters", "generate", "inject_adapters", "int_root", "load_adapters", "merge_adapters",
     "prepare_adaptation", "read_export_meta", "register_external_routing_params", "routing_checkpoint_context_fn",
-    "routing_tables", "task_routing",
+    "routing_tables", "set_factor_recomputation", "task_routing",
 ]

@@ -81,23 +81,25 @@ class _RecomputedFactors(torch.autograd.Function):
     """(A, B) = fn(*args) without saving fn's intermediates: backward runs fn again on the same inputs under
     the same autocast state and differentiates that. fn also reads parameters (leaves, trainable LayerNorm
     affines) from their modules: `slots` names them as (module, attribute) and they follow the args as
-    inputs, so autograd routes their gradients, and the recomputation reads the very tensors the forward
-    read (also under torch.func.functional_call, which swaps them only for the forward). A custom Function
-    rather than torch.utils.checkpoint: per call it costs one nested autograd.grad, not saved-tensor hooks."""
+    inputs, so autograd routes their gradients. What is saved are aliases of the tensors the forward read,
+    and the recomputation reads those through the slots: under ZeRO-3 a parameter's data is released after
+    the forward (the alias keeps the gathered values, as the plain path's saved views do), and under
+    torch.func.functional_call the swapped-in tensors are gone by the backward. A custom Function rather than
+    torch.utils.checkpoint: per call it costs one nested autograd.grad, not saved-tensor hooks."""
 
     @staticmethod
     def forward(ctx, fn, num_args: int, slots, *tensors):
         device = tensors[-1].device.type
         ctx.fn, ctx.num_args, ctx.slots = fn, num_args, slots
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.save_for_backward(*tensors)
+        ctx.needs_grad = [t.requires_grad for t in tensors]
+        ctx.save_for_backward(*(t.detach() for t in tensors))
         return fn(*tensors[:num_args])
 
     @staticmethod
     def backward(ctx, *grads):
-        saved = ctx.saved_tensors
-        args = [t.detach().requires_grad_(t.requires_grad) for t in saved[: ctx.num_args]]
-        params = saved[ctx.num_args:]
+        inputs = [t.detach().requires_grad_(needs) for t, needs in zip(ctx.saved_tensors, ctx.needs_grad)]
+        args, params = inputs[: ctx.num_args], inputs[ctx.num_args:]
         device, autocast, dtype = ctx.autocast
         current = [module._parameters[name] for module, name in ctx.slots]
         try:
@@ -108,7 +110,6 @@ class _RecomputedFactors(torch.autograd.Function):
         finally:
             for (module, name), tensor in zip(ctx.slots, current):
                 module._parameters[name] = tensor
-        inputs = [*args, *params]
         wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
         found = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grads, allow_unused=True)
         out = [None] * len(inputs)
@@ -164,16 +165,18 @@ class TLoRALinear(AdapterLinear):
     def build(self, factor_fn, *args) -> tuple[torch.Tensor, torch.Tensor]:
         """factor_fn(*args) -> (A, B), with its intermediates recomputed in backward if recompute_factors.
         factor_fn draws no random numbers (routing noise is drawn before), so recomputing it is exact."""
-        if self.recompute_factors and torch.is_grad_enabled():
-            slots, params = [], []
-            for side in (self.side_a, self.side_b):
-                for module in side.modules():
-                    for name, p in module._parameters.items():
-                        if p is not None and p.requires_grad:
-                            slots.append((module, name))
-                            params.append(p)
-            return _RecomputedFactors.apply(factor_fn, len(args), slots, *args, *params)
-        return factor_fn(*args)
+        if not (self.recompute_factors and torch.is_grad_enabled()):
+            return factor_fn(*args)
+        slots, params = [], []
+        for side in (self.side_a, self.side_b):
+            for module in side.modules():
+                for name in [n for n, p in module._parameters.items() if p is not None and p.requires_grad]:
+                    slots.append((module, name))
+                    # attribute access, not the dict's items(): under ZeRO-3 it gathers the parameter
+                    params.append(getattr(module, name))
+        if not any(t.requires_grad for t in (*args, *params)):
+            return factor_fn(*args)
+        return _RecomputedFactors.apply(factor_fn, len(args), slots, *args, *params)
 
     def delta_from_weights(self, x, weights, inverse):
         a, b = self.build(self.factors)
@@ -230,3 +233,11 @@ class TensorPolyIILinear(TensorPolyILinear):
         mixed_a = torch.einsum("unk,nkrq->unrq", w, self.side_a.leaves)
         mixed_b = torch.einsum("unk,nkrq->unrq", w, self.side_b.leaves)
         return self.side_a.from_mixed_leaves(mixed_a).transpose(1, 2), self.side_b.from_mixed_leaves(mixed_b)
+
+
+def set_factor_recomputation(model: nn.Module, enabled: bool) -> int:
+    """Set recompute_factors on every TLoRA-family layer of `model`; returns how many there are."""
+    layers = [m for m in model.modules() if isinstance(m, TLoRALinear)]
+    for layer in layers:
+        layer.recompute_factors = enabled
+    return len(layers)

@@ -75,6 +75,9 @@ class TrainSection:
     seed: int = 42
     max_minutes: float = 0.0                 # wall budget; 0: none. On expiry: checkpoint, exit 124 (requeue)
     gradient_checkpointing: bool = False
+    # TLoRA / TensorPoly-I/II: rebuild the Kronecker factors in backward instead of keeping their intermediates
+    # (saves ~2.2 GB at T0-3B with one task per batch, ~2.2 GB with eight; costs a second factor build)
+    recompute_adapter_factors: bool = True
     full_finetune: bool = False              # FullFT baseline: no adapters, every parameter trainable
     keep_checkpoints: int = 2
     save_checkpoints: bool = True            # False: no checkpoints at all (short adaptation jobs)

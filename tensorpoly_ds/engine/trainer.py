@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpoly_ds.adapters import adapter_param_groups, routing_tables, task_routing
+from tensorpoly_ds.adapters import adapter_param_groups, routing_tables, set_factor_recomputation, task_routing
 from tensorpoly_ds.adapters.export import config_differences
 
 from . import checkpoint as ckpt
@@ -249,6 +249,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
         from .model import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
+    set_factor_recomputation(model, train.recompute_adapter_factors)
     groups = param_groups(model, optim)
     group_names = [g["name"] for g in groups]
     probe = _grad_alignment_probe(train, ds_config, adapter_cfg, train_rows, tasks or [], hooks, rank,

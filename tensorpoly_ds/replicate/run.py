@@ -89,7 +89,9 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
     first = stages.data_dir(out, cfg.variants[0].name, max(cfg.prep.ks))
     cache = Path(cfg.cache).resolve() if cfg.cache else out / "cache"
     with timer("backbone"):
-        backbone = train_backbone(cfg.backbone, first, cache, threads=os.cpu_count() or 1, log=log,
+        # one thread: the tiny backbone gains little from two, and two OpenMP threads collapse (spin-waiting
+        # barriers) as soon as anything else shares the CPUs
+        backbone = train_backbone(cfg.backbone, first, cache, threads=1, log=log,
                                   train_now="backbone" in want)
     runs = stages.pretrain_runs(cfg, out, backbone)
     pretrain_seconds = {}

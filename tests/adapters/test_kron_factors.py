@@ -147,3 +147,14 @@ def test_exports_without_and_with_the_old_frozen_constants_reload_identically(ke
     save_file(old, str(tmp_path / "old" / "adapter_model.safetensors"), metadata={"format": "1"})
     with pytest.raises(ExportError, match=victim.replace(".", r"\.")):
         load_adapters(tiny_t5(), tmp_path / "old")
+
+
+def test_factor_recomputation_switch_reaches_every_tlora_family_layer():
+    from tensorpoly_ds.adapters import adapter_layers, set_factor_recomputation
+
+    model = tiny_t5()
+    inject_adapters(model, AdapterConfig(**CASES["tensorpoly_ii_ln"]), num_tasks=2)
+    layers = adapter_layers(model).values()
+    assert all(layer.recompute_factors for layer in layers)
+    assert set_factor_recomputation(model, False) == len(layers) > 0
+    assert not any(layer.recompute_factors for layer in layers)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import VOCAB, run_pretrain
+from .conftest import VOCAB, read_metrics, run_pretrain
+from .test_pretrain_runs import assert_same_trajectory
 
 pytestmark = pytest.mark.slow
 
@@ -66,13 +67,16 @@ def test_adapter_checkpoint_holds_no_backbone_tensor(baseline_run):
 
 
 def test_zero3_checkpoint_is_lean_and_zero_to_fp32_rebuilds_the_adapters(tmp_path, prepared_dir):
-    """Two ranks, ZeRO-3, the random-init tiny architecture (built under zero.Init)."""
+    """Two ranks, ZeRO-3, the random-init tiny architecture (built under zero.Init), TensorPoly-I with the
+    official LayerNorm (frozen affines: no tensors; factors recomputed in backward from partitioned leaves)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    run_dir = tmp_path / "z3"
-    run_pretrain(run_dir, prepared_dir, ["deepspeed.zero_stage=3", "train.steps=4", "train.micro_batch=2",
-                                         "train.grad_accum=1", "train.eval_every=0", "train.save_every=2",
-                                         "train.eval_at_end=false"], nproc=2)
+    run_dir, single = tmp_path / "z3", tmp_path / "single"
+    common = ["adapter={method: tensorpoly_i, rank: 2, tensor_rank: 3, order: 2, layernorm: true}", "train.steps=4",
+              "train.grad_accum=1", "train.eval_every=0", "train.save_every=2", "train.eval_at_end=false"]
+    run_pretrain(run_dir, prepared_dir, common + ["deepspeed.zero_stage=3", "train.micro_batch=2"], nproc=2)
+    run_pretrain(single, prepared_dir, common + ["deepspeed.zero_stage=0", "train.micro_batch=4"])
+    assert_same_trajectory(read_metrics(single), read_metrics(run_dir))   # same backbone, same training
     ckpt_dir = run_dir / "checkpoints"
     export = load_file(str(run_dir / "export" / "adapter_model.safetensors"))
     backbone = backbone_names("tiny")
