@@ -6,4 +6,4 @@ cd "$root"
 bash scripts/setup.sh "$@"
 export DS_ACCELERATOR=cpu
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.torch_extensions}"
-exec .venv/bin/python -m pytest -q tests
+exec .venv/bin/python -m pytest -q --durations=30 tests
