@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_job(args) -> AdaptJob:
-    from tensorpoly_ds.adapt.engine_train import launcher_job_fields
+    from tensorpoly_ds.adapt.spec import launcher_job_fields
 
     launcher = launcher_job_fields()   # `accelerate launch`: its ZeRO stage and precision, before --set
     if args.job_table:

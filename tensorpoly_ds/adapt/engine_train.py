@@ -38,32 +38,6 @@ def examples(batch: dict[str, Any]) -> float:
     return float(batch["input_ids"].shape[0])
 
 
-# run-config keys `accelerate launch` can set (engine.distributed.accelerate_overrides) -> job fields
-LAUNCHER_JOB_FIELDS = {"deepspeed.zero_stage": "zero_stage", "deepspeed.precision": "precision",
-                       "train.grad_accum": "grad_accum", "optim.clip": "clip"}
-
-
-def launcher_job_fields(env=None) -> dict[str, Any]:
-    """Job fields for what `accelerate launch`'s DeepSpeed plugin configured (empty for other launchers): the
-    engine trainer with the plugin's ZeRO stage and precision. Offload and a DeepSpeed config file have no
-    job field and are refused."""
-    import yaml
-
-    from ..engine.distributed import LaunchError, accelerate_overrides
-
-    overrides = accelerate_overrides(env)
-    fields: dict[str, Any] = {"trainer": "engine"} if overrides else {}
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        value = yaml.safe_load(raw)
-        if key in LAUNCHER_JOB_FIELDS:
-            fields[LAUNCHER_JOB_FIELDS[key]] = value
-        elif value not in (False, None):
-            raise LaunchError(f"accelerate launch sets {item}, which adaptation jobs do not support (no offload, "
-                              "no DeepSpeed config file: jobs build theirs from ds_configs/)")
-    return fields
-
-
 def _sections(job, steps: int, world: int, micro_total: int, eval_every: int):
     from ..engine.config import DeepSpeedSection, OptimSection, TrainSection
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tensorpoly_ds.adapt.engine_train import launcher_job_fields
+from tensorpoly_ds.adapt.spec import launcher_job_fields
 from tensorpoly_ds.engine.distributed import LaunchError, accelerate_overrides, distributed_env
 
 from .conftest import BASE, PRETRAIN, REPO, TINY, child_env, free_port, read_metrics
