@@ -12,6 +12,8 @@ backward (`recompute_factors`, on by default): only the leaves, the routing weig
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 
 import torch
@@ -91,7 +93,10 @@ class _RecomputedFactors(torch.autograd.Function):
     def forward(ctx, fn, num_args: int, slots, *tensors):
         device = tensors[-1].device.type
         ctx.fn, ctx.num_args, ctx.slots = fn, num_args, slots
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        try:
+            ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        except RuntimeError:   # a device without autocast (meta: the planner's shape-only forward)
+            ctx.autocast = None
         ctx.needs_grad = [t.requires_grad for t in tensors]
         ctx.save_for_backward(*(t.detach() for t in tensors))
         return fn(*tensors[:num_args])
@@ -100,12 +105,14 @@ class _RecomputedFactors(torch.autograd.Function):
     def backward(ctx, *grads):
         inputs = [t.detach().requires_grad_(needs) for t, needs in zip(ctx.saved_tensors, ctx.needs_grad)]
         args, params = inputs[: ctx.num_args], inputs[ctx.num_args:]
-        device, autocast, dtype = ctx.autocast
+        # the forward's autocast state, whatever the caller of backward has on
+        recast = contextlib.nullcontext() if ctx.autocast is None else \
+            torch.autocast(ctx.autocast[0], dtype=ctx.autocast[2], enabled=ctx.autocast[1])
         current = [module._parameters[name] for module, name in ctx.slots]
         try:
             for (module, name), tensor in zip(ctx.slots, params):
                 module._parameters[name] = tensor
-            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
+            with torch.enable_grad(), recast:
                 outputs = ctx.fn(*args)
         finally:
             for (module, name), tensor in zip(ctx.slots, current):
