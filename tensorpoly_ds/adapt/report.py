@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .job import MARKER_FILE, RESULT_FILE
+from ..figures import save_figure
 from .table import read_table
 
 MODE_ORDER = {"full": 0, "z": 1, "mu": 2}
@@ -329,15 +330,8 @@ def plot_accuracy(agg: dict, path: Path, aggregate_by: str = "median") -> Path |
                  "median over seeds; error bars: min–max", fontsize="small")
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
-    _save_fig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
-
-
-def _save_fig(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
 
 
 def routing_matrix(path: Path) -> tuple[list[str], list[list[float]]]:
@@ -384,8 +378,7 @@ def plot_routing(results: list[dict], out: Path, log=print) -> list[Path]:
         fig.suptitle(f"routing weights: {label} ({mode})")
         fig.tight_layout()
         path = out / f"routing_{_slug(label)}_{_slug(mode)}.png"
-        _save_fig(fig, path)
-        plt.close(fig)
+        save_figure(fig, path)
         written.append(path)
     return written
 

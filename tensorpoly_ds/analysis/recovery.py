@@ -209,8 +209,6 @@ def plot_recovery(learned: np.ndarray, truth: np.ndarray, task_names: Sequence[s
     if title:
         fig.suptitle(title, fontsize="small")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    from ..figures import save_figure
+
+    return save_figure(fig, path)

@@ -168,7 +168,7 @@ def plot_similarity(learned, truth, tasks: list[str], path: Path, title: str) ->
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ..adapt.report import _save_fig
+    from ..figures import save_figure
 
     def cos(x):
         x = np.asarray(x, dtype=float)
@@ -185,8 +185,7 @@ def plot_similarity(learned, truth, tasks: list[str], path: Path, title: str) ->
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize="small")
     fig.tight_layout()
-    _save_fig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -206,7 +205,7 @@ def plot_rows(selected: list[dict], k: int, path: Path, title: str, chance: floa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..adapt.report import _save_fig
+    from ..figures import save_figure
 
     names = sorted(rows, key=lambda n: ("0-shot" in n, n))
     per_seed = {n: [statistics.mean(v) for _, v in sorted(rows[n].items())] for n in names}
@@ -228,8 +227,7 @@ def plot_rows(selected: list[dict], k: int, path: Path, title: str, chance: floa
     ax.set_title(title, fontsize="small")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    _save_fig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -243,7 +241,7 @@ def plot_vs_k(selected: list[dict], path: Path, title: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..adapt.report import _save_fig
+    from ..figures import save_figure
 
     by_row: dict[str, dict[int, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in few:
@@ -260,8 +258,7 @@ def plot_vs_k(selected: list[dict], path: Path, title: str) -> Path | None:
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize="small")
     fig.tight_layout()
-    _save_fig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 

@@ -76,7 +76,7 @@ def plot_curves(curves: dict[str, dict], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..adapt.report import _save_fig
+    from ..figures import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (name, c) in enumerate(curves.items()):
@@ -96,8 +96,7 @@ def plot_curves(curves: dict[str, dict], path: Path, title: str) -> Path:
     ax.set_title(title, fontsize="small")
     ax.legend(fontsize="x-small", ncol=2)
     fig.tight_layout()
-    _save_fig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
