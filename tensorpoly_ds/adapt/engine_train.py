@@ -45,9 +45,11 @@ def _sections(job, steps: int, world: int, micro_total: int, eval_every: int):
         raise ValueError(f"batch size {micro_total} is not divisible by the {world} ranks")
     optim = OptimSection(name=job.optimizer, lr=job.lr, module_lr=job.lr, routing_lr=job.routing_lr or job.lr,
                          warmup_ratio=job.warmup_ratio, clip=job.clip, schedule="linear")
+    # heatmap_max_layers=0: the routing of a one-task job is a single row per layer, which the routing entropy
+    # scalars and routing.safetensors already hold; eight matplotlib figures per eval cost more than the eval
     train = TrainSection(steps=steps, micro_batch=micro_total // world, grad_accum=job.grad_accum,
                          eval_every=eval_every, save_every=0, seed=job.seed, export_at_end=False,
-                         eval_at_end=True, progress_bar=False, keep_checkpoints=1)
+                         eval_at_end=True, progress_bar=False, keep_checkpoints=1, heatmap_max_layers=0)
     ds = DeepSpeedSection(zero_stage=job.zero_stage, precision=job.precision)
     return optim, train, ds
 

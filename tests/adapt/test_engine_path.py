@@ -52,6 +52,14 @@ def check_z(out, export):
     logits = torch.cat([v.flatten() for k, v in load_file(str(out / "routing.safetensors")).items()
                         if k.endswith(".logits")])
     assert logits.abs().max() > 2e-3
+    # routing is monitored by its entropy; a one-task job draws no heatmaps (engine_train: heatmap_max_layers=0)
+    rows = [json.loads(line) for line in (out / "engine" / "fewshot" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "routing"] == [2, 4]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "engine" / "fewshot" / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert "routing_entropy/mean" in acc.Tags()["scalars"] and acc.Tags()["images"] == []
     return result
 
 
