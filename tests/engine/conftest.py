@@ -100,3 +100,18 @@ def baseline_run(tmp_path_factory, prepared_dir, backbone_dir):
     run_dir = tmp_path_factory.mktemp("runs") / "baseline"
     run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir))
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory, prepared_dir, backbone_dir):
+    """The baseline's training on 2 ranks x micro 2 under ZeRO `stage`: (run dir, its stdout), made on first
+    use and shared (test_pretrain_runs compares it with the baseline, test_elastic_resume resumes it on 1 rank)."""
+    runs = {}
+
+    def get(stage: int):
+        if stage not in runs:
+            run_dir = tmp_path_factory.mktemp("runs") / f"two_ranks_z{stage}"
+            proc = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir, stage=stage, micro=2), nproc=2)
+            runs[stage] = run_dir, proc.stdout
+        return runs[stage]
+    return get

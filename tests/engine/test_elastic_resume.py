@@ -2,7 +2,8 @@
 
 The reference is the source run itself, uninterrupted: the resumed run must reproduce its losses after the
 checkpoint. Rows, loss normaliser and update rule do not depend on the world size; only the float summation
-order of the gradient reduction does, hence REL.
+order of the gradient reduction does, hence REL. The sources are the session's baseline runs (conftest: the
+1-rank ZeRO-0 baseline and its 2-rank ZeRO-2/3 twins), resumed from their step-16 checkpoint.
 """
 
 import json
@@ -13,29 +14,31 @@ import torch
 
 from tensorpoly_ds.engine import checkpoint as ckpt
 
-from .conftest import base_overrides, read_metrics, run_pretrain
+from .conftest import BASE_STEPS, base_overrides, read_metrics, run_pretrain
 
-STEPS = 12
-SHORT = [f"train.steps={STEPS}", "train.save_every=4", "train.eval_every=4"]
-FROM = "step_00000004"
+AT = 16                      # the source's checkpoint the resumed runs start from (saved every 8 steps)
+FROM = ckpt.tag_for(AT)
 REL = 2e-5   # fp32 on CPU, measured <= 3e-7 relative between 2 -> 1 rank and the uninterrupted 2-rank run
 
 
 def overrides(backbone, stage: int, world: int, extra=()) -> list[str]:
     """The same global batch (4 x accum 2) on any world size."""
-    return base_overrides(backbone, stage=stage, micro=4 // world) + SHORT + list(extra)
+    return base_overrides(backbone, stage=stage, micro=4 // world) + list(extra)
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, prepared_dir, backbone_dir):
-    """Uninterrupted runs, one per (ZeRO stage, world size), made on first use."""
-    runs = {}
+def source(tmp_path_factory, prepared_dir, backbone_dir, baseline_run, two_rank_run):
+    """Uninterrupted runs, one per (ZeRO stage, world size): the session's where it has one."""
+    runs = {(0, 1): baseline_run}
 
     def get(stage: int, world: int):
         if (stage, world) not in runs:
-            run_dir = tmp_path_factory.mktemp("elastic") / f"z{stage}_w{world}"
-            run_pretrain(run_dir, prepared_dir, overrides(backbone_dir, stage, world), nproc=world)
-            runs[stage, world] = run_dir
+            if world == 2:
+                runs[stage, world] = two_rank_run(stage)[0]
+            else:
+                run_dir = tmp_path_factory.mktemp("elastic") / f"z{stage}_w{world}"
+                run_pretrain(run_dir, prepared_dir, overrides(backbone_dir, stage, world), nproc=world)
+                runs[stage, world] = run_dir
         return runs[stage, world]
     return get
 
@@ -50,14 +53,14 @@ def resume_copy(src, run_dir, prepared, backbone, stage: int, world: int, with_u
 
 
 def assert_continues(reference, resumed, rel: float = REL):
-    expected = {s: v for s, v in read_metrics(reference).items() if s > 4}
+    expected = {s: v for s, v in read_metrics(reference).items() if s > AT}
     got = read_metrics(resumed)
-    assert sorted(got) == list(range(5, STEPS + 1))
+    assert sorted(got) == list(range(AT + 1, BASE_STEPS + 1))
     for step, value in expected.items():
         assert abs(got[step] - value) <= rel * abs(value), (step, value, got[step])
     val_ref, val = read_metrics(reference, "eval", "val/loss"), read_metrics(resumed, "eval", "val/loss")
-    for step in (8, STEPS):
-        assert abs(val[step] - val_ref[step]) <= rel * abs(val_ref[step]), (step, val_ref[step], val[step])
+    assert sorted(val) == [BASE_STEPS]
+    assert abs(val[BASE_STEPS] - val_ref[BASE_STEPS]) <= rel * abs(val_ref[BASE_STEPS]), (val_ref, val)
 
 
 def reset_adamw_state(universal) -> None:
@@ -69,7 +72,7 @@ def reset_adamw_state(universal) -> None:
             state["param"] = torch.zeros_like(state["param"])
             torch.save(state, param_dir / f"{key}.pt")
         torch.save(torch.zeros(()), param_dir / "step.pt")
-    ckpt.write_marker(universal, 4)
+    ckpt.write_marker(universal, AT)
 
 
 @pytest.mark.slow
@@ -78,7 +81,7 @@ def test_zero2_two_ranks_to_one_carries_the_optimizer(source, tmp_path, prepared
     resumed = tmp_path / "resumed"
     proc = resume_copy(src, resumed, prepared_dir, backbone_dir, stage=2, world=1)
     universal = resumed / "checkpoints" / (FROM + ckpt.UNIVERSAL_SUFFIX)
-    assert (f"resumed from {resumed / 'checkpoints' / FROM} at step 4 on 1 rank(s) (checkpoint written on "
+    assert (f"resumed from {resumed / 'checkpoints' / FROM} at step {AT} on 1 rank(s) (checkpoint written on "
             f"2 rank(s), converted to a universal checkpoint at {universal})") in proc.stdout, proc.stdout[-3000:]
     assert ckpt.verify_tag(universal) is None   # its own marker and checksums
     assert not list(resumed.glob("checkpoints/.*tmp*"))
@@ -92,8 +95,8 @@ def test_zero2_two_ranks_to_one_carries_the_optimizer(source, tmp_path, prepared
     proc = run_pretrain(fresh, prepared_dir, overrides(backbone_dir, 2, 1), nproc=1)
     assert "converting" not in proc.stdout   # an intact conversion is reused
     carried, restarted = read_metrics(resumed), read_metrics(fresh)
-    assert abs(restarted[5] - carried[5]) <= REL * carried[5]
-    assert abs(restarted[6] - carried[6]) > 100 * REL * carried[6], (carried[6], restarted[6])
+    assert abs(restarted[AT + 1] - carried[AT + 1]) <= REL * carried[AT + 1]
+    assert abs(restarted[AT + 2] - carried[AT + 2]) > 100 * REL * carried[AT + 2], (carried[AT + 2], restarted[AT + 2])
 
 
 @pytest.mark.slow
@@ -112,18 +115,18 @@ def test_resume_on_another_world_size(stage, saved_on, resumed_on, source, tmp_p
     assert len(converted) == (0 if stage == 0 else 1)
     assert_continues(src, resumed)
     # the checkpoints written after the resume are ordinary ones of the new world size
-    assert json.loads((resumed / "checkpoints" / "step_00000012" / ckpt.META).read_text())["world_size"] == resumed_on
+    assert json.loads((resumed / "checkpoints" / ckpt.tag_for(BASE_STEPS) / ckpt.META).read_text())["world_size"] == resumed_on
 
 
-def fake_tag(run_dir, meta: dict, files: dict[str, bytes], name: str = FROM):
+def fake_tag(run_dir, meta: dict, files: dict[str, bytes], step: int = AT):
     """A structurally complete tag (marker with sizes): enough for the checks made before any process group."""
-    tag = run_dir / "checkpoints" / name
+    tag = run_dir / "checkpoints" / ckpt.tag_for(step)
     tag.mkdir(parents=True)
     for name, body in files.items():
         (tag / name).write_bytes(body)
-    (tag / ckpt.META).write_text(json.dumps({"step": 4, **meta}))
+    (tag / ckpt.META).write_text(json.dumps({"step": step, **meta}))
     sizes = {p.name: p.stat().st_size for p in tag.iterdir()}
-    (tag / ckpt.MARKER).write_text(json.dumps({"step": 4, "files": sizes}))
+    (tag / ckpt.MARKER).write_text(json.dumps({"step": step, "files": sizes}))
     return tag
 
 
@@ -152,7 +155,7 @@ def test_adafactor_across_world_sizes_is_refused_before_starting(tmp_path, prepa
 def test_pruning_a_tag_removes_its_conversion(tmp_path):
     ckpt_dir = tmp_path / "checkpoints"
     for step in (4, 8):
-        fake_tag(tmp_path, {"world_size": 1}, {"mp_rank_00_model_states.pt": b"x"}, name=ckpt.tag_for(step))
+        fake_tag(tmp_path, {"world_size": 1}, {"mp_rank_00_model_states.pt": b"x"}, step=step)
         (ckpt_dir / (ckpt.tag_for(step) + ckpt.UNIVERSAL_SUFFIX)).mkdir()
     (ckpt_dir / f".{ckpt.tag_for(4)}{ckpt.UNIVERSAL_SUFFIX}.tmp").mkdir()   # a conversion cut short
     ckpt.prune(ckpt_dir, keep=1)

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,12 +35,11 @@ def test_single_process_tiny_run_lowers_loss(baseline_run):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_match_one_rank(stage, tmp_path, prepared_dir, backbone_dir, baseline_run):
+def test_two_ranks_match_one_rank(stage, tmp_path, prepared_dir, backbone_dir, baseline_run, two_rank_run):
     """2 ranks x micro 2 (ZeRO-2 / ZeRO-3, the backbone loaded under zero.Init) == 1 rank x micro 4 (ZeRO-0)."""
-    run_dir = tmp_path / f"z{stage}"
-    proc = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir, stage=stage, micro=2), nproc=2)
+    run_dir, stdout = two_rank_run(stage)
     if stage == 3:   # the pretrained backbone was loaded under deepspeed.zero.Init (HfDeepSpeedConfig alive)
-        assert "backbone partitioned at load (zero.Init): True" in proc.stdout, proc.stdout[-2000:]
+        assert "backbone partitioned at load (zero.Init): True" in stdout, stdout[-2000:]
     assert_same_trajectory(read_metrics(baseline_run), read_metrics(run_dir))
     assert_same_trajectory(read_metrics(baseline_run, "eval", "val/loss"), read_metrics(run_dir, "eval", "val/loss"))
     if stage == 3:
@@ -97,7 +95,6 @@ def interrupted_run(tmp_path_factory, prepared_dir, backbone_dir):
 
 
 def test_sigusr1_checkpoints_and_exits_with_requeue_status(interrupted_run):
-    from tensorpoly_ds.engine.checkpoint import read_meta, verify_tag
     from tensorpoly_ds.engine.trainer import REQUEUE_EXIT_CODE
 
     r = interrupted_run
