@@ -102,16 +102,35 @@ def baseline_run(tmp_path_factory, prepared_dir, backbone_dir):
     return run_dir
 
 
+ACCELERATE_ZERO2 = REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"
+
+
+def accelerate_cmd(script_args, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_ZERO2),
+            "--num_processes", str(nproc), "--main_process_port", str(free_port()), *script_args]
+
+
 @pytest.fixture(scope="session")
 def two_rank_run(tmp_path_factory, prepared_dir, backbone_dir):
     """The baseline's training on 2 ranks x micro 2 under ZeRO `stage`: (run dir, its stdout), made on first
-    use and shared (test_pretrain_runs compares it with the baseline, test_elastic_resume resumes it on 1 rank)."""
+    use and shared (test_pretrain_runs compares it with the baseline, test_elastic_resume resumes it on 1
+    rank). ZeRO-2 is launched by `accelerate launch` with the shipped DeepSpeed plugin config, which sets the
+    stage (the run config says ZeRO-0; test_accelerate checks the plugin won); ZeRO-3 by torchrun."""
     runs = {}
 
     def get(stage: int):
         if stage not in runs:
             run_dir = tmp_path_factory.mktemp("runs") / f"two_ranks_z{stage}"
-            proc = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir, stage=stage, micro=2), nproc=2)
+            if stage == 2:
+                args = [str(PRETRAIN), "--config", str(TINY), "--resume", "auto", f"data.dir={prepared_dir}",
+                        f"run.dir={run_dir}", "train.progress_bar=false", *BASE,
+                        f"model.name_or_path={backbone_dir}", "train.micro_batch=2"]
+                proc = subprocess.run(accelerate_cmd(args), cwd=REPO, env=child_env(), capture_output=True,
+                                      text=True, timeout=600)
+                assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+            else:
+                proc = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir, stage=stage, micro=2),
+                                    nproc=2)
             runs[stage] = run_dir, proc.stdout
         return runs[stage]
     return get

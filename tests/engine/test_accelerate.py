@@ -2,17 +2,14 @@
 run-config overrides, and pretraining on 2 CPU ranks under it trains exactly like 1 rank (the reference run)."""
 
 import json
-import sys
 
 import pytest
 
 from tensorpoly_ds.adapt.spec import launcher_job_fields
 from tensorpoly_ds.engine.distributed import LaunchError, accelerate_overrides, distributed_env
 
-from .conftest import BASE, PRETRAIN, REPO, TINY, child_env, free_port, read_metrics
+from .conftest import read_metrics
 from .test_pretrain_runs import assert_same_trajectory
-
-ZERO2 = REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"
 
 
 def plugin_env(**extra):
@@ -63,24 +60,14 @@ def test_adaptation_jobs_take_the_stage_and_precision():
         launcher_job_fields(plugin_env(ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE="cpu"))
 
 
-def accelerate_cmd(script_args, nproc=2):
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO2), "--num_processes",
-            str(nproc), "--main_process_port", str(free_port()), *script_args]
-
-
 @pytest.mark.slow
-def test_accelerate_launch_two_ranks_match_one_rank(tmp_path, prepared_dir, backbone_dir, baseline_run):
+def test_accelerate_launch_two_ranks_match_one_rank(baseline_run, two_rank_run):
     """accelerate launch (DeepSpeed plugin, ZeRO-2) x 2 CPU ranks x micro 2 == 1 rank x micro 4 (ZeRO-0): the
-    plugin's stage is used (the run config says ZeRO-0) and the losses follow the reference run."""
-    import subprocess
-
-    run_dir = tmp_path / "accelerate"
-    args = [str(PRETRAIN), "--config", str(TINY), f"data.dir={prepared_dir}", f"run.dir={run_dir}",
-            "train.progress_bar=false", *BASE, f"model.name_or_path={backbone_dir}", "train.micro_batch=2"]
-    proc = subprocess.run(accelerate_cmd(args), cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "accelerate launch: deepspeed.zero_stage=2" in proc.stdout
+    plugin's stage is used (the run config says ZeRO-0) and the losses follow the reference run. The run is
+    the session's 2-rank ZeRO-2 twin (conftest.two_rank_run), which test_pretrain_runs and the elastic tests
+    use too."""
+    run_dir, stdout = two_rank_run(2)
+    assert "accelerate launch: deepspeed.zero_stage=2" in stdout, stdout[-3000:]
     ds = json.loads((run_dir / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 2 * 2 * 2
     assert_same_trajectory(read_metrics(baseline_run), read_metrics(run_dir))
