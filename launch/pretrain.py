@@ -53,8 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     from tensorpoly_ds.engine.stop import STOP
 
     configure_malloc()   # before the backbone's allocations (host memory at T0-3B: docs/pretrain.md)
+    from tensorpoly_ds.engine.distributed import shutdown_distributed
+
     with STOP.handling():   # before anything slow: a SIGUSR1 during start-up must not kill the rank
-        return _main(argv)
+        try:
+            return _main(argv)
+        finally:
+            shutdown_distributed()
 
 
 def _main(argv: list[str] | None) -> int:

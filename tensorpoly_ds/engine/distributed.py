@@ -209,6 +209,14 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group before the interpreter exits. Left alive, gloo's threads can meet the exit
+    half-torn-down: a rank that had finished its work aborted with "terminate called without an active
+    exception" (exit -6) once in CI, which a launcher reports as a failed run. Local, no collective."""
+    if is_dist():
+        sys.modules["torch"].distributed.destroy_process_group()
+
+
 # ---- collectives that degrade to no-ops without a process group ---------------------------------------
 def is_dist() -> bool:
     if "torch" not in sys.modules:   # no torch, no process group

@@ -50,3 +50,6 @@ def main(out, stage):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    from tensorpoly_ds.engine.distributed import shutdown_distributed
+
+    shutdown_distributed()   # as the entry points do: no process group left to the interpreter's exit

@@ -70,3 +70,6 @@ def main(out_dir: str, stage: int, routing: str = "learned") -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
+    from tensorpoly_ds.engine.distributed import shutdown_distributed
+
+    shutdown_distributed()   # as the entry points do: no process group left to the interpreter's exit
