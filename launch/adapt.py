@@ -20,7 +20,7 @@ import sys
 # Light imports only up to the pre-checks (no torch): an impossible job is refused in well under a second.
 from tensorpoly_ds.adapt.spec import AdaptJob, JobBusy, JobError
 from tensorpoly_ds.adapt.table import TableError, table_job
-from tensorpoly_ds.engine.distributed import LaunchError, distributed_env, shutdown_distributed
+from tensorpoly_ds.engine.distributed import LaunchError, distributed_env
 from tensorpoly_ds.engine.stop import REQUEUE_EXIT_CODE, STOP, stop_when_parent_dies
 
 EXIT_BUSY = 75            # EX_TEMPFAIL: try again once the other process is done
@@ -103,10 +103,7 @@ def check_world(job: AdaptJob, env=None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     with STOP.handling():   # first: a stop request while the model loads is kept, not fatal
-        try:
-            return _main(argv)
-        finally:
-            shutdown_distributed()
+        return _main(argv)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -53,13 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from tensorpoly_ds.engine.stop import STOP
 
     configure_malloc()   # before the backbone's allocations (host memory at T0-3B: docs/pretrain.md)
-    from tensorpoly_ds.engine.distributed import shutdown_distributed
-
     with STOP.handling():   # before anything slow: a SIGUSR1 during start-up must not kill the rank
-        try:
-            return _main(argv)
-        finally:
-            shutdown_distributed()
+        return _main(argv)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -9,6 +9,7 @@ SLURM_JOB_ID and SLURM_ARRAY_TASK_ID so that array tasks on one node do not clas
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import socket
@@ -206,13 +207,17 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        # at exit, not when a run returns: in-process callers (tests, the replicate pool's workers) run job
+        # after job on one process group, and DeepSpeed caches its groups
+        atexit.register(shutdown_distributed)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group before the interpreter exits. Left alive, gloo's threads can meet the exit
-    half-torn-down: a rank that had finished its work aborted with "terminate called without an active
-    exception" (exit -6) once in CI, which a launcher reports as a failed run. Local, no collective."""
+    """Destroy the process group before the interpreter tears down (registered with atexit by
+    init_distributed). Left alive, gloo's threads can meet the exit half-torn-down: a rank that had finished
+    its work aborted with "terminate called without an active exception" (exit -6) once in CI, which a
+    launcher reports as a failed run. Local, no collective."""
     if is_dist():
         sys.modules["torch"].distributed.destroy_process_group()
 
