@@ -122,9 +122,9 @@ def two_rank_run(tmp_path_factory, prepared_dir, backbone_dir):
         if stage not in runs:
             run_dir = tmp_path_factory.mktemp("runs") / f"two_ranks_z{stage}"
             if stage == 2:
-                args = [str(PRETRAIN), "--config", str(TINY), "--resume", "auto", f"data.dir={prepared_dir}",
-                        f"run.dir={run_dir}", "train.progress_bar=false", *BASE,
-                        f"model.name_or_path={backbone_dir}", "train.micro_batch=2"]
+                # pretrain_cmd's single-process form is [python, script, args...]: accelerate takes the rest
+                args = pretrain_cmd(run_dir, prepared_dir, [*BASE, f"model.name_or_path={backbone_dir}",
+                                                            "train.micro_batch=2"])[1:]
                 proc = subprocess.run(accelerate_cmd(args), cwd=REPO, env=child_env(), capture_output=True,
                                       text=True, timeout=600)
                 assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
