@@ -15,12 +15,12 @@ from tensorpoly_ds.adapters import AdapterConfig
 from tensorpoly_ds.models import t5_config
 from tensorpoly_ds.plan import CANDIDATES, ModelFacts, Setting, Workload, estimate, recommend
 from tensorpoly_ds.plan.cli import main as plan_main, parse_size, plan, run_config, build_parser
-from tensorpoly_ds.plan.facts import gather_facts, meta_batch, meta_model
+from tensorpoly_ds.plan.facts import meta_batch, meta_model
 
 REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30
 # the CPU measurement: a T5 whose training memory (0.35-0.6 GB) dwarfs what the plan does not model (measured
-# on this machine: ~30 MB of runtime overhead on top of tensors)
+# on this machine: ~10 MB of anonymous runtime overhead on top of tensors)
 SMALL = {"model": {"name_or_path": "tiny", "vocab_size": 32128,
                    "arch_overrides": {"d_model": 512, "d_kv": 64, "num_heads": 8, "d_ff": 1024}},
          "adapter": {"method": "poly", "skills": 4},
@@ -28,10 +28,10 @@ SMALL = {"model": {"name_or_path": "tiny", "vocab_size": 32128,
          "optim": {"name": "adamw"},
          "train": {"micro_batch": 8, "grad_accum": 1, "eval_every": 0, "save_every": 0},
          "deepspeed": {"zero_stage": 0, "precision": "fp32"}}
-# |plan - measured| / measured. The same code and package versions measured 353 MiB (checkpointing) in one venv
-# and 381 MiB in a freshly built one (plan 322-323): ~30 MB of runtime overhead the plan does not model varies
-# between installs, so the bound is 20 %, not the 15 % the first venv allowed
-TOLERANCE = 0.20
+# |plan - measured| / measured. measure_worker counts anonymous memory only: measured 567 / 334 MiB against a plan of
+# 556 / 323 (without / with checkpointing), idle or beside another test session. With the file-backed pages
+# counted too, the checkpointing case read 353-381 MiB, depending on the venv and on other processes.
+TOLERANCE = 0.10
 
 
 def small_config(tmp_path, **train):
