@@ -10,16 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tensorpoly_ds.engine.distributed import free_port
+
 SCRIPT = Path(__file__).parent / "scripts" / "zero3_shared_routing.py"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def launch(out: Path, ranks: int, stage: int, port: int, *extra: str) -> list[float]:
+def launch(out: Path, ranks: int, stage: int, *extra: str) -> list[float]:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
-           str(SCRIPT), str(out), str(stage), *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+           str(free_port()), str(SCRIPT), str(out), str(stage), *extra]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads((out / "losses.json").read_text())
@@ -27,8 +29,8 @@ def launch(out: Path, ranks: int, stage: int, port: int, *extra: str) -> list[fl
 
 @pytest.mark.slow
 def test_shared_routing_zero3_two_ranks_equals_one_rank(tmp_path):
-    single = launch(tmp_path / "one", 1, 0, 29631)
-    zero3 = launch(tmp_path / "two", 2, 3, 29632)
+    single = launch(tmp_path / "one", 1, 0)
+    zero3 = launch(tmp_path / "two", 2, 3)
     assert single[-1] < single[0]
     torch.testing.assert_close(torch.tensor(zero3), torch.tensor(single), rtol=1e-4, atol=1e-4)
     a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
@@ -42,8 +44,8 @@ def test_shared_routing_zero3_two_ranks_equals_one_rank(tmp_path):
 def test_random_routing_zero3_equals_zero0_on_two_ranks(tmp_path):
     """Random-mu draws per rank: ZeRO-3 (partitioned modules, no routing parameters to register) must train
     exactly as ZeRO-0 on the same two ranks with the same draws."""
-    zero0 = launch(tmp_path / "zero0", 2, 0, 29633, "random")
-    zero3 = launch(tmp_path / "zero3", 2, 3, 29634, "random")
+    zero0 = launch(tmp_path / "zero0", 2, 0, "random")
+    zero3 = launch(tmp_path / "zero3", 2, 3, "random")
     assert zero0[-1] < zero0[0]
     torch.testing.assert_close(torch.tensor(zero3), torch.tensor(zero0), rtol=1e-5, atol=1e-6)
     a = load_file(str(tmp_path / "zero0" / "adapter_model.safetensors"))
