@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config_keys import reject_unknown
+
 RESULT_FILE = "result.json"
 MARKER_FILE = "COMPLETE"
 FULLFT = "fullft"
@@ -98,10 +100,7 @@ class AdaptJob:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "job") -> "AdaptJob":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise JobError(f"{source}: unknown job field(s) {unknown}; valid fields: {sorted(known)}")
+        reject_unknown(data, (f.name for f in dataclasses.fields(cls)), source, JobError, what="job field")
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                    and f.name not in data]

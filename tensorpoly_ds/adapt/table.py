@@ -8,8 +8,8 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
 
+from ..config_keys import reject_unknown
 from .spec import AdaptJob, FULLFT, JobError
 
 ROUTED = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")
@@ -84,9 +84,7 @@ def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathL
             "overrides": {task: {job fields for that task's rows, e.g. batch_size: 4, grad_accum: 2}}}
     Unrouted methods only get mode "full" (other modes are skipped, not errors). A task's overrides win over
     base and the method entry. `source` (the grid file) names the grid in errors."""
-    unknown = sorted(set(grid) - set(GRID_KEYS))
-    if unknown:
-        raise TableError(f"{source}: unknown key(s) {unknown}; valid: {', '.join(GRID_KEYS)}")
+    reject_unknown(grid, GRID_KEYS, source, TableError)
     base = dict(grid.get("base") or {})
     methods = grid.get("methods") or []
     if not methods:

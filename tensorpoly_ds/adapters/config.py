@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..config_keys import reject_unknown
+
 METHODS = ("lora", "tlora", "poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x", "ia3")
 ROUTED_METHODS = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")
 GRANULARITIES = ("layer", "block", "group", "model")
@@ -109,10 +111,7 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> "AdapterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+        reject_unknown(data, (f.name for f in dataclasses.fields(cls)), source, ConfigError)
         return cls(**data)
 
 

@@ -20,6 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..config_keys import reject_unknown
+
 EXPECTS = ("greater", "less", "equal")
 EXACT_MAX_PAIRS = 20           # up to 2^20 sign patterns are enumerated exactly
 RANDOM_FLIPS = 10_000
@@ -216,9 +218,7 @@ _COMPARISON_KEYS = {"a", "b", "expect", "margin"}
 def _mapping(obj: Any, valid: set[str], where: str) -> dict:
     if not isinstance(obj, dict):
         raise ClaimsError(f"{where}: expected a mapping, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - valid)
-    if unknown:
-        raise ClaimsError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+    reject_unknown(obj, valid, where, ClaimsError)
     return obj
 
 

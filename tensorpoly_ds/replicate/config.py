@@ -17,6 +17,7 @@ from typing import Any
 
 from ..adapters import AdapterConfig, ConfigError
 from ..adapters.modes import MODES
+from ..config_keys import reject_unknown
 from ..engine.config import RunConfigError, _build_section, read_yaml
 
 FULLFT = "fullft"
@@ -211,9 +212,7 @@ def build_config(data: dict, src: str = "<dict>") -> ReplicateConfig:
     if not isinstance(data, dict):
         raise ReplicateConfigError(f"{src}: the top level must be a mapping")
     valid = {"variants", "methods", *_SECTIONS, *_SCALARS}
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ReplicateConfigError(f"{src}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
+    reject_unknown(data, valid, src, ReplicateConfigError)
     for key in ("variants", "methods"):
         if not isinstance(data.get(key), list) or not data[key]:
             raise ReplicateConfigError(f"{src}: '{key}' must be a non-empty list")
