@@ -16,40 +16,50 @@ SCRIPT = Path(__file__).parent / "scripts" / "zero3_shared_routing.py"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def launch(out: Path, ranks: int, stage: int, *extra: str) -> list[float]:
-    out.mkdir(parents=True, exist_ok=True)
+def launch(out: Path, ranks: int, *runs: str) -> Path:
+    """One torchrun launch of the script's STAGE:ROUTING runs; their outputs are out/<stage>_<routing>/."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-           str(free_port()), str(SCRIPT), str(out), str(stage), *extra]
+           str(free_port()), str(SCRIPT), str(out), *runs]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads((out / "losses.json").read_text())
+    return out
+
+
+def losses(run: Path) -> list[float]:
+    return json.loads((run / "losses.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """The 2-rank runs both tests compare, in one launch."""
+    return launch(tmp_path_factory.mktemp("zero3_two_ranks"), 2, "3:learned", "0:random", "3:random")
 
 
 @pytest.mark.slow
-def test_shared_routing_zero3_two_ranks_equals_one_rank(tmp_path):
-    single = launch(tmp_path / "one", 1, 0)
-    zero3 = launch(tmp_path / "two", 2, 3)
+def test_shared_routing_zero3_two_ranks_equals_one_rank(tmp_path, two_ranks):
+    one = launch(tmp_path, 1, "0:learned") / "0_learned"
+    two = two_ranks / "3_learned"
+    single, zero3 = losses(one), losses(two)
     assert single[-1] < single[0]
     torch.testing.assert_close(torch.tensor(zero3), torch.tensor(single), rtol=1e-4, atol=1e-4)
-    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    a = load_file(str(one / "adapter_model.safetensors"))
+    b = load_file(str(two / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and "tpds_routing.model.logits" in a
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.mark.slow
-def test_random_routing_zero3_equals_zero0_on_two_ranks(tmp_path):
+def test_random_routing_zero3_equals_zero0_on_two_ranks(two_ranks):
     """Random-mu draws per rank: ZeRO-3 (partitioned modules, no routing parameters to register) must train
     exactly as ZeRO-0 on the same two ranks with the same draws."""
-    zero0 = launch(tmp_path / "zero0", 2, 0, "random")
-    zero3 = launch(tmp_path / "zero3", 2, 3, "random")
+    zero0, zero3 = losses(two_ranks / "0_random"), losses(two_ranks / "3_random")
     assert zero0[-1] < zero0[0]
     torch.testing.assert_close(torch.tensor(zero3), torch.tensor(zero0), rtol=1e-5, atol=1e-6)
-    a = load_file(str(tmp_path / "zero0" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "zero3" / "adapter_model.safetensors"))
+    a = load_file(str(two_ranks / "0_random" / "adapter_model.safetensors"))
+    b = load_file(str(two_ranks / "3_random" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and "tpds_routing.model.uniform" in a and not [k for k in a if k.endswith(".logits")]
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)

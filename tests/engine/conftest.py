@@ -86,9 +86,13 @@ def read_metrics(run_dir, kind: str = "train", key: str = "train/loss") -> dict[
 
 
 # The reference single-process run most integration tests compare against: ZeRO-0, 1 rank, micro 4 x accum 2.
+# Routing heatmaps (~0.35 s of matplotlib each, plus its import) are drawn by the baseline only, where
+# test_monitoring checks them; they change no number the other runs compare.
 BASE_STEPS = 24
-BASE = ["optim.name=adamw", "optim.warmup_ratio=0.25", "data.val_max_samples=45", f"train.steps={BASE_STEPS}", "train.micro_batch=4", "train.grad_accum=2",
-        "train.save_every=8", "train.eval_every=8", "train.keep_checkpoints=3", "train.log_every=2"]
+BASE = ["optim.name=adamw", "optim.warmup_ratio=0.25", "data.val_max_samples=45", f"train.steps={BASE_STEPS}",
+        "train.micro_batch=4", "train.grad_accum=2", "train.save_every=8", "train.eval_every=8",
+        "train.keep_checkpoints=3", "train.log_every=2", "train.heatmap_max_layers=0"]
+HEATMAPS = "train.heatmap_max_layers=2"   # tiny_cpu.yaml's setting
 
 
 def base_overrides(backbone, stage: int = 0, micro: int = 4) -> list[str]:
@@ -98,7 +102,7 @@ def base_overrides(backbone, stage: int = 0, micro: int = 4) -> list[str]:
 @pytest.fixture(scope="session")
 def baseline_run(tmp_path_factory, prepared_dir, backbone_dir):
     run_dir = tmp_path_factory.mktemp("runs") / "baseline"
-    run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir))
+    run_pretrain(run_dir, prepared_dir, [*base_overrides(backbone_dir), HEATMAPS])
     return run_dir
 
 

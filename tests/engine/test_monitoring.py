@@ -21,7 +21,7 @@ def test_tensorboard_has_scalars_and_routing_heatmaps(baseline_run):
     assert lr[0].value < max(e.value for e in lr)          # warmup
     assert acc.Scalars("lr/modules")[-1].value < max(e.value for e in acc.Scalars("lr/modules"))   # decay
     images = acc.Tags()["images"]
-    assert len(images) == 2 and all(t.startswith("routing_heatmap/") for t in images)   # tiny_cpu.yaml: 2 per eval
+    assert len(images) == 2 and all(t.startswith("routing_heatmap/") for t in images)   # conftest.HEATMAPS: 2 per eval
     img = acc.Images(images[0])
     assert [e.step for e in img] == [8, 16, 24] and img[-1].width > 50 and img[-1].height > 50
 

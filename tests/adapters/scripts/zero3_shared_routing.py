@@ -1,7 +1,12 @@
 """Run by test_zero3.py under torchrun: a few DeepSpeed steps of a tiny T5 with Poly adapters whose
 routing table is shared by every layer (granularity 'model'); rank 0 writes losses and the exported
-adapter state so the test can compare them with a single-process run. Optional third argument: the
-adapter's routing ('learned' or 'random')."""
+adapter state so the test can compare them with a single-process run.
+
+    zero3_shared_routing.py OUT STAGE:ROUTING [STAGE:ROUTING ...]
+
+Each STAGE:ROUTING run (ZeRO stage; adapter routing 'learned' or 'random') builds its own model and engine
+from the same seeds and writes OUT/<stage>_<routing>/; several runs share one launch (a launch costs more
+than a run)."""
 
 import json
 import os
@@ -19,8 +24,8 @@ from tensorpoly_ds.adapters import (AdapterConfig, adapter_param_groups, export_
 from tensorpoly_ds.models import t5_config  # noqa: E402
 
 
-def main(out_dir: str, stage: int, routing: str = "learned") -> None:
-    deepspeed.init_distributed(dist_backend="gloo")
+def train(out_dir: str, stage: int, routing: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     random.seed(1000 + rank)   # random routing draws per rank (the engine seeds every rank like this)
@@ -68,8 +73,15 @@ def main(out_dir: str, stage: int, routing: str = "learned") -> None:
     dist.barrier()
 
 
+def main(out_dir: str, *runs: str) -> None:
+    deepspeed.init_distributed(dist_backend="gloo")
+    for run in runs:
+        stage, routing = run.split(":")
+        train(os.path.join(out_dir, f"{stage}_{routing}"), int(stage), routing)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
+    main(sys.argv[1], *sys.argv[2:])
     from tensorpoly_ds.engine.distributed import shutdown_distributed
 
     shutdown_distributed()   # as the entry points do: no process group left to the interpreter's exit
