@@ -82,13 +82,22 @@ class TensorPolyXLinear(AdapterLinear):
         out = torch.einsum("blaaOr->blO", state)[..., : self.out_features]
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def path_macs(self, tokens: int, distinct: int) -> dict[str, int]:
+        """Multiply-adds of each path (what torch's FLOP counter counts, halved). Every level after the first
+        carries three bonds (the ring's first one, the incoming and the outgoing), hence R^3."""
+        n, r = len(self.cores), self.cores[0].shape[1]
+        q_in, q_out = self.q_in, self.q_out
+        contract = tokens * (r ** 2 * q_out * q_in ** n
+                             + r ** 3 * sum(q_out ** k * q_in ** (n - k + 1) for k in range(2, n + 1)))
+        dense = (distinct * r ** 3 * sum((q_in * q_out) ** k for k in range(2, n + 1))
+                 + tokens * self.in_features * self.out_features)
+        return {"contract": contract, "dense": dense}
+
     def choose_path(self, tokens: int, distinct: int) -> str:
         if self.path != "auto":
             return self.path
-        n, r = len(self.cores), self.cores[0].shape[1]
-        contract = tokens * r * r * sum(self.q_out ** k * self.q_in ** (n - k + 1) for k in range(1, n + 1))
-        dense = distinct * r * r * (self.q_in * self.q_out) ** n + tokens * self.in_features * self.out_features
-        return "contract" if contract <= dense else "dense"
+        macs = self.path_macs(tokens, distinct)
+        return "contract" if macs["contract"] <= macs["dense"] else "dense"
 
     def delta_from_weights(self, x, weights, inverse):
         tokens = x.numel() // self.in_features

@@ -183,6 +183,28 @@ def test_tensorpoly_x_against_dense_reference_and_paths_agree(order):
         torch.testing.assert_close(tp.delta_from_weights(x, w, inverse), dense)
 
 
+@pytest.mark.parametrize("d_in, d_out, bond, order, batch, distinct",
+                         [(64, 128, 8, 4, 4, 4), (64, 128, 8, 4, 4, 1), (100, 30, 3, 3, 3, 3), (7, 5, 2, 1, 3, 2)])
+def test_tensorpoly_x_path_costs_are_the_counted_flops(d_in, d_out, bond, order, batch, distinct):
+    """The auto path's cost model is exact: torch's FLOP counter sees 2 x its multiply-adds on both paths, so
+    'auto' takes the path with fewer FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tp = layer("tensorpoly_x", d_in=d_in, d_out=d_out, tensor_rank=bond, order=order)
+    x, w = torch.randn(batch, 5, d_in), torch.rand(distinct, order, bond)
+    inverse = torch.arange(batch) % distinct
+    counted = {}
+    for path in ("contract", "dense"):
+        tp.path = path
+        with FlopCounterMode(display=False) as flops:
+            tp.delta_from_weights(x, w, inverse)
+        counted[path] = flops.get_total_flops()
+    macs = tp.path_macs(batch * 5, distinct)
+    assert {k: 2 * v for k, v in macs.items()} == counted
+    tp.path = "auto"
+    assert tp.choose_path(batch * 5, distinct) == min(counted, key=counted.get)
+
+
 def test_tensorpoly_x_starts_at_zero():
     tp = layer("tensorpoly_x", tensor_rank=2, order=2)
     assert torch.count_nonzero(tp.dense(torch.rand(1, 2, 2))) == 0
