@@ -40,7 +40,4 @@ def main(out_dir: str, precisions: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
-    from tensorpoly_ds.engine.distributed import shutdown_distributed
-
-    shutdown_distributed()   # as the entry points do: no process group left to the interpreter's exit
+    main(sys.argv[1], sys.argv[2:])   # init_distributed's atexit hook destroys the process group

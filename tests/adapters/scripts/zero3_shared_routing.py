@@ -84,4 +84,4 @@ if __name__ == "__main__":
     main(sys.argv[1], *sys.argv[2:])
     from tensorpoly_ds.engine.distributed import shutdown_distributed
 
-    shutdown_distributed()   # as the entry points do: no process group left to the interpreter's exit
+    shutdown_distributed()   # the group came from deepspeed, not init_distributed, whose atexit hook does this
