@@ -228,7 +228,11 @@ def test_activation_checkpointing_sees_the_same_task_ids(cfg, dropout):
         return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     (plain_losses, plain), (ckpt_losses, ckpt) = run(False), run(True)
-    assert plain_losses == ckpt_losses
+    # Two code paths (the checkpointed forward runs its segments under no_grad), so the kernels may differ: on
+    # Intel CPUs the float32 losses (~30, a sum over a 2+2-layer T5) differ in the last bits (2.5e-7 relative).
+    # torch's float32 tolerance (rtol 1.3e-6, about 10 ulp) covers that; a wrong task id in the recomputation
+    # changes the gradients by far more (the grads are compared below).
+    torch.testing.assert_close(ckpt_losses, plain_losses)
     assert plain.keys() == ckpt.keys()
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], msg=name)
