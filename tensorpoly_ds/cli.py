@@ -11,6 +11,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("tensorpoly_ds.plan.cli", "per-GPU memory by component and the cheapest setting that fits (meta device)"),
     "prep": ("data_prep.cli", "stage 1: P3 mixtures -> tokenised, sharded Arrow datasets"),
     "pretrain": ("launch.pretrain", "stage 2: multi-task pretraining on DeepSpeed"),
+    "lr-search": ("launch.lr_search", "choose pretraining learning rates on validation loss (one short run each)"),
     "adapt": ("launch.adapt", "stage 3: few-shot adaptation of one (task, seed) job, or a job-table row"),
     "sweep": ("launch.sweep", "expand a grid into a job table and run it with P workers"),
     "report": ("launch.report", "collect results into tables and plots"),

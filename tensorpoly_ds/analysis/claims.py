@@ -191,9 +191,9 @@ class ClaimSpec:
 @dataclass(frozen=True)
 class ComparisonVerdict:
     comparison: Comparison
-    status: str                    # reproduced | contradicted | inconclusive | missing
+    status: str                    # reproduced | contradicted | inconclusive | missing | untestable
     verdict: Verdict | None = None
-    detail: str = ""               # why a comparison is missing
+    detail: str = ""               # why a comparison is missing or untestable
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self.comparison), "status": self.status,
@@ -203,7 +203,7 @@ class ComparisonVerdict:
 @dataclass(frozen=True)
 class ClaimVerdict:
     claim: ClaimSpec
-    status: str                    # reproduced | contradicted | mixed | inconclusive | missing
+    status: str                    # reproduced | contradicted | mixed | inconclusive | untestable | missing
     comparisons: list[ComparisonVerdict]
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,10 +261,13 @@ def load_claims(path: str | Path) -> list[ClaimSpec]:
 
 
 def claim_status(statuses: Sequence[str]) -> str:
-    """missing if every comparison is missing; reproduced if all are reproduced; contradicted if any is;
-    mixed if some are reproduced and the others not; else inconclusive."""
+    """missing if every comparison is missing; untestable if every comparison is untestable or missing (a row
+    that did not train); reproduced if all are reproduced; contradicted if any is; mixed if some are
+    reproduced and the others not; else inconclusive."""
     if all(s == "missing" for s in statuses):
         return "missing"
+    if all(s in ("missing", "untestable") for s in statuses):
+        return "untestable"
     if all(s == "reproduced" for s in statuses):
         return "reproduced"
     if "contradicted" in statuses:
@@ -275,9 +278,13 @@ def claim_status(statuses: Sequence[str]) -> str:
 
 
 def evaluate_claims(scores: Mapping[str, Mapping[Key, float]], claims: Sequence[ClaimSpec], *, alpha: float = 0.05,
-                    seed: int = 0, allow_missing: bool = False) -> list[ClaimVerdict]:
+                    seed: int = 0, allow_missing: bool = False,
+                    untestable: Mapping[str, str] | None = None) -> list[ClaimVerdict]:
     """One verdict per claim. A comparison whose row is absent from `scores`, or whose rows do not pair up
-    (unless allow_missing), is reported as 'missing' with the reason, never dropped."""
+    (unless allow_missing), is reported as 'missing' with the reason, never dropped. A comparison involving a
+    row of `untestable` (row name -> reason, e.g. its method did not train) is 'untestable': its numbers are
+    still computed and shown, but it can neither reproduce nor contradict the claim."""
+    untestable = untestable or {}
     out = []
     for claim in claims:
         verdicts = []
@@ -286,11 +293,15 @@ def evaluate_claims(scores: Mapping[str, Mapping[Key, float]], claims: Sequence[
             if absent:
                 verdicts.append(ComparisonVerdict(comp, "missing", None, f"no results for row(s) {absent}"))
                 continue
+            blocked = [f"{row}: {untestable[row]}" for row in (comp.a, comp.b) if row in untestable]
             try:
                 v = paired_verdict(scores[comp.a], scores[comp.b], expect=comp.expect, margin=comp.margin,
                                    alpha=alpha, seed=seed, allow_missing=allow_missing)
             except ClaimsError as err:
                 verdicts.append(ComparisonVerdict(comp, "missing", None, str(err)))
+                continue
+            if blocked:
+                verdicts.append(ComparisonVerdict(comp, "untestable", v, "; ".join(blocked)))
                 continue
             verdicts.append(ComparisonVerdict(comp, v.status, v))
         out.append(ClaimVerdict(claim, claim_status([v.status for v in verdicts]), verdicts))
@@ -319,7 +330,7 @@ def claims_markdown(verdicts: Sequence[ClaimVerdict]) -> str:
             r = c.verdict
             lines.append(f"| {v.claim.id} | {what} | {100 * comp.margin:.1f} | {100 * r.effect:+.1f} | "
                          f"[{100 * r.ci_low:+.1f}, {100 * r.ci_high:+.1f}] | {r.effect_size:+.2f} | {r.p_value:.3g} | "
-                         f"{r.n_pairs} | {c.status} |")
+                         f"{r.n_pairs} | {c.status}" + (f" ({c.detail.replace('|', '/')})" if c.detail else "") + " |")
     return "\n".join(lines) + "\n"
 
 

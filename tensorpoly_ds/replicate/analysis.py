@@ -262,15 +262,37 @@ def plot_vs_k(selected: list[dict], path: Path, title: str) -> Path | None:
     return path
 
 
+def world_averages(selected: list[dict], seed_world: dict[int, str], tasks: list[str], k: int) -> dict[str, dict]:
+    """Per few-shot row at k (and zero-shot row): {world: mean over tasks of the median test accuracy over the
+    world's seeds}, and the range across worlds: how much of a result is the world it was drawn in."""
+    cells: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in selected:
+        if r["k"] == k or setting(r).startswith("0-shot"):
+            cells[r["row"]][seed_world[int(r["seed"])]][r["task"]].append(r["test"]["accuracy"])
+    out = {}
+    for row, by_world in sorted(cells.items()):
+        avgs = {w: statistics.mean(statistics.median(v) for t, v in per_task.items() if t in tasks)
+                for w, per_task in by_world.items()}
+        out[row] = {"worlds": avgs, "range": max(avgs.values()) - min(avgs.values())}
+    return out
+
+
 def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Path, backbone: Path,
-                     exports: dict[str, Path], manifest, log: Callable[[str], None] = print) -> dict:
-    """Everything the results page shows for one variant; figures written into res_dir."""
+                     exports: dict[str, Path], manifest, log: Callable[[str], None] = print,
+                     untrained: dict[str, str] | None = None) -> dict:
+    """Everything the results page shows for one variant, pooled over the worlds; figures written into
+    res_dir. Rows of `untrained` methods (label -> reason) make their claim comparisons untestable."""
+    from .stages import world_root
+
     truth = manifest.extra.get("latent_skills") or {}
     dev_examples = int(truth.get("dev_examples", 0))
-    results, problems = load_results([out / "adapt" / variant], dev_examples)
+    worlds = cfg.world_list()
+    results, problems = load_results([world_root(out, w) / "adapt" / variant for w in worlds], dev_examples)
     selected, selection = select_lr(results, cfg.search_seeds())
     tasks = [t for t in manifest.held_out if cfg.adapt.tasks is None or t in cfg.adapt.tasks]
     tabs = tables(selected, tasks)
+    untestable = {r["row"]: f"{r['label']} did not train ({untrained[r['label']]})" for r in selected
+                  if r["label"] in (untrained or {})}
     verdicts = {}
     claims_path = cfg.claims_path()
     if claims_path is not None:
@@ -278,7 +300,11 @@ def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Pat
 
         claims = load_claims(claims_path)
         for k in cfg.prep.ks:
-            verdicts[k] = evaluate_claims(scores_by_row(selected, k), claims)
+            verdicts[k] = evaluate_claims(scores_by_row(selected, k), claims, untestable=untestable)
+    spread = {}
+    if len(worlds) > 1:
+        seed_world = {s: w.name for w in worlds for s in w.seeds}
+        spread = {str(k): world_averages(selected, seed_world, tasks, k) for k in cfg.prep.ks}
     k = max(cfg.prep.ks)
     figures = {}
     made = plot_rows(selected, k, res_dir / f"{variant}_rows_k{k}.png",
@@ -307,7 +333,8 @@ def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Pat
             "tables": {str(kk): {name: agg_json(a) for name, a in t.items()} for kk, t in tabs.items()},
             "tables_markdown": {str(kk): {name: table1_markdown(a) for name, a in t.items()} for kk, t in tabs.items()},
             "verdicts": {str(kk): [v.to_dict() for v in vs] for kk, vs in verdicts.items()},
-            "_verdicts": verdicts, "c7": c7_verdict(recovery), "recovery": recovery, "figures": figures, "chance": truth.get("chance")}
+            "_verdicts": verdicts, "c7": c7_verdict(recovery), "recovery": recovery, "figures": figures,
+            "chance": truth.get("chance"), **({"world_spread": spread, "untestable_rows": untestable} if spread or untestable else {})}
 
 
 def c7_verdict(recovery: dict, alpha: float = 0.05) -> dict:

@@ -71,6 +71,28 @@ class PretrainSection:
     eval_every: int = 200
     val_max_samples: int = 200
     seed: int = 42
+    # Per-method learning rates chosen on multi-task validation loss (tensorpoly_ds.engine.lr_search fields:
+    # module_lrs, routing_lrs, steps, max_extensions), in the first world; the other worlds reuse the choice.
+    # None: every method trains at module_lr / routing_lr.
+    lr_search: dict | None = None
+    # "Did not train": a method whose final multi-task val loss (mean over worlds) exceeds `untrained_factor`
+    # times that of `untrained_reference` (a method label); claim comparisons involving it are untestable.
+    untrained_reference: str | None = None
+    untrained_factor: float = 2.0
+
+
+@dataclass
+class World:
+    """One independent replicate of everything random: the backbone's seed, the pretraining seed and the
+    few-shot seeds (distinct across worlds, so (task, seed) pairs never collide when worlds are pooled)."""
+    name: str
+    backbone_seed: int
+    pretrain_seed: int
+    seeds: list
+
+
+# the fields of MethodSpec.pretrain: a method's own recipe, outside the shared one
+METHOD_PRETRAIN_KEYS = ("optimizer", "module_lr", "routing_lr", "search")
 
 
 @dataclass
@@ -80,6 +102,9 @@ class MethodSpec:
     fresh: dict | None = None                 # {"method": "fullft"} or AdapterConfig fields: no pretraining
     modes: list | None = None                 # default: full, z, mu for routed methods, full otherwise
     variants: list | None = None              # default: every variant
+    # its own pretraining recipe (METHOD_PRETRAIN_KEYS), e.g. the official TensorPoly recipe:
+    # {optimizer: adafactor, module_lr: 3e-4, routing_lr: 0.1, search: false}; None: the shared one
+    pretrain: dict | None = None
 
     def is_pretrained(self) -> bool:
         return self.adapter is not None
@@ -94,6 +119,8 @@ class AdaptSection:
     routing_lr_scale: float = 10.0            # routing logits train with lr x this (pretraining's 0.1 / 1e-2)
     lr_search_seeds: int | None = None        # the first N seeds run every lr; the others only the lr chosen
                                               # on their dev accuracy (None: every seed runs every lr)
+    max_extensions: int = 0                   # edge rule: a row whose chosen lr is the smallest / largest it ran
+                                              # also runs one grid step beyond, up to this many times
     optimizer: str = "adamw"
     warmup_ratio: float = 0.06
     clip: float = 1.0
@@ -123,6 +150,7 @@ class ReplicateConfig:
     adapt: AdaptSection = field(default_factory=AdaptSection)
     zero_shot: ZeroShotSection = field(default_factory=ZeroShotSection)
     claims: str | None = None                 # claims YAML (relative to this config file)
+    worlds: list | None = None                # [World]; None: one world from backbone.seed, pretrain.seed, prep.seeds
     workers: int = 2                          # concurrent adaptation jobs / pretraining runs
     out: str = "runs/replicate"               # default output directory (--out overrides)
     cache: str | None = None                  # backbone cache (default: OUT/cache)
@@ -141,10 +169,30 @@ class ReplicateConfig:
                 return m
         raise KeyError(label)
 
+    def world_list(self) -> list[World]:
+        """The worlds; without `worlds`, one unnamed world (the single-world layout of OUT)."""
+        if self.worlds:
+            return list(self.worlds)
+        return [World("", self.backbone.seed, self.pretrain.seed, list(self.prep.seeds))]
+
+    def all_seeds(self) -> list[int]:
+        """Every few-shot seed of every world: the few-shot samples prep draws."""
+        return [s for w in self.world_list() for s in w.seeds]
+
     def search_seeds(self) -> list[int]:
-        """The seeds that run every learning rate of the grid (the lr of a row is chosen on their dev scores)."""
+        """The seeds that run every learning rate of the grid (the lr of a row is chosen on their dev scores):
+        the first `lr_search_seeds` of the first world's seeds."""
+        seeds = self.world_list()[0].seeds
         n = self.adapt.lr_search_seeds
-        return list(self.prep.seeds if n is None else self.prep.seeds[:n])
+        return list(seeds if n is None else seeds[:n])
+
+    def method_pretrain(self, method: MethodSpec) -> dict:
+        """A pretrained method's recipe: optimizer, module_lr, routing_lr and whether its lrs are searched."""
+        p = self.pretrain
+        recipe = {"optimizer": p.optimizer, "module_lr": p.module_lr, "routing_lr": p.routing_lr,
+                  "search": p.lr_search is not None}
+        recipe.update(method.pretrain or {})
+        return recipe
 
     def claims_path(self) -> Path | None:
         if not self.claims:
@@ -211,18 +259,23 @@ def _method(data: Any, i: int, src: str) -> MethodSpec:
 def build_config(data: dict, src: str = "<dict>") -> ReplicateConfig:
     if not isinstance(data, dict):
         raise ReplicateConfigError(f"{src}: the top level must be a mapping")
-    valid = {"variants", "methods", *_SECTIONS, *_SCALARS}
+    valid = {"variants", "methods", "worlds", *_SECTIONS, *_SCALARS}
     reject_unknown(data, valid, src, ReplicateConfigError)
     for key in ("variants", "methods"):
         if not isinstance(data.get(key), list) or not data[key]:
             raise ReplicateConfigError(f"{src}: '{key}' must be a non-empty list")
     variants = [_section(Variant, v, f"variants[{i}]", src) for i, v in enumerate(data["variants"])]
+    worlds = None
+    if data.get("worlds") is not None:
+        if not isinstance(data["worlds"], list) or not data["worlds"]:
+            raise ReplicateConfigError(f"{src}: 'worlds' must be a non-empty list")
+        worlds = [_section(World, w, f"worlds[{i}]", src) for i, w in enumerate(data["worlds"])]
     methods = [_method(m, i, src) for i, m in enumerate(data["methods"])]
     kwargs: dict[str, Any] = {name: _section(cls, data[name], name, src) for name, cls in _SECTIONS.items()
                               if name in data}
     top = _section(_TopLevel, {k: data[k] for k in _SCALARS if k in data}, "config", src)
     kwargs.update({k: getattr(top, k) for k in _SCALARS if k in data})
-    cfg = ReplicateConfig(variants=variants, methods=methods, source=src, **kwargs)
+    cfg = ReplicateConfig(variants=variants, methods=methods, worlds=worlds, source=src, **kwargs)
     validate(cfg)
     return cfg
 
@@ -277,9 +330,79 @@ def validate(cfg: ReplicateConfig) -> None:
             raise bad("zero_shot.methods", f"{label!r} is not a pretrained method of this config")
     if any(not isinstance(s, int) or s < 0 for s in z.multitask_steps):
         raise bad("zero_shot.multitask_steps", "integers >= 0")
+    _validate_worlds(cfg, bad)
+    _validate_pretrain_recipes(cfg, bad)
+    if not isinstance(a.max_extensions, int) or a.max_extensions < 0:
+        raise bad("adapt.max_extensions", f"{a.max_extensions!r}: an integer >= 0")
+    if a.max_extensions and len(a.lrs) < 2:
+        raise bad("adapt.max_extensions", "the edge rule needs a grid of at least two learning rates")
     path = cfg.claims_path()
     if path is not None and not path.is_file():
         raise bad("claims", f"{path} not found")
+
+
+def _validate_worlds(cfg: ReplicateConfig, bad) -> None:
+    if cfg.worlds is None:
+        return
+    names = [w.name for w in cfg.worlds]
+    if any(not n or n != _safe_name(n) for n in names) or len(set(names)) != len(names):
+        raise bad("worlds", f"names {names}: distinct, non-empty, letters, digits, '_', '-', '.' only")
+    seen: dict[int, str] = {}
+    for w in cfg.worlds:
+        if not w.seeds or any(not isinstance(x, int) or isinstance(x, bool) for x in w.seeds):
+            raise bad(f"worlds ({w.name}).seeds", f"{w.seeds!r}: a non-empty list of integers")
+        for x in w.seeds:
+            if x in seen:
+                raise bad(f"worlds ({w.name}).seeds", f"seed {x} is also a seed of world {seen[x]!r}: worlds pool "
+                                                      "their (task, seed) pairs, so their seeds must be distinct")
+            seen[x] = w.name
+    if cfg.adapt.lr_search_seeds is not None and cfg.adapt.lr_search_seeds > len(cfg.worlds[0].seeds):
+        raise bad("adapt.lr_search_seeds", f"{cfg.adapt.lr_search_seeds}: more than the first world's "
+                                           f"{len(cfg.worlds[0].seeds)} seeds")
+
+
+def _safe_name(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]", "", text)
+
+
+def _validate_pretrain_recipes(cfg: ReplicateConfig, bad) -> None:
+    from ..engine.lr_search import LrSearchError, LrSearchSection
+
+    p = cfg.pretrain
+    if p.lr_search is not None:
+        if not isinstance(p.lr_search, dict):
+            raise bad("pretrain.lr_search", f"{p.lr_search!r}: a mapping of {sorted(LrSearchSection.__dataclass_fields__)}")
+        reject_unknown(p.lr_search, LrSearchSection.__dataclass_fields__, f"{cfg.source}: pretrain.lr_search",
+                       ReplicateConfigError)
+        try:
+            LrSearchSection(**p.lr_search).validate(f"{cfg.source}: pretrain.lr_search")
+        except LrSearchError as err:
+            raise ReplicateConfigError(str(err)) from None
+    labels = {m.label for m in cfg.methods if m.is_pretrained()}
+    if p.untrained_reference is not None and p.untrained_reference not in labels:
+        raise bad("pretrain.untrained_reference", f"{p.untrained_reference!r} is not a pretrained method; "
+                                                  f"pretrained methods: {sorted(labels)}")
+    if not p.untrained_factor > 1:
+        raise bad("pretrain.untrained_factor", f"{p.untrained_factor!r}: must be > 1")
+    for m in cfg.methods:
+        if m.pretrain is None:
+            continue
+        where = f"methods ({m.label}).pretrain"
+        if not m.is_pretrained():
+            raise bad(where, "a fresh method has no pretraining recipe")
+        if not isinstance(m.pretrain, dict):
+            raise bad(where, f"{m.pretrain!r}: a mapping of {list(METHOD_PRETRAIN_KEYS)}")
+        reject_unknown(m.pretrain, METHOD_PRETRAIN_KEYS, f"{cfg.source}: {where}", ReplicateConfigError)
+        if m.pretrain.get("optimizer", "adamw") not in ("adamw", "adafactor"):
+            raise bad(f"{where}.optimizer", f"{m.pretrain['optimizer']!r}: adamw or adafactor")
+        if m.pretrain.get("search") and p.lr_search is None:
+            raise bad(f"{where}.search", "true, but the config has no pretrain.lr_search grid")
+        for key in ("module_lr", "routing_lr"):
+            v = m.pretrain.get(key, 1.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise bad(f"{where}.{key}", f"{v!r}: a positive number")
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> ReplicateConfig:

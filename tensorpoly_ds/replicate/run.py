@@ -10,6 +10,7 @@ a different protocol is refused, so finished jobs are never mixed with jobs of a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from typing import Callable
 
 from ..adapt.job import write_json
 from ..adapt.table import write_table
+from ..engine.run_pool import run_pretraining
 from . import stages
 from .config import ReplicateConfig
 
@@ -88,40 +90,41 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
         return {"out": str(out), "timing": {"stages_s": timer.stages}, "summary": None}
     first = stages.data_dir(out, cfg.variants[0].name, max(cfg.prep.ks))
     cache = Path(cfg.cache).resolve() if cfg.cache else out / "cache"
+    worlds = cfg.world_list()
+    backbones = {}
     with timer("backbone"):
-        # one thread: the tiny backbone gains little from two, and two OpenMP threads collapse (spin-waiting
-        # barriers) as soon as anything else shares the CPUs
-        backbone = train_backbone(cfg.backbone, first, cache, threads=1, log=log,
-                                  train_now="backbone" in want)
-    runs = stages.pretrain_runs(cfg, out, backbone)
+        for world in worlds:
+            # one thread: the tiny backbone gains little from two, and two OpenMP threads collapse (spin-waiting
+            # barriers) as soon as anything else shares the CPUs
+            section = dataclasses.replace(cfg.backbone, seed=world.backbone_seed)
+            backbones[world.name] = train_backbone(section, first, cache, threads=1, log=log,
+                                                   train_now="backbone" in want)
+    searched = {}
+    if cfg.pretrain.lr_search is not None and want & {"pretrain", "adapt", "analyse"}:
+        with timer("pretrain"):
+            if "pretrain" in want:
+                searched = stages.search_pretraining_lrs(cfg, out, backbones[worlds[0].name], workers, threads, log)
+            else:
+                searched = _read_searches(cfg, out)
+    runs = {w.name: stages.pretrain_runs(cfg, out, backbones[w.name], w, searched) for w in worlds}
     pretrain_seconds = {}
     if "pretrain" in want:
         with timer("pretrain"):
-            pretrain_seconds = stages.run_pretraining(runs, out, workers, threads, log)
-    exports = defaultdict(dict)
-    for r in runs:
-        exports[r.variant][r.method.label] = r.export
+            for world in worlds:
+                seconds = run_pretraining(runs[world.name], stages.world_root(out, world) / "pretrain", workers,
+                                          threads, log)
+                pretrain_seconds.update({f"{world.name}/{k}" if world.name else k: v for k, v in seconds.items()})
+    exports = {w.name: defaultdict(dict) for w in worlds}
+    for w in worlds:
+        for r in runs[w.name]:
+            exports[w.name][r.variant][r.method.label] = r.export
     job_seconds: dict[str, float] = {}
     if "adapt" in want:
         from .pool import JobPool
 
         with timer("adapt"), JobPool(workers, threads) as pool:
             for variant in cfg.variants:
-                table: dict[str, dict] = {}
-                for phase in ("search", "chosen"):
-                    if phase == "chosen" and cfg.search_seeds() == list(cfg.prep.seeds):
-                        break   # every seed already ran every lr
-                    chosen = None if phase == "search" else chosen_lrs(cfg, out, variant.name)
-                    rows = stages.adaptation_rows(cfg, out, variant, backbone, exports[variant.name], chosen)
-                    table.update({r["job"]["out_dir"]: r for r in rows})
-                    # the variant's job table (tensorpoly-ds report lists its missing rows): every job so far
-                    write_table(out / "adapt" / variant.name / "jobs.jsonl",
-                                [{**r, "row": i} for i, r in enumerate(table.values())])
-                    report = pool.run(rows, desc=f"adapt {variant.name} ({phase})", log=log)
-                    job_seconds.update({rows[i]["job"]["out_dir"]: s for i, s in report.seconds.items()})
-                    if report.failed:
-                        raise RuntimeError(f"{variant.name}: {len(report.failed)} adaptation jobs failed (their "
-                                           "result.json holds the error); rerun to retry them")
+                job_seconds.update(_adapt_variant(cfg, out, variant, backbones, exports, pool, log))
     stamp = out / "timings" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
 
     def timing() -> dict:
@@ -135,7 +138,7 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
     summary = None
     if "analyse" in want:
         with timer("analyse"):
-            summary = analyse(cfg, out, backbone, exports, runs, log)
+            summary = analyse(cfg, out, backbones, exports, runs, searched, log)
         write_json(stamp, timing())
     log(f"[replicate] finished in {time.monotonic() - started:.0f} s: " +
         ", ".join(f"{k} {v:.0f} s" for k, v in timer.stages.items()))
@@ -144,21 +147,91 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
     return {"out": str(out), "timing": timing(), "summary": summary}
 
 
-def chosen_lrs(cfg: ReplicateConfig, out: Path, variant: str) -> dict[tuple[str, int], float]:
-    """{(row name, k): lr} chosen on the dev scores of the search seeds' jobs (phase 1 must be complete)."""
+def _read_searches(cfg: ReplicateConfig, out: Path) -> dict[tuple[str, str], dict]:
+    """The finished pretraining lr searches (for stages after pretrain): an unfinished one is an error."""
+    from ..engine.lr_search import read_result
+
+    found = {}
+    for variant, m in stages._searched(cfg):
+        result = read_result(stages.search_dir(out, cfg, variant.name, m.label))
+        if result is None:
+            raise RuntimeError(f"{variant.name}/{m.label}: its pretraining lr search has not run; run the pretrain stage")
+        found[(variant.name, m.label)] = result
+    return found
+
+
+def _adapt_variant(cfg: ReplicateConfig, out: Path, variant, backbones: dict, exports: dict, pool, log) -> dict:
+    """Phase 1 in the first world (every lr for the search seeds, then the edge rule's extensions), phase 2 in
+    every world (every seed at its row's chosen lr). Returns wall seconds per job run now."""
+    worlds = cfg.world_list()
+    table: dict[str, dict] = {}
+    job_seconds: dict[str, float] = {}
+
+    def run(rows: list[dict], phase: str) -> None:
+        table.update({r["job"]["out_dir"]: r for r in rows})
+        # the variant's job table (tensorpoly-ds report lists its missing rows): every job so far
+        write_table(out / "adapt" / variant.name / "jobs.jsonl", [{**r, "row": i} for i, r in enumerate(table.values())])
+        report = pool.run(rows, desc=f"adapt {variant.name} ({phase})", log=log)
+        job_seconds.update({rows[i]["job"]["out_dir"]: s for i, s in report.seconds.items()})
+        if report.failed:
+            raise RuntimeError(f"{variant.name}: {len(report.failed)} adaptation jobs failed (their "
+                               "result.json holds the error); rerun to retry them")
+
+    w0 = worlds[0]
+    extra: dict[tuple[str, int], list[float]] = {}
+    while True:   # the edge rule: a row whose choice sits on the edge of the lrs it ran gets one more
+        run(stages.adaptation_rows(cfg, out, variant, backbones[w0.name], exports[w0.name][variant.name],
+                                   world=w0, extra_lrs=extra), "search" if not extra else "search, edge rule")
+        selection = lr_selection(cfg, out, variant.name)
+        grown = edge_extensions(selection, cfg.adapt.lrs, cfg.adapt.max_extensions)
+        if all(set(v) <= set(extra.get(k, ())) for k, v in grown.items()):
+            break
+        extra = grown
+    chosen = {(t["row"], t["k"]): t["chosen_lr"] for t in selection}
+    for world in worlds:
+        if world == w0 and cfg.search_seeds() == list(w0.seeds):
+            continue   # every seed of the first world already ran every lr
+        run(stages.adaptation_rows(cfg, out, variant, backbones[world.name], exports[world.name][variant.name],
+                                   chosen, world=world), f"chosen{', ' + world.name if world.name else ''}")
+    return job_seconds
+
+
+def edge_extensions(selection: list[dict], grid: list[float], max_extensions: int) -> dict[tuple[str, int], list[float]]:
+    """{(row, k): the lrs beyond the configured grid that the edge rule asks for}: a row whose chosen lr is the
+    smallest or largest it ran gets the next grid step past it, while it has fewer than `max_extensions`."""
+    from ..engine.lr_search import beyond, edge_of
+
+    out = {}
+    for t in selection:
+        ran = sorted(float(x) for x in t["lrs"])
+        ext = [x for x in ran if x not in grid]
+        edge = edge_of(t["chosen_lr"], ran)
+        if edge is not None and len(ext) < max_extensions:
+            ext = ext + [beyond(ran, edge)]
+        if ext:
+            out[(t["row"], t["k"])] = ext
+    return out
+
+
+def lr_selection(cfg: ReplicateConfig, out: Path, variant: str) -> list[dict]:
+    """The selection table of the few-shot rows on the dev scores of the first world's search seeds (phase 1
+    must be complete)."""
     from data_prep.manifest import read_manifest
 
     from .analysis import load_results, select_lr
 
     manifest = read_manifest(stages.data_dir(out, variant, max(cfg.prep.ks)))
-    results, problems = load_results([out / "adapt" / variant], int(manifest.extra["latent_skills"]["dev_examples"]))
+    root = stages.world_root(out, cfg.world_list()[0]) / "adapt" / variant
+    results, problems = load_results([root], int(manifest.extra["latent_skills"]["dev_examples"]))
     if problems:
         raise RuntimeError(f"{variant}: {len(problems)} learning-rate search jobs are not complete; rerun")
-    _, table = select_lr([r for r in results if r["k"] > 0], cfg.search_seeds())
-    return {(t["row"], t["k"]): t["chosen_lr"] for t in table}
+    search = set(cfg.search_seeds())
+    _, table = select_lr([r for r in results if r["k"] > 0 and r["seed"] in search], cfg.search_seeds())
+    return table
 
 
-def analyse(cfg: ReplicateConfig, out: Path, backbone: Path, exports: dict, runs: list, log) -> dict:
+def analyse(cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports: dict, runs: dict, searched: dict,
+            log) -> dict:
     from data_prep.manifest import read_manifest
 
     from . import analysis, summary as summ
@@ -166,12 +239,16 @@ def analyse(cfg: ReplicateConfig, out: Path, backbone: Path, exports: dict, runs
 
     res = out / RESULTS
     res.mkdir(parents=True, exist_ok=True)
+    worlds = cfg.world_list()
+    w0 = worlds[0].name
     variants = {}
     for variant in cfg.variants:
         manifest = read_manifest(stages.data_dir(out, variant.name, max(cfg.prep.ks)))
-        variants[variant.name] = analysis.variant_analysis(cfg, variant.name, out, res, backbone,
-                                                           exports[variant.name], manifest, log)
-        curves = {r.method.label: loss_curve(r.run_dir) for r in runs
+        pretraining = pretraining_table(cfg, variant.name, runs, searched)
+        variants[variant.name] = analysis.variant_analysis(cfg, variant.name, out, res, backbones[w0],
+                                                           exports[w0][variant.name], manifest, log,
+                                                           untrained=pretraining["did_not_train"])
+        curves = {r.method.label: loss_curve(r.run_dir) for r in runs[w0]
                   if r.variant == variant.name and (r.run_dir / "metrics.jsonl").is_file()}
         if curves:
             plot_curves(curves, res / f"{variant.name}_pretrain_loss.png",
@@ -179,24 +256,58 @@ def analyse(cfg: ReplicateConfig, out: Path, backbone: Path, exports: dict, runs
             variants[variant.name]["figures"]["pretrain_loss"] = f"{variant.name}_pretrain_loss.png"
             variants[variant.name]["pretrain_final_val_loss"] = {k: (c["val"][-1][1] if c["val"] else None)
                                                                  for k, c in curves.items()}
-    bb_root = backbone.parent
+        if len(worlds) > 1 or searched:
+            variants[variant.name]["pretraining"] = pretraining
+    bb_root = backbones[w0].parent
     backbone_info = json.loads((bb_root / DONE_FILE).read_text())
     backbone_info["curve"] = json.loads((bb_root / "loss_curve.json").read_text())
     shutil.copyfile(bb_root / "loss_curve.png", res / "backbone_loss.png")
     body = {"config": stages.protocol(cfg), "config_file": cfg.source, "backbone": backbone_info,
             "variants": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in variants.items()},
             "timings": _timings(out)}
+    if len(worlds) > 1:
+        body["backbones"] = {w.name: json.loads((backbones[w.name].parent / DONE_FILE).read_text()) for w in worlds}
     write_json(res / "results.json", body)
     (res / "summary.md").write_text(summ.summary_markdown(cfg, body, variants))
     log(f"[replicate] results in {res} (summary.md, results.json, figures)")
     return body
 
 
+def pretraining_table(cfg: ReplicateConfig, variant: str, runs: dict, searched: dict) -> dict:
+    """Per pretrained method: its recipe, the lrs its search chose (with the edge flags), its final multi-task
+    val loss in every world and their mean; and the methods that did not train (pretrain.untrained_*)."""
+    from ..engine.lr_search import final_val_loss
+
+    methods = {}
+    for world, world_runs in runs.items():
+        for r in world_runs:
+            if r.variant != variant:
+                continue
+            entry = methods.setdefault(r.method.label, {"recipe": cfg.method_pretrain(r.method), "val_loss": {}})
+            entry["val_loss"][world] = final_val_loss(r.run_dir, missing_ok=True)
+            found = searched.get((variant, r.method.label))
+            if found is not None:
+                entry["search"] = {"chosen": found["chosen"], "axes": found["axes"]}
+    for entry in methods.values():
+        losses = [x for x in entry["val_loss"].values() if x is not None]
+        entry["mean_val_loss"] = statistics.mean(losses) if losses else None
+    untrained = {}
+    ref = cfg.pretrain.untrained_reference
+    if ref is not None and methods.get(ref, {}).get("mean_val_loss") is not None:
+        limit = cfg.pretrain.untrained_factor * methods[ref]["mean_val_loss"]
+        for label, entry in methods.items():
+            loss = entry["mean_val_loss"]
+            if loss is None or loss > limit:
+                untrained[label] = (f"mean multi-task val loss {loss if loss is None else round(loss, 3)} > "
+                                    f"{cfg.pretrain.untrained_factor:g} x {ref}'s {methods[ref]['mean_val_loss']:.3f}")
+    return {"methods": methods, "did_not_train": untrained}
+
+
 def _timings(out: Path) -> dict:
     """Where the time went: the latest stage timings and the adaptation jobs' own breakdown by method."""
     runs = sorted((out / "timings").glob("*.json"))
     per_label: dict[str, list[dict]] = defaultdict(list)
-    for p in (out / "adapt").rglob("result.json"):
+    for p in (x for root in [out / "adapt", *(out / "worlds").glob("*/adapt")] for x in root.rglob("result.json")):
         try:
             r = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):

@@ -9,22 +9,13 @@ Layout under OUT (every stage skips what is already complete, so a rerun resumes
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from ..adapt.table import expand_grid
 from ..adapters import AdapterConfig
-from .config import FULLFT, MethodSpec, ReplicateConfig, Variant
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
+from .config import FULLFT, MethodSpec, ReplicateConfig, Variant, World
 
 def slug(text: str) -> str:
     import re
@@ -56,7 +47,7 @@ def prep_all(cfg: ReplicateConfig, out: Path, log: Callable[[str], None] = print
                             tokenizer=str(shared_tokenizer) if shared_tokenizer else "embedded", out=target,
                             num_shards=1, val_per_template=cfg.prep.val_per_template,
                             cap_per_template=cfg.prep.cap_per_template,
-                            few_shot_seeds=tuple(cfg.prep.seeds), few_shot_k=k)
+                            few_shot_seeds=tuple(cfg.all_seeds()), few_shot_k=k)
             result = build(pc, log=lambda msg: log(f"[prep] {msg}"))
             if shared_tokenizer is None:
                 shared_tokenizer = target / "tokenizer"
@@ -101,121 +92,106 @@ class PretrainRun:
     def export(self) -> Path:
         return self.run_dir / "export"
 
+    @property
+    def name(self) -> str:
+        return f"{self.variant}/{self.method.label}"
+
     def done(self) -> bool:
         return (self.export / "adapter_config.json").is_file()
 
 
-def pretrain_runs(cfg: ReplicateConfig, out: Path, backbone: Path) -> list[PretrainRun]:
+def world_root(out: Path, world: World) -> Path:
+    """Where a world's pretraining runs and adaptation jobs live: OUT itself for the unnamed single world."""
+    return out / "worlds" / world.name if world.name else out
+
+
+def run_config(cfg: ReplicateConfig, data: Path, backbone: Path, world: World, m: MethodSpec, run_dir: Path) -> dict:
+    """The pretraining run config of method `m` in `world` at its recipe's learning rates."""
+    p, recipe = cfg.pretrain, cfg.method_pretrain(m)
+    return {
+        "model": {"name_or_path": str(backbone)},
+        "adapter": dict(m.adapter),
+        "optim": {"name": recipe["optimizer"], "module_lr": recipe["module_lr"], "routing_lr": recipe["routing_lr"],
+                  "warmup_ratio": p.warmup_ratio, "schedule": "linear", "clip": 1.0},
+        "train": {"steps": p.steps, "micro_batch": p.micro_batch, "grad_accum": 1,
+                  "eval_every": p.eval_every, "save_every": p.eval_every, "seed": world.pretrain_seed, "log_every": 50,
+                  "keep_checkpoints": 1, "heatmap_max_layers": 2, "progress_bar": False},
+        "data": {"dir": str(data), "val_max_samples": p.val_max_samples},
+        "deepspeed": {"zero_stage": 0, "precision": "fp32"},
+        "run": {"dir": str(run_dir)},
+    }
+
+
+def _searched(cfg: ReplicateConfig) -> list[tuple[Variant, MethodSpec]]:
+    return [(v, m) for v in cfg.variants for m in cfg.methods_for(v.name)
+            if m.is_pretrained() and cfg.method_pretrain(m)["search"]]
+
+
+def search_dir(out: Path, cfg: ReplicateConfig, variant: str, label: str) -> Path:
+    return world_root(out, cfg.world_list()[0]) / "lr_search" / variant / slug(label)
+
+
+def search_pretraining_lrs(cfg: ReplicateConfig, out: Path, backbone: Path, workers: int, threads: int,
+                           log: Callable[[str], None] = print) -> dict[tuple[str, str], dict]:
+    """tensorpoly_ds.engine.lr_search for every searched method of every variant, in the first world;
+    {(variant, label): the search result}. Methods search side by side, one candidate run each at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..engine import lr_search
+    from ..engine.run_pool import ensure_engine_ops, run_pretraining
+
+    spec = lr_search.LrSearchSection(**cfg.pretrain.lr_search)
+    spec.validate(f"{cfg.source}: pretrain.lr_search")
+    world = cfg.world_list()[0]
+    todo = []
+    for variant, m in _searched(cfg):
+        data = data_dir(out, variant.name, max(cfg.prep.ks))
+        d = search_dir(out, cfg, variant.name, m.label)
+        todo.append(((variant.name, m.label), run_config(cfg, data, backbone, world, m, d), d))
+    if not todo:
+        return {}
+    ensure_engine_ops()   # once, before the threads: every run loads DeepSpeed's op from the same cache
+
+    def one(item):
+        key, base, d = item
+        tag = f"[lr-search {key[0]}/{key[1]}]"
+        result = lr_search.search(base, spec, d, lambda runs: run_pretraining(runs, d, 1, threads, log=log),
+                                  log=lambda msg: log(f"{tag} {msg}"))
+        return key, result
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(pool.map(one, todo))
+
+
+def pretrain_runs(cfg: ReplicateConfig, out: Path, backbone: Path, world: World | None = None,
+                  searched: dict[tuple[str, str], dict] | None = None) -> list[PretrainRun]:
+    """Every pretrained method's run in `world` (default: the first), at its recipe's learning rates or at
+    those its search chose. In the first world a searched method's run is its chosen candidate run (the same
+    config) when the candidates ran the full budget."""
+    from ..engine import lr_search
+
+    world = world or cfg.world_list()[0]
+    first = world == cfg.world_list()[0]
     runs = []
-    p = cfg.pretrain
     for variant in cfg.variants:
         # the largest-k directory: its training split is the same in every k directory of the variant
         data = data_dir(out, variant.name, max(cfg.prep.ks))
         for m in cfg.methods_for(variant.name):
             if not m.is_pretrained():
                 continue
-            run_dir = out / "pretrain" / variant.name / slug(m.label)
-            config = {
-                "model": {"name_or_path": str(backbone)},
-                "adapter": dict(m.adapter),
-                "optim": {"name": p.optimizer, "module_lr": p.module_lr, "routing_lr": p.routing_lr,
-                          "warmup_ratio": p.warmup_ratio, "schedule": "linear", "clip": 1.0},
-                "train": {"steps": p.steps, "micro_batch": p.micro_batch, "grad_accum": 1,
-                          "eval_every": p.eval_every, "save_every": p.eval_every, "seed": p.seed, "log_every": 50,
-                          "keep_checkpoints": 1, "heatmap_max_layers": 2, "progress_bar": False},
-                "data": {"dir": str(data), "val_max_samples": p.val_max_samples},
-                "deepspeed": {"zero_stage": 0, "precision": "fp32"},
-                "run": {"dir": str(run_dir)},
-            }
+            run_dir = world_root(out, world) / "pretrain" / variant.name / slug(m.label)
+            config = run_config(cfg, data, backbone, world, m, run_dir)
+            key = (variant.name, m.label)
+            if searched and key in searched:
+                chosen = searched[key]["chosen"]
+                spec = lr_search.LrSearchSection(**cfg.pretrain.lr_search)
+                if first and spec.steps in (None, cfg.pretrain.steps):
+                    cand = lr_search.candidate(config, chosen, spec.steps, search_dir(out, cfg, *key) / "runs")
+                    run_dir, config = cand.run_dir, cand.config
+                else:
+                    config["optim"].update(chosen)
             runs.append(PretrainRun(variant.name, m, run_dir, config))
     return runs
-
-
-def _launch(run: PretrainRun, slot: int, threads: int, out: Path) -> tuple[subprocess.Popen, object]:
-    from launch.sweep import job_env
-
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run.run_dir / "run.yaml"
-    existing = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else None
-    if existing is not None and existing != run.config:
-        raise RuntimeError(f"{cfg_path} holds a different run config than this replicate config; "
-                           "use another --out (or delete the run directory) instead of mixing protocols")
-    cfg_path.write_text(yaml.safe_dump(run.config, sort_keys=False))
-    fh = open(run.run_dir / "log.txt", "a")
-    cmd = [sys.executable, "-m", "launch.pretrain", "--config", str(cfg_path), "--resume", "auto"]
-    env = job_env(out / "pretrain", slot, threads)
-    # the orchestrator built DeepSpeed's CPU op before (ensure_engine_ops): every run loads it from the same
-    # cache instead of building its own copy per worker slot (a minute each)
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
-    else:
-        env.pop("TORCH_EXTENSIONS_DIR", None)
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), env=env,
-                            start_new_session=True)
-    return proc, fh
-
-
-def ensure_engine_ops() -> None:
-    """Create this process's (one-rank) process group: DeepSpeed builds or loads its CPU communication op
-    into TORCH_EXTENSIONS_DIR once, before several runs would race to build it."""
-    from ..engine.distributed import init_distributed
-
-    init_distributed()
-
-
-def run_pretraining(runs: list[PretrainRun], out: Path, workers: int, threads: int,
-                    log: Callable[[str], None] = print) -> dict[str, float]:
-    """Each run is `tensorpoly-ds pretrain` (DeepSpeed ZeRO-0, fp32, one process), `workers` at a time.
-    Returns wall seconds per run that trained now."""
-    pending = [r for r in runs if not r.done()]
-    if pending:
-        ensure_engine_ops()
-    log(f"[pretrain] {len(runs)} runs: {len(runs) - len(pending)} done, {len(pending)} to train, {workers} at a time")
-    running: dict[int, tuple[PretrainRun, subprocess.Popen, object, float]] = {}
-    free = list(range(workers))[::-1]
-    seconds: dict[str, float] = {}
-    failed = []
-    try:
-        while pending or running:
-            while pending and free:
-                slot, run = free.pop(), pending.pop(0)
-                proc, fh = _launch(run, slot, threads, out)
-                running[slot] = (run, proc, fh, time.monotonic())
-                log(f"[pretrain] {run.variant}/{run.method.label}: started (log {run.run_dir / 'log.txt'})")
-            time.sleep(0.5)
-            for slot, (run, proc, fh, t0) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                fh.close()
-                del running[slot]
-                free.append(slot)
-                seconds[f"{run.variant}/{run.method.label}"] = time.monotonic() - t0
-                if proc.returncode == 0 and run.done():
-                    log(f"[pretrain] {run.variant}/{run.method.label}: done in {time.monotonic() - t0:.0f} s")
-                else:
-                    failed.append(run)
-                    log(f"[pretrain] {run.variant}/{run.method.label}: FAILED (exit {proc.returncode}), "
-                        f"see {run.run_dir / 'log.txt'}")
-    except KeyboardInterrupt:
-        _stop(p for _, p, _, _ in running.values())
-        raise
-    if failed:
-        raise RuntimeError(f"pretraining failed for {[f'{r.variant}/{r.method.label}' for r in failed]}")
-    return seconds
-
-
-def _stop(procs) -> None:
-    import signal
-
-    procs = list(procs)
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)   # the engine checkpoints on SIGTERM: the rerun resumes
-    for p in procs:
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
 
 
 # --- the adaptation jobs ---------------------------------------------------------------------------------------
@@ -249,35 +225,46 @@ def variant_tasks(cfg: ReplicateConfig, out: Path, variant: str) -> list[str]:
 
 
 def adaptation_rows(cfg: ReplicateConfig, out: Path, variant: Variant, backbone: Path, exports: dict[str, Path],
-                    chosen_lr: dict[tuple[str, int], float] | None = None) -> list[dict]:
-    """The jobs of one variant as job-table rows (tensorpoly_ds.adapt.table.expand_grid, so every job is
-    validated now). Without `chosen_lr`: every lr of the grid for the search seeds (phase 1) and the zero-shot
-    rows; with `chosen_lr` ({(row name, k): lr}, chosen on phase 1's dev scores): every seed at its row's
-    chosen lr (phase 2; the search seeds' jobs are the same directories, already complete)."""
+                    chosen_lr: dict[tuple[str, int], float] | None = None, *, world: World | None = None,
+                    extra_lrs: dict[tuple[str, int], list[float]] | None = None) -> list[dict]:
+    """The jobs of one variant in one world (default: the first) as job-table rows
+    (tensorpoly_ds.adapt.table.expand_grid, so every job is validated now). Without `chosen_lr` (phase 1, the
+    first world): every lr of the grid, plus the row's `extra_lrs` (edge-rule extensions), for the search
+    seeds; with `chosen_lr` ({(row name, k): lr}, chosen on phase 1's dev scores): every seed of the world at
+    its row's chosen lr (phase 2; the search seeds' jobs are the same directories, already complete). The
+    zero-shot rows come with a world's first phase."""
     from .analysis import row_name
 
+    world = world or cfg.world_list()[0]
+    first = world == cfg.world_list()[0]
+    root = world_root(out, world) / "adapt" / variant.name
     rows: list[dict] = []
     tasks = variant_tasks(cfg, out, variant.name)
     search = cfg.search_seeds()
-    for lr in cfg.adapt.lrs:
+    extra_lrs = extra_lrs or {}
+    beyond_grid = {x for v in extra_lrs.values() for x in v} | set((chosen_lr or {}).values())
+    extensions = sorted(beyond_grid - set(cfg.adapt.lrs))
+    for lr in [*cfg.adapt.lrs, *extensions]:
         for m in cfg.methods_for(variant.name):
             for mode in cfg.modes_for(variant, m):
                 for k in cfg.prep.ks:
+                    name = row_name({"label": m.label, "mode": mode, "k": k, "job": {}})
                     if chosen_lr is None:
+                        if lr not in cfg.adapt.lrs and lr not in extra_lrs.get((name, k), ()):
+                            continue
                         seeds = search
                     else:
-                        name = row_name({"label": m.label, "mode": mode, "k": k, "job": {}})
                         if chosen_lr.get((name, k)) != lr:
                             continue
-                        seeds = cfg.prep.seeds
+                        seeds = world.seeds
                     grid = {"base": {**_job_base(cfg, backbone), "lr": lr,
                                      "routing_lr": lr * cfg.adapt.routing_lr_scale,
                                      "data_dir": str(data_dir(out, variant.name, k))},
                             "methods": [_entry(m, exports)], "modes": [mode], "tasks": tasks, "seeds": seeds,
                             "ks": [k]}
-                    rows += expand_grid(grid, out / "adapt" / variant.name / lr_tag(lr))
+                    rows += expand_grid(grid, root / lr_tag(lr))
     z = cfg.zero_shot
-    if variant.name in z.variants and chosen_lr is None:
+    if variant.name in z.variants and (chosen_lr is None) == first:
         for steps in z.multitask_steps:
             for label in z.methods:
                 m = cfg.method(label)
@@ -288,11 +275,17 @@ def adaptation_rows(cfg: ReplicateConfig, out: Path, variant: Variant, backbone:
                         "data_dir": str(data_dir(out, variant.name, max(cfg.prep.ks)))}
                 # without multi-task steps every seed gives the same numbers; kept so that rows pair up
                 grid = {"base": base, "methods": [_entry(m, exports)], "modes": [mode], "tasks": tasks,
-                        "seeds": cfg.prep.seeds, "ks": [0]}
-                rows += expand_grid(grid, out / "adapt" / variant.name / "zeroshot" / f"mt{steps}")
+                        "seeds": world.seeds, "ks": [0]}
+                rows += expand_grid(grid, root / "zeroshot" / f"mt{steps}")
     for i, r in enumerate(rows):
         r["row"] = i
     return rows
+
+
+# Fields added after the first published protocol: at these values they change nothing, so they stay out of
+# protocol.json and an OUT written before they existed still resumes.
+_NEUTRAL = {("worlds",): None, ("pretrain", "lr_search"): None, ("pretrain", "untrained_reference"): None,
+            ("pretrain", "untrained_factor"): 2.0, ("adapt", "max_extensions"): 0}
 
 
 def protocol(cfg: ReplicateConfig) -> dict:
@@ -300,4 +293,13 @@ def protocol(cfg: ReplicateConfig) -> dict:
     body = asdict(cfg)
     for key in ("workers", "out", "cache", "source"):
         body.pop(key)
+    for path, neutral in _NEUTRAL.items():
+        holder = body
+        for part in path[:-1]:
+            holder = holder[part]
+        if holder.get(path[-1], neutral) == neutral:
+            holder.pop(path[-1], None)
+    for m in body["methods"]:
+        if m.get("pretrain") is None:
+            m.pop("pretrain", None)
     return body

@@ -31,6 +31,36 @@ def _selection_table(selection: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pretraining_table(pretraining: dict) -> str:
+    """Each method's recipe, the learning rates its search chose and its val loss per world."""
+    methods = pretraining["methods"]
+    worlds = sorted({w for e in methods.values() for w in e["val_loss"]})
+    lines = ["| Method | optimizer | module lr | routing lr | edge | " + " | ".join(f"val loss {w or 'world'}" for w in worlds)
+             + " | mean | trained |", "|---|---|---|---|---|" + "---|" * len(worlds) + "---|---|"]
+    for label, e in methods.items():
+        lrs = {"module_lr": e["recipe"]["module_lr"], "routing_lr": e["recipe"]["routing_lr"],
+               **(e.get("search") or {}).get("chosen", {})}
+        edges = ", ".join(f"{a['key']} at {a['edge']} edge" for a in (e.get("search") or {}).get("axes", []) if a["edge"])
+        extended = ", ".join(f"{a['key']} +{a['extended']}" for a in (e.get("search") or {}).get("axes", []) if a["extended"])
+        losses = [f"{e['val_loss'][w]:.3f}" if e["val_loss"].get(w) is not None else "—" for w in worlds]
+        mean = f"{e['mean_val_loss']:.3f}" if e["mean_val_loss"] is not None else "—"
+        searched = "searched" if e.get("search") else "fixed"
+        lines.append(f"| {label} | {e['recipe']['optimizer']} | {lrs['module_lr']:g} | {lrs['routing_lr']:g} | "
+                     f"{searched}{'; ' + extended if extended else ''}{'; ' + edges if edges else ''} | "
+                     + " | ".join(losses) + f" | {mean} | "
+                     + ("**did not train**" if label in pretraining["did_not_train"] else "yes") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _spread_table(spread: dict) -> str:
+    worlds = sorted({w for e in spread.values() for w in e["worlds"]})
+    lines = ["| Row | " + " | ".join(worlds) + " | range (pp) |", "|---|" + "---|" * len(worlds) + "---|"]
+    for row, e in spread.items():
+        lines.append(f"| {row} | " + " | ".join(f"{100 * e['worlds'][w]:.1f}" if w in e["worlds"] else "—"
+                                                 for w in worlds) + f" | {100 * e['range']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _problems(problems: list[dict]) -> str:
     if not problems:
         return "All jobs complete.\n"
@@ -60,6 +90,12 @@ def summary_markdown(cfg: ReplicateConfig, body: dict, variants: dict) -> str:
                 md.append(f"\n### {title}" + (f", k = {k}" if k != "0" else "") + "\n\n" + text)
         for k, verdicts in sorted(v.get("_verdicts", {}).items()):
             md.append(f"\n### Claims at k = {k} (paired over tasks x seeds)\n\n" + claims_markdown(verdicts))
+        for k, spread in sorted(v.get("world_spread", {}).items()):
+            md.append(f"\n### Spread across worlds, k = {k}: mean over tasks of the seed median (%)\n\n"
+                      + _spread_table(spread))
+        if v.get("pretraining"):
+            md.append("\n### Multi-task pretraining: learning rates (chosen on validation loss) and val loss per "
+                      "world\n\n" + _pretraining_table(v["pretraining"]))
         md.append("\n### Routing recovery after multi-task pretraining (C7: "
                   f"**{v['c7']['status']}**)\n\n" + _recovery_table(v["recovery"]))
         if v.get("pretrain_final_val_loss"):
