@@ -79,6 +79,10 @@ class PretrainSection:
     # times that of `untrained_reference` (a method label); claim comparisons involving it are untestable.
     untrained_reference: str | None = None
     untrained_factor: float = 2.0
+    # Sensitivity check of the selection rule: adapt every module-lr candidate of each search (the first mode
+    # of the method, the first world's search seeds, every task, at the row's chosen adaptation lr) and report
+    # which candidate the dev-accuracy rule would have chosen. Reported only: it never changes a choice.
+    sensitivity: bool = False
 
 
 @dataclass
@@ -386,6 +390,8 @@ def _validate_pretrain_recipes(cfg: ReplicateConfig, bad) -> None:
                                                   f"pretrained methods: {sorted(labels)}")
     if not p.untrained_factor > 1:
         raise bad("pretrain.untrained_factor", f"{p.untrained_factor!r}: must be > 1")
+    if p.sensitivity and p.lr_search is None:
+        raise bad("pretrain.sensitivity", "true, but there is no pretrain.lr_search to check")
     for m in cfg.methods:
         if m.pretrain is None:
             continue

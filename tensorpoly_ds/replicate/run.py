@@ -70,8 +70,6 @@ class Timer:
 def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, stages_to_run: set[str] | None = None,
               publish: Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Run every stage (or `stages_to_run` of prep, backbone, pretrain, adapt, analyse) into `out`."""
-    from .backbone import train_backbone
-
     out = out.resolve()
     workers = workers or cfg.workers
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -91,14 +89,8 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
     first = stages.data_dir(out, cfg.variants[0].name, max(cfg.prep.ks))
     cache = Path(cfg.cache).resolve() if cfg.cache else out / "cache"
     worlds = cfg.world_list()
-    backbones = {}
     with timer("backbone"):
-        for world in worlds:
-            # one thread: the tiny backbone gains little from two, and two OpenMP threads collapse (spin-waiting
-            # barriers) as soon as anything else shares the CPUs
-            section = dataclasses.replace(cfg.backbone, seed=world.backbone_seed)
-            backbones[world.name] = train_backbone(section, first, cache, threads=1, log=log,
-                                                   train_now="backbone" in want)
+        backbones = train_backbones(cfg, first, cache, workers, "backbone" in want, log)
     searched = {}
     if cfg.pretrain.lr_search is not None and want & {"pretrain", "adapt", "analyse"}:
         with timer("pretrain"):
@@ -124,7 +116,7 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
 
         with timer("adapt"), JobPool(workers, threads) as pool:
             for variant in cfg.variants:
-                job_seconds.update(_adapt_variant(cfg, out, variant, backbones, exports, pool, log))
+                job_seconds.update(_adapt_variant(cfg, out, variant, backbones, exports, searched, pool, log))
     stamp = out / "timings" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
 
     def timing() -> dict:
@@ -147,6 +139,41 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
     return {"out": str(out), "timing": timing(), "summary": summary}
 
 
+def train_backbones(cfg: ReplicateConfig, data: Path, cache: Path, workers: int, train_now: bool, log) -> dict[str, Path]:
+    """Every world's backbone (cached by its section, seed included): {world name: export}. Several to train
+    train side by side in `workers` spawned processes, one thread each (the tiny backbone gains little from
+    two, and two OpenMP threads collapse, spin-waiting, as soon as anything else shares the CPUs)."""
+    from .backbone import train_backbone
+
+    sections = {w.name: dataclasses.replace(cfg.backbone, seed=w.backbone_seed) for w in cfg.world_list()}
+    if train_now and workers > 1 and len(sections) > 1:
+        import multiprocessing as mp
+
+        todo = [s for s in sections.values() if not backbone_cached(s, data, cache)]
+        if len(todo) > 1:
+            with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+                pool.starmap(_backbone_child, [(s, data, cache) for s in todo])
+    return {name: train_backbone(s, data, cache, threads=1, log=log, train_now=train_now)
+            for name, s in sections.items()}
+
+
+def backbone_cached(section, data: Path, cache: Path) -> bool:
+    from data_prep.manifest import read_manifest
+
+    from .backbone import DONE_FILE, backbone_key
+
+    tok = read_manifest(data).tokenizer
+    return (cache / f"backbone-{backbone_key(section, tok.get('sha256', ''), int(tok['vocab_size']))}" / DONE_FILE).is_file()
+
+
+def _backbone_child(section, data: Path, cache: Path) -> None:
+    from .backbone import train_backbone
+
+    for var in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):   # its own one-rank group on a free port
+        os.environ.pop(var, None)
+    train_backbone(section, data, cache, threads=1, log=lambda msg: print(msg, flush=True))
+
+
 def _read_searches(cfg: ReplicateConfig, out: Path) -> dict[tuple[str, str], dict]:
     """The finished pretraining lr searches (for stages after pretrain): an unfinished one is an error."""
     from ..engine.lr_search import read_result
@@ -160,7 +187,8 @@ def _read_searches(cfg: ReplicateConfig, out: Path) -> dict[tuple[str, str], dic
     return found
 
 
-def _adapt_variant(cfg: ReplicateConfig, out: Path, variant, backbones: dict, exports: dict, pool, log) -> dict:
+def _adapt_variant(cfg: ReplicateConfig, out: Path, variant, backbones: dict, exports: dict, searched: dict, pool,
+                   log) -> dict:
     """Phase 1 in the first world (every lr for the search seeds, then the edge rule's extensions), phase 2 in
     every world (every seed at its row's chosen lr). Returns wall seconds per job run now."""
     worlds = cfg.world_list()
@@ -188,6 +216,8 @@ def _adapt_variant(cfg: ReplicateConfig, out: Path, variant, backbones: dict, ex
             break
         extra = grown
     chosen = {(t["row"], t["k"]): t["chosen_lr"] for t in selection}
+    if cfg.pretrain.sensitivity:
+        run(stages.sensitivity_rows(cfg, out, variant, backbones[w0.name], searched, chosen), "sensitivity")
     for world in worlds:
         if world == w0 and cfg.search_seeds() == list(w0.seeds):
             continue   # every seed of the first world already ran every lr
@@ -256,6 +286,9 @@ def analyse(cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports
             variants[variant.name]["figures"]["pretrain_loss"] = f"{variant.name}_pretrain_loss.png"
             variants[variant.name]["pretrain_final_val_loss"] = {k: (c["val"][-1][1] if c["val"] else None)
                                                                  for k, c in curves.items()}
+        if cfg.pretrain.sensitivity:
+            dev = int((manifest.extra.get("latent_skills") or {}).get("dev_examples", 0))
+            pretraining["sensitivity"] = sensitivity_table(cfg, out, variant.name, searched, dev)
         if len(worlds) > 1 or searched:
             variants[variant.name]["pretraining"] = pretraining
     bb_root = backbones[w0].parent
@@ -271,6 +304,34 @@ def analyse(cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports
     (res / "summary.md").write_text(summ.summary_markdown(cfg, body, variants))
     log(f"[replicate] results in {res} (summary.md, results.json, figures)")
     return body
+
+
+def sensitivity_table(cfg: ReplicateConfig, out: Path, variant: str, searched: dict, dev_examples: int) -> dict:
+    """Per searched method: each module-lr candidate's final val loss and its mean dev accuracy after adaptation
+    (pretrain.sensitivity), the candidate each rule chooses (ties: the smaller lr), and whether they agree."""
+    from ..engine.lr_search import candidate_tag
+    from .analysis import load_results
+
+    table = {}
+    for (v, label), found in sorted(searched.items()):
+        if v != variant:
+            continue
+        axis = found["axes"][0]
+        root = stages.sensitivity_dir(out, cfg, variant, label)
+        # the module axis ran at the recipe's routing lr (learned routing only): sensitivity_rows' directories
+        fixed = {"routing_lr": float(cfg.method_pretrain(cfg.method(label))["routing_lr"])} \
+            if "routing_lr" in found["chosen"] else {}
+        rows = {}
+        for value, loss in axis["losses"].items():
+            tag = root / stages.slug(candidate_tag({**fixed, axis["key"]: float(value)}))
+            results, _ = load_results([tag], dev_examples)
+            dev = statistics.mean(r["dev"]["accuracy"] for r in results) if results else None
+            rows[value] = {"val_loss": loss, "dev": dev, "jobs": len(results)}
+        by_dev = [x for x in rows if rows[x]["dev"] is not None]
+        dev_choice = max(sorted(by_dev, key=float), key=lambda x: rows[x]["dev"]) if by_dev else None
+        table[label] = {"key": axis["key"], "candidates": rows, "chosen_by_val_loss": f"{axis['chosen']:g}",
+                        "chosen_by_dev": dev_choice, "agree": dev_choice == f"{axis['chosen']:g}"}
+    return table
 
 
 def pretraining_table(cfg: ReplicateConfig, variant: str, runs: dict, searched: dict) -> dict:

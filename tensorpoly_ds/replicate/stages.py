@@ -282,10 +282,52 @@ def adaptation_rows(cfg: ReplicateConfig, out: Path, variant: Variant, backbone:
     return rows
 
 
+def sensitivity_rows(cfg: ReplicateConfig, out: Path, variant: Variant, backbone: Path, searched: dict,
+                     chosen_lr: dict[tuple[str, int], float]) -> list[dict]:
+    """The jobs of the selection rule's sensitivity check (pretrain.sensitivity): every module-lr candidate of
+    every search of this variant, adapted in the method's first mode for the search seeds on every task, at its
+    row's chosen adaptation lr (largest k)."""
+    from ..engine.lr_search import candidate
+    from .analysis import row_name
+
+    rows: list[dict] = []
+    tasks = variant_tasks(cfg, out, variant.name)
+    k = max(cfg.prep.ks)
+    for m in cfg.methods_for(variant.name):
+        found = searched.get((variant.name, m.label))
+        if found is None:
+            continue
+        mode = cfg.modes_for(variant, m)[0]
+        lr = chosen_lr[(row_name({"label": m.label, "mode": mode, "k": k, "job": {}}), k)]
+        module_axis = found["axes"][0]
+        base = run_config(cfg, data_dir(out, variant.name, k), backbone, cfg.world_list()[0], m, Path("."))
+        for value in sorted(float(x) for x in module_axis["losses"]):
+            lrs = {**_module_axis_fixed(found, base), module_axis["key"]: value}
+            cand = candidate(base, lrs, cfg.pretrain.lr_search.get("steps"), search_dir(out, cfg, variant.name, m.label) / "runs")
+            grid = {"base": {**_job_base(cfg, backbone), "lr": lr, "routing_lr": lr * cfg.adapt.routing_lr_scale,
+                             "data_dir": str(data_dir(out, variant.name, k))},
+                    "methods": [{"label": m.label, "export": str(cand.run_dir / "export")}], "modes": [mode],
+                    "tasks": tasks, "seeds": cfg.search_seeds(), "ks": [k]}
+            rows += expand_grid(grid, sensitivity_dir(out, cfg, variant.name, m.label) / slug(cand.name))
+    return rows
+
+
+def sensitivity_dir(out: Path, cfg: ReplicateConfig, variant: str, label: str) -> Path:
+    return world_root(out, cfg.world_list()[0]) / "sensitivity" / variant / slug(label)
+
+
+def _module_axis_fixed(found: dict, base: dict) -> dict:
+    """The other learning rates the module axis of a search ran at: the run config's routing lr (learned
+    routing only), as recorded in the search's candidates."""
+    from ..engine.lr_search import routed_learned
+
+    return {"routing_lr": float(base["optim"]["routing_lr"])} if routed_learned(base) else {}
+
+
 # Fields added after the first published protocol: at these values they change nothing, so they stay out of
 # protocol.json and an OUT written before they existed still resumes.
 _NEUTRAL = {("worlds",): None, ("pretrain", "lr_search"): None, ("pretrain", "untrained_reference"): None,
-            ("pretrain", "untrained_factor"): 2.0, ("adapt", "max_extensions"): 0}
+            ("pretrain", "untrained_factor"): 2.0, ("pretrain", "sensitivity"): False, ("adapt", "max_extensions"): 0}
 
 
 def protocol(cfg: ReplicateConfig) -> dict:

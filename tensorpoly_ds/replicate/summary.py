@@ -52,6 +52,19 @@ def _pretraining_table(pretraining: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sensitivity_table(sensitivity: dict) -> str:
+    lines = ["| Method | lr (module axis) | val loss | dev accuracy (%) | val-loss rule | dev rule |",
+             "|---|---|---|---|---|---|"]
+    for label, e in sensitivity.items():
+        for value, c in sorted(e["candidates"].items(), key=lambda kv: float(kv[0])):
+            loss = "—" if c["val_loss"] is None else f"{c['val_loss']:.3f}"
+            dev = "—" if c["dev"] is None else f"{100 * c['dev']:.1f}"
+            lines.append(f"| {label} | {value} | {loss} | {dev} | {'**chosen**' if value == e['chosen_by_val_loss'] else ''} | "
+                         f"{'**chosen**' if value == e['chosen_by_dev'] else ''} |")
+    agree = sum(e["agree"] for e in sensitivity.values())
+    return "\n".join(lines) + f"\n\nThe two rules agree for {agree} of {len(sensitivity)} methods.\n"
+
+
 def _spread_table(spread: dict) -> str:
     worlds = sorted({w for e in spread.values() for w in e["worlds"]})
     lines = ["| Row | " + " | ".join(worlds) + " | range (pp) |", "|---|" + "---|" * len(worlds) + "---|"]
@@ -96,6 +109,9 @@ def summary_markdown(cfg: ReplicateConfig, body: dict, variants: dict) -> str:
         if v.get("pretraining"):
             md.append("\n### Multi-task pretraining: learning rates (chosen on validation loss) and val loss per "
                       "world\n\n" + _pretraining_table(v["pretraining"]))
+            if v["pretraining"].get("sensitivity"):
+                md.append("\n### Sensitivity of the pretraining lr rule: what dev accuracy would have chosen\n\n"
+                          + _sensitivity_table(v["pretraining"]["sensitivity"]))
         md.append("\n### Routing recovery after multi-task pretraining (C7: "
                   f"**{v['c7']['status']}**)\n\n" + _recovery_table(v["recovery"]))
         if v.get("pretrain_final_val_loss"):
