@@ -151,7 +151,7 @@ def train_backbones(cfg: ReplicateConfig, data: Path, cache: Path, workers: int,
 
         todo = [s for s in sections.values() if not backbone_cached(s, data, cache)]
         if len(todo) > 1:
-            with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+            with mp.get_context("spawn").Pool(min(workers, len(todo)), initializer=_own_process_group) as pool:
                 pool.starmap(_backbone_child, [(s, data, cache) for s in todo])
     return {name: train_backbone(s, data, cache, threads=1, log=log, train_now=train_now)
             for name, s in sections.items()}
@@ -166,11 +166,21 @@ def backbone_cached(section, data: Path, cache: Path) -> bool:
     return (cache / f"backbone-{backbone_key(section, tok.get('sha256', ''), int(tok['vocab_size']))}" / DONE_FILE).is_file()
 
 
+def _own_process_group() -> None:
+    """A backbone worker's first init_distributed makes its own one-rank group on a free port, whatever the
+    parent's variables say; later backbones in the same worker reuse that group. A worker dies with the
+    replication (SIGTERM from the kernel), so a killed run leaves no backbone training on; its checkpoint
+    resumes next time."""
+    from ..engine.stop import stop_when_parent_dies
+
+    for var in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(var, None)
+    stop_when_parent_dies(os.getppid())
+
+
 def _backbone_child(section, data: Path, cache: Path) -> None:
     from .backbone import train_backbone
 
-    for var in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):   # its own one-rank group on a free port
-        os.environ.pop(var, None)
     train_backbone(section, data, cache, threads=1, log=lambda msg: print(msg, flush=True))
 
 
