@@ -82,44 +82,57 @@ def _built_torch_extensions() -> Path:
     env = {**os.environ, **_env(TORCH_EXTENSIONS_DIR=str(ext))}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(var, None)
-    r = subprocess.run([sys.executable, "-c", "from tensorpoly_ds.engine.distributed import init_distributed as i; i()"],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    build = "from tensorpoly_ds.engine.distributed import init_distributed; init_distributed()"
+    r = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return ext
 
 
-def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float, what: str) -> None:
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
-    assert r.returncode == 0, f"direct {what} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+class DirectPipeline(threading.Thread):
+    """The non-Slurm pipeline in a thread (its stages run one after another); stop() ends the running stage's
+    whole process group, so a failing test leaves no rank behind."""
 
-
-def _direct_pipeline(out: Path, ext: Path) -> None:
-    from tensorpoly_ds.engine.distributed import free_port
-
-    env = {**os.environ, **_env(TORCH_EXTENSIONS_DIR=str(ext))}
-    for var in ("SLURM_CONF", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cli = [sys.executable, "-m", "tensorpoly_ds.cli"]
-    _run([*cli, "prep", *PREP_ARGS, "--out", str(out / "data")], env, out, 300, "prep")
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-          str(REPO / "launch" / "pretrain.py"), "--config", str(TINY), "--resume", "auto", f"data.dir={out / 'data'}",
-          f"run.dir={out / 'pretrain'}", *PRETRAIN_ARGS], env, out, 600, "pretrain")
-    _run([*cli, "sweep", "--grid", str(out / "grid.yaml"), "--out", str(out / "sweep"), "--workers", "2",
-          "--threads-per-job", "1"], env, out, 600, "sweep")
-    _run([*cli, "report", str(out / "sweep"), "--out", str(out / "report"), "--strict"], env, out, 300, "report")
-
-
-class Background(threading.Thread):
-    def __init__(self, target, *args):
+    def __init__(self, out: Path, ext: Path):
         super().__init__(daemon=True)
-        self._call = (target, args)
+        self.out, self.ext = out, ext
         self.error: BaseException | None = None
+        self._proc: subprocess.Popen | None = None
+        self._stopped = False
+
+    def _stage(self, what: str, cmd: list[str], env: dict[str, str], timeout: float) -> None:
+        if self._stopped:
+            raise RuntimeError("stopped")
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      cwd=self.out, start_new_session=True)
+        out, err = self._proc.communicate(timeout=timeout)
+        code = self._proc.returncode
+        assert code == 0, f"direct {what} exited {code}:\n{out[-3000:]}\n{err[-5000:]}"
 
     def run(self) -> None:
+        from tensorpoly_ds.engine.distributed import free_port
+
+        out = self.out
+        env = {**os.environ, **_env(TORCH_EXTENSIONS_DIR=str(self.ext))}
+        for var in ("SLURM_CONF", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(var, None)
+        cli = [sys.executable, "-m", "tensorpoly_ds.cli"]
         try:
-            self._call[0](*self._call[1])
-        except BaseException as err:   # re-raised in the test's thread by result()
+            self._stage("prep", [*cli, "prep", *PREP_ARGS, "--out", str(out / "data")], env, 300)
+            self._stage("pretrain", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                     "--master_port", str(free_port()), str(REPO / "launch" / "pretrain.py"),
+                                     "--config", str(TINY), "--resume", "auto", f"data.dir={out / 'data'}",
+                                     f"run.dir={out / 'pretrain'}", *PRETRAIN_ARGS], env, 600)
+            self._stage("sweep", [*cli, "sweep", "--grid", str(out / "grid.yaml"), "--out", str(out / "sweep"),
+                                  "--workers", "2", "--threads-per-job", "1"], env, 600)
+            self._stage("report", [*cli, "report", str(out / "sweep"), "--out", str(out / "report"), "--strict"],
+                        env, 300)
+        except Exception as err:   # re-raised in the test's thread by result()
             self.error = err
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
 
     def result(self, timeout: float) -> None:
         self.join(timeout)
@@ -185,8 +198,6 @@ def _export_tensors(run_dir: Path) -> dict:
 
 
 def test_real_pipeline_with_requeue_and_killed_task_equals_the_direct_run(jobs, tmp_path):
-    import torch
-
     t0 = time.monotonic()
     ext = _built_torch_extensions()
     slurm_dir, direct_dir = tmp_path / "slurm", tmp_path / "direct"
@@ -204,8 +215,22 @@ def test_real_pipeline_with_requeue_and_killed_task_equals_the_direct_run(jobs, 
                   "--sweep-out", "sweep", "--parallel", "2", "--adapt-cpus", "1", "--report-out", "report",
                   "--report-arg", "--strict")
     assert list(ids) == ["prep", "pretrain", "sweep", "report"]
-    direct = Background(_direct_pipeline, direct_dir, ext)
+    direct = DirectPipeline(direct_dir, ext)
     direct.start()
+    try:
+        slurm_s, stopped = _slurm_side(jobs, slurm_dir, env, ids)
+        direct.result(600)
+    finally:
+        direct.stop()
+    print(f"\n[real pipeline] Slurm pipeline done {slurm_s:.0f}s, both done {time.monotonic() - t0:.0f}s "
+          f"after the start (pretrain stopped at step {stopped} of {STEPS})")
+    _assert_same_numbers(slurm_dir, direct_dir)
+
+
+def _slurm_side(jobs, slurm_dir: Path, env: dict[str, str], ids: dict[str, str]) -> tuple[float, int]:
+    """Inject the two failures, check the requeue and the recovery; (seconds to the final report, the step
+    the pretrain stopped at)."""
+    t0 = time.monotonic()
 
     # 1. the time-limit signal mid-run -> checkpoint, exit 124, requeue, resume
     metrics = slurm_dir / "pretrain" / "metrics.jsonl"
@@ -248,11 +273,11 @@ def test_real_pipeline_with_requeue_and_killed_task_equals_the_direct_run(jobs, 
     for task in range(4):
         task_log = (slurm_dir / "logs" / f"tpds-adapt-{again['adapt']}_{task}.out").read_text()
         assert ("complete, skipped" in task_log) == (task != KILLED_ROW), (task, task_log[-2000:])
-    slurm_done = time.monotonic() - t0
+    return time.monotonic() - t0, stopped
 
-    direct.result(600)
-    print(f"\n[real pipeline] Slurm pipeline done {slurm_done:.0f}s, both done {time.monotonic() - t0:.0f}s "
-          f"after the start (pretrain stopped at step {stopped} of {STEPS})")
+
+def _assert_same_numbers(slurm_dir: Path, direct_dir: Path) -> None:
+    import torch
 
     a, b = _export_tensors(slurm_dir / "pretrain"), _export_tensors(direct_dir / "pretrain")
     assert sorted(a) == sorted(b)
@@ -264,5 +289,5 @@ def test_real_pipeline_with_requeue_and_killed_task_equals_the_direct_run(jobs, 
         assert got == direct_rows[row], row
     table_slurm, table_direct = _table(slurm_dir / "report"), _table(direct_dir / "report")
     assert table_slurm == table_direct
-    cells = [c for c in table_slurm if c.get("task") not in (None, "", "avg")]
+    cells = [c for c in table_slurm if c["task"] != "avg"]
     assert len(cells) == 2 and all(c["n"] == "2" for c in cells), table_slurm
