@@ -1,7 +1,8 @@
 """The real pipeline on the local 2-node Slurm cluster gives the numbers of the same pipeline run directly.
 
-One test, about 4 minutes on 2 busy CPUs; it runs whenever Slurm is installed (CI: `scripts/test.sh --slurm`,
-where a skip is turned into a failure by TPDS_SLURM_REQUIRED=1).
+One test, 3-5.5 minutes here (176 s with the machine's load average at ~8, 326 s at ~24); it runs whenever
+Slurm is installed (CI: `scripts/test.sh --slurm`, where a skip is turned into a failure by
+TPDS_SLURM_REQUIRED=1).
 
 Under Slurm (`slurm/submit_pipeline.sh`, every stage the real `tensorpoly-ds` command):
   prep (embedded mixture) -> pretrain (tiny_cpu.yaml, 2 nodes x 1 rank under srun, DeepSpeed on CPU/gloo)
@@ -23,10 +24,13 @@ then every row's accuracies, train losses and per-example scores, and the report
 same adaptation of the same export on one thread).
 
 Mutations tried (each made this test fail):
-- `slurm/pretrain.sbatch` passing `--resume none` (the requeued run starts over): fails on "resumed from".
-- `slurm/lib.sh` not requeueing on exit 124 (`rc=124` branch exits 124): the pretrain job ends FAILED.
-- the recovery resubmission left out (one array task's result dropped): the report never completes.
-- the engine's resume not restoring the data position (see the report of the change): the exports differ.
+- `slurm/pretrain.sbatch` running the stage with `--resume none` (the requeued run starts over from step 0):
+  no "resumed from" line (the export alone would not tell: 40 steps from scratch give the same numbers).
+- the engine's resume not restoring the data stream's position (trainer.py, `stream.load_state_dict` left
+  out): the requeued run's export differs from the direct run's.
+- `slurm/submit_array.sh` submitting `--array=0-(N-2)` (one row's result dropped): the array's task states.
+- `slurm/lib.sh` not requeueing on exit 124: the pretrain job fails, the sweep is cancelled, and the test
+  fails at once naming the ended job instead of waiting out its timeouts.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, SLURM_DIR
+from .conftest import REPO, SLURM_DIR, TERMINAL
 
 pytestmark = pytest.mark.slow
 
@@ -151,6 +155,25 @@ def _submit(jobs, cwd: Path, env: dict[str, str], *args: str) -> dict[str, str]:
     return ids
 
 
+def _wait_while_running(jobs, job_id: str, ready, timeout: float, what: str):
+    """ready()'s first true value; fails at once (with the logs) if job_id ends before that."""
+    last_check = [0.0]
+
+    def check():
+        value = ready()
+        if value or time.monotonic() - last_check[0] < 2:
+            return value
+        last_check[0] = time.monotonic()
+        shown = jobs.show(job_id)
+        if shown and all(s.get("JobState") in TERMINAL for s in shown):
+            value = ready()
+            assert value, (f"job {job_id} ended ({[s.get('JobState') for s in shown]}) before {what}\n"
+                           f"{jobs.logs()[-6000:]}")
+        return value
+
+    return jobs.wait_for(check, timeout, what)
+
+
 def _train_steps(metrics: Path) -> list[int]:
     if not metrics.exists():
         return []
@@ -234,18 +257,20 @@ def _slurm_side(jobs, slurm_dir: Path, env: dict[str, str], ids: dict[str, str])
 
     # 1. the time-limit signal mid-run -> checkpoint, exit 124, requeue, resume
     metrics = slurm_dir / "pretrain" / "metrics.jsonl"
-    jobs.wait_for(lambda: max(_train_steps(metrics), default=0) >= SIGNAL_AT, 400, f"pretrain step {SIGNAL_AT}")
+    _wait_while_running(jobs, ids["pretrain"], lambda: max(_train_steps(metrics), default=0) >= SIGNAL_AT, 400,
+                        f"pretrain step {SIGNAL_AT}")
     r = jobs.cluster.run(["scancel", "--signal=USR1", "--batch", ids["pretrain"]])
     assert r.returncode == 0, r.stderr
 
     # 2. SIGKILL one row's `adapt` while it runs
     table = slurm_dir / "sweep" / "jobs.jsonl"
-    jobs.wait_for(table.exists, 600, "the sweep job's table")
-    array = jobs.wait_for(lambda: (p := slurm_dir / "sweep" / "adapt_array.jobid").exists()
-                          and p.read_text().strip(), 60, "the adapt array id")
+    array_file = slurm_dir / "sweep" / "adapt_array.jobid"
+    array = _wait_while_running(jobs, ids["sweep"], lambda: array_file.exists() and array_file.read_text().strip(),
+                                600, "the sweep job's adapt array")
     jobs.track(array)
     killed_dir = Path(json.loads(table.read_text().splitlines()[KILLED_ROW])["job"]["out_dir"])
-    killed_pid = jobs.wait_for(lambda: _kill_adapt_of(killed_dir), 300, f"row {KILLED_ROW}'s adapt process")
+    killed_pid = _wait_while_running(jobs, f"{array}_{KILLED_ROW}", lambda: _kill_adapt_of(killed_dir), 300,
+                                     f"row {KILLED_ROW}'s adapt process")
 
     (report,) = jobs.wait(ids["report"], 600)
     assert report["JobState"] == "CANCELLED", (report, jobs.logs()[-6000:])   # afterok on a failed array
