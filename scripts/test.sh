@@ -5,6 +5,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh "$@"
 export DS_ACCELERATOR=cpu
+# with --slurm the cluster tests must run: their fixture fails instead of skipping when Slurm is missing
+for arg in "$@"; do
+    if [ "$arg" = "--slurm" ]; then export TPDS_SLURM_REQUIRED=1; fi
+done
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.torch_extensions}"
 
 # Two pytest sessions side by side, about even in CPU time: most tests use one core or wait (one-rank runs,

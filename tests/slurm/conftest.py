@@ -49,7 +49,10 @@ class Cluster:
 @pytest.fixture(scope="session")
 def slurm_cluster():
     if shutil.which("sinfo") is None:
-        pytest.skip("Slurm client `sinfo` is not on PATH (install: bash scripts/slurm_local.sh install)")
+        why = "Slurm client `sinfo` is not on PATH (install: bash scripts/slurm_local.sh install)"
+        if os.environ.get("TPDS_SLURM_REQUIRED") == "1":   # scripts/test.sh --slurm: CI must run these tests
+            pytest.fail(f"{why}, but TPDS_SLURM_REQUIRED=1")
+        pytest.skip(why)
     state = os.environ.get("TPDS_SLURM_DIR", "/tmp/tpds-slurm")
     was_running = subprocess.run(["bash", str(LOCAL), "status"], capture_output=True, timeout=60).returncode == 0
     r = subprocess.run(["bash", str(LOCAL), "start"], capture_output=True, text=True, timeout=180)
