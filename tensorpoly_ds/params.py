@@ -89,6 +89,8 @@ ADAPTER_FLAGS: dict[str, tuple[str, dict]] = {
     "--layernorm": ("layernorm", dict(action="store_const", const=True,
                                       help="TLoRA family: LayerNorm on Kronecker products")),
     "--layernorm-affine": ("layernorm_affine", dict(choices=("frozen", "trainable"))),
+    "--output-gain": ("output_gain", dict(action="store_const", const=True,
+                                          help="TLoRA family: a trainable scalar gain (init 0) on the adapter output")),
 }
 
 

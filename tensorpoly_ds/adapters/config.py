@@ -13,6 +13,10 @@ METHODS = ("lora", "tlora", "poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "ten
 ROUTED_METHODS = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")
 GRANULARITIES = ("layer", "block", "group", "model")
 ROUTINGS = ("learned", "random")
+GAIN_METHODS = ("tlora", "tensorpoly_i", "tensorpoly_ii")
+# Fields added after configs were hashed (run fingerprints, replicate keys) and exported: to_dict leaves them out
+# at these defaults, so existing configs keep their hashes and code without the field still reads the export.
+LATER_DEFAULTS = {"output_gain": False}
 MAX_RANDOM_GROUP = 62   # random allocations are drawn as the bit pattern of one int64
 
 # q, k, v, o of self- and cross-attention and the FFN projections (wi for non-gated FFNs).
@@ -48,6 +52,9 @@ class AdapterConfig:
     layernorm_affine: str = "frozen"   # "frozen" | "trainable"
     tensorpoly_ii_semantics: str = "official"   # "official" | "paper"
     init_scale: float | None = None  # override of the uniform init bound (None = reference init)
+    # TLoRA / TensorPoly-I/II: a trainable scalar g (init 0) on the delta, h = W0 x + g * scale * B(A x): delta W
+    # starts at 0 while d loss / d g does not (the frozen-LayerNorm factors alone fix |delta W| from step 0)
+    output_gain: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -79,6 +86,8 @@ class AdapterConfig:
             raise bad("tensorpoly_ii_semantics", "valid values: official, paper")
         if self.layernorm and self.method in ("tlora", "tensorpoly_i", "tensorpoly_ii") and self.order not in (2, 4):
             raise bad("order", "the Kronecker LayerNorm (layernorm=true) is defined for orders 2 and 4 only")
+        if self.output_gain and self.method not in GAIN_METHODS:
+            raise bad("output_gain", f"only {', '.join(GAIN_METHODS)} have an output gain; method is {self.method!r}")
         if self.heads > 1 and self.method != "mhr":
             raise bad("heads", f"only MHR splits into heads; method is {self.method!r}")
         if self.targets is not None:
@@ -107,7 +116,11 @@ class AdapterConfig:
         return IA3_TARGETS if self.method == "ia3" else T5_TARGETS
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for name, default in LATER_DEFAULTS.items():
+            if out[name] == default:
+                del out[name]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> "AdapterConfig":

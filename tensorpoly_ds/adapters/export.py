@@ -9,6 +9,7 @@ tlora.KronLayerNorm); exports written when they were still load, their constants
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -116,7 +117,7 @@ def drop_frozen_norm_constants(state: dict[str, torch.Tensor], cfg: AdapterConfi
 
 
 def config_differences(a: AdapterConfig, b: AdapterConfig) -> list[str]:
-    da, db = a.to_dict(), b.to_dict()
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)   # every field, also those to_dict omits at defaults
     return [f"{k}: {da[k]!r} vs {db[k]!r}" for k in sorted(da) if da[k] != db[k]]
 
 

@@ -165,6 +165,13 @@ class TLoRALinear(AdapterLinear):
         self.side_a = _KronSide(cfg, self.in_features, bound, **kw)
         self.side_b = _KronSide(cfg, self.out_features, bound, **kw)
         self.scale = cfg.alpha / cfg.rank
+        # cfg.output_gain: zero at init, so delta W = 0 while the factors keep their fixed-norm init; shape [1]
+        # rather than a 0-dim tensor, which ZeRO-3 partitioning and flattening handle as any other parameter
+        self.output_gain = nn.Parameter(torch.zeros(1, **kw)) if cfg.output_gain else None
+
+    def gained(self, delta: torch.Tensor) -> torch.Tensor:
+        """delta times the output gain (none configured: delta itself, the same tensor)."""
+        return delta if self.output_gain is None else delta * self.output_gain.to(delta.dtype)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.side_a.terms().sum(0).t(), self.side_b.terms().sum(0)
@@ -187,11 +194,11 @@ class TLoRALinear(AdapterLinear):
 
     def delta_from_weights(self, x, weights, inverse):
         a, b = self.build(self.factors)
-        return apply_low_rank(x, a, b, None, self.scale)
+        return self.gained(apply_low_rank(x, a, b, None, self.scale))
 
     def delta_weight(self, weights=None):
         a, b = self.factors()
-        return a @ b * self.scale
+        return self.gained(a @ b * self.scale)
 
 
 class TensorPolyILinear(MixedLowRank, TLoRALinear):
@@ -203,7 +210,10 @@ class TensorPolyILinear(MixedLowRank, TLoRALinear):
 
     def delta_from_weights(self, x, weights, inverse):
         a, b = self.build(self.mixed, weights)
-        return apply_low_rank(x, a, b, inverse, self.scale)
+        return self.gained(apply_low_rank(x, a, b, inverse, self.scale))
+
+    def delta_weight(self, weights):
+        return self.gained(MixedLowRank.delta_weight(self, weights))
 
     def mixed(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = weights[:, 0, :].to(self.side_a.leaves.dtype)

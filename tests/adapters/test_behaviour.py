@@ -14,15 +14,18 @@ ALL = {
     "lora": dict(rank=2),
     "tlora": dict(rank=2, tensor_rank=2, order=2),
     "tlora_ln": dict(method="tlora", rank=2, tensor_rank=2, order=2, layernorm=True, layernorm_affine="trainable"),
+    "tlora_gain": dict(method="tlora", rank=2, tensor_rank=2, order=2, layernorm=True, output_gain=True),
     "poly": dict(rank=2, skills=3),
     "mhr": dict(rank=2, skills=3, heads=2),
     "tensorpoly_i": dict(rank=2, tensor_rank=3, order=2),
+    "tensorpoly_i_gain": dict(method="tensorpoly_i", rank=2, tensor_rank=3, order=2, layernorm=True, output_gain=True),
     "tensorpoly_ii": dict(rank=2, tensor_rank=3, order=2),
     "tensorpoly_ii_paper": dict(method="tensorpoly_ii", rank=2, tensor_rank=3, order=2, tensorpoly_ii_semantics="paper"),
     "tensorpoly_x": dict(tensor_rank=2, order=2),
     "ia3": dict(),
 }
-ZERO_INIT = ("lora", "poly", "mhr", "tensorpoly_x", "ia3")
+ZERO_INIT = ("lora", "poly", "mhr", "tensorpoly_x", "ia3", "tlora_gain", "tensorpoly_i_gain")
+UNROUTED = ("lora", "tlora", "tlora_ln", "tlora_gain", "ia3")
 
 
 def cfg_for(key, **extra):
@@ -121,7 +124,7 @@ def test_mu_collapse_equals_uniform_routing(key):
         torch.testing.assert_close(model(input_ids=x, labels=y).logits, uniform)
 
 
-@pytest.mark.parametrize("key", [k for k in ALL if k not in ("lora", "tlora", "tlora_ln", "ia3")])
+@pytest.mark.parametrize("key", [k for k in ALL if k not in UNROUTED])
 def test_mixed_task_batch_equals_each_task_alone(key):
     mod = make_layer(key, num_tasks=4)
     with torch.no_grad():

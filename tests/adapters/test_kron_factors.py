@@ -19,6 +19,8 @@ CASES = {
     "tensorpoly_i_ln_trainable": dict(method="tensorpoly_i", rank=2, tensor_rank=3, order=2, layernorm=True,
                                       layernorm_affine="trainable"),
     "tensorpoly_ii_ln": dict(method="tensorpoly_ii", rank=2, tensor_rank=3, order=2, layernorm=True),
+    "tensorpoly_ii_ln_gain": dict(method="tensorpoly_ii", rank=2, tensor_rank=3, order=2, layernorm=True,
+                                  output_gain=True),
     "tensorpoly_ii_paper": dict(method="tensorpoly_ii", rank=2, tensor_rank=3, order=2,
                                 tensorpoly_ii_semantics="paper"),
 }

@@ -11,10 +11,10 @@ from tensorpoly_ds.adapters import (AdapterConfig, ConfigError, ModeError, Rando
                                     export_adapters, inject_adapters, load_adapters, prepare_adaptation,
                                     routing_tables, task_routing)
 from tensorpoly_ds.adapters.inject import ADAPTER_CLASSES
-from tests.adapters.test_behaviour import ALL
+from tests.adapters.test_behaviour import ALL, UNROUTED
 from tests.conftest import tiny_t5
 
-ROUTED = {k: v for k, v in ALL.items() if k not in ("lora", "tlora", "tlora_ln", "ia3")}
+ROUTED = {k: v for k, v in ALL.items() if k not in UNROUTED}
 
 
 def cfg_for(key, **extra):
@@ -92,6 +92,8 @@ def explicit_uniform_delta(mod, key):
         return a @ b * mod.scale
     if key == "tensorpoly_i":
         return mod.side_a.terms().mean(0).t() @ mod.side_b.terms().mean(0) * mod.scale
+    if key == "tensorpoly_i_gain":
+        return mod.side_a.terms().mean(0).t() @ mod.side_b.terms().mean(0) * mod.scale * mod.output_gain
     if key == "tensorpoly_ii":                                   # kron of the order-wise mean leaves
         def side(s):
             mean = s.leaves.mean(1)                              # [N, r, q]

@@ -4,7 +4,8 @@ adapter state so the test can compare them with a single-process run.
 
     zero3_shared_routing.py OUT STAGE:ROUTING [STAGE:ROUTING ...]
 
-Each STAGE:ROUTING run (ZeRO stage; adapter routing 'learned' or 'random') builds its own model and engine
+Each STAGE:ROUTING run (ZeRO stage; adapter routing 'learned' or 'random', or 'gain': TensorPoly-I with the
+frozen LayerNorm and an output gain, learned routing) builds its own model and engine
 from the same seeds and writes OUT/<stage>_<routing>/; several runs share one launch (a launch costs more
 than a run)."""
 
@@ -30,11 +31,15 @@ def train(out_dir: str, stage: int, routing: str) -> None:
     torch.manual_seed(0)
     random.seed(1000 + rank)   # random routing draws per rank (the engine seeds every rank like this)
     model = T5ForConditionalGeneration(t5_config("tiny", vocab_size=64))
-    cfg = AdapterConfig(method="poly", skills=3, rank=2, routing_granularity="model", routing=routing)
+    if routing == "gain":
+        cfg = AdapterConfig(method="tensorpoly_i", rank=2, tensor_rank=3, layernorm=True, output_gain=True,
+                            routing_granularity="model")
+    else:
+        cfg = AdapterConfig(method="poly", skills=3, rank=2, routing_granularity="model", routing=routing)
     inject_adapters(model, cfg, num_tasks=4)
     with torch.no_grad():  # non-zero B so the routing receives gradient from the first step
-        for p in model.parameters():
-            if p.requires_grad:
+        for name, p in model.named_parameters():
+            if p.requires_grad and not name.endswith("output_gain"):   # the gain starts at its zero init
                 p.add_(0.05 * torch.randn_like(p))
     groups = adapter_param_groups(model)
     global_batch, micro = 8, 8 // world
