@@ -42,6 +42,15 @@ def test_two_ranks_match_one_rank(stage, tmp_path, prepared_dir, backbone_dir, b
         assert "backbone partitioned at load (zero.Init): True" in stdout, stdout[-2000:]
     assert_same_trajectory(read_metrics(baseline_run), read_metrics(run_dir))
     assert_same_trajectory(read_metrics(baseline_run, "eval", "val/loss"), read_metrics(run_dir, "eval", "val/loss"))
+    # adapter health is all-reduced over ranks: the gradient norms (read from ZeRO-2 fragments / ZeRO-3
+    # partitions) equal the 1-rank run's; the delta ratios, which count padded positions, equal those of the
+    # same batch layout under the other ZeRO stage (micro 2 pads differently from the baseline's micro 4:
+    # ~4 % apart). Mutation: no all-reduce in AdapterHealth.metrics -> rank 0's half of the partitions.
+    for key in ("train/adapter_grad_norm/modules", "train/adapter_grad_norm/routing"):
+        assert_same_trajectory(read_metrics(baseline_run, key=key), read_metrics(run_dir, key=key))
+    if stage == 3:
+        for key in ("train/delta_ratio/mean", "train/delta_ratio/decoder_cross_attention"):
+            assert_same_trajectory(read_metrics(two_rank_run(2)[0], key=key), read_metrics(run_dir, key=key))
     if stage == 3:
         # resume a ZeRO-3 run (partitioned model and optimizer states) from its step-16 checkpoint
         resumed = tmp_path / "z3_resumed"
