@@ -97,7 +97,8 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, prepared_dir):
 def test_adapter_health_changes_no_number_of_the_run(tmp_path, prepared_dir):
     """The same run with train.adapter_health off and on: bitwise the same losses, gradient norms and trained
     parameters (the same computation twice; the monitor only reads). TensorPoly-I with the output gain, whose
-    delta starts at 0. Mutation: record() squaring the delta in place (delta.square_()) -> the losses differ."""
+    delta starts at 0. Mutation: record() writing into the forward's delta (delta.detach().mul_(2)) -> the
+    losses differ."""
     data = PreparedData.open(prepared_dir)
     rows = data.split("train")
     out = []
