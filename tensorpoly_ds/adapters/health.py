@@ -49,14 +49,15 @@ def record(layer, base_out: torch.Tensor, delta: torch.Tensor) -> None:
 
 
 def take_sums(layers: dict) -> torch.Tensor | None:
-    """[layers, 2] (delta, base) squared norms recorded since the last call, in the order of `layers`; resets
-    them. None when nothing was recorded."""
+    """[layers, 2] (delta, base) squared norms recorded since the last call, in the order of `layers` (zeros for
+    a layer the forward did not reach); resets them. None when nothing was recorded."""
     sums = [layer.health_sums for layer in layers.values()]
     for layer in layers.values():
         layer.health_sums = None
-    if not sums or any(s is None for s in sums):
+    recorded = next((s for s in sums if s is not None), None)
+    if recorded is None:
         return None
-    return torch.stack(sums)
+    return torch.stack([recorded.new_zeros(2) if s is None else s for s in sums])
 
 
 def layer_group(name: str) -> str:
@@ -68,11 +69,13 @@ def layer_group(name: str) -> str:
 
 def ratio_metrics(names: list[str], sums: torch.Tensor) -> dict[str, float]:
     """train/delta_ratio/mean (mean of the per-layer ratios) and train/delta_ratio/<group> (mean over the
-    group's layers) from the [layers, 2] squared norms (already summed over ranks)."""
+    group's layers) from the [layers, 2] squared norms (already summed over ranks); layers without input
+    (base norm 0: not reached) are left out."""
     ratios = (sums[:, 0].double().sqrt() / sums[:, 1].double().sqrt()).tolist()
-    out = {"train/delta_ratio/mean": sum(ratios) / len(ratios)}
+    kept = [(name, r) for name, r, base in zip(names, ratios, sums[:, 1].tolist()) if base > 0]
+    out = {"train/delta_ratio/mean": sum(r for _, r in kept) / len(kept) if kept else float("nan")}
     groups: dict[str, list[float]] = {}
-    for name, r in zip(names, ratios):
+    for name, r in kept:
         groups.setdefault(layer_group(name), []).append(r)
     for group, values in sorted(groups.items()):
         out[f"train/delta_ratio/{group}"] = sum(values) / len(values)

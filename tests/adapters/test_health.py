@@ -61,6 +61,20 @@ def test_lora_at_init_is_zero_and_nothing_is_recorded_outside_recording():
                             "train/delta_ratio/decoder_cross_attention", "train/delta_ratio/decoder_ffn"}
 
 
+def test_a_layer_the_forward_does_not_reach_is_left_out():
+    """Mutation: take_sums returning None when any layer has no record -> no metrics at all."""
+    torch.manual_seed(0)
+    model = tiny_t5()
+    inject_adapters(model, cfg_for("lora"), num_tasks=1)
+    layers = adapter_layers(model)
+    with health.recording():
+        model.encoder(input_ids=torch.randint(2, 64, (2, 6)))   # the decoder's layers see nothing
+    sums = health.take_sums(layers)
+    assert sums is not None and int((sums[:, 1] == 0).sum()) == sum("decoder" in n for n in layers)
+    metrics = health.ratio_metrics(list(layers), sums)
+    assert metrics["train/delta_ratio/mean"] == 0.0 and not any("decoder" in k for k in metrics)
+
+
 def test_grad_norms_by_group_count_a_replicated_gradient_once():
     """Mutation: the `rank == 0` condition dropped -> rank 1 contributes the replicated gradient again."""
     torch.manual_seed(0)
