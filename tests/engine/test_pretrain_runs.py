@@ -235,6 +235,11 @@ def test_precision_and_offload_variants_run(extra, check, tmp_path, prepared_dir
     losses = read_metrics(run_dir)
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
     assert check(json.loads((run_dir / "ds_config.json").read_text()))
+    # adapter health reads bf16-optimizer fragments and offloaded ZeRO-3 partitions (Poly: B = 0 at step 1,
+    # its A still gets gradient)
+    grads = read_metrics(run_dir, key="train/adapter_grad_norm/modules")
+    assert sorted(grads) == [1, 2, 3, 4] and all(math.isfinite(v) and v > 0 for v in grads.values())
+    assert all(math.isfinite(v) for v in read_metrics(run_dir, key="train/delta_ratio/mean").values())
 
 
 def test_fullft_export_only_keeps_tied_embeddings_where_zero_to_fp32_safetensors_fails(tmp_path, prepared_dir):
