@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from . import health
 from .config import AdapterConfig
 from .routing import RandomRouting, RoutingTable, current_task_groups
 
@@ -46,6 +47,7 @@ class AdapterLinear(nn.Module):
         # Set by injection; not a submodule, because tables may be shared and live in model.tpds_routing.
         self._routing: list[RoutingTable | RandomRouting] = []
         self.merged = False
+        self.health_sums: torch.Tensor | None = None   # health.record's running sums (not state)
 
     # Hugging Face code reads `.weight` of projections (T5 checks wo.weight.dtype).
     @property
@@ -76,9 +78,13 @@ class AdapterLinear(nn.Module):
         if self.merged:
             return out
         if self.routing is None:
-            return out + self.delta_from_weights(x, None, None)
-        weights, inverse = self.task_weights(x)
-        return out + self.delta_from_weights(x, weights, inverse)
+            delta = self.delta_from_weights(x, None, None)
+        else:
+            weights, inverse = self.task_weights(x)
+            delta = self.delta_from_weights(x, weights, inverse)
+        if health.is_recording():
+            health.record(self, out, delta)
+        return out + delta
 
     def delta_from_weights(self, x: torch.Tensor, weights: torch.Tensor | None,
                            inverse: torch.Tensor | None) -> torch.Tensor:

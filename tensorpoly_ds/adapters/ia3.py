@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import health
 from .base import AdapterLinear
 from .config import AdapterConfig
 
@@ -17,7 +18,11 @@ class IA3Linear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        return out if self.merged else out * self.ia3_scale.to(out.dtype)
+        if self.merged:
+            return out
+        if health.is_recording():
+            health.record(self, out, out * (self.ia3_scale.to(out.dtype) - 1))
+        return out * self.ia3_scale.to(out.dtype)
 
     @torch.no_grad()
     def merge(self, weights=None) -> None:

@@ -90,6 +90,9 @@ class TrainSection:
     grad_alignment_every: int = 0
     grad_alignment_tasks: list = field(default_factory=list)   # task names; [] = up to 8, evenly spaced
     grad_alignment_rows: int = 8             # rows per task in its probe batch (its first rows in DIR/train)
+    # Adapter health every step (docs/adapters.md "Adapter health"): train/delta_ratio/* (|delta W x| / |W0 x|)
+    # and train/adapter_grad_norm/{modules,routing}, all-reduced over ranks. Changes no number of the run.
+    adapter_health: bool = True
 
 
 @dataclass

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpoly_ds.adapters import adapter_param_groups, routing_tables, set_factor_recomputation, task_routing
+from tensorpoly_ds.adapters import (adapter_layers, adapter_param_groups, health, routing_tables,
+                                    set_factor_recomputation, task_routing)
 from tensorpoly_ds.adapters.export import config_differences
 
 from . import checkpoint as ckpt
@@ -303,6 +304,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
                        eos_id=eos_id)
     manual_norm = ds_config["zero_optimization"]["stage"] == 0 and not ds_config.get("bf16", {}).get("enabled")
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    probe_health = AdapterHealth.build(engine.module, train.adapter_health, rank, device)
 
     def save(at_step: int, eval_pending: bool = False) -> Path | None:
         if not train.save_checkpoints:
@@ -345,12 +347,14 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
             loss_total, extra = 0.0, {}
             grad_norm = None
             for i, batch in enumerate(micro_batches):
-                with task_routing(batch["task_ids"]):
+                with task_routing(batch["task_ids"]), health.recording(probe_health is not None):
                     loss_sum, stats = hooks.loss_fn(engine, batch)
                 engine.backward(loss_sum * scale)
                 if manual_norm and i == len(micro_batches) - 1 and trainable:
                     grads = [p.grad.detach().float().norm() for p in trainable if p.grad is not None]
                     grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+                if probe_health is not None and i == len(micro_batches) - 1:
+                    probe_health.read_grads()
                 engine.step()
                 loss_total += float(loss_sum.detach())
                 for k, v in (stats or {}).items():
@@ -367,6 +371,8 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
             metrics = {"train/loss": loss_all / global_w if global_w > 0 else float("nan"),
                        "train/grad_norm": grad_norm, "perf/step_time_s": dt,
                        "perf/samples_per_s": stream.global_batch / dt, "perf/tokens_per_s": global_tok / dt}
+            if probe_health is not None:
+                metrics.update(probe_health.metrics())
             metrics.update(lrs)   # the learning rates this step used
             metrics.update(memory_mb(device))
             metrics.update({f"train/{k}": v for k, v in extra.items()})
@@ -416,6 +422,41 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
             bar.close()
         monitor.close()
     return TrainResult(status, step, engine, run_dir, history, export_path)
+
+
+@dataclass
+class AdapterHealth:
+    """train.adapter_health: the adapters' output ratios recorded in the step's forward passes and their
+    gradient norms read before the optimizer step, all-reduced in one collective (every rank logs the global
+    value; rank 0 writes it)."""
+    layers: dict
+    groups: dict
+    rank: int
+    device: Any
+    grads: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, model: nn.Module, enabled: bool, rank: int, device) -> "AdapterHealth | None":
+        if not enabled or getattr(model, "tpds_adapter_config", None) is None:
+            return None
+        groups = {k: v for k, v in adapter_param_groups(model).items() if v}
+        return cls(adapter_layers(model), groups, rank, device)
+
+    def read_grads(self) -> None:
+        self.grads = health.grad_square_sums(self.groups, self.rank, self.device)
+
+    def metrics(self) -> dict[str, float]:
+        sums = health.take_sums(self.layers)
+        grads, self.grads = self.grads, None
+        if sums is None or grads is None:
+            return {}
+        flat = torch.cat([sums.to(self.device, torch.float64).flatten(), grads])
+        if dist.is_dist():
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat = flat.cpu()
+        n = sums.numel()
+        return {**health.ratio_metrics(list(self.layers), flat[:n].view(-1, 2)),
+                **health.grad_metrics(list(self.groups), flat[n:])}
 
 
 def _grad_alignment_probe(train: TrainSection, ds_config: dict, adapter_cfg, train_rows, tasks: list[str],

@@ -42,6 +42,15 @@ def test_two_ranks_match_one_rank(stage, tmp_path, prepared_dir, backbone_dir, b
         assert "backbone partitioned at load (zero.Init): True" in stdout, stdout[-2000:]
     assert_same_trajectory(read_metrics(baseline_run), read_metrics(run_dir))
     assert_same_trajectory(read_metrics(baseline_run, "eval", "val/loss"), read_metrics(run_dir, "eval", "val/loss"))
+    # adapter health is all-reduced over ranks: the gradient norms (read from ZeRO-2 fragments / ZeRO-3
+    # partitions) equal the 1-rank run's; the delta ratios, which count padded positions, equal those of the
+    # same batch layout under the other ZeRO stage (micro 2 pads differently from the baseline's micro 4:
+    # ~4 % apart). Mutation: no all-reduce in AdapterHealth.metrics -> rank 0's half of the partitions.
+    for key in ("train/adapter_grad_norm/modules", "train/adapter_grad_norm/routing"):
+        assert_same_trajectory(read_metrics(baseline_run, key=key), read_metrics(run_dir, key=key))
+    if stage == 3:
+        for key in ("train/delta_ratio/mean", "train/delta_ratio/decoder_cross_attention"):
+            assert_same_trajectory(read_metrics(two_rank_run(2)[0], key=key), read_metrics(run_dir, key=key))
     if stage == 3:
         # resume a ZeRO-3 run (partitioned model and optimizer states) from its step-16 checkpoint
         resumed = tmp_path / "z3_resumed"
@@ -226,6 +235,11 @@ def test_precision_and_offload_variants_run(extra, check, tmp_path, prepared_dir
     losses = read_metrics(run_dir)
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
     assert check(json.loads((run_dir / "ds_config.json").read_text()))
+    # adapter health reads bf16-optimizer fragments and offloaded ZeRO-3 partitions (Poly: B = 0 at step 1,
+    # its A still gets gradient)
+    grads = read_metrics(run_dir, key="train/adapter_grad_norm/modules")
+    assert sorted(grads) == [1, 2, 3, 4] and all(math.isfinite(v) and v > 0 for v in grads.values())
+    assert all(math.isfinite(v) for v in read_metrics(run_dir, key="train/delta_ratio/mean").values())
 
 
 def test_fullft_export_only_keeps_tied_embeddings_where_zero_to_fp32_safetensors_fails(tmp_path, prepared_dir):

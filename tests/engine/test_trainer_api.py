@@ -94,6 +94,30 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, prepared_dir):
     torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-6)
 
 
+def test_adapter_health_changes_no_number_of_the_run(tmp_path, prepared_dir):
+    """The same run with train.adapter_health off and on: bitwise the same losses, gradient norms and trained
+    parameters (the same computation twice; the monitor only reads). TensorPoly-I with the output gain, whose
+    delta starts at 0. Mutation: record() writing into the forward's delta (delta.detach().mul_(2)) -> the
+    losses differ."""
+    data = PreparedData.open(prepared_dir)
+    rows = data.split("train")
+    out = []
+    for on in (False, True):
+        model = inject_adapters(tiny(), AdapterConfig(method="tensorpoly_i", rank=2, tensor_rank=2, layernorm=True,
+                                                      output_gain=True), len(data.tasks))
+        s = sections(steps=3, adapter_health=on, eval_at_end=False, export_at_end=False)
+        out.append(train(model, rows, run_dir=tmp_path / f"health{on}", tasks=data.tasks, **s))
+    off, on = out
+    for key in ("train/loss", "train/grad_norm"):
+        assert [h[key] for h in off.history] == [h[key] for h in on.history], key
+    for (name, a), (_, b) in zip(off.model.named_parameters(), on.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert not any(k.startswith("train/delta_ratio") for k in off.history[0])
+    ratios = [h["train/delta_ratio/mean"] for h in on.history]
+    assert ratios[0] == 0.0 and ratios[-1] > 0   # the gain starts at 0, then the delta grows
+    assert on.history[0]["train/adapter_grad_norm/modules"] > 0
+
+
 def test_full_finetune_trains_every_parameter(tmp_path, prepared_dir):
     from transformers import T5ForConditionalGeneration
 
