@@ -39,6 +39,19 @@ def _problems(problems: list[dict]) -> str:
     return problems_markdown(problems)
 
 
+def _confusion_section(confusion: dict) -> str:
+    if not confusion:
+        return ""
+    if "error" in confusion:
+        return f"\n### What the rows answered\n\nNot available: {confusion['error']}\n"
+    from ..analysis.answer_confusion import confusion_markdown
+
+    return ("\n### What the rows answered (test rows; in brackets: a uniform guess over each example's candidates)\n\n"
+            "Every distractor differs from the right answer in one family and is the answer of a training "
+            "composition (docs/replicate.md, \"C4 diagnosed\"). Trained pair: the chosen answer is a training "
+            "composition's answer. Right answer's rank: 1 = chosen, by score.\n\n" + confusion_markdown(confusion))
+
+
 def summary_markdown(cfg: ReplicateConfig, body: dict, variants: dict) -> str:
     from ..analysis.claims import claims_markdown
 
@@ -60,6 +73,7 @@ def summary_markdown(cfg: ReplicateConfig, body: dict, variants: dict) -> str:
                 md.append(f"\n### {title}" + (f", k = {k}" if k != "0" else "") + "\n\n" + text)
         for k, verdicts in sorted(v.get("_verdicts", {}).items()):
             md.append(f"\n### Claims at k = {k} (paired over tasks x seeds)\n\n" + claims_markdown(verdicts))
+        md.append(_confusion_section(v.get("answer_confusion") or {}))
         md.append("\n### Routing recovery after multi-task pretraining (C7: "
                   f"**{v['c7']['status']}**)\n\n" + _recovery_table(v["recovery"]))
         if v.get("pretrain_final_val_loss"):
