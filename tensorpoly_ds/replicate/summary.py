@@ -48,8 +48,10 @@ def _confusion_section(confusion: dict) -> str:
 
     return ("\n### What the rows answered (test rows; in brackets: a uniform guess over each example's candidates)\n\n"
             "Every distractor differs from the right answer in one family and is the answer of a training "
-            "composition (docs/replicate.md, \"C4 diagnosed\"). Trained pair: the chosen answer is a training "
-            "composition's answer. Right answer's rank: 1 = chosen, by score.\n\n" + confusion_markdown(confusion))
+            "composition (docs/replicate.md, \"C4 diagnosed\"). Task-blind: the accuracy expected of a model that "
+            "ignores the task and scores the two answer words by fixed preferences (the floor of a model that "
+            "transfers nothing, below 25 %). Trained pair: the chosen answer is a training composition's answer. "
+            "Right answer's rank: 1 = chosen, by score.\n\n" + confusion_markdown(confusion))
 
 
 def summary_markdown(cfg: ReplicateConfig, body: dict, variants: dict) -> str:
