@@ -50,7 +50,8 @@ def test_ci_grid_end_to_end_then_resume(tmp_path):
     assert v["c7"]["status"] in ("reproduced", "mixed", "not reproduced")
     assert {"score", "p_value", "matching"} <= set(v["recovery"]["Poly"])
     assert body["backbone"]["curve"]["train"] and body["backbone"]["curve"]["val"]
-    # what every row answered (few-shot and zero-shot), over its test rows, shares summing to one
+    # what every row answered (few-shot and zero-shot), over its test rows, shares summing to one (mutation tried:
+    # summary.md without the section fails the heading check below)
     confusion = v["answer_confusion"]
     assert set(confusion) == {s["row"] for s in v["selection"]}
     for by_task in confusion.values():
