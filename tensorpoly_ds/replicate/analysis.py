@@ -293,6 +293,7 @@ def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Pat
     tabs = tables(selected, tasks)
     untestable = {r["row"]: f"{r['label']} did not train ({untrained[r['label']]})" for r in selected
                   if r["label"] in (untrained or {})}
+    confusion = answer_confusion(selected, truth, list(manifest.held_out), dev_examples, log)
     verdicts = {}
     claims_path = cfg.claims_path()
     if claims_path is not None:
@@ -334,7 +335,23 @@ def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Pat
             "tables_markdown": {str(kk): {name: table1_markdown(a) for name, a in t.items()} for kk, t in tabs.items()},
             "verdicts": {str(kk): [v.to_dict() for v in vs] for kk, vs in verdicts.items()},
             "_verdicts": verdicts, "c7": c7_verdict(recovery), "recovery": recovery, "figures": figures,
-            "chance": truth.get("chance"), **({"world_spread": spread, "untestable_rows": untestable} if spread or untestable else {})}
+            "chance": truth.get("chance"), "answer_confusion": confusion,
+            **({"world_spread": spread, "untestable_rows": untestable} if spread or untestable else {})}
+
+
+def answer_confusion(selected: list[dict], truth: dict, held_out: list[str], dev_examples: int,
+                     log: Callable[[str], None] = print) -> dict:
+    """What every selected row answered on its test rows (tensorpoly_ds.analysis.answer_confusion); {} without
+    the latent-skill ground truth, {"error": ...} if the predictions cannot be read (the rest still publishes)."""
+    if not truth:
+        return {}
+    from ..analysis.answer_confusion import rows_confusion
+
+    try:
+        return rows_confusion(selected, truth, held_out, dev_examples)
+    except Exception as err:  # noqa: BLE001 - a diagnosis must not lose the results it diagnoses
+        log(f"[analysis] answer confusion failed: {type(err).__name__}: {err}")
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 def c7_verdict(recovery: dict, alpha: float = 0.05) -> dict:

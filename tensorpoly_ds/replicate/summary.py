@@ -82,6 +82,21 @@ def _problems(problems: list[dict]) -> str:
     return problems_markdown(problems)
 
 
+def _confusion_section(confusion: dict) -> str:
+    if not confusion:
+        return ""
+    if "error" in confusion:
+        return f"\n### What the rows answered\n\nNot available: {confusion['error']}\n"
+    from ..analysis.answer_confusion import confusion_markdown
+
+    return ("\n### What the rows answered (test rows; in brackets: a uniform guess over each example's candidates)\n\n"
+            "Every distractor differs from the right answer in one family and is the answer of a training "
+            "composition (docs/replicate.md, \"C4 diagnosed\"). Task-blind: the accuracy expected of a model that "
+            "ignores the task and scores the two answer words by fixed preferences (the floor of a model that "
+            "transfers nothing, below 25 %). Trained pair: the chosen answer is a training composition's answer. "
+            "Right answer's rank: 1 = chosen, by score.\n\n" + confusion_markdown(confusion))
+
+
 def summary_markdown(cfg: ReplicateConfig, body: dict, variants: dict) -> str:
     from ..analysis.claims import claims_markdown
 
@@ -112,6 +127,7 @@ def summary_markdown(cfg: ReplicateConfig, body: dict, variants: dict) -> str:
             if v["pretraining"].get("sensitivity"):
                 md.append("\n### Sensitivity of the pretraining lr rule: what dev accuracy would have chosen\n\n"
                           + _sensitivity_table(v["pretraining"]["sensitivity"]))
+        md.append(_confusion_section(v.get("answer_confusion") or {}))
         md.append("\n### Routing recovery after multi-task pretraining (C7: "
                   f"**{v['c7']['status']}**)\n\n" + _recovery_table(v["recovery"]))
         if v.get("pretrain_final_val_loss"):

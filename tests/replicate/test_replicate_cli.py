@@ -50,9 +50,15 @@ def test_ci_grid_end_to_end_then_resume(tmp_path):
     assert v["c7"]["status"] in ("reproduced", "mixed", "not reproduced")
     assert {"score", "p_value", "matching"} <= set(v["recovery"]["Poly"])
     assert body["backbone"]["curve"]["train"] and body["backbone"]["curve"]["val"]
+    # what every row answered (few-shot and zero-shot), over its test rows, shares summing to one (mutation tried:
+    # summary.md without the section fails the heading check below)
+    confusion = v["answer_confusion"]
+    assert set(confusion) == {s["row"] for s in v["selection"]}
+    for by_task in confusion.values():
+        assert by_task["all"]["n"] > 0 and sum(by_task["all"]["shares"].values()) == pytest.approx(1.0)
     summary = (res / "summary.md").read_text()
     for heading in ("Table 1 analogue", "Table 4 analogue", "Zero-shot", "Claims", "Routing recovery",
-                    "Learning rate per row", "Where the time went"):
+                    "Learning rate per row", "Where the time went", "What the rows answered"):
         assert heading in summary
     # the rerun finds every stage done, analyses again and publishes the small files
     again = _run(["--config", str(CI), "--out", str(out), "--publish", str(tmp_path / "pub")])
