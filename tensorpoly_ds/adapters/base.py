@@ -125,9 +125,14 @@ def apply_low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inverse: t
                    scale: float) -> torch.Tensor:
     """x @ A @ B * scale with A [u, in, r], B [u, r, out] per distinct task (or [in, r], [r, out])."""
     if a.dim() == 2:
-        return (x @ a.to(x.dtype)) @ b.to(x.dtype) * scale
+        return _scaled((x @ a.to(x.dtype)) @ b.to(x.dtype), scale)
     if a.shape[0] == 1:
-        return (x @ a[0].to(x.dtype)) @ b[0].to(x.dtype) * scale
+        return _scaled((x @ a[0].to(x.dtype)) @ b[0].to(x.dtype), scale)
     rows = x.reshape(x.shape[0], -1, x.shape[-1])
-    out = torch.bmm(torch.bmm(rows, a[inverse].to(x.dtype)), b[inverse].to(x.dtype)) * scale
+    out = _scaled(torch.bmm(torch.bmm(rows, a[inverse].to(x.dtype)), b[inverse].to(x.dtype)), scale)
     return out.reshape(*x.shape[:-1], b.shape[-1])
+
+
+def _scaled(out: torch.Tensor, scale: float) -> torch.Tensor:
+    # alpha = r (Poly's and MHR's rank-1 skills) gives scale 1: skip a pass over the layer's output.
+    return out if scale == 1 else out * scale

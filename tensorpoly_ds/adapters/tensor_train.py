@@ -8,7 +8,10 @@ truncated to [d_in, d_out]. The last core starts at zero, so delta W = 0 at init
 
 The forward pass picks the cheaper of two exact paths: contracting the input with the cores token
 by token (never forming d_in x d_out), or building delta W once per distinct task in the batch when
-there are so many tokens that the dense product is cheaper.
+there are so many tokens that the dense product is cheaper. Both close the ring in their last product
+(R^2 per entry, not R^3 then a trace). The dense path applies each task's delta W to that task's rows
+(grouped, never one copy per row), so its per-token cost does not depend on the number of distinct tasks;
+only building delta W (R^2 (q_in q_out)^N per task for N = 2) does.
 """
 
 from __future__ import annotations
@@ -48,13 +51,20 @@ class TensorPolyXLinear(AdapterLinear):
         """delta W [u, d_in, d_out] for weights [u, N, R]."""
         cores = self.routed_cores(weights)
         u = weights.shape[0]
-        acc = cores[0].permute(0, 2, 1, 3, 4)           # [u, a0, i1, o1, b1]
-        for core in cores[1:]:
-            # acc [u, a0, I, O, b] x core [u, i, b, o, c] -> [u, a0, I, i, O, o, c]
-            acc = torch.einsum("uaIOb,uiboc->uaIiOoc", acc, core)
-            s = acc.shape
-            acc = acc.reshape(u, s[1], s[2] * s[3], s[4] * s[5], s[6])
-        full = torch.einsum("uaIOa->uIO", acc)
+        if len(cores) == 1:
+            full = torch.einsum("uiaoa->uio", cores[0])
+        else:
+            acc = cores[0].permute(0, 2, 1, 3, 4)           # [u, a0, i1, o1, b1]
+            for core in cores[1:-1]:
+                # acc [u, a0, I, O, b] x core [u, i, b, o, c] -> [u, a0, I, i, O, o, c]
+                acc = torch.einsum("uaIOb,uiboc->uaIiOoc", acc, core)
+                s = acc.shape
+                acc = acc.reshape(u, s[1], s[2] * s[3], s[4] * s[5], s[6])
+            # The last core's outgoing bond is the first core's incoming one: contracting both bonds in one
+            # product closes the ring at R^2 per entry, where keeping a0 open and tracing after costs R^3
+            # and an [u, R, d_in, d_out, R] intermediate.
+            full = torch.einsum("uaIOb,uiboa->uIiOo", acc, cores[-1])
+            full = full.reshape(u, self.q_in ** len(cores), self.q_out ** len(cores))
         return full[:, : self.in_features, : self.out_features]
 
     def contract(self, x: torch.Tensor, weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -67,30 +77,42 @@ class TensorPolyXLinear(AdapterLinear):
             tokens = torch.nn.functional.pad(tokens, (0, pad))
         cores = [c.to(x.dtype) for c in self.routed_cores(weights)]
         one_task = weights.shape[0] == 1
-        state = tokens.reshape(b, tokens.shape[1], self.q_in, -1)                 # [b, L, i1, rest]
-        first = cores[0][0] if one_task else cores[0][inverse]
-        eq = "blir,iaoc->blacor" if one_task else "blir,biaoc->blacor"
-        state = torch.einsum(eq, state, first)                                     # [b, L, a0, c, O, rest]
-        for core in cores[1:]:
-            s = state.shape
-            state = state.reshape(s[0], s[1], s[2], s[3], s[4], self.q_in, s[5] // self.q_in)
-            this = core[0] if one_task else core[inverse]
-            eq = "blacOiR,icod->bladOoR" if one_task else "blacOiR,bicod->bladOoR"
-            state = torch.einsum(eq, state, this)
-            s = state.shape
-            state = state.reshape(s[0], s[1], s[2], s[3], s[4] * s[5], s[6])
-        out = torch.einsum("blaaOr->blO", state)[..., : self.out_features]
-        return out.reshape(*x.shape[:-1], self.out_features)
+
+        def step(eq: str, state: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+            # `eq` is written for per-row cores [b, ...]; with one task every row shares core[0].
+            if one_task:
+                return torch.einsum(eq.replace(",b", ","), state, core[0])
+            return torch.einsum(eq, state, core[inverse])
+
+        if n == 1:
+            out = step("bli,biaoa->blo", tokens, cores[0])
+        else:
+            state = tokens.reshape(b, tokens.shape[1], self.q_in, -1)             # [b, L, i1, rest]
+            state = step("blir,biaoc->blacor", state, cores[0])                    # [b, L, a0, c, O, rest]
+            for core in cores[1:-1]:
+                s = state.shape
+                state = state.reshape(s[0], s[1], s[2], s[3], s[4], self.q_in, s[5] // self.q_in)
+                state = step("blacOiR,bicod->bladOoR", state, core)
+                s = state.shape
+                state = state.reshape(s[0], s[1], s[2], s[3], s[4] * s[5], s[6])
+            # rest is the last input digit; the last core's outgoing bond closes the ring on a0 (R^2, not R^3).
+            out = step("blacOi,bicoa->blOo", state, cores[-1]).flatten(2)
+        return out[..., : self.out_features].reshape(*x.shape[:-1], self.out_features)
 
     def path_macs(self, tokens: int, distinct: int) -> dict[str, int]:
-        """Multiply-adds of each path (what torch's FLOP counter counts, halved). Every level after the first
-        carries three bonds (the ring's first one, the incoming and the outgoing), hence R^3."""
+        """Multiply-adds of each path (what torch's FLOP counter counts, halved). The levels between the first
+        and the last carry three bonds (the ring's first one, the incoming and the outgoing), hence R^3; the
+        last level closes the ring and contracts two (R^2). Traces and sums are not multiply-adds."""
         n, r = len(self.cores), self.cores[0].shape[1]
         q_in, q_out = self.q_in, self.q_out
+        apply = tokens * self.in_features * self.out_features
+        if n == 1:
+            return {"contract": tokens * q_in * q_out, "dense": apply}
+        middle = range(2, n)
         contract = tokens * (r ** 2 * q_out * q_in ** n
-                             + r ** 3 * sum(q_out ** k * q_in ** (n - k + 1) for k in range(2, n + 1)))
-        dense = (distinct * r ** 3 * sum((q_in * q_out) ** k for k in range(2, n + 1))
-                 + tokens * self.in_features * self.out_features)
+                             + r ** 3 * sum(q_out ** k * q_in ** (n - k + 1) for k in middle)
+                             + r ** 2 * q_in * q_out ** n)
+        dense = distinct * (r ** 3 * sum((q_in * q_out) ** k for k in middle) + r ** 2 * (q_in * q_out) ** n) + apply
         return {"contract": contract, "dense": dense}
 
     def choose_path(self, tokens: int, distinct: int) -> str:
@@ -106,8 +128,31 @@ class TensorPolyXLinear(AdapterLinear):
         delta = self.dense(weights).to(x.dtype)
         if delta.shape[0] == 1:
             return x @ delta[0]
-        rows = x.reshape(x.shape[0], -1, self.in_features)
-        return torch.bmm(rows, delta[inverse]).reshape(*x.shape[:-1], self.out_features)
+        return apply_per_task(x, delta, inverse)
 
     def delta_weight(self, weights):
         return self.dense(weights[None])[0]
+
+
+def apply_per_task(x: torch.Tensor, delta: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x [b, ..., d_in] @ delta[inverse[row]] [d_in, d_out] for every row, with each task's rows in one product.
+
+    Rows are grouped by task, so no per-row copy of delta is made: gathering delta[inverse] for a bmm would
+    write and keep for backward b x d_in x d_out, which grows with the batch (a T0-3B layer: 8 MiB per row
+    in bf16). The row -> task map is read on the host (one sync per call on a GPU); rows already in task
+    order (one task per row, as random routing draws them) are not permuted."""
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    task_of_row = inverse.tolist()
+    counts = [0] * delta.shape[0]
+    for task in task_of_row:
+        counts[task] += 1
+    order = None if task_of_row == sorted(task_of_row) else torch.argsort(inverse, stable=True)
+    grouped = rows if order is None else rows[order]
+    if len(set(counts)) == 1:   # equal groups (e.g. one row per task): one batched product
+        out = torch.bmm(grouped.reshape(len(counts), -1, rows.shape[-1]), delta)
+    else:
+        out = torch.cat([part.flatten(0, 1) @ d for part, d in zip(grouped.split(counts), delta)])
+    out = out.reshape(rows.shape[0], rows.shape[1], -1)
+    if order is not None:
+        out = out[torch.argsort(order)]
+    return out.reshape(*x.shape[:-1], delta.shape[-1])

@@ -166,21 +166,57 @@ def tt_dense_reference(cores, w, d_in, d_out):
     return full[:d_in, :d_out]
 
 
+# Row -> task maps that take each branch of the dense path's grouping: unequal groups out of task order,
+# equal groups out of order (one batched product), rows already in task order (no permutation).
+INVERSES = {"unequal": [1, 0, 1], "equal": [1, 0, 0, 1], "sorted": [0, 1, 2]}
+
+
+@pytest.mark.parametrize("inverse", list(INVERSES))
 @pytest.mark.parametrize("order", [1, 2, 3])
-def test_tensorpoly_x_against_dense_reference_and_paths_agree(order):
+def test_tensorpoly_x_against_dense_reference_and_paths_agree(order, inverse):
+    """Mutations: scattering the grouped rows back with `order` instead of its inverse failed the 'equal'
+    cases; never permuting the rows failed 'unequal' and 'equal'; leaving the last contraction's ring open
+    (bond b where a0 closes it) failed orders 2 and 3."""
     tp = randomise(layer("tensorpoly_x", d_in=7, d_out=5, tensor_rank=2, order=order))
     assert len({id(c) for c in tp.cores}) == order  # distinct cores, never one shared object
-    w = torch.rand(2, order, 2)
-    expected = torch.stack([tt_dense_reference(list(tp.cores), w[u], 7, 5) for u in range(2)])
+    inverse = torch.tensor(INVERSES[inverse])
+    w = torch.rand(int(inverse.max()) + 1, order, 2)
+    expected = torch.stack([tt_dense_reference(list(tp.cores), w[u], 7, 5) for u in range(len(w))])
     torch.testing.assert_close(tp.dense(w), expected)
-    x = torch.randn(3, 4, 7)
-    inverse = torch.tensor([1, 0, 1])
+    x = torch.randn(len(inverse), 4, 7)
     contract = tp.contract(x, w, inverse)
     dense = torch.einsum("bli,bio->blo", x, expected[inverse])
     torch.testing.assert_close(contract, dense)
     for path in ("contract", "dense"):
         tp.path = path
         torch.testing.assert_close(tp.delta_from_weights(x, w, inverse), dense)
+
+
+@pytest.mark.parametrize("inverse", list(INVERSES))
+@pytest.mark.parametrize("path", ["contract", "dense"])
+def test_tensorpoly_x_float64_gradcheck_on_both_paths(path, inverse):
+    """Gradients of input, cores and routing weights through each path and each grouping branch (the
+    layer-level gradcheck in test_behaviour reaches only the path 'auto' picks there). Mutation: detaching
+    delta in the equal-groups batched product failed the dense-equal and dense-sorted cases."""
+    tp = randomise(layer("tensorpoly_x", d_in=7, d_out=5, tensor_rank=2, order=3))
+    tp.path = path
+    inverse = torch.tensor(INVERSES[inverse])
+    x = torch.randn(len(inverse), 2, 7)
+    w = torch.rand(int(inverse.max()) + 1, 3, 2)
+
+    class Delta(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tp = tp
+
+        def forward(self, x, w):
+            return self.tp.delta_from_weights(x, w, inverse)
+
+    def forward(x, w, *cores):
+        return torch.func.functional_call(Delta(), {f"tp.cores.{n}": c for n, c in enumerate(cores)}, (x, w))
+
+    inputs = (x, w, *[c.detach().clone() for c in tp.cores])
+    assert torch.autograd.gradcheck(forward, tuple(t.requires_grad_(True) for t in inputs), eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("d_in, d_out, bond, order, batch, distinct",
