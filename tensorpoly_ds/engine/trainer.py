@@ -221,13 +221,15 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
           resume: str = "none", ds_config: dict | None = None, fingerprint: dict | None = None,
           max_input_len: int | None = None, max_target_len: int | None = None, eos_id: int = 1,
           eval_micro_batch: int | None = None, val_max_samples: int | None = None,
-          export_dir: str | Path | None = None, export_extra: dict | None = None) -> TrainResult:
+          export_dir: str | Path | None = None, export_extra: dict | None = None,
+          batching: str = "random", group_size: int = 64) -> TrainResult:
     """Train `model` (adapters injected and frozen backbone, or everything trainable) on `train_rows`
     (a datasets.Dataset or anything indexable by a list of ints returning a dict of columns, with at least
     task_id, input_ids, target_ids). The process group must exist (distributed.init_distributed()) or the
     run is a single process. `resume`: "none", "auto" (the newest intact checkpoint under
     RUN_DIR/checkpoints; none at all: a fresh start; some, but none usable: CheckpointError) or a tag
-    directory (checkpoint.resume). Every rank must call it."""
+    directory (checkpoint.resume). `batching`, `group_size`: which rows share a step (data.TrainStream).
+    Every rank must call it."""
     import deepspeed as ds_lib
 
     hooks = hooks or TrainHooks()
@@ -267,7 +269,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
 
     stream = TrainStream(train_rows, seed=train.seed, micro_batch=train.micro_batch, grad_accum=train.grad_accum,
                          rank=rank, world_size=world, max_input_len=max_input_len, max_target_len=max_target_len,
-                         eos_id=eos_id, collate_fn=hooks.collate_fn)
+                         eos_id=eos_id, collate_fn=hooks.collate_fn, batching=batching, group_size=group_size)
     ckpt_dir = run_dir / "checkpoints"
     step = 0
     eval_pending = False
