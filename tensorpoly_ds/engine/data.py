@@ -166,6 +166,14 @@ class TrainStream:
             self._lengths = row_lengths(self.ds)
         return self._lengths
 
+    def mean_step_targets(self) -> float:
+        """Target tokens of a global step averaged over the split (after max_target_len): the loss normaliser
+        of length-grouped steps (trainer.train)."""
+        targets = self.lengths()[:, 1]
+        if self.max_target_len is not None:
+            targets = np.minimum(targets, self.max_target_len)
+        return float(targets.mean()) * self.global_batch
+
     def group(self, epoch: int, index: int) -> np.ndarray:
         """(steps, G) row indices: group `index` of the epoch's length-sorted groups, its batches in their
         seeded order (the last group of an epoch may hold fewer than group_size batches)."""
