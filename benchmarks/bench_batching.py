@@ -133,22 +133,25 @@ def train_step(model, opt, micro_batches) -> tuple[float, int]:
     return time.perf_counter() - start, int(sum(_tokens(b) for b in micro_batches))
 
 
-def speed(rows: Rows, group_size: int, micro: int, accum: int, cap: int) -> dict:
+def speed(rows: Rows, group_size: int, steps: int, micro: int, accum: int, cap: int) -> dict:
+    """`steps` (a multiple of group_size): whole groups, so both orders train the same rows."""
+    assert steps % group_size == 0, (steps, group_size)
     model, opt = build_model(64)
     orders = {b: stream(rows, b, group_size, micro, accum) for b in ("random", "length_grouped")}
-    batches = {b: [[collate(_rows(rows, mb), eos_id=1) for mb in s.step_indices()] for _ in range(group_size)]
+    batches = {b: [[collate(_rows(rows, mb), eos_id=1) for mb in s.step_indices()] for _ in range(steps)]
                for b, s in orders.items()}
     for b in batches:   # warm-up: allocator, autograd graph caches
         train_step(model, opt, batches[b][0])
     seconds = {b: 0.0 for b in batches}
     tokens = {b: 0 for b in batches}
-    for i in range(group_size):
+    for i in range(steps):
         for b in (("random", "length_grouped") if i % 2 == 0 else ("length_grouped", "random")):
             dt, n = train_step(model, opt, batches[b][i])
             seconds[b] += dt
             tokens[b] += n
     assert tokens["random"] == tokens["length_grouped"], tokens   # the same rows in both orders
-    out = {"cap": cap, "steps": group_size, "rows": group_size * micro * accum, "useful_tokens": tokens["random"]}
+    out = {"cap": cap, "steps": steps, "group_size": group_size, "rows": steps * micro * accum,
+           "useful_tokens": tokens["random"]}
     for b in batches:
         slots = sum(int(m["attention_mask"].numel() + m["labels"].numel()) for step in batches[b] for m in step)
         out[b] = {"seconds": seconds[b], "useful_tokens_per_s": tokens[b] / seconds[b],
@@ -172,9 +175,9 @@ def part_speed(args) -> dict:
         for name, p in pad.items():
             print(f"  {name:>22}: padding {p['padding']:.3f} (input {p['input_padding']:.3f}, "
                   f"target {p['target_padding']:.3f})", flush=True)
-        entry["timed"] = speed(rows, args.timed_group_size, micro, accum, cap)
+        entry["timed"] = speed(rows, args.timed_group_size or args.timed_steps, args.timed_steps, micro, accum, cap)
         t = entry["timed"]
-        print(f"  timed {t['steps']} steps ({t['rows']} rows, {t['useful_tokens']} useful tokens): random "
+        print(f"  timed {t['steps']} steps, group {t['group_size']} ({t['rows']} rows, {t['useful_tokens']} useful tokens): random "
               f"{t['random']['useful_tokens_per_s']:.0f} tok/s (padding {t['random']['padding']:.3f}), "
               f"length_grouped {t['length_grouped']['useful_tokens_per_s']:.0f} tok/s (padding "
               f"{t['length_grouped']['padding']:.3f}): {t['useful_tokens_per_s_ratio']:.2f}x", flush=True)
@@ -220,17 +223,18 @@ def part_loss(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = Path(args.data) if args.data else prepare_embedded(work)
-        plan = [(seed, b) for seed in args.seeds for b in ("random", "length_grouped")]
+        plan = [(seed, b) for seed in args.seeds for b in args.batchings]
         with ThreadPoolExecutor(args.jobs) as pool:   # runs are independent processes
             done = list(pool.map(lambda sb: one_run(data, work / f"{sb[1]}_{sb[0]}", sb[0], sb[1], args, env), plan))
-        runs = {b: [r for (_, pb), r in zip(plan, done) if pb == b] for b in ("random", "length_grouped")}
+        runs = {b: [r for (_, pb), r in zip(plan, done) if pb == b] for b in args.batchings}
     summary = {}
     for b, rs in runs.items():
         losses = [r["val_loss"] for r in rs]
         summary[b] = {"mean": statistics.mean(losses), "stdev": statistics.stdev(losses) if len(losses) > 1 else 0.0,
                       "min": min(losses), "max": max(losses)}
-    diffs = [g["val_loss"] - r["val_loss"] for g, r in zip(runs["length_grouped"], runs["random"])]
-    summary["paired_difference_grouped_minus_random"] = {"mean": statistics.mean(diffs), "per_seed": diffs}
+    if len(runs) == 2:
+        diffs = [g["val_loss"] - r["val_loss"] for g, r in zip(runs["length_grouped"], runs["random"])]
+        summary["paired_difference_grouped_minus_random"] = {"mean": statistics.mean(diffs), "per_seed": diffs}
     return {"data": "embedded mixture (data_prep)" if not args.data else args.data, "config": "tiny_cpu.yaml",
             "steps": args.loss_steps, "group_size": args.loss_group_size, "runs": runs, "summary": summary}
 
@@ -242,16 +246,20 @@ def main(argv=None) -> int:
     p.add_argument("--caps", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--rows", type=int, default=16384)
     p.add_argument("--group-sizes", type=int, nargs="+", default=[4, 16, 64])
-    p.add_argument("--timed-group-size", type=int, default=32, help="steps timed per order (one group)")
+    p.add_argument("--timed-steps", type=int, default=32, help="steps timed per order")
+    p.add_argument("--timed-group-size", type=int, default=None,
+                   help="group size of the timed length-grouped steps (default: --timed-steps, one group)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--loss-steps", type=int, default=200)
-    p.add_argument("--loss-group-size", type=int, default=64)
+    p.add_argument("--loss-group-size", type=int, default=4)
+    p.add_argument("--batchings", nargs="+", choices=["random", "length_grouped"],
+                   default=["random", "length_grouped"], help="loss part: which orders to run")
     p.add_argument("--jobs", type=int, default=1, help="loss part: runs at a time")
     p.add_argument("--data", help="a prepared data directory for the loss part (default: prepare embedded)")
     p.add_argument("--out", default="benchmarks/results/batching.json")
     args = p.parse_args(argv)
     if args.quick:
-        args.rows, args.timed_group_size, args.caps, args.seeds, args.loss_steps = 2048, 2, [256], [0, 1], 4
+        args.rows, args.timed_steps, args.caps, args.seeds, args.loss_steps = 2048, 2, [256], [0, 1], 4
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(), "quick": args.quick, "load_average_at_start": os.getloadavg()}
     result = {"meta": meta}

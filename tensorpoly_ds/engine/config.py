@@ -53,7 +53,7 @@ class DataSection:
     # Which rows share a step (engine/data.py). random: as drawn (the order every published result used).
     # length_grouped: rows of similar length share a step, each row still once per epoch (less padding).
     batching: str = "random"
-    group_size: int = 64                     # length_grouped: global batches sorted together
+    group_size: int = 4                      # length_grouped: global batches sorted together (docs/pretrain.md)
 
 
 @dataclass

@@ -135,7 +135,7 @@ class TrainStream:
 
     def __init__(self, ds, *, seed: int, micro_batch: int, grad_accum: int, rank: int = 0, world_size: int = 1,
                  max_input_len: int | None = None, max_target_len: int | None = None, eos_id: int = 1,
-                 collate_fn: Callable | None = None, batching: str = "random", group_size: int = 64) -> None:
+                 collate_fn: Callable | None = None, batching: str = "random", group_size: int = 4) -> None:
         if batching not in BATCHINGS:
             raise DataError(f"batching {batching!r}: valid values: {', '.join(BATCHINGS)}")
         if group_size < 1:

@@ -224,7 +224,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
           max_input_len: int | None = None, max_target_len: int | None = None, eos_id: int = 1,
           eval_micro_batch: int | None = None, val_max_samples: int | None = None,
           export_dir: str | Path | None = None, export_extra: dict | None = None,
-          batching: str = "random", group_size: int = 64) -> TrainResult:
+          batching: str = "random", group_size: int = 4) -> TrainResult:
     """Train `model` (adapters injected and frozen backbone, or everything trainable) on `train_rows`
     (a datasets.Dataset or anything indexable by a list of ints returning a dict of columns, with at least
     task_id, input_ids, target_ids). The process group must exist (distributed.init_distributed()) or the
