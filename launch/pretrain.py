@@ -162,6 +162,7 @@ def _run(args, cfg, data, launcher_overrides: list[str]):
                    fingerprint={"hash": cfg.fingerprint()}, max_input_len=cfg.data.max_input_len,
                    max_target_len=cfg.data.max_target_len, eos_id=data.eos_token_id,
                    eval_micro_batch=cfg.data.eval_micro_batch, val_max_samples=cfg.data.val_max_samples,
+                   batching=cfg.data.batching, group_size=cfg.data.group_size,
                    export_extra={"backbone": backbone_record(cfg, data.vocab_size)})
     cfg.train.steps = steps
     del keepalive

@@ -26,6 +26,8 @@ import yaml
 from tensorpoly_ds.adapters import AdapterConfig
 from tensorpoly_ds.adapters import ConfigError as AdapterConfigError
 
+from .data import BATCHINGS
+
 
 class RunConfigError(ValueError):
     """A run configuration is invalid; the message names the key and where it came from."""
@@ -48,6 +50,10 @@ class DataSection:
     max_target_len: int | None = None
     eval_micro_batch: int | None = None      # default: train.micro_batch * 2
     val_max_samples: int | None = None       # cap the validation rows (None: all of DIR/val)
+    # Which rows share a step (engine/data.py). random: as drawn (the order every published result used).
+    # length_grouped: rows of similar length share a step, each row still once per epoch (less padding).
+    batching: str = "random"
+    group_size: int = 4                      # length_grouped: global batches sorted together (docs/pretrain.md)
 
 
 @dataclass
@@ -378,6 +384,10 @@ def validate(cfg: RunConfig, sources: dict) -> None:
         v = getattr(cfg.data, k)
         if v is not None and v < 1:
             raise bad(f"data.{k}", "must be >= 1 or null")
+    if cfg.data.batching not in BATCHINGS:
+        raise bad("data.batching", f"valid values: {', '.join(BATCHINGS)}")
+    if cfg.data.group_size < 1:
+        raise bad("data.group_size", "must be >= 1 (global batches sorted together)")
 
 
 def load_run_config(paths: list[str | os.PathLike], overrides: list[str] = ()) -> RunConfig:

@@ -7,6 +7,16 @@ and the union of a step's rows does not depend on how they are split, so 2 ranks
 same rows as 1 rank x micro 4. The position (epoch, offset in samples) is saved in checkpoints, so a
 resumed run continues mid-epoch where it stopped, even on another world size. The remainder of an epoch
 smaller than G is dropped.
+
+Batching (`data.batching`). `random`: step s takes perm[s*G:(s+1)*G] as it comes. `length_grouped`: the
+permutation is cut into groups of M global batches (M = `data.group_size`), the M*G rows of a group are sorted
+by (input length, target length), cut into M global batches of neighbouring lengths, and the group's batches
+are taken in a seeded random order. A step's rows are still a function of (seed, epoch, step) and G alone, so
+the world-size independence and the mid-epoch resume above hold unchanged, and an epoch trains the same rows
+as `random` (the same permutation prefix), each once: per-task counts per epoch are identical, only which rows
+share a step changes. Each micro-batch is a contiguous slice of its sorted global batch, so it pads to
+neighbouring lengths whatever the world size. Lengths are the stored ones (before `max_input_len`), so the
+order does not depend on the truncation.
 """
 
 from __future__ import annotations
@@ -15,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 PAD_ID = 0
 IGNORE_INDEX = -100
+BATCHINGS = ("random", "length_grouped")
 
 
 class DataError(ValueError):
@@ -96,23 +108,52 @@ def _rows(ds, indices: list[int]) -> list[dict[str, Any]]:
     return [{k: cols[k][i] for k in names} for i in range(len(indices))]
 
 
+def row_lengths(ds) -> np.ndarray:
+    """(n, 2) int64: the stored lengths of input_ids and target_ids (0 where a dataset has no target_ids).
+    A datasets.Dataset is read as Arrow list offsets (no row is decoded); anything else row by row."""
+    names = list(getattr(ds, "column_names", []))
+    wanted = [c for c in ("input_ids", "target_ids") if c in names]
+    if "input_ids" not in wanted:
+        raise DataError("length-grouped batching needs an input_ids column; the training rows have "
+                        f"{', '.join(names) or 'no named columns'}")
+    out = np.zeros((len(ds), 2), dtype=np.int64)
+    if hasattr(ds, "with_format") and hasattr(ds, "select_columns"):
+        import pyarrow.compute as pc
+
+        table = ds.select_columns(wanted).with_format("arrow")[:]
+        for j, c in enumerate(wanted):
+            out[:, j] = pc.list_value_length(table.column(c)).to_numpy(zero_copy_only=False)
+        return out
+    cols = ds[list(range(len(ds)))]
+    for j, c in enumerate(wanted):
+        out[:, j] = [len(v) for v in cols[c]]
+    return out
+
+
 class TrainStream:
     """Deterministic, resumable, world-size independent stream of this rank's micro-batches."""
 
     def __init__(self, ds, *, seed: int, micro_batch: int, grad_accum: int, rank: int = 0, world_size: int = 1,
                  max_input_len: int | None = None, max_target_len: int | None = None, eos_id: int = 1,
-                 collate_fn: Callable | None = None) -> None:
+                 collate_fn: Callable | None = None, batching: str = "random", group_size: int = 4) -> None:
+        if batching not in BATCHINGS:
+            raise DataError(f"batching {batching!r}: valid values: {', '.join(BATCHINGS)}")
+        if group_size < 1:
+            raise DataError(f"group_size {group_size!r}: must be >= 1 (global batches sorted together)")
         self.ds, self.seed = ds, seed
         self.micro, self.accum, self.rank, self.world = micro_batch, grad_accum, rank, world_size
         self.global_batch = micro_batch * grad_accum * world_size
         self.max_input_len, self.max_target_len, self.eos_id = max_input_len, max_target_len, eos_id
         self.collate_fn = collate_fn
+        self.batching, self.group_size = batching, group_size
         self.n = len(ds)
         if self.n < self.global_batch:
             raise DataError(f"the training split has {self.n} rows, fewer than one global batch "
                             f"({micro_batch} x {grad_accum} x {world_size} = {self.global_batch})")
         self.epoch, self.offset = 0, 0
         self._perm_epoch, self._perm = -1, None
+        self._lengths: np.ndarray | None = None
+        self._group_key, self._group = None, None
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if self._perm_epoch != epoch:
@@ -120,21 +161,68 @@ class TrainStream:
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
         return self._perm
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset, "samples_per_epoch": self.n}
+    def lengths(self) -> np.ndarray:
+        if self._lengths is None:
+            self._lengths = row_lengths(self.ds)
+        return self._lengths
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def mean_step_targets(self) -> float:
+        """Target tokens of a global step averaged over the split (after max_target_len): the loss normaliser
+        of length-grouped steps (trainer.train)."""
+        targets = self.lengths()[:, 1]
+        if self.max_target_len is not None:
+            targets = np.minimum(targets, self.max_target_len)
+        return float(targets.mean()) * self.global_batch
+
+    def group(self, epoch: int, index: int) -> np.ndarray:
+        """(steps, G) row indices: group `index` of the epoch's length-sorted groups, its batches in their
+        seeded order (the last group of an epoch may hold fewer than group_size batches)."""
+        if self._group_key != (epoch, index):
+            g = self.global_batch
+            first = index * self.group_size
+            steps = min(self.group_size, self.n // g - first)
+            rows = self.permutation(epoch)[first * g: (first + steps) * g].numpy()
+            lengths = self.lengths()[rows]
+            # last key first: input length, then target length, then the permutation's order (total order)
+            order = np.lexsort((np.arange(len(rows)), lengths[:, 1], lengths[:, 0]))
+            batches = rows[order].reshape(steps, g)
+            shuffle = np.random.default_rng([self.seed % 2**63, epoch, index]).permutation(steps)
+            self._group, self._group_key = batches[shuffle], (epoch, index)
+        return self._group
+
+    def global_step_rows(self, epoch: int, offset: int) -> list[int]:
+        """The G rows of the global step starting at `offset` samples into `epoch`."""
+        if self.batching == "random":
+            return self.permutation(epoch)[offset: offset + self.global_batch].tolist()
+        step = offset // self.global_batch
+        return self.group(epoch, step // self.group_size)[step % self.group_size].tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"epoch": self.epoch, "offset": self.offset, "samples_per_epoch": self.n}
+        if self.batching != "random":   # a random run's position reads as before (older checkpoints too)
+            state.update(batching=self.batching, group_size=self.group_size)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state.get("samples_per_epoch", self.n)) != self.n:
             raise DataError(f"the checkpoint's data position is for {state['samples_per_epoch']} training rows, "
                             f"this split has {self.n}")
+        saved = (state.get("batching", "random"), int(state.get("group_size", self.group_size)))
+        here = (self.batching, self.group_size)
+        if saved[0] != here[0] or (here[0] != "random" and saved[1] != here[1]):
+            # another order would repeat some rows of the current epoch and skip others
+            raise DataError(f"the checkpoint's data position is for data.batching={saved[0]}"
+                            + (f", data.group_size={saved[1]}" if saved[0] != "random" else "")
+                            + f"; this run has data.batching={here[0]}"
+                            + (f", data.group_size={here[1]}" if here[0] != "random" else "")
+                            + ": resume with the checkpoint's settings, or start a new run to change them")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
     def step_indices(self) -> list[list[int]]:
         """Row indices of this rank's micro-batches for the next step (advances the position)."""
         if self.offset + self.global_batch > self.n:
             self.epoch, self.offset = self.epoch + 1, 0
-        perm = self.permutation(self.epoch)
-        step = perm[self.offset: self.offset + self.global_batch].tolist()
+        step = self.global_step_rows(self.epoch, self.offset)
         self.offset += self.global_batch
         out = []
         for m in range(self.accum):

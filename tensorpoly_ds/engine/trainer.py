@@ -12,7 +12,9 @@ sum(weight over the global batch): the default loss_sum is the summed token NLL 
 of target tokens, i.e. the token-mean over the global batch. The weights are all-reduced before the
 forward passes, each micro-batch's backward gets loss_sum * world * accum / global_weight (DeepSpeed
 divides by accum and averages over ranks), so gradients do not depend on how the global batch is split
-over ranks or micro-steps.
+over ranks or micro-steps. With length-grouped batching and the default weight, global_weight is the
+split's mean target-token count per step instead (a constant), so that every token weighs the same whatever
+the length of the rows it shares a step with.
 """
 
 from __future__ import annotations
@@ -222,13 +224,15 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
           resume: str = "none", ds_config: dict | None = None, fingerprint: dict | None = None,
           max_input_len: int | None = None, max_target_len: int | None = None, eos_id: int = 1,
           eval_micro_batch: int | None = None, val_max_samples: int | None = None,
-          export_dir: str | Path | None = None, export_extra: dict | None = None) -> TrainResult:
+          export_dir: str | Path | None = None, export_extra: dict | None = None,
+          batching: str = "random", group_size: int = 4) -> TrainResult:
     """Train `model` (adapters injected and frozen backbone, or everything trainable) on `train_rows`
     (a datasets.Dataset or anything indexable by a list of ints returning a dict of columns, with at least
     task_id, input_ids, target_ids). The process group must exist (distributed.init_distributed()) or the
     run is a single process. `resume`: "none", "auto" (the newest intact checkpoint under
     RUN_DIR/checkpoints; none at all: a fresh start; some, but none usable: CheckpointError) or a tag
-    directory (checkpoint.resume). Every rank must call it."""
+    directory (checkpoint.resume). `batching`, `group_size`: which rows share a step (data.TrainStream).
+    Every rank must call it."""
     import deepspeed as ds_lib
 
     hooks = hooks or TrainHooks()
@@ -268,7 +272,12 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
 
     stream = TrainStream(train_rows, seed=train.seed, micro_batch=train.micro_batch, grad_accum=train.grad_accum,
                          rank=rank, world_size=world, max_input_len=max_input_len, max_target_len=max_target_len,
-                         eos_id=eos_id, collate_fn=hooks.collate_fn)
+                         eos_id=eos_id, collate_fn=hooks.collate_fn, batching=batching, group_size=group_size)
+    # Length-grouped steps hold rows of similar length, so their target-token counts differ far more than
+    # random steps' do; dividing each step by its own count would weight a token by 1/(its step's count) and
+    # favour tasks with short targets. Dividing by the split's mean count per step weights every token alike.
+    fixed_norm = (stream.mean_step_targets() if batching == "length_grouped" and hooks.weight_fn is token_weight
+                  and hooks.collate_fn is None else None)
     ckpt_dir = run_dir / "checkpoints"
     step = 0
     eval_pending = False
@@ -343,7 +352,8 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
             local_w = sum(hooks.weight_fn(b) for b in micro_batches)
             local_tok = sum(_tokens(b) for b in micro_batches)
             global_w, global_tok = dist.all_reduce_sum([local_w, local_tok], device)
-            scale = world * train.grad_accum / global_w if global_w > 0 else 0.0
+            norm = fixed_norm or global_w
+            scale = world * train.grad_accum / norm if norm > 0 else 0.0
             loss_total, extra = 0.0, {}
             grad_norm = None
             for i, batch in enumerate(micro_batches):

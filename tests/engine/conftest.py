@@ -93,6 +93,10 @@ BASE = ["optim.name=adamw", "optim.warmup_ratio=0.25", "data.val_max_samples=45"
         "train.micro_batch=4", "train.grad_accum=2", "train.save_every=8", "train.eval_every=8",
         "train.keep_checkpoints=3", "train.log_every=2", "train.heatmap_max_layers=0"]
 HEATMAPS = "train.heatmap_max_layers=2"   # tiny_cpu.yaml's setting
+# TPDS_TEST_BATCHING=length_grouped reruns the multi-process equivalence, resume and elastic tests with
+# length-grouped batching (groups of 3 steps: the step-8/16 checkpoints fall inside a group)
+if os.environ.get("TPDS_TEST_BATCHING"):
+    BASE += [f"data.batching={os.environ['TPDS_TEST_BATCHING']}", "data.group_size=3"]
 
 
 def base_overrides(backbone, stage: int = 0, micro: int = 4) -> list[str]:

@@ -15,10 +15,12 @@ def rows(prepared_dir):
     return data.split("train"), data.split("val").select(range(37))
 
 
-def test_step_rows_do_not_depend_on_the_rank_layout(rows):
+@pytest.mark.parametrize("batching", ["random", "length_grouped"])
+def test_step_rows_do_not_depend_on_the_rank_layout(rows, batching):
     train, _ = rows
-    one = TrainStream(train, seed=3, micro_batch=4, grad_accum=2, rank=0, world_size=1)
-    two = [TrainStream(train, seed=3, micro_batch=2, grad_accum=2, rank=r, world_size=2) for r in range(2)]
+    one = TrainStream(train, seed=3, micro_batch=4, grad_accum=2, rank=0, world_size=1, batching=batching)
+    two = [TrainStream(train, seed=3, micro_batch=2, grad_accum=2, rank=r, world_size=2, batching=batching)
+           for r in range(2)]
     for _ in range(1700):   # two epochs and a bit (6400 rows / 8 per step)
         a = sorted(i for mb in one.step_indices() for i in mb)
         parts = [[i for mb in s.step_indices() for i in mb] for s in two]
@@ -27,14 +29,15 @@ def test_step_rows_do_not_depend_on_the_rank_layout(rows):
     assert one.epoch == 2 and one.state_dict() == two[0].state_dict()
 
 
-def test_stream_resumes_mid_epoch(rows):
+@pytest.mark.parametrize("batching", ["random", "length_grouped"])
+def test_stream_resumes_mid_epoch(rows, batching):
     train, _ = rows
-    s = TrainStream(train, seed=1, micro_batch=3, grad_accum=1)
+    s = TrainStream(train, seed=1, micro_batch=3, grad_accum=1, batching=batching, group_size=16)
     for _ in range(50):
         s.step_indices()
     state = json.loads(json.dumps(s.state_dict()))
     expected = [s.step_indices() for _ in range(60)]
-    t = TrainStream(train, seed=1, micro_batch=3, grad_accum=1)
+    t = TrainStream(train, seed=1, micro_batch=3, grad_accum=1, batching=batching, group_size=16)
     t.load_state_dict(state)
     assert [t.step_indices() for _ in range(60)] == expected
     with pytest.raises(DataError):

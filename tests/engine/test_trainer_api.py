@@ -133,3 +133,39 @@ def test_full_finetune_trains_every_parameter(tmp_path, prepared_dir):
     reloaded = T5ForConditionalGeneration.from_pretrained(str(result.export_dir))
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, after[k]), k
+
+
+@pytest.mark.parametrize("batching", ["random", "length_grouped"])
+def test_loss_normaliser_per_batching(tmp_path, prepared_dir, batching):
+    """The gradient reaching each micro-batch's loss sum is 1 / normaliser (ZeRO-0, 1 rank: DeepSpeed divides
+    by accum, the trainer multiplied by it). Random order: the step's own target-token count. Length-grouped:
+    the split's mean count per step, the same for every step, so a token's weight does not depend on the
+    lengths of the rows it shares a step with. Mutation seen caught: fixed_norm left None (length_grouped
+    then divides by each step's count)."""
+    from tensorpoly_ds.engine.data import TrainStream
+    from tensorpoly_ds.engine.trainer import token_weight
+
+    data = PreparedData.open(prepared_dir)
+    rows = data.split("train")
+    model = inject_adapters(tiny(), AdapterConfig(method="poly", skills=4), len(data.tasks))
+    seen = []
+
+    def loss_fn(m, batch):
+        loss_sum, stats = lm_loss(m, batch)
+        loss_sum.register_hook(lambda g, w=token_weight(batch): seen.append((float(g), w)))
+        return loss_sum, stats
+
+    kw = sections(steps=3, eval_at_end=False, export_at_end=False, save_checkpoints=False)
+    train(model, rows, run_dir=tmp_path / "run", tasks=data.tasks, hooks=TrainHooks(loss_fn=loss_fn),
+          batching=batching, group_size=2, **kw)
+    assert len(seen) == 6
+    step_counts = [seen[i][1] + seen[i + 1][1] for i in (0, 2, 4)]
+    assert len(set(step_counts)) > 1   # the steps' counts differ, so the two normalisers are distinguishable
+    if batching == "random":
+        expected = [1 / c for c in step_counts for _ in range(2)]
+    else:
+        mean = TrainStream(rows, seed=0, micro_batch=4, grad_accum=2, batching=batching).mean_step_targets()
+        assert mean == pytest.approx(8 * sum(len(t) for t in rows["target_ids"]) / len(rows))
+        expected = [1 / mean] * 6
+    # float32 gradients of a float64 reciprocal: 1e-6 relative
+    assert [g for g, _ in seen] == pytest.approx(expected, rel=1e-6)
