@@ -5,6 +5,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh "$@"
 export DS_ACCELERATOR=cpu
+export TPDS_REQUIRE_OPTIONAL=1   # setup.sh installed the test extra: an optional test dependency may not skip
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.torch_extensions}"
 
 # Two pytest sessions side by side, about even in CPU time: most tests use one core or wait (one-rank runs,
