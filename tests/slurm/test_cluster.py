@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -157,8 +161,34 @@ def test_time_limit_signal_reaches_the_ranks(jobs, tmp_path):
     _pretrain_usr1(jobs, tmp_path, ["--time=2", "--signal=B:USR1@115", "--cpus-per-task=1"], send_signal=False)
 
 
+def _conf_ports(conf: Path) -> tuple[int, list[int]]:
+    """slurmctld's port and the slurmd ports a generated slurm.conf declares."""
+    text = conf.read_text()
+    ctld = int(re.search(r"^SlurmctldPort=(\d+)$", text, re.M).group(1))
+    first, _, last = re.search(r"^NodeName=.* Port=(\d+)(-(\d+))?", text, re.M).group(1, 2, 3)
+    return ctld, list(range(int(first), int(last or first) + 1))
+
+
+@contextlib.contextmanager
+def _listening(ports):
+    """Listen on those of `ports` that are free, as another Slurm on its ports would."""
+    with contextlib.ExitStack() as stack:
+        for port in ports:
+            s = stack.enter_context(socket.socket())
+            try:
+                s.bind(("", port))
+            except OSError:    # already taken (by the session's cluster, say): just as good
+                continue
+            s.listen()
+        yield
+
+
 def test_local_cluster_lifecycle_is_idempotent(slurm_cluster, tmp_path):
-    """A second, one-node cluster on other ports: start twice, stop, status, start again, clean."""
+    """A second, one-node cluster beside the session's while the default ports (16817, 17001) are taken:
+    it picks free ports, starts twice, stops, restarts on the same ports, cleans up; a port given
+    explicitly that is taken fails naming it. Mutation seen caught: choose_ports ignoring ports_busy
+    (always the defaults): the second cluster never comes up ("nodes not idle after 90s", sinfo: "Socket
+    timed out")."""
     import tempfile
     import time
 
@@ -167,34 +197,45 @@ def test_local_cluster_lifecycle_is_idempotent(slurm_cluster, tmp_path):
     # munged wants every directory above its socket searchable by all: pytest's tmp_path (0700) is not
     tmp_path = Path(tempfile.mkdtemp(prefix="tpds-slurm-test-", dir="/tmp"))
     tmp_path.chmod(0o755)
-    env = slurm_cluster.env(TPDS_SLURM_DIR=str(tmp_path / "c2"), TPDS_SLURM_NODES="1", TPDS_SLURM_CTLD_PORT="16917",
-                            TPDS_SLURM_NODE_PORT="17101", TPDS_SLURM_LINK_CONF="0")
+    env = slurm_cluster.env(TPDS_SLURM_DIR=str(tmp_path / "c2"), TPDS_SLURM_NODES="1", TPDS_SLURM_LINK_CONF="0")
+    for var in ("TPDS_SLURM_CTLD_PORT", "TPDS_SLURM_NODE_PORT"):
+        env.pop(var, None)
     env["SLURM_CONF"] = str(tmp_path / "c2" / "slurm.conf")
+    first_ctld, first_nodes = _conf_ports(Path(slurm_cluster.conf))
 
-    def local(cmd, timeout=120):
+    def local(cmd, timeout=120, **extra):
         t0 = time.time()
-        r = subprocess.run(["bash", str(LOCAL), cmd], capture_output=True, text=True, env=env, timeout=timeout)
+        r = subprocess.run(["bash", str(LOCAL), cmd], capture_output=True, text=True, env={**env, **extra},
+                           timeout=timeout)
         return r, time.time() - t0
 
     try:
-        r, _ = local("start")
-        assert r.returncode == 0, r.stderr
-        r, dt = local("start")
-        assert r.returncode == 0 and "already running" in r.stderr and dt < 5, (r.stderr, dt)
-        r, _ = local("status")
-        assert r.returncode == 0 and "node1" in r.stdout, r.stdout
-        out = subprocess.run(["srun", "-N1", "hostname"], capture_output=True, text=True, env=env, timeout=60)
-        assert out.returncode == 0, out.stderr
-        r, _ = local("stop")
-        assert r.returncode == 0, r.stderr
-        r, _ = local("status")
-        assert r.returncode != 0 and "slurmctld: stopped" in r.stdout
-        r, _ = local("start")
-        assert r.returncode == 0, r.stderr
+        r, _ = local("start", TPDS_SLURM_CTLD_PORT=str(first_ctld))
+        assert r.returncode != 0 and f"TPDS_SLURM_CTLD_PORT={first_ctld} is in use" in r.stderr, r.stderr
+        with _listening([16817, 17001]):
+            r, _ = local("start")
+            assert r.returncode == 0, r.stderr
+            ctld, node_ports = _conf_ports(tmp_path / "c2" / "slurm.conf")
+            taken = {16817, 17001, first_ctld, *first_nodes}
+            assert ctld not in taken and not taken & set(node_ports), (ctld, node_ports, taken)
+            r, dt = local("start")
+            assert r.returncode == 0 and "already running" in r.stderr and dt < 5, (r.stderr, dt)
+            r, _ = local("status")
+            assert r.returncode == 0 and "node1" in r.stdout, r.stdout
+            out = subprocess.run(["srun", "-N1", "hostname"], capture_output=True, text=True, env=env, timeout=60)
+            assert out.returncode == 0, out.stderr
+            r, _ = local("stop")
+            assert r.returncode == 0, r.stderr
+            r, _ = local("status")
+            assert r.returncode != 0 and "slurmctld: stopped" in r.stdout
+            r, _ = local("start")
+            assert r.returncode == 0, r.stderr
+            assert _conf_ports(tmp_path / "c2" / "slurm.conf") == (ctld, node_ports)   # kept across a restart
     finally:
         r, _ = local("clean")
-    assert r.returncode == 0 and not (tmp_path / "c2").exists()
-    tmp_path.rmdir()
+        cleaned = r.returncode == 0 and not (tmp_path / "c2").exists()
+        shutil.rmtree(tmp_path, ignore_errors=True)
+    assert cleaned, r.stderr
     r, dt = local("install")     # already installed: a quick check, no apt
     assert r.returncode == 0 and "already installed" in r.stderr and dt < 5
 
