@@ -14,7 +14,8 @@ fi
 # ATEN_CPU_CAPABILITY=default: torch's non-vectorised kernels (what an Intel CPU's differing reduction order
 # exposed); OMP_NUM_THREADS=1: one thread instead of the cores (reductions split differently);
 # TPDS_TEST_NO_MKLDNN=1: oneDNN off in the test process (tests/conftest.py)
-variants=("ATEN_CPU_CAPABILITY=default" "OMP_NUM_THREADS=1" "TPDS_TEST_NO_MKLDNN=1")
+# TPDS_KERNEL_VARIANTS="VAR=VALUE ..." runs a subset
+read -ra variants <<<"${TPDS_KERNEL_VARIANTS:-ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 TPDS_TEST_NO_MKLDNN=1}"
 failed=()
 for variant in "${variants[@]}"; do
     echo "=== $variant: ${paths[*]}"
