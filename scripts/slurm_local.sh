@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # A real, local Slurm cluster on one machine for tests and CI: munged + slurmctld + two slurmd's
-# (virtual nodes node1 and node2 on 127.0.0.1, ports 17001-17002), no systemd, no cgroups, no accounting.
+# (virtual nodes node1 and node2 on 127.0.0.1), no systemd, no cgroups, no accounting.
+#
+# Ports: `start` uses the first free slurmctld port from 16817 and the first free block of consecutive slurmd
+# ports (one per node) from 17001, scanning up to 200 ports, so a second cluster, or another Slurm, on the
+# same machine does not stop it from starting. A port is free when a TCP socket can bind it on all
+# interfaces with SO_REUSEADDR, as the daemons bind. The choice is kept in STATE/ports: a restart reuses
+# it while it is free. Starts on one machine are serialised by a lock in /tmp, so that two of them do not
+# pick the same ports.
 #
 # Usage: bash scripts/slurm_local.sh {install|start|stop|status|env|clean}
 #   install  apt-get install Debian's slurmctld, slurmd, slurm-client, munge and shellcheck (no-op when present)
@@ -16,8 +23,8 @@
 #   TPDS_SLURM_NODES       number of virtual nodes, 1..9 [2]
 #   TPDS_SLURM_CPUS        CPUs declared per node [number of online CPUs, at least 2]
 #   TPDS_SLURM_MEM_MB      RealMemory declared per node, in MB [4096]
-#   TPDS_SLURM_CTLD_PORT   slurmctld port [16817]
-#   TPDS_SLURM_NODE_PORT   port of node1; node k listens on NODE_PORT+k-1 [17001]
+#   TPDS_SLURM_CTLD_PORT   slurmctld port, used as given (start fails naming it if it is taken) [chosen]
+#   TPDS_SLURM_NODE_PORT   port of node1, node k listens on NODE_PORT+k-1; used as given [chosen]
 #   TPDS_SLURM_WAIT        seconds to wait for the nodes to become idle [90]
 #   TPDS_SLURM_LINK_CONF   1: point /etc/slurm/slurm.conf at the generated file when that path is absent
 #                          or already a symlink (so `sinfo` works without SLURM_CONF); 0: never [1]
@@ -33,8 +40,9 @@ ncpu_default="$(nproc 2>/dev/null || echo 2)"
 if [ "$ncpu_default" -lt 2 ]; then ncpu_default=2; fi
 cpus="${TPDS_SLURM_CPUS:-$ncpu_default}"
 mem_mb="${TPDS_SLURM_MEM_MB:-4096}"
-ctld_port="${TPDS_SLURM_CTLD_PORT:-16817}"
-node_port="${TPDS_SLURM_NODE_PORT:-17001}"
+ctld_port=""   # set by choose_ports / saved_ports
+node_port=""
+port_scan=200
 wait_s="${TPDS_SLURM_WAIT:-90}"
 link_conf="${TPDS_SLURM_LINK_CONF:-1}"
 cluster="tpds"
@@ -83,6 +91,64 @@ cmd_install() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         slurmctld slurmd slurm-client munge shellcheck
     log "install: ok ($(slurmd -V))"
+}
+
+ports_busy() {  # ports_busy PORT...: print the ports that a TCP socket cannot bind on all interfaces
+    # SO_REUSEADDR as the daemons set it: a listener makes the port busy, connections in TIME_WAIT left by
+    # a stopped cluster do not (else every restart would move to new ports)
+    python3 - "$@" <<'EOF'
+import socket, sys
+for port in sys.argv[1:]:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", int(port)))
+        except OSError:
+            print(port)
+EOF
+}
+
+saved_ports() {  # read STATE/ports into ctld_port / node_port; false when there is none
+    [ -s "$state/ports" ] || return 1
+    ctld_port="$(sed -n 's/^ctld_port=\([0-9][0-9]*\)$/\1/p' "$state/ports")"
+    node_port="$(sed -n 's/^node_port=\([0-9][0-9]*\)$/\1/p' "$state/ports")"
+    [ -n "$ctld_port" ] && [ -n "$node_port" ]
+}
+
+node_block() {  # node_block FIRST: the slurmd ports of every node
+    seq "$1" $(($1 + nodes - 1))
+}
+
+choose_ports() {  # set ctld_port / node_port: the environment's as given, else free ones; save them
+    local want_ctld=16817 want_node=17001 busy p
+    if saved_ports; then want_ctld="$ctld_port"; want_node="$node_port"; fi
+    if [ -n "${TPDS_SLURM_CTLD_PORT:-}" ]; then
+        ctld_port="$TPDS_SLURM_CTLD_PORT"
+        busy="$(ports_busy "$ctld_port")"
+        [ -z "$busy" ] || die "start: TPDS_SLURM_CTLD_PORT=$ctld_port is in use; unset it to pick a free port"
+    else
+        ctld_port=""
+        for ((p = want_ctld; p < want_ctld + port_scan; p++)); do
+            if [ -z "$(ports_busy "$p")" ]; then ctld_port="$p"; break; fi
+        done
+        [ -n "$ctld_port" ] || die "start: no free slurmctld port in $want_ctld-$((want_ctld + port_scan - 1))"
+    fi
+    if [ -n "${TPDS_SLURM_NODE_PORT:-}" ]; then
+        node_port="$TPDS_SLURM_NODE_PORT"
+        # shellcheck disable=SC2046
+        busy="$(ports_busy $(node_block "$node_port"))"
+        [ -z "$busy" ] || die "start: slurmd port(s) ${busy//$'\n'/ } from TPDS_SLURM_NODE_PORT=$node_port in use; unset it to pick free ports"
+    else
+        node_port=""
+        for ((p = want_node; p < want_node + port_scan; p++)); do
+            if [ "$p" -le "$ctld_port" ] && [ "$ctld_port" -le $((p + nodes - 1)) ]; then continue; fi
+            # shellcheck disable=SC2046
+            if [ -z "$(ports_busy $(node_block "$p"))" ]; then node_port="$p"; break; fi
+        done
+        [ -n "$node_port" ] || die "start: no $nodes free consecutive slurmd ports in $want_node-$((want_node + port_scan - 1))"
+    fi
+    printf 'ctld_port=%s\nnode_port=%s\n' "$ctld_port" "$node_port" >"$state/ports.tmp.$$"
+    mv -f "$state/ports.tmp.$$" "$state/ports"
 }
 
 render_conf() {  # render_conf FILE
@@ -171,7 +237,7 @@ start_munge() {
         return 0
     fi
     rm -f "$munge_socket" "$munge_socket.lock"
-    munged --socket="$munge_socket" --key-file="$munge_dir/munge.key" --pid-file="$munge_dir/munged.pid" \
+    munged 9>&- --socket="$munge_socket" --key-file="$munge_dir/munge.key" --pid-file="$munge_dir/munged.pid" \
         --log-file="$munge_dir/munged.log" --seed-file="$munge_dir/munged.seed" \
         || die "munged failed to start (it needs every directory above $munge_dir to be searchable by all users); see $munge_dir/munged.log"
     local t=0
@@ -192,10 +258,17 @@ nodes_ready() {  # true when every node is in a usable state (idle, mixed, alloc
 cmd_start() {
     command -v slurmctld >/dev/null 2>&1 || die "start: Slurm is not installed; run: bash scripts/slurm_local.sh install"
     mkdir -p "$state"
+    # one start at a time on this machine: ports are chosen free, then bound by the daemons
+    # (fd 9, closed for the daemons: they would otherwise hold it for their lifetime)
+    local lockf="${TMPDIR:-/tmp}/tpds-slurm-ports.lock"
+    if touch "$lockf" 2>/dev/null; then exec 9>>"$lockf"; flock 9; else log "start: cannot write $lockf; no port lock"; fi
     local all_up=1 i
     pid_alive "$state/run/slurmctld.pid" || all_up=0
     for i in $(node_names); do pid_alive "$state/run/slurmd-$i.pid" || all_up=0; done
-    if [ "$all_up" -eq 1 ] && [ -f "$conf" ]; then
+    if [ "$all_up" -eq 1 ] && [ -f "$conf" ] && saved_ports; then
+        # the running daemons hold the saved ports; an explicit port that differs is a configuration change
+        ctld_port="${TPDS_SLURM_CTLD_PORT:-$ctld_port}"
+        node_port="${TPDS_SLURM_NODE_PORT:-$node_port}"
         local want="$state/slurm.conf.want.$$" same=0
         render_conf "$want"
         if cmp -s "$want" "$conf"; then same=1; fi
@@ -209,15 +282,24 @@ cmd_start() {
             cmd_stop
         fi
     fi
+    local any_up=0
+    pid_alive "$state/run/slurmctld.pid" && any_up=1
+    for i in $(node_names); do pid_alive "$state/run/slurmd-$i.pid" && any_up=1; done
+    if [ "$any_up" -eq 1 ] && saved_ports; then   # some daemons survive: they hold the saved ports
+        ctld_port="${TPDS_SLURM_CTLD_PORT:-$ctld_port}"
+        node_port="${TPDS_SLURM_NODE_PORT:-$node_port}"
+    else
+        choose_ports
+    fi
     start_munge
     write_conf
     export SLURM_CONF="$conf"
     if ! pid_alive "$state/run/slurmctld.pid"; then
-        slurmctld -f "$conf" || die "slurmctld failed to start; see $state/log/slurmctld.log"
+        slurmctld -f "$conf" 9>&- || die "slurmctld failed to start; see $state/log/slurmctld.log"
     fi
     for i in $(node_names); do
         if ! pid_alive "$state/run/slurmd-$i.pid"; then
-            slurmd -f "$conf" -N "$i" || die "slurmd -N $i failed to start; see $state/log/slurmd-$i.log"
+            slurmd -f "$conf" -N "$i" 9>&- || die "slurmd -N $i failed to start; see $state/log/slurmd-$i.log"
         fi
     done
     local t0 now
@@ -235,7 +317,8 @@ cmd_start() {
         scontrol update NodeName="node[1-$nodes]" State=RESUME >/dev/null 2>&1 || true
         sleep 1
     done
-    log "start: $nodes node(s) idle after $(($(date +%s) - t0))s; export SLURM_CONF=$conf"
+    exec 9>&-
+    log "start: $nodes node(s) idle after $(($(date +%s) - t0))s (slurmctld port $ctld_port, slurmd $node_port-$((node_port + nodes - 1))); export SLURM_CONF=$conf"
 }
 
 stop_pidfiles() {  # stop_pidfiles PIDFILE...: SIGTERM all at once, wait up to 15 s, then SIGKILL

@@ -9,6 +9,7 @@ export DS_ACCELERATOR=cpu
 for arg in "$@"; do
     if [ "$arg" = "--slurm" ]; then export TPDS_SLURM_REQUIRED=1; fi
 done
+export TPDS_REQUIRE_OPTIONAL=1   # setup.sh installed the test extra: an optional test dependency may not skip
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.torch_extensions}"
 
 # Two pytest sessions side by side, about even in CPU time: most tests use one core or wait (one-rank runs,

@@ -7,6 +7,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The determinism check (docs/development.md, "Determinism and tolerances") reruns the float-heavy tests on
+# other CPU kernel paths; this one switches oneDNN off in the test process (subprocesses keep their default).
+if os.environ.get("TPDS_TEST_NO_MKLDNN") == "1":
+    torch.backends.mkldnn.enabled = False
+
 
 @pytest.fixture(autouse=True)
 def _seed():

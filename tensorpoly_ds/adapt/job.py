@@ -18,6 +18,8 @@ All files are written atomically (temp file, then os.replace).
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import json
 import os
 import random
@@ -258,15 +260,23 @@ def _broadcast(obj):
 
 
 def engine_available() -> bool:
-    """tensorpoly_ds.engine is importable from this same package tree (an editable install of another
-    checkout can make a foreign `engine` subpackage importable: that one does not count)."""
-    try:
-        import tensorpoly_ds
-        import tensorpoly_ds.engine.trainer as trainer
-    except ImportError:
-        return False
+    """Whether this package tree has its stage-2 engine (tensorpoly_ds.engine). False only where the
+    subpackage is absent, or where the importable one belongs to another checkout (an editable install of
+    another tree). An engine that is there but does not import (a broken DeepSpeed, an error in the
+    engine's own code) is a JobError naming the cause: `trainer: auto` must not quietly fall back to the
+    local loop on a broken install."""
+    import tensorpoly_ds
+
+    spec = importlib.util.find_spec(f"{tensorpoly_ds.__name__}.engine")
     here = Path(tensorpoly_ds.__file__).resolve().parent
-    return Path(trainer.__file__).resolve().is_relative_to(here)
+    if spec is None or spec.origin is None or not Path(spec.origin).resolve().is_relative_to(here):
+        return False
+    try:
+        importlib.import_module(f"{tensorpoly_ds.__name__}.engine.trainer")
+    except ImportError as err:
+        raise JobError(f"{Path(spec.origin).parent} is installed but does not import ({type(err).__name__}: "
+                       f"{err}); repair the install (pip install -e .) or set trainer 'local'") from err
+    return True
 
 
 def resolve_trainer(job: AdaptJob) -> str:

@@ -46,6 +46,7 @@ from .stop import REQUEUE_EXIT_CODE, STOP, StopFlag  # noqa: F401  (re-exported)
 from .config import DeepSpeedSection, OptimSection, RunConfigError, TrainSection
 from .data import IGNORE_INDEX, TrainStream, collate, eval_batches
 from .ds_config import fill_sections, save_json
+from .effective import ActivationDtype, describe_engine
 from .monitor import Monitor, memory_mb, routing_weights
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
     engine, _, _, scheduler = ds_lib.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
                                                 config=ds_config)
     engine.train()
+    activation_dtype = ActivationDtype(engine.module)
     _seed_all(train.seed + 1000 * rank)   # per-rank streams (dropout, Gumbel noise); restored on resume
 
     stream = TrainStream(train_rows, seed=train.seed, micro_batch=train.micro_batch, grad_accum=train.grad_accum,
@@ -370,6 +372,11 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
                 for k, v in (stats or {}).items():
                     extra[k] = extra.get(k, 0.0) + float(v)
             step += 1
+            if activation_dtype is not None:   # after the first step: the optimizer state exists
+                if rank == 0:
+                    save_json(describe_engine(engine, activation_dtype.dtype), run_dir / "engine.json")
+                activation_dtype.remove()
+                activation_dtype = None
             if grad_norm is None:
                 norm = engine.get_global_grad_norm()
                 grad_norm = float(norm) if norm is not None else float("nan")

@@ -6,11 +6,10 @@ import sys
 
 import pytest
 
-from tensorpoly_ds.adapt.job import engine_available
 from tests.adapt.conftest import ROOT
 from tests.adapt.test_engine_path import adapt_args, check_z, env
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not engine_available(), reason="tensorpoly_ds.engine not installed")]
+pytestmark = pytest.mark.slow
 
 
 def test_accelerate_launch_runs_an_adaptation_job_on_two_ranks(prepared, poly_export, tmp_path):

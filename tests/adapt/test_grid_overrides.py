@@ -3,6 +3,7 @@ when the task or the field is unknown."""
 
 import pytest
 
+from tensorpoly_ds.adapt.spec import JobError
 from tensorpoly_ds.adapt.table import TableError, expand_grid
 
 
@@ -46,5 +47,5 @@ def test_bad_overrides_name_the_grid_file_and_key(tmp_path, overrides, match):
 
 
 def test_override_values_are_validated_as_job_fields(tmp_path):
-    with pytest.raises(Exception, match="batch_size"):
+    with pytest.raises(JobError, match=r"job field 'batch_size' = 0: must be >= 1"):
         expand_grid(grid(overrides={"h-swag": {"batch_size": 0}}), tmp_path)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from data_prep.manifest import read_manifest
 from tensorpoly_ds.adapt import job as job_mod
+from tensorpoly_ds.adapters import ModeError
 from tensorpoly_ds.adapt.job import MARKER_FILE, RESULT_FILE, AdaptJob, JobError, is_complete, run_job
 from tests.adapt.conftest import make_export
 
@@ -29,11 +30,13 @@ def split_tensors(path):
 
 @pytest.mark.parametrize("mode,trainer", [("full", "auto"), ("z", "auto"), ("mu", "auto"), ("z", "local")])
 def test_modes_end_to_end_and_weights(prepared, poly_export, tmp_path, mode, trainer):
-    """trainer auto = the engine (DeepSpeed) where tensorpoly_ds.engine is installed, else the local loop."""
+    """trainer auto = the engine (DeepSpeed): this tree has it, so auto must not run the local loop.
+    Mutation seen caught: engine_available() returning False (auto fell back silently): result trainer 'local'."""
     job = make_job(prepared, tmp_path / mode, export=str(poly_export), mode=mode, save_adapter=True,
                    trainer=trainer)
     result = run_job(job, log=lambda s: None)
     assert result["status"] == "complete" and is_complete(job.out_dir)
+    assert result["trainer"] == ("engine" if trainer == "auto" else trainer)
     saved = json.loads((tmp_path / mode / RESULT_FILE).read_text())
     assert saved["final"] == result["final"]
     assert [e["step"] for e in saved["evaluations"]] == [2, 4]
@@ -134,8 +137,32 @@ def test_invalid_jobs_are_refused(prepared, poly_export, tmp_path):
     with pytest.raises(JobError, match="unknown job field"):
         AdaptJob.from_dict({"out_dir": "o", "data_dir": "d", "task": "t", "method": "lora", "sed": 1})
     lora = make_export(prepared, tmp_path / "lora_export", "lora")
-    with pytest.raises(Exception, match="no routing"):
+    with pytest.raises(ModeError, match=r"method 'lora' has no routing, so mode 'z' does not apply"):
         run_job(make_job(prepared, tmp_path / "y", export=str(lora), mode="z"), log=lambda s: None)
     assert json.loads((tmp_path / "y" / RESULT_FILE).read_text())["status"] == "failed"
     with pytest.raises(JobError, match="no 7-shot"):
         run_job(make_job(prepared, tmp_path / "w", export=str(poly_export), k=7), log=lambda s: None)
+
+
+def test_engine_available_raises_on_a_broken_engine_and_is_false_only_when_absent(monkeypatch):
+    """An engine that is there but fails to import (here: DeepSpeed missing) is an error naming the cause,
+    never a quiet fallback to the local trainer; only an absent engine subpackage makes auto pick local.
+    Mutation seen caught: engine_available's old `except ImportError: return False` (no JobError raised)."""
+    assert job_mod.engine_available()
+    real_import = job_mod.importlib.import_module
+
+    def broken(name, *args):
+        if name.endswith(".engine.trainer"):
+            raise ModuleNotFoundError("No module named 'deepspeed'", name="deepspeed")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(job_mod.importlib, "import_module", broken)
+    auto = AdaptJob.from_dict({"out_dir": "o", "data_dir": "d", "task": "t", "method": "lora", "trainer": "auto"})
+    with pytest.raises(JobError, match=r"engine is installed but does not import \(ModuleNotFoundError: No module "
+                                       r"named 'deepspeed'\)"):
+        job_mod.resolve_trainer(auto)
+    monkeypatch.setattr(job_mod.importlib.util, "find_spec", lambda name: None)
+    assert job_mod.resolve_trainer(auto) == "local"
+    engine = AdaptJob.from_dict({**auto.to_dict(), "trainer": "engine"})
+    with pytest.raises(JobError, match="'trainer' = 'engine' but tensorpoly_ds.engine is not installed"):
+        job_mod.resolve_trainer(engine)

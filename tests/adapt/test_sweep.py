@@ -13,7 +13,7 @@ import pytest
 from data_prep.manifest import read_manifest
 from launch import adapt as adapt_cli
 from launch import sweep as sweep_cli
-from tensorpoly_ds.adapt.job import is_complete
+from tensorpoly_ds.adapt.job import JobError, is_complete
 from tensorpoly_ds.adapt.table import TableError, expand_grid, read_table
 from tests.adapt.conftest import ROOT
 
@@ -44,7 +44,7 @@ def test_grid_expansion_order_and_ids(prepared, poly_export, tmp_path):
     assert rows == expand_grid(grid(prepared, poly_export), tmp_path), "expansion must be deterministic"
     with pytest.raises(TableError, match="unknown key"):
         expand_grid({**grid(prepared, poly_export), "mode": ["z"]}, tmp_path)
-    with pytest.raises(Exception, match="unknown job field"):
+    with pytest.raises(JobError, match=r"unknown job field\(s\) \['stepz'\]"):
         expand_grid({**grid(prepared, poly_export), "base": {"data_dir": str(prepared), "stepz": 3}}, tmp_path)
 
 

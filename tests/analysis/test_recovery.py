@@ -7,6 +7,7 @@ import pytest
 
 from tensorpoly_ds.analysis import plot_recovery, routing_recovery
 from tensorpoly_ds.analysis.recovery import max_assignment
+from tests.figures import assert_figure
 
 
 def truth_matrix(tasks=12, skills=4, seed=0):
@@ -28,7 +29,7 @@ def test_truth_up_to_module_permutation_and_scaling_recovers_perfectly(tmp_path)
     # skill s sits in column [4, 1, 5, 0][perm.index(s)]
     assert rec.assignment == tuple([4, 1, 5, 0][perm.index(s)] for s in range(4))
     path = plot_recovery(learned, truth, [f"t{i}" for i in range(12)], list("abcd"), tmp_path / "rec.png", rec)
-    assert path.stat().st_size > 0
+    assert_figure(path)
 
 
 def test_random_routing_scores_near_zero_with_a_large_p():

@@ -85,13 +85,19 @@ def test_parquet_column_of_wrong_type(tmp_path):
 
 
 def test_malformed_json_line(tmp_path):
+    """The error names the file, the row (0-based, as --skip-invalid counts them), its line and the reason.
+    Mutation seen caught: DataError raised with path '' and row -1 (message without file and row): fails,
+    where the old regex r"row 5.*|invalid JSON" passed."""
     dump = make_dump(tmp_path / "dump")
     p = dump / TRAIN_CONFIGS[0] / "train.jsonl"
     lines = p.read_text().splitlines()
     lines[5] = lines[5][:-3]
     p.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"row 5.*|invalid JSON"):
+    with pytest.raises(DataError) as e:
         build(_cfg(dump, tmp_path / "out"), log=lambda m: None)
+    msg = str(e.value)
+    assert msg.startswith("invalid JSON on line 6 (") and "[reason=malformed_json]" in msg
+    assert f"in file {p}," in msg and "row 5," in msg
 
 
 def test_bad_record_late_in_the_mixture_keeps_the_finished_configs(tmp_path, emb_dir):

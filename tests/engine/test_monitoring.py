@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from tests.figures import assert_figure
+
 pytestmark = pytest.mark.slow
 
 
@@ -28,6 +30,7 @@ def test_tensorboard_has_scalars_and_routing_heatmaps(baseline_run):
     assert len(images) == 2 and all(t.startswith("routing_heatmap/") for t in images)   # conftest.HEATMAPS: 2 per eval
     img = acc.Images(images[0])
     assert [e.step for e in img] == [8, 16, 24] and img[-1].width > 50 and img[-1].height > 50
+    assert_figure(img[-1].encoded_image_string, min_width=50, min_height=50)
 
 
 def test_metrics_jsonl_has_every_step(baseline_run):

@@ -219,14 +219,36 @@ def test_export_on_request_equals_the_end_of_run_export(tmp_path, prepared_dir, 
     assert not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir)
 
 
+def _bf16_took_effect(ds, eng):
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+    assert eng["bf16_enabled"] and eng["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert eng["inner_optimizer"] == "Adafactor"
+    # the engine computes in bf16 (weights and the logits of a training forward), the master copy stays fp32
+    assert eng["param_dtypes"] == ["bfloat16"] and eng["activation_dtype"] == "bfloat16"
+    assert eng["master_weights"]["dtypes"] == ["float32"]
+    assert not eng["offload_optimizer"]
+
+
+def _offload_took_effect(ds, eng):
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    # on the CPU accelerator every tensor is on the CPU anyway: what shows offload is ZeRO-3's own state
+    assert eng["optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
+    assert eng["offload_optimizer"] and eng["offload_param"]
+    assert eng["master_weights"]["devices"] == ["cpu"] and eng["optimizer_state"]["devices"] == ["cpu"]
+    assert eng["activation_dtype"] == "float32" and not eng["bf16_enabled"]
+
+
 @pytest.mark.parametrize("extra,check", [
-    (["deepspeed.precision=bf16", "deepspeed.zero_stage=2", "optim.name=adafactor"],
-     lambda ds: ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2),
+    (["deepspeed.precision=bf16", "deepspeed.zero_stage=2", "optim.name=adafactor"], _bf16_took_effect),
     (["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"],
-     lambda ds: ds["zero_optimization"]["offload_param"]["device"] == "cpu"
-     and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"),
+     _offload_took_effect),
 ], ids=["bf16-zero2-adafactor", "zero3-offload"])
 def test_precision_and_offload_variants_run(extra, check, tmp_path, prepared_dir):
+    """The run records what the engine did (RUN_DIR/engine.json, engine/effective.py), not only what it was
+    asked. Mutations seen caught: the trainer passing ds_initialize a copy of the config without
+    offload_optimizer/offload_param (zero3-offload fails: offload_optimizer False), and with bf16 disabled
+    (bf16 case fails: param dtypes float32)."""
     import json
     import math
 
@@ -234,7 +256,7 @@ def test_precision_and_offload_variants_run(extra, check, tmp_path, prepared_dir
     run_pretrain(run_dir, prepared_dir, ["train.steps=4", "train.eval_every=2", "data.val_max_samples=20", *extra])
     losses = read_metrics(run_dir)
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
-    assert check(json.loads((run_dir / "ds_config.json").read_text()))
+    check(json.loads((run_dir / "ds_config.json").read_text()), json.loads((run_dir / "engine.json").read_text()))
     # adapter health reads bf16-optimizer fragments and offloaded ZeRO-3 partitions (Poly: B = 0 at step 1,
     # its A still gets gradient)
     grads = read_metrics(run_dir, key="train/adapter_grad_norm/modules")

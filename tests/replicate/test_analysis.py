@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tensorpoly_ds.replicate.analysis import row_name, scores_by_row, select_lr, split_accuracies, tables
+from tensorpoly_ds.replicate.analysis import c7_verdict, row_name, scores_by_row, select_lr, split_accuracies, tables
 
 
 def _result(label, mode, task, seed, lr, dev, test, k=16, mt=0):
@@ -61,3 +61,23 @@ def test_tables_split_methods_modes_and_zero_shot():
     assert t1["cells"][("LoRA", "full")]["a"]["n"] == 3
     assert t4["rows"] == [("Poly", "full"), ("Poly", "z"), ("Poly", "mu")]
     assert [r[0] for r in z["rows"]] == ["Poly (mu, 0-shot)", "Poly (mu, 0-shot, 50 mt steps)"]
+
+
+def test_c7_verdict_on_constructed_recoveries():
+    """Each outcome from inputs where it is known. Mutations seen caught: `p_value <= alpha` (the p = alpha
+    row turns reproduced), dropping `score > null_mean` (the below-null row turns reproduced), and
+    'mixed' for a unanimous 'not reproduced'."""
+    good = {"score": 0.9, "null_mean": 0.1, "p_value": 0.01}
+    at_alpha = {"score": 0.9, "null_mean": 0.1, "p_value": 0.05}     # not below alpha: not reproduced
+    below_null = {"score": 0.05, "null_mean": 0.1, "p_value": 0.01}  # significant, but the wrong way
+    failed = {"error": "no routing tables"}
+    assert c7_verdict({"Poly": good, "MHR": dict(good)}) == {
+        "status": "reproduced", "per_method": {"Poly": "reproduced", "MHR": "reproduced"}, "alpha": 0.05}
+    assert c7_verdict({"Poly": good, "MHR": at_alpha})["per_method"] == {"Poly": "reproduced",
+                                                                         "MHR": "not reproduced"}
+    assert c7_verdict({"Poly": good, "MHR": at_alpha})["status"] == "mixed"
+    assert c7_verdict({"Poly": below_null, "MHR": at_alpha})["status"] == "not reproduced"
+    assert c7_verdict({"Poly": good, "MHR": failed}) == {"status": "reproduced", "per_method": {"Poly": "reproduced"},
+                                                         "alpha": 0.05}
+    assert c7_verdict({"MHR": failed}) == {"status": "missing", "per_method": {}}
+    assert c7_verdict({"Poly": at_alpha}, alpha=0.1)["status"] == "reproduced"
