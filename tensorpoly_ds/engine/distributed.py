@@ -217,9 +217,25 @@ def shutdown_distributed() -> None:
     """Destroy the process group before the interpreter tears down (registered with atexit by
     init_distributed). Left alive, gloo's threads can meet the exit half-torn-down: a rank that had finished
     its work aborted with "terminate called without an active exception" (exit -6) once in CI, which a
-    launcher reports as a failed run. Local, no collective."""
-    if is_dist():
-        sys.modules["torch"].distributed.destroy_process_group()
+    launcher reports as a failed run, and again (a ZeRO-3 k = 0 adaptation job, rank 1, after its result was
+    written) with the destroy alone: a rank that tears down while its peer still talks to it is the window. So
+    on gloo the ranks first meet at a monitored barrier, which gives up after EXIT_BARRIER_S (a peer that
+    crashed or left without its atexit hooks) instead of hanging; on other backends (NCCL) no collective at
+    exit, where a dead peer would block it for good."""
+    if not is_dist():
+        return
+    dist = sys.modules["torch"].distributed
+    if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+        import datetime
+
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=EXIT_BARRIER_S))
+        except RuntimeError:
+            pass   # a peer is gone: nothing left to wait for
+    dist.destroy_process_group()
+
+
+EXIT_BARRIER_S = 30
 
 
 # ---- collectives that degrade to no-ops without a process group ---------------------------------------
