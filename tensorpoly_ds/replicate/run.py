@@ -189,7 +189,7 @@ def _read_searches(cfg: ReplicateConfig, out: Path) -> dict[tuple[str, str], dic
     from ..engine.lr_search import read_result
 
     found = {}
-    for variant, m in stages._searched(cfg):
+    for variant, m in stages.searched_methods(cfg):
         result = read_result(stages.search_dir(out, cfg, variant.name, m.label))
         if result is None:
             raise RuntimeError(f"{variant.name}/{m.label}: its pretraining lr search has not run; run the pretrain stage")
@@ -319,7 +319,6 @@ def analyse(cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports
 def sensitivity_table(cfg: ReplicateConfig, out: Path, variant: str, searched: dict, dev_examples: int) -> dict:
     """Per searched method: each module-lr candidate's final val loss and its mean dev accuracy after adaptation
     (pretrain.sensitivity), the candidate each rule chooses (ties: the smaller lr), and whether they agree."""
-    from ..engine.lr_search import candidate_tag
     from .analysis import load_results
 
     table = {}
@@ -327,13 +326,10 @@ def sensitivity_table(cfg: ReplicateConfig, out: Path, variant: str, searched: d
         if v != variant:
             continue
         axis = found["axes"][0]
-        root = stages.sensitivity_dir(out, cfg, variant, label)
-        # the module axis ran at the recipe's routing lr (learned routing only): sensitivity_rows' directories
-        fixed = {"routing_lr": float(cfg.method_pretrain(cfg.method(label))["routing_lr"])} \
-            if "routing_lr" in found["chosen"] else {}
         rows = {}
         for value, loss in axis["losses"].items():
-            tag = root / stages.slug(candidate_tag({**fixed, axis["key"]: float(value)}))
+            lrs = stages.module_axis_lrs(cfg, cfg.method(label), found, float(value))
+            tag = stages.sensitivity_dir(out, cfg, variant, label, lrs)
             results, _ = load_results([tag], dev_examples)
             dev = statistics.mean(r["dev"]["accuracy"] for r in results) if results else None
             rows[value] = {"val_loss": loss, "dev": dev, "jobs": len(results)}

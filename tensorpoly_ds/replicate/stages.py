@@ -122,7 +122,7 @@ def run_config(cfg: ReplicateConfig, data: Path, backbone: Path, world: World, m
     }
 
 
-def _searched(cfg: ReplicateConfig) -> list[tuple[Variant, MethodSpec]]:
+def searched_methods(cfg: ReplicateConfig) -> list[tuple[Variant, MethodSpec]]:
     return [(v, m) for v in cfg.variants for m in cfg.methods_for(v.name)
             if m.is_pretrained() and cfg.method_pretrain(m)["search"]]
 
@@ -144,7 +144,7 @@ def search_pretraining_lrs(cfg: ReplicateConfig, out: Path, backbone: Path, work
     spec.validate(f"{cfg.source}: pretrain.lr_search")
     world = cfg.world_list()[0]
     todo = []
-    for variant, m in _searched(cfg):
+    for variant, m in searched_methods(cfg):
         data = data_dir(out, variant.name, max(cfg.prep.ks))
         d = search_dir(out, cfg, variant.name, m.label)
         todo.append(((variant.name, m.label), run_config(cfg, data, backbone, world, m, d), d))
@@ -299,29 +299,30 @@ def sensitivity_rows(cfg: ReplicateConfig, out: Path, variant: Variant, backbone
             continue
         mode = cfg.modes_for(variant, m)[0]
         lr = chosen_lr[(row_name({"label": m.label, "mode": mode, "k": k, "job": {}}), k)]
-        module_axis = found["axes"][0]
         base = run_config(cfg, data_dir(out, variant.name, k), backbone, cfg.world_list()[0], m, Path("."))
-        for value in sorted(float(x) for x in module_axis["losses"]):
-            lrs = {**_module_axis_fixed(found, base), module_axis["key"]: value}
+        for value in sorted(float(x) for x in found["axes"][0]["losses"]):
+            lrs = module_axis_lrs(cfg, m, found, value)
             cand = candidate(base, lrs, cfg.pretrain.lr_search.get("steps"), search_dir(out, cfg, variant.name, m.label) / "runs")
             grid = {"base": {**_job_base(cfg, backbone), "lr": lr, "routing_lr": lr * cfg.adapt.routing_lr_scale,
                              "data_dir": str(data_dir(out, variant.name, k))},
                     "methods": [{"label": m.label, "export": str(cand.run_dir / "export")}], "modes": [mode],
                     "tasks": tasks, "seeds": cfg.search_seeds(), "ks": [k]}
-            rows += expand_grid(grid, sensitivity_dir(out, cfg, variant.name, m.label) / slug(cand.name))
+            rows += expand_grid(grid, sensitivity_dir(out, cfg, variant.name, m.label, lrs))
     return rows
 
 
-def sensitivity_dir(out: Path, cfg: ReplicateConfig, variant: str, label: str) -> Path:
-    return world_root(out, cfg.world_list()[0]) / "sensitivity" / variant / slug(label)
+def module_axis_lrs(cfg: ReplicateConfig, m: MethodSpec, found: dict, value: float) -> dict[str, float]:
+    """The learning rates of a search's module-axis candidate at `value`: the axis ran at the recipe's routing
+    lr, which the search fixed (and so chose a routing lr for) only under learned routing."""
+    fixed = {"routing_lr": float(cfg.method_pretrain(m)["routing_lr"])} if "routing_lr" in found["chosen"] else {}
+    return {**fixed, found["axes"][0]["key"]: float(value)}
 
 
-def _module_axis_fixed(found: dict, base: dict) -> dict:
-    """The other learning rates the module axis of a search ran at: the run config's routing lr (learned
-    routing only), as recorded in the search's candidates."""
-    from ..engine.lr_search import routed_learned
+def sensitivity_dir(out: Path, cfg: ReplicateConfig, variant: str, label: str, lrs: dict[str, float]) -> Path:
+    """The sensitivity jobs of one candidate (its learning rates `lrs`) of one method's search."""
+    from ..engine.lr_search import candidate_tag
 
-    return {"routing_lr": float(base["optim"]["routing_lr"])} if routed_learned(base) else {}
+    return world_root(out, cfg.world_list()[0]) / "sensitivity" / variant / slug(label) / slug(candidate_tag(lrs))
 
 
 # Fields added after the first published protocol: at these values they change nothing, so they stay out of
