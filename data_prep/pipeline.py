@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import tokenizer as toklib
-from tensorpoly_ds.locking import FolderLock, LockHeld
+from tpds_common.locking import FolderLock, LockHeld
 
 from .errors import ConfigError, OutputBusy, unknown_name
 from .manifest import FORMAT_VERSION, Manifest, ManifestError, read_manifest

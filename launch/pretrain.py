@@ -69,7 +69,7 @@ def _main(argv: list[str] | None) -> int:
     from tensorpoly_ds.engine.data import DataError, PreparedData
     from tensorpoly_ds.engine.distributed import LaunchError, accelerate_overrides, distributed_env
     from tensorpoly_ds.engine.rank_status import write_status
-    from tensorpoly_ds.locking import FolderLock, LockHeld
+    from tpds_common.locking import FolderLock, LockHeld
 
     # Everything checkable is checked before a process group, model or dataset is created.
     try:

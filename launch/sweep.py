@@ -34,7 +34,7 @@ from pathlib import Path
 from tensorpoly_ds.adapt.spec import JobError, is_complete
 from tensorpoly_ds.adapt.table import TableError, expand_grid, read_grid, read_table, write_table
 from tensorpoly_ds.engine.stop import REQUEUE_EXIT_CODE, STOP
-from tensorpoly_ds.locking import FolderLock, LockHeld, describe, holder_if_locked
+from tpds_common.locking import FolderLock, LockHeld, describe, holder_if_locked
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TABLE_FILE = "jobs.jsonl"

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import sys, time
-from tensorpoly_ds.locking import FolderLock
+from tpds_common.locking import FolderLock
 FolderLock(sys.argv[1], what=sys.argv[2]).acquire()
 print("locked", flush=True)
 time.sleep(600)

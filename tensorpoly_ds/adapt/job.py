@@ -37,7 +37,7 @@ from ..adapters import (AdapterConfig, ModeError, adapter_layers, check_mode, co
                         load_adapters, prepare_adaptation, read_export_meta, routing_tables)
 from ..engine.stop import STOP
 from ..evaluation import LossWeights, accuracy, collate_choices, collate_lm, evaluate, lm_loss, tfew_losses, write_jsonl
-from ..locking import FolderLock, LockHeld
+from tpds_common.locking import FolderLock, LockHeld
 from .local_train import (CHECKPOINT_FILE, EpochSampler, LocalCheckpointError, build_optimizer, load_checkpoint,
                           train_steps)
 
@@ -296,7 +296,7 @@ def run_job(job: AdaptJob, *, force: bool = False, log: Callable[[str], None] = 
     so, no marker); the next run_job of the same job resumes from that checkpoint. A job that crashed or
     was killed restarts from scratch. `force` reruns a complete job and discards a stopped one.
 
-    One live process per job folder: a folder lock (tensorpoly_ds.locking) refuses a second one (JobBusy).
+    One live process per job folder: a folder lock (tpds_common.locking) refuses a second one (JobBusy).
     With the engine trainer the job may run on several ranks (torchrun / srun): every rank calls run_job,
     rank 0 alone holds the lock and writes files."""
     out = Path(job.out_dir)

@@ -14,7 +14,7 @@ import pytest
 from data_prep.manifest import read_manifest
 from tensorpoly_ds.adapt.job import RESULT_FILE, is_complete
 from tensorpoly_ds.adapt.table import read_table
-from tensorpoly_ds.locking import holder_if_locked
+from tpds_common.locking import holder_if_locked
 from tests.adapt.conftest import ROOT
 from tests.lock_holder import held
 

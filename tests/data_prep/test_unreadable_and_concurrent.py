@@ -120,7 +120,7 @@ def test_edited_source_is_rebuilt_touch_is_not(tmp_path, emb_dir):
 HOLD = """
 import sys, time
 from pathlib import Path
-from tensorpoly_ds.locking import FolderLock
+from tpds_common.locking import FolderLock
 lock = FolderLock(Path(sys.argv[2]), what="test holder").acquire()
 print("holding", flush=True)
 while not Path(sys.argv[3]).exists():

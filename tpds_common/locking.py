@@ -33,12 +33,15 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from .errors import BusyError
+from .files import atomic_write_json
+
 LOCK_NAME = ".tpds.lock"
 HOLDER_NAME = ".tpds.lock.json"
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
-class LockHeld(RuntimeError):
+class LockHeld(BusyError):
     """Another live process holds the folder's lock."""
 
     def __init__(self, folder: Path, what: str, holder: dict | None):
@@ -104,9 +107,8 @@ class FolderLock:
         self._fd = fd
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "argv": sys.argv,
                   "what": self.what}
-        tmp = self.folder / f".{HOLDER_NAME}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(holder, indent=1))
-        os.replace(tmp, self.folder / HOLDER_NAME)
+        # informative only (read for the message a second process gets): no fsync
+        atomic_write_json(self.folder / HOLDER_NAME, holder, indent=1, sort_keys=False, fsync=False)
         return self
 
     def release(self) -> None:
