@@ -21,10 +21,10 @@ import sys
 from tensorpoly_ds.adapt.spec import AdaptJob, JobBusy, JobError
 from tensorpoly_ds.adapt.table import TableError, table_job
 from tensorpoly_ds.engine.distributed import LaunchError, distributed_env
+from tensorpoly_ds.engine.job_env import PARENT_PID_ENV
 from tensorpoly_ds.engine.stop import REQUEUE_EXIT_CODE, STOP, stop_when_parent_dies
 
 EXIT_BUSY = 75            # EX_TEMPFAIL: try again once the other process is done
-PARENT_PID_ENV = "TPDS_PARENT_PID"   # set by `tensorpoly-ds sweep`: stop when the sweep dies
 
 # flag -> job field for the common fields; everything else via --set FIELD=VALUE (VALUE parsed as JSON)
 FLAGS = {"export": str, "method": str, "mode": str, "task": str, "seed": int, "k": int, "data": str, "out": str,

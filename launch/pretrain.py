@@ -135,7 +135,8 @@ def _run(args, cfg, data, launcher_overrides: list[str]):
     rank, world, device = dist.init_distributed()
     from tensorpoly_ds.engine.ds_config import fill_ds_config, save_json
     from tensorpoly_ds.engine.model import build_backbone, prepare_model
-    from tensorpoly_ds.engine.trainer import _seed_all, train
+    from tensorpoly_ds.engine.checkpoint import seed_all
+    from tensorpoly_ds.engine.trainer import train
 
     run_dir = Path(cfg.run.dir)
     ds_config = fill_ds_config(cfg, world)
@@ -144,7 +145,7 @@ def _run(args, cfg, data, launcher_overrides: list[str]):
             print(f"[tensorpoly-ds] accelerate launch: {' '.join(launcher_overrides)}", flush=True)
         save_run_config(cfg, run_dir / "config.yaml")
         save_json(ds_config, run_dir / "ds_config.json")
-    _seed_all(cfg.train.seed)   # identical initial weights on every rank
+    seed_all(cfg.train.seed)   # identical initial weights on every rank
     model, keepalive = build_backbone(cfg.model, vocab_size=data.vocab_size, ds_config=ds_config,
                                       precision=cfg.deepspeed.precision)
     if rank == 0 and cfg.deepspeed.zero_stage == 3:   # the backbone alone: adapters are partitioned later

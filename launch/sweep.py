@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,13 +32,12 @@ from pathlib import Path
 
 from tensorpoly_ds.adapt.spec import JobError, is_complete
 from tensorpoly_ds.adapt.table import TableError, expand_grid, read_grid, read_table, write_table
+from tensorpoly_ds.engine.job_env import REPO_ROOT, job_env
 from tensorpoly_ds.engine.stop import REQUEUE_EXIT_CODE, STOP
 from tpds_common.locking import FolderLock, LockHeld, describe, holder_if_locked
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TABLE_FILE = "jobs.jsonl"
 EXIT_BUSY = 75              # as `tensorpoly-ds adapt`: another live process holds the folder
-PARENT_PID_ENV = "TPDS_PARENT_PID"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,28 +67,6 @@ def parse_rows(spec: str | None, n: int) -> list[int]:
                 raise TableError(f"--rows: row {r} out of range 0..{n - 1}")
             out.append(r)
     return sorted(set(out))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def job_env(out: Path, worker: int, threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
-    env["MASTER_PORT"] = str(free_port())
-    # one build cache per worker slot (concurrent JIT builds clash on the lock, REFERENCE pitfall 9), under
-    # $TORCH_EXTENSIONS_DIR when set (reused across sweeps), else under the sweep directory
-    base = Path(os.environ["TORCH_EXTENSIONS_DIR"]) if os.environ.get("TORCH_EXTENSIONS_DIR") else out / ".torch_extensions"
-    env["TORCH_EXTENSIONS_DIR"] = str(base / f"worker{worker}")
-    env["OMP_NUM_THREADS"] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID"):
-        env.pop(var, None)   # a local worker is a single process; the row comes from --row
-    env[PARENT_PID_ENV] = str(os.getpid())   # the worker stops (checkpoints) if the sweep dies
-    return env
 
 
 def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], workers: int, threads: int,

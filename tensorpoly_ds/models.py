@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from transformers import AutoConfig, PretrainedConfig, T5Config
+from transformers import AutoConfig, AutoModelForSeq2SeqLM, PretrainedConfig, T5Config, T5ForConditionalGeneration
 
 # Shapes of bigscience/T0_3B (= google/t5-xl-lm-adapt) and bigscience/T0 (= t5-xxl-lm-adapt).
 KNOWN_ARCHITECTURES: dict[str, dict] = {
@@ -43,3 +43,15 @@ def resolve_config(model: str, vocab_size: int | None = None, arch_overrides: di
 
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+
+
+def build_meta_model(model: str | PretrainedConfig):
+    """The backbone with every parameter on the meta device (no storage): an architecture or Hub name, a
+    config.json or model directory, or a config."""
+    from accelerate import init_empty_weights
+
+    config = model if isinstance(model, PretrainedConfig) else resolve_config(model)
+    with init_empty_weights():
+        net = T5ForConditionalGeneration(config) if config.model_type == "t5" else AutoModelForSeq2SeqLM.from_config(config)
+    net.tie_weights()   # init_empty_weights re-creates every parameter, which unties shared embeddings
+    return net

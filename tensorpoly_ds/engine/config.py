@@ -267,7 +267,7 @@ def _check_value(value: Any, tp, key: str, origin: str) -> Any:
     raise RunConfigError(f"{origin}: key '{key}': unsupported type {tp}")  # pragma: no cover
 
 
-def _build_section(cls, data: Any, section: str, sources: dict):
+def build_section(cls, data: Any, section: str, sources: dict):
     origin = sources.get(section, "defaults")
     if not isinstance(data, dict):
         raise RunConfigError(f"{origin}: section '{section}' must be a mapping, got {type(data).__name__}")
@@ -318,7 +318,7 @@ def build_run_config(data: dict, sources: dict | None = None) -> RunConfig:
             kwargs[name] = _build_adapter(data[name], sources)
         else:
             cls = typing.get_type_hints(RunConfig)[name]
-            kwargs[name] = _build_section(cls, data[name], name, sources)
+            kwargs[name] = build_section(cls, data[name], name, sources)
     cfg = RunConfig(**kwargs)
     validate(cfg, sources)
     return cfg

@@ -12,9 +12,10 @@ from __future__ import annotations
 import atexit
 import os
 import re
-import socket
 import sys
 from typing import TYPE_CHECKING, Mapping
+
+from tpds_common.net import free_port
 
 if TYPE_CHECKING:
     import torch
@@ -74,12 +75,6 @@ def slurm_port(job_id: str, array_task_id: str | None = None) -> int:
     """A port in [PORT_BASE, PORT_BASE + PORT_SPAN) derived from the job id and array task id."""
     key = int(re.sub(r"\D", "", job_id) or 0) * 1009 + int(re.sub(r"\D", "", array_task_id or "") or 0)
     return PORT_BASE + key % PORT_SPAN
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def detect_launcher(env: Mapping[str, str]) -> str:

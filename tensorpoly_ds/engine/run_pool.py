@@ -18,7 +18,8 @@ from typing import Callable, Protocol, Sequence
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from .job_env import REPO_ROOT, job_env
+
 
 
 class Run(Protocol):
@@ -30,8 +31,6 @@ class Run(Protocol):
 
 
 def _launch(run: Run, slot: int, threads: int, scratch: Path, command: Sequence[str]) -> tuple[subprocess.Popen, object]:
-    from launch.sweep import job_env
-
     run.run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run.run_dir / "run.yaml"
     existing = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else None

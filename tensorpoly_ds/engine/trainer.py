@@ -41,7 +41,7 @@ from tensorpoly_ds.adapters.export import config_differences
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import elastic
-from .checkpoint import seed_all as _seed_all   # launchers import it from here
+from .checkpoint import seed_all
 from .stop import REQUEUE_EXIT_CODE, STOP, StopFlag  # noqa: F401  (re-exported)
 from .config import DeepSpeedSection, OptimSection, RunConfigError, TrainSection
 from .data import IGNORE_INDEX, TrainStream, collate, eval_batches
@@ -270,7 +270,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
                                                 config=ds_config)
     engine.train()
     activation_dtype = ActivationDtype(engine.module)
-    _seed_all(train.seed + 1000 * rank)   # per-rank streams (dropout, Gumbel noise); restored on resume
+    seed_all(train.seed + 1000 * rank)   # per-rank streams (dropout, Gumbel noise); restored on resume
 
     stream = TrainStream(train_rows, seed=train.seed, micro_batch=train.micro_batch, grad_accum=train.grad_accum,
                          rank=rank, world_size=world, max_input_len=max_input_len, max_target_len=max_target_len,

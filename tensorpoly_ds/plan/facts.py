@@ -17,7 +17,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def meta_model(config, adapter: AdapterConfig | None, num_tasks: int) -> nn.Module:
     """Backbone + adapters on the meta device, trainable exactly as in training (FullFT: everything)."""
-    from tensorpoly_ds.params import build_meta_model
+    from tensorpoly_ds.models import build_meta_model
 
     model = build_meta_model(config)
     if adapter is None:

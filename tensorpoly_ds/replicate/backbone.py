@@ -111,7 +111,8 @@ def train_backbone(section: BackboneSection, data_dir: Path, cache: Path, *, thr
     from data_prep.manifest import load_tokenizer, read_manifest
 
     from ..engine.config import DeepSpeedSection, OptimSection, TrainSection
-    from ..engine.trainer import _seed_all, train
+    from ..engine.checkpoint import seed_all
+    from ..engine.trainer import train
     from ..models import t5_config
 
     tok_info = read_manifest(data_dir).tokenizer
@@ -132,7 +133,7 @@ def train_backbone(section: BackboneSection, data_dir: Path, cache: Path, *, thr
     val = datasets.Dataset.from_dict(denoising_rows(tokenizer, section, section.val_size, section.seed + 1),
                                      features=features)
     torch.set_num_threads(threads)
-    _seed_all(section.seed)
+    seed_all(section.seed)
     config = t5_config(section.arch, vocab_size=int(tok_info["vocab_size"]), **section.arch_overrides)
     model = T5ForConditionalGeneration(config)
     optim = OptimSection(name="adamw", lr=section.lr, warmup_ratio=section.warmup_ratio, schedule="linear", clip=1.0)

@@ -18,7 +18,7 @@ from typing import Any
 from ..adapters import AdapterConfig, ConfigError
 from ..adapters.modes import MODES
 from ..config_keys import reject_unknown
-from ..engine.config import RunConfigError, _build_section, read_yaml
+from ..engine.config import RunConfigError, build_section, read_yaml
 
 FULLFT = "fullft"
 
@@ -226,7 +226,7 @@ _SCALARS = {f.name for f in dataclasses.fields(_TopLevel)}
 
 def _section(cls, data: Any, name: str, src: str):
     try:
-        return _build_section(cls, data, name, {name: src})
+        return build_section(cls, data, name, {name: src})
     except RunConfigError as err:
         raise ReplicateConfigError(str(err)) from None
 

@@ -4,7 +4,6 @@ not import is an error (engine_available raises JobError, see test_job.py), not 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +15,8 @@ from safetensors.torch import load_file
 from data_prep.manifest import read_manifest
 from tensorpoly_ds.adapt.job import is_complete
 from tests.adapt.conftest import ROOT
+from tpds_common.net import free_port
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def adapt_args(prepared, export, out, mode, zero):
@@ -85,9 +80,9 @@ def test_tiny_backbone_is_the_one_stage2_builds():
     from tensorpoly_ds.adapt.job import AdaptJob, build_backbone
     from tensorpoly_ds.engine.config import ModelSection
     from tensorpoly_ds.engine.model import build_backbone as engine_build
-    from tensorpoly_ds.engine.trainer import _seed_all
+    from tensorpoly_ds.engine.checkpoint import seed_all
 
-    _seed_all(42)   # what `tensorpoly-ds pretrain` does with the default train.seed before building
+    seed_all(42)   # what `tensorpoly-ds pretrain` does with the default train.seed before building
     ref, _ = engine_build(ModelSection(name_or_path="tiny"), vocab_size=130, ds_config=None, precision="fp32")
     ours = build_backbone(AdaptJob(out_dir="x", data_dir="x", task="t", method="fullft"), 130)
     a, b = ref.state_dict(), ours.state_dict()

@@ -12,7 +12,7 @@ from tensorpoly_ds.adapters import AdapterConfig, ConfigError, adapter_layers, i
 from tensorpoly_ds.adapters.peft_interop import PeftInteropError, check_exportable
 from tensorpoly_ds.engine.config import OptimSection
 from tensorpoly_ds.engine.trainer import param_groups
-from tensorpoly_ds.params import count_parameters
+from tensorpoly_ds.parameter_count import count_parameters
 from tests.adapters.test_behaviour import cfg_for
 from tests.conftest import tiny_t5
 

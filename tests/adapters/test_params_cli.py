@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tensorpoly_ds.adapters import int_root
-from tensorpoly_ds.cli import main as cli_main
+from launch.cli import main as cli_main
 
 
 def run(capsys, *args):

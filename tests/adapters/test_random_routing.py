@@ -169,7 +169,7 @@ def test_no_routing_parameters_and_config_errors():
 def test_params_cli_counts_no_routing(capsys):
     import json
 
-    from tensorpoly_ds.cli import main as cli_main
+    from launch.cli import main as cli_main
 
     assert cli_main(["params", "--model", "t0-3b", "--method", "poly", "--routing", "random", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

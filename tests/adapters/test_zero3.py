@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tensorpoly_ds.engine.distributed import free_port
+from tpds_common.net import free_port
 
 SCRIPT = Path(__file__).parent / "scripts" / "zero3_shared_routing.py"
 ROOT = Path(__file__).resolve().parents[2]

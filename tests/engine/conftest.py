@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tpds_common.net import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 130   # the embedded tokenizer of data_prep
 PRETRAIN = REPO / "launch" / "pretrain.py"
@@ -37,12 +39,6 @@ def backbone_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("backbone") / "tiny_t5"
     T5ForConditionalGeneration(t5_config("tiny", vocab_size=VOCAB)).save_pretrained(str(out))
     return out
-
-
-def free_port() -> int:
-    from tensorpoly_ds.engine.distributed import free_port as fp
-
-    return fp()
 
 
 def child_env(**extra) -> dict:

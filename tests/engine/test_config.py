@@ -116,7 +116,7 @@ def test_bad_config_fails_before_any_expensive_work(tmp_path, monkeypatch):
     assert pretrain.main(["--config", str(bad)]) == 2
     good = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
     assert pretrain.main(["--config", str(good), f"data.dir={tmp_path / 'missing'}"]) == 2
-    from tensorpoly_ds.cli import main as cli_main   # `tensorpoly-ds pretrain` dispatches here
+    from launch.cli import main as cli_main   # `tensorpoly-ds pretrain` dispatches here
 
     assert cli_main(["pretrain", "--config", str(bad)]) == 2
 

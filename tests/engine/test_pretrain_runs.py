@@ -156,7 +156,9 @@ def test_torchrun_stop_exits_124_through_the_wrapper(tmp_path, prepared_dir, bac
     from tensorpoly_ds.engine.checkpoint import list_tags, verify_tag
     from tensorpoly_ds.engine.rank_status import read_statuses
 
-    from .conftest import PRETRAIN, TINY, free_port
+    from tpds_common.net import free_port
+
+    from .conftest import PRETRAIN, TINY
 
     run_dir = tmp_path / "torchrun"
     overrides = base_overrides(backbone_dir, stage=2, micro=2) + ["train.steps=5000", "train.save_every=0",
@@ -176,7 +178,7 @@ def test_torchrun_stop_exits_124_through_the_wrapper(tmp_path, prepared_dir, bac
 
 def test_srun_style_two_ranks_zero1_match_one_rank(tmp_path, prepared_dir, backbone_dir, baseline_run):
     """Two plain python processes with only Slurm's variables (as `srun --ntasks 2` starts them)."""
-    from .conftest import free_port
+    from tpds_common.net import free_port
 
     run_dir = tmp_path / "srun"
     cmd = pretrain_cmd(run_dir, prepared_dir, base_overrides(backbone_dir, stage=1, micro=2))

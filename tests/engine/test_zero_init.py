@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import REPO, child_env, free_port
+from tpds_common.net import free_port
+
+from .conftest import REPO, child_env
 
 WORKER = Path(__file__).with_name("zero_init_worker.py")
 SEED, VOCAB = 11, 96
@@ -21,9 +23,9 @@ def build_like_pretrain(precision: str, ds_config: dict | None):
     from tensorpoly_ds.adapters import AdapterConfig
     from tensorpoly_ds.engine.config import ModelSection
     from tensorpoly_ds.engine.model import build_backbone, prepare_model
-    from tensorpoly_ds.engine.trainer import _seed_all
+    from tensorpoly_ds.engine.checkpoint import seed_all
 
-    _seed_all(SEED)
+    seed_all(SEED)
     model, _ = build_backbone(ModelSection(name_or_path="tiny"), vocab_size=VOCAB, ds_config=ds_config,
                               precision=precision)
     rng_after = torch.get_rng_state()

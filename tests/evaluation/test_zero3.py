@@ -2,21 +2,17 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tpds_common.net import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("zero3_eval_worker.py")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args, env, timeout=600):

@@ -14,7 +14,8 @@ import yaml
 from tensorpoly_ds.adapters import AdapterConfig
 from tensorpoly_ds.models import t5_config
 from tensorpoly_ds.plan import CANDIDATES, ModelFacts, Setting, Workload, estimate, recommend
-from tensorpoly_ds.plan.cli import main as plan_main, parse_size, plan, run_config, build_parser
+from launch.plan import build_parser, main as plan_main, run_config
+from tensorpoly_ds.plan.planner import parse_size, plan
 from tensorpoly_ds.plan.facts import meta_batch, meta_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +107,7 @@ def test_the_meta_model_has_the_real_models_parameters():
     """Built under accelerate.init_empty_weights (then re-tied): the same parameters as the real model."""
     from transformers import T5ForConditionalGeneration
 
-    from tensorpoly_ds.params import build_meta_model
+    from tensorpoly_ds.models import build_meta_model
 
     config = t5_config("tiny", vocab_size=300)
     meta, real = build_meta_model(config), T5ForConditionalGeneration(config)

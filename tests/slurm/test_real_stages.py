@@ -113,13 +113,13 @@ class DirectPipeline(threading.Thread):
         assert code == 0, f"direct {what} exited {code}:\n{out[-3000:]}\n{err[-5000:]}"
 
     def run(self) -> None:
-        from tensorpoly_ds.engine.distributed import free_port
+        from tpds_common.net import free_port
 
         out = self.out
         env = {**os.environ, **_env(TORCH_EXTENSIONS_DIR=str(self.ext))}
         for var in ("SLURM_CONF", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(var, None)
-        cli = [sys.executable, "-m", "tensorpoly_ds.cli"]
+        cli = [sys.executable, "-m", "launch.cli"]
         try:
             self._stage("prep", [*cli, "prep", *PREP_ARGS, "--out", str(out / "data")], env, 300)
             self._stage("pretrain", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -228,7 +228,7 @@ def test_real_pipeline_with_requeue_and_killed_task_equals_the_direct_run(jobs, 
         d.mkdir()
         (d / "grid.yaml").write_text(GRID)
     stages = ("prep", "pretrain", "sweep", "adapt", "report")
-    env = jobs.env(TPDS_CMD=f"{sys.executable} -m tensorpoly_ds.cli", **{f"TPDS_{s.upper()}_CMD": "" for s in stages},
+    env = jobs.env(TPDS_CMD=f"{sys.executable} -m launch.cli", **{f"TPDS_{s.upper()}_CMD": "" for s in stages},
                    **_env(TPDS_TORCH_EXT_SEED=str(ext), TPDS_SRUN_WAIT="120"))
     prep_args = [a for arg in [*PREP_ARGS, "--out", str(slurm_dir / "data")] for a in ("--prep-arg", arg)]
     pretrain_args = [a for arg in [f"data.dir={slurm_dir / 'data'}", f"run.dir={slurm_dir / 'pretrain'}",

@@ -7,8 +7,8 @@ import sys
 
 # name -> ("module" whose main(argv) runs it, or "module:function", one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "params": ("tensorpoly_ds.params", "count multi-task and adaptation parameters (meta device)"),
-    "plan": ("tensorpoly_ds.plan.cli", "per-GPU memory by component and the cheapest setting that fits (meta device)"),
+    "params": ("launch.params", "count multi-task and adaptation parameters (meta device)"),
+    "plan": ("launch.plan", "per-GPU memory by component and the cheapest setting that fits (meta device)"),
     "prep": ("data_prep.cli", "stage 1: P3 mixtures -> tokenised, sharded Arrow datasets"),
     "pretrain": ("launch.pretrain", "stage 2: multi-task pretraining on DeepSpeed"),
     "lr-search": ("launch.lr_search", "choose pretraining learning rates on validation loss (one short run each)"),
