@@ -274,6 +274,11 @@ def build_config(data: dict, src: str = "<dict>") -> ReplicateConfig:
         if not isinstance(data["worlds"], list) or not data["worlds"]:
             raise ReplicateConfigError(f"{src}: 'worlds' must be a non-empty list")
         worlds = [_section(World, w, f"worlds[{i}]", src) for i, w in enumerate(data["worlds"])]
+        for section, key in (("prep", "seeds"), ("backbone", "seed"), ("pretrain", "seed")):
+            if isinstance(data.get(section), dict) and key in data[section]:
+                # each world sets its own: a value here would be silently ignored
+                raise ReplicateConfigError(f"{src}: {section}.{key}: not used when 'worlds' is given (each world "
+                                           "sets its backbone_seed, pretrain_seed and seeds); remove it")
     methods = [_method(m, i, src) for i, m in enumerate(data["methods"])]
     kwargs: dict[str, Any] = {name: _section(cls, data[name], name, src) for name, cls in _SECTIONS.items()
                               if name in data}

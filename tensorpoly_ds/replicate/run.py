@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from ..adapt.job import write_json
+from tpds_common.files import atomic_write_json
 from ..adapt.table import write_table
 from ..engine.run_pool import run_pretraining
 from . import stages
@@ -45,7 +45,7 @@ def check_protocol(cfg: ReplicateConfig, out: Path) -> None:
                                    "choose another --out, or delete it to start over")
         return
     out.mkdir(parents=True, exist_ok=True)
-    write_json(path, body)
+    atomic_write_json(path, body)
 
 
 class Timer:
@@ -126,12 +126,12 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
                 "adaptation_job_mean_s": statistics.mean(job_seconds.values()) if job_seconds else None,
                 "load_average": os.getloadavg()}
 
-    write_json(stamp, timing())
+    atomic_write_json(stamp, timing())
     summary = None
     if "analyse" in want:
         with timer("analyse"):
             summary = analyse(cfg, out, backbones, exports, runs, searched, log)
-        write_json(stamp, timing())
+        atomic_write_json(stamp, timing())
     log(f"[replicate] finished in {time.monotonic() - started:.0f} s: " +
         ", ".join(f"{k} {v:.0f} s" for k, v in timer.stages.items()))
     if summary is not None and publish is not None:
@@ -310,7 +310,7 @@ def analyse(cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports
             "timings": _timings(out)}
     if len(worlds) > 1:
         body["backbones"] = {w.name: json.loads((backbones[w.name].parent / DONE_FILE).read_text()) for w in worlds}
-    write_json(res / "results.json", body)
+    atomic_write_json(res / "results.json", body)
     (res / "summary.md").write_text(summ.summary_markdown(cfg, body, variants))
     log(f"[replicate] results in {res} (summary.md, results.json, figures)")
     return body

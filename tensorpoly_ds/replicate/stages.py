@@ -57,7 +57,6 @@ def prep_all(cfg: ReplicateConfig, out: Path, log: Callable[[str], None] = print
 
 def check_no_unknown_words(directory: Path, variant: str, first: str) -> None:
     """Every token id of every prepared split is a known word (the shared tokenizer covers the variant)."""
-    import numpy as np
 
     from data_prep.manifest import load_split, read_manifest
     from data_prep.tokenizer import SPECIALS
