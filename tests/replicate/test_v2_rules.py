@@ -117,6 +117,8 @@ def test_worlds_pool_their_pairs_and_report_the_spread():
     ({"methods": [{"label": "Poly", "adapter": {"method": "poly"}, "pretrain": {"search": True}}],
       "pretrain": {}}, "no pretrain.lr_search grid"),
     ({"adapt": {"lrs": [1e-3], "max_extensions": 1}}, "at least two learning rates"),
+    ({"prep": {"seeds": [0, 1]}}, "prep.seeds: not used when 'worlds' is given"),
+    ({"pretrain": {"seed": 7}}, "pretrain.seed: not used when 'worlds' is given"),
 ])
 def test_worlds_must_not_share_seeds_and_recipes_are_checked(tmp_path, change, message):
     with pytest.raises(ReplicateConfigError) as err:
