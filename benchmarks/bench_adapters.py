@@ -338,7 +338,7 @@ def main(argv=None) -> int:
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
                 cores=os.cpu_count(), args=vars(args))
     atomic_write_text(Path(args.out), json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
     return 0
 
 

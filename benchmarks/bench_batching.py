@@ -272,7 +272,7 @@ def main(argv=None) -> int:
             print(f"{b}: {s}", flush=True)
     meta["load_average_at_end"] = os.getloadavg()
     atomic_write_text(Path(args.out), json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -188,7 +188,7 @@ def main(argv=None) -> int:
                 cores=os.cpu_count(), args=vars(args), zero3_template=template,
                 malloc={k: v for k, (_, v) in SETTINGS.items()}, load_average=os.getloadavg())
     atomic_write_text(Path(args.out), json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
     return 0 if all(r["status"] == "ok" for r in rows if r["variant"] == "shipped") else 1
 
 
