@@ -358,16 +358,26 @@ def pretraining_table(cfg: ReplicateConfig, variant: str, runs: dict, searched: 
     for entry in methods.values():
         losses = [x for x in entry["val_loss"].values() if x is not None]
         entry["mean_val_loss"] = statistics.mean(losses) if losses else None
+    return {"methods": methods, "did_not_train": did_not_train(cfg, methods)}
+
+
+def did_not_train(cfg: ReplicateConfig, methods: dict) -> dict[str, str]:
+    """{label: why} for the methods whose mean val loss exceeds untrained_factor x their reference's: the
+    task-blind reference for task-blind rows when one is set, else untrained_reference."""
+    p = cfg.pretrain
+    if p.untrained_reference is None or methods.get(p.untrained_reference, {}).get("mean_val_loss") is None:
+        return {}
     untrained = {}
-    ref = cfg.pretrain.untrained_reference
-    if ref is not None and methods.get(ref, {}).get("mean_val_loss") is not None:
-        limit = cfg.pretrain.untrained_factor * methods[ref]["mean_val_loss"]
-        for label, entry in methods.items():
-            loss = entry["mean_val_loss"]
-            if loss is None or loss > limit:
-                untrained[label] = (f"mean multi-task val loss {loss if loss is None else round(loss, 3)} > "
-                                    f"{cfg.pretrain.untrained_factor:g} x {ref}'s {methods[ref]['mean_val_loss']:.3f}")
-    return {"methods": methods, "did_not_train": untrained}
+    for label, entry in methods.items():
+        ref = p.untrained_reference
+        if p.untrained_task_blind_reference is not None and cfg.task_blind(cfg.method(label)):
+            ref = p.untrained_task_blind_reference
+        ref_loss = methods.get(ref, {}).get("mean_val_loss")
+        loss = entry["mean_val_loss"]
+        if ref_loss is not None and (loss is None or loss > p.untrained_factor * ref_loss):
+            untrained[label] = (f"mean multi-task val loss {loss if loss is None else round(loss, 3)} > "
+                                f"{p.untrained_factor:g} x {ref}'s {ref_loss:.3f}")
+    return untrained
 
 
 def _timings(out: Path) -> dict:

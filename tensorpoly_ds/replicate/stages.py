@@ -327,7 +327,8 @@ def sensitivity_dir(out: Path, cfg: ReplicateConfig, variant: str, label: str, l
 # Fields added after the first published protocol: at these values they change nothing, so they stay out of
 # protocol.json and an OUT written before they existed still resumes.
 _NEUTRAL = {("worlds",): None, ("pretrain", "lr_search"): None, ("pretrain", "untrained_reference"): None,
-            ("pretrain", "untrained_factor"): 2.0, ("pretrain", "sensitivity"): False, ("adapt", "max_extensions"): 0}
+            ("pretrain", "untrained_factor"): 2.0,
+            ("pretrain", "untrained_task_blind_reference"): None, ("pretrain", "sensitivity"): False, ("adapt", "max_extensions"): 0}
 
 
 def protocol(cfg: ReplicateConfig) -> dict:
