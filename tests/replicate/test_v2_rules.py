@@ -177,7 +177,7 @@ def test_method_recipes_and_search_world(tmp_path):
     assert cfg.search_seeds() == [0, 1] and cfg.all_seeds() == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("name", ["full.yaml", "demo.yaml", "ci.yaml"])
+@pytest.mark.parametrize("name", ["full.yaml", "ci.yaml"])
 def test_v1_protocols_are_unchanged_by_the_v2_fields(name):
     body = json.loads(json.dumps(protocol(load_config(ROOT / "configs" / "replicate" / name)), default=str))
     assert "worlds" not in body and not {"lr_search", "untrained_reference", "untrained_factor",
