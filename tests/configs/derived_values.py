@@ -66,6 +66,16 @@ def rows_digest(rows: list[dict]) -> dict:
             "first": rows[0] if rows else None, "last": rows[-1] if rows else None}
 
 
+def _run_yaml_digest(config: dict) -> str:
+    """The SHA-256 of run.yaml as replicate writes it (key order included: engine.run_pool)."""
+    import hashlib
+
+    import yaml
+
+    text = yaml.safe_dump(config, sort_keys=False).replace(str(_ROOT_NOW[0]), "<ROOT>")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _stub_export(root: Path, label: str, adapter: dict) -> Path:
     path = root / "exports" / label.replace("/", "_")
     path.mkdir(parents=True, exist_ok=True)
@@ -125,7 +135,8 @@ def replicate_values(path: Path, root: Path) -> dict:
     runs = {}
     for w in worlds:
         for label, s in (("plain", None), ("searched", searched or None)):
-            runs[f"{w.name}/{label}"] = [{"name": r.name, "run_dir": str(r.run_dir), "config": r.config}
+            runs[f"{w.name}/{label}"] = [{"name": r.name, "run_dir": str(r.run_dir), "config": r.config,
+                                          "run_yaml": _run_yaml_digest(r.config)}
                                          for r in stages.pretrain_runs(cfg, out, backbone, w, s)]
     body["pretrain_runs"] = runs
     exports: dict = {}
@@ -166,9 +177,8 @@ def _adaptation_values(cfg, out, backbone, exports, searched, stages, row_name) 
 
 
 def sweep_values(path: Path, root: Path) -> list:
-    from tensorpoly_ds.adapt.table import expand_grid, read_grid
-
     from data_prep.mixture import load_t0_tasks
+    from tensorpoly_ds.adapt.table import expand_grid, read_grid
 
     grid = read_grid(path)
     for entry in grid["methods"]:
@@ -228,7 +238,9 @@ def derived_values() -> dict:
             "replicate": {p.name: replicate_values(p, root)
                           for p in sorted((ROOT / "configs" / "replicate").glob("*.yaml"))
                           if not p.name.startswith("claims")},
-            "sweep": {p.name: sweep_values(p, root) for p in sorted((ROOT / "configs" / "sweep").glob("*.yaml"))},
+            "sweep": {f"{p.parent.name}/{p.name}": sweep_values(p, root)
+                      for p in sorted([*(ROOT / "configs" / "sweep").glob("*.yaml"),
+                                       *(ROOT / "configs" / "diagnosis").glob("*.yaml")])},
             "run_configs": run_config_values(),
             "adapt_commands": adapt_command_values(),
             "prep_commands": prep_command_values(),
