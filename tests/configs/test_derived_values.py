@@ -22,11 +22,11 @@ def _differences(old, new, path="") -> list[str]:
 
 
 def test_every_derived_value_is_unchanged():
-    """Mutations seen caught: `clip: 1.0` -> `clip: 1` in replicate.stages.run_config (an int where a float
-    was: `.replicate[...].pretrain_runs...optim.clip: 1.0 -> 1`), `float(value)` dropped for float fields in
-    the engine's value check (`.run_configs[...].optim.lr` int), `protocol()` keeping `workers`
-    (`.replicate[...].protocol.workers: '<missing>' -> 2`), `--set` values parsed by plain YAML 1.1
-    (`lr=1e-3` stays the string '1e-3': `.adapt_commands[2].lr`)."""
+    """Mutations seen caught (each by monkeypatching the code, then this comparison): the clip of
+    PRETRAIN_RUN_CONFIG as Fixed(1) instead of Fixed(1.0) (273 differences, e.g. `...pretrain_runs...optim.clip:
+    1.0 -> 1` and the run.yaml digest), float fields no longer converted from ints by the machinery
+    (`.run_configs.base_t0_3b.yaml.config.train.max_minutes: 0.0 -> 0`), protocol() keeping `workers`
+    (`.replicate.ci.yaml.protocol.workers: '<missing>' -> 2`)."""
     expected = json.loads(FIXTURE.read_text())
     found = derived_values()
     diffs = _differences(expected, found)

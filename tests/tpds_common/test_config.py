@@ -81,14 +81,16 @@ def test_values_are_converted_only_where_exact():
 
 
 def test_a_nested_key_is_named_by_the_file_that_set_it(tmp_path):
-    """Files merge key by key; an error in a key names the file that set that key, not the last file.
-    Mutation seen caught: deep_merge recording the origin only for top-level keys (the error named b.yaml)."""
-    a = _write(tmp_path / "a.yaml", {"train": {"steps": "many", "lr": 0.1}})
-    b = _write(tmp_path / "b.yaml", {"train": {"lr": 0.2}, "other": {"x": 1}})
+    """Files merge key by key; an error in a key names the file that set that key last, not the file that
+    created its section. Mutations seen caught: deep_merge not recording the origin of a replaced nested key
+    (the error named a.yaml), build naming the section's origin for every value (a.yaml)."""
+    a = _write(tmp_path / "a.yaml", {"train": {"steps": 5, "lr": 0.1}})
+    b = _write(tmp_path / "b.yaml", {"train": {"steps": "many"}, "other": {"x": 1}})
     sources: dict = {}
     data = load_files([a, b], sources)
-    assert data == {"train": {"steps": "many", "lr": 0.2}, "other": {"x": 1}}
-    with pytest.raises(ConfigError, match=rf"^{re.escape(str(a))}: key 'train.steps' = 'many': expected an integer"):
+    assert data == {"train": {"steps": "many", "lr": 0.1}, "other": {"x": 1}}
+    assert (sources["train.lr"], sources["train.steps"], sources["other.x"]) == (str(a), str(b), str(b))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(b))}: key 'train.steps' = 'many': expected an integer"):
         build(Train, data["train"], "train", sources)
 
 
