@@ -14,9 +14,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from tpds_common.config import apply_override, build, read_yaml, reject_unknown
+from tpds_common.config import apply_override, apply_overrides, build, read_yaml, reject_unknown
 
 from ..adapters import AdapterConfig, ConfigError
 from ..adapters.modes import MODES
@@ -513,7 +513,10 @@ def _check_run_config(overrides: Any, where: str) -> None:
         build(sections[name], body, name, sources, ReplicateConfigError)
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> ReplicateConfig:
+def load_config(path: str | Path, overrides: dict | None = None, sets: Sequence[str] = ()) -> ReplicateConfig:
+    """The config of `path`, its top-level keys replaced by `overrides`, then the dotted `key=value` of `sets`
+    (e.g. adapt.steps=2; tpds_common.config), validated."""
     data = read_yaml(path, ReplicateConfigError)
     data.update(overrides or {})
+    apply_overrides(data, sets, {}, ReplicateConfigError)
     return build_config(data, str(path))

@@ -33,3 +33,20 @@ def test_bad_overrides_are_refused_naming_the_field(items, message):
     """Mutation seen caught: AdaptJob.from_dict without check_fields (steps='many' and lr='yes' accepted)."""
     with pytest.raises(JobError, match=message):
         _job(*items)
+
+
+def test_sweep_grid_takes_dotted_overrides(tmp_path):
+    """`tensorpoly-ds sweep --grid g.yaml base.steps=3 seeds=[7]`. Mutation seen caught: the overrides not
+    applied to the grid (steps 1000, seeds 0, 1024, 42)."""
+    import json
+
+    import yaml
+
+    from launch.sweep import main
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"base": {"data_dir": "d"}, "methods": [{"label": "F", "method": "fullft"}],
+                                    "tasks": ["t"]}))
+    assert main(["--grid", str(grid), "--out", str(tmp_path / "o"), "--expand-only", "base.steps=3", "seeds=[7]"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "o" / "jobs.jsonl").read_text().splitlines()]
+    assert [(r["job"]["steps"], r["job"]["seed"]) for r in rows] == [(3, 7)]

@@ -49,6 +49,18 @@ def test_embedded_run_config_keys_reach_the_run_config_and_the_protocol(tmp_path
     ([1], r"r\.yaml: key 'pretrain\.run_config' = \[1\]: expected a dict, got list"),
 ])
 def test_embedded_run_config_keys_are_checked_against_the_run_config(tmp_path, run_config, message):
-    """Mutation seen caught: _check_run_config not called for pretrain.run_config (nothing was refused)."""
+    """Mutation seen caught: _check_run_config not called for pretrain.run_config (the bad keys and values were
+    accepted; only the list was still refused, by its type)."""
     with pytest.raises(ReplicateConfigError, match=message):
         _load(tmp_path, run_config=run_config)
+
+
+def test_dotted_overrides_of_a_replicate_config(tmp_path):
+    """`tensorpoly-ds replicate --config r.yaml adapt.steps=2`: the same dotted overrides as every config.
+    Mutation seen caught: load_config ignoring `sets` (steps stayed 60)."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    assert load_config(path, sets=["adapt.steps=2", "adapt.lrs=[1e-3]"]).adapt.lrs == [1e-3]
+    assert load_config(path, sets=["adapt.steps=2"]).adapt.steps == 2
+    with pytest.raises(ReplicateConfigError, match=r"r\.yaml: unknown key 'adapt\.stepz'; valid keys in 'adapt'"):
+        load_config(path, sets=["adapt.stepz=2"])
