@@ -58,3 +58,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, default: Callable[[Any]
                       indent: int | None = 2, sort_keys: bool = True, fsync: bool = True) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n",
                       fsync=fsync)
+
+
+def read_text(path: str | os.PathLike, error: type[Exception], what: str = "file") -> str:
+    """The file's text; a missing or unreadable file raises `error` (a UserError class) naming it, so the
+    entry point reports one line instead of an OSError traceback."""
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{path}: cannot read the {what} ({getattr(err, 'strerror', None) or err})") from None

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tpds_common.errors import BusyError, ConfigError
+
 from ..config_keys import reject_unknown
 
 RESULT_FILE = "result.json"
@@ -21,11 +23,11 @@ FULLFT = "fullft"
 RESULT_FORMAT = 1
 
 
-class JobError(ValueError):
+class JobError(ConfigError):
     """The job description is invalid or does not fit the data / export."""
 
 
-class JobBusy(JobError):
+class JobBusy(JobError, BusyError):
     """Another live process holds the job's folder (its lock)."""
 
 

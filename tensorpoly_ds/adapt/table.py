@@ -9,14 +9,17 @@ import os
 import re
 from pathlib import Path
 
+from tpds_common.errors import ConfigError
+from tpds_common.files import read_text
+
 from ..config_keys import reject_unknown
 from .spec import AdaptJob, FULLFT, JobError
 
 ROUTED = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")
 
 
-class TableError(ValueError):
-    pass
+class TableError(ConfigError):
+    """A grid or job table is invalid or unreadable; the message names the file and the row or key."""
 
 
 def _slug(text: str) -> str:
@@ -24,13 +27,19 @@ def _slug(text: str) -> str:
 
 
 def read_grid(path: str | os.PathLike) -> dict:
-    text = Path(path).read_text()
+    text = read_text(path, TableError, "grid")
     if str(path).endswith((".yaml", ".yml")):
         import yaml
 
-        grid = yaml.safe_load(text)
+        try:
+            grid = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise TableError(f"{path}: not valid YAML ({err})") from None
     else:
-        grid = json.loads(text)
+        try:
+            grid = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TableError(f"{path}: not JSON ({err})") from None
     if not isinstance(grid, dict):
         raise TableError(f"{path}: a grid is a mapping with 'methods', 'modes', 'tasks', 'seeds' (and 'base')")
     return grid
@@ -140,7 +149,7 @@ def write_table(path: str | os.PathLike, rows: list[dict]) -> Path:
 
 def read_table(path: str | os.PathLike) -> list[dict]:
     rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, TableError, "job table").splitlines(), 1):
         if not line.strip():
             continue
         try:

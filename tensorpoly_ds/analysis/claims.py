@@ -20,6 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from tpds_common.errors import ConfigError
+
 from ..config_keys import reject_unknown
 
 EXPECTS = ("greater", "less", "equal")
@@ -28,7 +30,7 @@ RANDOM_FLIPS = 10_000
 BOOTSTRAP_RESAMPLES = 10_000
 
 
-class ClaimsError(ValueError):
+class ClaimsError(ConfigError):
     """Bad claims file or inconsistent scores; the message names the file, key or the missing pairs."""
 
 

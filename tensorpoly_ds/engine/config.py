@@ -25,11 +25,12 @@ import yaml
 
 from tensorpoly_ds.adapters import AdapterConfig
 from tensorpoly_ds.adapters import ConfigError as AdapterConfigError
+from tpds_common.errors import ConfigError
 
 from .data import BATCHINGS
 
 
-class RunConfigError(ValueError):
+class RunConfigError(ConfigError):
     """A run configuration is invalid; the message names the key and where it came from."""
 
 

@@ -23,7 +23,7 @@ from ..engine.config import RunConfigError, build_section, read_yaml
 FULLFT = "fullft"
 
 
-class ReplicateConfigError(ValueError):
+class ReplicateConfigError(ConfigError):
     """The replicate config is invalid; the message names the file and the key."""
 
 
