@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, DataError, OutputBusy
+from tpds_common.errors import EXIT_OK
+
 from .mixture import mixture_names
 from .pipeline import DEFAULT_SEEDS, PrepConfig, build
 from .sources import SOURCE_KINDS
@@ -22,9 +23,12 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
 
+PROG = "python -m data_prep"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m data_prep",
+        prog=PROG,
         description="Tokenise a P3-style mixture into sharded Arrow splits plus a manifest.")
     # No `choices=` on mixture/source: our own error lists the valid names and also covers local:PATH.
     p.add_argument("--mixture", required=True, help=f"one of: {', '.join(mixture_names())}")
@@ -65,13 +69,8 @@ def config_from_args(ns: argparse.Namespace) -> PrepConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad data or arguments raise DataError / ConfigError (exit 2), a DIR held by another prep with
+    --no-wait OutputBusy (75, like every stage's "folder in use"): the caller maps them, report_user_errors."""
     ns = parser().parse_args(argv)
-    try:
-        build(config_from_args(ns), log=lambda msg: print(msg, file=sys.stderr))
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OutputBusy as e:   # 75 (EX_TEMPFAIL) like every other stage's "folder in use": try again later
-        print(f"error: {e}", file=sys.stderr)
-        return 75
-    return 0
+    build(config_from_args(ns), log=lambda msg: print(msg, file=sys.stderr))
+    return EXIT_OK

@@ -16,12 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from tpds_common.errors import EXIT_OK, report_user_errors
+
+PROG = "tensorpoly-ds demo"
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "replicate" / "demo.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tensorpoly-ds demo", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="everything goes below this folder (default: runs/demo)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="replicate config (default: configs/replicate/demo.yaml)")
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = ["--config", args.config, "--out", args.out] + (["--workers", str(args.workers)] if args.workers else [])
     code = replicate_main(cmd)
     summary = Path(args.out) / "results" / "summary.md"
-    if code == 0 and summary.is_file():
+    if code == EXIT_OK and summary.is_file():
         text = summary.read_text()
         # the headline: the first Table 1 and the claim table that follows it
         start = text.find("### Table 1 analogue")
@@ -47,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors(PROG, main))
