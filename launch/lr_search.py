@@ -9,8 +9,8 @@ only); a choice at the edge of its grid extends the grid (tensorpoly_ds/engine/l
 OUT/lr_search.json holds every candidate's loss and the choice; rerunning the command reuses finished
 candidates. Each candidate is launched as `--launcher` (default: this Python, `-m launch.pretrain`) plus
 `--config OUT/runs/<candidate>/run.yaml --resume auto`, e.g. `--launcher "srun python -m launch.pretrain"` inside
-an allocation, `--workers` at a time. Exit status (tpds_common.errors): 0 done, 1 a candidate failed (one line naming it)
-or a bug (a traceback), 2 bad config or arguments.
+an allocation, `--workers` at a time. Exit status (tpds_common.errors): 0 done, 1 a candidate failed (one line
+naming it) or a bug (a traceback), 2 bad config or arguments.
 """
 
 from __future__ import annotations

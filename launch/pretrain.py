@@ -6,9 +6,9 @@
 Runs under `deepspeed`, `torchrun`, `srun` or plain `python` (one process). Exit status (tpds_common.errors):
 0 done, 1 a bug (a traceback), 2 bad config, arguments or data (nothing started) or no usable checkpoint,
 124 stopped by SIGUSR1/SIGTERM/SIGINT or the time budget after writing a checkpoint ("requeue me": rerun the
-same command with --resume auto), 75 another live run holds run.dir. Each rank records its exit reason in RUN_DIR/status/rank<r>.json; torchrun turns a rank's 124 into
-its own exit 1, so under torchrun use `python -m launch.torchrun` (same arguments), which maps "every rank
-says requeue" back to 124.
+same command with --resume auto), 75 another live run holds run.dir. Each rank records its exit reason in
+RUN_DIR/status/rank<r>.json; torchrun turns a rank's 124 into its own exit 1, so under torchrun use
+`python -m launch.torchrun` (same arguments), which maps "every rank says requeue" back to 124.
 """
 
 from __future__ import annotations
