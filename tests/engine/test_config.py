@@ -216,8 +216,7 @@ def test_a_checkpoint_error_in_the_run_is_reported_once_with_exit_2(rank, tmp_pa
     """A CheckpointError from the collective resume checks reaches every rank with the same verdict: each rank
     records exit 2 in its status file, rank 0 alone prints the one line; a bug records exit 1 and keeps its
     traceback. Mutations tried: the `rank != 0` early return removed (rank 1 prints the line too: fails);
-    write_status with EXIT_FAILED for user errors (the status says 1: fails); `except UserError` narrowed
-    back to nothing (the bug case is unchanged, the CheckpointError case records exit 1: fails)."""
+    write_status with EXIT_FAILED for user errors (the status says 1: both ranks fail)."""
     import json
 
     import launch.pretrain as pretrain
