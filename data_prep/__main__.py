@@ -1,5 +1,7 @@
 import sys
 
-from .cli import main
+from tpds_common.errors import report_user_errors
 
-sys.exit(main())
+from .cli import PROG, main
+
+sys.exit(report_user_errors(PROG, main))

@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, DataError, OutputBusy
+from tpds_common.errors import EXIT_OK
+
 from .mixture import mixture_names
 from .pipeline import PrepConfig, build, load_prep_config
 from .sources import SOURCE_KINDS
@@ -22,10 +23,13 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
 
+PROG = "python -m data_prep"
+
+
 def parser() -> argparse.ArgumentParser:
     # Flags default to "not given" (SUPPRESS): PrepConfig's defaults apply, and a flag given wins over --config.
     p = argparse.ArgumentParser(
-        prog="python -m data_prep", argument_default=argparse.SUPPRESS,
+        prog=PROG, argument_default=argparse.SUPPRESS,
         description="Tokenise a P3-style mixture into sharded Arrow splits plus a manifest.")
     p.add_argument("--config", action="append", default=[], type=Path,
                    help="YAML file of PrepConfig fields (mixture, source, out, num_shards, ...); several merge in "
@@ -72,13 +76,8 @@ def config_from_args(ns: argparse.Namespace) -> PrepConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad data or arguments raise DataError / ConfigError (exit 2), a DIR held by another prep with
+    --no-wait OutputBusy (75, like every stage's "folder in use"): the caller maps them, report_user_errors."""
     ns = parser().parse_args(argv)
-    try:
-        build(config_from_args(ns), log=lambda msg: print(msg, file=sys.stderr))
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OutputBusy as e:   # 75 (EX_TEMPFAIL) like every other stage's "folder in use": try again later
-        print(f"error: {e}", file=sys.stderr)
-        return 75
-    return 0
+    build(config_from_args(ns), log=lambda msg: print(msg, file=sys.stderr))
+    return EXIT_OK

@@ -1,13 +1,17 @@
 """Exceptions raised by data preparation.
 
 Two kinds, because callers treat them differently: a DataError points at bad data (file,
-config, row, field); a ConfigError points at a bad command line (unknown names, conflicting
-options, an existing output directory, a missing config). Both end the CLI with exit 2.
-Both survive pickling, so a worker process can raise them and the parent reports them intact.
+config, row, field); a ConfigError (tpds_common's) points at a bad command line (unknown names,
+conflicting options, an existing output directory, a missing config). Both are tpds_common user errors:
+the CLI reports them in one line with exit 2 (OutputBusy: 75). Both survive pickling, so a worker
+process can raise them and the parent reports them intact.
 """
 
+from tpds_common.errors import BusyError, ConfigError
+from tpds_common.errors import DataError as UserDataError
 
-class DataError(ValueError):
+
+class DataError(UserDataError):
     """A source record is malformed. The message names file, config, row and field."""
 
     def __init__(self, reason: str, origin: str, config: str, row: int, field: str, detail: str):
@@ -40,15 +44,11 @@ class ReadError(DataError):
         return (self.__class__, (self.origin, self.config, self.where, self.detail, self.reason))
 
 
-class ConfigError(ValueError):
-    """The requested preparation cannot run as specified (unknown names, bad options, existing DIR)."""
-
-
 def unknown_name(kind: str, name: str, valid) -> ConfigError:
     valid = sorted(valid)
     shown = ", ".join(valid[:40]) + (f", ... ({len(valid)} in total)" if len(valid) > 40 else "")
     return ConfigError(f"unknown {kind} {name!r}; valid {kind}s: {shown}")
 
 
-class OutputBusy(RuntimeError):
+class OutputBusy(BusyError):
     """Another live prep holds the output folder and --no-wait was given (CLI exit 75, like every stage)."""

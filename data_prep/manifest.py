@@ -5,13 +5,15 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from tpds_common.errors import DataError
+
 from .writer import MANIFEST
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)   # 2 adds `sources` and `skipped.empty`; splits are read the same way
 
 
-class ManifestError(ValueError):
+class ManifestError(DataError):
     """DIR/manifest.json is missing, unreadable or not in the expected format."""
 
 

@@ -16,6 +16,8 @@ from pathlib import PurePosixPath
 
 import yaml
 
+from tpds_common.errors import DataError
+
 from .readers import DATA_KINDS_BY_EXT, SplitFiles
 
 README = "README.md"
@@ -32,7 +34,7 @@ def front_matter(text: str | None) -> dict:
     try:
         meta = yaml.safe_load(text[3:end])
     except yaml.YAMLError as e:
-        raise ValueError(f"{README}: invalid YAML front matter ({e})") from None
+        raise DataError(f"{README}: invalid YAML front matter ({e})") from None
     return meta if isinstance(meta, dict) else {}
 
 

@@ -26,12 +26,14 @@ from typing import BinaryIO, Iterator
 
 import google_crc32c
 
+from tpds_common.errors import DataError
+
 _MASK_DELTA = 0xA282EAD8
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
 
-class TFRecordError(ValueError):
+class TFRecordError(DataError):
     """A TFRecord file or an Example in it is malformed. `record` is the 0-based record index."""
 
     def __init__(self, path, record: int, offset: int, detail: str):

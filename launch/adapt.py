@@ -4,10 +4,12 @@
     tensorpoly-ds adapt --job-table runs/sweep/jobs.jsonl --row 7          # what a Slurm array task runs
     tensorpoly-ds adapt --job-table runs/sweep/jobs.jsonl                  # row = $SLURM_ARRAY_TASK_ID
 
-Exit status: 0 done (or already complete), 1 failed (OUT/result.json has the error), 2 bad arguments or a
-job the launcher's ranks cannot run (refused before anything is imported or started), 75 another live
-process holds the job folder, 124 stopped by SIGTERM/SIGINT/SIGUSR1 after checkpointing in OUT (rerun to
-resume), 130 aborted by a second Ctrl-C (no checkpoint).
+Exit status (tpds_common.errors): 0 done (or already complete), 1 failed with a bug (a traceback; OUT/result.json
+has the error), 2 bad input: arguments, a job the launcher's ranks cannot run (refused before anything is
+imported or started), or data, an export or a checkpoint found unusable during the job (one line;
+OUT/result.json has it too), 75 another live process holds the job folder, 124 stopped by
+SIGTERM/SIGINT/SIGUSR1 after checkpointing in OUT (rerun to resume), 130 aborted by a second Ctrl-C (no
+checkpoint).
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ import os
 import sys
 
 # Light imports only up to the pre-checks (no torch): an impossible job is refused in well under a second.
+from tensorpoly_ds.adapt.spec import AdaptJob, JobError
 from tpds_common.config import apply_overrides
-from tensorpoly_ds.adapt.spec import AdaptJob, JobBusy, JobError
 from tensorpoly_ds.adapt.table import TableError, table_job
-from tensorpoly_ds.engine.distributed import LaunchError, distributed_env
+from tensorpoly_ds.engine.distributed import distributed_env
 from tensorpoly_ds.engine.job_env import PARENT_PID_ENV
-from tensorpoly_ds.engine.stop import REQUEUE_EXIT_CODE, STOP, stop_when_parent_dies
+from tensorpoly_ds.engine.stop import STOP, stop_when_parent_dies
+from tpds_common.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_REQUEUE, report_user_errors
+from tpds_common.files import read_text
 
-EXIT_BUSY = 75            # EX_TEMPFAIL: try again once the other process is done
+PROG = "tensorpoly-ds adapt"
 
 # flag -> job field for the common fields; everything else via --set FIELD=VALUE (VALUE parsed as YAML, so JSON
 # works too; tpds_common.config)
@@ -36,7 +40,7 @@ RENAME = {"data": "data_dir", "out": "out_dir"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tensorpoly-ds adapt", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     src = p.add_argument_group("job source (one of)")
     src.add_argument("--job-table", help="JSON Lines job table written by `tensorpoly-ds sweep`")
     src.add_argument("--row", type=int, help="row of --job-table (default: $SLURM_ARRAY_TASK_ID)")
@@ -61,8 +65,8 @@ def resolve_job(args) -> AdaptJob:
         row = args.row
         if row is None:
             env = os.environ.get("SLURM_ARRAY_TASK_ID")
-            if env is None:
-                raise TableError("--job-table needs --row (or $SLURM_ARRAY_TASK_ID)")
+            if env is None or not env.strip().isdigit():
+                raise TableError(f"--job-table needs --row (or $SLURM_ARRAY_TASK_ID, a row number; got {env!r})")
             row = int(env)
         job = table_job(args.job_table, row)
         if not args.set and not launcher:
@@ -71,7 +75,7 @@ def resolve_job(args) -> AdaptJob:
     else:
         data = {}
         if args.job:
-            data = json.loads(open(args.job).read())
+            data = _read_job_file(args.job)
         for name in FLAGS:
             value = getattr(args, name)
             if value is not None:
@@ -81,6 +85,16 @@ def resolve_job(args) -> AdaptJob:
     # mapping field (adapter.rank=2)
     apply_overrides(data, args.set, {}, JobError, label="--set")
     return AdaptJob.from_dict(data, source="command line")
+
+
+def _read_job_file(path: str) -> dict:
+    try:
+        data = json.loads(read_text(path, JobError, "--job file"))
+    except json.JSONDecodeError as err:
+        raise JobError(f"--job {path}: not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise JobError(f"--job {path}: expected a JSON object of job fields, got {type(data).__name__}")
+    return data
 
 
 def check_world(job: AdaptJob, env=None) -> None:
@@ -108,30 +122,21 @@ def _main(argv: list[str] | None) -> int:
     if os.environ.get(PARENT_PID_ENV):
         stop_when_parent_dies(int(os.environ[PARENT_PID_ENV]))
     args = build_parser().parse_args(argv)
-    try:
-        job = resolve_job(args)
-        if not args.print_job:
-            check_world(job)
-    except (JobError, TableError, LaunchError, OSError, ValueError) as err:
-        print(f"tensorpoly-ds adapt: {err}", file=sys.stderr)
-        return 2
+    job = resolve_job(args)
     if args.print_job:
         print(json.dumps(job.to_dict(), indent=2, sort_keys=True))
-        return 0
+        return EXIT_OK
+    check_world(job)
     from tensorpoly_ds.adapt.job import run_job
 
+    # A failure is recorded in OUT/result.json (status failed) by run_job, then reported by
+    # report_user_errors: one line for a user error (JobBusy: 75), a traceback for a bug.
     try:
         result = run_job(job, force=args.force)
-    except JobBusy as err:
-        print(f"tensorpoly-ds adapt: {err}", file=sys.stderr)
-        return EXIT_BUSY
     except KeyboardInterrupt:
         print("tensorpoly-ds adapt: aborted (second Ctrl-C) without a checkpoint; the job will rerun from scratch",
               file=sys.stderr)
-        return 130
-    except Exception as err:  # the failure is recorded in OUT/result.json (status failed)
-        print(f"tensorpoly-ds adapt: job {job.out_dir} failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+        return EXIT_INTERRUPTED
     import torch.distributed as dist
 
     main_rank = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -139,11 +144,11 @@ def _main(argv: list[str] | None) -> int:
         if main_rank:
             print(f"tensorpoly-ds adapt: stopped ({result['signal']}) at {result['stopped']['phase']} step "
                   f"{result['stopped']['step']}; checkpoint in {job.out_dir}: rerun to resume", file=sys.stderr)
-        return REQUEUE_EXIT_CODE
+        return EXIT_REQUEUE
     if main_rank:
         print(json.dumps({"out_dir": job.out_dir, "final": result["final"], "best": result["best"]}))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors(PROG, main))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from tpds_common.errors import EXIT_OK, EXIT_USAGE, report_user_errors
+
 # name -> ("module" whose main(argv) runs it, or "module:function", one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "params": ("launch.params", "count multi-task and adaptation parameters (meta device)"),
@@ -32,14 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
-        return 0
+        return EXIT_OK
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"tensorpoly-ds: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     module_name, _, function = SUBCOMMANDS[name][0].partition(":")
     entry = getattr(importlib.import_module(module_name), function or "main")
-    return int(entry(rest) or 0)
+    # The one place that maps errors to exit codes (tpds_common.errors): a UserError is one line and its
+    # code, anything else a bug with its traceback.
+    return report_user_errors(f"tensorpoly-ds {name}", lambda args: int(entry(args) or 0), rest)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from tpds_common.errors import EXIT_OK, report_user_errors
+
+PROG = "tensorpoly-ds demo"
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "replicate" / "demo.yaml"
 # the headline ends at the first of these sections after Table 1 (the rest is in summary.md)
@@ -24,7 +27,7 @@ HEADLINE_ENDS = ("### Spread across worlds", "### Multi-task pretraining", "### 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tensorpoly-ds demo", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="everything goes below this folder (default: runs/demo)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="replicate config (default: configs/replicate/demo.yaml)")
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = ["--config", args.config, "--out", args.out] + (["--workers", str(args.workers)] if args.workers else [])
     code = replicate_main(cmd)
     summary = Path(args.out) / "results" / "summary.md"
-    if code == 0 and summary.is_file():
+    if code == EXIT_OK and summary.is_file():
         text = summary.read_text()
         # the headline: the first Table 1 and the claim table that follows it
         start = text.find("### Table 1 analogue")
@@ -50,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors(PROG, main))

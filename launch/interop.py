@@ -16,6 +16,8 @@ from pathlib import Path
 if __package__ in (None, ""):   # `python launch/interop.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tpds_common.errors import EXIT_OK  # noqa: E402
+
 FORMATS = ("peft",)
 
 
@@ -43,24 +45,20 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def run(command: str, argv: list[str] | None) -> int:
     args = build_parser(command).parse_args(argv)
-    from tensorpoly_ds.adapters import ConfigError, ExportError
-    from tensorpoly_ds.adapters.peft_interop import PeftInteropError, export_to_peft, import_from_peft
+    from tensorpoly_ds.adapters.peft_interop import export_to_peft, import_from_peft
 
-    try:
-        if command == "export":
-            out, notes = export_to_peft(args.adapter, args.out, base_model=args.base_model,
-                                        inference_only=args.inference_only, overwrite=args.force)
-            for note in notes:
-                print(f"tensorpoly-ds export: note: {note}", file=sys.stderr)
-        else:
-            tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-            out = import_from_peft(args.adapter, args.out, base_model=args.base_model, tasks=tasks,
-                                   inference_only=args.inference_only, overwrite=args.force)
-    except (PeftInteropError, ExportError, ConfigError, OSError) as err:
-        print(f"tensorpoly-ds {command}: {err}", file=sys.stderr)
-        return 2
+    # what cannot map (PeftInteropError, ExportError, ConfigError) is a UserError: exit 2, one line
+    if command == "export":
+        out, notes = export_to_peft(args.adapter, args.out, base_model=args.base_model,
+                                    inference_only=args.inference_only, overwrite=args.force)
+        for note in notes:
+            print(f"tensorpoly-ds export: note: {note}", file=sys.stderr)
+    else:
+        tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+        out = import_from_peft(args.adapter, args.out, base_model=args.base_model, tasks=tasks,
+                               inference_only=args.inference_only, overwrite=args.force)
     print(out)
-    return 0
+    return EXIT_OK
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -69,3 +67,4 @@ def export_main(argv: list[str] | None = None) -> int:
 
 def import_main(argv: list[str] | None = None) -> int:
     return run("import", argv)
+

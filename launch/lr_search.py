@@ -9,7 +9,8 @@ only); a choice at the edge of its grid extends the grid (tensorpoly_ds/engine/l
 OUT/lr_search.json holds every candidate's loss and the choice; rerunning the command reuses finished
 candidates. Each candidate is launched as `--launcher` (default: this Python, `-m launch.pretrain`) plus
 `--config OUT/runs/<candidate>/run.yaml --resume auto`, e.g. `--launcher "srun python -m launch.pretrain"` inside
-an allocation, `--workers` at a time. Exit status: 0 done, 1 a candidate failed, 2 bad config or arguments.
+an allocation, `--workers` at a time. Exit status (tpds_common.errors): 0 done, 1 a candidate failed (one line
+naming it) or a bug (a traceback), 2 bad config or arguments.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from pathlib import Path
 if __package__ in (None, ""):   # `python launch/lr_search.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tpds_common.errors import EXIT_OK, report_user_errors  # noqa: E402
+
+PROG = "tensorpoly-ds lr-search"
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -32,7 +37,7 @@ def _floats(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tensorpoly-ds lr-search", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], required=True,
                    help="YAML run config; repeat to compose (later wins), as for `tensorpoly-ds pretrain`")
@@ -55,34 +60,27 @@ def main(argv: list[str] | None = None) -> int:
     from tensorpoly_ds.engine.lr_search import LrSearchError, LrSearchSection, search
     from tensorpoly_ds.engine.run_pool import run_pretraining
 
-    try:
-        if args.workers < 1:
-            raise LrSearchError(f"--workers {args.workers}: must be >= 1")
-        cfg = load_run_config(args.config, args.overrides)   # the whole config is checked before any run
-        if not cfg.data.dir:
-            raise RunConfigError("key 'data.dir' is empty: set it to a prepared data directory")
-        spec = LrSearchSection(module_lrs=args.module_lrs, routing_lrs=args.routing_lrs, steps=args.steps,
-                               max_extensions=args.max_extensions)
-        spec.validate("tensorpoly-ds lr-search")
-        base = cfg.to_dict()
-        # the candidate runs start in the repository root: paths given relative to here must still resolve
-        base["data"]["dir"] = str(Path(cfg.data.dir).resolve())
-        if Path(cfg.model.name_or_path).exists():
-            base["model"]["name_or_path"] = str(Path(cfg.model.name_or_path).resolve())
-        command = shlex.split(args.launcher) if args.launcher else None
-        threads = max(1, (os.cpu_count() or 1) // args.workers)
-        out = Path(args.out).resolve()
-        result = search(base, spec, out,
-                        lambda runs: run_pretraining(runs, out, args.workers, threads, command=command))
-    except (RunConfigError, LrSearchError) as err:
-        print(f"tensorpoly-ds lr-search: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f"tensorpoly-ds lr-search: {err}", file=sys.stderr)
-        return 1
+    # the whole config is checked before any run (exit 2); a failed candidate run is JobFailed (exit 1)
+    if args.workers < 1:
+        raise LrSearchError(f"--workers {args.workers}: must be >= 1")
+    cfg = load_run_config(args.config, args.overrides)
+    if not cfg.data.dir:
+        raise RunConfigError("key 'data.dir' is empty: set it to a prepared data directory")
+    spec = LrSearchSection(module_lrs=args.module_lrs, routing_lrs=args.routing_lrs, steps=args.steps,
+                           max_extensions=args.max_extensions)
+    spec.validate(PROG)
+    base = cfg.to_dict()
+    # the candidate runs start in the repository root: paths given relative to here must still resolve
+    base["data"]["dir"] = str(Path(cfg.data.dir).resolve())
+    if Path(cfg.model.name_or_path).exists():
+        base["model"]["name_or_path"] = str(Path(cfg.model.name_or_path).resolve())
+    command = shlex.split(args.launcher) if args.launcher else None
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    out = Path(args.out).resolve()
+    result = search(base, spec, out, lambda runs: run_pretraining(runs, out, args.workers, threads, command=command))
     print(f"[lr-search] chosen: {result['chosen']} (run {result['chosen_run']}); {out / 'lr_search.json'}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors(PROG, main))

@@ -11,6 +11,9 @@ from tensorpoly_ds.adapters import AdapterConfig
 from tensorpoly_ds.adapters.config import METHODS, ROUTINGS
 from tensorpoly_ds.models import KNOWN_ARCHITECTURES
 from tensorpoly_ds.parameter_count import count_parameters, format_table
+from tpds_common.errors import EXIT_OK, report_user_errors
+
+PROG = "tensorpoly-ds params"
 
 # flag -> AdapterConfig field; unset flags keep the AdapterConfig (or run config) value
 ADAPTER_FLAGS: dict[str, tuple[str, dict]] = {
@@ -44,7 +47,7 @@ def adapter_fields(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tensorpoly-ds params",
+    p = argparse.ArgumentParser(prog=PROG,
                                 description="Count multi-task and adaptation parameters of an adapter configuration "
                                             "on the meta device (nothing is downloaded or allocated).")
     p.add_argument("--model", required=True,
@@ -61,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = AdapterConfig(method=args.method, **adapter_fields(args))
     report = count_parameters(args.model, cfg, args.tasks)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors(PROG, main))

@@ -16,13 +16,16 @@ import sys
 
 from tensorpoly_ds.plan.planner import (DEFAULT_LENGTH, T0_TASKS, PlanError, format_report, manifest_tasks,
                                         parse_size, plan)
+from tpds_common.errors import EXIT_OK, report_user_errors
+
+PROG = "tensorpoly-ds plan"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tensorpoly_ds.adapters.config import METHODS
     from launch.params import add_adapter_arguments
 
-    p = argparse.ArgumentParser(prog="tensorpoly-ds plan", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], help="pretraining run config(s), as for `pretrain`")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run config")
@@ -75,19 +78,16 @@ def run_config(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.gpus < 1:
-            raise PlanError(f"--gpus {args.gpus}: must be >= 1")
-        gpu_bytes = parse_size(args.gpu_mem) if args.gpu_mem else None
-        cfg = run_config(args)
-        report = plan(cfg, num_tasks=args.tasks or manifest_tasks(cfg) or T0_TASKS, gpus=args.gpus,
-                      gpu_bytes=gpu_bytes, device=args.device)
-    except (ValueError, OSError) as err:   # config, adapter and size errors name the field and the value
-        print(f"tensorpoly-ds plan: {err}", file=sys.stderr)
-        return 2
+    # config, adapter and size errors are ConfigErrors naming the field and the value (exit 2)
+    if args.gpus < 1:
+        raise PlanError(f"--gpus {args.gpus}: must be >= 1")
+    gpu_bytes = parse_size(args.gpu_mem) if args.gpu_mem else None
+    cfg = run_config(args)
+    report = plan(cfg, num_tasks=args.tasks or manifest_tasks(cfg) or T0_TASKS, gpus=args.gpus,
+                  gpu_bytes=gpu_bytes, device=args.device)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors(PROG, main))

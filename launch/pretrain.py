@@ -3,12 +3,12 @@
     tensorpoly-ds pretrain --config configs/pretrain/base_t0_3b.yaml --config configs/pretrain/poly.yaml \
         data.dir=/data/p3 run.dir=runs/poly [--resume auto]
 
-Runs under `deepspeed`, `torchrun`, `srun` or plain `python` (one process). Exit status: 0 done,
-2 bad config or arguments (nothing started), 124 stopped by SIGUSR1/SIGTERM/SIGINT or the time budget after
-writing a checkpoint ("requeue me": rerun the same command with --resume auto), 75 another live run holds
-run.dir. Each rank records its exit reason in RUN_DIR/status/rank<r>.json; torchrun turns a rank's 124 into
-its own exit 1, so under torchrun use `python -m launch.torchrun` (same arguments), which maps "every rank
-says requeue" back to 124.
+Runs under `deepspeed`, `torchrun`, `srun` or plain `python` (one process). Exit status (tpds_common.errors):
+0 done, 1 a bug (a traceback), 2 bad config, arguments or data (nothing started) or no usable checkpoint,
+124 stopped by SIGUSR1/SIGTERM/SIGINT or the time budget after writing a checkpoint ("requeue me": rerun the
+same command with --resume auto), 75 another live run holds run.dir. Each rank records its exit reason in
+RUN_DIR/status/rank<r>.json; torchrun turns a rank's 124 into its own exit 1, so under torchrun use
+`python -m launch.torchrun` (same arguments), which maps "every rank says requeue" back to 124.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from pathlib import Path
 if __package__ in (None, ""):   # `python launch/pretrain.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-EXIT_BAD_CONFIG = 2
-EXIT_BUSY = 75   # another live run holds run.dir
+from tpds_common.errors import EXIT_FAILED, CheckpointError, UserError, report_user_errors  # noqa: E402
+
+PROG = "tensorpoly-ds pretrain"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tensorpoly-ds pretrain", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], required=True,
                    help="YAML run config; repeat to compose (later wins, nested merge)")
@@ -66,60 +67,54 @@ def _main(argv: list[str] | None) -> int:
     from tensorpoly_ds.engine import checkpoint as ckpt
     from tensorpoly_ds.engine import elastic
     from tensorpoly_ds.engine.config import RunConfigError, load_run_config
-    from tensorpoly_ds.engine.data import DataError, PreparedData
-    from tensorpoly_ds.engine.distributed import LaunchError, accelerate_overrides, distributed_env
+    from tensorpoly_ds.engine.data import PreparedData
+    from tensorpoly_ds.engine.distributed import accelerate_overrides, distributed_env
     from tensorpoly_ds.engine.rank_status import write_status
-    from tpds_common.locking import FolderLock, LockHeld
+    from tpds_common.locking import FolderLock
 
-    # Everything checkable is checked before a process group, model or dataset is created.
-    try:
-        # `accelerate launch`: its DeepSpeed plugin settings, after the files, before the command line
-        launcher_overrides = accelerate_overrides()
-        cfg = load_run_config(args.config, launcher_overrides + args.overrides)
-        if not cfg.data.dir:
-            raise RunConfigError("key 'data.dir' is empty: set it to a prepared data directory")
-        data = PreparedData.open(cfg.data.dir)
-        from tensorpoly_ds.engine.ds_config import fill_ds_config
+    # Everything checkable is checked before a process group, model or dataset is created; a refusal is a
+    # UserError (config, data, launcher, checkpoint), reported by report_user_errors with exit 2.
+    # `accelerate launch`: its DeepSpeed plugin settings, after the files, before the command line
+    launcher_overrides = accelerate_overrides()
+    cfg = load_run_config(args.config, launcher_overrides + args.overrides)
+    if not cfg.data.dir:
+        raise RunConfigError("key 'data.dir' is empty: set it to a prepared data directory")
+    data = PreparedData.open(cfg.data.dir)
+    from tensorpoly_ds.engine.ds_config import fill_ds_config
 
-        launch = distributed_env()   # the launcher's world size, known before any process group
-        fill_ds_config(cfg, int(launch["WORLD_SIZE"]))    # template errors, fp16 and the batch sizes surface here
-        ckpt_dir = Path(cfg.run.dir) / "checkpoints"
-        if args.export_only:
-            if args.resume == "none":
-                raise RunConfigError("--export-only exports a checkpoint: it cannot be combined with --resume none")
-            if not any(ckpt.check_structure(tag) is None for _, tag in ckpt.list_tags(ckpt_dir)) \
-                    and args.resume == "auto":
-                raise ckpt.CheckpointError(f"--export-only: no complete checkpoint in {ckpt_dir}")
-        ckpt.precheck(ckpt_dir, args.resume)
-        world = int(launch["WORLD_SIZE"])   # another world size: refusals that need no process group
-        elastic.precheck(elastic.candidate(ckpt_dir, args.resume), world=world, optimizer=cfg.optim.name,
-                         batch=None if args.export_only else
-                         elastic.batch_layout(cfg.train.micro_batch, cfg.train.grad_accum, world))
-    except (RunConfigError, DataError, LaunchError, ckpt.CheckpointError) as err:
-        print(f"tensorpoly-ds pretrain: {err}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    launch = distributed_env()   # the launcher's world size, known before any process group
+    fill_ds_config(cfg, int(launch["WORLD_SIZE"]))    # template errors, fp16 and the batch sizes surface here
+    ckpt_dir = Path(cfg.run.dir) / "checkpoints"
+    if args.export_only:
+        if args.resume == "none":
+            raise RunConfigError("--export-only exports a checkpoint: it cannot be combined with --resume none")
+        if not any(ckpt.check_structure(tag) is None for _, tag in ckpt.list_tags(ckpt_dir)) \
+                and args.resume == "auto":
+            raise ckpt.CheckpointError(f"--export-only: no complete checkpoint in {ckpt_dir}")
+    ckpt.precheck(ckpt_dir, args.resume)
+    world = int(launch["WORLD_SIZE"])   # another world size: refusals that need no process group
+    elastic.precheck(elastic.candidate(ckpt_dir, args.resume), world=world, optimizer=cfg.optim.name,
+                     batch=None if args.export_only else
+                     elastic.batch_layout(cfg.train.micro_batch, cfg.train.grad_accum, world))
 
     rank = int(launch["RANK"])
-    # One run per run.dir: rank 0 holds its lock (a second run's rank 0 exits 75; its other ranks then fail
-    # at the rendezvous instead of interleaving checkpoints with ours).
+    # One run per run.dir: rank 0 holds its lock (a second run's rank 0 exits 75 with LockHeld; its other
+    # ranks then fail at the rendezvous instead of interleaving checkpoints with ours).
     lock = FolderLock(cfg.run.dir, what="pretraining run directory") if rank == 0 else None
-    try:
-        if lock is not None:
-            lock.acquire()
-    except LockHeld as err:
-        print(f"tensorpoly-ds pretrain: {err}", file=sys.stderr)
-        return EXIT_BUSY
+    if lock is not None:
+        lock.acquire()
     try:
         write_status(cfg.run.dir, rank, "running", launcher=launch["LAUNCHER"])
         try:
             result = _run(args, cfg, data, launcher_overrides)
-        except ckpt.CheckpointError as err:   # seen by the collective checks: the same verdict on every rank
-            write_status(cfg.run.dir, rank, "failed", exit_code=EXIT_BAD_CONFIG, error=str(err)[:2000])
-            if rank == 0:
-                print(f"tensorpoly-ds pretrain: {err}", file=sys.stderr)
-            return EXIT_BAD_CONFIG
+        except UserError as err:
+            write_status(cfg.run.dir, rank, "failed", exit_code=err.exit_code, error=str(err)[:2000])
+            if isinstance(err, CheckpointError) and rank != 0:
+                return err.exit_code   # the collective checks give every rank this verdict: rank 0 reports it
+            raise
         except BaseException as err:
-            write_status(cfg.run.dir, rank, "failed", exit_code=1, error=f"{type(err).__name__}: {err}"[:2000])
+            write_status(cfg.run.dir, rank, "failed", exit_code=EXIT_FAILED,
+                         error=f"{type(err).__name__}: {err}"[:2000])
             raise
         write_status(cfg.run.dir, rank, result.status, exit_code=result.exit_code, step=result.step)
         return result.exit_code
@@ -174,4 +169,4 @@ def _run(args, cfg, data, launcher_overrides: list[str]):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors(PROG, main))

@@ -5,8 +5,9 @@
 
 Stages: prep -> backbone (T5-LM analogue, cached) -> multi-task pretraining of every method -> few-shot
 and zero-shot adaptation (in-process worker pool) -> tables, claim verdicts, routing recovery, plots in
-OUT/results/. Rerunning the same command resumes: finished stages and jobs are skipped. Exit status:
-0 done, 1 a stage failed, 2 bad config, 130 interrupted (rerun to resume).
+OUT/results/. Rerunning the same command resumes: finished stages and jobs are skipped. Exit status
+(tpds_common.errors): 0 done, 1 a stage failed (one line naming it) or a bug (a traceback), 2 bad config,
+130 interrupted (rerun to resume).
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from tpds_common.errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, report_user_errors
+
+PROG = "tensorpoly-ds replicate"
 STAGES = ("prep", "backbone", "pretrain", "adapt", "analyse")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tensorpoly-ds replicate", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="replicate config (configs/replicate/*.yaml)")
     p.add_argument("--out", default=None, help="output directory (default: the config's `out`)")
@@ -36,30 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tensorpoly_ds.replicate.config import ReplicateConfigError, load_config
-    from tensorpoly_ds.replicate.run import ProtocolMismatch, replicate
+    from tensorpoly_ds.replicate.run import replicate
 
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
     unknown = sorted(stages - set(STAGES))
     if unknown:
-        print(f"tensorpoly-ds replicate: unknown stage(s) {unknown}; valid: {', '.join(STAGES)}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
+    cfg = load_config(args.config, sets=args.overrides)
+    if args.workers is not None and args.workers < 1:
+        raise ReplicateConfigError(f"--workers {args.workers}: must be >= 1")
+    # A bad config or another protocol in OUT (exit 2), a failed stage (JobFailed, exit 1): report_user_errors
     try:
-        cfg = load_config(args.config, sets=args.overrides)
-        if args.workers is not None and args.workers < 1:
-            raise ReplicateConfigError(f"--workers {args.workers}: must be >= 1")
         replicate(cfg, Path(args.out or cfg.out), workers=args.workers, stages_to_run=stages,
                   publish=Path(args.publish) if args.publish else None)
-    except (ReplicateConfigError, ProtocolMismatch) as err:
-        print(f"tensorpoly-ds replicate: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("tensorpoly-ds replicate: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except RuntimeError as err:
-        print(f"tensorpoly-ds replicate: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors(PROG, main))

@@ -11,10 +11,13 @@ import argparse
 import sys
 
 from tensorpoly_ds.adapt.report import build_report
+from tpds_common.errors import EXIT_FAILED, EXIT_OK, report_user_errors
+
+PROG = "tensorpoly-ds report"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tensorpoly-ds report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", help="directories searched recursively for job results (and jobs.jsonl)")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--job-table", action="append", default=[],
@@ -38,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     report = build_report(args.run_dirs, args.out, tables=args.job_table, metric=args.metric, spread=args.spread,
                           plots=not args.no_plots, task_order=args.tasks.split(",") if args.tasks else None,
                           aggregate_by=args.aggregate)
-    return 1 if (args.strict and report["problems"]) else 0
+    return EXIT_FAILED if (args.strict and report["problems"]) else EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors(PROG, main))

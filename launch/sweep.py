@@ -30,19 +30,21 @@ import sys
 import time
 from pathlib import Path
 
-from tensorpoly_ds.adapt.spec import JobError, is_complete
+from tensorpoly_ds.adapt.spec import is_complete
 from tpds_common.config import apply_overrides
 from tensorpoly_ds.adapt.table import TableError, expand_grid, read_grid, read_table, write_table
 from tensorpoly_ds.engine.job_env import REPO_ROOT, job_env
-from tensorpoly_ds.engine.stop import REQUEUE_EXIT_CODE, STOP
-from tpds_common.locking import FolderLock, LockHeld, describe, holder_if_locked
+from tensorpoly_ds.engine.stop import STOP
+from tpds_common.errors import (EXIT_BUSY, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REQUEUE,
+                                report_user_errors)
+from tpds_common.locking import FolderLock, describe, holder_if_locked
 
+PROG = "tensorpoly-ds sweep"
 TABLE_FILE = "jobs.jsonl"
-EXIT_BUSY = 75              # as `tensorpoly-ds adapt`: another live process holds the folder
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tensorpoly-ds sweep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", help="YAML or JSON grid (base, methods, modes, tasks, seeds, ks); see docs/adapt.md")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides of the grid, e.g. base.steps=20 seeds=[0] (tpds_common.config)")
@@ -64,6 +66,8 @@ def parse_rows(spec: str | None, n: int) -> list[int]:
     out: list[int] = []
     for part in spec.split(","):
         lo, sep, hi = part.partition("-")
+        if not lo.strip().isdigit() or (sep and not hi.strip().isdigit()):
+            raise TableError(f"--rows {spec!r}: {part!r} is not a row number or a range like 3-5")
         rng = range(int(lo), int(hi) + 1) if sep else [int(lo)]
         for r in rng:
             if not 0 <= r < n:
@@ -110,7 +114,7 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
             if is_complete(job_dir(row)):   # final, whatever happened after (a stop during interpreter exit)
                 status["done"].append(row)
                 log(f"[sweep] row {row} {rows[row]['id']}: done")
-            elif rc == REQUEUE_EXIT_CODE:
+            elif rc == EXIT_REQUEUE:
                 status["stopped"].append(row)
                 log(f"[sweep] row {row} {rows[row]['id']}: stopped with a checkpoint (resumes on rerun)")
             elif rc == EXIT_BUSY:   # another process took the row between our check and the job's start
@@ -206,11 +210,7 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out).resolve()
     lock = FolderLock(out, what="sweep directory")
-    try:
-        lock.acquire()
-    except LockHeld as err:
-        print(f"tensorpoly-ds sweep: {err}", file=sys.stderr)
-        return EXIT_BUSY
+    lock.acquire()   # LockHeld: another live sweep holds OUT (exit 75)
     try:
         return _sweep(args, out)
     finally:
@@ -218,23 +218,19 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _sweep(args, out: Path) -> int:
-    try:
-        if args.table:
-            table = Path(args.table).resolve()
-            rows = read_table(table)
-        elif args.grid:
-            grid = apply_overrides(read_grid(args.grid), args.overrides, {}, TableError)
-            rows = expand_grid(grid, out, base_dir=Path(args.grid).resolve().parent, source=args.grid)
-            table = write_table(out / TABLE_FILE, rows)
-        else:
-            raise TableError("give --grid (expand and run) or --table (run an existing table)")
-        selected = parse_rows(args.rows, len(rows))
-    except (TableError, JobError, OSError, ValueError) as err:
-        print(f"tensorpoly-ds sweep: {err}", file=sys.stderr)
-        return 2
+    if args.table:
+        table = Path(args.table).resolve()
+        rows = read_table(table)
+    elif args.grid:
+        grid = apply_overrides(read_grid(args.grid), args.overrides, {}, TableError)
+        rows = expand_grid(grid, out, base_dir=Path(args.grid).resolve().parent, source=args.grid)
+        table = write_table(out / TABLE_FILE, rows)
+    else:
+        raise TableError("give --grid (expand and run) or --table (run an existing table)")
+    selected = parse_rows(args.rows, len(rows))
     print(f"[sweep] job table {table}: {len(rows)} rows (Slurm: --array=0-{len(rows) - 1})")
     if args.expand_only:
-        return 0
+        return EXIT_OK
     workers = max(1, args.workers)
     threads = args.threads_per_job or max(1, (os.cpu_count() or 1) // workers)
     try:
@@ -242,7 +238,7 @@ def _sweep(args, out: Path) -> int:
     except KeyboardInterrupt:
         print("[sweep] aborted by a second Ctrl-C: running jobs were killed (they restart from scratch)",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     print(f"[sweep] done {len(status['done'])}, skipped (complete) {len(status['skipped'])}, "
           f"failed {len(status['failed'])}" + (f": rows {sorted(status['failed'])}" if status["failed"] else ""))
     if STOP.signal is not None:
@@ -250,9 +246,9 @@ def _sweep(args, out: Path) -> int:
         print(f"[sweep] stopped by {STOP.name}: rows remaining {remaining} (checkpointed: {sorted(status['stopped'])}, "
               f"killed: {sorted(status['killed'])}, not started: {status['not_started']}); rerun the same command "
               "to finish them", file=sys.stderr)
-        return 130 if STOP.signal == signal.SIGINT else REQUEUE_EXIT_CODE
-    return 0 if not status["failed"] else 1
+        return EXIT_INTERRUPTED if STOP.signal == signal.SIGINT else EXIT_REQUEUE
+    return EXIT_OK if not status["failed"] else EXIT_FAILED
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors(PROG, main))

@@ -22,7 +22,9 @@ import sys
 import tempfile
 
 from tensorpoly_ds.engine.rank_status import STATUS_DIR_ENV, read_statuses
-from tensorpoly_ds.engine.stop import REQUEUE_EXIT_CODE
+from tpds_common.errors import EXIT_OK, EXIT_REQUEUE, EXIT_USAGE, report_user_errors
+
+PROG = "python -m launch.torchrun"
 
 
 def exit_status(torchrun_rc: int, statuses: dict[int, dict]) -> int:
@@ -32,7 +34,7 @@ def exit_status(torchrun_rc: int, statuses: dict[int, dict]) -> int:
     expected = {s.get("local_world_size") for s in statuses.values()}
     complete = len(expected) == 1 and len(statuses) == expected.pop()
     if complete and all(s.get("status") == "requeue" for s in statuses.values()):
-        return REQUEUE_EXIT_CODE
+        return EXIT_REQUEUE
     return torchrun_rc
 
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 0 if argv else 2
+        return EXIT_OK if argv else EXIT_USAGE
     status_dir = tempfile.mkdtemp(prefix="tpds-status-")
     env = dict(os.environ, **{STATUS_DIR_ENV: status_dir})
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], env=env)
@@ -84,4 +86,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_user_errors(PROG, main))

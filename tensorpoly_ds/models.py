@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, PretrainedConfig, T5Config, T5ForConditionalGeneration
 
+from tpds_common.errors import ConfigError
+
 # Shapes of bigscience/T0_3B (= google/t5-xl-lm-adapt) and bigscience/T0 (= t5-xxl-lm-adapt).
 KNOWN_ARCHITECTURES: dict[str, dict] = {
     "t0-3b": dict(d_model=2048, d_kv=64, num_heads=32, d_ff=5120, num_layers=24, num_decoder_layers=24),
@@ -20,7 +22,7 @@ HUB_NAMES = {"t0-3b": "bigscience/T0_3B", "t0-11b": "bigscience/T0"}
 
 def t5_config(name: str, vocab_size: int = 32128, **overrides) -> T5Config:
     if name not in KNOWN_ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(KNOWN_ARCHITECTURES)}")
+        raise ConfigError(f"unknown architecture {name!r}; known: {', '.join(KNOWN_ARCHITECTURES)}")
     kwargs = dict(KNOWN_ARCHITECTURES[name], vocab_size=vocab_size, feed_forward_proj="gated-gelu",
                   tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
                   dropout_rate=0.0)

@@ -7,7 +7,7 @@ propagates with its traceback (exit 1), so an internal error never looks like ba
 
 Exit codes (documented in README, "Exit codes"):
   0   done (or nothing to do)
-  1   a job failed, or a bug (traceback)
+  1   a job or stage failed (JobFailed: its log names the cause), or a bug (traceback)
   2   bad input: config, arguments, data, checkpoint  (UserError)
   75  the folder is in use by another live process; try again later  (BusyError, EX_TEMPFAIL)
   124 stopped by the time-limit signal after a checkpoint; requeue to continue
@@ -53,6 +53,14 @@ class BusyError(UserError, RuntimeError):
     """Another live process holds the folder; nothing was changed."""
 
     exit_code = EXIT_BUSY
+
+
+class JobFailed(UserError, RuntimeError):
+    """A job or stage this command ran (or needs) failed or has not run; the message says which and where
+    its log or result is. Reported in one line like any user error, with the "failed" status: the cause is
+    in that log, not in this command's arguments."""
+
+    exit_code = EXIT_FAILED
 
 
 def report_user_errors(prog: str, main: Callable[[Sequence[str] | None], int],

@@ -86,3 +86,11 @@ def atomic_folder(out: Path, write: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+def read_text(path: str | os.PathLike, error: type[Exception], what: str = "file") -> str:
+    """The file's text; a missing or unreadable file raises `error` (a UserError class) naming it, so the
+    entry point reports one line instead of an OSError traceback."""
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{path}: cannot read the {what} ({getattr(err, 'strerror', None) or err})") from None

@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from tpds_common.errors import ConfigError
+
 from ..evaluation import LossWeights, collate_choices, collate_lm, tfew_losses
 from ..evaluation.rank_classification import ChoiceBatch
 
@@ -42,7 +44,7 @@ def _sections(job, steps: int, world: int, micro_total: int, eval_every: int):
     from ..engine.config import DeepSpeedSection, OptimSection, TrainSection
 
     if micro_total % world:
-        raise ValueError(f"batch size {micro_total} is not divisible by the {world} ranks")
+        raise ConfigError(f"batch size {micro_total} is not divisible by the {world} ranks")
     optim = OptimSection(name=job.optimizer, lr=job.lr, module_lr=job.lr, routing_lr=job.routing_lr or job.lr,
                          warmup_ratio=job.warmup_ratio, clip=job.clip, schedule="linear")
     # heatmap_max_layers=0: the routing of a one-task job is a single row per layer, which the routing entropy

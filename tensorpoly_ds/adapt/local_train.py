@@ -18,14 +18,16 @@ import torch
 from torch import nn
 
 from tpds_common.files import atomic_output
+from tpds_common.errors import CheckpointError
+
 from ..adapters import routing_tables
 from ..engine.checkpoint import rng_state, set_rng_state
 
 CHECKPOINT_FILE = "local_checkpoint.pt"
 
 
-class LocalCheckpointError(RuntimeError):
-    pass
+class LocalCheckpointError(CheckpointError):
+    """OUT/local_checkpoint.pt cannot be read or does not match the job (--force starts over)."""
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, routing_lr: float | None) -> torch.optim.Optimizer:

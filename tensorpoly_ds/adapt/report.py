@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpds_common.files import atomic_write_text
+from tpds_common.errors import ConfigError
+
 from .job import MARKER_FILE, RESULT_FILE
 from ..figures import save_figure
 from .table import read_table
@@ -404,7 +406,7 @@ def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: lis
                  err=None, aggregate_by: str = "median") -> dict:
     """`aggregate_by`: "median" (with `spread`, TensorPoly's tables) or "mean" (± std, MHR's tables)."""
     if aggregate_by not in AGGREGATES:
-        raise ValueError(f"aggregate_by = {aggregate_by!r}: valid values: {', '.join(AGGREGATES)}")
+        raise ConfigError(f"aggregate_by = {aggregate_by!r}: valid values: {', '.join(AGGREGATES)}")
     err = err or (lambda s: print(s, file=sys.stderr))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tpds_common.config import check_fields, parse_value
+from tpds_common.errors import BusyError, ConfigError
 
 RESULT_FILE = "result.json"
 MARKER_FILE = "COMPLETE"
@@ -21,11 +22,11 @@ FULLFT = "fullft"
 RESULT_FORMAT = 1
 
 
-class JobError(ValueError):
+class JobError(ConfigError):
     """The job description is invalid or does not fit the data / export."""
 
 
-class JobBusy(JobError):
+class JobBusy(JobError, BusyError):
     """Another live process holds the job's folder (its lock)."""
 
 

@@ -10,13 +10,15 @@ import re
 from pathlib import Path
 
 from tpds_common.config import check_fields, read_yaml, reject_unknown
+from tpds_common.errors import ConfigError
+from tpds_common.files import read_text
 from .spec import AdaptJob, FULLFT, JobError
 
 ROUTED = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")
 
 
-class TableError(ValueError):
-    pass
+class TableError(ConfigError):
+    """A grid or job table is invalid or unreadable; the message names the file and the row or key."""
 
 
 def _slug(text: str) -> str:
@@ -27,7 +29,10 @@ def read_grid(path: str | os.PathLike) -> dict:
     if str(path).endswith((".yaml", ".yml")):
         grid = read_yaml(path, TableError)
     else:
-        grid = json.loads(Path(path).read_text())
+        try:
+            grid = json.loads(read_text(path, TableError, "grid"))
+        except json.JSONDecodeError as err:
+            raise TableError(f"{path}: not JSON ({err})") from None
     if not isinstance(grid, dict):
         raise TableError(f"{path}: a grid is a mapping with 'methods', 'modes', 'tasks', 'seeds' (and 'base')")
     return grid
@@ -138,7 +143,7 @@ def write_table(path: str | os.PathLike, rows: list[dict]) -> Path:
 
 def read_table(path: str | os.PathLike) -> list[dict]:
     rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, TableError, "job table").splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tpds_common.config import reject_unknown
+from tpds_common.errors import ConfigError  # noqa: F401 - re-exported: adapters.ConfigError is this class
 
 METHODS = ("lora", "tlora", "poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x", "ia3")
 ROUTED_METHODS = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")
@@ -23,10 +24,6 @@ MAX_RANDOM_GROUP = 62   # random allocations are drawn as the bit pattern of one
 T5_TARGETS = r"(SelfAttention|EncDecAttention)\.(q|k|v|o)$|DenseReluDense\.(wi|wi_0|wi_1|wo)$"
 # (IA)^3 rescales keys, values and the (gated) FFN hidden activation.
 IA3_TARGETS = r"(SelfAttention|EncDecAttention)\.(k|v)$|DenseReluDense\.(wi_1|wi)$"
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the value."""
 
 
 @dataclass(frozen=True)

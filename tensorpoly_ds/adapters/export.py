@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tpds_common.files import atomic_output, atomic_write_text
+from tpds_common.errors import DataError
+
 from .config import AdapterConfig
 from .inject import CONFIG_ATTR, ROUTING_ATTR, adapter_config, adapter_layers, inject_adapters
 from .tlora import frozen_norm_constant
@@ -29,8 +31,8 @@ META_FILE = "adapter_config.json"
 EXPORT_FORMAT = 1
 
 
-class ExportError(ValueError):
-    pass
+class ExportError(DataError):
+    """An adapter export is missing, unreadable or does not match the model; the message names the file."""
 
 
 def adapter_state_names(model: nn.Module) -> list[str]:

@@ -6,6 +6,8 @@ import re
 
 from torch import nn
 
+from tpds_common.errors import ConfigError
+
 from .base import AdapterLinear
 from .config import AdapterConfig
 from .ia3 import IA3Linear
@@ -31,8 +33,8 @@ CONFIG_ATTR = "tpds_adapter_config"
 _BLOCK = re.compile(r"(?:^|\.)(encoder|decoder)\.block\.(\d+)\.")
 
 
-class InjectionError(ValueError):
-    pass
+class InjectionError(ConfigError):
+    """The adapter config does not fit the model (targets, routing granularity, task count, shared tables)."""
 
 
 def module_side(name: str) -> str:
@@ -65,7 +67,7 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
 def inject_adapters(model: nn.Module, cfg: AdapterConfig, num_tasks: int) -> nn.Module:
     """Wrap every nn.Linear whose name matches cfg.target_regex; freeze everything else."""
     if getattr(model, CONFIG_ATTR, None) is not None:
-        raise InjectionError("model already has adapters injected")
+        raise ValueError("model already has adapters injected")   # a caller bug, not a config
     if cfg.routed and num_tasks < 1:
         raise InjectionError(f"routed method {cfg.method!r} needs num_tasks >= 1, got {num_tasks}")
     pattern = re.compile(cfg.target_regex)
@@ -115,7 +117,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, num_tasks: int) -> nn.
 def adapter_config(model: nn.Module) -> AdapterConfig:
     cfg = getattr(model, CONFIG_ATTR, None)
     if cfg is None:
-        raise InjectionError("model has no adapters; call inject_adapters first")
+        raise ValueError("model has no adapters; call inject_adapters first")   # a caller bug
     return cfg
 
 

@@ -7,6 +7,8 @@ import dataclasses
 import torch
 from torch import nn
 
+from tpds_common.errors import ConfigError
+
 from .base import AdapterLinear
 from .config import AdapterConfig
 from .inject import CONFIG_ATTR, ROUTING_ATTR, adapter_config, adapter_layers, routing_tables
@@ -17,8 +19,8 @@ from .routing import RoutingTable
 MODES = ("full", "z", "mu")
 
 
-class ModeError(ValueError):
-    pass
+class ModeError(ConfigError):
+    """The adaptation mode does not apply to this adapter (no routing, random routing, no collapse)."""
 
 
 def check_mode(cfg: AdapterConfig, mode: str, source: str = "model") -> None:

@@ -52,7 +52,7 @@ TASK_TYPE = "SEQ_2_SEQ_LM"
 KEY_SEPARATORS = {"lora": ".lora_", "poly": ".poly_", "mhr": ".poly_", "ia3": "."}   # module | tensor in a key
 
 
-class PeftInteropError(ValueError):
+class PeftInteropError(ConfigError):
     """An adapter cannot be expressed on the other side; the message names the field and the value."""
 
 

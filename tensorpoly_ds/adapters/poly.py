@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tpds_common.errors import ConfigError
+
 from .base import AdapterLinear, MixedLowRank, reference_bound, uniform_
 from .config import AdapterConfig
 
@@ -18,8 +20,8 @@ class PolyLinear(MixedLowRank, AdapterLinear):
         super().__init__(base, cfg, side, name)
         h = cfg.heads
         if self.in_features % h or self.out_features % h:
-            raise ValueError(f"{name}: MHR heads={h} must divide in_features={self.in_features} "
-                             f"and out_features={self.out_features}")
+            raise ConfigError(f"{name}: adapter field 'heads': MHR heads={h} must divide "
+                              f"in_features={self.in_features} and out_features={self.out_features}")
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_a = nn.Parameter(torch.empty(cfg.skills, h, self.in_features // h, cfg.rank, **kw))
         self.lora_b = nn.Parameter(torch.zeros(cfg.skills, h, cfg.rank, self.out_features // h, **kw))

@@ -32,11 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from tpds_common.errors import DataError
+
 CLASSES = ("correct", "wrong_position", "wrong_category", "other")
 RECORD_FIELDS = ("task_name", "template", "example_id", "label", "prediction", "scores")
 
 
-class AnswerConfusionError(ValueError):
+class AnswerConfusionError(DataError):
     """Predictions, eval rows or ground truth that cannot be analysed; the message names file and field."""
 
 

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tpds_common.config import read_yaml, reject_unknown
+from tpds_common.errors import ConfigError
 
 EXPECTS = ("greater", "less", "equal")
 EXACT_MAX_PAIRS = 20           # up to 2^20 sign patterns are enumerated exactly
@@ -28,7 +29,7 @@ RANDOM_FLIPS = 10_000
 BOOTSTRAP_RESAMPLES = 10_000
 
 
-class ClaimsError(ValueError):
+class ClaimsError(ConfigError):
     """Bad claims file or inconsistent scores; the message names the file, key or the missing pairs."""
 
 

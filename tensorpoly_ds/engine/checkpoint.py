@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from tpds_common.files import atomic_write_text
+from tpds_common.errors import CheckpointError  # noqa: F401 - re-exported: engine.checkpoint.CheckpointError
+
 from . import distributed as dist
 
 MARKER = "COMPLETE.json"
@@ -40,10 +42,6 @@ UNIVERSAL_SUFFIX = "_universal"   # a tag's universal-checkpoint sibling (elasti
 
 HASH = "sha256"
 BLOCK = 1 << 20   # hashing streams 1 MiB blocks: constant memory whatever the file size
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def tag_for(step: int) -> str:

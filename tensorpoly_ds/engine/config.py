@@ -26,11 +26,12 @@ from tpds_common.config import apply_overrides, build, check_value, load_files, 
 from tpds_common.files import atomic_write_text
 from tensorpoly_ds.adapters import AdapterConfig
 from tensorpoly_ds.adapters import ConfigError as AdapterConfigError
+from tpds_common.errors import ConfigError
 
 from .data import BATCHINGS
 
 
-class RunConfigError(ValueError):
+class RunConfigError(ConfigError):
     """A run configuration is invalid; the message names the key and where it came from."""
 
 

@@ -28,13 +28,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from tpds_common.errors import DataError  # noqa: F401 - re-exported: engine.data.DataError is this class
+
 PAD_ID = 0
 IGNORE_INDEX = -100
 BATCHINGS = ("random", "length_grouped")
-
-
-class DataError(ValueError):
-    pass
 
 
 @dataclass

@@ -15,6 +15,7 @@ import re
 import sys
 from typing import TYPE_CHECKING, Mapping
 
+from tpds_common.errors import LaunchError  # noqa: F401 - re-exported: engine.distributed.LaunchError
 from tpds_common.net import free_port
 
 if TYPE_CHECKING:
@@ -25,10 +26,6 @@ if TYPE_CHECKING:
 
 PORT_BASE = 20000
 PORT_SPAN = 20000
-
-
-class LaunchError(RuntimeError):
-    pass
 
 
 def expand_nodelist(nodelist: str) -> list[str]:

@@ -22,14 +22,15 @@ import torch
 from torch import nn
 
 from tensorpoly_ds.adapters import adapter_param_groups, task_routing
+from tpds_common.errors import ConfigError
 
 from . import checkpoint as ckpt
 
 DEFAULT_MAX_TASKS = 8
 
 
-class GradAlignmentError(ValueError):
-    pass
+class GradAlignmentError(ConfigError):
+    """train.grad_alignment_tasks cannot be probed (unknown task, too few tasks, no rows)."""
 
 
 def unsupported(zero_stage: int, has_adapter: bool) -> str | None:

@@ -28,10 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tpds_common.errors import ConfigError
+
 RESULT_FILE = "lr_search.json"
 
 
-class LrSearchError(ValueError):
+class LrSearchError(ConfigError):
     """A learning-rate search is misconfigured or a candidate's result is unreadable; the message names it."""
 
 

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tpds_common.errors import ConfigError
+
 from tensorpoly_ds.adapters import AdapterConfig, inject_adapters, register_external_routing_params
 from tensorpoly_ds.models import KNOWN_ARCHITECTURES, t5_config
 
@@ -93,7 +95,7 @@ def build_backbone(model_cfg: ModelSection, *, vocab_size: int | None, ds_config
     if model_cfg.name_or_path in KNOWN_ARCHITECTURES:
         vocab = model_cfg.vocab_size or vocab_size
         if vocab is None:
-            raise ValueError("model.vocab_size is not set and no manifest gives tokenizer.vocab_size")
+            raise ConfigError("model.vocab_size is not set and no manifest gives tokenizer.vocab_size")
         config = t5_config(model_cfg.name_or_path, vocab_size=vocab, **model_cfg.arch_overrides)
         if not stage3:
             return T5ForConditionalGeneration(config).to(dtype), None

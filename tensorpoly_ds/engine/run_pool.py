@@ -18,6 +18,8 @@ from typing import Callable, Protocol, Sequence
 
 import yaml
 
+from tpds_common.errors import ConfigError, JobFailed
+
 from .job_env import REPO_ROOT, job_env
 
 
@@ -35,8 +37,8 @@ def _launch(run: Run, slot: int, threads: int, scratch: Path, command: Sequence[
     cfg_path = run.run_dir / "run.yaml"
     existing = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else None
     if existing is not None and existing != run.config:
-        raise RuntimeError(f"{cfg_path} holds a different run config than this one; use another output "
-                           "directory (or delete the run directory) instead of mixing configs")
+        raise ConfigError(f"{cfg_path} holds a different run config than this one; use another output "
+                          "directory (or delete the run directory) instead of mixing configs")
     cfg_path.write_text(yaml.safe_dump(run.config, sort_keys=False))
     fh = open(run.run_dir / "log.txt", "a")
     cmd = [*command, "--config", str(cfg_path), "--resume", "auto"]
@@ -102,7 +104,7 @@ def run_pretraining(runs: Sequence[Run], scratch: Path, workers: int, threads: i
         _stop(p for _, p, _, _ in running.values())
         raise
     if failed:
-        raise RuntimeError(f"pretraining failed for {[r.name for r in failed]}")
+        raise JobFailed(f"pretraining failed for {[r.name for r in failed]}")
     return seconds
 
 

@@ -20,7 +20,9 @@ import threading
 import time
 from typing import Any, Iterator
 
-REQUEUE_EXIT_CODE = 124
+from tpds_common.errors import EXIT_REQUEUE
+
+REQUEUE_EXIT_CODE = EXIT_REQUEUE   # the name the engine and its callers import
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 ABORT_AFTER_S = 1.0
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tpds_common.errors import ConfigError
+
 from ..adapters import task_routing
 from .rank_classification import IGNORE, PAD_ID, ChoiceBatch, choice_scores, choice_token_logprobs, per_example
 
@@ -32,7 +34,7 @@ class LossWeights:
         for name in ("lm", "mc", "unlikelihood", "mc_length_norm"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0 or math.isnan(v):
-                raise ValueError(f"loss weights: field '{name}' = {v!r}: must be a number >= 0")
+                raise ConfigError(f"loss weights: field '{name}' = {v!r}: must be a number >= 0")
 
 
 def tfew_losses(model: nn.Module, batch: ChoiceBatch, weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from tpds_common.errors import ConfigError
+
 ATTENTION_KERNELS = ("cuda", "cpu", "math")
 
 
@@ -66,7 +68,7 @@ def attention_kernel(kind: str) -> Iterator[None]:
     probabilities). T5 passes its position bias as a float mask, which CUDA's flash kernel cannot take: CUDA
     runs the memory-efficient kernel; CPUs run their flash kernel. "math": no substitution."""
     if kind not in ATTENTION_KERNELS:
-        raise ValueError(f"attention kernel {kind!r}: valid: {', '.join(ATTENTION_KERNELS)}")
+        raise ConfigError(f"attention kernel {kind!r}: valid: {', '.join(ATTENTION_KERNELS)}")
     functional = torch.nn.functional
     original = functional.scaled_dot_product_attention
 

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from tpds_common.errors import JobFailed
 from tpds_common.files import atomic_write_json
 from .config import BackboneSection
 
@@ -123,7 +124,7 @@ def train_backbone(section: BackboneSection, data_dir: Path, cache: Path, *, thr
         log(f"[replicate] backbone {root}: cached")
         return export
     if not train_now:
-        raise RuntimeError(f"no trained backbone at {root}: run the 'backbone' stage first")
+        raise JobFailed(f"no trained backbone at {root}: run the 'backbone' stage first")
     tokenizer = load_tokenizer(data_dir)
     features = datasets.Features({"task_id": datasets.Value("int32"),
                                   "input_ids": datasets.List(datasets.Value("int32")),

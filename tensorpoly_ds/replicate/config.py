@@ -27,7 +27,7 @@ FULLFT = "fullft"
 ADDED_LATER = "added_later"
 
 
-class ReplicateConfigError(ValueError):
+class ReplicateConfigError(ConfigError):
     """The replicate config is invalid; the message names the file and the key."""
 
 

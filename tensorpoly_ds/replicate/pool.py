@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tpds_common.errors import JobFailed
+
 from ..adapt.job import is_complete
 
 
@@ -135,5 +137,5 @@ def _next_result(results, procs):
             return results.get(timeout=5)
         except queue.Empty:
             if not any(p.is_alive() for p in procs):
-                raise RuntimeError("every adaptation worker exited before the jobs were done (killed? "
-                                   "out of memory?); rerun to resume") from None
+                raise JobFailed("every adaptation worker exited before the jobs were done (killed? "
+                                "out of memory?); rerun to resume") from None

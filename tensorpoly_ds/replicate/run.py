@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
+from tpds_common.errors import JobFailed, UserError
 from tpds_common.files import atomic_write_json
 from ..adapt.table import write_table
 from ..engine.run_pool import run_pretraining
@@ -30,8 +31,8 @@ RESULTS = "results"
 PROTOCOL_FILE = "protocol.json"
 
 
-class ProtocolMismatch(RuntimeError):
-    pass
+class ProtocolMismatch(UserError, RuntimeError):
+    """OUT holds results of another protocol: a new output directory (or the old config) fixes it."""
 
 
 def check_protocol(cfg: ReplicateConfig, out: Path) -> None:
@@ -192,7 +193,7 @@ def _read_searches(cfg: ReplicateConfig, out: Path) -> dict[tuple[str, str], dic
     for variant, m in stages.searched_methods(cfg):
         result = read_result(stages.search_dir(out, cfg, variant.name, m.label))
         if result is None:
-            raise RuntimeError(f"{variant.name}/{m.label}: its pretraining lr search has not run; run the pretrain stage")
+            raise JobFailed(f"{variant.name}/{m.label}: its pretraining lr search has not run; run the pretrain stage")
         found[(variant.name, m.label)] = result
     return found
 
@@ -212,8 +213,8 @@ def _adapt_variant(cfg: ReplicateConfig, out: Path, variant, backbones: dict, ex
         report = pool.run(rows, desc=f"adapt {variant.name} ({phase})", log=log)
         job_seconds.update({rows[i]["job"]["out_dir"]: s for i, s in report.seconds.items()})
         if report.failed:
-            raise RuntimeError(f"{variant.name}: {len(report.failed)} adaptation jobs failed (their "
-                               "result.json holds the error); rerun to retry them")
+            raise JobFailed(f"{variant.name}: {len(report.failed)} adaptation jobs failed (their "
+                            "result.json holds the error); rerun to retry them")
 
     w0 = worlds[0]
     extra: dict[tuple[str, int], list[float]] = {}
@@ -264,7 +265,7 @@ def lr_selection(cfg: ReplicateConfig, out: Path, variant: str) -> list[dict]:
     root = stages.world_root(out, cfg.world_list()[0]) / "adapt" / variant
     results, problems = load_results([root], int(manifest.extra["latent_skills"]["dev_examples"]))
     if problems:
-        raise RuntimeError(f"{variant}: {len(problems)} learning-rate search jobs are not complete; rerun")
+        raise JobFailed(f"{variant}: {len(problems)} learning-rate search jobs are not complete; rerun")
     search = set(cfg.search_seeds())
     _, table = select_lr([r for r in results if r["k"] > 0 and r["seed"] in search], cfg.search_seeds())
     return table

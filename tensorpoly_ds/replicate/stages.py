@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from tpds_common.errors import ConfigError
+
 from ..adapt.table import expand_grid
 from ..adapters import AdapterConfig
 from .config import FULLFT, MethodSpec, ReplicateConfig, Variant, World
@@ -73,9 +75,9 @@ def check_no_unknown_words(directory: Path, variant: str, first: str) -> None:
                 values = values.flatten()
             ids = values.to_numpy(zero_copy_only=False)
             if (ids == unk).any():
-                raise RuntimeError(f"{directory}: split {split!r} column {col!r} has {int((ids == unk).sum())} "
-                                   f"unknown words: the shared tokenizer (of variant {first!r}) does not cover "
-                                   f"variant {variant!r}; list the variant with the richest prompts first")
+                raise ConfigError(f"{directory}: split {split!r} column {col!r} has {int((ids == unk).sum())} "
+                                  f"unknown words: the shared tokenizer (of variant {first!r}) does not cover "
+                                  f"variant {variant!r}; list the variant with the richest prompts first")
 
 
 # --- multi-task pretraining ----------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ def variant_tasks(cfg: ReplicateConfig, out: Path, variant: str) -> list[str]:
         return held
     tasks = [t for t in held if t in cfg.adapt.tasks]
     if not tasks:
-        raise RuntimeError(f"adapt.tasks {cfg.adapt.tasks} names none of variant {variant!r}'s held-out tasks {held}")
+        raise ConfigError(f"adapt.tasks {cfg.adapt.tasks} names none of variant {variant!r}'s held-out tasks {held}")
     return tasks
 
 

@@ -8,6 +8,7 @@ import sys
 
 from data_prep.manifest import read_manifest
 from launch import adapt as adapt_cli
+from launch.cli import main as cli_main
 from tests.adapt.conftest import ROOT
 
 TORCHRUN_RANK0_OF_2 = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
@@ -20,7 +21,7 @@ def args(prepared, poly_export, tmp_path, batch):
 
 
 def test_batch_size_not_dividing_over_the_ranks_is_refused_before_torch(prepared, poly_export, tmp_path):
-    code = ("import sys, launch.adapt as a; rc = a.main(sys.argv[1:]); "
+    code = ("import sys, launch.cli as c; rc = c.main(['adapt', *sys.argv[1:]]); "
             "print(rc, 'torch' in sys.modules, 'tensorpoly_ds.engine.trainer' in sys.modules)")
     env = dict(os.environ, PYTHONPATH=str(ROOT), **TORCHRUN_RANK0_OF_2)
     proc = subprocess.run([sys.executable, "-c", code, *args(prepared, poly_export, tmp_path, 5)], cwd=ROOT, env=env,
@@ -40,9 +41,9 @@ def test_the_same_checks_in_process(prepared, poly_export, tmp_path, monkeypatch
     for key, value in TORCHRUN_RANK0_OF_2.items():
         monkeypatch.setenv(key, value)
     base = args(prepared, poly_export, tmp_path, 4)
-    assert adapt_cli.main(base + ["--set", "multitask_steps=2", "--set", "multitask_batch_size=3"]) == 2
+    assert cli_main(["adapt", *base, "--set", "multitask_steps=2", "--set", "multitask_batch_size=3"]) == 2
     assert "'multitask_batch_size' = 3" in capsys.readouterr().err
-    assert adapt_cli.main(base + ["--set", 'trainer="local"']) == 2
+    assert cli_main(["adapt", *base, "--set", 'trainer="local"']) == 2
     assert "runs one process" in capsys.readouterr().err
     assert adapt_cli.main(base + ["--print-job"]) == 0
     assert json.loads(capsys.readouterr().out)["batch_size"] == 4

@@ -13,6 +13,7 @@ import pytest
 from data_prep.manifest import read_manifest
 from launch import adapt as adapt_cli
 from launch import sweep as sweep_cli
+from launch.cli import main as cli_main
 from tensorpoly_ds.adapt.job import JobError, is_complete
 from tensorpoly_ds.adapt.table import TableError, expand_grid, read_table
 from tests.adapt.conftest import ROOT
@@ -60,7 +61,7 @@ def test_expand_only_and_adapt_row(prepared, poly_export, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == rows[10]["job"]
     assert adapt_cli.main(["--job-table", str(table), "--row", "10", "--set", "eval_batch_size=2", "--print-job"]) == 0
     assert json.loads(capsys.readouterr().out) == {**rows[10]["job"], "eval_batch_size": 2}
-    assert adapt_cli.main(["--job-table", str(table), "--row", "45"]) == 2
+    assert cli_main(["adapt", "--job-table", str(table), "--row", "45"]) == 2
     os.environ["SLURM_ARRAY_TASK_ID"] = "10"
     try:
         assert adapt_cli.main(["--job-table", str(table)]) == 0   # the Slurm array way

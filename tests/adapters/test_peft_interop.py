@@ -17,6 +17,7 @@ else:
 
 from transformers import T5ForConditionalGeneration  # noqa: E402
 
+from launch.cli import main as cli_main  # noqa: E402
 from launch.interop import export_main, import_main  # noqa: E402
 from tensorpoly_ds.adapters import (AdapterConfig, export_adapters, inject_adapters, load_adapters,  # noqa: E402
                                     prepare_adaptation, task_routing)
@@ -152,7 +153,7 @@ def refused(args, capsys, *needles):
 ])
 def test_unmappable_exports_are_refused_naming_the_field(backbone, tmp_path, capsys, cfg, needles):
     _, export = our_export(backbone, tmp_path, cfg)
-    refused(lambda: export_main(["--format", "peft", "--adapter", str(export), "--out", str(tmp_path / "p")]),
+    refused(lambda: cli_main(["export", "--format", "peft", "--adapter", str(export), "--out", str(tmp_path / "p")]),
             capsys, *needles)
     assert not (tmp_path / "p").exists()
 
@@ -171,7 +172,7 @@ def test_uniform_routing_is_refused(backbone, tmp_path, capsys):
     model = randomise(inject_adapters(fresh(backbone), AdapterConfig(method="poly", skills=2, gumbel=True), 3))
     prepare_adaptation(model, "mu")
     export = export_adapters(model, tmp_path / "mu", ["new"], extra={"backbone": {"name_or_path": str(backbone)}})
-    refused(lambda: export_main(["--format", "peft", "--adapter", str(export), "--out", str(tmp_path / "p")]),
+    refused(lambda: cli_main(["export", "--format", "peft", "--adapter", str(export), "--out", str(tmp_path / "p")]),
             capsys, "uniform", "collapse")
 
 
@@ -187,12 +188,12 @@ def test_unmappable_peft_adapters_are_refused_naming_the_field(backbone, tmp_pat
     theirs.save_pretrained(str(tmp_path / "peft"))
     path = tmp_path / "peft" / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
-    refused(lambda: import_main(["--format", "peft", "--adapter", str(tmp_path / "peft"), "--out",
+    refused(lambda: cli_main(["import", "--format", "peft", "--adapter", str(tmp_path / "peft"), "--out",
                                  str(tmp_path / "ours")]), capsys, "adapter_config.json", needle)
     assert not (tmp_path / "ours").exists()
 
 
 def test_our_export_is_not_a_peft_folder(backbone, tmp_path, capsys):
     _, export = our_export(backbone, tmp_path, EXPORTABLE["lora"])
-    refused(lambda: import_main(["--format", "peft", "--adapter", str(export), "--out", str(tmp_path / "x")]),
+    refused(lambda: cli_main(["import", "--format", "peft", "--adapter", str(export), "--out", str(tmp_path / "x")]),
             capsys, "tensorpoly-ds export, not a peft adapter")

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep.cli import main
+from data_prep.cli import PROG, main
+from tpds_common.errors import report_user_errors
 from data_prep.mixture import get_mixture
 
 TRAIN_CONFIGS = ["glue_mrpc_equivalent", "glue_mrpc_paraphrase"]   # glue/mrpc has 7 templates
@@ -76,8 +77,8 @@ def emb_args(out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture
 def run():
-    def _run(argv: list[str]) -> int:
-        return main(argv)
+    def _run(argv: list[str]) -> int:   # as `python -m data_prep`: user errors become exit codes
+        return report_user_errors(PROG, main, argv)
     return _run
 
 

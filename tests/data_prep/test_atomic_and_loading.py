@@ -4,6 +4,7 @@ import json
 import pytest
 
 import data_prep.pipeline as pl
+from data_prep.cli import main
 from data_prep.manifest import ManifestError, load_split, read_manifest, shard_range
 
 from conftest import emb_args
@@ -29,8 +30,8 @@ def _files(d):
 def test_interrupted_fresh_build_leaves_no_dir(tmp_path, run, monkeypatch):
     calls = _interrupt_after_first_write(monkeypatch)
     out = tmp_path / "o"
-    with pytest.raises(KeyboardInterrupt):
-        run(emb_args(out))
+    with pytest.raises(KeyboardInterrupt):   # main itself: `run` maps Ctrl-C to exit 130 as the CLI does
+        main(emb_args(out))
     assert calls == ["train", "val"]
     assert not out.exists()
     work = pl.work_dir(out)
@@ -45,7 +46,7 @@ def test_interrupted_overwrite_keeps_previous_dir(tmp_path, run, monkeypatch):
     before = _files(out)
     _interrupt_after_first_write(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        run(emb_args(out, "--max-input-len", "12", "--overwrite"))
+        main(emb_args(out, "--max-input-len", "12", "--overwrite"))
     assert _files(out) == before
     assert read_manifest(out).max_input_len == 256
     assert sorted(p.name for p in tmp_path.iterdir()) == [pl.work_dir(out).name, "o"]

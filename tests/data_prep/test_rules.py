@@ -1,7 +1,8 @@
 """Cap rule end to end, truncation counts, unknown names."""
 import pytest
 
-from data_prep.cli import main
+from data_prep.cli import PROG, main
+from tpds_common.errors import report_user_errors
 from data_prep.errors import ConfigError
 from data_prep.manifest import load_split, read_manifest
 from data_prep.pipeline import PrepConfig, plan
@@ -66,7 +67,8 @@ def test_unknown_names(tmp_path, kw, needle):
 
 
 def test_cli_unknown_mixture_exit_code(tmp_path, capsys):
-    assert main(["--mixture", "nope", "--source", "embedded", "--tokenizer", "embedded", "--out", str(tmp_path / "o")]) == 2
+    argv = ["--mixture", "nope", "--source", "embedded", "--tokenizer", "embedded", "--out", str(tmp_path / "o")]
+    assert report_user_errors(PROG, main, argv) == 2
     assert "valid mixtures" in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launch.cli import main as cli_main   # `tensorpoly-ds`: maps user errors to exit codes
 from tensorpoly_ds.engine.config import RunConfigError, load_run_config, save_run_config
 from tensorpoly_ds.engine.ds_config import fill_ds_config
 
@@ -113,12 +114,9 @@ def test_bad_config_fails_before_any_expensive_work(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dist, "init_distributed", boom)
     bad = write(tmp_path, "bad.yaml", {"train": {"stepz": 1}})
-    assert pretrain.main(["--config", str(bad)]) == 2
-    good = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
-    assert pretrain.main(["--config", str(good), f"data.dir={tmp_path / 'missing'}"]) == 2
-    from launch.cli import main as cli_main   # `tensorpoly-ds pretrain` dispatches here
-
     assert cli_main(["pretrain", "--config", str(bad)]) == 2
+    good = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
+    assert cli_main(["pretrain", "--config", str(good), f"data.dir={tmp_path / 'missing'}"]) == 2
 
 
 def test_sigterm_and_sigusr1_set_the_stop_flag():
@@ -169,7 +167,7 @@ def test_train_batch_size_is_checked_against_the_launchers_world_size(tmp_path, 
             f"run.dir={tmp_path / 'run'}", "train.micro_batch=4", "train.grad_accum=4"]
     with pytest.raises(_Started):
         pretrain.main(args + ["deepspeed.overrides={train_batch_size: 32}"])
-    assert pretrain.main(args + ["deepspeed.overrides={train_batch_size: 16}"]) == 2
+    assert cli_main(["pretrain", *args, "deepspeed.overrides={train_batch_size: 16}"]) == 2
     err = capsys.readouterr().err
     assert "'train_batch_size' = 16" in err and "(32)" in err
 
@@ -183,9 +181,9 @@ def test_bad_resume_is_refused_before_any_process_group(tmp_path, monkeypatch, c
     run = tmp_path / "run"
     args = ["--config", str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"), f"data.dir={prepared_dir}",
             f"run.dir={run}"]
-    assert pretrain.main(args + ["--resume", "/no/such/tag"]) == 2
+    assert cli_main(["pretrain", *args, "--resume", "/no/such/tag"]) == 2
     assert "no such checkpoint directory" in capsys.readouterr().err
-    assert pretrain.main(args + ["--export-only"]) == 2
+    assert cli_main(["pretrain", *args, "--export-only"]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
     for step in (8, 16):   # every kept checkpoint truncated
         tag = run / "checkpoints" / f"step_{step:08d}"
@@ -193,7 +191,7 @@ def test_bad_resume_is_refused_before_any_process_group(tmp_path, monkeypatch, c
         (tag / "meta.json").write_text("{}")
         (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
         (tag / "COMPLETE.json").write_text(json.dumps({"step": step, "files": {"mp_rank_00_model_states.pt": 100}}))
-    assert pretrain.main(args) == 2
+    assert cli_main(["pretrain", *args]) == 2
     err = capsys.readouterr().err
     assert "no usable checkpoint" in err and "step_00000008: file mp_rank_00_model_states.pt has 10 bytes" in err
     assert "step_00000016" in err and "--resume none" in err
@@ -208,6 +206,41 @@ def test_a_second_run_on_a_held_run_dir_is_refused(tmp_path, monkeypatch, capsys
     _no_process_group(monkeypatch)
     run = tmp_path / "run"
     with held(run, "pretraining run directory") as holder:
-        assert pretrain.main(["--config", str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"),
-                              f"data.dir={prepared_dir}", f"run.dir={run}"]) == 75
+        assert cli_main(["pretrain", "--config", str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"),
+                         f"data.dir={prepared_dir}", f"run.dir={run}"]) == 75
     assert f"pretraining run directory {run} is in use by pid {holder.pid}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_checkpoint_error_in_the_run_is_reported_once_with_exit_2(rank, tmp_path, monkeypatch, capsys, prepared_dir):
+    """A CheckpointError from the collective resume checks reaches every rank with the same verdict: each rank
+    records exit 2 in its status file, rank 0 alone prints the one line; a bug records exit 1 and keeps its
+    traceback. Mutations tried: the `rank != 0` early return removed (rank 1 prints the line too: fails);
+    write_status with EXIT_FAILED for user errors (the status says 1: both ranks fail)."""
+    import json
+
+    import launch.pretrain as pretrain
+    from tensorpoly_ds.engine.checkpoint import CheckpointError
+
+    _launched_as_rank0_of(monkeypatch, 2)
+    monkeypatch.setenv("RANK", str(rank))
+
+    def verdict(*args, **kwargs):
+        raise CheckpointError("step_00000008: model states have 10 bytes, 100 expected")
+
+    monkeypatch.setattr(pretrain, "_run", verdict)
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"), f"data.dir={prepared_dir}",
+            f"run.dir={run}"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    status = json.loads((run / "status" / f"rank{rank}.json").read_text())
+    assert status["status"] == "failed" and status["exit_code"] == 2 and "10 bytes" in status["error"]
+    if rank == 0:
+        assert err.strip() == "tensorpoly-ds pretrain: step_00000008: model states have 10 bytes, 100 expected"
+    else:
+        assert "10 bytes" not in err
+    monkeypatch.setattr(pretrain, "_run", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli_main(args)
+    assert json.loads((run / "status" / f"rank{rank}.json").read_text())["exit_code"] == 1

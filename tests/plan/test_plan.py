@@ -14,6 +14,7 @@ import yaml
 from tensorpoly_ds.adapters import AdapterConfig
 from tensorpoly_ds.models import t5_config
 from tensorpoly_ds.plan import CANDIDATES, ModelFacts, Setting, Workload, estimate, recommend
+from launch.cli import main as cli_main
 from launch.plan import build_parser, main as plan_main, run_config
 from tensorpoly_ds.plan.planner import parse_size, plan
 from tensorpoly_ds.plan.facts import meta_batch, meta_model
@@ -200,9 +201,9 @@ def test_t0_11b_tensorpoly_on_8_gpus_of_40gb(capsys):
 
 
 def test_bad_input_is_refused_before_any_work(capsys):
-    assert plan_main(["--model", "t0-3b", "--method", "poly", "train.micro_bach=4"]) == 2
+    assert cli_main(["plan", "--model", "t0-3b", "--method", "poly", "train.micro_bach=4"]) == 2
     assert "micro_bach" in capsys.readouterr().err
-    assert plan_main(["--model", "t0-3b", "--method", "poly", "--gpu-mem", "forty"]) == 2
+    assert cli_main(["plan", "--model", "t0-3b", "--method", "poly", "--gpu-mem", "forty"]) == 2
     assert "--gpu-mem 'forty'" in capsys.readouterr().err
-    assert plan_main(["--model", "t0-3b", "--method", "mhr", "--heads", "3"]) == 2
+    assert cli_main(["plan", "--model", "t0-3b", "--method", "mhr", "--heads", "3"]) == 2
     assert "heads" in capsys.readouterr().err
