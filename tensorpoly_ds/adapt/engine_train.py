@@ -1,4 +1,4 @@
-"""Adaptation through the stage-2 training engine (tensorpoly_ds.engine.trainer.train on DeepSpeed).
+"""Adaptation on the DeepSpeed backend of the training loop (tensorpoly_ds.engine.trainer.Trainer via train()).
 
 The engine owns the optimizer (Adafactor param groups), the schedule, clipping, ZeRO and the ranks; this
 module supplies the hooks: a collate function for choice batches, the T-Few loss, the per-example

@@ -25,6 +25,7 @@ import random
 import shutil
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,8 +39,9 @@ from ..adapters import (AdapterConfig, ModeError, adapter_layers, check_mode, co
 from ..engine.stop import STOP
 from ..evaluation import LossWeights, accuracy, collate_choices, collate_lm, evaluate, lm_loss, tfew_losses, write_jsonl
 from tpds_common.locking import FolderLock, LockHeld
-from .local_train import (CHECKPOINT_FILE, EpochSampler, LocalCheckpointError, build_optimizer, load_checkpoint,
-                          train_steps)
+from ..engine.loop import TRAIN_LOSS, train_key
+from .local_train import (CHECKPOINT_FILE, EpochSampler, LocalCheckpointError, LocalTrainer, build_optimizer,
+                          load_checkpoint)
 
 from .spec import (FULLFT, MARKER_FILE, RESULT_FILE, RESULT_FORMAT, AdaptJob, JobBusy, JobError,  # noqa: F401
                    is_complete)
@@ -374,10 +376,48 @@ def stopped_state(out: Path, job: AdaptJob, force: bool) -> dict | None:
     return saved
 
 
+@dataclass
+class JobData:
+    manifest: Any
+    k: int
+    eval_rows: list[dict]
+    train_rows: list[dict]
+
+
+@dataclass
+class Trained:
+    """What training left: the network to evaluate and snapshot (the DeepSpeed engine on that path), the
+    ZeRO-3 gather context factory (or None), per-step metrics of both phases, and the stop point if any."""
+    net: nn.Module
+    gather: Callable | None = None
+    history: list[dict] = field(default_factory=list)
+    multitask_history: list[dict] = field(default_factory=list)
+    stopped: dict | None = None     # {"phase", "step"} when a stop request ended training
+
+
 def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[str], None],
          prior: dict | None = None) -> dict:
+    """Data, model, training (the loop's local or engine backend), then the requeue or the final result."""
     rank, world = _rank_world()
-    main_rank = rank == 0
+    data = load_job_data(job, timings, log)
+    model, info = build_job_model(job, data, trainer, world, timings)
+    log(f"[adapt] {info['label']} mode={job.mode} task={job.task} k={data.k} seed={job.seed} trainer={trainer} "
+        f"world={world}: {info['trainable_params']:,} trainable parameters")
+    prior = prior or {}
+    resumed_in = (prior.get("stopped") or {}).get("phase")   # None, "multitask" or "fewshot"
+    steps = job.steps if data.k > 0 else 0
+    evals = Evaluations(job, out, data.eval_rows, steps, rank == 0, log, prior.get("evaluations", []))
+    train = train_local if trainer == "local" else train_engine
+    trained = train(job, model, out, data, steps, evals, resumed_in, timings)
+    timings["eval_s"] = evals.seconds
+    losses = loss_records(prior, trained)
+    if trained.stopped is not None:
+        return requeue_result(job, trainer, world, trained, evals, losses)
+    routing = save_routing_and_adapter(job, out, trained, info, rank == 0)
+    return complete_result(job, trainer, world, data.k, info, evals, losses, routing)
+
+
+def load_job_data(job: AdaptJob, timings: dict, log: Callable[[str], None]) -> JobData:
     t0 = time.time()
     manifest = open_data(job.data_dir)
     if job.task not in manifest.held_out:
@@ -388,130 +428,179 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[s
         eval_rows = eval_rows[:job.max_eval_examples]
     train_rows = load_rows(job.data_dir, f"few_shot/{job.task}/{k}_shot/{job.seed}_seed") if k > 0 else []
     timings["data_s"] = time.time() - t0
+    return JobData(manifest, k, eval_rows, train_rows)
 
+
+def build_job_model(job: AdaptJob, data: JobData, trainer: str, world: int, timings: dict):
+    """Seeds, then backbone + adapters + mode (setup_model). Returns (model, info)."""
     t0 = time.time()
     seed_everything(job.seed)
     zero3_config = None
     if trainer == "engine" and job.zero_stage == 3 and job.model not in _architectures():
         from .engine_train import ds_config_for
 
-        zero3_config = ds_config_for(job, max(1, job.steps if k > 0 else job.multitask_steps), world)
-    model, info = setup_model(job, manifest.tokenizer["vocab_size"], zero3_config)
+        zero3_config = ds_config_for(job, max(1, job.steps if data.k > 0 else job.multitask_steps), world)
+    model, info = setup_model(job, data.manifest.tokenizer["vocab_size"], zero3_config)
     timings["setup_s"] = time.time() - t0
-    log(f"[adapt] {info['label']} mode={job.mode} task={job.task} k={k} seed={job.seed} trainer={trainer} "
-        f"world={world}: {info['trainable_params']:,} trainable parameters")
+    return model, info
 
-    prior = prior or {}
-    resumed_in = (prior.get("stopped") or {}).get("phase")   # None, "multitask" or "fewshot"
-    evaluations: list[dict] = list(prior.get("evaluations", []))
-    best: dict | None = None
-    for entry in evaluations:   # the stopped run's evaluations, with the rule run_eval applies
-        if best is None or entry["accuracy"] > best["accuracy"]:
-            best = entry
-    eval_time = [0.0]
-    steps = job.steps if k > 0 else 0
 
-    def run_eval(net: nn.Module, step: int) -> dict:
-        """On every rank (same number of forward passes); rank 0 writes the files."""
-        nonlocal best
+class Evaluations:
+    """The job's rank-classification evaluations: called with (network, step) on every rank (same number of
+    forward passes), rank 0 writes predictions and progress.json. Starts from a stopped run's evaluations."""
+
+    def __init__(self, job: AdaptJob, out: Path, eval_rows: list[dict], steps: int, main_rank: bool,
+                 log: Callable[[str], None], prior: list[dict]):
+        self.job, self.out, self.eval_rows, self.steps = job, out, eval_rows, steps
+        self.main_rank, self.log = main_rank, log
+        self.entries: list[dict] = list(prior)
+        self.best: dict | None = None
+        for entry in self.entries:   # the stopped run's evaluations, with the rule __call__ applies
+            if self.best is None or entry["accuracy"] > self.best["accuracy"]:
+                self.best = entry
+        self.seconds = 0.0
+
+    def __call__(self, net: nn.Module, step: int) -> dict:
+        job, out = self.job, self.out
         t = time.time()
-        phase = "final" if step == steps else ("start" if step == 0 else "periodic")
-        records = evaluate(net, eval_rows, batch_size=job.eval_batch_size, length_norm=job.length_norm, task_id=0)
+        phase = "final" if step == self.steps else ("start" if step == 0 else "periodic")
+        records = evaluate(net, self.eval_rows, batch_size=job.eval_batch_size, length_norm=job.length_norm,
+                           task_id=0)
         acc = accuracy(records)
         entry = {"step": step, "phase": phase, "accuracy": acc["accuracy"], "examples": acc["examples"],
                  "per_template": acc["per_template"].get(job.task, {})}
-        evaluations.append(entry)
-        improved = best is None or entry["accuracy"] > best["accuracy"]
+        self.entries.append(entry)
+        improved = self.best is None or entry["accuracy"] > self.best["accuracy"]
         if improved:
-            best = entry
-        if main_rank:
+            self.best = entry
+        if self.main_rank:
             write_jsonl(out / "predictions.jsonl", records)
             if improved:
                 write_jsonl(out / "predictions_best.jsonl", records)
-            atomic_write_json(out / "progress.json", {"evaluations": evaluations})
-        eval_time[0] += time.time() - t
-        log(f"[adapt] step {step} ({phase}): accuracy {entry['accuracy']:.4f} on {entry['examples']} examples")
+            atomic_write_json(out / "progress.json", {"evaluations": self.entries})
+        self.seconds += time.time() - t
+        self.log(f"[adapt] step {step} ({phase}): accuracy {entry['accuracy']:.4f} on {entry['examples']} examples")
         return {"eval/accuracy": entry["accuracy"]}
 
+
+def _eval_at_start(job: AdaptJob, steps: int, resumed_in: str | None) -> bool:
     # the start evaluation comes after the multi-task steps: a run stopped during few-shot training did it
-    eval_at_start = (job.eval_at_start or steps == 0) and resumed_in != "fewshot"
-    weights = LossWeights(lm=job.loss_lm, mc=job.loss_mc, unlikelihood=job.loss_unlikelihood)
-    net: nn.Module = model          # the module evaluated at the end (the DeepSpeed engine on that path)
-    gather = None
-    multitask_history: list[dict] = []
-    history: list[dict] = []
-    stopped: dict | None = None     # {"phase", "step"} when a stop request ended training
-    if trainer == "local":
-        if world > 1:
-            raise JobError("the local trainer runs one process; use trainer 'engine' for several ranks")
-        ckpt_path = out / CHECKPOINT_FILE
-        state = None
-        if resumed_in is not None:
-            if not ckpt_path.is_file():
-                raise LocalCheckpointError(f"{ckpt_path} is missing: the stopped run cannot be resumed; rerun with "
-                                           "--force to start the job over")
-            state = load_checkpoint(ckpt_path)
-        if job.multitask_steps > 0 and resumed_in != "fewshot":
-            t0 = time.time()
-            mt_rows = load_rows(job.data_dir, "train")
-            sampler = EpochSampler(len(mt_rows), job.multitask_batch_size, job.seed + 1)
-            optimizer = build_optimizer(model, job.optimizer, job.multitask_lr or job.lr, job.routing_lr)
-            # All rows use routing row 0: the uniform / freshly opened routing of the adapted model.
-            multitask_history, at = train_steps(
-                model, steps=job.multitask_steps, sampler=sampler,
-                make_batch=lambda idx: collate_lm([mt_rows[i] for i in idx], 0),
-                loss_fn=lambda b: {"loss": lm_loss(model, b)}, optimizer=optimizer, warmup_ratio=job.warmup_ratio,
-                clip=job.clip, stop=STOP, checkpoint=ckpt_path, phase="multitask",
-                resume_state=state if resumed_in == "multitask" else None)
-            timings["multitask_s"] = time.time() - t0
-            if at is not None:
-                stopped = {"phase": "multitask", "step": at}
-        if stopped is None and eval_at_start:
-            run_eval(model, 0)
-        if stopped is None and steps > 0:
-            t0 = time.time()
-            sampler = EpochSampler(len(train_rows), job.batch_size, job.seed)
-            optimizer = build_optimizer(model, job.optimizer, job.lr, job.routing_lr)
+    return (job.eval_at_start or steps == 0) and resumed_in != "fewshot"
 
-            def on_step(step: int, stats: dict) -> None:
-                if step == steps or (job.eval_every and step % job.eval_every == 0):
-                    run_eval(model, step)
 
-            history, at = train_steps(
-                model, steps=steps, sampler=sampler,
-                make_batch=lambda idx: collate_choices([train_rows[i] for i in idx], 0),
-                loss_fn=lambda b: tfew_losses(model, b, weights), optimizer=optimizer,
-                warmup_ratio=job.warmup_ratio, clip=job.clip, grad_accum=job.grad_accum, on_step=on_step,
-                stop=STOP, checkpoint=ckpt_path, phase="fewshot",
-                resume_state=state if resumed_in == "fewshot" else None)
-            timings["train_s"] = time.time() - t0 - eval_time[0]
-            if at is not None:
-                stopped = {"phase": "fewshot", "step": at}
-    else:
-        from .engine_train import engine_train
+def _loss_weights(job: AdaptJob) -> LossWeights:
+    return LossWeights(lm=job.loss_lm, mc=job.loss_mc, unlikelihood=job.loss_unlikelihood)
 
+
+def train_local(job: AdaptJob, model: nn.Module, out: Path, data: JobData, steps: int, evals: Evaluations,
+                resumed_in: str | None, timings: dict) -> Trained:
+    """The loop's local backend (one process, no DeepSpeed): multi-task steps, start evaluation, few-shot
+    steps with their evaluations. A stopped run resumes from OUT/local_checkpoint.pt."""
+    if _rank_world()[1] > 1:
+        raise JobError("the local trainer runs one process; use trainer 'engine' for several ranks")
+    ckpt_path = out / CHECKPOINT_FILE
+    state = _local_resume_state(ckpt_path, resumed_in)
+    trained = Trained(net=model)
+    if job.multitask_steps > 0 and resumed_in != "fewshot":
         t0 = time.time()
-        net, gather, history, multitask_history, stopped = engine_train(
-            job, model, out, steps=steps, train_rows=train_rows, weights=weights, run_eval=run_eval,
-            world=world, data_dir=job.data_dir, resumed_in=resumed_in, eval_at_start=eval_at_start)
-        timings["train_s"] = time.time() - t0 - eval_time[0]
-    timings["eval_s"] = eval_time[0]
-    train_loss = prior.get("train_loss", []) + [
-        {"step": h["step"], "loss": h.get("loss", h.get("train/loss")), "lm": h.get("lm", h.get("train/lm")),
-         "mc": h.get("mc", h.get("train/mc")), "unlikelihood": h.get("unlikelihood", h.get("train/unlikelihood"))}
-        for h in history]
-    multitask_loss = prior.get("multitask_loss", []) + [
-        {"step": h["step"], "loss": h.get("loss", h.get("train/loss"))} for h in multitask_history]
-    if stopped is not None:
-        # the state a rerun resumes from (stopped_state): everything the final result accumulates
-        return {"format": RESULT_FORMAT, "status": "requeue", "job": job.to_dict(), "trainer": trainer,
-                "world_size": world, "stopped": stopped, "signal": STOP.name or "stop request",
-                "evaluations": evaluations, "train_loss": train_loss, "multitask_loss": multitask_loss,
-                "finished": time.time()}
+        trained.multitask_history, at = _local_multitask(job, model, ckpt_path,
+                                                         state if resumed_in == "multitask" else None)
+        timings["multitask_s"] = time.time() - t0
+        if at is not None:
+            trained.stopped = {"phase": "multitask", "step": at}
+            return trained
+    if _eval_at_start(job, steps, resumed_in):
+        evals(model, 0)
+    if steps > 0:
+        t0 = time.time()
+        trained.history, at = _local_fewshot(job, model, ckpt_path, data.train_rows, steps, evals,
+                                             state if resumed_in == "fewshot" else None)
+        timings["train_s"] = time.time() - t0 - evals.seconds
+        if at is not None:
+            trained.stopped = {"phase": "fewshot", "step": at}
+    return trained
 
-    tables = [t.logits for t in routing_tables(_unwrap(net)).values()]
+
+def _local_resume_state(ckpt_path: Path, resumed_in: str | None) -> dict | None:
+    if resumed_in is None:
+        return None
+    if not ckpt_path.is_file():
+        raise LocalCheckpointError(f"{ckpt_path} is missing: the stopped run cannot be resumed; rerun with "
+                                   "--force to start the job over")
+    return load_checkpoint(ckpt_path)
+
+
+def _local_multitask(job: AdaptJob, model: nn.Module, ckpt_path: Path, state: dict | None):
+    mt_rows = load_rows(job.data_dir, "train")
+    sampler = EpochSampler(len(mt_rows), job.multitask_batch_size, job.seed + 1)
+    optimizer = build_optimizer(model, job.optimizer, job.multitask_lr or job.lr, job.routing_lr)
+    # All rows use routing row 0: the uniform / freshly opened routing of the adapted model.
+    loop = LocalTrainer(model, steps=job.multitask_steps, sampler=sampler,
+                        make_batch=lambda idx: collate_lm([mt_rows[i] for i in idx], 0),
+                        loss_fn=lambda b: {"loss": lm_loss(model, b)}, optimizer=optimizer,
+                        warmup_ratio=job.warmup_ratio, clip=job.clip, stop=STOP, checkpoint=ckpt_path,
+                        phase="multitask")
+    return loop.run(state)
+
+
+def _local_fewshot(job: AdaptJob, model: nn.Module, ckpt_path: Path, train_rows: list[dict], steps: int,
+                   evals: Evaluations, state: dict | None):
+    sampler = EpochSampler(len(train_rows), job.batch_size, job.seed)
+    optimizer = build_optimizer(model, job.optimizer, job.lr, job.routing_lr)
+    weights = _loss_weights(job)
+
+    def on_step(step: int, metrics: dict) -> None:
+        if step == steps or (job.eval_every and step % job.eval_every == 0):
+            evals(model, step)
+
+    loop = LocalTrainer(model, steps=steps, sampler=sampler,
+                        make_batch=lambda idx: collate_choices([train_rows[i] for i in idx], 0),
+                        loss_fn=lambda b: tfew_losses(model, b, weights), optimizer=optimizer,
+                        warmup_ratio=job.warmup_ratio, clip=job.clip, grad_accum=job.grad_accum, on_step=on_step,
+                        stop=STOP, checkpoint=ckpt_path, phase="fewshot")
+    return loop.run(state)
+
+
+def train_engine(job: AdaptJob, model: nn.Module, out: Path, data: JobData, steps: int, evals: Evaluations,
+                 resumed_in: str | None, timings: dict) -> Trained:
+    """The loop's DeepSpeed backend (engine.trainer.Trainer), on every rank of the job."""
+    from .engine_train import engine_train
+
+    t0 = time.time()
+    net, gather, history, multitask_history, stopped = engine_train(
+        job, model, out, steps=steps, train_rows=data.train_rows, weights=_loss_weights(job), run_eval=evals,
+        world=_rank_world()[1], data_dir=job.data_dir, resumed_in=resumed_in,
+        eval_at_start=_eval_at_start(job, steps, resumed_in))
+    timings["train_s"] = time.time() - t0 - evals.seconds
+    return Trained(net, gather, history, multitask_history, stopped)
+
+
+def loss_records(prior: dict, trained: Trained) -> dict[str, list[dict]]:
+    """result.json's per-step losses (its own keys: loss, lm, mc, unlikelihood) from the loop's metrics, after
+    a stopped run's."""
+    train_loss = prior.get("train_loss", []) + [
+        {"step": h["step"], "loss": h.get(TRAIN_LOSS), "lm": h.get(train_key("lm")), "mc": h.get(train_key("mc")),
+         "unlikelihood": h.get(train_key("unlikelihood"))} for h in trained.history]
+    multitask_loss = prior.get("multitask_loss", []) + [
+        {"step": h["step"], "loss": h.get(TRAIN_LOSS)} for h in trained.multitask_history]
+    return {"train_loss": train_loss, "multitask_loss": multitask_loss}
+
+
+def requeue_result(job: AdaptJob, trainer: str, world: int, trained: Trained, evals: Evaluations,
+                   losses: dict) -> dict:
+    """The state a rerun resumes from (stopped_state): everything the final result accumulates."""
+    return {"format": RESULT_FORMAT, "status": "requeue", "job": job.to_dict(), "trainer": trainer,
+            "world_size": world, "stopped": trained.stopped, "signal": STOP.name or "stop request",
+            "evaluations": evals.entries, **losses, "finished": time.time()}
+
+
+def save_routing_and_adapter(job: AdaptJob, out: Path, trained: Trained, info: dict, main_rank: bool) -> bool:
+    """routing.safetensors (routed methods) and, with save_adapter, the adapted adapter export. Collective under
+    ZeRO-3 (every rank). Returns whether a routing file was written."""
+    net, gather = _unwrap(trained.net), trained.gather
+    tables = [t.logits for t in routing_tables(net).values()]
     with (gather(tables) if gather else contextlib.nullcontext()):   # ZeRO-3: a collective, every rank
-        routing = routing_snapshot(_unwrap(net))
+        routing = routing_snapshot(net)
     if routing and main_rank:
         from safetensors.torch import save_file
 
@@ -521,14 +610,17 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[s
         from ..adapters import export_adapters
 
         # every adapter tensor, frozen ones included (mode z freezes the modules), never the backbone
-        params = [p for layer in adapter_layers(_unwrap(net)).values()
+        params = [p for layer in adapter_layers(net).values()
                   for n, p in layer.named_parameters() if not n.startswith("base.")] + tables
         with (gather(params) if gather else contextlib.nullcontext()):
             if main_rank:
-                export_adapters(_unwrap(net), out / "adapter", [job.task],
-                                extra={"adapted_from": job.export, "mode": job.mode})
+                export_adapters(net, out / "adapter", [job.task], extra={"adapted_from": job.export, "mode": job.mode})
+    return bool(routing)
 
-    final = evaluations[-1]
+
+def complete_result(job: AdaptJob, trainer: str, world: int, k: int, info: dict, evals: Evaluations,
+                    losses: dict, routing: bool) -> dict:
+    final, best = evals.entries[-1], evals.best
     return {
         "format": RESULT_FORMAT,
         "status": "complete",
@@ -543,15 +635,15 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[s
         "seed": job.seed,
         "k": k,
         "zero_shot": k == 0,
-        "evaluations": evaluations,
+        "evaluations": evals.entries,
         "final": {"step": final["step"], "accuracy": final["accuracy"]},
         "best": {"step": best["step"], "accuracy": best["accuracy"]},
         "per_template": final["per_template"],
         "params": {"trainable": info["trainable_params"], "multi_task": info["multi_task_params"],
                    "backbone": info["backbone_params"]},
         "backbone": {"model": job.model, "init_seed": info["backbone_seed"]},
-        "train_loss": train_loss,
-        "multitask_loss": multitask_loss,
+        "train_loss": losses["train_loss"],
+        "multitask_loss": losses["multitask_loss"],
         "routing_file": "routing.safetensors" if routing else None,
         "finished": time.time(),
     }

@@ -1,5 +1,5 @@
-"""The local trainer of adaptation jobs: a plain one-process PyTorch loop (loss hook, warmup + linear decay,
-grad-norm clipping) that honours stop requests.
+"""The local backend of the training loop (engine.loop) for adaptation jobs: plain one-process PyTorch (loss
+hook, warmup + linear decay, grad-norm clipping) that honours stop requests.
 
 After every optimizer step the loop checks the stop flag (SIGTERM/SIGINT/SIGUSR1, tensorpoly_ds.engine.stop);
 when set it writes OUT/local_checkpoint.pt (trainable parameters, optimizer, schedule, sampler and RNG
@@ -22,6 +22,7 @@ from tpds_common.errors import CheckpointError
 
 from ..adapters import routing_tables
 from ..engine.checkpoint import rng_state, set_rng_state
+from ..engine.loop import GRAD_NORM, TRAIN_LOSS, TrainLoop, lr_factor, lr_key, train_key
 
 CHECKPOINT_FILE = "local_checkpoint.pt"
 
@@ -46,14 +47,6 @@ def build_optimizer(model: nn.Module, name: str, lr: float, routing_lr: float | 
 
         return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
-
-
-def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
-    """Linear warmup over warmup_ratio * total steps, then linear decay to 0."""
-    warmup = int(round(warmup_ratio * total))
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 class EpochSampler:
@@ -94,53 +87,83 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                                    "rerun with --force to start the job over") from None
 
 
-def train_steps(model: nn.Module, *, steps: int, sampler: EpochSampler, make_batch: Callable[[list[int]], Any],
-                loss_fn: Callable[[Any], dict], optimizer: torch.optim.Optimizer, warmup_ratio: float, clip: float,
-                grad_accum: int = 1, on_step: Callable[[int, dict], None] | None = None, stop=None,
-                checkpoint: Path | None = None, phase: str = "fewshot",
-                resume_state: dict[str, Any] | None = None) -> tuple[list[dict], int | None]:
-    """Train for `steps` optimizer steps. Returns (history of this call, step at which a stop request
-    ended the loop or None). With `stop` (a StopFlag) and `checkpoint`, a stop request is honoured after
-    the current step: the checkpoint is written and the loop returns. `resume_state` (a loaded checkpoint
-    of this phase) continues a stopped loop."""
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup_ratio))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    start = 0
-    if resume_state is not None:
+class LocalTrainer(TrainLoop):
+    """The plain-PyTorch backend of the training loop (engine.loop): one process, no DeepSpeed engine and no
+    process group, for adaptation jobs with `trainer: local` (tiny in-process jobs, a tree without the engine).
+    Each step: zero_grad, forward + backward of `grad_accum` micro-batches (loss / grad_accum), clipping, the
+    optimizer and schedule steps. A stop request (with `stop` and `checkpoint`) is honoured after the current
+    step: the checkpoint is written and the loop returns."""
+
+    def __init__(self, model: nn.Module, *, steps: int, sampler: EpochSampler, make_batch: Callable[[list[int]], Any],
+                 loss_fn: Callable[[Any], dict], optimizer: torch.optim.Optimizer, warmup_ratio: float, clip: float,
+                 grad_accum: int = 1, on_step: Callable[[int, dict], None] | None = None, stop=None,
+                 checkpoint: Path | None = None, phase: str = "fewshot"):
+        self.model, self.sampler, self.make_batch, self.loss_fn = model, sampler, make_batch, loss_fn
+        self.optimizer, self.clip, self.grad_accum, self.on_step = optimizer, clip, grad_accum, on_step
+        self.stop, self.checkpoint_path, self.phase = stop, checkpoint, phase
+        self.total_steps, self.step_no, self.history = steps, 0, []
+        self.setup(warmup_ratio)
+
+    def setup(self, warmup_ratio: float) -> None:
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup_ratio, "linear"))
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.named = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue a stopped loop from its checkpoint (a loaded CHECKPOINT_FILE of this phase)."""
         with torch.no_grad():
-            for name, value in resume_state["params"].items():
-                named[name].copy_(value)
-        optimizer.load_state_dict(resume_state["optimizer"])
-        sched.load_state_dict(resume_state["scheduler"])
-        sampler.load_state_dict(resume_state["sampler"])
-        set_rng_state(json.loads(resume_state["rng"]))
-        start = int(resume_state["step"])
-    history = []
-    model.train()
-    for step in range(start + 1, steps + 1):
+            for name, value in state["params"].items():
+                self.named[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(json.loads(state["rng"]))
+        self.step_no = int(state["step"])
+
+    def run(self, resume_state: dict[str, Any] | None = None) -> tuple[list[dict], int | None]:
+        """Returns (history of this call, step at which a stop request ended the loop or None)."""
+        if resume_state is not None:
+            self.resume(resume_state)
+        self.model.train()
+        return self.history, (self.step_no if self.loop() == "requeue" else None)
+
+    def step(self) -> dict[str, float]:
+        optimizer, accum = self.optimizer, self.grad_accum
         optimizer.zero_grad(set_to_none=True)
+        lrs = {lr_key(g["name"]): g["lr"] for g in optimizer.param_groups}   # the learning rates this step uses
         stats: dict[str, float] = {}
-        for _ in range(grad_accum):
-            out = loss_fn(make_batch(sampler.next()))
-            (out["loss"] / grad_accum).backward()
+        for _ in range(accum):
+            out = self.loss_fn(self.make_batch(self.sampler.next()))
+            (out["loss"] / accum).backward()
             for k, v in out.items():
-                stats[k] = stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / grad_accum
-        if clip > 0:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                key = train_key(k)
+                stats[key] = stats.get(key, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / accum
+        if self.clip > 0:
+            stats[GRAD_NORM] = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
         optimizer.step()
-        sched.step()
-        stats["lr"] = optimizer.param_groups[0]["lr"]
-        if not math.isfinite(stats["loss"]):
-            raise FloatingPointError(f"step {step}: non-finite loss {stats['loss']}")
-        history.append({"step": step, **stats})
-        if on_step is not None:
-            on_step(step, stats)
-        if stop is not None and stop.signal is not None and checkpoint is not None:
-            save_checkpoint(checkpoint, {
-                "phase": phase, "step": step,
-                "params": {name: p.detach().cpu().clone() for name, p in named.items()},
-                "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
-                "sampler": sampler.state_dict(), "rng": json.dumps(rng_state())})
-            return history, step
-    return history, None
+        self.sched.step()
+        self.step_no += 1
+        stats.update(lrs)
+        if not math.isfinite(stats[TRAIN_LOSS]):
+            raise FloatingPointError(f"step {self.step_no}: non-finite loss {stats[TRAIN_LOSS]}")
+        return stats
+
+    def record(self, metrics: dict[str, float]) -> None:
+        self.history.append({"step": self.step_no, **metrics})
+        if self.on_step is not None:
+            self.on_step(self.step_no, metrics)
+
+    def stop_requested(self) -> bool:
+        return self.stop is not None and self.stop.signal is not None and self.checkpoint_path is not None
+
+    def on_stop(self) -> None:
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """CHECKPOINT_FILE: trainable parameters, optimizer, schedule, sampler and RNG states (atomic)."""
+        save_checkpoint(self.checkpoint_path, {
+            "phase": self.phase, "step": self.step_no,
+            "params": {name: p.detach().cpu().clone() for name, p in self.named.items()},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.sched.state_dict(),
+            "sampler": self.sampler.state_dict(), "rng": json.dumps(rng_state())})

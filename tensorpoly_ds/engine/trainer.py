@@ -1,6 +1,6 @@
-"""The training loop (one readable function, nanoGPT-style) and the reusable API other stages call.
+"""The DeepSpeed backend of the training loop (engine.loop) and the reusable API other stages call.
 
-    from tensorpoly_ds.engine.trainer import train, TrainHooks
+    from tensorpoly_ds.engine.trainer import train, TrainHooks     # or Trainer(...).run(resume)
 
     result = train(model, train_rows, optim=cfg.optim, train=cfg.train, deepspeed=cfg.deepspeed,
                    run_dir="runs/x", tasks=task_names, val_rows=val_rows, hooks=TrainHooks(loss_fn=..., eval_fn=...))
@@ -46,6 +46,7 @@ from .config import DeepSpeedSection, OptimSection, RunConfigError, TrainSection
 from .data import IGNORE_INDEX, TrainStream, collate, eval_batches
 from .ds_config import fill_sections, save_json
 from .effective import ActivationDtype, describe_engine
+from .loop import GRAD_NORM, TRAIN_LOSS, TrainLoop, lr_factor, lr_key, train_key
 from .monitor import Monitor, memory_mb, routing_weights
 
 log = logging.getLogger(__name__)
@@ -131,16 +132,6 @@ def build_optimizer(groups: list[dict[str, Any]], optim: OptimSection) -> torch.
                              weight_decay=optim.weight_decay)
 
 
-def lr_factor(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
-    """Linear warmup over warmup_ratio*total steps, then linear decay to 0 (or constant)."""
-    warmup = int(round(warmup_ratio * total))
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
 # ---- helpers ---------------------------------------------------------------------------------------------
 def _zero3(engine) -> bool:
     return engine.zero_optimization_partition_weights()
@@ -219,6 +210,19 @@ def _tokens(batch: dict[str, Any]) -> float:
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
+@dataclass
+class DataOptions:
+    """How rows become batches: lengths, end-of-sequence id, evaluation batch and rows, and which rows share a
+    step (`batching`, `group_size`: data.TrainStream)."""
+    max_input_len: int | None = None
+    max_target_len: int | None = None
+    eos_id: int = 1
+    eval_micro_batch: int | None = None
+    val_max_samples: int | None = None
+    batching: str = "random"
+    group_size: int = 4
+
+
 def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSection, deepspeed: DeepSpeedSection,
           run_dir: str | Path, tasks: list[str] | None = None, val_rows=None, hooks: TrainHooks | None = None,
           resume: str = "none", ds_config: dict | None = None, fingerprint: dict | None = None,
@@ -232,212 +236,297 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
     run is a single process. `resume`: "none", "auto" (the newest intact checkpoint under
     RUN_DIR/checkpoints; none at all: a fresh start; some, but none usable: CheckpointError) or a tag
     directory (checkpoint.resume). `batching`, `group_size`: which rows share a step (data.TrainStream).
-    Every rank must call it."""
-    import deepspeed as ds_lib
+    Every rank must call it. The keyword form of `Trainer(...).run(resume)`."""
+    data = DataOptions(max_input_len=max_input_len, max_target_len=max_target_len, eos_id=eos_id,
+                       eval_micro_batch=eval_micro_batch, val_max_samples=val_max_samples, batching=batching,
+                       group_size=group_size)
+    return Trainer(model, train_rows, optim=optim, train=train, deepspeed=deepspeed, run_dir=run_dir, tasks=tasks,
+                   val_rows=val_rows, hooks=hooks, data=data, ds_config=ds_config, fingerprint=fingerprint,
+                   export_dir=export_dir, export_extra=export_extra).run(resume)
 
-    hooks = hooks or TrainHooks()
-    run_dir = Path(run_dir)
-    if not dist.is_dist():
-        dist.init_distributed()
-    rank, world = dist.rank(), dist.world_size()
-    device = dist.device_and_backend()[0]
-    ds_config = ds_config or fill_sections(deepspeed, train, optim, world)
-    if rank == 0:
-        save_json(ds_config, run_dir / "ds_config.json")
-    fingerprint = fingerprint or {}
-    adapter_cfg = getattr(_module(model), "tpds_adapter_config", None)
-    meta_base = {"fingerprint": fingerprint.get("hash"), "adapter": adapter_cfg.to_dict() if adapter_cfg else None,
-                 "full_finetune": adapter_cfg is None, "world_size": world, "tasks": tasks,
-                 "batch": elastic.batch_layout(train.micro_batch, train.grad_accum, world)}
 
-    if train.gradient_checkpointing:
-        from .model import enable_gradient_checkpointing
+class Trainer(TrainLoop):
+    """The DeepSpeed backend of the training loop (engine.loop): setup, resume, step, evaluate, checkpoint,
+    export. `Trainer(...).run(resume)` is `train(...)`; the order of the calls below is the order of the RNG
+    draws and collectives, so a run gives the same numbers whatever calls it."""
 
-        enable_gradient_checkpointing(model)
-    set_factor_recomputation(model, train.recompute_adapter_factors)
-    groups = param_groups(model, optim)
-    group_names = [g["name"] for g in groups]
-    probe = _grad_alignment_probe(train, ds_config, adapter_cfg, train_rows, tasks or [], hooks, rank,
-                                  max_input_len, max_target_len, eos_id)
-    optimizer = build_optimizer(groups, optim)
+    def __init__(self, model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSection,
+                 deepspeed: DeepSpeedSection, run_dir: str | Path, tasks: list[str] | None = None, val_rows=None,
+                 hooks: TrainHooks | None = None, data: DataOptions | None = None, ds_config: dict | None = None,
+                 fingerprint: dict | None = None, export_dir: str | Path | None = None,
+                 export_extra: dict | None = None):
+        self.model, self.train_rows, self.val_rows, self.tasks = model, train_rows, val_rows, tasks
+        self.optim, self.cfg, self.ds_section = optim, train, deepspeed
+        self.run_dir = Path(run_dir)
+        self.hooks = hooks or TrainHooks()
+        self.data = data or DataOptions()
+        self.ds_config, self.fingerprint = ds_config, fingerprint or {}
+        self.export_dir, self.export_extra, self.export_path = export_dir, export_extra, None
+        self.step_no, self.history, self.eval_pending = 0, [], False
 
-    def make_scheduler(opt):
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, train.steps, optim.warmup_ratio, optim.schedule))
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.steps
 
-    engine, _, _, scheduler = ds_lib.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
-                                                config=ds_config)
-    engine.train()
-    activation_dtype = ActivationDtype(engine.module)
-    seed_all(train.seed + 1000 * rank)   # per-rank streams (dropout, Gumbel noise); restored on resume
+    # -- setup and resume ------------------------------------------------------------------------------------
+    def run(self, resume: str = "none") -> TrainResult:
+        self.setup()
+        self.resume(resume)
+        self.open_outputs()
+        try:
+            status = self.loop()
+        finally:
+            self.close()
+        return TrainResult(status, self.step_no, self.engine, self.run_dir, self.history, self.export_path)
 
-    stream = TrainStream(train_rows, seed=train.seed, micro_batch=train.micro_batch, grad_accum=train.grad_accum,
-                         rank=rank, world_size=world, max_input_len=max_input_len, max_target_len=max_target_len,
-                         eos_id=eos_id, collate_fn=hooks.collate_fn, batching=batching, group_size=group_size)
-    # Length-grouped steps hold rows of similar length, so their target-token counts differ far more than
-    # random steps' do; dividing each step by its own count would weight a token by 1/(its step's count) and
-    # favour tasks with short targets. Dividing by the split's mean count per step weights every token alike.
-    fixed_norm = (stream.mean_step_targets() if batching == "length_grouped" and hooks.weight_fn is token_weight
-                  and hooks.collate_fn is None else None)
-    ckpt_dir = run_dir / "checkpoints"
-    step = 0
-    eval_pending = False
+    def setup(self) -> None:
+        """Process group, DeepSpeed engine (optimizer param groups, schedule), per-rank RNG streams, data."""
+        if not dist.is_dist():
+            dist.init_distributed()
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.device = dist.device_and_backend()[0]
+        self.ds_config = self.ds_config or fill_sections(self.ds_section, self.cfg, self.optim, self.world)
+        if self.rank == 0:
+            save_json(self.ds_config, self.run_dir / "ds_config.json")
+        adapter_cfg = getattr(_module(self.model), "tpds_adapter_config", None)
+        self.meta_base = {"fingerprint": self.fingerprint.get("hash"),
+                          "adapter": adapter_cfg.to_dict() if adapter_cfg else None,
+                          "full_finetune": adapter_cfg is None, "world_size": self.world, "tasks": self.tasks,
+                          "batch": elastic.batch_layout(self.cfg.micro_batch, self.cfg.grad_accum, self.world)}
+        self._build_engine(adapter_cfg)
+        seed_all(self.cfg.seed + 1000 * self.rank)   # per-rank streams (dropout, Gumbel noise); restored on resume
+        self._build_stream()
+        self.ckpt_dir = self.run_dir / "checkpoints"
 
-    def check_resumable(saved: dict, tag: Path) -> None:
-        _check_compatible(saved, meta_base, tag)
-        more_steps = train.steps > int(saved.get("step", 0))   # an export alone does not care about the batch
-        elastic.check(saved, tag, world=world, batch=meta_base["batch"] if more_steps else None, optimizer=optim.name)
+    def _build_engine(self, adapter_cfg) -> None:
+        import deepspeed as ds_lib
 
-    meta = ckpt.resume(engine, ckpt_dir, resume, check=check_resumable, rng_seed=train.seed)
-    if meta is not None:
-        step = int(meta["step"])
-        stream.load_state_dict(meta["data"])
+        tr, optim, d = self.cfg, self.optim, self.data
+        if tr.gradient_checkpointing:
+            from .model import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(self.model)
+        set_factor_recomputation(self.model, tr.recompute_adapter_factors)
+        groups = param_groups(self.model, optim)
+        self.group_names = [g["name"] for g in groups]
+        self.probe = _grad_alignment_probe(tr, self.ds_config, adapter_cfg, self.train_rows, self.tasks or [],
+                                           self.hooks, self.rank, d.max_input_len, d.max_target_len, d.eos_id)
+        self.optimizer = build_optimizer(groups, optim)
+
+        def make_scheduler(opt):   # reads tr.steps when stepped (an export-only run sets it to 0)
+            return torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: lr_factor(s, tr.steps, optim.warmup_ratio, optim.schedule))
+
+        self.engine, _, _, _ = ds_lib.initialize(model=self.model, optimizer=self.optimizer,
+                                                 lr_scheduler=make_scheduler, config=self.ds_config)
+        self.engine.train()
+        self.activation_dtype = ActivationDtype(self.engine.module)
+
+    def _build_stream(self) -> None:
+        tr, d, hooks = self.cfg, self.data, self.hooks
+        self.stream = TrainStream(self.train_rows, seed=tr.seed, micro_batch=tr.micro_batch, grad_accum=tr.grad_accum,
+                                  rank=self.rank, world_size=self.world, max_input_len=d.max_input_len,
+                                  max_target_len=d.max_target_len, eos_id=d.eos_id, collate_fn=hooks.collate_fn,
+                                  batching=d.batching, group_size=d.group_size)
+        # Length-grouped steps hold rows of similar length, so their target-token counts differ far more than
+        # random steps' do; dividing each step by its own count would weight a token by 1/(its step's count) and
+        # favour tasks with short targets. Dividing by the split's mean count per step weights every token alike.
+        self.fixed_norm = (self.stream.mean_step_targets() if d.batching == "length_grouped"
+                           and hooks.weight_fn is token_weight and hooks.collate_fn is None else None)
+
+    def resume(self, mode: str) -> None:
+        meta = ckpt.resume(self.engine, self.ckpt_dir, mode, check=self._check_resumable, rng_seed=self.cfg.seed)
+        if meta is None:
+            return
+        self.step_no = int(meta["step"])
+        self.stream.load_state_dict(meta["data"])
         # a stop at an evaluation step checkpointed before evaluating: evaluate first, as the
         # uninterrupted run did at this step
-        eval_pending = bool(meta.get("eval_pending"))
-        if rank == 0:
-            print(f"[tensorpoly-ds] resumed from {meta['tag']} at step {step} on {world} rank(s)"
-                  + _written_on(meta, world), flush=True)
+        self.eval_pending = bool(meta.get("eval_pending"))
+        if self.rank == 0:
+            print(f"[tensorpoly-ds] resumed from {meta['tag']} at step {self.step_no} on {self.world} rank(s)"
+                  + _written_on(meta, self.world), flush=True)
 
-    monitor = Monitor(run_dir, enabled=rank == 0)
-    stop = STOP
-    installed_here = stop.install()   # launchers install it at start-up; library callers get it here
-    start_time = time.monotonic()
-    history: list[dict] = []
-    bar = None
-    if rank == 0 and train.progress_bar:
-        from tqdm import tqdm
+    def _check_resumable(self, saved: dict, tag: Path) -> None:
+        _check_compatible(saved, self.meta_base, tag)
+        more_steps = self.cfg.steps > int(saved.get("step", 0))   # an export alone does not care about the batch
+        elastic.check(saved, tag, world=self.world, batch=self.meta_base["batch"] if more_steps else None,
+                      optimizer=self.optim.name)
 
-        bar = tqdm(total=train.steps, initial=step, desc="train", dynamic_ncols=True)
-    eval_kwargs = dict(batch_size=eval_micro_batch or 2 * train.micro_batch, device=device, hooks=hooks,
-                       max_rows=val_max_samples, max_input_len=max_input_len, max_target_len=max_target_len,
-                       eos_id=eos_id)
-    manual_norm = ds_config["zero_optimization"]["stage"] == 0 and not ds_config.get("bf16", {}).get("enabled")
-    trainable = [p for p in engine.module.parameters() if p.requires_grad]
-    probe_health = AdapterHealth.build(engine.module, train.adapter_health, rank, device)
+    def open_outputs(self) -> None:
+        """Monitor, stop flag, progress bar and the per-step probes; `close` undoes them."""
+        tr = self.cfg
+        self.monitor = Monitor(self.run_dir, enabled=self.rank == 0)
+        self.stop = STOP
+        self.installed_here = self.stop.install()   # launchers install it at start-up; library callers get it here
+        self.start_time = time.monotonic()
+        self.bar = None
+        if self.rank == 0 and tr.progress_bar:
+            from tqdm import tqdm
 
-    def save(at_step: int, eval_pending: bool = False) -> Path | None:
-        if not train.save_checkpoints:
-            return None
-        meta = dict(meta_base, step=at_step, data=stream.state_dict(), time=time.time(), eval_pending=eval_pending)
-        return ckpt.save(engine, ckpt_dir, at_step, meta, keep=train.keep_checkpoints)
+            self.bar = tqdm(total=tr.steps, initial=self.step_no, desc="train", dynamic_ncols=True)
+        self.manual_norm = (self.ds_config["zero_optimization"]["stage"] == 0
+                            and not self.ds_config.get("bf16", {}).get("enabled"))
+        self.trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
+        self.probe_health = AdapterHealth.build(self.engine.module, tr.adapter_health, self.rank, self.device)
 
-    def run_eval(at_step: int) -> None:
+    def close(self) -> None:
+        if self.installed_here:
+            self.stop.restore()
+        if self.bar is not None:
+            self.bar.close()
+        self.monitor.close()
+
+    # -- the step --------------------------------------------------------------------------------------------
+    def before_steps(self) -> None:
+        self.last_saved = self.step_no if self.step_no > 0 else -1
+        if self.eval_pending and self.eval_due(self.step_no):
+            self.evaluate(self.step_no)
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step over the global batch; one collective for the weights, one for the loss and
+        the stop vote."""
+        t0 = time.perf_counter()
+        device = self.device
+        lrs = {lr_key(name): group["lr"] for name, group in zip(self.group_names, self.optimizer.param_groups)}
+        micro_batches = [_to(b, device) for b in self.stream.next_step()]
+        local_w = sum(self.hooks.weight_fn(b) for b in micro_batches)
+        local_tok = sum(_tokens(b) for b in micro_batches)
+        global_w, global_tok = dist.all_reduce_sum([local_w, local_tok], device)
+        norm = self.fixed_norm or global_w
+        scale = self.world * self.cfg.grad_accum / norm if norm > 0 else 0.0
+        loss_total, extra, grad_norm = self._forward_backward(micro_batches, scale)
+        self.step_no += 1
+        self._describe_engine_once()
+        if grad_norm is None:
+            norm = self.engine.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else float("nan")
+        over_budget = self.cfg.max_minutes > 0 and (time.monotonic() - self.start_time) > 60 * self.cfg.max_minutes
+        loss_all, self.stop_votes = dist.all_reduce_sum(
+            [loss_total, float(self.stop.signal is not None or over_budget)], device)
+        dt = time.perf_counter() - t0
+        metrics = {TRAIN_LOSS: loss_all / global_w if global_w > 0 else float("nan"),
+                   GRAD_NORM: grad_norm, "perf/step_time_s": dt,
+                   "perf/samples_per_s": self.stream.global_batch / dt, "perf/tokens_per_s": global_tok / dt}
+        if self.probe_health is not None:
+            metrics.update(self.probe_health.metrics())
+        metrics.update(lrs)   # the learning rates this step used
+        metrics.update(memory_mb(device))
+        metrics.update({train_key(k): v for k, v in extra.items()})
+        return metrics
+
+    def _forward_backward(self, micro_batches: list[dict], scale: float) -> tuple[float, dict, float | None]:
+        """Forward and backward of each micro-batch, engine.step after each (DeepSpeed updates at the last).
+        Returns (summed loss, summed extra stats, grad norm measured here under ZeRO-0 fp32 or None)."""
+        engine, last = self.engine, len(micro_batches) - 1
+        loss_total, extra = 0.0, {}
+        grad_norm = None
+        for i, batch in enumerate(micro_batches):
+            with task_routing(batch["task_ids"]), health.recording(self.probe_health is not None):
+                loss_sum, stats = self.hooks.loss_fn(engine, batch)
+            engine.backward(loss_sum * scale)
+            if self.manual_norm and i == last and self.trainable:
+                grads = [p.grad.detach().float().norm() for p in self.trainable if p.grad is not None]
+                grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+            if self.probe_health is not None and i == last:
+                self.probe_health.read_grads()
+            engine.step()
+            loss_total += float(loss_sum.detach())
+            for k, v in (stats or {}).items():
+                extra[k] = extra.get(k, 0.0) + float(v)
+        return loss_total, extra, grad_norm
+
+    def _describe_engine_once(self) -> None:
+        """engine.json after the first step, when the optimizer state exists."""
+        if self.activation_dtype is None:
+            return
+        if self.rank == 0:
+            save_json(describe_engine(self.engine, self.activation_dtype.dtype), self.run_dir / "engine.json")
+        self.activation_dtype.remove()
+        self.activation_dtype = None
+
+    def record(self, metrics: dict[str, float]) -> None:
+        step = self.step_no
+        self.history.append({"step": step, **metrics})
+        if self.hooks.on_step is not None:
+            self.hooks.on_step(step, metrics)
+        if self.rank == 0:
+            if step % self.cfg.log_every == 0 or step == 1 or step == self.cfg.steps:
+                self.monitor.scalars(step, metrics)
+            else:   # metrics.jsonl gets every step (trajectory comparisons); TensorBoard every log_every
+                self.monitor.jsonl.write(json.dumps({"kind": "train", "step": step, **metrics}) + "\n")
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(loss=f"{metrics[TRAIN_LOSS]:.4f}", refresh=False)
+        if self.probe is not None and step % self.cfg.grad_alignment_every == 0:
+            matrix, seconds = self.probe.measure(self.engine.module, self.device)
+            self.monitor.grad_alignment(step, self.probe.task_names, matrix, seconds)
+        if not math.isfinite(metrics[TRAIN_LOSS]):
+            warnings.warn(f"step {step}: non-finite training loss {metrics[TRAIN_LOSS]}", RuntimeWarning)
+
+    def stop_requested(self) -> bool:
+        return self.stop_votes > 0
+
+    def on_stop(self) -> None:
+        if self.rank == 0:
+            why = "time budget" if self.stop.signal is None else self.stop.name
+            print(f"[tensorpoly-ds] stop requested ({why}) at step {self.step_no}: checkpointing, exit "
+                  f"{REQUEUE_EXIT_CODE}", flush=True)
+        self.checkpoint(self.step_no, eval_pending=self.eval_due(self.step_no))
+
+    def after_step(self) -> None:
+        step, tr = self.step_no, self.cfg
+        if self.eval_due(step):
+            self.evaluate(step)
+        if tr.save_every and step % tr.save_every == 0 and step < tr.steps:
+            self.checkpoint(step)
+
+    def finish(self) -> None:
+        if self.last_saved != self.step_no:
+            self.checkpoint(self.step_no)
+        if self.cfg.eval_at_end:
+            self.evaluate(self.step_no)
+        if self.cfg.export_at_end:
+            self.export_path = self.export()
+
+    # -- evaluation, checkpoints, export ---------------------------------------------------------------------
+    def eval_due(self, at_step: int) -> bool:
+        tr = self.cfg
+        return bool(tr.eval_every) and at_step % tr.eval_every == 0 and at_step < tr.steps
+
+    def evaluate(self, at_step: int) -> None:
+        """Validation loss, the eval hook and the routing figures (every rank; rank 0 logs)."""
         metrics = {}
-        if val_rows is not None:
-            metrics["val/loss"] = evaluate_loss(engine, val_rows, **eval_kwargs)
-        if hooks.eval_fn is not None:
-            metrics.update(hooks.eval_fn(engine, at_step) or {})
-        tables = routing_tables(engine.module)
+        if self.val_rows is not None:
+            d = self.data
+            metrics["val/loss"] = evaluate_loss(
+                self.engine, self.val_rows, batch_size=d.eval_micro_batch or 2 * self.cfg.micro_batch,
+                device=self.device, hooks=self.hooks, max_rows=d.val_max_samples, max_input_len=d.max_input_len,
+                max_target_len=d.max_target_len, eos_id=d.eos_id)
+        if self.hooks.eval_fn is not None:
+            metrics.update(self.hooks.eval_fn(self.engine, at_step) or {})
+        tables = routing_tables(self.engine.module)
         if tables:
-            with gathered(engine, [t.logits for t in tables.values()]):
+            with gathered(self.engine, [t.logits for t in tables.values()]):
                 weights = routing_weights(tables)
-            monitor.routing(at_step, weights, tasks or [], train.heatmap_max_layers)
+            self.monitor.routing(at_step, weights, self.tasks or [], self.cfg.heatmap_max_layers)
         if metrics:
-            monitor.scalars(at_step, metrics, kind="eval")
-            if bar is not None:
-                bar.write(f"step {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        monitor.flush()
+            self.monitor.scalars(at_step, metrics, kind="eval")
+            if self.bar is not None:
+                self.bar.write(f"step {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        self.monitor.flush()
 
-    def eval_due(at_step: int) -> bool:
-        return bool(train.eval_every) and at_step % train.eval_every == 0 and at_step < train.steps
+    def checkpoint(self, at_step: int, eval_pending: bool = False) -> Path | None:
+        self.last_saved = at_step
+        if not self.cfg.save_checkpoints:
+            return None
+        meta = dict(self.meta_base, step=at_step, data=self.stream.state_dict(), time=time.time(),
+                    eval_pending=eval_pending)
+        return ckpt.save(self.engine, self.ckpt_dir, at_step, meta, keep=self.cfg.keep_checkpoints)
 
-    status, last_saved = "done", step if step > 0 else -1
-    try:
-        if eval_pending and eval_due(step):
-            run_eval(step)
-        while step < train.steps:
-            t0 = time.perf_counter()
-            lrs = {f"lr/{name}": group["lr"] for name, group in zip(group_names, optimizer.param_groups)}
-            micro_batches = [_to(b, device) for b in stream.next_step()]
-            local_w = sum(hooks.weight_fn(b) for b in micro_batches)
-            local_tok = sum(_tokens(b) for b in micro_batches)
-            global_w, global_tok = dist.all_reduce_sum([local_w, local_tok], device)
-            norm = fixed_norm or global_w
-            scale = world * train.grad_accum / norm if norm > 0 else 0.0
-            loss_total, extra = 0.0, {}
-            grad_norm = None
-            for i, batch in enumerate(micro_batches):
-                with task_routing(batch["task_ids"]), health.recording(probe_health is not None):
-                    loss_sum, stats = hooks.loss_fn(engine, batch)
-                engine.backward(loss_sum * scale)
-                if manual_norm and i == len(micro_batches) - 1 and trainable:
-                    grads = [p.grad.detach().float().norm() for p in trainable if p.grad is not None]
-                    grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
-                if probe_health is not None and i == len(micro_batches) - 1:
-                    probe_health.read_grads()
-                engine.step()
-                loss_total += float(loss_sum.detach())
-                for k, v in (stats or {}).items():
-                    extra[k] = extra.get(k, 0.0) + float(v)
-            step += 1
-            if activation_dtype is not None:   # after the first step: the optimizer state exists
-                if rank == 0:
-                    save_json(describe_engine(engine, activation_dtype.dtype), run_dir / "engine.json")
-                activation_dtype.remove()
-                activation_dtype = None
-            if grad_norm is None:
-                norm = engine.get_global_grad_norm()
-                grad_norm = float(norm) if norm is not None else float("nan")
-            # one collective per step: the loss sum and the stop vote (signal or time budget)
-            over_budget = train.max_minutes > 0 and (time.monotonic() - start_time) > 60 * train.max_minutes
-            loss_all, stop_votes = dist.all_reduce_sum([loss_total, float(stop.signal is not None or over_budget)],
-                                                       device)
-            dt = time.perf_counter() - t0
-            metrics = {"train/loss": loss_all / global_w if global_w > 0 else float("nan"),
-                       "train/grad_norm": grad_norm, "perf/step_time_s": dt,
-                       "perf/samples_per_s": stream.global_batch / dt, "perf/tokens_per_s": global_tok / dt}
-            if probe_health is not None:
-                metrics.update(probe_health.metrics())
-            metrics.update(lrs)   # the learning rates this step used
-            metrics.update(memory_mb(device))
-            metrics.update({f"train/{k}": v for k, v in extra.items()})
-            history.append({"step": step, **metrics})
-            if hooks.on_step is not None:
-                hooks.on_step(step, metrics)
-            if rank == 0:
-                if step % train.log_every == 0 or step == 1 or step == train.steps:
-                    monitor.scalars(step, metrics)
-                else:   # metrics.jsonl gets every step (trajectory comparisons); TensorBoard every log_every
-                    monitor.jsonl.write(json.dumps({"kind": "train", "step": step, **metrics}) + "\n")
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
-            if probe is not None and step % train.grad_alignment_every == 0:
-                matrix, seconds = probe.measure(engine.module, device)
-                monitor.grad_alignment(step, probe.task_names, matrix, seconds)
-            if not math.isfinite(metrics["train/loss"]):
-                warnings.warn(f"step {step}: non-finite training loss {metrics['train/loss']}", RuntimeWarning)
-            if stop_votes > 0:
-                if rank == 0:
-                    why = "time budget" if stop.signal is None else stop.name
-                    print(f"[tensorpoly-ds] stop requested ({why}) at step {step}: checkpointing, exit "
-                          f"{REQUEUE_EXIT_CODE}", flush=True)
-                save(step, eval_pending=eval_due(step))
-                last_saved = step
-                status = "requeue"
-                break
-            if eval_due(step):
-                run_eval(step)
-            if train.save_every and step % train.save_every == 0 and step < train.steps:
-                save(step)
-                last_saved = step
-        export_path = None
-        if status == "done":
-            if last_saved != step:
-                save(step)
-            if train.eval_at_end:
-                run_eval(step)
-            if train.export_at_end:
-                export_path = export_trained(engine, Path(export_dir or run_dir / "export"), tasks or [],
-                                             extra={"step": step, **(export_extra or {})})
-    finally:
-        if installed_here:
-            stop.restore()
-        if bar is not None:
-            bar.close()
-        monitor.close()
-    return TrainResult(status, step, engine, run_dir, history, export_path)
+    def export(self) -> Path:
+        return export_trained(self.engine, Path(self.export_dir or self.run_dir / "export"), self.tasks or [],
+                              extra={"step": self.step_no, **(self.export_extra or {})})
 
 
 @dataclass
