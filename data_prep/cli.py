@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tpds_common.log import add_logging_arguments, setup_from_args
+
 from .errors import ConfigError, DataError, OutputBusy
 from .mixture import mixture_names
 from .pipeline import DEFAULT_SEEDS, PrepConfig, build
@@ -51,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
                    help="if another prep holds DIR, exit 75 at once instead of waiting for it")
     p.add_argument("--drop-cache", action="store_true",
                    help="delete the per-config part cache (.DIR.prep/parts) after a successful build")
+    add_logging_arguments(p)
     return p
 
 
@@ -66,8 +69,9 @@ def config_from_args(ns: argparse.Namespace) -> PrepConfig:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parser().parse_args(argv)
+    setup_from_args(ns)
     try:
-        build(config_from_args(ns), log=lambda msg: print(msg, file=sys.stderr))
+        build(config_from_args(ns))
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

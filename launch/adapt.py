@@ -23,6 +23,7 @@ from tensorpoly_ds.adapt.table import TableError, table_job
 from tensorpoly_ds.engine.distributed import LaunchError, distributed_env
 from tensorpoly_ds.engine.job_env import PARENT_PID_ENV
 from tensorpoly_ds.engine.stop import REQUEUE_EXIT_CODE, STOP, stop_when_parent_dies
+from tpds_common.log import add_logging_arguments, setup_from_args
 
 EXIT_BUSY = 75            # EX_TEMPFAIL: try again once the other process is done
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "also overrides fields of a --job-table row")
     p.add_argument("--force", action="store_true", help="rerun even if the job is complete")
     p.add_argument("--print-job", action="store_true", help="print the resolved job as JSON and exit")
+    add_logging_arguments(p)
     return p
 
 
@@ -110,6 +112,7 @@ def _main(argv: list[str] | None) -> int:
     if os.environ.get(PARENT_PID_ENV):
         stop_when_parent_dies(int(os.environ[PARENT_PID_ENV]))
     args = build_parser().parse_args(argv)
+    setup_from_args(args)
     try:
         job = resolve_job(args)
         if not args.print_job:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from tpds_common.log import LOGGING_FLAGS, split_logging_flags
+
 # name -> ("module" whose main(argv) runs it, or "module:function", one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "params": ("launch.params", "count multi-task and adaptation parameters (meta device)"),
@@ -25,7 +27,20 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def usage() -> str:
     width = max(map(len, SUBCOMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items())
-    return f"usage: tensorpoly-ds <subcommand> [args...]\n\nsubcommands:\n{rows}\n"
+    return (f"usage: tensorpoly-ds [--quiet | --verbose] [--log-all-ranks] [--progress] <subcommand> [args...]\n\n"
+            f"subcommands:\n{rows}\n\n"
+            "--quiet: warnings and errors only; --verbose: debug detail; --log-all-ranks: every rank logs, not only\n"
+            "rank 0; --progress: progress bars also when stderr is not a terminal. Given before or after the\n"
+            "subcommand, they mean the same (each subcommand accepts them).\n")
+
+
+def leading_logging_flags(argv: list[str]) -> list[str]:
+    """`tensorpoly-ds --quiet sweep ...`: the logging flags before the subcommand, passed on to it."""
+    n = 0
+    while n < len(argv) and argv[n] in LOGGING_FLAGS:
+        n += 1
+    split_logging_flags(argv[:n])   # one definition of the flags: an invalid combination errors here too
+    return list(argv[:n])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,13 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    lead = leading_logging_flags(argv)
+    argv = argv[len(lead):]
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"tensorpoly-ds: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module_name, _, function = SUBCOMMANDS[name][0].partition(":")
     entry = getattr(importlib.import_module(module_name), function or "main")
-    return int(entry(rest) or 0)
+    return int(entry(lead + rest) or 0)   # the subcommand's parser sets logging up (once)
 
 
 if __name__ == "__main__":

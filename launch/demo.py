@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tpds_common.log import add_logging_arguments, logging_argv, setup_from_args
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "replicate" / "demo.yaml"
 
@@ -26,14 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="everything goes below this folder (default: runs/demo)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="replicate config (default: configs/replicate/demo.yaml)")
     p.add_argument("--workers", type=int, default=None, help="concurrent jobs (default: the config's, 2)")
+    add_logging_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_from_args(args)
     from launch.replicate import main as replicate_main
 
     cmd = ["--config", args.config, "--out", args.out] + (["--workers", str(args.workers)] if args.workers else [])
+    cmd += logging_argv(args)
     code = replicate_main(cmd)
     summary = Path(args.out) / "results" / "summary.md"
     if code == 0 and summary.is_file():

@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tpds_common.log import add_logging_arguments, setup_from_args
+
 STAGES = ("prep", "backbone", "pretrain", "adapt", "analyse")
 
 
@@ -28,11 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {', '.join(STAGES)} (default: all; earlier stages must be done)")
     p.add_argument("--publish", default=None,
                    help="also copy results/*.json|md|png into this directory (e.g. benchmarks/results/replicate)")
+    add_logging_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_from_args(args)
     from tensorpoly_ds.replicate.config import ReplicateConfigError, load_config
     from tensorpoly_ds.replicate.run import ProtocolMismatch, replicate
 

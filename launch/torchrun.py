@@ -23,6 +23,7 @@ import tempfile
 
 from tensorpoly_ds.engine.rank_status import STATUS_DIR_ENV, read_statuses
 from tensorpoly_ds.engine.stop import REQUEUE_EXIT_CODE
+from tpds_common.log import get_logger, setup_from_args, split_logging_flags
 
 
 def exit_status(torchrun_rc: int, statuses: dict[int, dict]) -> int:
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    setup_from_args(split_logging_flags(argv)[0])   # the script's own flags (--quiet ...) also quiet the wrapper
     status_dir = tempfile.mkdtemp(prefix="tpds-status-")
     env = dict(os.environ, **{STATUS_DIR_ENV: status_dir})
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], env=env)
@@ -78,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(status_dir, ignore_errors=True)
     code = exit_status(rc, statuses)
     if code != rc:
-        print(f"[tensorpoly-ds] torchrun exited {rc}; every rank checkpointed and asks to be requeued: exit {code}",
-              file=sys.stderr, flush=True)
+        get_logger("tensorpoly-ds").info(f"torchrun exited {rc}; every rank checkpointed and asks to be requeued: "
+                                         f"exit {code}")
     return code
 
 

@@ -27,7 +27,7 @@ import shutil
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,12 +38,14 @@ from ..adapters import (AdapterConfig, ModeError, adapter_layers, check_mode, co
 from ..engine.stop import STOP
 from ..evaluation import LossWeights, accuracy, collate_choices, collate_lm, evaluate, lm_loss, tfew_losses, write_jsonl
 from tpds_common.locking import FolderLock, LockHeld
+from tpds_common.log import get_logger
 from .local_train import (CHECKPOINT_FILE, EpochSampler, LocalCheckpointError, build_optimizer, load_checkpoint,
                           train_steps)
 
 from .spec import (FULLFT, MARKER_FILE, RESULT_FILE, RESULT_FORMAT, AdaptJob, JobBusy, JobError,  # noqa: F401
                    is_complete)
 
+log = get_logger("adapt")
 
 # --- small utilities ---------------------------------------------------------------------------------------
 
@@ -287,7 +289,7 @@ def resolve_trainer(job: AdaptJob) -> str:
     return job.trainer
 
 
-def run_job(job: AdaptJob, *, force: bool = False, log: Callable[[str], None] = print) -> dict:
+def run_job(job: AdaptJob, *, force: bool = False) -> dict:
     """Run one job (skipped if complete unless force). Returns the result dict. On error a result with
     status "failed" is written (no marker) and the exception re-raised.
 
@@ -318,18 +320,18 @@ def run_job(job: AdaptJob, *, force: bool = False, log: Callable[[str], None] = 
         raise JobBusy(busy)
     try:
         with STOP.handling():   # launch/adapt installs it at start-up; library callers get it here
-            return _run_locked(job, out, trainer, force, log)
+            return _run_locked(job, out, trainer, force)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool, log: Callable[[str], None]) -> dict:
+def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool) -> dict:
     main_rank = _rank_world()[0] == 0
     complete = _broadcast(not force and is_complete(out))
     if complete:
         if main_rank:
-            log(f"[adapt] {out}: complete, skipped")
+            log.info(f"{out}: complete, skipped")
         return json.loads((out / RESULT_FILE).read_text())
     prior, refused = None, None
     if main_rank:
@@ -344,11 +346,11 @@ def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool, log: Callab
     if refused:
         raise JobError(refused)
     if prior is not None:
-        log(f"[adapt] {out}: resuming the run stopped at {prior['stopped']['phase']} step {prior['stopped']['step']}")
+        log.info(f"{out}: resuming the run stopped at {prior['stopped']['phase']} step {prior['stopped']['step']}")
     t_start = time.time()
     timings: dict[str, float] = {}
     try:
-        result = _run(job, out, timings, trainer, log if main_rank else (lambda s: None), prior)
+        result = _run(job, out, timings, trainer, prior)
     except BaseException as err:
         if main_rank:
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
@@ -365,8 +367,8 @@ def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool, log: Callab
             atomic_write_text(out / MARKER_FILE, "complete\n")   # last: its presence means result.json is final
             discard_checkpoints(out)
         else:
-            log(f"[adapt] stopped ({result['signal']}) at {result['stopped']['phase']} step "
-                f"{result['stopped']['step']}: checkpoint kept in {out}; rerun the job to resume")
+            log.info(f"stopped ({result['signal']}) at {result['stopped']['phase']} step "
+                     f"{result['stopped']['step']}: checkpoint kept in {out}; rerun the job to resume")
     return result
 
 
@@ -395,14 +397,13 @@ def stopped_state(out: Path, job: AdaptJob, force: bool) -> dict | None:
     return saved
 
 
-def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[str], None],
-         prior: dict | None = None) -> dict:
+def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, prior: dict | None = None) -> dict:
     rank, world = _rank_world()
     main_rank = rank == 0
     t0 = time.time()
     manifest = open_data(job.data_dir)
-    if job.task not in manifest.held_out:
-        log(f"[adapt] warning: task {job.task!r} is not in the manifest's held_out list {manifest.held_out}")
+    if job.task not in manifest.held_out and main_rank:   # the same on every rank: say it once
+        log.warning(f"warning: task {job.task!r} is not in the manifest's held_out list {manifest.held_out}")
     k = resolve_k(manifest, job.data_dir, job.task, job.k)
     eval_rows = load_rows(job.data_dir, f"eval/{job.task}")
     if job.max_eval_examples is not None:
@@ -419,8 +420,8 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[s
         zero3_config = ds_config_for(job, max(1, job.steps if k > 0 else job.multitask_steps), world)
     model, info = setup_model(job, manifest.tokenizer["vocab_size"], zero3_config)
     timings["setup_s"] = time.time() - t0
-    log(f"[adapt] {info['label']} mode={job.mode} task={job.task} k={k} seed={job.seed} trainer={trainer} "
-        f"world={world}: {info['trainable_params']:,} trainable parameters")
+    log.info(f"{info['label']} mode={job.mode} task={job.task} k={k} seed={job.seed} trainer={trainer} "
+             f"world={world}: {info['trainable_params']:,} trainable parameters")
 
     prior = prior or {}
     resumed_in = (prior.get("stopped") or {}).get("phase")   # None, "multitask" or "fewshot"
@@ -451,7 +452,7 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[s
                 write_jsonl(out / "predictions_best.jsonl", records)
             write_json(out / "progress.json", {"evaluations": evaluations})
         eval_time[0] += time.time() - t
-        log(f"[adapt] step {step} ({phase}): accuracy {entry['accuracy']:.4f} on {entry['examples']} examples")
+        log.info(f"step {step} ({phase}): accuracy {entry['accuracy']:.4f} on {entry['examples']} examples")
         return {"eval/accuracy": entry["accuracy"]}
 
     # the start evaluation comes after the multi-task steps: a run stopped during few-shot training did it

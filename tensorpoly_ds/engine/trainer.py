@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import time
 import warnings
@@ -37,6 +36,7 @@ from torch import nn
 from tensorpoly_ds.adapters import (adapter_layers, adapter_param_groups, health, routing_tables,
                                     set_factor_recomputation, task_routing)
 from tensorpoly_ds.adapters.export import config_differences
+from tpds_common.log import get_logger, progress
 
 from . import checkpoint as ckpt
 from . import distributed as dist
@@ -49,7 +49,7 @@ from .ds_config import fill_sections, save_json
 from .effective import ActivationDtype, describe_engine
 from .monitor import Monitor, memory_mb, routing_weights
 
-log = logging.getLogger(__name__)
+log = get_logger("tensorpoly-ds")
 
 
 
@@ -297,8 +297,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
         # uninterrupted run did at this step
         eval_pending = bool(meta.get("eval_pending"))
         if rank == 0:
-            print(f"[tensorpoly-ds] resumed from {meta['tag']} at step {step} on {world} rank(s)"
-                  + _written_on(meta, world), flush=True)
+            log.info(f"resumed from {meta['tag']} at step {step} on {world} rank(s)" + _written_on(meta, world))
 
     monitor = Monitor(run_dir, enabled=rank == 0)
     stop = STOP
@@ -307,9 +306,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
     history: list[dict] = []
     bar = None
     if rank == 0 and train.progress_bar:
-        from tqdm import tqdm
-
-        bar = tqdm(total=train.steps, initial=step, desc="train", dynamic_ncols=True)
+        bar = progress(total=train.steps, initial=step, desc="train", dynamic_ncols=True, rank=rank)
     eval_kwargs = dict(batch_size=eval_micro_batch or 2 * train.micro_batch, device=device, hooks=hooks,
                        max_rows=val_max_samples, max_input_len=max_input_len, max_target_len=max_target_len,
                        eos_id=eos_id)
@@ -337,7 +334,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
         if metrics:
             monitor.scalars(at_step, metrics, kind="eval")
             if bar is not None:
-                bar.write(f"step {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                log.info(f"step {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         monitor.flush()
 
     def eval_due(at_step: int) -> bool:
@@ -412,8 +409,7 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
             if stop_votes > 0:
                 if rank == 0:
                     why = "time budget" if stop.signal is None else stop.name
-                    print(f"[tensorpoly-ds] stop requested ({why}) at step {step}: checkpointing, exit "
-                          f"{REQUEUE_EXIT_CODE}", flush=True)
+                    log.info(f"stop requested ({why}) at step {step}: checkpointing, exit {REQUEUE_EXIT_CODE}")
                 save(step, eval_pending=eval_due(step))
                 last_saved = step
                 status = "requeue"

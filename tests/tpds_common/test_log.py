@@ -1,5 +1,5 @@
 """One logging path (tpds_common.log): rank-aware levels, the rank in each line, --quiet/--verbose, idempotent
-setup, progress bars only on a terminal or when asked.
+setup, progress bars only on a terminal or when asked, and a real entry point silenced by --quiet.
 
 Mutations tried, each failing the test named:
 - setup_logging without the `level = max(level, WARNING)` on rank != 0: test_rank_0_logs_info_other_ranks_only_warnings
@@ -13,17 +13,24 @@ Mutations tried, each failing the test named:
 - progress_enabled ignoring the rank: test_progress_bars_never_on_other_ranks
 - TPDS_PROGRESS not read: test_progress_bars_on_when_asked
 - capture() not lowering the logger level under --quiet: test_capture_sees_info_under_quiet_without_unquieting
+- data_prep.pipeline's "wrote" line logged at WARNING: test_quiet_silences_a_real_entry_points_info_lines
 """
 
 import argparse
 import io
 import logging
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tpds_common.log import (add_logging_arguments, capture, get_logger, progress, progress_enabled, setup_from_args,
                              setup_logging)
+
+REPO = Path(__file__).resolve().parents[2]
+
 
 @pytest.fixture(autouse=True)
 def _no_launcher(monkeypatch):
@@ -169,3 +176,26 @@ def test_capture_sees_info_under_quiet_without_unquieting():
     get_logger("adapt").info("after the job")
     assert job_log == ["[adapt] an info line", "[adapt] a warning line"]
     assert _lines(terminal) == ["[adapt] a warning line"]
+
+
+def _prep(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "launch.cli", *flags, "prep", "--mixture", "embedded", "--source", "embedded",
+           "--tokenizer", "embedded", "--cap-per-template", "10", "--val-per-template", "5", "--num-shards", "1",
+           "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "TPDS_PROGRESS"):
+        env.pop(var, None)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_quiet_silences_a_real_entry_points_info_lines(tmp_path):
+    """`tensorpoly-ds prep` logs its progress to stderr; `tensorpoly-ds --quiet prep` (the dispatcher passes the
+    flag on) prints nothing at all and still builds the same data. Off a terminal no progress bar either."""
+    loud = _prep(tmp_path / "loud")
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert f"[prep] wrote {tmp_path / 'loud'}: " in loud.stderr and loud.stdout == ""
+    assert "Preparing configs" not in loud.stderr   # the tqdm bar's label: stderr is a pipe here
+    quiet = _prep(tmp_path / "quiet", "--quiet")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "[prep]" not in quiet.stderr and "wrote" not in quiet.stderr and quiet.stdout == "", quiet.stderr
+    assert (tmp_path / "quiet" / "manifest.json").is_file()
