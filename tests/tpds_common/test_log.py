@@ -14,6 +14,8 @@ Mutations tried, each failing the test named:
 - TPDS_PROGRESS not read: test_progress_bars_on_when_asked
 - capture() not lowering the logger level under --quiet: test_capture_sees_info_under_quiet_without_unquieting
 - data_prep.pipeline's "wrote" line logged at WARNING: test_quiet_silences_a_real_entry_points_info_lines
+- add_logging_arguments dropped from launch/report.py: test_every_entry_point_takes_the_shared_flags
+- the dispatcher calling entry(rest) instead of entry(lead + rest): test_the_dispatcher_passes_leading_flags_on
 """
 
 import argparse
@@ -199,3 +201,36 @@ def test_quiet_silences_a_real_entry_points_info_lines(tmp_path):
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     assert "[prep]" not in quiet.stderr and "wrote" not in quiet.stderr and quiet.stdout == "", quiet.stderr
     assert (tmp_path / "quiet" / "manifest.json").is_file()
+
+
+def _calls(module: str) -> set[str]:
+    import ast
+
+    tree = ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text())
+    return {node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            for node in ast.walk(tree) if isinstance(node, ast.Call)}
+
+
+def test_every_entry_point_takes_the_shared_flags():
+    """Each subcommand's module (and the torchrun wrapper) builds its flags with the one helper and sets
+    logging up from them; read from the source, so no entry point's heavy imports run here.
+    Mutation: add_logging_arguments(p) dropped from launch/report.py -> fails naming launch.report."""
+    from launch.cli import SUBCOMMANDS
+
+    modules = {target.partition(":")[0] for target, _ in SUBCOMMANDS.values()}
+    assert {"launch.pretrain", "data_prep.cli", "launch.interop"} <= modules
+    for module in sorted(modules):
+        assert {"add_logging_arguments", "setup_from_args"} <= _calls(module), module
+    assert {"split_logging_flags", "setup_from_args"} <= _calls("launch.torchrun")
+
+
+def test_the_dispatcher_passes_leading_flags_on(capsys):
+    """`tensorpoly-ds --quiet params ...` sets the subcommand's logging up at WARNING; the result still prints.
+    Mutation: main() dropping `lead` (entry(rest)) -> the level stays INFO and the test fails."""
+    from launch.cli import main
+
+    assert main(["--quiet", "params", "--model", "tiny", "--method", "lora", "--json"]) == 0
+    assert '"modules"' in capsys.readouterr().out   # the command's result: stdout, whatever the level
+    assert logging.getLogger("tpds").level == logging.WARNING
+    with pytest.raises(SystemExit):
+        main(["--quiet", "--verbose", "params", "--model", "tiny", "--method", "lora"])
