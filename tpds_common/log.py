@@ -216,7 +216,7 @@ def setup_from_args(args: argparse.Namespace) -> None:
 def split_logging_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The logging flags anywhere in `argv` and the other arguments, for a wrapper that passes its arguments
     on (the dispatcher, the torchrun wrapper) rather than parsing them all."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)   # torchrun's --pro... is not ours
     add_logging_arguments(parser)
     return parser.parse_known_args(argv)
 

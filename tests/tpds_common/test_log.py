@@ -16,6 +16,7 @@ Mutations tried, each failing the test named:
 - data_prep.pipeline's "wrote" line logged at WARNING: test_quiet_silences_a_real_entry_points_info_lines
 - add_logging_arguments dropped from launch/report.py: test_every_entry_point_takes_the_shared_flags
 - the dispatcher calling entry(rest) instead of entry(lead + rest): test_the_dispatcher_passes_leading_flags_on
+- split_logging_flags with allow_abbrev on: test_a_wrapper_takes_only_its_flags_from_the_arguments_it_passes_on
 """
 
 import argparse
@@ -29,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from tpds_common.log import (add_logging_arguments, capture, get_logger, progress, progress_enabled, setup_from_args,
-                             setup_logging)
+                             setup_logging, split_logging_flags)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -222,6 +223,14 @@ def test_every_entry_point_takes_the_shared_flags():
     for module in sorted(modules):
         assert {"add_logging_arguments", "setup_from_args"} <= _calls(module), module
     assert {"split_logging_flags", "setup_from_args"} <= _calls("launch.torchrun")
+
+
+def test_a_wrapper_takes_only_its_flags_from_the_arguments_it_passes_on():
+    """The torchrun wrapper reads the script's --quiet and passes every other argument on unchanged.
+    Mutation: allow_abbrev left on -> torchrun-style `--prog` is taken for --progress."""
+    args, rest = split_logging_flags(["--nproc-per-node", "2", "--prog", "launch/pretrain.py", "--quiet", "x=1"])
+    assert args.log_level == logging.WARNING and args.progress is None
+    assert rest == ["--nproc-per-node", "2", "--prog", "launch/pretrain.py", "x=1"]
 
 
 def test_the_dispatcher_passes_leading_flags_on(capsys):
