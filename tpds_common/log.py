@@ -4,8 +4,8 @@ Library code only gets a logger and logs; it never configures logging and never 
 
     from tpds_common.log import get_logger
     log = get_logger("replicate")              # lines read "[replicate] ..."
-    log.info("backbone %s: cached", root)      # progress and what was done
-    log.warning("... skipped: %s", why)        # something the user should look at
+    log.info(f"backbone {root}: cached")       # progress and what was done
+    log.warning(f"{label}: skipped ({why})")   # something the user should look at
     log.debug("...")                           # detail, shown with --verbose
 
 An entry point parses the shared flags and calls `setup_logging` once:
@@ -18,9 +18,10 @@ other ranks only WARNING and above, unless `--log-all-ranks` (or TPDS_LOG_ALL_RA
 more than one rank every line starts with `[rank R] `; the component follows in brackets as before
 (`[rank 1] [tensorpoly-ds] resumed from ...`).
 
-Stream: log lines go to **stderr**, on purpose. stdout carries a command's result only (the `params`/`plan`
-tables and `--json`, `report` tables, `adapt`'s result line, the demo's table), so `... --json | jq` and scripts
-that parse a result never meet a log line, whatever the verbosity. tqdm bars and Python warnings already
+Stream: log lines go to **stderr**, on purpose. stdout carries a command's result only, printed with print()
+and never through logging (the `params`/`plan` tables and `--json`, `adapt`'s result line and `--print-job`,
+`sweep`'s job-table line, `lr-search`'s choice, the demo's table, an export's path), so `... --json | jq` and
+scripts that parse a result never meet a log line, whatever the verbosity. tqdm bars and Python warnings already
 write to stderr, so bars and log lines interleave in one stream. Job logs (a sweep row's or a replicate job's
 log.txt, Slurm's `--output` files) capture both streams, so nothing is lost there; a script that read a
 progress line from stdout must read stderr now (the project's own tests do).
