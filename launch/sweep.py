@@ -156,7 +156,7 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=job_env(out, slot, threads),
                                 cwd=str(REPO_ROOT), start_new_session=True)
         running[slot] = (row, proc, fh)
-        log.info(f"row {row} {rows[row]['id']}: started on worker {slot} (pid {proc.pid})")
+        log.debug(f"row {row} {rows[row]['id']}: started on worker {slot} (pid {proc.pid})")
 
     def signal_all(sig: int) -> None:
         for _, proc, _ in running.values():
