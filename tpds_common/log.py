@@ -108,7 +108,7 @@ class _Handler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         tqdm_module = sys.modules.get("tqdm")
-        if tqdm_module is None:
+        if tqdm_module is None or not tqdm_module.tqdm._instances:   # no live bar: nothing to clear
             return super().emit(record)
         # a live bar on the same stream is cleared, the line written, the bar redrawn below it
         with tqdm_module.tqdm.external_write_mode(file=self.stream):
