@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tpds_common.files import atomic_write_text
 from tensorpoly_ds.adapters import AdapterConfig, inject_adapters, task_routing
 from tensorpoly_ds.adapters.inject import ADAPTER_CLASSES
 from tensorpoly_ds.adapters.routing import RoutingTable
@@ -334,14 +335,10 @@ def main(argv=None) -> int:
         p.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     rows = [row for name in sections for row in SECTIONS[name](args)]
     print(format_table(rows))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
                 cores=os.cpu_count(), args=vars(args))
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    atomic_write_text(Path(args.out), json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tpds_common.files import atomic_write_text
 from tensorpoly_ds.engine.data import TrainStream, _rows, collate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,12 +271,8 @@ def main(argv=None) -> int:
         for b, s in result["loss"]["summary"].items():
             print(f"{b}: {s}", flush=True)
     meta["load_average_at_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
     return 0
 
 

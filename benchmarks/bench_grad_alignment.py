@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tpds_common.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -100,12 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['size']:<6}{r['method']:<14}{r['tasks']:>6}{r['probe_rows']:>6}{r['step_s']:>9.3f}"
               f"{r['probe_s']:>9.3f}{r['probe_per_step']:>11.2f}x{100 * r['overhead']:>9.1f}%")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "step_rows": "micro 8 x accum 2", "note": "rank 0, ZeRO-0, fp32; step times exclude the probe"}
-    tmp_out = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp_out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    atomic_write_text(out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"written {out}")
     return 0
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from bench_grad_alignment import prepare   # the embedded mixture, prepared once
+from tpds_common.files import atomic_output, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "health"
@@ -169,19 +170,15 @@ def plot(result: dict, out_png: Path) -> None:
     ax_v.set_ylabel("validation loss")
     ax_r.legend(fontsize=6)
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_output(out_png) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, out_png)
 
 
 def write_json(path: Path, body: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"meta": meta, **body}, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"meta": meta, **body}, indent=2) + "\n")
     print(f"written {path}")
 
 

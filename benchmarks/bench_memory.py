@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from tpds_common.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [REPO / "configs" / "pretrain" / "base_t0_3b.yaml", REPO / "configs" / "pretrain" / "tensorpoly_i_R8_N2.yaml"]
@@ -186,12 +187,8 @@ def main(argv=None) -> int:
     meta = dict(torch=torch.__version__, deepspeed=deepspeed.__version__, cpu=platform.processor() or platform.machine(),
                 cores=os.cpu_count(), args=vars(args), zero3_template=template,
                 malloc={k: v for k, (_, v) in SETTINGS.items()}, load_average=os.getloadavg())
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    atomic_write_text(Path(args.out), json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
     return 0 if all(r["status"] == "ok" for r in rows if r["variant"] == "shipped") else 1
 
 

@@ -116,7 +116,8 @@ def main() -> None:
     from data_prep.manifest import read_manifest
     from data_prep.tokenizer import load_from_info
 
-    from tensorpoly_ds.adapt.job import setup_model, write_json
+    from tensorpoly_ds.adapt.job import setup_model
+    from tpds_common.files import atomic_write_json
     from tensorpoly_ds.adapt.spec import AdaptJob
     from tensorpoly_ds.analysis import answer_confusion as ac
     from tensorpoly_ds.evaluation.rank_classification import evaluate
@@ -159,7 +160,7 @@ def main() -> None:
     result["markdown"] = ac.confusion_markdown({n: {"all": t} for n, t in result["rows"].items()})
     print(result["markdown"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
+    atomic_write_json(args.out, result)
 
 
 if __name__ == "__main__":

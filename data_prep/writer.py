@@ -20,6 +20,8 @@ from typing import Iterable
 
 import pyarrow as pa
 
+from tpds_common.files import atomic_write_text
+
 MANIFEST = "manifest.json"
 WRITER_BATCH_ROWS = 1000
 
@@ -164,10 +166,4 @@ def content_hash(root: Path, manifest_body: dict) -> str:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=False, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False, ensure_ascii=False) + "\n")

@@ -6,7 +6,7 @@
   4. adapt     few-shot adaptation to the held-out tasks: methods x modes x tasks x seeds x lrs, in-process workers
   5. analyse   Table 1 (median over seeds), claim verdicts, routing recovery against the true task-skill matrix
 
-It is `tensorpoly-ds replicate` with configs/replicate/demo.yaml (the full grid: configs/replicate/full.yaml).
+It is `tensorpoly-ds replicate` with configs/replicate/demo.yaml, a slice of protocol v2 (configs/replicate/v2.yaml).
 Everything lands in runs/demo/ (`--out`); rerunning skips what is done.
 """
 
@@ -20,6 +20,9 @@ from tpds_common.log import add_logging_arguments, logging_argv, setup_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "replicate" / "demo.yaml"
+# the headline ends at the first of these sections after Table 1 (the rest is in summary.md)
+HEADLINE_ENDS = ("### Spread across worlds", "### Multi-task pretraining", "### What the rows answered",
+                 "### Learning rate per row")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         text = summary.read_text()
         # the headline: the first Table 1 and the claim table that follows it
         start = text.find("### Table 1 analogue")
-        end = text.find("### Learning rate per row")
-        print("\n" + text[start:end if end > start else None].strip() + "\n")
+        ends = [i for i in (text.find(h, start) for h in HEADLINE_ENDS) if i > start]
+        print("\n" + text[start:min(ends, default=None)].strip() + "\n")
         print(f"demo: full results in {summary.parent} (summary.md, results.json, *.png)")
     return code
 

@@ -115,38 +115,32 @@ saved_ports() {  # read STATE/ports into ctld_port / node_port; false when there
     [ -n "$ctld_port" ] && [ -n "$node_port" ]
 }
 
-node_block() {  # node_block FIRST: the slurmd ports of every node
-    seq "$1" $(($1 + nodes - 1))
+pick_block() {  # pick_block VAR GIVEN FIRST COUNT WHAT [SKIP]: print the first of COUNT consecutive free ports.
+    # GIVEN (the environment variable VAR's value) is used as given and fails naming VAR if a port is taken;
+    # otherwise the first free block from FIRST within port_scan ports, skipping any block that holds port SKIP
+    local var="$1" given="$2" first="$3" count="$4" what="$5" skip="${6:-}" busy p
+    if [ -n "$given" ]; then
+        # shellcheck disable=SC2046
+        busy="$(ports_busy $(seq "$given" $((given + count - 1))))"
+        [ -z "$busy" ] || die "start: $var=$given is in use (${what} port(s) ${busy//$'\n'/ }); unset it to pick free ports"
+        echo "$given"
+        return
+    fi
+    for ((p = first; p < first + port_scan; p++)); do
+        if [ -n "$skip" ] && [ "$p" -le "$skip" ] && [ "$skip" -le $((p + count - 1)) ]; then continue; fi
+        # shellcheck disable=SC2046
+        if [ -z "$(ports_busy $(seq "$p" $((p + count - 1))))" ]; then echo "$p"; return; fi
+    done
+    die "start: no $count free consecutive $what port(s) in $first-$((first + port_scan - 1))"
 }
 
 choose_ports() {  # set ctld_port / node_port: the environment's as given, else free ones; save them
-    local want_ctld=16817 want_node=17001 busy p
+    local want_ctld=16817 want_node=17001
     if saved_ports; then want_ctld="$ctld_port"; want_node="$node_port"; fi
-    if [ -n "${TPDS_SLURM_CTLD_PORT:-}" ]; then
-        ctld_port="$TPDS_SLURM_CTLD_PORT"
-        busy="$(ports_busy "$ctld_port")"
-        [ -z "$busy" ] || die "start: TPDS_SLURM_CTLD_PORT=$ctld_port is in use; unset it to pick a free port"
-    else
-        ctld_port=""
-        for ((p = want_ctld; p < want_ctld + port_scan; p++)); do
-            if [ -z "$(ports_busy "$p")" ]; then ctld_port="$p"; break; fi
-        done
-        [ -n "$ctld_port" ] || die "start: no free slurmctld port in $want_ctld-$((want_ctld + port_scan - 1))"
-    fi
-    if [ -n "${TPDS_SLURM_NODE_PORT:-}" ]; then
-        node_port="$TPDS_SLURM_NODE_PORT"
-        # shellcheck disable=SC2046
-        busy="$(ports_busy $(node_block "$node_port"))"
-        [ -z "$busy" ] || die "start: slurmd port(s) ${busy//$'\n'/ } from TPDS_SLURM_NODE_PORT=$node_port in use; unset it to pick free ports"
-    else
-        node_port=""
-        for ((p = want_node; p < want_node + port_scan; p++)); do
-            if [ "$p" -le "$ctld_port" ] && [ "$ctld_port" -le $((p + nodes - 1)) ]; then continue; fi
-            # shellcheck disable=SC2046
-            if [ -z "$(ports_busy $(node_block "$p"))" ]; then node_port="$p"; break; fi
-        done
-        [ -n "$node_port" ] || die "start: no $nodes free consecutive slurmd ports in $want_node-$((want_node + port_scan - 1))"
-    fi
+    # die inside $(...) ends only the subshell: `|| exit 1` ends the script (its message is already out)
+    ctld_port="$(pick_block TPDS_SLURM_CTLD_PORT "${TPDS_SLURM_CTLD_PORT:-}" "$want_ctld" 1 slurmctld)" || exit 1
+    node_port="$(pick_block TPDS_SLURM_NODE_PORT "${TPDS_SLURM_NODE_PORT:-}" "$want_node" "$nodes" slurmd \
+        "$ctld_port")" || exit 1
     printf 'ctld_port=%s\nnode_port=%s\n' "$ctld_port" "$node_port" >"$state/ports.tmp.$$"
     mv -f "$state/ports.tmp.$$" "$state/ports"
 }

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
 def temp_path(path: Path) -> Path:
-    """A hidden sibling unique to this process (two processes never share a temp file)."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """A hidden sibling unique to this process (two processes never share a temp file); it keeps the suffix,
+    from which some writers (matplotlib) infer the format."""
+    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
 
 
 @contextmanager
@@ -54,7 +56,33 @@ def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) ->
     atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, default: Callable[[Any], Any] | None = None,
+def json_default(obj: Any) -> Any:
+    """Paths as strings, numpy scalars as Python numbers (duck-typed: no numpy import down here)."""
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, default: Callable[[Any], Any] | None = json_default,
                       indent: int | None = 2, sort_keys: bool = True, fsync: bool = True) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n",
                       fsync=fsync)
+
+
+def atomic_folder(out: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling folder with `write(tmp)`, then swap it in: a reader never sees a half-written
+    folder (the old one, if any, is removed just before the rename)."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -233,10 +233,9 @@ def format_tables(result: dict) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    from tpds_common.files import atomic_write_text   # like every project import here: after the environment checks
+
+    atomic_write_text(out, json.dumps(result, indent=2))
 
 
 def main(argv=None) -> int:

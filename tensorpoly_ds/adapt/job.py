@@ -21,7 +21,6 @@ import contextlib
 import importlib
 import importlib.util
 import json
-import os
 import random
 import shutil
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tpds_common.files import atomic_output, atomic_write_json, atomic_write_text
 from ..adapters import (AdapterConfig, ModeError, adapter_layers, check_mode, collapse_to_lora, inject_adapters,
                         load_adapters, prepare_adaptation, read_export_meta, routing_tables)
 from ..engine.stop import STOP
@@ -48,27 +48,6 @@ from .spec import (FULLFT, MARKER_FILE, RESULT_FILE, RESULT_FORMAT, AdaptJob, Jo
 log = get_logger("adapt")
 
 # --- small utilities ---------------------------------------------------------------------------------------
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -339,7 +318,7 @@ def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool) -> dict:
         (out / MARKER_FILE).unlink(missing_ok=True)
         try:
             prior = stopped_state(out, job, force)
-            write_json(out / "job.json", job.to_dict())
+            atomic_write_json(out / "job.json", job.to_dict())
         except JobError as err:   # every rank must learn it, or the others wait in the broadcast forever
             refused = str(err)
     prior, refused = _broadcast((prior, refused))
@@ -354,7 +333,7 @@ def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool) -> dict:
     except BaseException as err:
         if main_rank:
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            write_json(out / RESULT_FILE, {"format": RESULT_FORMAT, "status": status, "job": job.to_dict(),
+            atomic_write_json(out / RESULT_FILE, {"format": RESULT_FORMAT, "status": status, "job": job.to_dict(),
                                            "error": f"{type(err).__name__}: {err}",
                                            "traceback": traceback.format_exc(), "timings": timings,
                                            "finished": time.time()})
@@ -362,7 +341,7 @@ def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool) -> dict:
     timings["total_s"] = time.time() - t_start + (prior or {}).get("timings", {}).get("total_s", 0.0)
     result["timings"] = timings
     if main_rank:
-        write_json(out / RESULT_FILE, result)
+        atomic_write_json(out / RESULT_FILE, result)
         if result["status"] == "complete":
             atomic_write_text(out / MARKER_FILE, "complete\n")   # last: its presence means result.json is final
             discard_checkpoints(out)
@@ -450,7 +429,7 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, prior: dict | No
             write_jsonl(out / "predictions.jsonl", records)
             if improved:
                 write_jsonl(out / "predictions_best.jsonl", records)
-            write_json(out / "progress.json", {"evaluations": evaluations})
+            atomic_write_json(out / "progress.json", {"evaluations": evaluations})
         eval_time[0] += time.time() - t
         log.info(f"step {step} ({phase}): accuracy {entry['accuracy']:.4f} on {entry['examples']} examples")
         return {"eval/accuracy": entry["accuracy"]}
@@ -537,9 +516,8 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, prior: dict | No
     if routing and main_rank:
         from safetensors.torch import save_file
 
-        tmp = out / f".routing.safetensors.tmp{os.getpid()}"
-        save_file(routing, str(tmp))
-        os.replace(tmp, out / "routing.safetensors")
+        with atomic_output(out / "routing.safetensors") as tmp:
+            save_file(routing, str(tmp))
     if job.save_adapter and info["adapter"] is not None:
         from ..adapters import export_adapters
 

@@ -19,8 +19,8 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from tpds_common.files import atomic_write_text
 from tpds_common.log import get_logger
 
 from .job import MARKER_FILE, RESULT_FILE
@@ -402,12 +402,6 @@ def _slug(text: str) -> str:
 
 # --- the report --------------------------------------------------------------------------------------------
 
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: list[str] = (), metric: str = "final",
                  spread: str = "minmax", plots: bool = True, task_order: list[str] | None = None,
                  aggregate_by: str = "median") -> dict:
@@ -421,10 +415,10 @@ def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: lis
     params = params_table(col.results)
     files = {}
     t1 = table1_markdown(agg, spread, aggregate_by)
-    write_text(out / "table1.md", t1)
-    write_text(out / "table1.csv", table1_csv(agg))
-    write_text(out / "params.md", params_markdown(params))
-    write_text(out / "params.csv", params_csv(params))
+    atomic_write_text(out / "table1.md", t1)
+    atomic_write_text(out / "table1.csv", table1_csv(agg))
+    atomic_write_text(out / "params.md", params_markdown(params))
+    atomic_write_text(out / "params.csv", params_csv(params))
     files.update(table1_md=out / "table1.md", table1_csv=out / "table1.csv", params_md=out / "params.md",
                  params_csv=out / "params.csv")
     plot_files: list[Path] = []
@@ -454,7 +448,7 @@ def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: lis
         md.append(f"\nDuplicate results for the same (method, mode, task, seed), last one kept: {agg['duplicates']}\n")
     if plot_files:
         md.append("\n## Plots\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plot_files))
-    write_text(out / "report.md", "\n".join(md))
+    atomic_write_text(out / "report.md", "\n".join(md))
     for p in sorted(col.problems, key=lambda p: (p["state"], p["dir"])):
         log.warning(f"{p['state']}: {p['dir']}: {p['detail']}")
     log.info(f"{len(col.results)} results, {len(col.problems)} missing/failed -> {out}")

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tpds_common.files import atomic_output, atomic_write_text
 from .config import AdapterConfig
 from .inject import CONFIG_ATTR, ROUTING_ATTR, adapter_config, adapter_layers, inject_adapters
 from .tlora import frozen_norm_constant
@@ -59,12 +60,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: full[k].detach().to("cpu").contiguous() for k in adapter_state_names(model)}
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
 def export_adapters(model: nn.Module, out_dir: str | os.PathLike, tasks: list[str],
                     extra: dict[str, Any] | None = None,
                     gather: Callable[[], contextlib.AbstractContextManager] | None = None) -> Path:
@@ -84,8 +79,9 @@ def write_export(out_dir: str | os.PathLike, state: dict[str, torch.Tensor], cfg
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": EXPORT_FORMAT, "adapter": cfg.to_dict(), "tasks": list(tasks), "num_tasks": num_tasks,
             "tensors": {k: list(v.shape) for k, v in state.items()}, **(extra or {})}
-    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": str(EXPORT_FORMAT)}))
-    _atomic_write(out / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    with atomic_output(out / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": str(EXPORT_FORMAT)})
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
     return out
 
 

@@ -31,12 +31,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from tpds_common.files import atomic_folder
 
 from .config import AdapterConfig, ConfigError
 from .export import META_FILE, WEIGHTS_FILE, adapter_state_names, read_export_meta, write_export
@@ -197,7 +198,7 @@ def export_to_peft(export_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
         (tmp / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2, sort_keys=True))
 
-    return write_folder(out, write), notes
+    return atomic_folder(out, write), notes
 
 
 # ---- peft -> ours ------------------------------------------------------------------------------------------
@@ -348,7 +349,7 @@ def import_from_peft(peft_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                             "imported_from": {"format": "peft", "path": str(source),
                                               "peft_version": config.get("peft_version")}})
 
-    return write_folder(out, write)
+    return atomic_folder(out, write)
 
 
 def our_state(model: nn.Module, ours: dict[str, dict[str, torch.Tensor]], cfg: AdapterConfig, source: Path
@@ -401,21 +402,3 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 def refuse_existing(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PeftInteropError(f"{out}: exists and is not empty (pass --force to replace it)")
-
-
-def write_folder(out: Path, write) -> Path:
-    """Fill a temporary sibling directory, then swap it in: a reader never sees a half-written folder."""
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-__all__ = ["PeftInteropError", "export_to_peft", "import_from_peft", "to_peft", "from_peft"]

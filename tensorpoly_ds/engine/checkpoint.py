@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -30,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from tpds_common.files import atomic_write_text
 from tpds_common.log import get_logger
 
 from . import distributed as dist
@@ -52,15 +52,6 @@ class CheckpointError(RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # ---- RNG ---------------------------------------------------------------------------------------------

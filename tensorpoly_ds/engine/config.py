@@ -23,6 +23,7 @@ from typing import Any, Union
 
 import yaml
 
+from tpds_common.files import atomic_write_text
 from tensorpoly_ds.adapters import AdapterConfig
 from tensorpoly_ds.adapters import ConfigError as AdapterConfigError
 
@@ -404,8 +405,5 @@ def load_run_config(paths: list[str | os.PathLike], overrides: list[str] = ()) -
 
 def save_run_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path

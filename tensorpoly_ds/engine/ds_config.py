@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tpds_common.files import atomic_write_text
 from .config import RunConfig, RunConfigError
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -98,8 +99,5 @@ def fill_sections(deepspeed, train, optim, world_size: int) -> dict:
 
 def save_json(obj: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
     return path

@@ -178,7 +178,7 @@ def search(base: dict, spec: LrSearchSection, out: Path, train: Callable[[list[C
     """The whole search for one run config `base` (a dict as in a run YAML); `train(candidates)` trains the
     given unfinished candidate runs (in any order, possibly in parallel); `label` names the search in its log
     lines (`[lr-search LABEL]`). Returns (and writes) the result."""
-    from ..adapt.job import write_json
+    from tpds_common.files import atomic_write_json
 
     log = get_logger(f"lr-search {label}" if label else "lr-search")
 
@@ -215,7 +215,7 @@ def search(base: dict, spec: LrSearchSection, out: Path, train: Callable[[list[C
                   "chosen_run": str(candidate(base, fixed, spec.steps, out / "runs").run_dir),
                   "candidates": {name: {"run_dir": str(c.run_dir), "val_loss": _finite(final_val_loss(c.run_dir))}
                                  for name, c in sorted(candidates.items())}}
-        write_json(out / RESULT_FILE, result)
+        atomic_write_json(out / RESULT_FILE, result)
     return result
 
 

@@ -16,6 +16,8 @@ import socket
 import time
 from pathlib import Path
 
+from tpds_common.files import atomic_write_text
+
 STATUS_DIR_ENV = "TPDS_STATUS_DIR"
 
 
@@ -25,11 +27,7 @@ def write_status(run_dir: str | os.PathLike, rank: int, status: str, **fields) -
             "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
             "world_size": int(os.environ.get("WORLD_SIZE", "1")), **fields}
     for directory in filter(None, [Path(run_dir) / "status", os.environ.get(STATUS_DIR_ENV)]):
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".rank{rank}.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(body, indent=1))
-        os.replace(tmp, directory / f"rank{rank}.json")
+        atomic_write_text(Path(directory) / f"rank{rank}.json", json.dumps(body, indent=1))
 
 
 def read_statuses(directory: str | os.PathLike) -> dict[int, dict]:

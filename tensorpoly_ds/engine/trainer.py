@@ -20,7 +20,6 @@ the length of the rows it shares a step with.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import time

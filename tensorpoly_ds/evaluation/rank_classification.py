@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
+from tpds_common.files import atomic_write_text
 from ..adapters import task_routing
 
 PAD_ID = 0
@@ -239,12 +240,6 @@ def accuracy(records: Iterable[dict]) -> dict:
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
-    """Atomic JSON Lines write (temp file then os.replace)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     return path

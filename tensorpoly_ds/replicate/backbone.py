@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from tpds_common.log import get_logger
 
-from ..adapt.job import write_json
+from tpds_common.files import atomic_write_json
 from .config import BackboneSection
 
 log = get_logger("replicate")
@@ -153,7 +153,7 @@ def train_backbone(section: BackboneSection, data_dir: Path, cache: Path, *, thr
     (root / "loss_curve.json").write_text(json.dumps(curve))
     plot_curves({"T5-LM analogue": curve}, root / "loss_curve.png",
                 f"backbone: {section.arch}, {section.steps} steps, batch {section.micro_batch}")
-    write_json(root / DONE_FILE, {"key": key, "section": asdict(section), "export": str(export),
+    atomic_write_json(root / DONE_FILE, {"key": key, "section": asdict(section), "export": str(export),
                                   "final_val_loss": curve["val"][-1][1] if curve["val"] else None})
     shutil.rmtree(root / "checkpoints", ignore_errors=True)   # the export is what later stages need
     return export

@@ -79,6 +79,10 @@ class PretrainSection:
     # times that of `untrained_reference` (a method label); claim comparisons involving it are untestable.
     untrained_reference: str | None = None
     untrained_factor: float = 2.0
+    # The reference of task-blind rows (no learned routing: LoRA, TLoRA, Random-mu), when set. In a variant whose
+    # input does not name the task such a row cannot reach a routed method's val loss however well it trains, so
+    # judging it against `untrained_reference` (a routed method) marks it whatever happened (protocol v2.1).
+    untrained_task_blind_reference: str | None = None
     # Sensitivity check of the selection rule: adapt every module-lr candidate of each search (the first mode
     # of the method, the first world's search seeds, every task, at the row's chosen adaptation lr) and report
     # which candidate the dev-accuracy rule would have chosen. Reported only: it never changes a choice.
@@ -190,6 +194,12 @@ class ReplicateConfig:
         n = self.adapt.lr_search_seeds
         return list(seeds if n is None else seeds[:n])
 
+    @staticmethod
+    def task_blind(method: MethodSpec) -> bool:
+        """Whether a pretrained method has no learned task routing (a shared adapter, or random routing)."""
+        cfg = AdapterConfig.from_dict(method.adapter)
+        return not cfg.routed or cfg.routing == "random"
+
     def method_pretrain(self, method: MethodSpec) -> dict:
         """A pretrained method's recipe: optimizer, module_lr, routing_lr and whether its lrs are searched."""
         p = self.pretrain
@@ -274,6 +284,11 @@ def build_config(data: dict, src: str = "<dict>") -> ReplicateConfig:
         if not isinstance(data["worlds"], list) or not data["worlds"]:
             raise ReplicateConfigError(f"{src}: 'worlds' must be a non-empty list")
         worlds = [_section(World, w, f"worlds[{i}]", src) for i, w in enumerate(data["worlds"])]
+        for section, key in (("prep", "seeds"), ("backbone", "seed"), ("pretrain", "seed")):
+            if isinstance(data.get(section), dict) and key in data[section]:
+                # each world sets its own: a value here would be silently ignored
+                raise ReplicateConfigError(f"{src}: {section}.{key}: not used when 'worlds' is given (each world "
+                                           "sets its backbone_seed, pretrain_seed and seeds); remove it")
     methods = [_method(m, i, src) for i, m in enumerate(data["methods"])]
     kwargs: dict[str, Any] = {name: _section(cls, data[name], name, src) for name, cls in _SECTIONS.items()
                               if name in data}
@@ -390,6 +405,14 @@ def _validate_pretrain_recipes(cfg: ReplicateConfig, bad) -> None:
                                                   f"pretrained methods: {sorted(labels)}")
     if not p.untrained_factor > 1:
         raise bad("pretrain.untrained_factor", f"{p.untrained_factor!r}: must be > 1")
+    blind_ref = p.untrained_task_blind_reference
+    if blind_ref is not None:
+        if p.untrained_reference is None:
+            raise bad("pretrain.untrained_task_blind_reference", "needs pretrain.untrained_reference (the routed rows')")
+        blind = {m.label for m in cfg.methods if m.is_pretrained() and cfg.task_blind(m)}
+        if blind_ref not in blind:
+            raise bad("pretrain.untrained_task_blind_reference", f"{blind_ref!r} is not a task-blind pretrained "
+                                                                 f"method; task-blind methods: {sorted(blind)}")
     if p.sensitivity and p.lr_search is None:
         raise bad("pretrain.sensitivity", "true, but there is no pretrain.lr_search to check")
     for m in cfg.methods:

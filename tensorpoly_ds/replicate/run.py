@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tpds_common.log import get_logger, inherited_setup, setup_logging
 
-from ..adapt.job import write_json
+from tpds_common.files import atomic_write_json
 from ..adapt.table import write_table
 from ..engine.run_pool import run_pretraining
 from . import stages
@@ -48,7 +48,7 @@ def check_protocol(cfg: ReplicateConfig, out: Path) -> None:
                                    "choose another --out, or delete it to start over")
         return
     out.mkdir(parents=True, exist_ok=True)
-    write_json(path, body)
+    atomic_write_json(path, body)
 
 
 class Timer:
@@ -129,12 +129,12 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
                 "adaptation_job_mean_s": statistics.mean(job_seconds.values()) if job_seconds else None,
                 "load_average": os.getloadavg()}
 
-    write_json(stamp, timing())
+    atomic_write_json(stamp, timing())
     summary = None
     if "analyse" in want:
         with timer("analyse"):
             summary = analyse(cfg, out, backbones, exports, runs, searched)
-        write_json(stamp, timing())
+        atomic_write_json(stamp, timing())
     log.info(f"finished in {time.monotonic() - started:.0f} s: " +
              ", ".join(f"{k} {v:.0f} s" for k, v in timer.stages.items()))
     if summary is not None and publish is not None:
@@ -315,7 +315,7 @@ def analyse(cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports
             "timings": _timings(out)}
     if len(worlds) > 1:
         body["backbones"] = {w.name: json.loads((backbones[w.name].parent / DONE_FILE).read_text()) for w in worlds}
-    write_json(res / "results.json", body)
+    atomic_write_json(res / "results.json", body)
     (res / "summary.md").write_text(summ.summary_markdown(cfg, body, variants))
     log.info(f"results in {res} (summary.md, results.json, figures)")
     return body
@@ -363,16 +363,26 @@ def pretraining_table(cfg: ReplicateConfig, variant: str, runs: dict, searched: 
     for entry in methods.values():
         losses = [x for x in entry["val_loss"].values() if x is not None]
         entry["mean_val_loss"] = statistics.mean(losses) if losses else None
+    return {"methods": methods, "did_not_train": did_not_train(cfg, methods)}
+
+
+def did_not_train(cfg: ReplicateConfig, methods: dict) -> dict[str, str]:
+    """{label: why} for the methods whose mean val loss exceeds untrained_factor x their reference's: the
+    task-blind reference for task-blind rows when one is set, else untrained_reference."""
+    p = cfg.pretrain
+    if p.untrained_reference is None or methods.get(p.untrained_reference, {}).get("mean_val_loss") is None:
+        return {}
     untrained = {}
-    ref = cfg.pretrain.untrained_reference
-    if ref is not None and methods.get(ref, {}).get("mean_val_loss") is not None:
-        limit = cfg.pretrain.untrained_factor * methods[ref]["mean_val_loss"]
-        for label, entry in methods.items():
-            loss = entry["mean_val_loss"]
-            if loss is None or loss > limit:
-                untrained[label] = (f"mean multi-task val loss {loss if loss is None else round(loss, 3)} > "
-                                    f"{cfg.pretrain.untrained_factor:g} x {ref}'s {methods[ref]['mean_val_loss']:.3f}")
-    return {"methods": methods, "did_not_train": untrained}
+    for label, entry in methods.items():
+        ref = p.untrained_reference
+        if p.untrained_task_blind_reference is not None and cfg.task_blind(cfg.method(label)):
+            ref = p.untrained_task_blind_reference
+        ref_loss = methods.get(ref, {}).get("mean_val_loss")
+        loss = entry["mean_val_loss"]
+        if ref_loss is not None and (loss is None or loss > p.untrained_factor * ref_loss):
+            untrained[label] = (f"mean multi-task val loss {loss if loss is None else round(loss, 3)} > "
+                                f"{p.untrained_factor:g} x {ref}'s {ref_loss:.3f}")
+    return untrained
 
 
 def _timings(out: Path) -> dict:

@@ -56,7 +56,6 @@ def prep_all(cfg: ReplicateConfig, out: Path) -> None:
 
 def check_no_unknown_words(directory: Path, variant: str, first: str) -> None:
     """Every token id of every prepared split is a known word (the shared tokenizer covers the variant)."""
-    import numpy as np
 
     from data_prep.manifest import load_split, read_manifest
     from data_prep.tokenizer import SPECIALS
@@ -326,7 +325,8 @@ def sensitivity_dir(out: Path, cfg: ReplicateConfig, variant: str, label: str, l
 # Fields added after the first published protocol: at these values they change nothing, so they stay out of
 # protocol.json and an OUT written before they existed still resumes.
 _NEUTRAL = {("worlds",): None, ("pretrain", "lr_search"): None, ("pretrain", "untrained_reference"): None,
-            ("pretrain", "untrained_factor"): 2.0, ("pretrain", "sensitivity"): False, ("adapt", "max_extensions"): 0}
+            ("pretrain", "untrained_factor"): 2.0,
+            ("pretrain", "untrained_task_blind_reference"): None, ("pretrain", "sensitivity"): False, ("adapt", "max_extensions"): 0}
 
 
 def protocol(cfg: ReplicateConfig) -> dict:

@@ -76,6 +76,46 @@ def test_did_not_train_is_relative_to_the_reference(tmp_path):
     assert list(table["did_not_train"]) == ["TP"] and "1.25 > 2 x Poly's 0.600" in table["did_not_train"]["TP"]
 
 
+def test_task_blind_rows_are_judged_against_the_task_blind_reference(tmp_path):
+    """Protocol v2.1: with untrained_task_blind_reference set, rows without learned routing (LoRA, TLoRA,
+    Random-mu) are judged against it, routed rows still against untrained_reference. Mutations tried: judging
+    every row against the task-blind reference (TP, 0.9 > 2 x Poly's, is no longer marked); deciding task-blind by
+    `routed` alone (Random-mu, routing random, is judged against Poly and marked)."""
+    methods = [{"label": "Poly", "adapter": {"method": "poly", "skills": 4}},
+               {"label": "TP", "adapter": {"method": "tensorpoly_i", "tensor_rank": 2, "rank": 2}},
+               {"label": "LoRA", "adapter": {"method": "lora"}},
+               {"label": "TLoRA", "adapter": {"method": "tlora", "rank": 2}},
+               {"label": "Random-mu", "adapter": {"method": "poly", "skills": 4, "routing": "random"}, "modes": ["mu"]}]
+    data = {**BASE, "methods": methods,
+            "pretrain": {**BASE["pretrain"], "untrained_task_blind_reference": "LoRA"}}
+    cfg = _load(tmp_path, data)
+    assert [m.label for m in cfg.methods if cfg.task_blind(m)] == ["LoRA", "TLoRA", "Random-mu"]
+    losses = {"Poly": 0.2, "TP": 0.9, "LoRA": 1.2, "TLoRA": 2.3, "Random-mu": 2.5}
+    runs = {"w0": [_Run("np", cfg.method(label), _loss_dir(tmp_path / label, loss)) for label, loss in losses.items()]}
+    marked = pretraining_table(cfg, "np", runs, searched={})["did_not_train"]
+    assert sorted(marked) == ["Random-mu", "TP"]
+    assert "2.5 > 2 x LoRA's 1.200" in marked["Random-mu"] and "0.9 > 2 x Poly's 0.200" in marked["TP"]
+    (tmp_path / "v2").mkdir()
+    v2 = _load(tmp_path / "v2", {**data, "pretrain": BASE["pretrain"], "methods": methods})
+    assert sorted(pretraining_table(v2, "np", runs, searched={})["did_not_train"]) == \
+        ["LoRA", "Random-mu", "TLoRA", "TP"]
+
+
+@pytest.mark.parametrize("reference, message", [("Poly", "'Poly' is not a task-blind pretrained method"),
+                                                ("Nope", "'Nope' is not a task-blind pretrained method")])
+def test_the_task_blind_reference_must_be_task_blind(tmp_path, reference, message):
+    data = {**BASE, "methods": BASE["methods"] + [{"label": "LoRA", "adapter": {"method": "lora"}}],
+            "pretrain": {**BASE["pretrain"], "untrained_task_blind_reference": reference}}
+    with pytest.raises(ReplicateConfigError, match=message):
+        _load(tmp_path, data)
+
+
+def _loss_dir(d: Path, loss: float) -> Path:
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 4, "val/loss": loss}) + "\n")
+    return d
+
+
 def test_untestable_rows_never_contradict():
     scores = {"A (full)": {("t", s): 0.2 for s in range(8)}, "B (full)": {("t", s): 0.9 for s in range(8)},
               "C (full)": {("t", s): 0.5 + 0.01 * s for s in range(8)}}
@@ -117,6 +157,8 @@ def test_worlds_pool_their_pairs_and_report_the_spread():
     ({"methods": [{"label": "Poly", "adapter": {"method": "poly"}, "pretrain": {"search": True}}],
       "pretrain": {}}, "no pretrain.lr_search grid"),
     ({"adapt": {"lrs": [1e-3], "max_extensions": 1}}, "at least two learning rates"),
+    ({"prep": {"seeds": [0, 1]}}, "prep.seeds: not used when 'worlds' is given"),
+    ({"pretrain": {"seed": 7}}, "pretrain.seed: not used when 'worlds' is given"),
 ])
 def test_worlds_must_not_share_seeds_and_recipes_are_checked(tmp_path, change, message):
     with pytest.raises(ReplicateConfigError) as err:
@@ -135,8 +177,9 @@ def test_method_recipes_and_search_world(tmp_path):
     assert cfg.search_seeds() == [0, 1] and cfg.all_seeds() == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("name", ["full.yaml", "demo.yaml", "ci.yaml"])
+@pytest.mark.parametrize("name", ["full.yaml", "ci.yaml"])
 def test_v1_protocols_are_unchanged_by_the_v2_fields(name):
     body = json.loads(json.dumps(protocol(load_config(ROOT / "configs" / "replicate" / name)), default=str))
-    assert "worlds" not in body and not {"lr_search", "untrained_reference", "untrained_factor"} & set(body["pretrain"])
+    assert "worlds" not in body and not {"lr_search", "untrained_reference", "untrained_factor",
+                                         "untrained_task_blind_reference"} & set(body["pretrain"])
     assert "max_extensions" not in body["adapt"] and all("pretrain" not in m for m in body["methods"])
