@@ -5,11 +5,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from tpds_common.log import add_logging_arguments, setup_from_args
+from tpds_common.log import LOGGING_DESTS, add_logging_arguments, setup_from_args
 
 from .errors import ConfigError, DataError, OutputBusy
 from .mixture import mixture_names
-from .pipeline import DEFAULT_SEEDS, PrepConfig, build
+from .pipeline import PrepConfig, build, load_prep_config
 from .sources import SOURCE_KINDS
 
 
@@ -25,27 +25,34 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
+    # Flags default to "not given" (SUPPRESS): PrepConfig's defaults apply, and a flag given wins over --config.
     p = argparse.ArgumentParser(
-        prog="python -m data_prep",
+        prog="python -m data_prep", argument_default=argparse.SUPPRESS,
         description="Tokenise a P3-style mixture into sharded Arrow splits plus a manifest.")
+    p.add_argument("--config", action="append", default=[], type=Path,
+                   help="YAML file of PrepConfig fields (mixture, source, out, num_shards, ...); several merge in "
+                        "order, flags win over them (docs/prep.md)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="fields set after the config files, e.g. num_shards=8 few_shot_seeds=[0,1]")
     # No `choices=` on mixture/source: our own error lists the valid names and also covers local:PATH.
-    p.add_argument("--mixture", required=True, help=f"one of: {', '.join(mixture_names())}")
-    p.add_argument("--source", required=True, help=f"one of: {', '.join(SOURCE_KINDS)}")
-    p.add_argument("--tokenizer", required=True, help="HF tokenizer name or path, or 'embedded' (offline)")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--num-shards", type=int, default=4, help="Arrow shards for train/val (default 4)")
-    p.add_argument("--num-proc", type=int, default=1,
+    # mixture, source, tokenizer and out are required, as flags or as keys of --config.
+    p.add_argument("--mixture", help=f"one of: {', '.join(mixture_names())}")
+    p.add_argument("--source", help=f"one of: {', '.join(SOURCE_KINDS)}")
+    p.add_argument("--tokenizer", help="HF tokenizer name or path, or 'embedded' (offline)")
+    p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--num-shards", type=int, help="Arrow shards for train/val (default 4)")
+    p.add_argument("--num-proc", type=int,
                    help="worker processes, each preparing whole configs (default 1)")
-    p.add_argument("--max-input-len", type=int, default=256)
-    p.add_argument("--max-target-len", type=int, default=256)
-    p.add_argument("--cap-per-template", default=None,
+    p.add_argument("--max-input-len", type=int)
+    p.add_argument("--max-target-len", type=int)
+    p.add_argument("--cap-per-template",
                    help="N (fixed cap), budget:B (min(size, B // n_templates)) or none; default budget:500000")
-    p.add_argument("--val-per-template", type=int, default=100)
-    p.add_argument("--few-shot-seeds", type=_seeds, default=DEFAULT_SEEDS, help="default 0,1024,42")
-    p.add_argument("--few-shot-k", type=int, default=None, help="override every held-out task's default k")
-    p.add_argument("--train-tasks", type=_names, default=None,
+    p.add_argument("--val-per-template", type=int)
+    p.add_argument("--few-shot-seeds", type=_seeds, help="default 0,1024,42")
+    p.add_argument("--few-shot-k", type=int, help="override every held-out task's default k")
+    p.add_argument("--train-tasks", type=_names,
                    help="comma-separated subset of the mixture's training tasks (default: all)")
-    p.add_argument("--held-out", type=_names, default=None,
+    p.add_argument("--held-out", type=_names,
                    help="comma-separated held-out tasks (default: all of the mixture's)")
     p.add_argument("--skip-invalid", action="store_true", help="drop malformed rows, counted in the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR made with other arguments")
@@ -58,13 +65,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(ns: argparse.Namespace) -> PrepConfig:
-    return PrepConfig(
-        mixture=ns.mixture, source=ns.source, tokenizer=ns.tokenizer, out=ns.out.expanduser().resolve(),
-        num_shards=ns.num_shards, num_proc=ns.num_proc, max_input_len=ns.max_input_len,
-        max_target_len=ns.max_target_len, cap_per_template=ns.cap_per_template,
-        val_per_template=ns.val_per_template, few_shot_seeds=tuple(ns.few_shot_seeds), few_shot_k=ns.few_shot_k,
-        train_tasks=ns.train_tasks, held_out=ns.held_out, skip_invalid=ns.skip_invalid, overwrite=ns.overwrite,
-        no_wait=ns.no_wait, drop_cache=ns.drop_cache)
+    """The flags given, over the --config files and KEY=VALUE overrides (tpds_common.config checks them)."""
+    given = {k: v for k, v in vars(ns).items() if k not in ("config", "overrides", *LOGGING_DESTS)}
+    if not ns.config and not ns.overrides:
+        missing = [f"--{k}" for k in ("mixture", "source", "tokenizer", "out") if k not in given]
+        if missing:   # argparse's own wording, as when these flags were required
+            parser().error(f"the following arguments are required: {', '.join(missing)}")
+    return load_prep_config(ns.config, ns.overrides, given)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import tokenizer as toklib
+from tpds_common.config import apply_overrides, check_fields, load_files
 from tpds_common.locking import FolderLock, LockHeld
 from tpds_common.log import get_logger, progress
 
@@ -67,6 +68,24 @@ class PrepConfig:
         for k in ("out", "num_proc", "overwrite", "no_wait", "drop_cache"):
             d.pop(k)
         return json.loads(json.dumps(d))
+
+
+def load_prep_config(paths: list, overrides: list[str] = (), given: dict | None = None) -> PrepConfig:
+    """A PrepConfig from YAML files of its fields (later wins, `include:` composes), `key=value` overrides and
+    `given` (command-line flags, winning over both), checked by tpds_common.config: unknown keys and wrong
+    types are refused naming the file (or override) and the key."""
+    sources: dict = {}
+    data = load_files(paths, sources, ConfigError)
+    apply_overrides(data, overrides, sources, ConfigError)
+    data.update({k: v for k, v in (given or {}).items()})
+    sources.update({k: "command line" for k in given or {}})
+    where = str(paths[-1]) if paths else "command line"
+    kwargs = check_fields(PrepConfig, data, where, ConfigError, sources=sources)
+    missing = [f"--{k.replace('_', '-')}" for k in ("mixture", "source", "tokenizer", "out") if k not in kwargs]
+    if missing:
+        raise ConfigError(f"{where}: missing {', '.join(missing)} (a flag or a key of the config file)")
+    kwargs["out"] = kwargs["out"].expanduser().resolve()
+    return PrepConfig(**kwargs)
 
 
 @dataclass

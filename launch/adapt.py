@@ -18,6 +18,7 @@ import os
 import sys
 
 # Light imports only up to the pre-checks (no torch): an impossible job is refused in well under a second.
+from tpds_common.config import apply_overrides
 from tensorpoly_ds.adapt.spec import AdaptJob, JobBusy, JobError
 from tensorpoly_ds.adapt.table import TableError, table_job
 from tensorpoly_ds.engine.distributed import LaunchError, distributed_env
@@ -27,7 +28,8 @@ from tpds_common.log import add_logging_arguments, setup_from_args
 
 EXIT_BUSY = 75            # EX_TEMPFAIL: try again once the other process is done
 
-# flag -> job field for the common fields; everything else via --set FIELD=VALUE (VALUE parsed as JSON)
+# flag -> job field for the common fields; everything else via --set FIELD=VALUE (VALUE parsed as YAML, so JSON
+# works too; tpds_common.config)
 FLAGS = {"export": str, "method": str, "mode": str, "task": str, "seed": int, "k": int, "data": str, "out": str,
          "model": str, "steps": int, "batch_size": int, "lr": float, "eval_every": int, "length_norm": float,
          "label": str}
@@ -44,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ in FLAGS.items():
         fields.add_argument(f"--{name.replace('_', '-')}", type=typ, dest=name, default=None)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any other job field, VALUE as JSON (e.g. --set multitask_steps=20 --set collapse=true); "
-                        "also overrides fields of a --job-table row")
+                   help="any other job field, VALUE as YAML or JSON (e.g. --set multitask_steps=20 --set "
+                        "collapse=true --set lr=1e-3 --set adapter.rank=2); also overrides fields of a "
+                        "--job-table row")
     p.add_argument("--force", action="store_true", help="rerun even if the job is complete")
     p.add_argument("--print-job", action="store_true", help="print the resolved job as JSON and exit")
     add_logging_arguments(p)
@@ -76,14 +79,9 @@ def resolve_job(args) -> AdaptJob:
             if value is not None:
                 data[RENAME.get(name, name)] = value
     data.update(launcher)
-    for item in args.set:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise JobError(f"--set {item!r}: expected FIELD=VALUE")
-        try:
-            data[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            data[key] = raw
+    # tpds_common.config's dotted overrides: VALUE as YAML (JSON included), a dotted FIELD sets a key of a
+    # mapping field (adapter.rank=2)
+    apply_overrides(data, args.set, {}, JobError, label="--set")
     return AdaptJob.from_dict(data, source="command line")
 
 

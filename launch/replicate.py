@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {', '.join(STAGES)} (default: all; earlier stages must be done)")
     p.add_argument("--publish", default=None,
                    help="also copy results/*.json|md|png into this directory (e.g. benchmarks/results/replicate)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides of the config, e.g. adapt.steps=2 (part of the protocol)")
     add_logging_arguments(p)
     return p
 
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tensorpoly-ds replicate: unknown stage(s) {unknown}; valid: {', '.join(STAGES)}", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, sets=args.overrides)
         if args.workers is not None and args.workers < 1:
             raise ReplicateConfigError(f"--workers {args.workers}: must be >= 1")
         replicate(cfg, Path(args.out or cfg.out), workers=args.workers, stages_to_run=stages,

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from tensorpoly_ds.adapt.spec import JobError, is_complete
+from tpds_common.config import apply_overrides
 from tensorpoly_ds.adapt.table import TableError, expand_grid, read_grid, read_table, write_table
 from tensorpoly_ds.engine.job_env import REPO_ROOT, job_env
 from tensorpoly_ds.engine.stop import REQUEUE_EXIT_CODE, STOP
@@ -45,6 +46,8 @@ log = get_logger("sweep")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tensorpoly-ds sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", help="YAML or JSON grid (base, methods, modes, tasks, seeds, ks); see docs/adapt.md")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides of the grid, e.g. base.steps=20 seeds=[0] (tpds_common.config)")
     p.add_argument("--table", help="run an existing job table instead of expanding a grid")
     p.add_argument("--out", required=True, help="sweep directory: jobs.jsonl and jobs/<id>/ go here")
     p.add_argument("--workers", "-P", type=int, default=1, help="concurrent local jobs (default 1)")
@@ -224,7 +227,7 @@ def _sweep(args, out: Path) -> int:
             table = Path(args.table).resolve()
             rows = read_table(table)
         elif args.grid:
-            grid = read_grid(args.grid)
+            grid = apply_overrides(read_grid(args.grid), args.overrides, {}, TableError)
             rows = expand_grid(grid, out, base_dir=Path(args.grid).resolve().parent, source=args.grid)
             table = write_table(out / TABLE_FILE, rows)
         else:

@@ -193,6 +193,7 @@ def progress(iterable=None, *, rank: int | None = None, **kwargs):
 # ---- the shared command-line flags ----
 
 LOGGING_FLAGS = ("--quiet", "--verbose", "--log-all-ranks", "--progress")
+LOGGING_DESTS = ("log_level", "log_all_ranks", "progress")   # the Namespace fields they set (not a config's)
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:

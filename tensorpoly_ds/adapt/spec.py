@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config_keys import reject_unknown
+from tpds_common.config import check_fields, parse_value
 
 RESULT_FILE = "result.json"
 MARKER_FILE = "COMPLETE"
@@ -100,13 +100,14 @@ class AdaptJob:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "job") -> "AdaptJob":
-        reject_unknown(data, (f.name for f in dataclasses.fields(cls)), source, JobError, what="job field")
+        """Unknown fields and values of the wrong type are refused naming `source` (tpds_common.config)."""
+        kwargs = check_fields(cls, data, source, JobError, what="job field")
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                    and f.name not in data]
         if missing:
             raise JobError(f"{source}: missing job field(s) {missing}")
-        return cls(**data)
+        return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,15 +133,13 @@ def launcher_job_fields(env=None) -> dict[str, Any]:
     """Job fields for what `accelerate launch`'s DeepSpeed plugin configured (empty for other launchers): the
     engine trainer with the plugin's ZeRO stage and precision. Offload and a DeepSpeed config file have no
     job field and are refused."""
-    import yaml
-
     from ..engine.distributed import LaunchError, accelerate_overrides
 
     overrides = accelerate_overrides(env)
     fields: dict[str, Any] = {"trainer": "engine"} if overrides else {}
     for item in overrides:
         key, _, raw = item.partition("=")
-        value = yaml.safe_load(raw)
+        value = parse_value(raw)
         if key in LAUNCHER_JOB_FIELDS:
             fields[LAUNCHER_JOB_FIELDS[key]] = value
         elif value not in (False, None):

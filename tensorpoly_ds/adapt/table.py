@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from ..config_keys import reject_unknown
+from tpds_common.config import check_fields, read_yaml, reject_unknown
 from .spec import AdaptJob, FULLFT, JobError
 
 ROUTED = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")
@@ -24,13 +24,10 @@ def _slug(text: str) -> str:
 
 
 def read_grid(path: str | os.PathLike) -> dict:
-    text = Path(path).read_text()
     if str(path).endswith((".yaml", ".yml")):
-        import yaml
-
-        grid = yaml.safe_load(text)
+        grid = read_yaml(path, TableError)
     else:
-        grid = json.loads(text)
+        grid = json.loads(Path(path).read_text())
     if not isinstance(grid, dict):
         raise TableError(f"{path}: a grid is a mapping with 'methods', 'modes', 'tasks', 'seeds' (and 'base')")
     return grid
@@ -85,7 +82,8 @@ def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathL
     Unrouted methods only get mode "full" (other modes are skipped, not errors). A task's overrides win over
     base and the method entry. `source` (the grid file) names the grid in errors."""
     reject_unknown(grid, GRID_KEYS, source, TableError)
-    base = dict(grid.get("base") or {})
+    # the base job: job fields of the right types (checked once here, every row again with its own fields)
+    base = check_fields(AdaptJob, grid.get("base") or {}, f"{source}: base", JobError, what="job field")
     methods = grid.get("methods") or []
     if not methods:
         raise TableError(f"{source}: 'methods' is empty")

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..config_keys import reject_unknown
+from tpds_common.config import reject_unknown
 
 METHODS = ("lora", "tlora", "poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x", "ia3")
 ROUTED_METHODS = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..config_keys import reject_unknown
+from tpds_common.config import read_yaml, reject_unknown
 
 EXPECTS = ("greater", "less", "equal")
 EXACT_MAX_PAIRS = 20           # up to 2^20 sign patterns are enumerated exactly
@@ -224,12 +224,7 @@ def _mapping(obj: Any, valid: set[str], where: str) -> dict:
 
 def load_claims(path: str | Path) -> list[ClaimSpec]:
     """Claims from YAML: {claims: [{id, text, comparisons: [{a, b, expect, margin}]}]}."""
-    from tensorpoly_ds.engine.config import RunConfigError, read_yaml
-
-    try:
-        data = _mapping(read_yaml(path), {"claims"}, str(path)).get("claims")
-    except RunConfigError as err:   # missing file, bad YAML, not a mapping: the message names the file
-        raise ClaimsError(str(err)) from None
+    data = _mapping(read_yaml(path, ClaimsError), {"claims"}, str(path)).get("claims")
     if not isinstance(data, list) or not data:
         raise ClaimsError(f"{path}: 'claims' must be a non-empty list of claims")
     claims, ids = [], set()

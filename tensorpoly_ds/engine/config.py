@@ -2,27 +2,27 @@
 
     cfg = load_run_config(["configs/base.yaml", "configs/lora.yaml"], ["train.steps=200", "optim.name=adamw"])
 
-Files are merged in order (later wins, dicts merged key by key, anything else replaced), then the dotted
-`key=value` overrides are applied (values parsed as YAML: `3` is an int, `true` a bool, `null` None).
-Unknown keys are rejected naming the key and the file that set it; wrong types likewise. Everything is
-checked here, before any process group, model or data is touched.
+Files are merged in order (later wins, dicts merged key by key, anything else replaced; a file's `include:`
+list is merged under it), then the dotted `key=value` overrides are applied (values parsed as YAML: `3` is an
+int, `1e-3` a float, `true` a bool, `null` None). Unknown keys are rejected naming the key and the file that
+set it; wrong types likewise, in tpds_common.config's one message format. Everything is checked here, before
+any process group, model or data is touched.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
+from tpds_common.config import apply_overrides, build, check_value, load_files, unknown_keys_message
 from tpds_common.files import atomic_write_text
 from tensorpoly_ds.adapters import AdapterConfig
 from tensorpoly_ds.adapters import ConfigError as AdapterConfigError
@@ -150,140 +150,7 @@ class RunConfig:
 SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
-# ---- loading, merging, overrides -----------------------------------------------------------------------
-def deep_merge(base: dict, update: dict, sources: dict, origin: str, prefix: str = "") -> dict:
-    """Merge `update` into a copy of `base`; record in `sources` which origin set each dotted key."""
-    out = dict(base)
-    for key, value in update.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value, sources, origin, dotted + ".")
-        else:
-            out[key] = copy.deepcopy(value)
-            sources[dotted] = origin
-            if isinstance(value, dict):
-                for sub in _dotted_keys(value, dotted + "."):
-                    sources[sub] = origin
-    return out
-
-
-def _dotted_keys(d: dict, prefix: str) -> list[str]:
-    keys = []
-    for k, v in d.items():
-        keys.append(prefix + str(k))
-        if isinstance(v, dict):
-            keys.extend(_dotted_keys(v, prefix + str(k) + "."))
-    return keys
-
-
-def read_yaml(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RunConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as err:
-        raise RunConfigError(f"{path}: not valid YAML ({err})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RunConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise RunConfigError(f"override {text!r}: expected key=value (e.g. train.steps=200)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise RunConfigError(f"override {text!r}: bad key {key!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_override(data: dict, parts: list[str], value: Any, sources: dict, origin: str) -> None:
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise RunConfigError(f"{origin}: {'.'.join(parts)}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
-    sources[".".join(parts)] = origin
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
-
-
-def _check_value(value: Any, tp, key: str, origin: str) -> Any:
-    origin_t = typing.get_origin(tp)
-    if origin_t in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(value, arg, key, origin)
-            except RunConfigError as err:
-                errors.append(err)
-        raise RunConfigError(f"{origin}: key '{key}' = {value!r}: expected "
-                             f"{' or '.join(_type_name(a) for a in args)}, got {type(value).__name__}")
-    if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads 3e-3 (no dot) as a string; a researcher means the number.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RunConfigError(f"{origin}: key '{key}' = {value!r}: expected a number, got {type(value).__name__}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RunConfigError(f"{origin}: key '{key}' = {value!r}: expected an integer, got {type(value).__name__}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RunConfigError(f"{origin}: key '{key}' = {value!r}: expected true/false, got {type(value).__name__}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise RunConfigError(f"{origin}: key '{key}' = {value!r}: expected a string, got {type(value).__name__}")
-        return value
-    if tp in (dict, list):
-        if not isinstance(value, tp):
-            raise RunConfigError(f"{origin}: key '{key}' = {value!r}: expected a {tp.__name__}, "
-                                 f"got {type(value).__name__}")
-        return copy.deepcopy(value)
-    raise RunConfigError(f"{origin}: key '{key}': unsupported type {tp}")  # pragma: no cover
-
-
-def build_section(cls, data: Any, section: str, sources: dict):
-    origin = sources.get(section, "defaults")
-    if not isinstance(data, dict):
-        raise RunConfigError(f"{origin}: section '{section}' must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in known:
-            where = sources.get(f"{section}.{key}", origin)
-            raise RunConfigError(f"{where}: unknown key '{section}.{key}'; valid keys in '{section}': "
-                                 f"{', '.join(sorted(known))}")
-    kwargs = {k: _check_value(v, hints[k], f"{section}.{k}", sources.get(f"{section}.{k}", origin))
-              for k, v in data.items()}
-    return cls(**kwargs)
-
-
+# ---- building (the machinery is tpds_common.config's) -----------------------------------------------------
 def _build_adapter(data: Any, sources: dict) -> AdapterConfig | None:
     if data is None:
         return None
@@ -295,9 +162,8 @@ def _build_adapter(data: Any, sources: dict) -> AdapterConfig | None:
     for key, value in data.items():
         where = sources.get(f"adapter.{key}", origin)
         if key not in known:
-            raise RunConfigError(f"{where}: unknown key 'adapter.{key}'; valid keys in 'adapter': "
-                                 f"{', '.join(sorted(known))}")
-        _check_value(value, hints[key], f"adapter.{key}", where)
+            raise RunConfigError(unknown_keys_message(where, [key], known, "adapter"))
+        check_value(value, hints[key], f"adapter.{key}", where, RunConfigError)
     try:
         return AdapterConfig(**{k: (float(v) if hints[k] is float and isinstance(v, int) else v)
                                 for k, v in data.items()})
@@ -319,7 +185,7 @@ def build_run_config(data: dict, sources: dict | None = None) -> RunConfig:
             kwargs[name] = _build_adapter(data[name], sources)
         else:
             cls = typing.get_type_hints(RunConfig)[name]
-            kwargs[name] = build_section(cls, data[name], name, sources)
+            kwargs[name] = build(cls, data[name], name, sources, RunConfigError)
     cfg = RunConfig(**kwargs)
     validate(cfg, sources)
     return cfg
@@ -392,14 +258,11 @@ def validate(cfg: RunConfig, sources: dict) -> None:
 
 
 def load_run_config(paths: list[str | os.PathLike], overrides: list[str] = ()) -> RunConfig:
-    """Compose YAML files (later wins, nested merge) and dotted overrides into a validated RunConfig."""
-    data: dict = {}
+    """Compose YAML files (later wins, nested merge, each with its `include:` files) and dotted overrides into
+    a validated RunConfig."""
     sources: dict = {}
-    for path in paths:
-        data = deep_merge(data, read_yaml(path), sources, str(path))
-    for text in overrides:
-        parts, value = parse_override(text)
-        apply_override(data, parts, value, sources, f"override {text!r}")
+    data = load_files(paths, sources, RunConfigError)
+    apply_overrides(data, overrides, sources, RunConfigError)
     return build_run_config(data, sources)
 
 

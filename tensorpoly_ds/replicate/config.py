@@ -8,19 +8,23 @@ the zero-shot rows and the claims file. Unknown keys are rejected naming the key
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from tpds_common.config import apply_override, apply_overrides, build, read_yaml, reject_unknown
 
 from ..adapters import AdapterConfig, ConfigError
 from ..adapters.modes import MODES
-from ..config_keys import reject_unknown
-from ..engine.config import RunConfigError, build_section, read_yaml
 
 FULLFT = "fullft"
+# a field added after configs were published: at its default it stays out of digests (and protocol.json), so
+# the caches and OUT folders of those configs keep their keys
+ADDED_LATER = "added_later"
 
 
 class ReplicateConfigError(ValueError):
@@ -87,6 +91,9 @@ class PretrainSection:
     # of the method, the first world's search seeds, every task, at the row's chosen adaptation lr) and report
     # which candidate the dev-accuracy rule would have chosen. Reported only: it never changes a choice.
     sensitivity: bool = False
+    # Run-config keys (dotted, e.g. {train.log_every: 10, optim.weight_decay: 0.01}) every pretraining run sets
+    # on top of what PRETRAIN_RUN_CONFIG derives: the run config embedded, not re-declared here.
+    run_config: dict = field(default_factory=dict, metadata={ADDED_LATER: True})
 
 
 @dataclass
@@ -99,8 +106,43 @@ class World:
     seeds: list
 
 
-# the fields of MethodSpec.pretrain: a method's own recipe, outside the shared one
-METHOD_PRETRAIN_KEYS = ("optimizer", "module_lr", "routing_lr", "search")
+# the fields of MethodSpec.pretrain: a method's own recipe, outside the shared one (run_config: run-config keys
+# this method's runs set on top of the shared pretrain.run_config)
+METHOD_PRETRAIN_KEYS = ("optimizer", "module_lr", "routing_lr", "search", "run_config")
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """A value every replicate pretraining run uses, whatever the config says."""
+    value: Any
+
+
+# A pretraining run's config (replicate.stages.run_config), key by key in the order run.yaml lists them: the
+# run-config key and where its value comes from: "recipe.<field>" the method's recipe (method_pretrain),
+# "pretrain.<field>" the shared section, "world.<field>" the world, "run.<name>" the run's paths and adapter,
+# Fixed(...) a constant. Then pretrain.run_config and the method's run_config, dotted keys, win.
+PRETRAIN_RUN_CONFIG = (
+    ("model.name_or_path", "run.backbone"), ("adapter", "run.adapter"),
+    ("optim.name", "recipe.optimizer"), ("optim.module_lr", "recipe.module_lr"),
+    ("optim.routing_lr", "recipe.routing_lr"), ("optim.warmup_ratio", "pretrain.warmup_ratio"),
+    ("optim.schedule", Fixed("linear")), ("optim.clip", Fixed(1.0)),
+    ("train.steps", "pretrain.steps"), ("train.micro_batch", "pretrain.micro_batch"), ("train.grad_accum", Fixed(1)),
+    ("train.eval_every", "pretrain.eval_every"), ("train.save_every", "pretrain.eval_every"),
+    ("train.seed", "world.pretrain_seed"), ("train.log_every", Fixed(50)), ("train.keep_checkpoints", Fixed(1)),
+    ("train.heatmap_max_layers", Fixed(2)), ("train.progress_bar", Fixed(False)),
+    ("data.dir", "run.data"), ("data.val_max_samples", "pretrain.val_max_samples"),
+    ("deepspeed.zero_stage", Fixed(0)), ("deepspeed.precision", Fixed("fp32")),
+    ("run.dir", "run.dir"),
+)
+# run-config keys that name one run's inputs and outputs: no run_config may set them
+PER_RUN_KEYS = ("model.name_or_path", "adapter", "data.dir", "run.dir")
+
+# An adaptation job's fields shared by every row (replicate.stages): job field <- adapt section field, then
+# the fixed job fields.
+ADAPT_JOB_FIELDS = (("steps", "steps"), ("batch_size", "batch_size"), ("optimizer", "optimizer"),
+                    ("warmup_ratio", "warmup_ratio"), ("clip", "clip"), ("eval_batch_size", "eval_batch_size"),
+                    ("length_norm", "length_norm"))
+ADAPT_JOB_FIXED = {"eval_every": 0, "trainer": "local"}
 
 
 @dataclass
@@ -201,12 +243,35 @@ class ReplicateConfig:
         return not cfg.routed or cfg.routing == "random"
 
     def method_pretrain(self, method: MethodSpec) -> dict:
-        """A pretrained method's recipe: optimizer, module_lr, routing_lr and whether its lrs are searched."""
+        """A pretrained method's recipe: optimizer, module_lr, routing_lr and whether its lrs are searched (and
+        its own run_config, if it has one)."""
         p = self.pretrain
         recipe = {"optimizer": p.optimizer, "module_lr": p.module_lr, "routing_lr": p.routing_lr,
                   "search": p.lr_search is not None}
         recipe.update(method.pretrain or {})
         return recipe
+
+    def pretrain_run_config(self, method: MethodSpec, world: World, paths: dict[str, Any]) -> dict:
+        """The run config of `method`'s pretraining run in `world` (PRETRAIN_RUN_CONFIG, then the embedded
+        run_config keys); `paths`: backbone, data, dir (strings)."""
+        values = {"recipe": self.method_pretrain(method), "pretrain": dataclasses.asdict(self.pretrain),
+                  "world": dataclasses.asdict(world), "run": {**paths, "adapter": dict(method.adapter)}}
+        config: dict = {}
+        for key, source in PRETRAIN_RUN_CONFIG:
+            if isinstance(source, Fixed):
+                value = source.value
+            else:
+                group, name = source.split(".", 1)
+                value = values[group][name]
+            apply_override(config, key.split("."), value, {}, "PRETRAIN_RUN_CONFIG")
+        embedded = {**self.pretrain.run_config, **(method.pretrain or {}).get("run_config", {})}
+        for key, value in embedded.items():
+            apply_override(config, key.split("."), copy.deepcopy(value), {}, "run_config")
+        return config
+
+    def adapt_job_base(self) -> dict:
+        """The job fields every adaptation row shares (ADAPT_JOB_FIELDS, ADAPT_JOB_FIXED)."""
+        return {**{job: getattr(self.adapt, name) for job, name in ADAPT_JOB_FIELDS}, **ADAPT_JOB_FIXED}
 
     def claims_path(self) -> Path | None:
         if not self.claims:
@@ -216,8 +281,18 @@ class ReplicateConfig:
 
     def digest(self, section: Any, *extra: Any) -> str:
         """A short stable hash of a section (plus extra values): cache and run keys."""
-        body = json.dumps([dataclasses.asdict(section), *extra], sort_keys=True, default=str)
+        body = json.dumps([stable_asdict(section), *extra], sort_keys=True, default=str)
         return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+def stable_asdict(section: Any) -> dict:
+    """asdict without the fields added later that sit at their default (ADDED_LATER)."""
+    body = dataclasses.asdict(section)
+    for f in dataclasses.fields(section):
+        if f.metadata.get(ADDED_LATER) and body[f.name] == (f.default_factory() if f.default_factory
+                                                             is not dataclasses.MISSING else f.default):
+            body.pop(f.name)
+    return body
 
 
 @dataclass
@@ -235,10 +310,7 @@ _SCALARS = {f.name for f in dataclasses.fields(_TopLevel)}
 
 
 def _section(cls, data: Any, name: str, src: str):
-    try:
-        return build_section(cls, data, name, {name: src})
-    except RunConfigError as err:
-        raise ReplicateConfigError(str(err)) from None
+    return build(cls, data, name, {name: src}, ReplicateConfigError)
 
 
 def _check_adapter(fields: dict, where: str) -> None:
@@ -415,6 +487,7 @@ def _validate_pretrain_recipes(cfg: ReplicateConfig, bad) -> None:
                                                                  f"method; task-blind methods: {sorted(blind)}")
     if p.sensitivity and p.lr_search is None:
         raise bad("pretrain.sensitivity", "true, but there is no pretrain.lr_search to check")
+    _check_run_config(p.run_config, f"{cfg.source}: pretrain.run_config")
     for m in cfg.methods:
         if m.pretrain is None:
             continue
@@ -426,6 +499,8 @@ def _validate_pretrain_recipes(cfg: ReplicateConfig, bad) -> None:
         reject_unknown(m.pretrain, METHOD_PRETRAIN_KEYS, f"{cfg.source}: {where}", ReplicateConfigError)
         if m.pretrain.get("optimizer", "adamw") not in ("adamw", "adafactor"):
             raise bad(f"{where}.optimizer", f"{m.pretrain['optimizer']!r}: adamw or adafactor")
+        if "run_config" in m.pretrain:
+            _check_run_config(m.pretrain["run_config"], f"{cfg.source}: {where}.run_config")
         if m.pretrain.get("search") and p.lr_search is None:
             raise bad(f"{where}.search", "true, but the config has no pretrain.lr_search grid")
         for key in ("module_lr", "routing_lr"):
@@ -434,10 +509,32 @@ def _validate_pretrain_recipes(cfg: ReplicateConfig, bad) -> None:
                 raise bad(f"{where}.{key}", f"{v!r}: a positive number")
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> ReplicateConfig:
-    try:
-        data = read_yaml(path)
-    except RunConfigError as err:
-        raise ReplicateConfigError(str(err)) from None
+def _check_run_config(overrides: Any, where: str) -> None:
+    """Embedded run-config keys: dotted keys of tensorpoly_ds.engine.config.RunConfig with values of their
+    types (checked by the same machinery as a run config's overrides), none of PER_RUN_KEYS."""
+    import typing
+
+    from ..engine.config import RunConfig
+
+    if not isinstance(overrides, dict):
+        raise ReplicateConfigError(f"{where}: expected a mapping of run-config keys (e.g. train.log_every: 10), "
+                                   f"got {overrides!r}")
+    data: dict = {}
+    sources: dict = {}
+    for key, value in overrides.items():
+        if any(key == k or key.startswith(k + ".") for k in PER_RUN_KEYS):
+            raise ReplicateConfigError(f"{where}: key '{key}' is set per run (one of {', '.join(PER_RUN_KEYS)})")
+        apply_override(data, str(key).split("."), value, sources, where, ReplicateConfigError)
+    sections = typing.get_type_hints(RunConfig)
+    reject_unknown(data, sections, where, ReplicateConfigError, what="section")
+    for name, body in data.items():
+        build(sections[name], body, name, sources, ReplicateConfigError)
+
+
+def load_config(path: str | Path, overrides: dict | None = None, sets: Sequence[str] = ()) -> ReplicateConfig:
+    """The config of `path`, its top-level keys replaced by `overrides`, then the dotted `key=value` of `sets`
+    (e.g. adapt.steps=2; tpds_common.config), validated."""
+    data = read_yaml(path, ReplicateConfigError)
     data.update(overrides or {})
+    apply_overrides(data, sets, {}, ReplicateConfigError)
     return build_config(data, str(path))

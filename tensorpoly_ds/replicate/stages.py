@@ -104,20 +104,9 @@ def world_root(out: Path, world: World) -> Path:
 
 
 def run_config(cfg: ReplicateConfig, data: Path, backbone: Path, world: World, m: MethodSpec, run_dir: Path) -> dict:
-    """The pretraining run config of method `m` in `world` at its recipe's learning rates."""
-    p, recipe = cfg.pretrain, cfg.method_pretrain(m)
-    return {
-        "model": {"name_or_path": str(backbone)},
-        "adapter": dict(m.adapter),
-        "optim": {"name": recipe["optimizer"], "module_lr": recipe["module_lr"], "routing_lr": recipe["routing_lr"],
-                  "warmup_ratio": p.warmup_ratio, "schedule": "linear", "clip": 1.0},
-        "train": {"steps": p.steps, "micro_batch": p.micro_batch, "grad_accum": 1,
-                  "eval_every": p.eval_every, "save_every": p.eval_every, "seed": world.pretrain_seed, "log_every": 50,
-                  "keep_checkpoints": 1, "heatmap_max_layers": 2, "progress_bar": False},
-        "data": {"dir": str(data), "val_max_samples": p.val_max_samples},
-        "deepspeed": {"zero_stage": 0, "precision": "fp32"},
-        "run": {"dir": str(run_dir)},
-    }
+    """The pretraining run config of method `m` in `world` at its recipe's learning rates
+    (replicate.config.PRETRAIN_RUN_CONFIG)."""
+    return cfg.pretrain_run_config(m, world, {"backbone": str(backbone), "data": str(data), "dir": str(run_dir)})
 
 
 def searched_methods(cfg: ReplicateConfig) -> list[tuple[Variant, MethodSpec]]:
@@ -194,10 +183,7 @@ def pretrain_runs(cfg: ReplicateConfig, out: Path, backbone: Path, world: World 
 # --- the adaptation jobs ---------------------------------------------------------------------------------------
 
 def _job_base(cfg: ReplicateConfig, backbone: Path) -> dict:
-    a = cfg.adapt
-    return {"model": str(backbone), "steps": a.steps, "batch_size": a.batch_size, "optimizer": a.optimizer,
-            "warmup_ratio": a.warmup_ratio, "clip": a.clip, "eval_every": 0, "eval_batch_size": a.eval_batch_size,
-            "length_norm": a.length_norm, "trainer": "local"}
+    return {"model": str(backbone), **cfg.adapt_job_base()}
 
 
 def _entry(m: MethodSpec, exports: dict[str, Path]) -> dict:
@@ -325,8 +311,8 @@ def sensitivity_dir(out: Path, cfg: ReplicateConfig, variant: str, label: str, l
 # Fields added after the first published protocol: at these values they change nothing, so they stay out of
 # protocol.json and an OUT written before they existed still resumes.
 _NEUTRAL = {("worlds",): None, ("pretrain", "lr_search"): None, ("pretrain", "untrained_reference"): None,
-            ("pretrain", "untrained_factor"): 2.0,
-            ("pretrain", "untrained_task_blind_reference"): None, ("pretrain", "sensitivity"): False, ("adapt", "max_extensions"): 0}
+            ("pretrain", "untrained_factor"): 2.0, ("pretrain", "untrained_task_blind_reference"): None,
+            ("pretrain", "sensitivity"): False, ("adapt", "max_extensions"): 0, ("pretrain", "run_config"): {}}
 
 
 def protocol(cfg: ReplicateConfig) -> dict:
