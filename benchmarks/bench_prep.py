@@ -201,9 +201,10 @@ def run_prep(args: list[str], kill_when=None) -> dict:
     peak = rss.stop()
     if not killed and proc.returncode != 0:
         raise RuntimeError(f"prep failed ({proc.returncode}):\n{err[-3000:]}")
-    reused = next((int(line.split()[1]) for line in err.splitlines() if line.startswith("reused ")), 0)
+    lines = [line.removeprefix("[prep] ") for line in err.splitlines()]   # prep's log lines (stderr)
+    reused = next((int(line.split()[1]) for line in lines if line.startswith("reused ")), 0)
     # "parts: B built, R reused, N rows in S s (X rows/s)": the steady state, without start-up and assembly.
-    parts = next((line for line in err.splitlines() if line.startswith("parts: ")), None)
+    parts = next((line for line in lines if line.startswith("parts: ")), None)
     parts_rate = float(parts.rsplit("(", 1)[1].split()[0]) if parts else None
     return {"seconds": round(sec, 2), "peak_rss_mb": round(peak / 2**20, 1), "killed": killed, "parts_reused": reused,
             "parts_rows_per_s": parts_rate}

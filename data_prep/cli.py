@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from tpds_common.errors import EXIT_OK
+from tpds_common.log import LOGGING_DESTS, add_logging_arguments, setup_from_args
 
 from .mixture import mixture_names
 from .pipeline import PrepConfig, build, load_prep_config
@@ -62,12 +63,13 @@ def parser() -> argparse.ArgumentParser:
                    help="if another prep holds DIR, exit 75 at once instead of waiting for it")
     p.add_argument("--drop-cache", action="store_true",
                    help="delete the per-config part cache (.DIR.prep/parts) after a successful build")
+    add_logging_arguments(p)
     return p
 
 
 def config_from_args(ns: argparse.Namespace) -> PrepConfig:
     """The flags given, over the --config files and KEY=VALUE overrides (tpds_common.config checks them)."""
-    given = {k: v for k, v in vars(ns).items() if k not in ("config", "overrides")}
+    given = {k: v for k, v in vars(ns).items() if k not in ("config", "overrides", *LOGGING_DESTS)}
     if not ns.config and not ns.overrides:
         missing = [f"--{k}" for k in ("mixture", "source", "tokenizer", "out") if k not in given]
         if missing:   # argparse's own wording, as when these flags were required
@@ -79,5 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     """Bad data or arguments raise DataError / ConfigError (exit 2), a DIR held by another prep with
     --no-wait OutputBusy (75, like every stage's "folder in use"): the caller maps them, report_user_errors."""
     ns = parser().parse_args(argv)
-    build(config_from_args(ns), log=lambda msg: print(msg, file=sys.stderr))
+    setup_from_args(ns)
+    build(config_from_args(ns))
     return EXIT_OK

@@ -18,7 +18,6 @@ from collections import Counter
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +25,7 @@ import pyarrow as pa
 from . import tokenizer as toklib
 from tpds_common.config import apply_overrides, check_fields, load_files
 from tpds_common.locking import FolderLock, LockHeld
+from tpds_common.log import get_logger, progress
 
 from .errors import ConfigError, OutputBusy, unknown_name
 from .manifest import FORMAT_VERSION, Manifest, ManifestError, read_manifest
@@ -34,6 +34,8 @@ from .parts import FEW_SCHEMA, HeldOutPart, PartCache, TrainPart, Worker, read_p
 from .records import REASONS, validate_chunks
 from .sources import HubSource, parse_source
 from .writer import MANIFEST, Staging, content_hash, write_json_atomic, write_split
+
+log = get_logger("prep")
 
 DEFAULT_SEEDS = (0, 1024, 42)
 SOURCES_RECORD = "sources.json"   # in the work folder: the last build's fingerprints with mtimes
@@ -185,7 +187,7 @@ def _content_only(sources: dict[str, list[dict]]) -> dict[str, list[dict]]:
     return {k: [{f: v for f, v in fp.items() if f != "mtime_ns"} for fp in fps] for k, fps in sorted(sources.items())}
 
 
-def _existing_state(cfg: PrepConfig, p: _Plan, work: Path, log) -> Result | None:
+def _existing_state(cfg: PrepConfig, p: _Plan, work: Path) -> Result | None:
     out = cfg.out
     if not out.exists():
         return None
@@ -197,16 +199,16 @@ def _existing_state(cfg: PrepConfig, p: _Plan, work: Path, log) -> Result | None
         if m is not None and m.args == cfg.output_args():
             recorded = m.sources if m.format_version == FORMAT_VERSION else None
             if recorded is None:
-                log(f"{out} was prepared by an older format ({m.format_version}); rebuilding it")
+                log.info(f"{out} was prepared by an older format ({m.format_version}); rebuilding it")
                 return None
             current = _content_only(_current_sources(p, work))
             if current == recorded:
-                log(f"{out} is already prepared with these arguments and sources (content hash "
-                    f"{m.content_hash[:12]}); nothing to do")
+                log.info(f"{out} is already prepared with these arguments and sources (content hash "
+                         f"{m.content_hash[:12]}); nothing to do")
                 return Result("unchanged", out, m)
             changed = sorted(k for k in set(current) | set(recorded) if current.get(k) != recorded.get(k))
-            log(f"source data changed since {out} was prepared ({', '.join(changed[:10])}"
-                f"{', ...' if len(changed) > 10 else ''}); rebuilding (unchanged configs come from the cache)")
+            log.info(f"source data changed since {out} was prepared ({', '.join(changed[:10])}"
+                     f"{', ...' if len(changed) > 10 else ''}); rebuilding (unchanged configs come from the cache)")
             return None
         if not cfg.overwrite:
             diff = sorted(k for k in set(cfg.output_args()) | set(m.args if m else {})
@@ -281,13 +283,11 @@ def _jobs(cfg: PrepConfig, p: _Plan) -> list:
     return jobs
 
 
-def _run_parts(cfg: PrepConfig, p: _Plan, jobs: list, tok, tinfo, cache: PartCache, log) -> dict:
-    from tqdm.auto import tqdm
-
+def _run_parts(cfg: PrepConfig, p: _Plan, jobs: list, tok, tinfo, cache: PartCache) -> dict:
     common = hashlib.sha256(json.dumps([tinfo.sha256, cfg.max_input_len, cfg.max_target_len,
                                         cfg.skip_invalid]).encode()).hexdigest()
     results: dict[str, dict] = {}
-    bar = tqdm(total=len(jobs), desc="Preparing configs", unit="config")
+    bar = progress(total=len(jobs), desc="Preparing configs", unit="config")
 
     def done(name: str, res: dict) -> None:
         results[name] = res
@@ -328,7 +328,7 @@ def _run_parts(cfg: PrepConfig, p: _Plan, jobs: list, tok, tinfo, cache: PartCac
         bar.close()
     reused = sum(r["reused"] for r in results.values())
     if reused:
-        log(f"reused {reused} of {len(jobs)} parts from the cache ({cache.root})")
+        log.info(f"reused {reused} of {len(jobs)} parts from the cache ({cache.root})")
     return results
 
 
@@ -438,7 +438,7 @@ def _assemble(cfg: PrepConfig, p: _Plan, jobs: list, results: dict, tok, tinfo, 
     }
 
 
-def _log_rate(log, what: str, started: float, jobs: list, results: dict) -> None:
+def _log_rate(what: str, started: float, jobs: list, results: dict) -> None:
     """Rows read and tokenised by the parts built in this run (not the reused ones), per second."""
     sec = time.perf_counter() - started
     rows = 0
@@ -447,8 +447,8 @@ def _log_rate(log, what: str, started: float, jobs: list, results: dict) -> None
         if not r["reused"]:
             rows += sum(r["rows"].values()) if isinstance(j, TrainPart) else r["eval"]["rows"]
     built = sum(not r["reused"] for r in results.values())
-    log(f"{what}: {built} built, {len(jobs) - built} reused, {rows} rows in {sec:.1f} s "
-        f"({rows / max(sec, 1e-9):.1f} rows/s)")
+    log.info(f"{what}: {built} built, {len(jobs) - built} reused, {rows} rows in {sec:.1f} s "
+             f"({rows / max(sec, 1e-9):.1f} rows/s)")
 
 
 def _clean_stale(work: Path) -> None:
@@ -459,27 +459,27 @@ def _clean_stale(work: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def build(cfg: PrepConfig, log: Callable[[str], None] = print) -> Result:
+def build(cfg: PrepConfig) -> Result:
     p = plan(cfg)
     work = work_dir(cfg.out)
     lock = FolderLock(work, what=f"the prep of {cfg.out}")
     try:
         lock.acquire(wait_s=0.5 if cfg.no_wait else None,
-                     on_wait=lambda who: log(f"{who}; waiting for it to finish (--no-wait refuses instead)"))
+                     on_wait=lambda who: log.warning(f"{who}; waiting for it to finish (--no-wait refuses instead)"))
     except LockHeld as held:
         raise OutputBusy(f"{held} (not waiting: --no-wait)") from None
     try:
         _clean_stale(work)
         _resolve(p)
-        done = _existing_state(cfg, p, work, log)
+        done = _existing_state(cfg, p, work)
         if done is not None:
             return done
         tok, tinfo = _tokenizer(cfg, p)
         jobs = _jobs(cfg, p)
         cache = PartCache(work / "parts")
         started = time.perf_counter()
-        results = _run_parts(cfg, p, jobs, tok, tinfo, cache, log)
-        _log_rate(log, "parts", started, jobs, results)
+        results = _run_parts(cfg, p, jobs, tok, tinfo, cache)
+        _log_rate("parts", started, jobs, results)
         started = time.perf_counter()
         sources = {}
         for job in jobs:
@@ -491,7 +491,7 @@ def build(cfg: PrepConfig, log: Callable[[str], None] = print) -> Result:
             body["content_hash"] = content_hash(stage.path, body)
             write_json_atomic(stage.path / MANIFEST, body)
             stage.commit()
-        log(f"assembled {cfg.out} in {time.perf_counter() - started:.1f} s")
+        log.info(f"assembled {cfg.out} in {time.perf_counter() - started:.1f} s")
         write_json_atomic(work / SOURCES_RECORD, sources)
         keep = {j.name for j in jobs} if not cfg.drop_cache else set()
         cache.prune(keep)
@@ -501,7 +501,7 @@ def build(cfg: PrepConfig, log: Callable[[str], None] = print) -> Result:
         lock.release()
     m = read_manifest(cfg.out)
     reused = sum(r["reused"] for r in results.values())
-    log(f"wrote {cfg.out}: {len(m.tasks)} training tasks, {counts_line(m)}, content hash {m.content_hash[:12]}")
+    log.info(f"wrote {cfg.out}: {len(m.tasks)} training tasks, {counts_line(m)}, content hash {m.content_hash[:12]}")
     return Result("built", cfg.out, m, parts_reused=reused, parts_built=len(jobs) - reused)
 
 

@@ -28,6 +28,7 @@ from tensorpoly_ds.engine.job_env import PARENT_PID_ENV
 from tensorpoly_ds.engine.stop import STOP, stop_when_parent_dies
 from tpds_common.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_REQUEUE, report_user_errors
 from tpds_common.files import read_text
+from tpds_common.log import add_logging_arguments, setup_from_args
 
 PROG = "tensorpoly-ds adapt"
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--job-table row")
     p.add_argument("--force", action="store_true", help="rerun even if the job is complete")
     p.add_argument("--print-job", action="store_true", help="print the resolved job as JSON and exit")
+    add_logging_arguments(p)
     return p
 
 
@@ -122,6 +124,7 @@ def _main(argv: list[str] | None) -> int:
     if os.environ.get(PARENT_PID_ENV):
         stop_when_parent_dies(int(os.environ[PARENT_PID_ENV]))
     args = build_parser().parse_args(argv)
+    setup_from_args(args)
     job = resolve_job(args)
     if args.print_job:
         print(json.dumps(job.to_dict(), indent=2, sort_keys=True))

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from tpds_common.errors import EXIT_OK, report_user_errors
+from tpds_common.log import add_logging_arguments, logging_argv, setup_from_args
 
 PROG = "tensorpoly-ds demo"
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,14 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="everything goes below this folder (default: runs/demo)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="replicate config (default: configs/replicate/demo.yaml)")
     p.add_argument("--workers", type=int, default=None, help="concurrent jobs (default: the config's, 2)")
+    add_logging_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_from_args(args)
     from launch.replicate import main as replicate_main
 
     cmd = ["--config", args.config, "--out", args.out] + (["--workers", str(args.workers)] if args.workers else [])
+    cmd += logging_argv(args)
     code = replicate_main(cmd)
     summary = Path(args.out) / "results" / "summary.md"
     if code == EXIT_OK and summary.is_file():

@@ -17,6 +17,7 @@ if __package__ in (None, ""):   # `python launch/interop.py`: make the repositor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tpds_common.errors import EXIT_OK  # noqa: E402
+from tpds_common.log import add_logging_arguments, get_logger, setup_from_args  # noqa: E402 - after the path fix above
 
 FORMATS = ("peft",)
 
@@ -40,11 +41,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "import":
         p.add_argument("--tasks", default=None, help="comma-separated task names, one per peft task id "
                                                       "(default: the names recorded by `export`, else task0, ...)")
+    add_logging_arguments(p)
     return p
 
 
 def run(command: str, argv: list[str] | None) -> int:
     args = build_parser(command).parse_args(argv)
+    setup_from_args(args)
     from tensorpoly_ds.adapters.peft_interop import export_to_peft, import_from_peft
 
     # what cannot map (PeftInteropError, ExportError, ConfigError) is a UserError: exit 2, one line
@@ -52,7 +55,7 @@ def run(command: str, argv: list[str] | None) -> int:
         out, notes = export_to_peft(args.adapter, args.out, base_model=args.base_model,
                                     inference_only=args.inference_only, overwrite=args.force)
         for note in notes:
-            print(f"tensorpoly-ds export: note: {note}", file=sys.stderr)
+            get_logger().warning(f"tensorpoly-ds export: note: {note}")
     else:
         tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
         out = import_from_peft(args.adapter, args.out, base_model=args.base_model, tasks=tasks,

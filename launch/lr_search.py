@@ -25,6 +25,7 @@ if __package__ in (None, ""):   # `python launch/lr_search.py`: make the reposit
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tpds_common.errors import EXIT_OK, report_user_errors  # noqa: E402
+from tpds_common.log import add_logging_arguments, setup_from_args  # noqa: E402 - after the path fix above
 
 PROG = "tensorpoly-ds lr-search"
 
@@ -51,11 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", default=None,
                    help="command prefix that runs one pretraining (default: python -m launch.pretrain)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run config, e.g. data.dir=DIR")
+    add_logging_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_from_args(args)
     from tensorpoly_ds.engine.config import RunConfigError, load_run_config
     from tensorpoly_ds.engine.lr_search import LrSearchError, LrSearchSection, search
     from tensorpoly_ds.engine.run_pool import run_pretraining

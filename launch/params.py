@@ -12,6 +12,7 @@ from tensorpoly_ds.adapters.config import METHODS, ROUTINGS
 from tensorpoly_ds.models import KNOWN_ARCHITECTURES
 from tensorpoly_ds.parameter_count import count_parameters, format_table
 from tpds_common.errors import EXIT_OK, report_user_errors
+from tpds_common.log import add_logging_arguments, setup_from_args
 
 PROG = "tensorpoly-ds params"
 
@@ -56,11 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_arguments(p)
     p.add_argument("--tasks", type=int, default=313, help="number of multi-task training tasks (313 for T0)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_logging_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_from_args(args)
     cfg = AdapterConfig(method=args.method, **adapter_fields(args))
     report = count_parameters(args.model, cfg, args.tasks)
     print(json.dumps(report, indent=2) if args.json else format_table(report))

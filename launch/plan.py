@@ -17,6 +17,7 @@ import sys
 from tensorpoly_ds.plan.planner import (DEFAULT_LENGTH, T0_TASKS, PlanError, format_report, manifest_tasks,
                                         parse_size, plan)
 from tpds_common.errors import EXIT_OK, report_user_errors
+from tpds_common.log import add_logging_arguments, setup_from_args
 
 PROG = "tensorpoly-ds plan"
 
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="the device to plan for: its fused attention kernel decides what attention saves")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_logging_arguments(p)
     return p
 
 
@@ -78,6 +80,7 @@ def run_config(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_from_args(args)
     # config, adapter and size errors are ConfigErrors naming the field and the value (exit 2)
     if args.gpus < 1:
         raise PlanError(f"--gpus {args.gpus}: must be >= 1")

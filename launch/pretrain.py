@@ -27,6 +27,8 @@ PROG = "tensorpoly-ds pretrain"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    from tpds_common.log import add_logging_arguments
+
     p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], required=True,
@@ -38,6 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="load the newest checkpoint and write the adapter export, without training")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
+    add_logging_arguments(p)
     return p.parse_args(argv)
 
 
@@ -61,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    from tpds_common.log import setup_from_args
+
+    setup_from_args(args)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
@@ -132,12 +138,14 @@ def _run(args, cfg, data, launcher_overrides: list[str]):
     from tensorpoly_ds.engine.model import build_backbone, prepare_model
     from tensorpoly_ds.engine.checkpoint import seed_all
     from tensorpoly_ds.engine.trainer import train
+    from tpds_common.log import get_logger
 
+    log = get_logger("tensorpoly-ds")
     run_dir = Path(cfg.run.dir)
     ds_config = fill_ds_config(cfg, world)
     if rank == 0:
         if launcher_overrides:
-            print(f"[tensorpoly-ds] accelerate launch: {' '.join(launcher_overrides)}", flush=True)
+            log.info(f"accelerate launch: {' '.join(launcher_overrides)}")
         save_run_config(cfg, run_dir / "config.yaml")
         save_json(ds_config, run_dir / "ds_config.json")
     seed_all(cfg.train.seed)   # identical initial weights on every rank
@@ -145,7 +153,7 @@ def _run(args, cfg, data, launcher_overrides: list[str]):
                                       precision=cfg.deepspeed.precision)
     if rank == 0 and cfg.deepspeed.zero_stage == 3:   # the backbone alone: adapters are partitioned later
         partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
-        print(f"[tensorpoly-ds] ZeRO-3: backbone partitioned at load (zero.Init): {partitioned}", flush=True)
+        log.info(f"ZeRO-3: backbone partitioned at load (zero.Init): {partitioned}")
     model = prepare_model(model, cfg.adapter, len(data.tasks), full_finetune=cfg.train.full_finetune,
                           zero_stage=cfg.deepspeed.zero_stage)
     train_rows = data.split("train")
@@ -163,8 +171,8 @@ def _run(args, cfg, data, launcher_overrides: list[str]):
     cfg.train.steps = steps
     del keepalive
     if rank == 0:
-        print(f"[tensorpoly-ds] {result.status} at step {result.step}; run dir {run_dir}"
-              + (f"; export {result.export_dir}" if result.export_dir else ""), flush=True)
+        log.info(f"{result.status} at step {result.step}; run dir {run_dir}"
+                 + (f"; export {result.export_dir}" if result.export_dir else ""))
     return result
 
 

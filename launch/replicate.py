@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from tpds_common.errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, report_user_errors
+from tpds_common.log import add_logging_arguments, setup_from_args
 
 PROG = "tensorpoly-ds replicate"
 STAGES = ("prep", "backbone", "pretrain", "adapt", "analyse")
@@ -34,11 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also copy results/*.json|md|png into this directory (e.g. benchmarks/results/replicate)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides of the config, e.g. adapt.steps=2 (part of the protocol)")
+    add_logging_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_from_args(args)
     from tensorpoly_ds.replicate.config import ReplicateConfigError, load_config
     from tensorpoly_ds.replicate.run import replicate
 

@@ -12,6 +12,7 @@ import sys
 
 from tensorpoly_ds.adapt.report import build_report
 from tpds_common.errors import EXIT_FAILED, EXIT_OK, report_user_errors
+from tpds_common.log import add_logging_arguments, setup_from_args
 
 PROG = "tensorpoly-ds report"
 
@@ -33,11 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "hellaswag,story_cloze,wsc,winogrande,wic); other tasks follow alphabetically")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--strict", action="store_true", help="exit 1 if any job is missing, failed or incomplete")
+    add_logging_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_from_args(args)
     report = build_report(args.run_dirs, args.out, tables=args.job_table, metric=args.metric, spread=args.spread,
                           plots=not args.no_plots, task_order=args.tasks.split(",") if args.tasks else None,
                           aggregate_by=args.aggregate)

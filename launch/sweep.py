@@ -38,9 +38,11 @@ from tensorpoly_ds.engine.stop import STOP
 from tpds_common.errors import (EXIT_BUSY, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REQUEUE,
                                 report_user_errors)
 from tpds_common.locking import FolderLock, describe, holder_if_locked
+from tpds_common.log import add_logging_arguments, get_logger, setup_from_args
 
 PROG = "tensorpoly-ds sweep"
 TABLE_FILE = "jobs.jsonl"
+log = get_logger("sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OMP/torch threads per job (default: CPUs // workers)")
     p.add_argument("--stop-grace", type=float, default=120.0,
                    help="seconds stopped jobs get to checkpoint before they are killed (default 120)")
+    add_logging_arguments(p)
     return p
 
 
@@ -77,7 +80,7 @@ def parse_rows(spec: str | None, n: int) -> list[int]:
 
 
 def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], workers: int, threads: int,
-              log=print, stop_grace: float = 120.0) -> dict[str, list[int]]:
+              stop_grace: float = 120.0) -> dict[str, list[int]]:
     """Run the selected rows with `workers` concurrent jobs. Returns {"skipped", "done", "failed",
     "stopped" (checkpointed by a stop request), "killed", "not_started"}; "stopped" is set by a stop request
     (STOP, installed by main)."""
@@ -89,8 +92,8 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
             status["skipped"].append(i)
         else:
             pending.append(i)
-    log(f"[sweep] {len(selected)} rows: {len(status['skipped'])} complete, {len(pending)} to run, "
-        f"{workers} worker(s)")
+    log.info(f"{len(selected)} rows: {len(status['skipped'])} complete, {len(pending)} to run, "
+             f"{workers} worker(s)")
     running: dict[int, tuple[int, subprocess.Popen, object]] = {}   # worker slot -> (row, proc, log file)
     free_slots = list(range(workers))[::-1]
     waiting: dict[int, float] = {}   # row held by another live process -> when to look again
@@ -100,7 +103,7 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
 
     def wait_for(row: int, holder: dict) -> None:
         if row not in waiting:
-            log(f"[sweep] row {row} {rows[row]['id']}: held by {describe(holder)}; waiting for it")
+            log.info(f"row {row} {rows[row]['id']}: held by {describe(holder)}; waiting for it")
         waiting[row] = time.monotonic() + 2.0
 
     def reap(block: bool) -> None:
@@ -113,18 +116,18 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
             rc = proc.returncode
             if is_complete(job_dir(row)):   # final, whatever happened after (a stop during interpreter exit)
                 status["done"].append(row)
-                log(f"[sweep] row {row} {rows[row]['id']}: done")
+                log.info(f"row {row} {rows[row]['id']}: done")
             elif rc == EXIT_REQUEUE:
                 status["stopped"].append(row)
-                log(f"[sweep] row {row} {rows[row]['id']}: stopped with a checkpoint (resumes on rerun)")
+                log.info(f"row {row} {rows[row]['id']}: stopped with a checkpoint (resumes on rerun)")
             elif rc == EXIT_BUSY:   # another process took the row between our check and the job's start
                 wait_for(row, holder_if_locked(job_dir(row)) or {})
             elif rc < 0 and STOP.signal is not None:
                 status["killed"].append(row)
-                log(f"[sweep] row {row} {rows[row]['id']}: killed ({signal.Signals(-rc).name}) before it checkpointed")
+                log.warning(f"row {row} {rows[row]['id']}: killed ({signal.Signals(-rc).name}) before it checkpointed")
             else:
                 status["failed"].append(row)
-                log(f"[sweep] row {row} {rows[row]['id']}: FAILED (exit {rc}), log {job_dir(row) / 'log.txt'}")
+                log.warning(f"row {row} {rows[row]['id']}: FAILED (exit {rc}), log {job_dir(row) / 'log.txt'}")
             del running[slot]
             free_slots.append(slot)
 
@@ -160,7 +163,7 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=job_env(out, slot, threads),
                                 cwd=str(REPO_ROOT), start_new_session=True)
         running[slot] = (row, proc, fh)
-        log(f"[sweep] row {row} {rows[row]['id']}: started on worker {slot} (pid {proc.pid})")
+        log.debug(f"row {row} {rows[row]['id']}: started on worker {slot} (pid {proc.pid})")
 
     def signal_all(sig: int) -> None:
         for _, proc, _ in running.values():
@@ -180,19 +183,19 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
             time.sleep(0.2)
             reap(block=False)
         if STOP.signal is not None:
-            log(f"[sweep] {STOP.name}: stopping {len(running)} running job(s) (they checkpoint; up to "
-                f"{stop_grace:.0f} s)")
+            log.info(f"{STOP.name}: stopping {len(running)} running job(s) (they checkpoint; up to "
+                     f"{stop_grace:.0f} s)")
             signal_all(signal.SIGTERM)
             deadline = time.monotonic() + stop_grace
             while running and time.monotonic() < deadline:
                 time.sleep(0.2)
                 reap(block=False)
             if running:
-                log(f"[sweep] {len(running)} job(s) still running after {stop_grace:.0f} s: killing them")
+                log.warning(f"{len(running)} job(s) still running after {stop_grace:.0f} s: killing them")
                 signal_all(signal.SIGKILL)
                 reap(block=True)
     except KeyboardInterrupt:   # a second Ctrl-C: no more waiting
-        log("[sweep] second Ctrl-C: killing the running jobs")
+        log.warning("second Ctrl-C: killing the running jobs")
         signal_all(signal.SIGKILL)
         reap(block=True)
         status["not_started"] = sorted(pending + list(waiting))
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    setup_from_args(args)
     out = Path(args.out).resolve()
     lock = FolderLock(out, what="sweep directory")
     lock.acquire()   # LockHeld: another live sweep holds OUT (exit 75)
@@ -239,8 +243,9 @@ def _sweep(args, out: Path) -> int:
         print("[sweep] aborted by a second Ctrl-C: running jobs were killed (they restart from scratch)",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(f"[sweep] done {len(status['done'])}, skipped (complete) {len(status['skipped'])}, "
-          f"failed {len(status['failed'])}" + (f": rows {sorted(status['failed'])}" if status["failed"] else ""))
+    (log.warning if status["failed"] else log.info)(
+        f"done {len(status['done'])}, skipped (complete) {len(status['skipped'])}, "
+        f"failed {len(status['failed'])}" + (f": rows {sorted(status['failed'])}" if status["failed"] else ""))
     if STOP.signal is not None:
         remaining = sorted(status["stopped"] + status["killed"] + status["not_started"] + status["failed"])
         print(f"[sweep] stopped by {STOP.name}: rows remaining {remaining} (checkpointed: {sorted(status['stopped'])}, "

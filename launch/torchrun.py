@@ -23,6 +23,7 @@ import tempfile
 
 from tensorpoly_ds.engine.rank_status import STATUS_DIR_ENV, read_statuses
 from tpds_common.errors import EXIT_OK, EXIT_REQUEUE, EXIT_USAGE, report_user_errors
+from tpds_common.log import get_logger, setup_from_args, split_logging_flags
 
 PROG = "python -m launch.torchrun"
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return EXIT_OK if argv else EXIT_USAGE
+    setup_from_args(split_logging_flags(argv)[0])   # the script's own flags (--quiet ...) also quiet the wrapper
     status_dir = tempfile.mkdtemp(prefix="tpds-status-")
     env = dict(os.environ, **{STATUS_DIR_ENV: status_dir})
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], env=env)
@@ -80,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(status_dir, ignore_errors=True)
     code = exit_status(rc, statuses)
     if code != rc:
-        print(f"[tensorpoly-ds] torchrun exited {rc}; every rank checkpointed and asks to be requeued: exit {code}",
-              file=sys.stderr, flush=True)
+        get_logger("tensorpoly-ds").info(f"torchrun exited {rc}; every rank checkpointed and asks to be requeued: "
+                                         f"exit {code}")
     return code
 
 

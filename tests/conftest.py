@@ -33,6 +33,34 @@ _isolated_environ_module = pytest.fixture(scope="module", autouse=True)(_restori
 _isolated_environ = pytest.fixture(autouse=True)(_restoring_environ)
 
 
+@pytest.fixture(autouse=True)
+def _unconfigured_logging():
+    """Each test starts with the project logger as a library sees it (no entry point has configured it) and
+    leaves it so: an entry point's main() called in-process installs a handler and a level."""
+    import logging
+
+    import tpds_common.log as tlog
+
+    root = logging.getLogger(tlog.ROOT)
+    saved = (list(root.handlers), root.level, root.propagate, tlog._progress_requested, dict(tlog._current_setup))
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    root.propagate = saved[2]
+    tlog._progress_requested, tlog._current_setup = saved[3], saved[4]
+
+
+@pytest.fixture
+def tpds_messages():
+    """The project logger's INFO-and-above lines during the test, as they read on a terminal
+    (`[adapt] ... complete, skipped`), in a list the test may clear."""
+    from tpds_common.log import capture
+
+    lines: list[str] = []
+    with capture(lines.append):
+        yield lines
+
+
 def tiny_t5(vocab_size: int = 64, **overrides):
     from transformers import T5ForConditionalGeneration
 

@@ -200,8 +200,8 @@ def run_pretrain(name: str, overrides: list[str], shapes: Shapes, work: Path, cp
     row = {"case": name, "overrides": overrides, "wall_s": time.monotonic() - start, "exit_code": proc.returncode,
            "status": "ok" if proc.returncode == 0 else "failed: " + proc.stderr[-1500:]}
     (work / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    if "backbone partitioned at load (zero.Init): " in proc.stdout:
-        row["backbone_partitioned"] = "partitioned at load (zero.Init): True" in proc.stdout
+    if "backbone partitioned at load (zero.Init): " in proc.stderr:   # a log line: stderr
+        row["backbone_partitioned"] = "partitioned at load (zero.Init): True" in proc.stderr
     for f in sorted(peaks.glob("rank*.json")):
         row["peak"] = json.loads(f.read_text())
     outputs = run_outputs(run_dir)

@@ -39,6 +39,8 @@ from ..adapters import (AdapterConfig, ModeError, adapter_layers, check_mode, co
 from ..engine.stop import STOP
 from ..evaluation import LossWeights, accuracy, collate_choices, collate_lm, evaluate, lm_loss, tfew_losses, write_jsonl
 from tpds_common.locking import FolderLock, LockHeld
+from tpds_common.log import get_logger
+
 from ..engine.loop import TRAIN_LOSS, train_key
 from .local_train import (CHECKPOINT_FILE, EpochSampler, LocalCheckpointError, LocalTrainer, build_optimizer,
                           load_checkpoint)
@@ -46,6 +48,7 @@ from .local_train import (CHECKPOINT_FILE, EpochSampler, LocalCheckpointError, L
 from .spec import (FULLFT, MARKER_FILE, RESULT_FILE, RESULT_FORMAT, AdaptJob, JobBusy, JobError,  # noqa: F401
                    is_complete)
 
+log = get_logger("adapt")
 
 # --- small utilities ---------------------------------------------------------------------------------------
 
@@ -268,7 +271,7 @@ def resolve_trainer(job: AdaptJob) -> str:
     return job.trainer
 
 
-def run_job(job: AdaptJob, *, force: bool = False, log: Callable[[str], None] = print) -> dict:
+def run_job(job: AdaptJob, *, force: bool = False) -> dict:
     """Run one job (skipped if complete unless force). Returns the result dict. On error a result with
     status "failed" is written (no marker) and the exception re-raised.
 
@@ -299,18 +302,18 @@ def run_job(job: AdaptJob, *, force: bool = False, log: Callable[[str], None] = 
         raise JobBusy(busy)
     try:
         with STOP.handling():   # launch/adapt installs it at start-up; library callers get it here
-            return _run_locked(job, out, trainer, force, log)
+            return _run_locked(job, out, trainer, force)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool, log: Callable[[str], None]) -> dict:
+def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool) -> dict:
     main_rank = _rank_world()[0] == 0
     complete = _broadcast(not force and is_complete(out))
     if complete:
         if main_rank:
-            log(f"[adapt] {out}: complete, skipped")
+            log.info(f"{out}: complete, skipped")
         return json.loads((out / RESULT_FILE).read_text())
     prior, refused = None, None
     if main_rank:
@@ -325,11 +328,11 @@ def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool, log: Callab
     if refused:
         raise JobError(refused)
     if prior is not None:
-        log(f"[adapt] {out}: resuming the run stopped at {prior['stopped']['phase']} step {prior['stopped']['step']}")
+        log.info(f"{out}: resuming the run stopped at {prior['stopped']['phase']} step {prior['stopped']['step']}")
     t_start = time.time()
     timings: dict[str, float] = {}
     try:
-        result = _run(job, out, timings, trainer, log if main_rank else (lambda s: None), prior)
+        result = _run(job, out, timings, trainer, prior)
     except BaseException as err:
         if main_rank:
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
@@ -346,8 +349,8 @@ def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool, log: Callab
             atomic_write_text(out / MARKER_FILE, "complete\n")   # last: its presence means result.json is final
             discard_checkpoints(out)
         else:
-            log(f"[adapt] stopped ({result['signal']}) at {result['stopped']['phase']} step "
-                f"{result['stopped']['step']}: checkpoint kept in {out}; rerun the job to resume")
+            log.info(f"stopped ({result['signal']}) at {result['stopped']['phase']} step "
+                     f"{result['stopped']['step']}: checkpoint kept in {out}; rerun the job to resume")
     return result
 
 
@@ -395,18 +398,17 @@ class Trained:
     stopped: dict | None = None     # {"phase", "step"} when a stop request ended training
 
 
-def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[str], None],
-         prior: dict | None = None) -> dict:
+def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, prior: dict | None = None) -> dict:
     """Data, model, training (the loop's local or engine backend), then the requeue or the final result."""
     rank, world = _rank_world()
-    data = load_job_data(job, timings, log)
+    data = load_job_data(job, timings, rank == 0)
     model, info = build_job_model(job, data, trainer, world, timings)
-    log(f"[adapt] {info['label']} mode={job.mode} task={job.task} k={data.k} seed={job.seed} trainer={trainer} "
-        f"world={world}: {info['trainable_params']:,} trainable parameters")
+    log.info(f"{info['label']} mode={job.mode} task={job.task} k={data.k} seed={job.seed} trainer={trainer} "
+             f"world={world}: {info['trainable_params']:,} trainable parameters")
     prior = prior or {}
     resumed_in = (prior.get("stopped") or {}).get("phase")   # None, "multitask" or "fewshot"
     steps = job.steps if data.k > 0 else 0
-    evals = Evaluations(job, out, data.eval_rows, steps, rank == 0, log, prior.get("evaluations", []))
+    evals = Evaluations(job, out, data.eval_rows, steps, rank == 0, prior.get("evaluations", []))
     train = train_local if trainer == "local" else train_engine
     trained = train(job, model, out, data, steps, evals, resumed_in, timings)
     timings["eval_s"] = evals.seconds
@@ -417,11 +419,11 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, log: Callable[[s
     return complete_result(job, trainer, world, data.k, info, evals, losses, routing)
 
 
-def load_job_data(job: AdaptJob, timings: dict, log: Callable[[str], None]) -> JobData:
+def load_job_data(job: AdaptJob, timings: dict, main_rank: bool) -> JobData:
     t0 = time.time()
     manifest = open_data(job.data_dir)
-    if job.task not in manifest.held_out:
-        log(f"[adapt] warning: task {job.task!r} is not in the manifest's held_out list {manifest.held_out}")
+    if job.task not in manifest.held_out and main_rank:   # the same on every rank: say it once
+        log.warning(f"warning: task {job.task!r} is not in the manifest's held_out list {manifest.held_out}")
     k = resolve_k(manifest, job.data_dir, job.task, job.k)
     eval_rows = load_rows(job.data_dir, f"eval/{job.task}")
     if job.max_eval_examples is not None:
@@ -450,9 +452,9 @@ class Evaluations:
     forward passes), rank 0 writes predictions and progress.json. Starts from a stopped run's evaluations."""
 
     def __init__(self, job: AdaptJob, out: Path, eval_rows: list[dict], steps: int, main_rank: bool,
-                 log: Callable[[str], None], prior: list[dict]):
+                 prior: list[dict]):
         self.job, self.out, self.eval_rows, self.steps = job, out, eval_rows, steps
-        self.main_rank, self.log = main_rank, log
+        self.main_rank = main_rank
         self.entries: list[dict] = list(prior)
         self.best: dict | None = None
         for entry in self.entries:   # the stopped run's evaluations, with the rule __call__ applies
@@ -479,7 +481,7 @@ class Evaluations:
                 write_jsonl(out / "predictions_best.jsonl", records)
             atomic_write_json(out / "progress.json", {"evaluations": self.entries})
         self.seconds += time.time() - t
-        self.log(f"[adapt] step {step} ({phase}): accuracy {entry['accuracy']:.4f} on {entry['examples']} examples")
+        log.info(f"step {step} ({phase}): accuracy {entry['accuracy']:.4f} on {entry['examples']} examples")
         return {"eval/accuracy": entry["accuracy"]}
 
 

@@ -16,17 +16,19 @@ import json
 import math
 import os
 import statistics
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpds_common.files import atomic_write_text
 from tpds_common.errors import ConfigError
+from tpds_common.log import get_logger
 
 from .job import MARKER_FILE, RESULT_FILE
 from ..figures import save_figure
 from .table import read_table
+
+log = get_logger("report")
 
 MODE_ORDER = {"full": 0, "z": 1, "mu": 2}
 
@@ -345,7 +347,7 @@ def routing_matrix(path: Path) -> tuple[list[str], list[list[float]]]:
     return names, [state[f"{n}.weights"].float().mean(dim=0).tolist() for n in names]
 
 
-def plot_routing(results: list[dict], out: Path, log=print) -> list[Path]:
+def plot_routing(results: list[dict], out: Path) -> list[Path]:
     """One PNG per (method, mode) with a heatmap per adapted task (first seed present)."""
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in sorted(results, key=lambda r: r["seed"]):
@@ -365,7 +367,7 @@ def plot_routing(results: list[dict], out: Path, log=print) -> list[Path]:
             try:
                 mats.append((task, r["seed"], *routing_matrix(Path(r["_dir"]) / r["routing_file"])))
             except Exception as err:  # an unreadable routing file is reported, the rest still plots
-                log(f"[report] {r['_dir']}: cannot read routing weights ({err})")
+                log.warning(f"{r['_dir']}: cannot read routing weights ({err})")
         if not mats:
             continue
         fig, axes = plt.subplots(1, len(mats), figsize=(3 + 2.5 * len(mats), 0.5 + 0.18 * len(mats[0][2]) + 1.5),
@@ -402,12 +404,11 @@ def _slug(text: str) -> str:
 # --- the report --------------------------------------------------------------------------------------------
 
 def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: list[str] = (), metric: str = "final",
-                 spread: str = "minmax", plots: bool = True, task_order: list[str] | None = None, log=print,
-                 err=None, aggregate_by: str = "median") -> dict:
+                 spread: str = "minmax", plots: bool = True, task_order: list[str] | None = None,
+                 aggregate_by: str = "median") -> dict:
     """`aggregate_by`: "median" (with `spread`, TensorPoly's tables) or "mean" (± std, MHR's tables)."""
     if aggregate_by not in AGGREGATES:
         raise ConfigError(f"aggregate_by = {aggregate_by!r}: valid values: {', '.join(AGGREGATES)}")
-    err = err or (lambda s: print(s, file=sys.stderr))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     col = collect(run_dirs, tables)
@@ -424,11 +425,11 @@ def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: lis
     plot_files: list[Path] = []
     if plots:
         for fn, args in ((plot_accuracy, (agg, out / "accuracy.png", aggregate_by)),
-                         (plot_routing, (col.results, out, log))):
+                         (plot_routing, (col.results, out))):
             try:
                 made = fn(*args)
             except Exception as e:  # plots are a bonus: a plotting failure must not lose the tables
-                err(f"[report] plot {fn.__name__} failed: {type(e).__name__}: {e}")
+                log.warning(f"plot {fn.__name__} failed: {type(e).__name__}: {e}")
                 continue
             plot_files += [made] if isinstance(made, Path) else list(made or [])
     if aggregate_by == "mean":
@@ -450,7 +451,7 @@ def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: lis
         md.append("\n## Plots\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plot_files))
     atomic_write_text(out / "report.md", "\n".join(md))
     for p in sorted(col.problems, key=lambda p: (p["state"], p["dir"])):
-        err(f"[report] {p['state']}: {p['dir']}: {p['detail']}")
-    log(f"[report] {len(col.results)} results, {len(col.problems)} missing/failed -> {out}")
+        log.warning(f"{p['state']}: {p['dir']}: {p['detail']}")
+    log.info(f"{len(col.results)} results, {len(col.problems)} missing/failed -> {out}")
     return {"results": len(col.results), "problems": col.problems, "aggregate": agg, "files": files,
             "plots": plot_files}

@@ -31,8 +31,11 @@ import torch
 
 from tpds_common.files import atomic_write_text
 from tpds_common.errors import CheckpointError  # noqa: F401 - re-exported: engine.checkpoint.CheckpointError
+from tpds_common.log import get_logger
 
 from . import distributed as dist
+
+log = get_logger("tensorpoly-ds")
 
 MARKER = "COMPLETE.json"
 META = "meta.json"
@@ -155,8 +158,8 @@ def verify_tag(tag_dir: Path, content: bool = True) -> str | None:
         return None
     sizes = {n: marker["files"].get(n, 0) for n in expected}
     if dist.rank() == 0 and sum(sizes.values()) > 1 << 30:   # seconds to minutes: say what is happening
-        print(f"[tensorpoly-ds] verifying the checksums of {tag_dir.name} ({sum(sizes.values()) / 1e9:.1f} GB, "
-              f"{dist.world_size()} rank(s) sharing the work)", flush=True)
+        log.info(f"verifying the checksums of {tag_dir.name} ({sum(sizes.values()) / 1e9:.1f} GB, "
+                 f"{dist.world_size()} rank(s) sharing the work)")
     actual = _digests(tag_dir, sizes)
     for name in sorted(expected):
         if actual.get(name) != expected[name]:

@@ -31,8 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from tpds_common.log import add_logging_arguments, get_logger, setup_from_args
+
 from . import checkpoint as ckpt
 from . import distributed as dist
+
+log = get_logger("tensorpoly-ds")
 
 SUFFIX = ckpt.UNIVERSAL_SUFFIX
 
@@ -128,8 +132,7 @@ def ensure_universal(tag_dir: Path, step: int) -> Path:
     tmp_root = tag_dir.with_name(f".{out.name}.tmp")
     error = None
     if dist.rank() == 0:
-        print(f"[tensorpoly-ds] converting {tag_dir} to a universal checkpoint (written on another world size)",
-              flush=True)
+        log.info(f"converting {tag_dir} to a universal checkpoint (written on another world size)")
         try:
             shutil.rmtree(tmp_root, ignore_errors=True)
             _convert(tag_dir, tmp_root)
@@ -187,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     python -m tensorpoly_ds.engine.elastic RUN_DIR/checkpoints/step_NNNNNNNN"""
     parser = argparse.ArgumentParser(prog="python -m tensorpoly_ds.engine.elastic", description=main.__doc__)
     parser.add_argument("tag", type=Path, help="a checkpoint tag directory")
-    tag_dir = parser.parse_args(argv).tag
+    add_logging_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_from_args(args)
+    tag_dir = args.tag
     try:
         why = ckpt.verify_tag(tag_dir)
         if why is not None:

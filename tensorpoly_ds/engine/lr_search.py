@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from tpds_common.errors import ConfigError
+from tpds_common.log import get_logger
 
 RESULT_FILE = "lr_search.json"
 
@@ -174,10 +175,13 @@ def routed_learned(config: dict) -> bool:
 
 
 def search(base: dict, spec: LrSearchSection, out: Path, train: Callable[[list[Candidate]], None],
-           log: Callable[[str], None] = print) -> dict:
+           label: str | None = None) -> dict:
     """The whole search for one run config `base` (a dict as in a run YAML); `train(candidates)` trains the
-    given unfinished candidate runs (in any order, possibly in parallel). Returns (and writes) the result."""
+    given unfinished candidate runs (in any order, possibly in parallel); `label` names the search in its log
+    lines (`[lr-search LABEL]`). Returns (and writes) the result."""
     from tpds_common.files import atomic_write_json
+
+    log = get_logger(f"lr-search {label}" if label else "lr-search")
 
     out = Path(out)
     module_key = "module_lr" if base.get("adapter") else "lr"
@@ -190,8 +194,8 @@ def search(base: dict, spec: LrSearchSection, out: Path, train: Callable[[list[C
     def evaluate(key: str, values: list[float]) -> dict[float, float]:
         cands = [candidate(base, {**fixed, key: v}, spec.steps, out / "runs") for v in values]
         todo = [c for c in cands if not c.done()]
-        log(f"[lr-search] {key}: {len(cands)} candidates ({len(cands) - len(todo)} done): "
-            + ", ".join(f"{v:g}" for v in values))
+        log.info(f"{key}: {len(cands)} candidates ({len(cands) - len(todo)} done): "
+                 + ", ".join(f"{v:g}" for v in values))
         if todo:
             train(todo)
         candidates.update({c.name: c for c in cands})
@@ -204,8 +208,8 @@ def search(base: dict, spec: LrSearchSection, out: Path, train: Callable[[list[C
         axis = search_axis(key, grid, lambda values, key=key: evaluate(key, values), spec.max_extensions)
         fixed[key] = axis.chosen
         axes.append(axis)
-        log(f"[lr-search] {key}: chose {axis.chosen:g}" + (f" (extended {axis.extended})" if axis.extended else "")
-            + (f", still at the {axis.edge} edge" if axis.edge else ""))
+        log.info(f"{key}: chose {axis.chosen:g}" + (f" (extended {axis.extended})" if axis.extended else "")
+                 + (f", still at the {axis.edge} edge" if axis.edge else ""))
         result = {"rule": "lowest final multi-task val/loss; module lr first, then routing lr; ties: smaller lr; "
                           f"edge rule: up to {spec.max_extensions} extensions per axis",
                   "spec": asdict(spec), "chosen": dict(fixed), "axes": [a.to_dict() for a in axes],

@@ -12,7 +12,6 @@ recorded seed.
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any
 
 import torch
@@ -24,8 +23,6 @@ from tensorpoly_ds.adapters import AdapterConfig, inject_adapters, register_exte
 from tensorpoly_ds.models import KNOWN_ARCHITECTURES, t5_config
 
 from .config import ModelSection
-
-log = logging.getLogger(__name__)
 
 
 def _dtype(model_cfg: ModelSection, precision: str) -> torch.dtype:

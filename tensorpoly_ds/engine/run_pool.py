@@ -14,14 +14,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import yaml
 
 from tpds_common.errors import ConfigError, JobFailed
+from tpds_common.log import get_logger
 
 from .job_env import REPO_ROOT, job_env
 
+log = get_logger("pretrain")
 
 
 class Run(Protocol):
@@ -67,7 +69,7 @@ def default_command() -> list[str]:
 
 
 def run_pretraining(runs: Sequence[Run], scratch: Path, workers: int, threads: int,
-                    log: Callable[[str], None] = print, command: Sequence[str] | None = None) -> dict[str, float]:
+                    command: Sequence[str] | None = None) -> dict[str, float]:
     """Train every unfinished run, `workers` at a time with `threads` threads each; `command` is the launcher
     prefix (default: this Python, `-m launch.pretrain`). Returns wall seconds per run trained now; raises
     naming the runs that failed (their RUN_DIR/log.txt says why)."""
@@ -75,7 +77,7 @@ def run_pretraining(runs: Sequence[Run], scratch: Path, workers: int, threads: i
     pending = [r for r in runs if not r.done()]
     if pending:
         ensure_engine_ops()
-    log(f"[pretrain] {len(runs)} runs: {len(runs) - len(pending)} done, {len(pending)} to train, {workers} at a time")
+    log.info(f"{len(runs)} runs: {len(runs) - len(pending)} done, {len(pending)} to train, {workers} at a time")
     running: dict[int, tuple[Run, subprocess.Popen, object, float]] = {}
     free = list(range(workers))[::-1]
     seconds: dict[str, float] = {}
@@ -86,7 +88,7 @@ def run_pretraining(runs: Sequence[Run], scratch: Path, workers: int, threads: i
                 slot, run = free.pop(), pending.pop(0)
                 proc, fh = _launch(run, slot, threads, scratch, command)
                 running[slot] = (run, proc, fh, time.monotonic())
-                log(f"[pretrain] {run.name}: started (log {run.run_dir / 'log.txt'})")
+                log.info(f"{run.name}: started (log {run.run_dir / 'log.txt'})")
             time.sleep(0.5)
             for slot, (run, proc, fh, t0) in list(running.items()):
                 if proc.poll() is None:
@@ -96,10 +98,10 @@ def run_pretraining(runs: Sequence[Run], scratch: Path, workers: int, threads: i
                 free.append(slot)
                 seconds[run.name] = time.monotonic() - t0
                 if proc.returncode == 0 and run.done():
-                    log(f"[pretrain] {run.name}: done in {time.monotonic() - t0:.0f} s")
+                    log.info(f"{run.name}: done in {time.monotonic() - t0:.0f} s")
                 else:
                     failed.append(run)
-                    log(f"[pretrain] {run.name}: FAILED (exit {proc.returncode}), see {run.run_dir / 'log.txt'}")
+                    log.warning(f"{run.name}: FAILED (exit {proc.returncode}), see {run.run_dir / 'log.txt'}")
     except KeyboardInterrupt:
         _stop(p for _, p, _, _ in running.values())
         raise

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import time
 import warnings
@@ -36,6 +35,7 @@ from torch import nn
 from tensorpoly_ds.adapters import (adapter_layers, adapter_param_groups, health, routing_tables,
                                     set_factor_recomputation, task_routing)
 from tensorpoly_ds.adapters.export import config_differences
+from tpds_common.log import get_logger, progress
 
 from . import checkpoint as ckpt
 from . import distributed as dist
@@ -49,7 +49,7 @@ from .effective import ActivationDtype, describe_engine
 from .loop import GRAD_NORM, TRAIN_LOSS, TrainLoop, lr_factor, lr_key, train_key
 from .monitor import Monitor, memory_mb, routing_weights
 
-log = logging.getLogger(__name__)
+log = get_logger("tensorpoly-ds")
 
 
 
@@ -344,8 +344,8 @@ class Trainer(TrainLoop):
         # uninterrupted run did at this step
         self.eval_pending = bool(meta.get("eval_pending"))
         if self.rank == 0:
-            print(f"[tensorpoly-ds] resumed from {meta['tag']} at step {self.step_no} on {self.world} rank(s)"
-                  + _written_on(meta, self.world), flush=True)
+            log.info(f"resumed from {meta['tag']} at step {self.step_no} on {self.world} rank(s)"
+                     + _written_on(meta, self.world))
 
     def _check_resumable(self, saved: dict, tag: Path) -> None:
         _check_compatible(saved, self.meta_base, tag)
@@ -362,9 +362,7 @@ class Trainer(TrainLoop):
         self.start_time = time.monotonic()
         self.bar = None
         if self.rank == 0 and tr.progress_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=tr.steps, initial=self.step_no, desc="train", dynamic_ncols=True)
+            self.bar = progress(total=tr.steps, initial=self.step_no, desc="train", dynamic_ncols=True, rank=self.rank)
         self.manual_norm = (self.ds_config["zero_optimization"]["stage"] == 0
                             and not self.ds_config.get("bf16", {}).get("enabled"))
         self.trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
@@ -470,8 +468,7 @@ class Trainer(TrainLoop):
     def on_stop(self) -> None:
         if self.rank == 0:
             why = "time budget" if self.stop.signal is None else self.stop.name
-            print(f"[tensorpoly-ds] stop requested ({why}) at step {self.step_no}: checkpointing, exit "
-                  f"{REQUEUE_EXIT_CODE}", flush=True)
+            log.info(f"stop requested ({why}) at step {self.step_no}: checkpointing, exit {REQUEUE_EXIT_CODE}")
         self.checkpoint(self.step_no, eval_pending=self.eval_due(self.step_no))
 
     def after_step(self) -> None:
@@ -513,7 +510,7 @@ class Trainer(TrainLoop):
         if metrics:
             self.monitor.scalars(at_step, metrics, kind="eval")
             if self.bar is not None:
-                self.bar.write(f"step {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                log.info(f"step {at_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         self.monitor.flush()
 
     def checkpoint(self, at_step: int, eval_pending: bool = False) -> Path | None:

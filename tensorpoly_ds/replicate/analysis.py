@@ -19,10 +19,13 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+
+from tpds_common.log import get_logger
 
 from ..adapt.report import aggregate, collect, plot_accuracy, row_average, setting, table1_markdown
 from .config import ReplicateConfig
+
+log = get_logger("analysis")
 
 
 # --- per-job accuracies ------------------------------------------------------------------------------------
@@ -278,7 +281,7 @@ def world_averages(selected: list[dict], seed_world: dict[int, str], tasks: list
 
 
 def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Path, backbone: Path,
-                     exports: dict[str, Path], manifest, log: Callable[[str], None] = print,
+                     exports: dict[str, Path], manifest,
                      untrained: dict[str, str] | None = None) -> dict:
     """Everything the results page shows for one variant, pooled over the worlds; figures written into
     res_dir. Rows of `untrained` methods (label -> reason) make their claim comparisons untestable."""
@@ -293,7 +296,7 @@ def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Pat
     tabs = tables(selected, tasks)
     untestable = {r["row"]: f"{r['label']} did not train ({untrained[r['label']]})" for r in selected
                   if r["label"] in (untrained or {})}
-    confusion = answer_confusion(selected, truth, list(manifest.held_out), dev_examples, log)
+    confusion = answer_confusion(selected, truth, list(manifest.held_out), dev_examples)
     verdicts = {}
     claims_path = cfg.claims_path()
     if claims_path is not None:
@@ -326,7 +329,7 @@ def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Pat
                 rec = recovery_for(export, backbone, truth, res_dir / f"{variant}_recovery_{_slug(label)}.png",
                                    f"{variant}: {label}, routing after multi-task pretraining")
             except Exception as err:  # noqa: BLE001 - one unreadable export must not lose the other results
-                log(f"[analysis] {variant}/{label}: routing recovery failed: {type(err).__name__}: {err}")
+                log.warning(f"{variant}/{label}: routing recovery failed: {type(err).__name__}: {err}")
                 rec = {"error": f"{type(err).__name__}: {err}"}
             if rec is not None:
                 recovery[label] = rec
@@ -339,8 +342,7 @@ def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Pat
             **({"world_spread": spread, "untestable_rows": untestable} if spread or untestable else {})}
 
 
-def answer_confusion(selected: list[dict], truth: dict, held_out: list[str], dev_examples: int,
-                     log: Callable[[str], None] = print) -> dict:
+def answer_confusion(selected: list[dict], truth: dict, held_out: list[str], dev_examples: int) -> dict:
     """What every selected row answered on its test rows (tensorpoly_ds.analysis.answer_confusion); {} without
     the latent-skill ground truth, {"error": ...} if the predictions cannot be read (the rest still publishes)."""
     if not truth:
@@ -350,7 +352,7 @@ def answer_confusion(selected: list[dict], truth: dict, held_out: list[str], dev
     try:
         return rows_confusion(selected, truth, held_out, dev_examples)
     except Exception as err:  # noqa: BLE001 - a diagnosis must not lose the results it diagnoses
-        log(f"[analysis] answer confusion failed: {type(err).__name__}: {err}")
+        log.warning(f"answer confusion failed: {type(err).__name__}: {err}")
         return {"error": f"{type(err).__name__}: {err}"}
 
 

@@ -19,11 +19,13 @@ import random
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from tpds_common.log import get_logger
 
 from tpds_common.errors import JobFailed
 from tpds_common.files import atomic_write_json
 from .config import BackboneSection
+
+log = get_logger("replicate")
 
 TASK_NAME = "generic_denoising"
 DONE_FILE = "backbone.json"
@@ -102,7 +104,7 @@ def plot_curves(curves: dict[str, dict], path: Path, title: str) -> Path:
 
 
 def train_backbone(section: BackboneSection, data_dir: Path, cache: Path, *, threads: int = 1,
-                   train_now: bool = True, log: Callable[[str], None] = print) -> Path:
+                   train_now: bool = True) -> Path:
     """Train (or find in the cache) the T5-LM analogue for the tokenizer of `data_dir`; returns the
     directory of the exported checkpoint (config.json + model.safetensors)."""
     import datasets
@@ -121,7 +123,7 @@ def train_backbone(section: BackboneSection, data_dir: Path, cache: Path, *, thr
     root = cache / f"backbone-{key}"
     export = root / "export"
     if (root / DONE_FILE).is_file() and (export / "config.json").is_file():
-        log(f"[replicate] backbone {root}: cached")
+        log.info(f"backbone {root}: cached")
         return export
     if not train_now:
         raise JobFailed(f"no trained backbone at {root}: run the 'backbone' stage first")
@@ -141,8 +143,8 @@ def train_backbone(section: BackboneSection, data_dir: Path, cache: Path, *, thr
     tr = TrainSection(steps=section.steps, micro_batch=section.micro_batch, grad_accum=1,
                       eval_every=section.eval_every, save_every=section.eval_every, seed=section.seed,
                       full_finetune=True, keep_checkpoints=1, heatmap_max_layers=0, log_every=50)
-    log(f"[replicate] backbone {root}: training {section.arch} ({sum(p.numel() for p in model.parameters()):,} "
-        f"parameters) for {section.steps} steps on {section.corpus_size} generic sequences")
+    log.info(f"backbone {root}: training {section.arch} ({sum(p.numel() for p in model.parameters()):,} "
+             f"parameters) for {section.steps} steps on {section.corpus_size} generic sequences")
     result = train(model, rows, optim=optim, train=tr, deepspeed=DeepSpeedSection(zero_stage=0, precision="fp32"),
                    run_dir=root, tasks=[TASK_NAME], val_rows=val, resume="auto", export_dir=export,
                    export_extra={"backbone_section": asdict(section), "tokenizer_sha256": tok_info.get("sha256")})

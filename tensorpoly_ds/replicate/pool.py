@@ -13,7 +13,8 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
+from tpds_common.log import capture, get_logger, progress
 
 from tpds_common.errors import JobFailed
 
@@ -45,9 +46,10 @@ def _worker(threads: int, jobs, results) -> None:
         t0 = time.monotonic()
         out = Path(job["out_dir"])
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "log.txt", "a") as fh:
+        # the job's messages go to its own log.txt, not to the terminal the workers share
+        with open(out / "log.txt", "a") as fh, capture(lambda line: print(line, file=fh, flush=True)):
             try:
-                run_job(AdaptJob.from_dict(job), log=lambda s: print(s, file=fh, flush=True))
+                run_job(AdaptJob.from_dict(job))
                 results.put((index, None, time.monotonic() - t0))
             except Exception as err:  # noqa: BLE001 - reported per job; run_job wrote result.json (failed)
                 results.put((index, f"{type(err).__name__}: {err}", time.monotonic() - t0))
@@ -85,23 +87,23 @@ class JobPool:
             else:
                 os.environ["OMP_NUM_THREADS"] = previous
 
-    def run(self, rows: list[dict], *, desc: str = "adapt", log: Callable[[str], None] = print) -> PoolReport:
-        """Run every incomplete row (job-table rows: {"row", "id", "job"}); complete ones are skipped."""
-        from tqdm import tqdm
-
+    def run(self, rows: list[dict], *, desc: str = "adapt") -> PoolReport:
+        """Run every incomplete row (job-table rows: {"row", "id", "job"}); complete ones are skipped; `desc`
+        names the batch in log lines (`[desc] ...`) and on the progress bar."""
+        log = get_logger(desc)
         report = PoolReport()
         pending = []
         for i, row in enumerate(rows):
             (report.skipped if is_complete(row["job"]["out_dir"]) else pending).append(i)
-        log(f"[{desc}] {len(rows)} jobs: {len(report.skipped)} complete, {len(pending)} to run on "
-            f"{self.workers} worker(s)")
+        log.info(f"{len(rows)} jobs: {len(report.skipped)} complete, {len(pending)} to run on "
+                 f"{self.workers} worker(s)")
         if not pending:
             return report
         self._start()
         for i in pending:
             self.jobs.put((i, rows[i]["job"]))
         try:
-            with tqdm(total=len(pending), desc=desc, unit="job", dynamic_ncols=True) as bar:
+            with progress(total=len(pending), desc=desc, unit="job", dynamic_ncols=True) as bar:
                 for _ in range(len(pending)):
                     index, error, seconds = _next_result(self.results, self.procs)
                     report.seconds[index] = seconds
@@ -109,7 +111,7 @@ class JobPool:
                         report.done.append(index)
                     else:
                         report.failed[index] = error
-                        bar.write(f"[{desc}] FAILED {rows[index]['id']}: {error}")
+                        log.warning(f"FAILED {rows[index]['id']}: {error}")
                     bar.update(1)
                     bar.set_postfix(failed=len(report.failed), refresh=False)
         except BaseException:

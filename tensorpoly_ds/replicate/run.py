@@ -18,7 +18,8 @@ import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+
+from tpds_common.log import get_logger, inherited_setup, setup_logging
 
 from tpds_common.errors import JobFailed, UserError
 from tpds_common.files import atomic_write_json
@@ -26,6 +27,8 @@ from ..adapt.table import write_table
 from ..engine.run_pool import run_pretraining
 from . import stages
 from .config import ReplicateConfig
+
+log = get_logger("replicate")
 
 RESULTS = "results"
 PROTOCOL_FILE = "protocol.json"
@@ -69,7 +72,7 @@ class Timer:
 
 
 def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, stages_to_run: set[str] | None = None,
-              publish: Path | None = None, log: Callable[[str], None] = print) -> dict:
+              publish: Path | None = None) -> dict:
     """Run every stage (or `stages_to_run` of prep, backbone, pretrain, adapt, analyse) into `out`."""
     out = out.resolve()
     workers = workers or cfg.workers
@@ -80,23 +83,23 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
     check_protocol(cfg, out)
     timer = Timer()
     started = time.monotonic()
-    log(f"[replicate] {cfg.source} -> {out} ({workers} workers x {threads} threads)")
+    log.info(f"{cfg.source} -> {out} ({workers} workers x {threads} threads)")
 
     if "prep" in want:
         with timer("prep"):
-            stages.prep_all(cfg, out, log)
+            stages.prep_all(cfg, out)
     if not want - {"prep"}:
         return {"out": str(out), "timing": {"stages_s": timer.stages}, "summary": None}
     first = stages.data_dir(out, cfg.variants[0].name, max(cfg.prep.ks))
     cache = Path(cfg.cache).resolve() if cfg.cache else out / "cache"
     worlds = cfg.world_list()
     with timer("backbone"):
-        backbones = train_backbones(cfg, first, cache, workers, "backbone" in want, log)
+        backbones = train_backbones(cfg, first, cache, workers, "backbone" in want)
     searched = {}
     if cfg.pretrain.lr_search is not None and want & {"pretrain", "adapt", "analyse"}:
         with timer("pretrain"):
             if "pretrain" in want:
-                searched = stages.search_pretraining_lrs(cfg, out, backbones[worlds[0].name], workers, threads, log)
+                searched = stages.search_pretraining_lrs(cfg, out, backbones[worlds[0].name], workers, threads)
             else:
                 searched = _read_searches(cfg, out)
     runs = {w.name: stages.pretrain_runs(cfg, out, backbones[w.name], w, searched) for w in worlds}
@@ -105,7 +108,7 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
         with timer("pretrain"):
             for world in worlds:
                 seconds = run_pretraining(runs[world.name], stages.world_root(out, world) / "pretrain", workers,
-                                          threads, log)
+                                          threads)
                 pretrain_seconds.update({f"{world.name}/{k}" if world.name else k: v for k, v in seconds.items()})
     exports = {w.name: defaultdict(dict) for w in worlds}
     for w in worlds:
@@ -117,7 +120,7 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
 
         with timer("adapt"), JobPool(workers, threads) as pool:
             for variant in cfg.variants:
-                job_seconds.update(_adapt_variant(cfg, out, variant, backbones, exports, searched, pool, log))
+                job_seconds.update(_adapt_variant(cfg, out, variant, backbones, exports, searched, pool))
     stamp = out / "timings" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
 
     def timing() -> dict:
@@ -131,16 +134,16 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
     summary = None
     if "analyse" in want:
         with timer("analyse"):
-            summary = analyse(cfg, out, backbones, exports, runs, searched, log)
+            summary = analyse(cfg, out, backbones, exports, runs, searched)
         atomic_write_json(stamp, timing())
-    log(f"[replicate] finished in {time.monotonic() - started:.0f} s: " +
-        ", ".join(f"{k} {v:.0f} s" for k, v in timer.stages.items()))
+    log.info(f"finished in {time.monotonic() - started:.0f} s: " +
+             ", ".join(f"{k} {v:.0f} s" for k, v in timer.stages.items()))
     if summary is not None and publish is not None:
-        publish_results(out / RESULTS, publish, log)
+        publish_results(out / RESULTS, publish)
     return {"out": str(out), "timing": timing(), "summary": summary}
 
 
-def train_backbones(cfg: ReplicateConfig, data: Path, cache: Path, workers: int, train_now: bool, log) -> dict[str, Path]:
+def train_backbones(cfg: ReplicateConfig, data: Path, cache: Path, workers: int, train_now: bool) -> dict[str, Path]:
     """Every world's backbone (cached by its section, seed included): {world name: export}. Several to train
     train side by side in `workers` spawned processes, one thread each (the tiny backbone gains little from
     two, and two OpenMP threads collapse, spin-waiting, as soon as anything else shares the CPUs)."""
@@ -152,9 +155,10 @@ def train_backbones(cfg: ReplicateConfig, data: Path, cache: Path, workers: int,
 
         todo = [s for s in sections.values() if not backbone_cached(s, data, cache)]
         if len(todo) > 1:
-            with mp.get_context("spawn").Pool(min(workers, len(todo)), initializer=_own_process_group) as pool:
+            with mp.get_context("spawn").Pool(min(workers, len(todo)), initializer=_own_process_group,
+                                              initargs=(inherited_setup(),)) as pool:
                 pool.starmap(_backbone_child, [(s, data, cache) for s in todo])
-    return {name: train_backbone(s, data, cache, threads=1, log=log, train_now=train_now)
+    return {name: train_backbone(s, data, cache, threads=1, train_now=train_now)
             for name, s in sections.items()}
 
 
@@ -167,12 +171,15 @@ def backbone_cached(section, data: Path, cache: Path) -> bool:
     return (cache / f"backbone-{backbone_key(section, tok.get('sha256', ''), int(tok['vocab_size']))}" / DONE_FILE).is_file()
 
 
-def _own_process_group() -> None:
+def _own_process_group(logging_setup: dict) -> None:
     """A backbone worker's first init_distributed makes its own one-rank group on a free port, whatever the
     parent's variables say; later backbones in the same worker reuse that group. A worker dies with the
     replication (SIGTERM from the kernel), so a killed run leaves no backbone training on; its checkpoint
-    resumes next time."""
+    resumes next time. It logs as its parent was set up to (a spawned process starts unconfigured)."""
     from ..engine.stop import stop_when_parent_dies
+
+    if logging_setup:
+        setup_logging(**logging_setup)
 
     for var in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(var, None)
@@ -182,7 +189,7 @@ def _own_process_group() -> None:
 def _backbone_child(section, data: Path, cache: Path) -> None:
     from .backbone import train_backbone
 
-    train_backbone(section, data, cache, threads=1, log=lambda msg: print(msg, flush=True))
+    train_backbone(section, data, cache, threads=1)
 
 
 def _read_searches(cfg: ReplicateConfig, out: Path) -> dict[tuple[str, str], dict]:
@@ -198,8 +205,7 @@ def _read_searches(cfg: ReplicateConfig, out: Path) -> dict[tuple[str, str], dic
     return found
 
 
-def _adapt_variant(cfg: ReplicateConfig, out: Path, variant, backbones: dict, exports: dict, searched: dict, pool,
-                   log) -> dict:
+def _adapt_variant(cfg: ReplicateConfig, out: Path, variant, backbones: dict, exports: dict, searched: dict, pool) -> dict:
     """Phase 1 in the first world (every lr for the search seeds, then the edge rule's extensions), phase 2 in
     every world (every seed at its row's chosen lr). Returns wall seconds per job run now."""
     worlds = cfg.world_list()
@@ -210,7 +216,7 @@ def _adapt_variant(cfg: ReplicateConfig, out: Path, variant, backbones: dict, ex
         table.update({r["job"]["out_dir"]: r for r in rows})
         # the variant's job table (tensorpoly-ds report lists its missing rows): every job so far
         write_table(out / "adapt" / variant.name / "jobs.jsonl", [{**r, "row": i} for i, r in enumerate(table.values())])
-        report = pool.run(rows, desc=f"adapt {variant.name} ({phase})", log=log)
+        report = pool.run(rows, desc=f"adapt {variant.name} ({phase})")
         job_seconds.update({rows[i]["job"]["out_dir"]: s for i, s in report.seconds.items()})
         if report.failed:
             raise JobFailed(f"{variant.name}: {len(report.failed)} adaptation jobs failed (their "
@@ -271,8 +277,7 @@ def lr_selection(cfg: ReplicateConfig, out: Path, variant: str) -> list[dict]:
     return table
 
 
-def analyse(cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports: dict, runs: dict, searched: dict,
-            log) -> dict:
+def analyse(cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports: dict, runs: dict, searched: dict) -> dict:
     from data_prep.manifest import read_manifest
 
     from . import analysis, summary as summ
@@ -287,7 +292,7 @@ def analyse(cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports
         manifest = read_manifest(stages.data_dir(out, variant.name, max(cfg.prep.ks)))
         pretraining = pretraining_table(cfg, variant.name, runs, searched)
         variants[variant.name] = analysis.variant_analysis(cfg, variant.name, out, res, backbones[w0],
-                                                           exports[w0][variant.name], manifest, log,
+                                                           exports[w0][variant.name], manifest,
                                                            untrained=pretraining["did_not_train"])
         curves = {r.method.label: loss_curve(r.run_dir) for r in runs[w0]
                   if r.variant == variant.name and (r.run_dir / "metrics.jsonl").is_file()}
@@ -313,7 +318,7 @@ def analyse(cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports
         body["backbones"] = {w.name: json.loads((backbones[w.name].parent / DONE_FILE).read_text()) for w in worlds}
     atomic_write_json(res / "results.json", body)
     (res / "summary.md").write_text(summ.summary_markdown(cfg, body, variants))
-    log(f"[replicate] results in {res} (summary.md, results.json, figures)")
+    log.info(f"results in {res} (summary.md, results.json, figures)")
     return body
 
 
@@ -398,10 +403,10 @@ def _timings(out: Path) -> dict:
     return {"stage_runs": [json.loads(p.read_text()) for p in runs[-5:]], "adaptation_by_method": jobs}
 
 
-def publish_results(res: Path, dest: Path, log) -> None:
+def publish_results(res: Path, dest: Path) -> None:
     """Copy the small result files (JSON, Markdown, PNG) into `dest` (e.g. benchmarks/results/replicate)."""
     dest.mkdir(parents=True, exist_ok=True)
     for p in sorted(res.iterdir()):
         if p.suffix in (".json", ".md", ".png"):
             shutil.copyfile(p, dest / p.name)
-    log(f"[replicate] published {res} -> {dest}")
+    log.info(f"published {res} -> {dest}")

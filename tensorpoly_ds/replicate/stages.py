@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from tpds_common.errors import ConfigError
 
@@ -35,7 +34,7 @@ def data_dir(out: Path, variant: str, k: int) -> Path:
     return out / "data" / variant / f"k{k}"
 
 
-def prep_all(cfg: ReplicateConfig, out: Path, log: Callable[[str], None] = print) -> None:
+def prep_all(cfg: ReplicateConfig, out: Path) -> None:
     """One prepared directory per (variant, k). Every directory uses the tokenizer built for the first
     variant's first directory, so that one backbone serves every variant (same vocabulary, same ids); the
     first variant's prompts must therefore contain every word of the others' (checked: no unknown word)."""
@@ -50,7 +49,7 @@ def prep_all(cfg: ReplicateConfig, out: Path, log: Callable[[str], None] = print
                             num_shards=1, val_per_template=cfg.prep.val_per_template,
                             cap_per_template=cfg.prep.cap_per_template,
                             few_shot_seeds=tuple(cfg.all_seeds()), few_shot_k=k)
-            result = build(pc, log=lambda msg: log(f"[prep] {msg}"))
+            result = build(pc)
             if shared_tokenizer is None:
                 shared_tokenizer = target / "tokenizer"
             elif result.status == "built":
@@ -121,8 +120,8 @@ def search_dir(out: Path, cfg: ReplicateConfig, variant: str, label: str) -> Pat
     return world_root(out, cfg.world_list()[0]) / "lr_search" / variant / slug(label)
 
 
-def search_pretraining_lrs(cfg: ReplicateConfig, out: Path, backbone: Path, workers: int, threads: int,
-                           log: Callable[[str], None] = print) -> dict[tuple[str, str], dict]:
+def search_pretraining_lrs(cfg: ReplicateConfig, out: Path, backbone: Path, workers: int,
+                           threads: int) -> dict[tuple[str, str], dict]:
     """tensorpoly_ds.engine.lr_search for every searched method of every variant, in the first world;
     {(variant, label): the search result}. Methods search side by side, one candidate run each at a time."""
     from concurrent.futures import ThreadPoolExecutor
@@ -144,9 +143,8 @@ def search_pretraining_lrs(cfg: ReplicateConfig, out: Path, backbone: Path, work
 
     def one(item):
         key, base, d = item
-        tag = f"[lr-search {key[0]}/{key[1]}]"
-        result = lr_search.search(base, spec, d, lambda runs: run_pretraining(runs, d, 1, threads, log=log),
-                                  log=lambda msg: log(f"{tag} {msg}"))
+        result = lr_search.search(base, spec, d, lambda runs: run_pretraining(runs, d, 1, threads),
+                                  label=f"{key[0]}/{key[1]}")
         return key, result
 
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -34,7 +34,7 @@ def test_modes_end_to_end_and_weights(prepared, poly_export, tmp_path, mode, tra
     Mutation seen caught: engine_available() returning False (auto fell back silently): result trainer 'local'."""
     job = make_job(prepared, tmp_path / mode, export=str(poly_export), mode=mode, save_adapter=True,
                    trainer=trainer)
-    result = run_job(job, log=lambda s: None)
+    result = run_job(job)
     assert result["status"] == "complete" and is_complete(job.out_dir)
     assert result["trainer"] == ("engine" if trainer == "auto" else trainer)
     saved = json.loads((tmp_path / mode / RESULT_FILE).read_text())
@@ -70,12 +70,13 @@ def test_modes_end_to_end_and_weights(prepared, poly_export, tmp_path, mode, tra
         assert saved["params"]["trainable"] == saved["params"]["multi_task"]["modules"] + n_tables * 3
 
 
-def test_skip_if_complete_and_rerun_if_crashed(prepared, poly_export, tmp_path, monkeypatch):
-    logs = []
+def test_skip_if_complete_and_rerun_if_crashed(prepared, poly_export, tmp_path, monkeypatch, tpds_messages):
+    logs = tpds_messages   # the project logger's lines (tests/conftest.py)
+    logs.clear()
     job = make_job(prepared, tmp_path / "j", export=str(poly_export), mode="z", steps=2, eval_every=0)
-    run_job(job, log=logs.append)
+    run_job(job)
     stamp = (tmp_path / "j" / RESULT_FILE).stat().st_mtime_ns
-    run_job(job, log=logs.append)
+    run_job(job)
     assert any("skipped" in line for line in logs)
     assert (tmp_path / "j" / RESULT_FILE).stat().st_mtime_ns == stamp
 
@@ -87,13 +88,13 @@ def test_skip_if_complete_and_rerun_if_crashed(prepared, poly_export, tmp_path, 
     monkeypatch.setattr(job_mod, "evaluate", boom)
     crashed = make_job(prepared, tmp_path / "c", export=str(poly_export), mode="z", steps=2, eval_every=0)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_job(crashed, log=logs.append)
+        run_job(crashed)
     failed = json.loads((tmp_path / "c" / RESULT_FILE).read_text())
     assert failed["status"] == "failed" and "simulated crash" in failed["error"]
     assert not (tmp_path / "c" / MARKER_FILE).exists() and not is_complete(tmp_path / "c")
     monkeypatch.undo()
     logs.clear()
-    result = run_job(crashed, log=logs.append)
+    result = run_job(crashed)
     assert result["status"] == "complete" and is_complete(tmp_path / "c")
     assert not any("skipped" in line for line in logs)
 
@@ -101,17 +102,17 @@ def test_skip_if_complete_and_rerun_if_crashed(prepared, poly_export, tmp_path, 
     (tmp_path / "j" / MARKER_FILE).unlink()
     assert not is_complete(tmp_path / "j")
     logs.clear()
-    run_job(job, log=logs.append)
+    run_job(job)
     assert not any("skipped" in line for line in logs) and is_complete(tmp_path / "j")
 
 
 def test_zero_shot_and_mhr_mu_recipe(prepared, tmp_path):
     export = make_export(prepared, tmp_path / "mhr", "mhr", skills=2, heads=2)
-    zs = run_job(make_job(prepared, tmp_path / "zs", export=str(export), mode="mu", k=0), log=lambda s: None)
+    zs = run_job(make_job(prepared, tmp_path / "zs", export=str(export), mode="mu", k=0))
     assert zs["zero_shot"] and zs["k"] == 0 and [e["step"] for e in zs["evaluations"]] == [0]
     assert zs["train_loss"] == []
     recipe = run_job(make_job(prepared, tmp_path / "mt", export=str(export), mode="mu", k=0, collapse=True,
-                              multitask_steps=3, multitask_batch_size=4), log=lambda s: None)
+                              multitask_steps=3, multitask_batch_size=4))
     assert len(recipe["multitask_loss"]) == 3 and recipe["zero_shot"]
     # collapsed: one rank-1 LoRA per layer instead of 2 skills
     assert recipe["params"]["trainable"] * 2 == recipe["params"]["multi_task"]["modules"]
@@ -119,12 +120,11 @@ def test_zero_shot_and_mhr_mu_recipe(prepared, tmp_path):
 
 
 def test_fullft_and_fresh_lora_baselines(prepared, tmp_path):
-    ft = run_job(make_job(prepared, tmp_path / "ft", method="fullft", steps=2, eval_every=0), log=lambda s: None)
+    ft = run_job(make_job(prepared, tmp_path / "ft", method="fullft", steps=2, eval_every=0))
     assert ft["label"] == "FullFT" and ft["params"]["trainable"] == ft["params"]["backbone"]
-    lora = run_job(make_job(prepared, tmp_path / "lora", method="lora", adapter={"rank": 2}, steps=2, eval_every=0),
-                   log=lambda s: None)
+    lora = run_job(make_job(prepared, tmp_path / "lora", method="lora", adapter={"rank": 2}, steps=2, eval_every=0))
     assert lora["label"] == "LoRA (w/o pretrain)" and 0 < lora["params"]["trainable"] < lora["params"]["backbone"]
-    ia3 = run_job(make_job(prepared, tmp_path / "ia3", method="ia3", steps=2, eval_every=0), log=lambda s: None)
+    ia3 = run_job(make_job(prepared, tmp_path / "ia3", method="ia3", steps=2, eval_every=0))
     # (IA)^3 on k, v (self + cross attention) and wi_1 of the tiny T5: 2 enc + 2 dec blocks, d_model 64, d_ff 128
     assert ia3["label"] == "(IA)^3 (w/o pretrain)" and ia3["params"]["trainable"] == 2 * (2 * 64 + 128) + 2 * (4 * 64 + 128)
 
@@ -138,10 +138,10 @@ def test_invalid_jobs_are_refused(prepared, poly_export, tmp_path):
         AdaptJob.from_dict({"out_dir": "o", "data_dir": "d", "task": "t", "method": "lora", "sed": 1})
     lora = make_export(prepared, tmp_path / "lora_export", "lora")
     with pytest.raises(ModeError, match=r"method 'lora' has no routing, so mode 'z' does not apply"):
-        run_job(make_job(prepared, tmp_path / "y", export=str(lora), mode="z"), log=lambda s: None)
+        run_job(make_job(prepared, tmp_path / "y", export=str(lora), mode="z"))
     assert json.loads((tmp_path / "y" / RESULT_FILE).read_text())["status"] == "failed"
     with pytest.raises(JobError, match="no 7-shot"):
-        run_job(make_job(prepared, tmp_path / "w", export=str(poly_export), k=7), log=lambda s: None)
+        run_job(make_job(prepared, tmp_path / "w", export=str(poly_export), k=7))
 
 
 def test_engine_available_raises_on_a_broken_engine_and_is_false_only_when_absent(monkeypatch):

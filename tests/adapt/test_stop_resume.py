@@ -52,20 +52,22 @@ def signal_at_call(monkeypatch, n, sig=signal.SIGTERM, losses=("tfew_losses",)):
                                                     ("local", 2, signal.SIGINT)],
                          ids=["local-sigterm-step3", "engine-sigusr1-step4", "local-sigint-multitask"])
 def test_stopped_job_is_requeue_and_resumes_to_the_uninterrupted_result(prepared, poly_export, tmp_path,
-                                                                        monkeypatch, trainer, stop_call, sig):
+                                                                        monkeypatch, trainer, stop_call, sig,
+                                                                        tpds_messages):
     extra = dict(trainer=trainer)
     losses = ("tfew_losses",)
     if sig == signal.SIGINT:   # stop inside the multi-task phase that precedes few-shot training
         extra.update(multitask_steps=3, multitask_batch_size=4, eval_at_start=True)
         losses = ("lm_loss",)
-    reference = run_job(make_job(prepared, poly_export, tmp_path / "uninterrupted", **extra), log=lambda s: None)
+    reference = run_job(make_job(prepared, poly_export, tmp_path / "uninterrupted", **extra))
     assert reference["status"] == "complete"
 
     job = make_job(prepared, poly_export, tmp_path / "stopped", **extra)
-    logs = []
+    logs = tpds_messages   # the project logger's lines (tests/conftest.py)
+    logs.clear()
     with monkeypatch.context() as m:
         signal_at_call(m, stop_call, sig, losses)
-        stopped = run_job(job, log=logs.append)
+        stopped = run_job(job)
     out = Path(job.out_dir)
     assert stopped["status"] == "requeue" and stopped["signal"] == signal.Signals(sig).name
     phase = "multitask" if sig == signal.SIGINT else "fewshot"
@@ -84,7 +86,7 @@ def test_stopped_job_is_requeue_and_resumes_to_the_uninterrupted_result(prepared
     assert problem["state"] == "incomplete" and "stopped" in problem["detail"] and f"step {stop_call}" in problem["detail"]
 
     logs.clear()
-    resumed = run_job(job, log=logs.append)
+    resumed = run_job(job)
     assert any("resuming the run stopped at" in line for line in logs), logs
     assert resumed["status"] == "complete" and is_complete(out)
     assert not (out / CHECKPOINT_FILE).exists() and not list((out / "engine").rglob("checkpoints/step_*"))
@@ -97,19 +99,19 @@ def test_a_different_job_does_not_resume_another_jobs_checkpoint(prepared, poly_
     job = make_job(prepared, poly_export, tmp_path / "j", trainer="local")
     with monkeypatch.context() as m:
         signal_at_call(m, 2)
-        assert run_job(job, log=lambda s: None)["status"] == "requeue"
+        assert run_job(job)["status"] == "requeue"
     changed = make_job(prepared, poly_export, tmp_path / "j", trainer="local", lr=1e-2)
     with pytest.raises(JobError, match=r"stopped run of a different job \(lr: 0.003 then, 0.01 now\).*--force"):
-        run_job(changed, log=lambda s: None)
+        run_job(changed)
     assert json.loads((tmp_path / "j" / RESULT_FILE).read_text())["status"] == "requeue"   # state kept
-    assert run_job(changed, force=True, log=lambda s: None)["status"] == "complete"
+    assert run_job(changed, force=True)["status"] == "complete"
 
 
 def test_a_job_held_by_a_live_process_is_refused_and_a_dead_holder_releases_it(prepared, poly_export, tmp_path):
     job = make_job(prepared, poly_export, tmp_path / "held", trainer="local", steps=2, eval_every=0)
     with held(job.out_dir, "adaptation job") as holder:
         with pytest.raises(JobBusy, match=rf"in use by pid {holder.pid} on host .* since"):
-            run_job(job, log=lambda s: None)
+            run_job(job)
         assert not (Path(job.out_dir) / RESULT_FILE).exists()
         # the CLI: exit 75 before anything is loaded
         proc = subprocess.run([sys.executable, "-m", "launch.adapt", "--job", str(_job_file(job, tmp_path))],
@@ -118,7 +120,7 @@ def test_a_job_held_by_a_live_process_is_refused_and_a_dead_holder_releases_it(p
         assert proc.returncode == 75 and f"pid {holder.pid}" in proc.stderr, proc.stderr[-2000:]
     # the holder was killed (kill -9): the kernel dropped its lock; its holder file stays behind, stale
     assert (Path(job.out_dir) / ".tpds.lock.json").exists()
-    assert run_job(job, log=lambda s: None)["status"] == "complete"
+    assert run_job(job)["status"] == "complete"
     assert not (Path(job.out_dir) / ".tpds.lock.json").exists()
 
 

@@ -112,7 +112,7 @@ def test_local_sweep_workers_interrupt_and_rerun(prepared, poly_export, tmp_path
     res = subprocess.run(sweep_cmd(gfile, out, "--workers", "2"), cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert f"{len(done_before)} complete, {4 - len(done_before)} to run" in res.stdout
+    assert f"{len(done_before)} complete, {4 - len(done_before)} to run" in res.stderr   # log lines: stderr
     assert all(is_complete(r["job"]["out_dir"]) for r in rows)
     for i in done_before:
         assert Path(rows[i]["job"]["out_dir"], "result.json").stat().st_mtime_ns == stamps[i]
@@ -123,4 +123,4 @@ def test_local_sweep_workers_interrupt_and_rerun(prepared, poly_export, tmp_path
     # 3) a third run has nothing to do
     res = subprocess.run(sweep_cmd(gfile, out, "--workers", "2"), cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
-    assert res.returncode == 0 and "4 complete, 0 to run" in res.stdout
+    assert res.returncode == 0 and "4 complete, 0 to run" in res.stderr

@@ -103,9 +103,9 @@ def test_a_row_held_by_another_process_is_waited_for_and_sigterm_stops_the_sweep
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 124, stdout + stderr
-        assert f"row 1 {rows[1]['id']}: held by pid {holder.pid}" in stdout and "waiting for it" in stdout
+        assert f"row 1 {rows[1]['id']}: held by pid {holder.pid}" in stderr and "waiting for it" in stderr
         assert "rows remaining [1]" in stderr and "not started: [1]" in stderr
     proc = sweep(grid, out)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stdout + stderr
-    assert "1 complete, 1 to run" in stdout and all(is_complete(r["job"]["out_dir"]) for r in rows)
+    assert "1 complete, 1 to run" in stderr and all(is_complete(r["job"]["out_dir"]) for r in rows)

@@ -123,9 +123,9 @@ def replicate_values(path: Path, root: Path) -> dict:
         "claims_path": str(cfg.claims_path()) if cfg.claims_path() else None,
     }
     prep_args = []
-    with mock.patch("data_prep.pipeline.build", lambda pc, log: prep_args.append(pc.output_args())
+    with mock.patch("data_prep.pipeline.build", lambda pc: prep_args.append(pc.output_args())
                     or mock.Mock(status="unchanged")):
-        stages.prep_all(cfg, out, log=lambda msg: None)
+        stages.prep_all(cfg, out)
     body["prep"] = prep_args
     searched = _fake_searches(cfg, stages)
     body["lr_search_bases"] = {

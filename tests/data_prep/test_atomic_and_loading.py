@@ -67,11 +67,11 @@ def test_resumed_build_equals_uninterrupted(tmp_path, monkeypatch):
                                           val_per_template=10, num_shards=3, **kw)
     monkeypatch.setattr(pl.Worker, "run", crash_after_five)
     with pytest.raises(KeyboardInterrupt):
-        pl.build(cfg(tmp_path / "a"), log=lambda m: None)
+        pl.build(cfg(tmp_path / "a"))
     monkeypatch.setattr(pl.Worker, "run", real_run)
-    resumed = pl.build(cfg(tmp_path / "a"), log=lambda m: None)
+    resumed = pl.build(cfg(tmp_path / "a"))
     assert (resumed.parts_reused, resumed.parts_built) == (5, 14)
-    clean = pl.build(cfg(tmp_path / "b"), log=lambda m: None)
+    clean = pl.build(cfg(tmp_path / "b"))
     assert clean.parts_reused == 0
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert a == b and resumed.manifest.content_hash == clean.manifest.content_hash

@@ -41,7 +41,7 @@ def test_bad_record_message(tmp_path, reason, config, split, row, mutate, field,
     config = config or rte_configs()[2]
     path = _corrupt(dump, config, split, row, mutate, fmt)
     with pytest.raises(DataError) as e:
-        build(_cfg(dump, tmp_path / "out"), log=lambda m: None)
+        build(_cfg(dump, tmp_path / "out"))
     msg = str(e.value)
     assert str(path) in msg and repr(config) in msg and f"row {row}" in msg and repr(field) in msg
     assert reason in msg
@@ -79,7 +79,7 @@ def test_parquet_column_of_wrong_type(tmp_path):
     (dump / TRAIN_CONFIGS[1] / "train.jsonl").unlink()
     path = write_split(dump / TRAIN_CONFIGS[1], "train", rows, "parquet")
     with pytest.raises(DataError) as e:
-        build(_cfg(dump, tmp_path / "out"), log=lambda m: None)
+        build(_cfg(dump, tmp_path / "out"))
     msg = str(e.value)
     assert str(path) in msg and "row 0" in msg and "'inputs_pretokenized'" in msg and "wrong_type" in msg
 
@@ -94,7 +94,7 @@ def test_malformed_json_line(tmp_path):
     lines[5] = lines[5][:-3]
     p.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as e:
-        build(_cfg(dump, tmp_path / "out"), log=lambda m: None)
+        build(_cfg(dump, tmp_path / "out"))
     msg = str(e.value)
     assert msg.startswith("invalid JSON on line 6 (") and "[reason=malformed_json]" in msg
     assert f"in file {p}," in msg and "row 5," in msg
@@ -110,11 +110,11 @@ def test_bad_record_late_in_the_mixture_keeps_the_finished_configs(tmp_path, emb
     cfg = PrepConfig("t0_train", f"local:{dump}", str(emb_dir / "tokenizer"), tmp_path / "out",
                      train_tasks=tuple(TRAIN_CONFIGS), held_out=(HELD,), val_per_template=5, few_shot_k=8)
     with pytest.raises(DataError) as e:
-        build(cfg, log=lambda m: None)
+        build(cfg)
     assert str(path) in str(e.value) and "row 0" in str(e.value)
     assert not (tmp_path / "out").exists()
     _corrupt(dump, rte_configs()[-1], "validation", 0, lambda r: None)
-    res = build(cfg, log=lambda m: None)
+    res = build(cfg)
     assert (res.parts_reused, res.parts_built) == (len(TRAIN_CONFIGS), 1)
 
 

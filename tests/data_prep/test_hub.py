@@ -54,7 +54,7 @@ def _decoded(out, split):
 def test_hub_reads_both_layouts(tmp_path, replica):
     root, calls = replica
     out = tmp_path / "out"
-    build(_cfg("hub", out), log=lambda m: None)
+    build(_cfg("hub", out))
     m = read_manifest(out)
     assert m.source == f"hub:{root}"
     assert m.counts["train"] == {TRAIN_CONFIGS[0]: 25, TRAIN_CONFIGS[1]: 19}
@@ -86,8 +86,8 @@ def test_card_configs_mean_what_datasets_says(tmp_path, replica):
 
 def test_local_snapshot_equals_hub(tmp_path, replica):
     root, _ = replica
-    build(_cfg("hub", tmp_path / "hub"), log=lambda m: None)
-    build(_cfg(f"local:{root}", tmp_path / "local"), log=lambda m: None)
+    build(_cfg("hub", tmp_path / "hub"))
+    build(_cfg(f"local:{root}", tmp_path / "local"))
     a, b = read_manifest(tmp_path / "hub"), read_manifest(tmp_path / "local")
     assert a.counts == b.counts and a.few_shot == b.few_shot and a.tokenizer == b.tokenizer
     for split in ["train", "val", f"eval/{HELD}"]:
@@ -102,7 +102,7 @@ def test_missing_config_named_before_any_read(tmp_path, replica, monkeypatch):
     import data_prep.pipeline as pl
     monkeypatch.setattr(pl, "_tokenizer", lambda *a: pytest.fail("data read before the missing configs were listed"))
     with pytest.raises(ConfigError) as e:
-        build(_cfg("hub", tmp_path / "out"), log=lambda m: None)
+        build(_cfg("hub", tmp_path / "out"))
     msg = str(e.value)
     assert f"{TRAIN_CONFIGS[0]}/train: neither declared" in msg
     assert f"{TRAIN_CONFIGS[1]}/train: declared in README.md with splits ['train']" in msg
@@ -114,7 +114,7 @@ def test_hub_bad_record_names_hub_origin(tmp_path, replica):
     store[TRAIN_CONFIGS[1]]["train"][3]["targets_pretokenized"] = ""
     write_replica(root, store, layout=LAYOUT)
     with pytest.raises(DataError) as e:
-        build(_cfg("hub", tmp_path / "o"), log=lambda m: None)
+        build(_cfg("hub", tmp_path / "o"))
     msg = str(e.value)
     assert f"hub:bigscience/P3/{TRAIN_CONFIGS[1]}/train" in msg and "row 3" in msg
     assert "targets_pretokenized" in msg

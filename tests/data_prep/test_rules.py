@@ -61,7 +61,7 @@ def test_unknown_names(tmp_path, kw, needle):
     args.update(kw)
     from data_prep.pipeline import build
     with pytest.raises(ConfigError) as e:
-        build(PrepConfig(**args), log=lambda m: None)
+        build(PrepConfig(**args))
     assert needle in str(e.value)
     assert not (tmp_path / "o").exists()
 
@@ -79,7 +79,7 @@ def test_missing_local_configs_listed_before_loading(tmp_path):
     with pytest.raises(ConfigError, match=f"lacks data for:\n  {TRAIN_CONFIGS[1]}/train"):
         from data_prep.pipeline import build
         build(PrepConfig("t0_train", f"local:{dump}", "embedded", tmp_path / "o",
-                         train_tasks=tuple(TRAIN_CONFIGS), held_out=("rte",)), log=lambda m: None)
+                         train_tasks=tuple(TRAIN_CONFIGS), held_out=("rte",)))
 
 
 def test_bad_options():

@@ -95,22 +95,23 @@ def test_empty_training_file_and_empty_pool(tmp_path, run, capsys):
     assert m.few_shot[HELD]["templates_excluded"] == [template]
 
 
-def test_edited_source_is_rebuilt_touch_is_not(tmp_path, emb_dir):
+def test_edited_source_is_rebuilt_touch_is_not(tmp_path, emb_dir, tpds_messages):
     dump = make_dump(tmp_path / "dump")
     cfg = PrepConfig("t0_train", f"local:{dump}", str(emb_dir / "tokenizer"), tmp_path / "out",
                      train_tasks=tuple(TRAIN_CONFIGS), held_out=(HELD,), val_per_template=5, few_shot_k=8)
-    logs = []
-    first = build(cfg, log=logs.append)
+    logs = tpds_messages   # the project logger's lines (tests/conftest.py)
+    logs.clear()
+    first = build(cfg)
     assert first.parts_built == 3
     path = dump / TRAIN_CONFIGS[0] / "train.jsonl"
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))          # touched, same bytes
-    assert build(cfg, log=logs.append).status == "unchanged"
+    assert build(cfg).status == "unchanged"
     rows = p3_rows(TRAIN_CONFIGS[0], "train", 40)
     rows[0]["inputs_pretokenized"] = "an edited first row"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))        # edited in place
     logs.clear()
-    again = build(cfg, log=logs.append)
+    again = build(cfg)
     assert again.status == "built" and (again.parts_built, again.parts_reused) == (1, 2)
     assert any("source data changed" in m and f"{TRAIN_CONFIGS[0]}/train" in m for m in logs)
     assert again.manifest.content_hash != first.manifest.content_hash

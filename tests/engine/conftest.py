@@ -116,7 +116,7 @@ def accelerate_cmd(script_args, nproc: int = 2) -> list[str]:
 
 @pytest.fixture(scope="session")
 def two_rank_run(tmp_path_factory, prepared_dir, backbone_dir):
-    """The baseline's training on 2 ranks x micro 2 under ZeRO `stage`: (run dir, its stdout), made on first
+    """The baseline's training on 2 ranks x micro 2 under ZeRO `stage`: (run dir, its log: stderr), made on first
     use and shared (test_pretrain_runs compares it with the baseline, test_elastic_resume resumes it on 1
     rank). ZeRO-2 is launched by `accelerate launch` with the shipped DeepSpeed plugin config, which sets the
     stage (the run config says ZeRO-0; test_accelerate checks the plugin won); ZeRO-3 by torchrun."""
@@ -135,6 +135,6 @@ def two_rank_run(tmp_path_factory, prepared_dir, backbone_dir):
             else:
                 proc = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir, stage=stage, micro=2),
                                     nproc=2)
-            runs[stage] = run_dir, proc.stdout
+            runs[stage] = run_dir, proc.stderr   # log lines go to stderr (tpds_common.log)
         return runs[stage]
     return get

@@ -82,7 +82,7 @@ def test_zero2_two_ranks_to_one_carries_the_optimizer(source, tmp_path, prepared
     proc = resume_copy(src, resumed, prepared_dir, backbone_dir, stage=2, world=1)
     universal = resumed / "checkpoints" / (FROM + ckpt.UNIVERSAL_SUFFIX)
     assert (f"resumed from {resumed / 'checkpoints' / FROM} at step {AT} on 1 rank(s) (checkpoint written on "
-            f"2 rank(s), converted to a universal checkpoint at {universal})") in proc.stdout, proc.stdout[-3000:]
+            f"2 rank(s), converted to a universal checkpoint at {universal})") in proc.stderr, proc.stderr[-3000:]
     assert ckpt.verify_tag(universal) is None   # its own marker and checksums
     assert not list(resumed.glob("checkpoints/.*tmp*"))
     assert_continues(src, resumed)
@@ -93,7 +93,7 @@ def test_zero2_two_ranks_to_one_carries_the_optimizer(source, tmp_path, prepared
     shutil.copytree(universal, fresh / "checkpoints" / universal.name)
     reset_adamw_state(fresh / "checkpoints" / universal.name)
     proc = run_pretrain(fresh, prepared_dir, overrides(backbone_dir, 2, 1), nproc=1)
-    assert "converting" not in proc.stdout   # an intact conversion is reused
+    assert "converting" not in proc.stderr   # an intact conversion is reused (log lines go to stderr)
     carried, restarted = read_metrics(resumed), read_metrics(fresh)
     assert abs(restarted[AT + 1] - carried[AT + 1]) <= REL * carried[AT + 1]
     assert abs(restarted[AT + 2] - carried[AT + 2]) > 100 * REL * carried[AT + 2], (carried[AT + 2], restarted[AT + 2])
@@ -110,7 +110,7 @@ def test_resume_on_another_world_size(stage, saved_on, resumed_on, source, tmp_p
     how = ("its optimizer state is not sharded, loaded as it is" if stage == 0 else
            "converted to a universal checkpoint at")
     assert f"on {resumed_on} rank(s) (checkpoint written on {saved_on} rank(s){';' if stage == 0 else ','} {how}" \
-        in proc.stdout, proc.stdout[-3000:]
+        in proc.stderr, proc.stderr[-3000:]
     converted = list((resumed / "checkpoints").glob(f"*{ckpt.UNIVERSAL_SUFFIX}"))
     assert len(converted) == (0 if stage == 0 else 1)
     assert_continues(src, resumed)

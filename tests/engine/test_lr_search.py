@@ -71,7 +71,7 @@ def test_search_runs_routing_at_the_chosen_module_lr_and_reuses_finished_runs(tm
         return abs(math.log10(lrs["module_lr"]) + 2) + abs(math.log10(lrs["routing_lr"]) + 1) / 10 - bonus
 
     trained = []
-    result = search(base, spec, tmp_path, _fake_trainer(loss, trained), log=lambda m: None)
+    result = search(base, spec, tmp_path, _fake_trainer(loss, trained))
     assert result["chosen"] == {"module_lr": 1e-2, "routing_lr": 1.0}
     module_axis, routing_axis = result["axes"]
     assert module_axis["key"] == "module_lr" and module_axis["extended"] == []
@@ -83,7 +83,7 @@ def test_search_runs_routing_at_the_chosen_module_lr_and_reuses_finished_runs(tm
     written = json.loads((tmp_path / "lr_search.json").read_text())
     assert written["chosen"] == result["chosen"]
     again = []
-    assert search(base, spec, tmp_path, _fake_trainer(loss, again), log=lambda m: None)["chosen"] == result["chosen"]
+    assert search(base, spec, tmp_path, _fake_trainer(loss, again))["chosen"] == result["chosen"]
     assert again == []   # every candidate was finished: nothing retrains
 
 
@@ -92,7 +92,7 @@ def test_unrouted_methods_search_the_module_lr_only(tmp_path):
     spec = LrSearchSection(module_lrs=[1e-3, 1e-2], routing_lrs=[0.01, 1.0], max_extensions=0)
     spec.validate("test")
     trained = []
-    result = search(base, spec, tmp_path, _fake_trainer(lambda lrs: lrs["module_lr"], trained), log=lambda m: None)
+    result = search(base, spec, tmp_path, _fake_trainer(lambda lrs: lrs["module_lr"], trained))
     assert result["chosen"] == {"module_lr": 1e-3} and [a["key"] for a in result["axes"]] == ["module_lr"]
     assert result["axes"][0]["edge"] == "low"   # reported, not hidden, when no extension is allowed
 

@@ -57,7 +57,7 @@ def test_two_ranks_match_one_rank(stage, tmp_path, prepared_dir, backbone_dir, b
         shutil.copytree(run_dir / "checkpoints", resumed / "checkpoints")
         shutil.rmtree(resumed / "checkpoints" / "step_00000024")
         proc = run_pretrain(resumed, prepared_dir, base_overrides(backbone_dir, stage=stage, micro=2), nproc=2)
-        assert "resumed from" in proc.stdout and "step_00000016" in proc.stdout
+        assert "resumed from" in proc.stderr and "step_00000016" in proc.stderr
         losses = read_metrics(resumed)
         assert sorted(losses) == list(range(17, BASE_STEPS + 1))
         assert_same_trajectory({s: v for s, v in read_metrics(run_dir).items() if s > 16}, losses, rel=1e-6)
@@ -112,12 +112,12 @@ def test_sigusr1_checkpoints_and_exits_with_requeue_status(interrupted_run):
     assert 5 <= last < BASE_STEPS
     tag = f"step_{last:08d}"
     assert tag in r["tags"], r["tags"]
-    assert "SIGUSR1" in r["stdout"]
+    assert "SIGUSR1" in r["stderr"]   # the stop line, logged (stderr)
 
 
 def test_resume_reproduces_the_uninterrupted_run(interrupted_run, baseline_run):
     r = interrupted_run
-    assert "resumed from" in r["resumed"].stdout
+    assert "resumed from" in r["resumed"].stderr
     assert_same_trajectory(read_metrics(baseline_run), read_metrics(r["run_dir"]), rel=1e-6)
     assert_same_trajectory(read_metrics(baseline_run, "eval", "val/loss"),
                            read_metrics(r["run_dir"], "eval", "val/loss"), rel=1e-6)
@@ -143,7 +143,7 @@ def test_corrupt_checkpoints_fall_back_by_name(tmp_path, prepared_dir, backbone_
     proc = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir))
     assert "step_00000024" in proc.stderr and "mp_rank_00_model_states.pt: content differs" in proc.stderr
     assert "step_00000016 is unreadable (mp_rank_00_model_states.pt" in proc.stderr, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout and "step_00000008" in proc.stdout
+    assert "resumed from" in proc.stderr and "step_00000008" in proc.stderr
     losses = read_metrics(run_dir)
     assert sorted(losses) == list(range(9, BASE_STEPS + 1))
     base = read_metrics(baseline_run)
@@ -204,7 +204,7 @@ def test_time_budget_checkpoints_and_requeues(tmp_path, prepared_dir, backbone_d
     overrides = [o for o in base_overrides(backbone_dir) if not o.startswith("model.")]
     proc = run_pretrain(run_dir, prepared_dir, overrides + ["train.max_minutes=0.0001"], check=False)
     assert proc.returncode == REQUEUE_EXIT_CODE, proc.stderr[-3000:]
-    assert "time budget" in proc.stdout
+    assert "time budget" in proc.stderr
     assert verify_tag(run_dir / "checkpoints" / "step_00000001") is None
     assert not (run_dir / "export").exists()
 

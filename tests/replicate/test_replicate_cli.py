@@ -67,7 +67,7 @@ def test_ci_grid_end_to_end_then_resume(tmp_path):
     # the rerun finds every stage done, analyses again and publishes the small files
     again = _run(["--config", str(CI), "--out", str(out), "--publish", str(tmp_path / "pub")])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "0 to train" in again.stdout and " 0 to run" in again.stdout and "cached" in again.stdout
+    assert "0 to train" in again.stderr and " 0 to run" in again.stderr and "cached" in again.stderr   # log lines
     for name in ["summary.md", "results.json", "backbone_loss.png", *v["figures"].values(),
                  v["recovery"]["Poly"]["plot"], v["recovery"]["Poly"]["similarity_plot"]]:
         assert (res / name).is_file() and (tmp_path / "pub" / name).is_file(), name
