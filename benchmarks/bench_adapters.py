@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tpds_common.files import atomic_write_text
 from tensorpoly_ds.adapters import AdapterConfig, inject_adapters, task_routing
 from tensorpoly_ds.adapters.inject import ADAPTER_CLASSES
 from tensorpoly_ds.adapters.routing import RoutingTable
 from tensorpoly_ds.adapters.tlora import TensorPolyILinear, kron_columns
+from tpds_common.files import atomic_write_text
 
 
 def saved_activation_bytes(fn) -> int:

@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tpds_common.files import atomic_write_text
 from tensorpoly_ds.engine.data import TrainStream, _rows, collate
+from tpds_common.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 32128

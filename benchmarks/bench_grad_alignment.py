@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from tpds_common.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+from bench_grad_alignment import prepare  # the embedded mixture, prepared once
 
-from bench_grad_alignment import prepare   # the embedded mixture, prepared once
 from tpds_common.files import atomic_output, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]

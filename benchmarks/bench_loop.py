@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loop_equivalence import tree_env   # this directory: the environment that runs one tree
+from loop_equivalence import tree_env  # this directory: the environment that runs one tree
 
 HERE = Path(__file__).resolve()
 PRETRAIN_STEPS = 40

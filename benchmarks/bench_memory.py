@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 from tpds_common.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]

@@ -93,6 +93,7 @@ def generate_dump(root: Path, n_rows: int, n_configs: int, seed: int = 0) -> tup
 def _append(root: Path, data: dict) -> None:
     """Add configs to a replica (the card is rewritten with every config's entry)."""
     import yaml
+
     from data_prep.p3_replica import write_parquet_config
     if not (root / "README.md").is_file():
         write_replica(root, data, script=False)

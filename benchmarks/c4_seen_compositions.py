@@ -26,7 +26,6 @@ N_PER_COMPOSITION = 50
 def seen_rows(mixture: str, tok, n: int) -> tuple[list[dict], dict]:
     """Rank-classification rows for every training composition and their decoded Examples."""
     from data_prep import latent_skills as ls
-
     from tensorpoly_ds.analysis.answer_confusion import Example
 
     rows, examples = [], {}
@@ -48,7 +47,6 @@ def swapped_rows(mixture: str, tok) -> list[dict]:
     """The held-out tasks' eval examples (words and candidates unchanged) under the prompt of every held-out
     composition: a model that reads the prompt changes its choice when the prompt names other skills."""
     from data_prep import latent_skills as ls
-
     from tensorpoly_ds.analysis.answer_confusion import sequence_words
 
     rows = []
@@ -115,12 +113,11 @@ def main() -> None:
 
     from data_prep.manifest import read_manifest
     from data_prep.tokenizer import load_from_info
-
     from tensorpoly_ds.adapt.job import setup_model
-    from tpds_common.files import atomic_write_json
     from tensorpoly_ds.adapt.spec import AdaptJob
     from tensorpoly_ds.analysis import answer_confusion as ac
     from tensorpoly_ds.evaluation.rank_classification import evaluate
+    from tpds_common.files import atomic_write_json
 
     jobs = zero_shot_jobs(args.run, args.variant)
     if not jobs:

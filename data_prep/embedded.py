@@ -10,7 +10,7 @@ so few-shot adaptation has something real to transfer. Records use the P3 format
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from .mixture import HeldOutTask, Mixture, TrainTemplate
 

@@ -11,7 +11,7 @@ import numpy as np
 
 
 def rng_for(task: str, seed: int) -> np.random.Generator:
-    digest = hashlib.sha256(f"few_shot|{task}|{seed}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"few_shot|{task}|{seed}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 

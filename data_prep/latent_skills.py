@@ -28,7 +28,7 @@ Records use the P3 format and are generated deterministically (random.Random see
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from .mixture import HeldOutTask, Mixture, TrainTemplate
 

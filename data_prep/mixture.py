@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from .errors import ConfigError, unknown_name
@@ -60,7 +60,7 @@ class CapRule:
     value: int = 0
 
     @classmethod
-    def parse(cls, text: str | None) -> "CapRule":
+    def parse(cls, text: str | None) -> CapRule:
         if text is None:
             return cls("budget", DEFAULT_BUDGET)
         t = text.strip().lower()
@@ -105,7 +105,7 @@ def _p3_split(hf_split: str) -> str:
     raise ValueError(f"unexpected split name {hf_split!r} in t0_tasks.json")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_t0_tasks() -> dict:
     text = resources.files("data_prep").joinpath("resources", T0_TASKS_RESOURCE).read_text("utf-8")
     return json.loads(text)

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import tokenizer as toklib
 from tpds_common.config import apply_overrides, check_fields, load_files
 from tpds_common.locking import FolderLock, LockHeld
 from tpds_common.log import get_logger, progress
 
+from . import tokenizer as toklib
 from .errors import ConfigError, OutputBusy, unknown_name
 from .manifest import FORMAT_VERSION, Manifest, ManifestError, read_manifest
 from .mixture import CapRule, HeldOutTask, Mixture, TrainTemplate, get_mixture

@@ -7,8 +7,8 @@ re-tokenise with the chosen tokenizer. A chunk is validated before any of it is 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 from .errors import DataError
 

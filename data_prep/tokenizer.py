@@ -17,9 +17,9 @@ import hashlib
 import itertools
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -132,7 +132,7 @@ class Encoder:
         self._encode_batch = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
 
     @classmethod
-    def for_tokenizer(cls, tok, max_input_len: int, max_target_len: int) -> "Encoder":
+    def for_tokenizer(cls, tok, max_input_len: int, max_target_len: int) -> Encoder:
         return cls(tok.backend_tokenizer, tok.eos_token_id, max_input_len, max_target_len)
 
     def ids(self, texts: list[str]) -> list[list[int]]:

@@ -15,8 +15,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
 
@@ -33,7 +33,7 @@ class Staging:
         self.out = out
         self.path = work / f"stage-{uuid.uuid4().hex[:8]}"
 
-    def __enter__(self) -> "Staging":
+    def __enter__(self) -> Staging:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.path.mkdir(parents=True)
         return self

@@ -21,11 +21,11 @@ import sys
 
 # Light imports only up to the pre-checks (no torch): an impossible job is refused in well under a second.
 from tensorpoly_ds.adapt.spec import AdaptJob, JobError
-from tpds_common.config import apply_overrides
 from tensorpoly_ds.adapt.table import TableError, table_job
 from tensorpoly_ds.engine.distributed import distributed_env
 from tensorpoly_ds.engine.job_env import PARENT_PID_ENV
 from tensorpoly_ds.engine.stop import STOP, stop_when_parent_dies
+from tpds_common.config import apply_overrides
 from tpds_common.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_REQUEUE, report_user_errors
 from tpds_common.files import read_text
 from tpds_common.log import add_logging_arguments, setup_from_args

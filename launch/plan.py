@@ -14,8 +14,15 @@ import argparse
 import json
 import sys
 
-from tensorpoly_ds.plan.planner import (DEFAULT_LENGTH, T0_TASKS, PlanError, format_report, manifest_tasks,
-                                        parse_size, plan)
+from tensorpoly_ds.plan.planner import (
+    DEFAULT_LENGTH,
+    T0_TASKS,
+    PlanError,
+    format_report,
+    manifest_tasks,
+    parse_size,
+    plan,
+)
 from tpds_common.errors import EXIT_OK, report_user_errors
 from tpds_common.log import add_logging_arguments, setup_from_args
 
@@ -23,8 +30,8 @@ PROG = "tensorpoly-ds plan"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tensorpoly_ds.adapters.config import METHODS
     from launch.params import add_adapter_arguments
+    from tensorpoly_ds.adapters.config import METHODS
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_config(args):
     """The run config to plan: --config files, then the flags, then key=value overrides (as `pretrain`)."""
-    from tensorpoly_ds.engine.config import load_run_config
     from launch.params import adapter_fields
+    from tensorpoly_ds.engine.config import load_run_config
 
     flags: list[str] = []
     if args.model:

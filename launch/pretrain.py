@@ -134,9 +134,9 @@ def _run(args, cfg, data, launcher_overrides: list[str]):
     from tensorpoly_ds.engine.config import save_run_config
 
     rank, world, device = dist.init_distributed()
+    from tensorpoly_ds.engine.checkpoint import seed_all
     from tensorpoly_ds.engine.ds_config import fill_ds_config, save_json
     from tensorpoly_ds.engine.model import build_backbone, prepare_model
-    from tensorpoly_ds.engine.checkpoint import seed_all
     from tensorpoly_ds.engine.trainer import train
     from tpds_common.log import get_logger
 

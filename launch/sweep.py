@@ -31,12 +31,11 @@ import time
 from pathlib import Path
 
 from tensorpoly_ds.adapt.spec import is_complete
-from tpds_common.config import apply_overrides
 from tensorpoly_ds.adapt.table import TableError, expand_grid, read_grid, read_table, write_table
 from tensorpoly_ds.engine.job_env import REPO_ROOT, job_env
 from tensorpoly_ds.engine.stop import STOP
-from tpds_common.errors import (EXIT_BUSY, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REQUEUE,
-                                report_user_errors)
+from tpds_common.config import apply_overrides
+from tpds_common.errors import EXIT_BUSY, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REQUEUE, report_user_errors
 from tpds_common.locking import FolderLock, describe, holder_if_locked
 from tpds_common.log import add_logging_arguments, get_logger, setup_from_args
 

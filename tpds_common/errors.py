@@ -17,7 +17,7 @@ Exit codes (documented in README, "Exit codes"):
 from __future__ import annotations
 
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 EXIT_OK = 0
 EXIT_FAILED = 1

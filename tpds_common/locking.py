@@ -30,8 +30,8 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import BusyError
 from .files import atomic_write_json
@@ -74,7 +74,7 @@ class FolderLock:
         self._fd: int | None = None
         self.supported = True
 
-    def acquire(self, wait_s: float | None = 0.5, on_wait: Callable[[str], None] | None = None) -> "FolderLock":
+    def acquire(self, wait_s: float | None = 0.5, on_wait: Callable[[str], None] | None = None) -> FolderLock:
         """Raises LockHeld if a live process still holds the lock after `wait_s` seconds (the short wait
         covers another process's momentary probe, see holder_if_locked). `wait_s=None` waits for as long as the
         holder lives, telling `on_wait` once who it is waiting for."""
@@ -123,7 +123,7 @@ class FolderLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

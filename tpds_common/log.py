@@ -37,7 +37,8 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Callable, Iterator, TextIO
+from collections.abc import Callable, Iterator
+from typing import TextIO
 
 ROOT = "tpds"
 QUIET, DEFAULT, VERBOSE = logging.WARNING, logging.INFO, logging.DEBUG

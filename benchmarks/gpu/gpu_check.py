@@ -172,7 +172,7 @@ def measure_case(case: str, kind: str, spec, shapes: Shapes, device) -> dict:
                tokens_per_s=shapes.batch * (shapes.input_len + shapes.target_len) / statistics.median(times))
     if cuda:
         row["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    del model
+    step = model = None   # the closure holds the model too: free both before the next case's backbone
     if cuda:
         torch.cuda.empty_cache()
     return row
@@ -233,7 +233,7 @@ def format_tables(result: dict) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    from tpds_common.files import atomic_write_text   # like every project import here: after the environment checks
+    from tpds_common.files import atomic_write_text  # like every project import here: after the environment checks
 
     atomic_write_text(out, json.dumps(result, indent=2))
 

@@ -7,8 +7,9 @@ normaliser and the rank-classification evaluation (called on every rank).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -90,7 +91,6 @@ def engine_train(job, model: nn.Module, out: Path, *, steps: int, train_rows: li
     stopped run ended in) resumes both phases from their checkpoints (a finished phase from its last one)."""
     from ..engine import trainer as eng
     from ..engine.trainer import TrainHooks, train
-
     from .job import JobError, load_rows
 
     run_root = out / "engine"

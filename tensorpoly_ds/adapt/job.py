@@ -25,28 +25,43 @@ import random
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from tpds_common.files import atomic_output, atomic_write_json, atomic_write_text
-from ..adapters import (AdapterConfig, ModeError, adapter_layers, check_mode, collapse_to_lora, inject_adapters,
-                        load_adapters, prepare_adaptation, read_export_meta, routing_tables)
-from ..engine.stop import STOP
-from ..evaluation import LossWeights, accuracy, collate_choices, collate_lm, evaluate, lm_loss, tfew_losses, write_jsonl
 from tpds_common.locking import FolderLock, LockHeld
 from tpds_common.log import get_logger
 
+from ..adapters import (
+    AdapterConfig,
+    ModeError,
+    adapter_layers,
+    check_mode,
+    collapse_to_lora,
+    inject_adapters,
+    load_adapters,
+    prepare_adaptation,
+    read_export_meta,
+    routing_tables,
+)
 from ..engine.loop import TRAIN_LOSS, train_key
-from .local_train import (CHECKPOINT_FILE, EpochSampler, LocalCheckpointError, LocalTrainer, build_optimizer,
-                          load_checkpoint)
-
-from .spec import (FULLFT, MARKER_FILE, RESULT_FILE, RESULT_FORMAT, AdaptJob, JobBusy, JobError,  # noqa: F401
-                   is_complete)
+from ..engine.stop import STOP
+from ..evaluation import LossWeights, accuracy, collate_choices, collate_lm, evaluate, lm_loss, tfew_losses, write_jsonl
+from .local_train import (
+    CHECKPOINT_FILE,
+    EpochSampler,
+    LocalCheckpointError,
+    LocalTrainer,
+    build_optimizer,
+    load_checkpoint,
+)
+from .spec import FULLFT, MARKER_FILE, RESULT_FILE, RESULT_FORMAT, AdaptJob, JobBusy, JobError, is_complete  # noqa: F401
 
 log = get_logger("adapt")
 

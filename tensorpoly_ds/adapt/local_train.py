@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from tpds_common.files import atomic_output
 from tpds_common.errors import CheckpointError
+from tpds_common.files import atomic_output
 
 from ..adapters import routing_tables
 from ..engine.checkpoint import rng_state, set_rng_state

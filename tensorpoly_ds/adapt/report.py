@@ -20,12 +20,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tpds_common.files import atomic_write_text
 from tpds_common.errors import ConfigError
+from tpds_common.files import atomic_write_text
 from tpds_common.log import get_logger
 
-from .job import MARKER_FILE, RESULT_FILE
 from ..figures import save_figure
+from .job import MARKER_FILE, RESULT_FILE
 from .table import read_table
 
 log = get_logger("report")
@@ -440,7 +440,7 @@ def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: lis
         spread_name = "min–max" if spread == "minmax" else "interquartile range"
         cells_text = (f"Cells: median accuracy (%) over seeds of the **{metric}** evaluation, ({spread_name}, "
                       "n = seeds). Avg: mean of the task medians, only when every task has a cell.")
-    md = [f"# Adaptation results\n", f"{len(col.results)} complete jobs, {len(col.problems)} missing or failed. "
+    md = ["# Adaptation results\n", f"{len(col.results)} complete jobs, {len(col.problems)} missing or failed. "
           + cells_text + "\n",
           "## Few-shot accuracy (Table 1 layout)\n", t1,
           "\n## Parameters (multi-task pretraining and adaptation)\n", params_markdown(params),

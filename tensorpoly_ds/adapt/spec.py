@@ -100,7 +100,7 @@ class AdaptJob:
             raise JobError(f"FullFT has no routing: mode must be 'full', got {self.mode!r}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "job") -> "AdaptJob":
+    def from_dict(cls, data: dict[str, Any], source: str = "job") -> AdaptJob:
         """Unknown fields and values of the wrong type are refused naming `source` (tpds_common.config)."""
         kwargs = check_fields(cls, data, source, JobError, what="job field")
         missing = [f.name for f in dataclasses.fields(cls)

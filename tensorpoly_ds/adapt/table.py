@@ -12,7 +12,8 @@ from pathlib import Path
 from tpds_common.config import check_fields, read_yaml, reject_unknown
 from tpds_common.errors import ConfigError
 from tpds_common.files import read_text
-from .spec import AdaptJob, FULLFT, JobError
+
+from .spec import FULLFT, AdaptJob, JobError
 
 ROUTED = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")
 
@@ -136,7 +137,7 @@ def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathL
 
 def write_table(path: str | os.PathLike, rows: list[dict]) -> Path:
     """The job table: JSON Lines, one job per line, written atomically (row i = array task i)."""
-    from ..evaluation.rank_classification import write_jsonl   # torch: only when a table is written
+    from ..evaluation.rank_classification import write_jsonl  # torch: only when a table is written
 
     return write_jsonl(path, rows)
 

@@ -3,11 +3,17 @@
 from .base import AdapterLinear
 from .config import METHODS, ROUTED_METHODS, AdapterConfig, ConfigError, int_root
 from .export import ExportError, adapter_parameters, export_adapters, load_adapters, read_export_meta
-from .inject import (InjectionError, adapter_config, adapter_layers, adapter_param_groups, inject_adapters,
-                     register_external_routing_params, routing_tables)
+from .inject import (
+                     InjectionError,
+                     adapter_config,
+                     adapter_layers,
+                     adapter_param_groups,
+                     inject_adapters,
+                     register_external_routing_params,
+                     routing_tables,
+)
 from .modes import MODES, ModeError, check_mode, collapse_to_lora, merge_adapters, prepare_adaptation
-from .routing import (RandomRouting, RoutingError, RoutingTable, generate, routing_checkpoint_context_fn,
-                      task_routing)
+from .routing import RandomRouting, RoutingError, RoutingTable, generate, routing_checkpoint_context_fn, task_routing
 from .tlora import set_factor_recomputation
 
 __all__ = [

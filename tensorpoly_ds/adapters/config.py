@@ -120,7 +120,7 @@ class AdapterConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> "AdapterConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> AdapterConfig:
         reject_unknown(data, (f.name for f in dataclasses.fields(cls)), source, ConfigError)
         return cls(**data)
 

@@ -12,15 +12,16 @@ import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tpds_common.files import atomic_output, atomic_write_text
 from tpds_common.errors import DataError
+from tpds_common.files import atomic_output, atomic_write_text
 
 from .config import AdapterConfig
 from .inject import CONFIG_ATTR, ROUTING_ATTR, adapter_config, adapter_layers, inject_adapters

@@ -59,16 +59,14 @@ class PeftInteropError(ConfigError):
 # ---- the model side: which Linear layers exist and which carry adapters -----------------------------------
 def backbone_linears(base_model: str, vocab_size: int | None = None, arch_overrides: dict | None = None) -> list[str]:
     """Names of every nn.Linear of the backbone (meta device: nothing is downloaded or allocated)."""
-    from tensorpoly_ds.models import resolve_config
-    from tensorpoly_ds.models import build_meta_model
+    from tensorpoly_ds.models import build_meta_model, resolve_config
 
     model = build_meta_model(resolve_config(base_model, vocab_size, arch_overrides))
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 def meta_adapted(base_model: str, cfg: AdapterConfig, num_tasks: int, backbone: dict | None = None) -> nn.Module:
-    from tensorpoly_ds.models import resolve_config
-    from tensorpoly_ds.models import build_meta_model
+    from tensorpoly_ds.models import build_meta_model, resolve_config
 
     backbone = backbone or {}
     model = build_meta_model(resolve_config(base_model, backbone.get("vocab_size"), backbone.get("arch_overrides")))

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ class TaskGroups:
     inverse: torch.Tensor | None         # [batch] row -> index into `distinct`; None for a 0-dim id
 
     @classmethod
-    def of(cls, ids: torch.Tensor) -> "TaskGroups":
+    def of(cls, ids: torch.Tensor) -> TaskGroups:
         if ids.dim() == 0:
             return cls(ids, ids[None], None)
         distinct, inverse = torch.unique(ids, return_inverse=True)

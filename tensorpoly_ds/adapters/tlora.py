@@ -13,7 +13,6 @@ backward (`recompute_factors`, on by default): only the leaves, the routing weig
 from __future__ import annotations
 
 import contextlib
-
 import re
 
 import torch

@@ -16,9 +16,9 @@ correlation (a skill left without a feature when F < skills counts 0). See docs/
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -23,14 +23,15 @@ import re
 import shutil
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from tpds_common.files import atomic_write_text
 from tpds_common.errors import CheckpointError  # noqa: F401 - re-exported: engine.checkpoint.CheckpointError
+from tpds_common.files import atomic_write_text
 from tpds_common.log import get_logger
 
 from . import distributed as dist

@@ -22,11 +22,11 @@ from typing import Any
 
 import yaml
 
-from tpds_common.config import apply_overrides, build, check_value, load_files, unknown_keys_message
-from tpds_common.files import atomic_write_text
 from tensorpoly_ds.adapters import AdapterConfig
 from tensorpoly_ds.adapters import ConfigError as AdapterConfigError
+from tpds_common.config import apply_overrides, build, check_value, load_files, unknown_keys_message
 from tpds_common.errors import ConfigError
+from tpds_common.files import atomic_write_text
 
 from .data import BATCHINGS
 

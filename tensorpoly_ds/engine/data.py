@@ -21,9 +21,10 @@ order does not depend on the truncation.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ class PreparedData:
     manifest: dict = field(default_factory=dict)
 
     @classmethod
-    def open(cls, directory: str | Path) -> "PreparedData":
+    def open(cls, directory: str | Path) -> PreparedData:
         """Reads DIR/manifest.json through data_prep.manifest.read_manifest (validated there)."""
         from data_prep.manifest import ManifestError, read_manifest
 

@@ -13,7 +13,8 @@ import atexit
 import os
 import re
 import sys
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from tpds_common.errors import LaunchError  # noqa: F401 - re-exported: engine.distributed.LaunchError
 from tpds_common.net import free_port

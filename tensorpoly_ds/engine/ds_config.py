@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tpds_common.files import atomic_write_text
+
 from .config import RunConfig, RunConfigError
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"

@@ -16,7 +16,8 @@ each forward pass) and so is a full fine-tune (it has no adapter).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -127,7 +128,7 @@ class GradAlignmentProbe:
 
     @classmethod
     def build(cls, rows, all_tasks: Sequence[str], requested: Sequence[str], per_task: int,
-              collate: Callable[[list[dict]], dict], loss_fn: Callable, weight_fn: Callable) -> "GradAlignmentProbe":
+              collate: Callable[[list[dict]], dict], loss_fn: Callable, weight_fn: Callable) -> GradAlignmentProbe:
         ids = select_tasks(all_tasks, requested)
         batches = probe_batches(rows, ids, per_task, collate, all_tasks)
         return cls(batches, [all_tasks[t] for t in ids], loss_fn, weight_fn)

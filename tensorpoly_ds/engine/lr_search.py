@@ -24,9 +24,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tpds_common.errors import ConfigError
 from tpds_common.log import get_logger

@@ -17,10 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tpds_common.errors import ConfigError
-
 from tensorpoly_ds.adapters import AdapterConfig, inject_adapters, register_external_routing_params
 from tensorpoly_ds.models import KNOWN_ARCHITECTURES, t5_config
+from tpds_common.errors import ConfigError
 
 from .config import ModelSection
 

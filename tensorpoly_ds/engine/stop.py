@@ -18,7 +18,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from tpds_common.errors import EXIT_REQUEUE
 
@@ -62,7 +63,7 @@ class StopFlag:
         self.signal = None
 
     @contextlib.contextmanager
-    def handling(self) -> Iterator["StopFlag"]:
+    def handling(self) -> Iterator[StopFlag]:
         """Handlers installed for the block; restored after it only if this block installed them (an
         enclosing launcher's stay, with any stop request they recorded)."""
         installed = self.install()

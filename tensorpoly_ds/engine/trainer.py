@@ -24,16 +24,23 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorpoly_ds.adapters import (adapter_layers, adapter_param_groups, health, routing_tables,
-                                    set_factor_recomputation, task_routing)
+from tensorpoly_ds.adapters import (
+    adapter_layers,
+    adapter_param_groups,
+    health,
+    routing_tables,
+    set_factor_recomputation,
+    task_routing,
+)
 from tensorpoly_ds.adapters.export import config_differences
 from tpds_common.log import get_logger, progress
 
@@ -41,13 +48,13 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from . import elastic
 from .checkpoint import seed_all
-from .stop import REQUEUE_EXIT_CODE, STOP, StopFlag  # noqa: F401  (re-exported)
 from .config import DeepSpeedSection, OptimSection, RunConfigError, TrainSection
 from .data import IGNORE_INDEX, TrainStream, collate, eval_batches
 from .ds_config import fill_sections, save_json
 from .effective import ActivationDtype, describe_engine
 from .loop import GRAD_NORM, TRAIN_LOSS, TrainLoop, lr_factor, lr_key, train_key
 from .monitor import Monitor, memory_mb, routing_weights
+from .stop import REQUEUE_EXIT_CODE, STOP, StopFlag  # noqa: F401  (re-exported)
 
 log = get_logger("tensorpoly-ds")
 
@@ -460,7 +467,7 @@ class Trainer(TrainLoop):
             matrix, seconds = self.probe.measure(self.engine.module, self.device)
             self.monitor.grad_alignment(step, self.probe.task_names, matrix, seconds)
         if not math.isfinite(metrics[TRAIN_LOSS]):
-            warnings.warn(f"step {step}: non-finite training loss {metrics[TRAIN_LOSS]}", RuntimeWarning)
+            warnings.warn(f"step {step}: non-finite training loss {metrics[TRAIN_LOSS]}", RuntimeWarning, stacklevel=2)
 
     def stop_requested(self) -> bool:
         return self.stop_votes > 0
@@ -538,7 +545,7 @@ class AdapterHealth:
     grads: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, model: nn.Module, enabled: bool, rank: int, device) -> "AdapterHealth | None":
+    def build(cls, model: nn.Module, enabled: bool, rank: int, device) -> AdapterHealth | None:
         if not enabled or getattr(model, "tpds_adapter_config", None) is None:
             return None
         groups = {k: v for k, v in adapter_param_groups(model).items() if v}

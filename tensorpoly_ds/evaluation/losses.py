@@ -8,8 +8,8 @@ Each term has a weight; a weight of 0 removes it from the total (it is still rep
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

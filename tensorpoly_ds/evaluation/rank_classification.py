@@ -17,9 +17,10 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from tpds_common.files import atomic_write_text
+
 from ..adapters import task_routing
 
 PAD_ID = 0
@@ -49,7 +51,7 @@ class ChoiceBatch:
     def batch_size(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def to(self, device) -> "ChoiceBatch":
+    def to(self, device) -> ChoiceBatch:
         return ChoiceBatch(**{k: getattr(self, k).to(device) for k in self.__dataclass_fields__})
 
 

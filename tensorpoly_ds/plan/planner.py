@@ -8,8 +8,17 @@ from dataclasses import asdict
 
 from tpds_common.errors import ConfigError
 
-from .memory import (BACKWARD_WORKSPACE, CANDIDATES, GIB, Estimate, Setting, Workload, deepspeed_estimate,
-                     estimate, recommend)
+from .memory import (
+    BACKWARD_WORKSPACE,
+    CANDIDATES,
+    GIB,
+    Estimate,
+    Setting,
+    Workload,
+    deepspeed_estimate,
+    estimate,
+    recommend,
+)
 
 DEFAULT_LENGTH = 256   # T0's max input/target length, when neither the config nor a flag gives one
 T0_TASKS = 313

@@ -19,11 +19,15 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tpds_common.log import get_logger
 
 from ..adapt.report import aggregate, collect, plot_accuracy, row_average, setting, table1_markdown
 from .config import ReplicateConfig
+
+if TYPE_CHECKING:   # numpy is imported where the arrays are built
+    import numpy as np
 
 log = get_logger("analysis")
 
@@ -125,7 +129,7 @@ def agg_json(agg: dict) -> dict:
 
 # --- routing recovery (C7) ---------------------------------------------------------------------------------------
 
-def routing_features(export: Path, backbone: Path) -> tuple[list[str], "np.ndarray"] | None:
+def routing_features(export: Path, backbone: Path) -> tuple[list[str], np.ndarray] | None:
     """(training task names, [tasks, features]): the evaluation-mode routing weights of every training task in
     every routing table of the export, concatenated. None for exports without learned routing."""
     import numpy as np
@@ -226,7 +230,7 @@ def plot_rows(selected: list[dict], k: int, path: Path, title: str, chance: floa
     ax.set_yticklabels(names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
-    ax.set_xlabel(f"held-out test accuracy (%), mean over tasks; bar: median over seeds, line: min-max, dots: seeds")
+    ax.set_xlabel("held-out test accuracy (%), mean over tasks; bar: median over seeds, line: min-max, dots: seeds")
     ax.set_title(title, fontsize="small")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

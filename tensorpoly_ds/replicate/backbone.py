@@ -19,10 +19,11 @@ import random
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from tpds_common.log import get_logger
 
 from tpds_common.errors import JobFailed
 from tpds_common.files import atomic_write_json
+from tpds_common.log import get_logger
+
 from .config import BackboneSection
 
 log = get_logger("replicate")
@@ -113,8 +114,8 @@ def train_backbone(section: BackboneSection, data_dir: Path, cache: Path, *, thr
 
     from data_prep.manifest import load_tokenizer, read_manifest
 
-    from ..engine.config import DeepSpeedSection, OptimSection, TrainSection
     from ..engine.checkpoint import seed_all
+    from ..engine.config import DeepSpeedSection, OptimSection, TrainSection
     from ..engine.trainer import train
     from ..models import t5_config
 

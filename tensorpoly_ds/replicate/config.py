@@ -12,9 +12,10 @@ import copy
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tpds_common.config import apply_override, apply_overrides, build, read_yaml, reject_unknown
 

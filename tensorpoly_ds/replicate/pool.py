@@ -14,9 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tpds_common.log import capture, get_logger, progress
-
 from tpds_common.errors import JobFailed
+from tpds_common.log import capture, get_logger, progress
 
 from ..adapt.job import is_complete
 
@@ -65,7 +64,7 @@ class JobPool:
         self.ctx = mp.get_context("spawn")   # no fork of a process that holds torch threads or a process group
         self.jobs, self.results = self.ctx.Queue(), self.ctx.Queue()
 
-    def __enter__(self) -> "JobPool":
+    def __enter__(self) -> JobPool:
         return self
 
     def __exit__(self, *exc) -> None:

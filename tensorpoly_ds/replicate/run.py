@@ -19,10 +19,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from tpds_common.log import get_logger, inherited_setup, setup_logging
-
 from tpds_common.errors import JobFailed, UserError
 from tpds_common.files import atomic_write_json
+from tpds_common.log import get_logger, inherited_setup, setup_logging
+
 from ..adapt.table import write_table
 from ..engine.run_pool import run_pretraining
 from . import stages
@@ -280,7 +280,8 @@ def lr_selection(cfg: ReplicateConfig, out: Path, variant: str) -> list[dict]:
 def analyse(cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports: dict, runs: dict, searched: dict) -> dict:
     from data_prep.manifest import read_manifest
 
-    from . import analysis, summary as summ
+    from . import analysis
+    from . import summary as summ
     from .backbone import DONE_FILE, loss_curve, plot_curves
 
     res = out / RESULTS

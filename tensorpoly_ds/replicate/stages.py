@@ -18,6 +18,7 @@ from ..adapt.table import expand_grid
 from ..adapters import AdapterConfig
 from .config import FULLFT, MethodSpec, ReplicateConfig, Variant, World
 
+
 def slug(text: str) -> str:
     import re
 

@@ -18,7 +18,6 @@ from tests.adapt.conftest import ROOT
 from tpds_common.net import free_port
 
 
-
 def adapt_args(prepared, export, out, mode, zero):
     task = read_manifest(prepared).held_out[0]
     return ["-m", "launch.adapt", "--export", str(export), "--data", str(prepared), "--task", task, "--mode", mode,
@@ -78,9 +77,9 @@ def test_engine_one_rank_and_zero3_two_ranks(prepared, poly_export, tmp_path):
 def test_tiny_backbone_is_the_one_stage2_builds():
     """Adapting a tiny export is only meaningful on the pretraining backbone: same weights, bit for bit."""
     from tensorpoly_ds.adapt.job import AdaptJob, build_backbone
+    from tensorpoly_ds.engine.checkpoint import seed_all
     from tensorpoly_ds.engine.config import ModelSection
     from tensorpoly_ds.engine.model import build_backbone as engine_build
-    from tensorpoly_ds.engine.checkpoint import seed_all
 
     seed_all(42)   # what `tensorpoly-ds pretrain` does with the default train.seed before building
     ref, _ = engine_build(ModelSection(name_or_path="tiny"), vocab_size=130, ds_config=None, precision="fp32")

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from data_prep.manifest import read_manifest
 from tensorpoly_ds.adapt import job as job_mod
-from tensorpoly_ds.adapters import ModeError
 from tensorpoly_ds.adapt.job import MARKER_FILE, RESULT_FILE, AdaptJob, JobError, is_complete, run_job
+from tensorpoly_ds.adapters import ModeError
 from tests.adapt.conftest import make_export
 
 FAST = dict(steps=4, batch_size=4, eval_every=2, eval_batch_size=8, max_eval_examples=12, warmup_ratio=0.0)

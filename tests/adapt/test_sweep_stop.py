@@ -14,9 +14,9 @@ import pytest
 from data_prep.manifest import read_manifest
 from tensorpoly_ds.adapt.job import RESULT_FILE, is_complete
 from tensorpoly_ds.adapt.table import read_table
-from tpds_common.locking import holder_if_locked
 from tests.adapt.conftest import ROOT
 from tests.lock_holder import held
+from tpds_common.locking import holder_if_locked
 
 pytestmark = pytest.mark.slow
 

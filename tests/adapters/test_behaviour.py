@@ -4,8 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from tensorpoly_ds.adapters import (AdapterConfig, RoutingError, collapse_to_lora, inject_adapters, merge_adapters,
-                                    prepare_adaptation, routing_tables, task_routing)
+from tensorpoly_ds.adapters import (
+    AdapterConfig,
+    RoutingError,
+    collapse_to_lora,
+    inject_adapters,
+    merge_adapters,
+    prepare_adaptation,
+    routing_tables,
+    task_routing,
+)
 from tensorpoly_ds.adapters.inject import ADAPTER_CLASSES
 from tensorpoly_ds.adapters.routing import RoutingTable
 from tests.conftest import tiny_t5

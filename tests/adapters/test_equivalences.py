@@ -11,7 +11,6 @@ from tensorpoly_ds.adapters.inject import ADAPTER_CLASSES
 from tensorpoly_ds.adapters.routing import RoutingTable
 
 
-
 def layer(method, d_in=12, d_out=10, **kw):
     cfg = AdapterConfig(method=method, **kw)
     base = nn.Linear(d_in, d_out)

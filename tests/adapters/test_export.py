@@ -5,8 +5,14 @@ import json
 import pytest
 import torch
 
-from tensorpoly_ds.adapters import (AdapterConfig, ExportError, export_adapters, inject_adapters, load_adapters,
-                                    task_routing)
+from tensorpoly_ds.adapters import (
+    AdapterConfig,
+    ExportError,
+    export_adapters,
+    inject_adapters,
+    load_adapters,
+    task_routing,
+)
 from tests.adapters.test_behaviour import ALL, cfg_for
 from tests.conftest import tiny_t5
 

@@ -4,9 +4,18 @@ import pytest
 import torch
 from torch import nn
 
-from tensorpoly_ds.adapters import (AdapterConfig, AdapterLinear, ConfigError, InjectionError, adapter_layers,
-                                    adapter_param_groups, inject_adapters, prepare_adaptation, routing_tables,
-                                    task_routing)
+from tensorpoly_ds.adapters import (
+    AdapterConfig,
+    AdapterLinear,
+    ConfigError,
+    InjectionError,
+    adapter_layers,
+    adapter_param_groups,
+    inject_adapters,
+    prepare_adaptation,
+    routing_tables,
+    task_routing,
+)
 from tests.adapters.test_behaviour import ALL, cfg_for
 from tests.conftest import tiny_t5
 

@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from benchmarks.bench_adapters import saved_activation_bytes
-from tensorpoly_ds.adapters import AdapterConfig, ExportError, export_adapters, inject_adapters, load_adapters, task_routing
+from tensorpoly_ds.adapters import (
+    AdapterConfig,
+    ExportError,
+    export_adapters,
+    inject_adapters,
+    load_adapters,
+    task_routing,
+)
 from tensorpoly_ds.adapters.tlora import KronLayerNorm
 from tests.adapters import test_behaviour as behaviour
 from tests.conftest import tiny_t5

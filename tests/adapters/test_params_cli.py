@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from tensorpoly_ds.adapters import int_root
 from launch.cli import main as cli_main
+from tensorpoly_ds.adapters import int_root
 
 
 def run(capsys, *args):

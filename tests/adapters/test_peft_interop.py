@@ -19,8 +19,14 @@ from transformers import T5ForConditionalGeneration  # noqa: E402
 
 from launch.cli import main as cli_main  # noqa: E402
 from launch.interop import export_main, import_main  # noqa: E402
-from tensorpoly_ds.adapters import (AdapterConfig, export_adapters, inject_adapters, load_adapters,  # noqa: E402
-                                    prepare_adaptation, task_routing)
+from tensorpoly_ds.adapters import (  # noqa: E402
+    AdapterConfig,
+    export_adapters,
+    inject_adapters,
+    load_adapters,
+    prepare_adaptation,
+    task_routing,
+)
 from tensorpoly_ds.models import t5_config  # noqa: E402
 
 TASKS = ["t0", "t1", "t2"]

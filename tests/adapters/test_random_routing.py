@@ -7,9 +7,19 @@ import pytest
 import torch
 from torch import nn
 
-from tensorpoly_ds.adapters import (AdapterConfig, ConfigError, ModeError, RandomRouting, collapse_to_lora,
-                                    export_adapters, inject_adapters, load_adapters, prepare_adaptation,
-                                    routing_tables, task_routing)
+from tensorpoly_ds.adapters import (
+    AdapterConfig,
+    ConfigError,
+    ModeError,
+    RandomRouting,
+    collapse_to_lora,
+    export_adapters,
+    inject_adapters,
+    load_adapters,
+    prepare_adaptation,
+    routing_tables,
+    task_routing,
+)
 from tensorpoly_ds.adapters.inject import ADAPTER_CLASSES
 from tests.adapters.test_behaviour import ALL, UNROUTED
 from tests.conftest import tiny_t5

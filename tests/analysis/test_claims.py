@@ -6,8 +6,15 @@ import json
 import numpy as np
 import pytest
 
-from tensorpoly_ds.analysis import (ClaimsError, Comparison, claims_json, claims_markdown, evaluate_claims, load_claims,
-                                    paired_verdict)
+from tensorpoly_ds.analysis import (
+    ClaimsError,
+    Comparison,
+    claims_json,
+    claims_markdown,
+    evaluate_claims,
+    load_claims,
+    paired_verdict,
+)
 from tensorpoly_ds.analysis.claims import bootstrap_ci, sign_flip_p_value
 
 TASKS = ["rte", "cb", "copa", "wic"]

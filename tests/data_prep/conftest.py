@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep.cli import PROG, main
-from tpds_common.errors import report_user_errors
 from data_prep.mixture import get_mixture
+from tpds_common.errors import report_user_errors
 
 TRAIN_CONFIGS = ["glue_mrpc_equivalent", "glue_mrpc_paraphrase"]   # glue/mrpc has 7 templates
 HELD = "rte"

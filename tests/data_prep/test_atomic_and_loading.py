@@ -2,12 +2,11 @@
 import json
 
 import pytest
+from conftest import emb_args
 
 import data_prep.pipeline as pl
 from data_prep.cli import main
 from data_prep.manifest import ManifestError, load_split, read_manifest, shard_range
-
-from conftest import emb_args
 
 
 def _interrupt_after_first_write(monkeypatch):

@@ -1,12 +1,11 @@
 """Every malformed-record case: DataError naming file, config, row and field; --skip-invalid counts."""
 
 import pytest
+from conftest import HELD, TRAIN_CONFIGS, local_args, make_dump, p3_rows, rte_configs, write_split
 
 from data_prep.errors import DataError
 from data_prep.manifest import read_manifest
 from data_prep.pipeline import PrepConfig, build
-
-from conftest import HELD, TRAIN_CONFIGS, local_args, make_dump, rte_configs, write_split, p3_rows
 
 
 def _cfg(dump, out, **kw):

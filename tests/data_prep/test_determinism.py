@@ -2,9 +2,9 @@
 import filecmp
 import os
 
-from data_prep.manifest import load_split, read_manifest
-
 from conftest import emb_args
+
+from data_prep.manifest import load_split, read_manifest
 
 
 def _files(d):

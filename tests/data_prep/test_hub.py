@@ -2,14 +2,13 @@
 README card metadata, Parquet configs, the original TFRecord layout and the loading script."""
 import datasets
 import pytest
+from conftest import HELD, TRAIN_CONFIGS, p3_rows, rte_configs
 
 from data_prep import sources
 from data_prep.errors import ConfigError, DataError
 from data_prep.manifest import load_split, load_tokenizer, read_manifest
 from data_prep.p3_replica import write_replica
 from data_prep.pipeline import PrepConfig, build, plan
-
-from conftest import HELD, TRAIN_CONFIGS, p3_rows, rte_configs
 
 
 def _store():

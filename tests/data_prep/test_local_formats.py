@@ -1,9 +1,8 @@
 """Round trips: P3 records in Parquet / JSON Lines / Arrow -> shards, contents checked."""
 import pytest
+from conftest import HELD, TRAIN_CONFIGS, local_args, make_dump, p3_rows, rte_configs
 
 from data_prep.manifest import load_split, load_tokenizer, read_manifest
-
-from conftest import HELD, TRAIN_CONFIGS, local_args, make_dump, p3_rows, rte_configs
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "arrow"])
@@ -61,8 +60,9 @@ def test_sharded_split_files_are_read_in_order(tmp_path, run):
     c = TRAIN_CONFIGS[0]
     rows = p3_rows(c, "train", 40)
     (dump / c / "train.jsonl").unlink()
-    from conftest import write_split
     import shutil
+
+    from conftest import write_split
     write_split(dump / c / "tmp_a", "train", rows[:25], "parquet")
     write_split(dump / c / "tmp_b", "train", rows[25:], "parquet")
     shutil.move(dump / c / "tmp_a" / "train.parquet", dump / c / "train-00000-of-00002.parquet")

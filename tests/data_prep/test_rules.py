@@ -1,13 +1,12 @@
 """Cap rule end to end, truncation counts, unknown names."""
 import pytest
+from conftest import TRAIN_CONFIGS, local_args, make_dump, p3_rows
 
 from data_prep.cli import PROG, main
-from tpds_common.errors import report_user_errors
 from data_prep.errors import ConfigError
 from data_prep.manifest import load_split, read_manifest
 from data_prep.pipeline import PrepConfig, plan
-
-from conftest import TRAIN_CONFIGS, local_args, make_dump, p3_rows
+from tpds_common.errors import report_user_errors
 
 
 def test_budget_cap_rule_scaled(tmp_path, run):

@@ -6,11 +6,10 @@ import json
 import random
 
 import pytest
+from conftest import TRAIN_CONFIGS, local_args, make_dump
 
 from data_prep import tokenizer as toklib
 from data_prep.manifest import load_split, load_tokenizer, read_manifest
-
-from conftest import TRAIN_CONFIGS, local_args, make_dump
 
 PIECES = 1000
 EXTRA = [f"<extra_id_{i}>" for i in range(100)]

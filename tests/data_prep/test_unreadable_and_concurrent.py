@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import HELD, TRAIN_CONFIGS, emb_args, local_args, make_dump, p3_rows, rte_configs, write_split
 
 from data_prep.manifest import read_manifest
 from data_prep.pipeline import PrepConfig, build, work_dir
-
-from conftest import HELD, TRAIN_CONFIGS, emb_args, local_args, make_dump, p3_rows, rte_configs, write_split
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.cli import main as cli_main   # `tensorpoly-ds`: maps user errors to exit codes
+from launch.cli import main as cli_main  # `tensorpoly-ds`: maps user errors to exit codes
 from tensorpoly_ds.engine.config import RunConfigError, load_run_config, save_run_config
 from tensorpoly_ds.engine.ds_config import fill_ds_config
 
@@ -106,7 +106,6 @@ def test_shipped_configs_load():
 
 
 def test_bad_config_fails_before_any_expensive_work(tmp_path, monkeypatch):
-    import launch.pretrain as pretrain
     import tensorpoly_ds.engine.distributed as dist
 
     def boom():
@@ -200,7 +199,6 @@ def test_bad_resume_is_refused_before_any_process_group(tmp_path, monkeypatch, c
 
 
 def test_a_second_run_on_a_held_run_dir_is_refused(tmp_path, monkeypatch, capsys, prepared_dir):
-    import launch.pretrain as pretrain
     from tests.lock_holder import held
 
     _no_process_group(monkeypatch)

@@ -9,8 +9,16 @@ import math
 
 import pytest
 
-from tensorpoly_ds.engine.lr_search import (LrSearchError, LrSearchSection, beyond, edge_of, final_val_loss, search,
-                                            search_axis, select)
+from tensorpoly_ds.engine.lr_search import (
+    LrSearchError,
+    LrSearchSection,
+    beyond,
+    edge_of,
+    final_val_loss,
+    search,
+    search_axis,
+    select,
+)
 
 
 def test_ties_go_to_the_smaller_lr_and_diverged_runs_lose():

@@ -155,7 +155,6 @@ def test_torchrun_stop_exits_124_through_the_wrapper(tmp_path, prepared_dir, bac
     SIGUSR1 to the ranks, reads their status files and exits 124."""
     from tensorpoly_ds.engine.checkpoint import list_tags, verify_tag
     from tensorpoly_ds.engine.rank_status import read_statuses
-
     from tpds_common.net import free_port
 
     from .conftest import PRETRAIN, TINY

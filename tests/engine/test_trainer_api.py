@@ -1,6 +1,5 @@
 """The reusable training API (tensorpoly_ds.engine.trainer.train), in this process (one rank, ZeRO-0)."""
 
-import dataclasses
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """A random-init backbone built under deepspeed.zero.Init (ZeRO-3) holds exactly the tensors of a normal
 build with the same seed, on 1 and on 2 ranks: what adaptation rebuilds from the export's recorded seed."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +20,9 @@ ADAPTER = dict(method="tensorpoly_i", rank=2, tensor_rank=3, order=2, layernorm=
 def build_like_pretrain(precision: str, ds_config: dict | None):
     """launch/pretrain.py's build: seed, backbone, adapters. Returns (model, RNG state after the backbone)."""
     from tensorpoly_ds.adapters import AdapterConfig
+    from tensorpoly_ds.engine.checkpoint import seed_all
     from tensorpoly_ds.engine.config import ModelSection
     from tensorpoly_ds.engine.model import build_backbone, prepare_model
-    from tensorpoly_ds.engine.checkpoint import seed_all
 
     seed_all(SEED)
     model, _ = build_backbone(ModelSection(name_or_path="tiny"), vocab_size=VOCAB, ds_config=ds_config,

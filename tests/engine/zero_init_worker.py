@@ -8,11 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, os.getcwd())
 
-from tests.engine.test_zero_init import SEED, VOCAB, build_like_pretrain  # noqa: E402
+from tests.engine.test_zero_init import build_like_pretrain  # noqa: E402
 
 
 def main(out_dir: str, precisions: list[str]) -> None:

@@ -1,14 +1,20 @@
 """Batched rank classification against a brute-force reference (one full forward pass per choice)."""
 
-import math
 import random
 
 import pytest
 import torch
 
 from tensorpoly_ds.adapters import AdapterConfig, inject_adapters, task_routing
-from tensorpoly_ds.evaluation import (LossWeights, accuracy, collate_choices, evaluate, rank_plan, score_batch,
-                                      tfew_losses)
+from tensorpoly_ds.evaluation import (
+    LossWeights,
+    accuracy,
+    collate_choices,
+    evaluate,
+    rank_plan,
+    score_batch,
+    tfew_losses,
+)
 from tests.conftest import tiny_t5
 
 VOCAB = 64

@@ -12,8 +12,8 @@ sys.path.insert(0, os.getcwd())
 
 from tensorpoly_ds.adapters import AdapterConfig, inject_adapters, register_external_routing_params  # noqa: E402
 from tensorpoly_ds.evaluation import evaluate  # noqa: E402
-from tests.evaluation.test_rank_classification import make_rows  # noqa: E402
 from tests.conftest import tiny_t5  # noqa: E402
+from tests.evaluation.test_rank_classification import make_rows  # noqa: E402
 
 
 def build():

@@ -11,13 +11,14 @@ import pytest
 import torch
 import yaml
 
+from launch.cli import main as cli_main
+from launch.plan import build_parser, run_config
+from launch.plan import main as plan_main
 from tensorpoly_ds.adapters import AdapterConfig
 from tensorpoly_ds.models import t5_config
 from tensorpoly_ds.plan import CANDIDATES, ModelFacts, Setting, Workload, estimate, recommend
-from launch.cli import main as cli_main
-from launch.plan import build_parser, main as plan_main, run_config
-from tensorpoly_ds.plan.planner import parse_size, plan
 from tensorpoly_ds.plan.facts import meta_batch, meta_model
+from tensorpoly_ds.plan.planner import parse_size, plan
 
 REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30

@@ -5,8 +5,19 @@ exit_code (the failed-job case returns 2: the same test fails)."""
 
 import pytest
 
-from tpds_common.errors import (EXIT_BUSY, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, BusyError, CheckpointError,
-                                ConfigError, DataError, JobFailed, UserError, report_user_errors)
+from tpds_common.errors import (
+    EXIT_BUSY,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    BusyError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    JobFailed,
+    UserError,
+    report_user_errors,
+)
 from tpds_common.locking import LockHeld
 
 

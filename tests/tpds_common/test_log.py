@@ -29,8 +29,16 @@ from pathlib import Path
 
 import pytest
 
-from tpds_common.log import (add_logging_arguments, capture, get_logger, progress, progress_enabled, setup_from_args,
-                             setup_logging, split_logging_flags)
+from tpds_common.log import (
+    add_logging_arguments,
+    capture,
+    get_logger,
+    progress,
+    progress_enabled,
+    setup_from_args,
+    setup_logging,
+    split_logging_flags,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

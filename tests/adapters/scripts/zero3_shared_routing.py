@@ -20,8 +20,14 @@ import torch.distributed as dist
 from transformers import T5ForConditionalGeneration
 
 sys.path.insert(0, os.getcwd())
-from tensorpoly_ds.adapters import (AdapterConfig, adapter_param_groups, export_adapters, inject_adapters,  # noqa: E402
-                                    register_external_routing_params, task_routing)
+from tensorpoly_ds.adapters import (  # noqa: E402
+    AdapterConfig,
+    adapter_param_groups,
+    export_adapters,
+    inject_adapters,
+    register_external_routing_params,
+    task_routing,
+)
 from tensorpoly_ds.models import t5_config  # noqa: E402
 
 
