@@ -61,7 +61,7 @@ def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
         fn().backward()  # warm-up
     times = {name: [] for name in fns}
     for r in range(rounds):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+        for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
             start = time.perf_counter()
             fns[name]().backward()
             times[name].append(time.perf_counter() - start)
@@ -77,10 +77,16 @@ def compared(ours: list[float], alt: list[float]) -> dict:
     the median and range of the per-round ratios alt / ours."""
     per_round = [a / o for o, a in zip(ours, alt)]
     o, a, ratio = spread(ours, 1e3), spread(alt, 1e3), spread(per_round)
-    return dict(ours_ms=o["median"], ours_ms_range=[o["min"], o["max"]], alternative_ms=a["median"],
-                alternative_ms_range=[a["min"], a["max"]], speedup=a["median"] / o["median"],
-                speedup_per_round=ratio["median"], speedup_per_round_range=[ratio["min"], ratio["max"]],
-                rounds=len(ours))
+    return dict(
+        ours_ms=o["median"],
+        ours_ms_range=[o["min"], o["max"]],
+        alternative_ms=a["median"],
+        alternative_ms_range=[a["min"], a["max"]],
+        speedup=a["median"] / o["median"],
+        speedup_per_round=ratio["median"],
+        speedup_per_round_range=[ratio["min"], ratio["max"]],
+        rounds=len(ours),
+    )
 
 
 def batch_task_ids(batch: int, distinct: int) -> torch.Tensor:
@@ -92,7 +98,7 @@ def batch_task_ids(batch: int, distinct: int) -> torch.Tensor:
 # --- single-layer alternatives -------------------------------------------------------------------
 def per_example_poly(layer, x, ids):
     """Mix A and B for every example (peft / official style), then bmm."""
-    w = layer.routing.weights(ids)                                   # [b, h, S]
+    w = layer.routing.weights(ids)  # [b, h, S]
     a = torch.einsum("bhs,shir->bhir", w, layer.lora_a).reshape(x.shape[0], layer.in_features, -1)
     b = torch.einsum("bhs,shro->brho", w, layer.lora_b).reshape(x.shape[0], -1, layer.out_features)
     return layer.base(x) + torch.bmm(torch.bmm(x, a), b) * layer.scale
@@ -100,10 +106,10 @@ def per_example_poly(layer, x, ids):
 
 def per_token_kron(layer, x, ids):
     """Contract every token with the Kronecker factors instead of materialising A and B."""
-    w = layer.routing.weights(ids)[:, 0, :]                           # [b, R]
-    leaves_a = layer.side_a.leaves                                     # [N, R, r, q]
+    w = layer.routing.weights(ids)[:, 0, :]  # [b, R]
+    leaves_a = layer.side_a.leaves  # [N, R, r, q]
     n, q = leaves_a.shape[0], leaves_a.shape[-1]
-    pad = q ** n - layer.in_features
+    pad = q**n - layer.in_features
     xp = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:2], *([q] * n))
     letters = "ijkl"[:n]
     # h[b, t, R, r] = sum_{i,j,..} x[b,t,i,j,..] * v1[R,r,i] * v2[R,r,j] ...
@@ -156,9 +162,16 @@ def single_layer_rows(args) -> list[dict]:
                 torch.testing.assert_close(alternative(layer, x, ids), ref, rtol=1e-4, atol=1e-4)
             times = interleaved({"ours": ours, "alt": theirs}, args.repeats)
             m_ours, m_alt = saved_activation_bytes(ours), saved_activation_bytes(theirs)
-            rows.append(dict(case=f"{method} layer d={d} b={batch} L={seq}", distinct_tasks=distinct,
-                             alternative=alt_name, **compared(times["ours"], times["alt"]),
-                             ours_saved_mb=m_ours / 2**20, alternative_saved_mb=m_alt / 2**20))
+            rows.append(
+                dict(
+                    case=f"{method} layer d={d} b={batch} L={seq}",
+                    distinct_tasks=distinct,
+                    alternative=alt_name,
+                    **compared(times["ours"], times["alt"]),
+                    ours_saved_mb=m_ours / 2**20,
+                    alternative_saved_mb=m_alt / 2**20,
+                )
+            )
     return rows
 
 
@@ -180,6 +193,7 @@ def tensorpoly_x_task_rows(args) -> list[dict]:
         def run():
             with task_routing(ids):
                 return layer(x).square().mean()
+
         return run
 
     fns = {k: step(batch_task_ids(batch, k)) for k in counts}
@@ -187,10 +201,17 @@ def tensorpoly_x_task_rows(args) -> list[dict]:
     rows = []
     for k in counts:
         paths = {layer.choose_path(batch * seq, k)}
-        rows.append(dict(case=f"tensorpoly_x d={d} b={batch} L={seq}, k tasks", distinct_tasks=k,
-                         alternative="same layer, 1 task", **compared(times[k], times[1]),
-                         ours_saved_mb=saved_activation_bytes(fns[k]) / 2**20,
-                         alternative_saved_mb=saved_activation_bytes(fns[1]) / 2**20, path=paths.pop()))
+        rows.append(
+            dict(
+                case=f"tensorpoly_x d={d} b={batch} L={seq}, k tasks",
+                distinct_tasks=k,
+                alternative="same layer, 1 task",
+                **compared(times[k], times[1]),
+                ours_saved_mb=saved_activation_bytes(fns[k]) / 2**20,
+                alternative_saved_mb=saved_activation_bytes(fns[1]) / 2**20,
+                path=paths.pop(),
+            )
+        )
     return rows
 
 
@@ -206,7 +227,7 @@ def kron_factor_rows(args) -> list[dict]:
     cfg = AdapterConfig(method="tensorpoly_i", rank=16, tensor_rank=8, order=2, layernorm=True)
     rows = []
     for tasks in (1, 8):
-        totals = {True: [0.0, 0], False: [0.0, 0]}   # recompute -> [seconds, saved bytes]
+        totals = {True: [0.0, 0], False: [0.0, 0]}  # recompute -> [seconds, saved bytes]
         for (d_in, d_out), count in T0_3B_LAYERS:
             layer = TensorPolyILinear(nn.Linear(d_in, d_out).requires_grad_(False), cfg, "encoder", "t0")
             layer.attach_routing(RoutingTable(8, *layer.routing_shape))
@@ -217,6 +238,7 @@ def kron_factor_rows(args) -> list[dict]:
                     layer.recompute_factors = recompute
                     with task_routing(ids):
                         return layer(x).square().mean()
+
                 return step
 
             fns = {recompute: run(recompute) for recompute in (True, False)}
@@ -225,9 +247,18 @@ def kron_factor_rows(args) -> list[dict]:
                 totals[recompute][0] += count * statistics.median(times[recompute])
                 totals[recompute][1] += count * saved_activation_bytes(fn)
         (t_ours, m_ours), (t_alt, m_alt) = totals[True], totals[False]
-        rows.append(dict(case="T0-3B TensorPoly-I R8 N2 LN factors, 432 l.", distinct_tasks=tasks,
-                         ours_ms=1e3 * t_ours, alternative="factors saved for backward", alternative_ms=1e3 * t_alt,
-                         speedup=t_alt / t_ours, ours_saved_mb=m_ours / 2**20, alternative_saved_mb=m_alt / 2**20))
+        rows.append(
+            dict(
+                case="T0-3B TensorPoly-I R8 N2 LN factors, 432 l.",
+                distinct_tasks=tasks,
+                ours_ms=1e3 * t_ours,
+                alternative="factors saved for backward",
+                alternative_ms=1e3 * t_alt,
+                speedup=t_alt / t_ours,
+                ours_saved_mb=m_ours / 2**20,
+                alternative_saved_mb=m_alt / 2**20,
+            )
+        )
     return rows
 
 
@@ -236,9 +267,19 @@ def t5_model(d_model: int):
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=512, d_model=d_model, d_kv=64, num_heads=d_model // 64, d_ff=4 * d_model, num_layers=4,
-                   num_decoder_layers=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-                   decoder_start_token_id=0)
+    cfg = T5Config(
+        vocab_size=512,
+        d_model=d_model,
+        d_kv=64,
+        num_heads=d_model // 64,
+        d_ff=4 * d_model,
+        num_layers=4,
+        num_decoder_layers=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+    )
     return T5ForConditionalGeneration(cfg)
 
 
@@ -252,14 +293,21 @@ def peft_rows(args) -> list[dict]:
     y = torch.randint(2, 512, (args.batch, 32))
     targets = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
     for name, ours_cfg, peft_cfg in [
-        ("LoRA r=4", AdapterConfig(method="lora", rank=4),
-         peft.LoraConfig(r=4, lora_alpha=1, target_modules=targets, lora_dropout=0.0, task_type="SEQ_2_SEQ_LM")),
-        ("Poly S=8 r=1", AdapterConfig(method="poly", skills=8, rank=1),
-         peft.PolyConfig(r=1, n_skills=8, n_tasks=64, n_splits=1, target_modules=targets,
-                         task_type="SEQ_2_SEQ_LM")),
-        ("MHR S=8 h=8 r=1", AdapterConfig(method="mhr", skills=8, heads=8, rank=1),
-         peft.PolyConfig(r=1, n_skills=8, n_tasks=64, n_splits=8, target_modules=targets,
-                         task_type="SEQ_2_SEQ_LM")),
+        (
+            "LoRA r=4",
+            AdapterConfig(method="lora", rank=4),
+            peft.LoraConfig(r=4, lora_alpha=1, target_modules=targets, lora_dropout=0.0, task_type="SEQ_2_SEQ_LM"),
+        ),
+        (
+            "Poly S=8 r=1",
+            AdapterConfig(method="poly", skills=8, rank=1),
+            peft.PolyConfig(r=1, n_skills=8, n_tasks=64, n_splits=1, target_modules=targets, task_type="SEQ_2_SEQ_LM"),
+        ),
+        (
+            "MHR S=8 h=8 r=1",
+            AdapterConfig(method="mhr", skills=8, heads=8, rank=1),
+            peft.PolyConfig(r=1, n_skills=8, n_tasks=64, n_splits=8, target_modules=targets, task_type="SEQ_2_SEQ_LM"),
+        ),
     ]:
         routed = ours_cfg.routed
         ids = batch_task_ids(args.batch, 4)
@@ -279,9 +327,16 @@ def peft_rows(args) -> list[dict]:
 
         times = interleaved({"ours": ours, "peft": theirs}, args.rounds)
         m_ours, m_alt = saved_activation_bytes(ours), saved_activation_bytes(theirs)
-        rows.append(dict(case=f"T5 d={args.dim} 4+4 layers, {name}", distinct_tasks=4 if routed else 1,
-                         alternative=f"peft {peft.__version__}", **compared(times["ours"], times["peft"]),
-                         ours_saved_mb=m_ours / 2**20, alternative_saved_mb=m_alt / 2**20))
+        rows.append(
+            dict(
+                case=f"T5 d={args.dim} 4+4 layers, {name}",
+                distinct_tasks=4 if routed else 1,
+                alternative=f"peft {peft.__version__}",
+                **compared(times["ours"], times["peft"]),
+                ours_saved_mb=m_ours / 2**20,
+                alternative_saved_mb=m_alt / 2**20,
+            )
+        )
     return rows
 
 
@@ -293,23 +348,31 @@ def _range(r: dict, key: str, fmt: str) -> str:
 def format_table(rows: list[dict]) -> str:
     """Medians, then (ranges over the rounds); speedup = alternative / ours, of the medians, then the
     median (range) of the per-round ratios."""
-    head = (f"{'case':<44}{'tasks':>6}{'ours ms':>10}{'(range)':>16}{'alt ms':>10}{'(range)':>16}{'speedup':>9}"
-            f"{'per round':>10}{'(range)':>12}{'ours MB':>9}{'alt MB':>9}  alternative")
+    head = (
+        f"{'case':<44}{'tasks':>6}{'ours ms':>10}{'(range)':>16}{'alt ms':>10}{'(range)':>16}{'speedup':>9}"
+        f"{'per round':>10}{'(range)':>12}{'ours MB':>9}{'alt MB':>9}  alternative"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if "skipped" in r:
             lines.append(f"{r['case']:<44}  skipped: {r['skipped']}")
             continue
         per_round = f"{r['speedup_per_round']:.2f}x" if "speedup_per_round" in r else ""
-        lines.append(f"{r['case']:<44}{r['distinct_tasks']:>6}{r['ours_ms']:>10.2f}{_range(r, 'ours_ms_range', '.1f'):>16}"
-                     f"{r['alternative_ms']:>10.2f}{_range(r, 'alternative_ms_range', '.1f'):>16}{r['speedup']:>8.2f}x"
-                     f"{per_round:>10}{_range(r, 'speedup_per_round_range', '.2f'):>12}"
-                     f"{r['ours_saved_mb']:>9.1f}{r['alternative_saved_mb']:>9.1f}  {r['alternative']}")
+        lines.append(
+            f"{r['case']:<44}{r['distinct_tasks']:>6}{r['ours_ms']:>10.2f}{_range(r, 'ours_ms_range', '.1f'):>16}"
+            f"{r['alternative_ms']:>10.2f}{_range(r, 'alternative_ms_range', '.1f'):>16}{r['speedup']:>8.2f}x"
+            f"{per_round:>10}{_range(r, 'speedup_per_round_range', '.2f'):>12}"
+            f"{r['ours_saved_mb']:>9.1f}{r['alternative_saved_mb']:>9.1f}  {r['alternative']}"
+        )
     return "\n".join(lines)
 
 
-SECTIONS = {"layers": single_layer_rows, "tasks": tensorpoly_x_task_rows, "factors": kron_factor_rows,
-            "peft": peft_rows}
+SECTIONS = {
+    "layers": single_layer_rows,
+    "tasks": tensorpoly_x_task_rows,
+    "factors": kron_factor_rows,
+    "peft": peft_rows,
+}
 
 
 def main(argv=None) -> int:
@@ -320,8 +383,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5, help="rounds of the single-layer and factor rows")
     p.add_argument("--rounds", type=int, default=9, help="rounds of the whole-model rows against peft")
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    p.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)"
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="benchmarks/results/adapters.json")
     args = p.parse_args(argv)
@@ -335,8 +399,13 @@ def main(argv=None) -> int:
         p.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     rows = [row for name in sections for row in SECTIONS[name](args)]
     print(format_table(rows))
-    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
-                cores=os.cpu_count(), args=vars(args))
+    meta = dict(
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        cpu=platform.processor() or platform.machine(),
+        cores=os.cpu_count(),
+        args=vars(args),
+    )
     atomic_write_text(Path(args.out), json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
     return 0

@@ -70,20 +70,26 @@ class Rows:
         return len(self.task)
 
     def __getitem__(self, idx):
-        return {"task_id": [int(self.task[i]) for i in idx],
-                "input_ids": [self.ids.integers(2, VOCAB, self.inp[i]).tolist() for i in idx],
-                "target_ids": [self.ids.integers(2, VOCAB, self.tgt[i]).tolist() for i in idx]}
+        return {
+            "task_id": [int(self.task[i]) for i in idx],
+            "input_ids": [self.ids.integers(2, VOCAB, self.inp[i]).tolist() for i in idx],
+            "target_ids": [self.ids.integers(2, VOCAB, self.tgt[i]).tolist() for i in idx],
+        }
 
     def describe(self) -> dict:
-        return {"rows": len(self), "input_median": float(np.median(self.inp)),
-                "input_p90": float(np.percentile(self.inp, 90)), "input_max": int(self.inp.max()),
-                "input_share_at_cap": float(np.mean(self.inp == self.inp.max())),
-                "target_median": float(np.median(self.tgt)), "target_p99": float(np.percentile(self.tgt, 99))}
+        return {
+            "rows": len(self),
+            "input_median": float(np.median(self.inp)),
+            "input_p90": float(np.percentile(self.inp, 90)),
+            "input_max": int(self.inp.max()),
+            "input_share_at_cap": float(np.mean(self.inp == self.inp.max())),
+            "target_median": float(np.median(self.tgt)),
+            "target_p99": float(np.percentile(self.tgt, 99)),
+        }
 
 
 def stream(rows, batching: str, group_size: int, micro: int, accum: int, seed: int = 0) -> TrainStream:
-    return TrainStream(rows, seed=seed, micro_batch=micro, grad_accum=accum, batching=batching,
-                       group_size=group_size)
+    return TrainStream(rows, seed=seed, micro_batch=micro, grad_accum=accum, batching=batching, group_size=group_size)
 
 
 def padding(rows: Rows, s: TrainStream, steps: int) -> dict:
@@ -112,8 +118,9 @@ def build_model(tasks: int):
     model = T5ForConditionalGeneration(t5_config("tiny", vocab_size=VOCAB, **ARCH))
     for p in model.parameters():
         p.requires_grad_(False)
-    model = prepare_model(model, AdapterConfig(method="poly", skills=8, rank=1), tasks, full_finetune=False,
-                          zero_stage=0)
+    model = prepare_model(
+        model, AdapterConfig(method="poly", skills=8, rank=1), tasks, full_finetune=False, zero_stage=0
+    )
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     return model, opt
@@ -139,25 +146,37 @@ def speed(rows: Rows, group_size: int, steps: int, micro: int, accum: int, cap: 
     assert steps % group_size == 0, (steps, group_size)
     model, opt = build_model(64)
     orders = {b: stream(rows, b, group_size, micro, accum) for b in ("random", "length_grouped")}
-    batches = {b: [[collate(_rows(rows, mb), eos_id=1) for mb in s.step_indices()] for _ in range(steps)]
-               for b, s in orders.items()}
-    for b in batches:   # warm-up: allocator, autograd graph caches
+    batches = {
+        b: [[collate(_rows(rows, mb), eos_id=1) for mb in s.step_indices()] for _ in range(steps)]
+        for b, s in orders.items()
+    }
+    for b in batches:  # warm-up: allocator, autograd graph caches
         train_step(model, opt, batches[b][0])
     seconds = {b: 0.0 for b in batches}
     tokens = {b: 0 for b in batches}
     for i in range(steps):
-        for b in (("random", "length_grouped") if i % 2 == 0 else ("length_grouped", "random")):
+        for b in ("random", "length_grouped") if i % 2 == 0 else ("length_grouped", "random"):
             dt, n = train_step(model, opt, batches[b][i])
             seconds[b] += dt
             tokens[b] += n
-    assert tokens["random"] == tokens["length_grouped"], tokens   # the same rows in both orders
-    out = {"cap": cap, "steps": steps, "group_size": group_size, "rows": steps * micro * accum,
-           "useful_tokens": tokens["random"]}
+    assert tokens["random"] == tokens["length_grouped"], tokens  # the same rows in both orders
+    out = {
+        "cap": cap,
+        "steps": steps,
+        "group_size": group_size,
+        "rows": steps * micro * accum,
+        "useful_tokens": tokens["random"],
+    }
     for b in batches:
         slots = sum(int(m["attention_mask"].numel() + m["labels"].numel()) for step in batches[b] for m in step)
-        out[b] = {"seconds": seconds[b], "useful_tokens_per_s": tokens[b] / seconds[b],
-                  "padding": 1 - tokens[b] / slots}
-    out["useful_tokens_per_s_ratio"] = out["length_grouped"]["useful_tokens_per_s"] / out["random"]["useful_tokens_per_s"]
+        out[b] = {
+            "seconds": seconds[b],
+            "useful_tokens_per_s": tokens[b] / seconds[b],
+            "padding": 1 - tokens[b] / slots,
+        }
+    out["useful_tokens_per_s_ratio"] = (
+        out["length_grouped"]["useful_tokens_per_s"] / out["random"]["useful_tokens_per_s"]
+    )
     return out
 
 
@@ -174,24 +193,53 @@ def part_speed(args) -> dict:
         entry = {"cap": cap, "distribution": rows.describe(), "padding_over_an_epoch": pad}
         print(f"cap {cap}: {rows.describe()}", flush=True)
         for name, p in pad.items():
-            print(f"  {name:>22}: padding {p['padding']:.3f} (input {p['input_padding']:.3f}, "
-                  f"target {p['target_padding']:.3f})", flush=True)
+            print(
+                f"  {name:>22}: padding {p['padding']:.3f} (input {p['input_padding']:.3f}, "
+                f"target {p['target_padding']:.3f})",
+                flush=True,
+            )
         entry["timed"] = speed(rows, args.timed_group_size or args.timed_steps, args.timed_steps, micro, accum, cap)
         t = entry["timed"]
-        print(f"  timed {t['steps']} steps, group {t['group_size']} ({t['rows']} rows, {t['useful_tokens']} useful tokens): random "
-              f"{t['random']['useful_tokens_per_s']:.0f} tok/s (padding {t['random']['padding']:.3f}), "
-              f"length_grouped {t['length_grouped']['useful_tokens_per_s']:.0f} tok/s (padding "
-              f"{t['length_grouped']['padding']:.3f}): {t['useful_tokens_per_s_ratio']:.2f}x", flush=True)
+        print(
+            f"  timed {t['steps']} steps, group {t['group_size']} ({t['rows']} rows, {t['useful_tokens']} useful tokens): random "
+            f"{t['random']['useful_tokens_per_s']:.0f} tok/s (padding {t['random']['padding']:.3f}), "
+            f"length_grouped {t['length_grouped']['useful_tokens_per_s']:.0f} tok/s (padding "
+            f"{t['length_grouped']['padding']:.3f}): {t['useful_tokens_per_s_ratio']:.2f}x",
+            flush=True,
+        )
         results.append(entry)
-    return {"micro_batch": micro, "grad_accum": accum, "model": ARCH, "vocab": VOCAB, "adapter": "poly S8 r1",
-            "threads": 1, "by_cap": results}
+    return {
+        "micro_batch": micro,
+        "grad_accum": accum,
+        "model": ARCH,
+        "vocab": VOCAB,
+        "adapter": "poly S8 r1",
+        "threads": 1,
+        "by_cap": results,
+    }
 
 
 # ---- validation loss at equal steps ----------------------------------------------------------------------
 def prepare_embedded(work: Path) -> Path:
     out = work / "embedded"
-    subprocess.run([sys.executable, "-m", "data_prep", "--mixture", "embedded", "--source", "embedded",
-                    "--tokenizer", "embedded", "--out", str(out)], cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "--mixture",
+            "embedded",
+            "--source",
+            "embedded",
+            "--tokenizer",
+            "embedded",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -205,11 +253,22 @@ def final_val_loss(run_dir: Path) -> float:
 
 
 def one_run(data: Path, run_dir: Path, seed: int, batching: str, args, env: dict) -> dict:
-    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config",
-           str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"), f"data.dir={data}", f"run.dir={run_dir}",
-           f"train.seed={seed}", f"data.batching={batching}", f"data.group_size={args.loss_group_size}",
-           f"train.steps={args.loss_steps}", "train.progress_bar=false", "train.heatmap_max_layers=0",
-           "train.export_at_end=false", "train.save_checkpoints=false"]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "pretrain.py"),
+        "--config",
+        str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"),
+        f"data.dir={data}",
+        f"run.dir={run_dir}",
+        f"train.seed={seed}",
+        f"data.batching={batching}",
+        f"data.group_size={args.loss_group_size}",
+        f"train.steps={args.loss_steps}",
+        "train.progress_bar=false",
+        "train.heatmap_max_layers=0",
+        "train.export_at_end=false",
+        "train.save_checkpoints=false",
+    ]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
     loss = final_val_loss(run_dir)
@@ -225,19 +284,29 @@ def part_loss(args) -> dict:
         work = Path(tmp)
         data = Path(args.data) if args.data else prepare_embedded(work)
         plan = [(seed, b) for seed in args.seeds for b in args.batchings]
-        with ThreadPoolExecutor(args.jobs) as pool:   # runs are independent processes
+        with ThreadPoolExecutor(args.jobs) as pool:  # runs are independent processes
             done = list(pool.map(lambda sb: one_run(data, work / f"{sb[1]}_{sb[0]}", sb[0], sb[1], args, env), plan))
         runs = {b: [r for (_, pb), r in zip(plan, done) if pb == b] for b in args.batchings}
     summary = {}
     for b, rs in runs.items():
         losses = [r["val_loss"] for r in rs]
-        summary[b] = {"mean": statistics.mean(losses), "stdev": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-                      "min": min(losses), "max": max(losses)}
+        summary[b] = {
+            "mean": statistics.mean(losses),
+            "stdev": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            "min": min(losses),
+            "max": max(losses),
+        }
     if len(runs) == 2:
         diffs = [g["val_loss"] - r["val_loss"] for g, r in zip(runs["length_grouped"], runs["random"])]
         summary["paired_difference_grouped_minus_random"] = {"mean": statistics.mean(diffs), "per_seed": diffs}
-    return {"data": "embedded mixture (data_prep)" if not args.data else args.data, "config": "tiny_cpu.yaml",
-            "steps": args.loss_steps, "group_size": args.loss_group_size, "runs": runs, "summary": summary}
+    return {
+        "data": "embedded mixture (data_prep)" if not args.data else args.data,
+        "config": "tiny_cpu.yaml",
+        "steps": args.loss_steps,
+        "group_size": args.loss_group_size,
+        "runs": runs,
+        "summary": summary,
+    }
 
 
 def main(argv=None) -> int:
@@ -248,21 +317,36 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=16384)
     p.add_argument("--group-sizes", type=int, nargs="+", default=[4, 16, 64])
     p.add_argument("--timed-steps", type=int, default=32, help="steps timed per order")
-    p.add_argument("--timed-group-size", type=int, default=None,
-                   help="group size of the timed length-grouped steps (default: --timed-steps, one group)")
+    p.add_argument(
+        "--timed-group-size",
+        type=int,
+        default=None,
+        help="group size of the timed length-grouped steps (default: --timed-steps, one group)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--loss-steps", type=int, default=200)
     p.add_argument("--loss-group-size", type=int, default=4)
-    p.add_argument("--batchings", nargs="+", choices=["random", "length_grouped"],
-                   default=["random", "length_grouped"], help="loss part: which orders to run")
+    p.add_argument(
+        "--batchings",
+        nargs="+",
+        choices=["random", "length_grouped"],
+        default=["random", "length_grouped"],
+        help="loss part: which orders to run",
+    )
     p.add_argument("--jobs", type=int, default=1, help="loss part: runs at a time")
     p.add_argument("--data", help="a prepared data directory for the loss part (default: prepare embedded)")
     p.add_argument("--out", default="benchmarks/results/batching.json")
     args = p.parse_args(argv)
     if args.quick:
         args.rows, args.timed_steps, args.caps, args.seeds, args.loss_steps = 2048, 2, [256], [0, 1], 4
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "quick": args.quick, "load_average_at_start": os.getloadavg()}
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "quick": args.quick,
+        "load_average_at_start": os.getloadavg(),
+    }
     result = {"meta": meta}
     if args.part in ("speed", "all"):
         result["speed"] = part_speed(args)

@@ -89,17 +89,22 @@ def main() -> None:
             for _ in range(mib):
                 fh.write(os.urandom(1 << 20))
         for _ in range(2):
-            stream(path, lambda block: None)   # warm the page cache
+            stream(path, lambda block: None)  # warm the page cache
         size = path.stat().st_size
         rows = []
-        for name, fn in [("read only (no hash)", lambda q: stream(q, lambda block: None)),
-                         ("sha256, 1 MiB blocks (ours)", ours), ("crc32 (zlib)", crc32),
-                         ("blake2b", hashed("blake2b"))]:
+        for name, fn in [
+            ("read only (no hash)", lambda q: stream(q, lambda block: None)),
+            ("sha256, 1 MiB blocks (ours)", ours),
+            ("crc32 (zlib)", crc32),
+            ("blake2b", hashed("blake2b")),
+        ]:
             seconds = best_of(fn, path, repeats)
             rows.append({"method": name, "seconds": seconds, "gb_per_s": size / seconds / GB})
     ours_rate = rows[1]["gb_per_s"] * GB
-    print(f"{mib} MiB file, warm page cache, best of {repeats} ({platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs)\n")
+    print(
+        f"{mib} MiB file, warm page cache, best of {repeats} ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs)\n"
+    )
     print(f"{'method':<34} {'seconds':>8} {'GB/s':>7}")
     print("-" * 51)
     for r in rows:
@@ -112,9 +117,20 @@ def main() -> None:
         print(f"{name:<58} {nbytes / GB:>8.2f} {nbytes / ours_rate:>9.2f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"file_mib": mib, "repeats": repeats, "cpus": os.cpu_count(),
-                                              "platform": platform.platform(), "methods": rows,
-                                              "estimates": estimates}, indent=2) + "\n")
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "file_mib": mib,
+                    "repeats": repeats,
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "methods": rows,
+                    "estimates": estimates,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"\nwrote {args.out}")
 
 

@@ -33,8 +33,16 @@ from loop_equivalence import tree_env  # this directory: the environment that ru
 
 HERE = Path(__file__).resolve()
 PRETRAIN_STEPS = 40
-ADAPT = dict(steps=40, batch_size=4, eval_every=0, eval_batch_size=8, max_eval_examples=8, seed=42, mode="full",
-             warmup_ratio=0.06)
+ADAPT = dict(
+    steps=40,
+    batch_size=4,
+    eval_every=0,
+    eval_batch_size=8,
+    max_eval_examples=8,
+    seed=42,
+    mode="full",
+    warmup_ratio=0.06,
+)
 WARMUP_STEPS = 3
 
 
@@ -53,15 +61,32 @@ def time_pretrain(data_dir: Path, work: Path) -> dict:
     model = T5ForConditionalGeneration(t5_config("tiny", vocab_size=data.vocab_size))
     inject_adapters(model, AdapterConfig(method="poly", rank=1, skills=4), len(data.tasks))
     stamps: list[float] = []
-    tr = TrainSection(steps=PRETRAIN_STEPS, micro_batch=8, grad_accum=2, eval_every=0, save_every=0, log_every=10,
-                      seed=42, progress_bar=False, save_checkpoints=False, export_at_end=False, eval_at_end=False,
-                      heatmap_max_layers=0)
+    tr = TrainSection(
+        steps=PRETRAIN_STEPS,
+        micro_batch=8,
+        grad_accum=2,
+        eval_every=0,
+        save_every=0,
+        log_every=10,
+        seed=42,
+        progress_bar=False,
+        save_checkpoints=False,
+        export_at_end=False,
+        eval_at_end=False,
+        heatmap_max_layers=0,
+    )
     t0 = time.perf_counter()
-    train(model, data.split("train"), run_dir=work / "pretrain", tasks=data.tasks, train=tr,
-          optim=OptimSection(name="adamw", module_lr=1e-2, routing_lr=0.1, warmup_ratio=0.06, clip=1.0),
-          deepspeed=DeepSpeedSection(zero_stage=0, precision="fp32"),
-          hooks=TrainHooks(on_step=lambda step, metrics: stamps.append(time.perf_counter())))
-    steps = [b - a for a, b in zip(stamps[WARMUP_STEPS - 1:], stamps[WARMUP_STEPS:])]
+    train(
+        model,
+        data.split("train"),
+        run_dir=work / "pretrain",
+        tasks=data.tasks,
+        train=tr,
+        optim=OptimSection(name="adamw", module_lr=1e-2, routing_lr=0.1, warmup_ratio=0.06, clip=1.0),
+        deepspeed=DeepSpeedSection(zero_stage=0, precision="fp32"),
+        hooks=TrainHooks(on_step=lambda step, metrics: stamps.append(time.perf_counter())),
+    )
+    steps = [b - a for a, b in zip(stamps[WARMUP_STEPS - 1 :], stamps[WARMUP_STEPS:])]
     return {"step_s": statistics.median(steps), "run_s": time.perf_counter() - t0}
 
 
@@ -69,8 +94,14 @@ def time_adapt(data_dir: Path, export: Path, work: Path, trainer: str) -> dict:
     from data_prep.manifest import read_manifest
     from tensorpoly_ds.adapt.job import AdaptJob, run_job
 
-    job = AdaptJob(out_dir=str(work / f"adapt_{trainer}"), data_dir=str(data_dir), export=str(export),
-                   task=read_manifest(data_dir).held_out[0], trainer=trainer, **ADAPT)
+    job = AdaptJob(
+        out_dir=str(work / f"adapt_{trainer}"),
+        data_dir=str(data_dir),
+        export=str(export),
+        task=read_manifest(data_dir).held_out[0],
+        trainer=trainer,
+        **ADAPT,
+    )
     t0 = time.perf_counter()
     result = run_job(job, log=lambda s: None)
     return {"step_s": result["timings"]["train_s"] / ADAPT["steps"], "run_s": time.perf_counter() - t0}
@@ -85,8 +116,9 @@ def make_export(data_dir: Path, out: Path) -> Path:
     from tensorpoly_ds.adapters import AdapterConfig, export_adapters, inject_adapters
 
     m = read_manifest(data_dir)
-    model = build_backbone(AdaptJob(out_dir="unused", data_dir=str(data_dir), task=m.held_out[0], export="x"),
-                           m.tokenizer["vocab_size"])
+    model = build_backbone(
+        AdaptJob(out_dir="unused", data_dir=str(data_dir), task=m.held_out[0], export="x"), m.tokenizer["vocab_size"]
+    )
     inject_adapters(model, AdapterConfig(method="poly", rank=1, skills=4), num_tasks=len(m.tasks))
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -98,16 +130,24 @@ def make_export(data_dir: Path, out: Path) -> Path:
 
 
 def worker(data_dir: Path, export: Path, work: Path) -> dict:
-    return {"pretrain": time_pretrain(data_dir, work), "adapt-local": time_adapt(data_dir, export, work, "local"),
-            "adapt-engine": time_adapt(data_dir, export, work, "engine")}
+    return {
+        "pretrain": time_pretrain(data_dir, work),
+        "adapt-local": time_adapt(data_dir, export, work, "local"),
+        "adapt-engine": time_adapt(data_dir, export, work, "engine"),
+    }
 
 
 def one_round(tree: Path, data_dir: Path, export: Path, work: Path) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    proc = subprocess.run([sys.executable, str(HERE), "--worker", "--data", str(data_dir), "--export", str(export),
-                           "--work", str(work)], cwd=tree, env=tree_env(tree), capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, str(HERE), "--worker", "--data", str(data_dir), "--export", str(export), "--work", str(work)],
+        cwd=tree,
+        env=tree_env(tree),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{tree}: worker exited {proc.returncode}\n{proc.stderr[-5000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -128,14 +168,22 @@ def summary(rounds: list[dict]) -> dict:
 
 
 def table(rows: dict) -> str:
-    lines = [("| workload | old step ms (min-max) | new step ms (min-max) | new/old step | old run s | new run s "
-              "| new/old run |"), "|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| workload | old step ms (min-max) | new step ms (min-max) | new/old step | old run s | new run s "
+            "| new/old run |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+
     def ms(stat: dict) -> str:
         return f"{1e3 * stat['median']:.1f} ({1e3 * stat['min']:.1f}-{1e3 * stat['max']:.1f})"
 
     for name, r in rows.items():
-        lines.append(f"| {name} | {ms(r['old_step_s'])} | {ms(r['new_step_s'])} | {r['ratio_step']:.3f} "
-                     f"| {r['old_run_s']['median']:.2f} | {r['new_run_s']['median']:.2f} | {r['ratio_run']:.3f} |")
+        lines.append(
+            f"| {name} | {ms(r['old_step_s'])} | {ms(r['new_step_s'])} | {r['ratio_step']:.3f} "
+            f"| {r['old_run_s']['median']:.2f} | {r['new_run_s']['median']:.2f} | {r['ratio_run']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -161,22 +209,52 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_loop_") as tmp:
         tmp = Path(tmp)
         data_dir = tmp / "data"
-        subprocess.run([sys.executable, "-m", "data_prep", "--mixture", "embedded", "--source", "embedded",
-                        "--tokenizer", "embedded", "--out", str(data_dir), "--few-shot-k", "4"],
-                       cwd=trees["new"], env=tree_env(trees["new"]), check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "data_prep",
+                "--mixture",
+                "embedded",
+                "--source",
+                "embedded",
+                "--tokenizer",
+                "embedded",
+                "--out",
+                str(data_dir),
+                "--few-shot-k",
+                "4",
+            ],
+            cwd=trees["new"],
+            env=tree_env(trees["new"]),
+            check=True,
+            capture_output=True,
+        )
         export = make_export(data_dir, tmp / "export")
         rounds = []
         for i in range(args.rounds):
             order = ("old", "new") if i % 2 == 0 else ("new", "old")
             rounds.append({side: one_round(trees[side], data_dir, export, tmp / side) for side in order})
-            print(f"round {i + 1}/{args.rounds}: " + ", ".join(
-                f"{side} {w} {1e3 * v['step_s']:.1f} ms" for side in order for w, v in rounds[-1][side].items()),
-                flush=True)
+            print(
+                f"round {i + 1}/{args.rounds}: "
+                + ", ".join(
+                    f"{side} {w} {1e3 * v['step_s']:.1f} ms" for side in order for w, v in rounds[-1][side].items()
+                ),
+                flush=True,
+            )
     rows = summary(rounds)
     print(table(rows))
-    report = {"trees": {k: str(v) for k, v in trees.items()}, "rounds": rounds, "summary": rows,
-              "pretrain_steps": PRETRAIN_STEPS, "adapt_job": ADAPT, "machine": platform.machine(),
-              "cpus": os.cpu_count(), "load_average": os.getloadavg(), "finished": time.time()}
+    report = {
+        "trees": {k: str(v) for k, v in trees.items()},
+        "rounds": rounds,
+        "summary": rows,
+        "pretrain_steps": PRETRAIN_STEPS,
+        "adapt_job": ADAPT,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "finished": time.time(),
+    }
     atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
 
@@ -185,5 +263,5 @@ if __name__ == "__main__":
     if "--worker" not in sys.argv:
         sys.path.insert(0, str(HERE.parents[1]))
     else:
-        sys.path.insert(0, os.getcwd())   # the tree under test (cwd), before this script's own tree
+        sys.path.insert(0, os.getcwd())  # the tree under test (cwd), before this script's own tree
     main()

@@ -33,7 +33,9 @@ from tpds_common.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [REPO / "configs" / "pretrain" / "base_t0_3b.yaml", REPO / "configs" / "pretrain" / "tensorpoly_i_R8_N2.yaml"]
-OLD_LIVE = "deepspeed.overrides={zero_optimization: {stage3_max_live_parameters: 1.0e9, stage3_max_reuse_distance: 1.0e9}}"
+OLD_LIVE = (
+    "deepspeed.overrides={zero_optimization: {stage3_max_live_parameters: 1.0e9, stage3_max_reuse_distance: 1.0e9}}"
+)
 VARIANTS: dict[str, tuple[dict[str, str], list[str]]] = {
     "shipped": ({}, []),
     "glibc-malloc": ({"TPDS_MALLOC_TUNING": "0"}, []),
@@ -44,8 +46,24 @@ VARIANTS: dict[str, tuple[dict[str, str], list[str]]] = {
 def prepared_data(path: Path) -> Path:
     """The embedded mixture prepared at `path` (seconds; kept for the next run)."""
     if not (path / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "data_prep", "--mixture", "embedded", "--source", "embedded",
-                        "--tokenizer", "embedded", "--out", str(path)], cwd=REPO, check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "data_prep",
+                "--mixture",
+                "embedded",
+                "--source",
+                "embedded",
+                "--tokenizer",
+                "embedded",
+                "--out",
+                str(path),
+            ],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
     return path
 
 
@@ -73,22 +91,46 @@ def run_variant(name: str, args, data: Path, work: Path) -> dict:
     run_dir, peaks = work / name, work / f"{name}.peaks"
     for d in (run_dir, peaks):
         subprocess.run(["rm", "-rf", str(d)], check=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_port",
-           str(args.port), str(REPO / "benchmarks" / "rank_peak.py"), str(peaks), str(REPO / "launch" / "pretrain.py"),
-           *[a for c in CONFIGS for a in ("--config", str(c))], "--resume", "none",
-           f"data.dir={data}", f"run.dir={run_dir}", "model.name_or_path=t0-3b", "model.vocab_size=32128",
-           "deepspeed.zero_stage=3", "deepspeed.precision=bf16", f"train.steps={args.steps}",
-           f"train.micro_batch={args.micro_batch}", "train.grad_accum=1", f"data.max_input_len={args.max_input_len}",
-           f"data.max_target_len={args.max_target_len}", "train.eval_every=0",
-           "train.eval_at_end=false", "train.save_every=0", "train.log_every=1", "train.progress_bar=false",
-           *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(args.ranks),
+        "--master_port",
+        str(args.port),
+        str(REPO / "benchmarks" / "rank_peak.py"),
+        str(peaks),
+        str(REPO / "launch" / "pretrain.py"),
+        *[a for c in CONFIGS for a in ("--config", str(c))],
+        "--resume",
+        "none",
+        f"data.dir={data}",
+        f"run.dir={run_dir}",
+        "model.name_or_path=t0-3b",
+        "model.vocab_size=32128",
+        "deepspeed.zero_stage=3",
+        "deepspeed.precision=bf16",
+        f"train.steps={args.steps}",
+        f"train.micro_batch={args.micro_batch}",
+        "train.grad_accum=1",
+        f"data.max_input_len={args.max_input_len}",
+        f"data.max_target_len={args.max_target_len}",
+        "train.eval_every=0",
+        "train.eval_at_end=false",
+        "train.save_every=0",
+        "train.log_every=1",
+        "train.progress_bar=false",
+        *overrides,
+    ]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(args.threads), **env_extra)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     start, killed, sampled = time.monotonic(), None, {}
     log = (work / f"{name}.log").open("w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    def kill() -> None:   # the ranks run in their own process groups: kill them by pid, then the agent
+
+    def kill() -> None:  # the ranks run in their own process groups: kill them by pid, then the agent
         for pid in rank_pids(proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -108,11 +150,18 @@ def run_variant(name: str, args, data: Path, work: Path) -> dict:
             kill()
         proc.wait()
         log.close()
-    row = {"variant": name, "wall_s": time.monotonic() - start, "exit_code": proc.returncode,
-           "status": killed or ("ok" if proc.returncode == 0 else f"failed (exit {proc.returncode}, see {name}.log)")}
+    row = {
+        "variant": name,
+        "wall_s": time.monotonic() - start,
+        "exit_code": proc.returncode,
+        "status": killed or ("ok" if proc.returncode == 0 else f"failed (exit {proc.returncode}, see {name}.log)"),
+    }
     ranks = sorted(peaks.glob("rank*.json"))
-    row["peak_rss_gb"] = [json.loads(p.read_text())["peak_rss_mb"] / 1024 for p in ranks] if ranks and not killed \
+    row["peak_rss_gb"] = (
+        [json.loads(p.read_text())["peak_rss_mb"] / 1024 for p in ranks]
+        if ranks and not killed
         else [sampled[r] for r in sorted(sampled)]
+    )
     outputs = run_outputs(run_dir)
     steps = outputs.pop("steps")
     row["step_time_s"] = [s["perf/step_time_s"] for s in steps]
@@ -124,8 +173,11 @@ def run_outputs(run_dir: Path) -> dict:
     """What a finished `tensorpoly-ds pretrain` left: its per-step metrics, the size of its newest checkpoint
     and of its export (and how many tensors the export holds)."""
     metrics = run_dir / "metrics.jsonl"
-    out = {"steps": [json.loads(line) for line in metrics.read_text().splitlines() if '"kind": "train"' in line]
-           if metrics.is_file() else []}
+    out = {
+        "steps": [json.loads(line) for line in metrics.read_text().splitlines() if '"kind": "train"' in line]
+        if metrics.is_file()
+        else []
+    }
     tags = sorted((run_dir / "checkpoints").glob("step_*"))
     if tags:
         out["checkpoint_mb"] = sum(f.stat().st_size for f in tags[-1].rglob("*") if f.is_file()) / 2**20
@@ -185,9 +237,16 @@ def main(argv=None) -> int:
     template = json.loads((REPO / "ds_configs" / "zero3.json").read_text())["zero_optimization"]
     from tensorpoly_ds.engine.allocator import SETTINGS
 
-    meta = dict(torch=torch.__version__, deepspeed=deepspeed.__version__, cpu=platform.processor() or platform.machine(),
-                cores=os.cpu_count(), args=vars(args), zero3_template=template,
-                malloc={k: v for k, (_, v) in SETTINGS.items()}, load_average=os.getloadavg())
+    meta = dict(
+        torch=torch.__version__,
+        deepspeed=deepspeed.__version__,
+        cpu=platform.processor() or platform.machine(),
+        cores=os.cpu_count(),
+        args=vars(args),
+        zero3_template=template,
+        malloc={k: v for k, (_, v) in SETTINGS.items()},
+        load_average=os.getloadavg(),
+    )
     atomic_write_text(Path(args.out), json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
     return 0 if all(r["status"] == "ok" for r in rows if r["variant"] == "shipped") else 1

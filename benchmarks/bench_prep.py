@@ -16,6 +16,7 @@ Usage:
   python benchmarks/bench_prep.py [--quick] [--out benchmarks/results/prep.json]
   python benchmarks/bench_prep.py --scale 1000000 --out benchmarks/results/prep_scale.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,7 @@ def generate_dump(root: Path, n_rows: int, n_configs: int, seed: int = 0) -> tup
     rng = random.Random(seed)
     vocab = _words(60000, rng)
     cum, acc = [], 0.0
-    for i in range(len(vocab)):                                  # Zipf-like word frequencies
+    for i in range(len(vocab)):  # Zipf-like word frequencies
         acc += 1.0 / (i + 10)
         cum.append(acc)
     mix = get_mixture("t0_train")
@@ -65,26 +66,38 @@ def generate_dump(root: Path, n_rows: int, n_configs: int, seed: int = 0) -> tup
 
     def row(n_words: int, choices=None) -> dict:
         words = rng.choices(vocab, cum_weights=cum, k=n_words)
-        target = " ".join(rng.choices(vocab, cum_weights=cum, k=rng.randint(1, 8))) if choices is None \
+        target = (
+            " ".join(rng.choices(vocab, cum_weights=cum, k=rng.randint(1, 8)))
+            if choices is None
             else rng.choice(choices)
+        )
         r = {"inputs_pretokenized": " ".join(words) + " ?", "targets_pretokenized": target, "inputs": [], "targets": []}
         if choices is not None:
             r["answer_choices"] = choices
         return r
 
-    done = root / "GENERATED.json"   # written last: a complete dump of these sizes is reused
+    done = root / "GENERATED.json"  # written last: a complete dump of these sizes is reused
     if done.is_file() and json.loads(done.read_text()) == {"rows": n_rows, "configs": n_configs, "seed": seed}:
         return root, configs, json.loads((root / "TEXT_BYTES").read_text())
     if root.exists():
         shutil.rmtree(root)
     for c in configs:
         rows = [row(rng.randint(40, 160)) for _ in range(per)]
-        text_bytes += sum(len(r["inputs_pretokenized"].encode()) + len(r["targets_pretokenized"].encode()) for r in rows)
+        text_bytes += sum(
+            len(r["inputs_pretokenized"].encode()) + len(r["targets_pretokenized"].encode()) for r in rows
+        )
         # One config at a time: the generator itself must not hold the whole dump.
         _append(root, {c: {"train": rows}})
-    _append(root, {c: {"train": [row(30, ["yes", "no"]) for _ in range(300)],
-                       "validation": [row(30, ["yes", "no"]) for _ in range(100)]}
-                   for _, c in mix.held_out_task("rte").templates})
+    _append(
+        root,
+        {
+            c: {
+                "train": [row(30, ["yes", "no"]) for _ in range(300)],
+                "validation": [row(30, ["yes", "no"]) for _ in range(100)],
+            }
+            for _, c in mix.held_out_task("rte").templates
+        },
+    )
     (root / "TEXT_BYTES").write_text(json.dumps(text_bytes))
     done.write_text(json.dumps({"rows": n_rows, "configs": n_configs, "seed": seed}))
     return root, configs, text_bytes
@@ -95,6 +108,7 @@ def _append(root: Path, data: dict) -> None:
     import yaml
 
     from data_prep.p3_replica import write_parquet_config
+
     if not (root / "README.md").is_file():
         write_replica(root, data, script=False)
         return
@@ -114,6 +128,7 @@ def train_tokenizer(dump: Path, out: Path, sample_rows: int = 20000) -> Path:
     import pyarrow.parquet as pq
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     texts = []
     for f in sorted(dump.glob("*/train-*.parquet")):
         texts += pq.read_table(f, columns=["inputs_pretokenized"]).column(0).to_pylist()[: sample_rows // 8]
@@ -121,16 +136,22 @@ def train_tokenizer(dump: Path, out: Path, sample_rows: int = 20000) -> Path:
             break
     tk = Tokenizer(models.Unigram())
     tk.pre_tokenizer = pre_tokenizers.Metaspace()
-    tk.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "</s>", "<unk>"],
-                                                          unk_token="<unk>", show_progress=False))
-    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                            model_max_length=1 << 30).save_pretrained(str(out))
+    tk.train_from_iterator(
+        texts,
+        trainers.UnigramTrainer(
+            vocab_size=VOCAB, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+        ),
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=1 << 30
+    ).save_pretrained(str(out))
     return out
 
 
 def raw_throughput(dump: Path, configs: list[str], tok_dir: Path) -> dict:
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
+
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     inputs, targets = [], []
@@ -142,16 +163,22 @@ def raw_throughput(dump: Path, configs: list[str], tok_dir: Path) -> dict:
     nbytes = sum(len(s.encode()) for s in inputs) + sum(len(s.encode()) for s in targets)
     out = {}
     backend = tok.backend_tokenizer
-    calls = {"hf_call": lambda b: tok(b, add_special_tokens=False)["input_ids"],
-             "encode_batch_fast": lambda b: [e.ids for e in backend.encode_batch_fast(b, add_special_tokens=False)]}
+    calls = {
+        "hf_call": lambda b: tok(b, add_special_tokens=False)["input_ids"],
+        "encode_batch_fast": lambda b: [e.ids for e in backend.encode_batch_fast(b, add_special_tokens=False)],
+    }
     for name, fn in calls.items():
         start = time.perf_counter()
         for i in range(0, len(inputs), 1000):
-            fn(inputs[i:i + 1000])
-            fn(targets[i:i + 1000])
+            fn(inputs[i : i + 1000])
+            fn(targets[i : i + 1000])
         sec = time.perf_counter() - start
-        out[name] = {"rows": len(inputs), "seconds": round(sec, 2), "rows_per_s": round(len(inputs) / sec, 1),
-                     "mb_per_s": round(nbytes / sec / 1e6, 3)}
+        out[name] = {
+            "rows": len(inputs),
+            "seconds": round(sec, 2),
+            "rows_per_s": round(len(inputs) / sec, 1),
+            "mb_per_s": round(nbytes / sec / 1e6, 3),
+        }
     return out
 
 
@@ -179,15 +206,37 @@ class PeakRSS:
 
 
 def prep_args(dump: Path, out: Path, tok_dir: Path, configs: list[str], num_proc: int) -> list[str]:
-    return [sys.executable, "-m", "data_prep", "--mixture", "t0_train", "--source", f"local:{dump}",
-            "--tokenizer", str(tok_dir), "--out", str(out), "--train-tasks", ",".join(configs), "--held-out", "rte",
-            "--cap-per-template", "none", "--val-per-template", "100", "--num-proc", str(num_proc), "--overwrite"]
+    return [
+        sys.executable,
+        "-m",
+        "data_prep",
+        "--mixture",
+        "t0_train",
+        "--source",
+        f"local:{dump}",
+        "--tokenizer",
+        str(tok_dir),
+        "--out",
+        str(out),
+        "--train-tasks",
+        ",".join(configs),
+        "--held-out",
+        "rte",
+        "--cap-per-template",
+        "none",
+        "--val-per-template",
+        "100",
+        "--num-proc",
+        str(num_proc),
+        "--overwrite",
+    ]
 
 
 def run_prep(args: list[str], kill_when=None) -> dict:
     start = time.perf_counter()
-    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     rss = PeakRSS(proc.pid)
     killed = False
     if kill_when is not None:
@@ -202,13 +251,18 @@ def run_prep(args: list[str], kill_when=None) -> dict:
     peak = rss.stop()
     if not killed and proc.returncode != 0:
         raise RuntimeError(f"prep failed ({proc.returncode}):\n{err[-3000:]}")
-    lines = [line.removeprefix("[prep] ") for line in err.splitlines()]   # prep's log lines (stderr)
+    lines = [line.removeprefix("[prep] ") for line in err.splitlines()]  # prep's log lines (stderr)
     reused = next((int(line.split()[1]) for line in lines if line.startswith("reused ")), 0)
     # "parts: B built, R reused, N rows in S s (X rows/s)": the steady state, without start-up and assembly.
     parts = next((line for line in lines if line.startswith("parts: ")), None)
     parts_rate = float(parts.rsplit("(", 1)[1].split()[0]) if parts else None
-    return {"seconds": round(sec, 2), "peak_rss_mb": round(peak / 2**20, 1), "killed": killed, "parts_reused": reused,
-            "parts_rows_per_s": parts_rate}
+    return {
+        "seconds": round(sec, 2),
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "killed": killed,
+        "parts_reused": reused,
+        "parts_rows_per_s": parts_rate,
+    }
 
 
 def fresh(out: Path) -> None:
@@ -245,8 +299,9 @@ def memory_curve(work: Path, sizes: list[int], n_configs: int) -> list[dict]:
         out = work / f"mem_{rows}"
         fresh(out)
         r = run_prep(prep_args(dump, out, tok_dir, configs, 1))
-        out_rows.append({"rows": rows, "text_mb": round(nbytes / 1e6, 2), "peak_rss_mb": r["peak_rss_mb"],
-                         "seconds": r["seconds"]})
+        out_rows.append(
+            {"rows": rows, "text_mb": round(nbytes / 1e6, 2), "peak_rss_mb": r["peak_rss_mb"], "seconds": r["seconds"]}
+        )
         fresh(out)
     return out_rows
 
@@ -262,11 +317,17 @@ def scale_run(work: Path, rows: int, n_configs: int, num_proc: int) -> dict:
     first = run_prep(prep_args(dump, out, tok_dir, configs, num_proc), kill_when=cached)
     second = run_prep(prep_args(dump, out, tok_dir, configs, num_proc))
     manifest = json.loads((out / "manifest.json").read_text())
-    res = {"rows": rows, "configs": n_configs, "num_proc": num_proc, "text_mb": round(nbytes / 1e6, 2),
-           "killed_run": first, "resumed_run": second,
-           "train_rows_written": manifest["counts"]["totals"]["train"],
-           "val_rows_written": manifest["counts"]["totals"]["val"],
-           "peak_rss_mb": max(first["peak_rss_mb"], second["peak_rss_mb"])}
+    res = {
+        "rows": rows,
+        "configs": n_configs,
+        "num_proc": num_proc,
+        "text_mb": round(nbytes / 1e6, 2),
+        "killed_run": first,
+        "resumed_run": second,
+        "train_rows_written": manifest["counts"]["totals"]["train"],
+        "val_rows_written": manifest["counts"]["totals"]["val"],
+        "peak_rss_mb": max(first["peak_rss_mb"], second["peak_rss_mb"]),
+    }
     fresh(out)
     return res
 
@@ -285,16 +346,21 @@ def table(res: dict) -> str:
     if "throughput" in res:
         t = res["throughput"]
         lines.append(f"throughput on {t['rows']} rows / {t['configs']} configs ({t['text_mb']} MB of text)")
-        lines.append(f"{'what':34s} {'rows/s':>10s} {'MB/s':>8s} {'per proc vs raw':>16s} "
-                     f"{'parts rows/s':>13s} {'parts vs raw':>13s} {'peak RSS MB':>12s}")
+        lines.append(
+            f"{'what':34s} {'rows/s':>10s} {'MB/s':>8s} {'per proc vs raw':>16s} "
+            f"{'parts rows/s':>13s} {'parts vs raw':>13s} {'peak RSS MB':>12s}"
+        )
         for name, r in t["raw"].items():
             lines.append(f"{'raw tokenizer: ' + name:34s} {r['rows_per_s']:10.1f} {r['mb_per_s']:8.3f}")
         for n, r in t["prep"].items():
-            lines.append(f"{'prep --num-proc ' + n:34s} {r['rows_per_s']:10.1f} {r['mb_per_s']:8.3f} "
-                         f"{r['per_process_vs_raw_hf_call']:16.3f} {r['parts_rows_per_s']:13.1f} "
-                         f"{r['parts_per_process_vs_raw_hf_call']:13.3f} {r['peak_rss_mb']:12.1f}")
-        lines.append(f"speedup --num-proc 2 vs 1: {t['speedup_2_vs_1']}x whole command, "
-                     f"{t['parts_speedup_2_vs_1']}x parts phase")
+            lines.append(
+                f"{'prep --num-proc ' + n:34s} {r['rows_per_s']:10.1f} {r['mb_per_s']:8.3f} "
+                f"{r['per_process_vs_raw_hf_call']:16.3f} {r['parts_rows_per_s']:13.1f} "
+                f"{r['parts_per_process_vs_raw_hf_call']:13.3f} {r['peak_rss_mb']:12.1f}"
+            )
+        lines.append(
+            f"speedup --num-proc 2 vs 1: {t['speedup_2_vs_1']}x whole command, {t['parts_speedup_2_vs_1']}x parts phase"
+        )
     if "memory" in res:
         lines.append("")
         lines.append(f"{'rows':>10s} {'text MB':>10s} {'peak RSS MB':>12s} {'seconds':>9s}")
@@ -303,15 +369,19 @@ def table(res: dict) -> str:
     if "scale" in res:
         s = res["scale"]
         lines.append("")
-        lines.append(f"scale: {s['rows']} rows, {s['configs']} configs, --num-proc {s['num_proc']}: killed after "
-                     f"{s['killed_run']['seconds']} s, resumed run {s['resumed_run']['seconds']} s reusing "
-                     f"{s['resumed_run']['parts_reused']} parts; peak RSS {s['peak_rss_mb']} MB; "
-                     f"{s['train_rows_written']} train + {s['val_rows_written']} val rows written")
+        lines.append(
+            f"scale: {s['rows']} rows, {s['configs']} configs, --num-proc {s['num_proc']}: killed after "
+            f"{s['killed_run']['seconds']} s, resumed run {s['resumed_run']['seconds']} s reusing "
+            f"{s['resumed_run']['parts_reused']} parts; peak RSS {s['peak_rss_mb']} MB; "
+            f"{s['train_rows_written']} train + {s['val_rows_written']} val rows written"
+        )
     if "extrapolation" in res:
         e = res["extrapolation"]
         lines.append("")
-        lines.append(f"full t0_train ({e['t0_train_rows']} rows) on 32 processes: ~{e['minutes_on_32_procs']} min "
-                     f"(from {e['rows_per_s_per_process']} rows/s per process)")
+        lines.append(
+            f"full t0_train ({e['t0_train_rows']} rows) on 32 processes: ~{e['minutes_on_32_procs']} min "
+            f"(from {e['rows_per_s_per_process']} rows/s per process)"
+        )
     return "\n".join(lines)
 
 
@@ -325,18 +395,24 @@ def main() -> None:
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_prep_"))
     work.mkdir(parents=True, exist_ok=True)
-    res = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
-           "tokenizer": f"Unigram, {VOCAB} pieces, trained on the generated text"}
+    res = {
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "tokenizer": f"Unigram, {VOCAB} pieces, trained on the generated text",
+    }
     if args.scale:
         res["scale"] = scale_run(work, args.scale, 40, args.num_proc)
     else:
-        rows, sizes, n_configs = (40_000, [10_000, 40_000, 160_000], 8) if args.quick else \
-            (200_000, [25_000, 100_000, 400_000], 16)
+        rows, sizes, n_configs = (
+            (40_000, [10_000, 40_000, 160_000], 8) if args.quick else (200_000, [25_000, 100_000, 400_000], 16)
+        )
         res["throughput"] = throughput(work, rows, n_configs)
         res["memory"] = memory_curve(work, sizes, n_configs)
         per_proc = res["throughput"]["prep"]["1"]["rows_per_s"]
-        res["extrapolation"] = {"t0_train_rows": t0_train_rows(), "rows_per_s_per_process": per_proc,
-                                "minutes_on_32_procs": round(t0_train_rows() / (per_proc * 32) / 60, 1)}
+        res["extrapolation"] = {
+            "t0_train_rows": t0_train_rows(),
+            "rows_per_s_per_process": per_proc,
+            "minutes_on_32_procs": round(t0_train_rows() / (per_proc * 32) / 60, 1),
+        }
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     print(table(res))

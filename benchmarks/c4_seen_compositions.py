@@ -35,10 +35,16 @@ def seen_rows(mixture: str, tok, n: int) -> tuple[list[dict], dict]:
         for i, words in enumerate(ls._sequences(f"c4-control|{p}|{c}", n)):
             choices, label = ls._candidates(p, c, words, rng)
             for template in ls.HELD_TEMPLATES[mixture]:
-                rows.append({"task_name": task, "template": template, "example_id": i,
-                             "input_ids": tok.encode(ls._prompt(template, p, c, words), add_special_tokens=False),
-                             "choice_ids": [tok.encode(x, add_special_tokens=False) + [tok.eos_token_id]
-                                            for x in choices], "label": label})
+                rows.append(
+                    {
+                        "task_name": task,
+                        "template": template,
+                        "example_id": i,
+                        "input_ids": tok.encode(ls._prompt(template, p, c, words), add_special_tokens=False),
+                        "choice_ids": [tok.encode(x, add_special_tokens=False) + [tok.eos_token_id] for x in choices],
+                        "label": label,
+                    }
+                )
                 examples[(task, template, i)] = Example(tuple(words), tuple(choices), label)
     return rows, examples
 
@@ -57,11 +63,19 @@ def swapped_rows(mixture: str, tok) -> list[dict]:
                 words = list(sequence_words(rec["inputs_pretokenized"]))
                 choices = rec["answer_choices"]
                 for q, d in ls.HELD_OUT:
-                    rows.append({"task_name": task, "template": template, "example_id": i, "prompt": f"{q}+{d}",
-                                 "input_ids": tok.encode(ls._prompt(template, q, d, words), add_special_tokens=False),
-                                 "choice_ids": [tok.encode(x, add_special_tokens=False) + [tok.eos_token_id]
-                                                for x in choices],
-                                 "label": choices.index(rec["targets_pretokenized"])})
+                    rows.append(
+                        {
+                            "task_name": task,
+                            "template": template,
+                            "example_id": i,
+                            "prompt": f"{q}+{d}",
+                            "input_ids": tok.encode(ls._prompt(template, q, d, words), add_special_tokens=False),
+                            "choice_ids": [
+                                tok.encode(x, add_special_tokens=False) + [tok.eos_token_id] for x in choices
+                            ],
+                            "label": choices.index(rec["targets_pretokenized"]),
+                        }
+                    )
     return rows
 
 
@@ -72,8 +86,11 @@ def prompt_dependence(rows: list[dict], records: list[dict]) -> dict:
 
     own_prompt = {ls.dataset_name("latent_skills", p, c): f"{p}+{c}" for p, c in ls.HELD_OUT}
     own_prompt.update({ls.dataset_name("latent_skills_noprompt", p, c): f"{p}+{c}" for p, c in ls.HELD_OUT})
-    own = {(r["task_name"], r["template"], r["example_id"]): rec["prediction"]
-           for r, rec in zip(rows, records) if r["prompt"] == own_prompt[r["task_name"]]}
+    own = {
+        (r["task_name"], r["template"], r["example_id"]): rec["prediction"]
+        for r, rec in zip(rows, records)
+        if r["prompt"] == own_prompt[r["task_name"]]
+    }
     same, acc_own, acc_other, n_other = 0, 0, 0, 0
     for r, rec in zip(rows, records):
         key = (r["task_name"], r["template"], r["example_id"])
@@ -83,8 +100,12 @@ def prompt_dependence(rows: list[dict], records: list[dict]) -> dict:
             n_other += 1
             same += rec["prediction"] == own[key]
             acc_other += rec["correct"]
-    return {"same_choice_under_other_prompts": same / n_other, "accuracy_own_prompt": acc_own / len(own),
-            "accuracy_other_prompts": acc_other / n_other, "examples": len(own)}
+    return {
+        "same_choice_under_other_prompts": same / n_other,
+        "accuracy_own_prompt": acc_own / len(own),
+        "accuracy_other_prompts": acc_other / n_other,
+        "examples": len(own),
+    }
 
 
 def zero_shot_jobs(run: Path, variant: str) -> dict[str, dict]:
@@ -142,17 +163,19 @@ def main() -> None:
                 path.write_text("".join(json.dumps(r) + "\n" for r in recs))
                 own = {(t, i): ex for (tt, t, i), ex in examples.items() if tt == task}
                 # the composition's own template name stands for the task in the manifest's table
-                truth_t = {**truth, "task_skills": {**truth["task_skills"],
-                                                    task: truth["task_skills"][f"{task}_say"]}}
+                truth_t = {**truth, "task_skills": {**truth["task_skills"], task: truth["task_skills"][f"{task}_say"]}}
                 ac.merge_counts(counts, ac.predictions_confusion(path, own, truth_t, task, held))
             result["rows"][name] = ac.confusion_table(counts)
             swapped = swapped_rows(manifest.mixture, tok)
-            dep = prompt_dependence(swapped, evaluate(model, swapped, batch_size=job.eval_batch_size,
-                                                      length_norm=job.length_norm))
+            dep = prompt_dependence(
+                swapped, evaluate(model, swapped, batch_size=job.eval_batch_size, length_norm=job.length_norm)
+            )
             result["rows"][name]["prompt_swap"] = dep
-            print(f"{name}: held-out examples under the other held-out tasks' prompts: same choice "
-                  f"{100 * dep['same_choice_under_other_prompts']:.1f} %, accuracy own prompt "
-                  f"{100 * dep['accuracy_own_prompt']:.1f} %, other prompts {100 * dep['accuracy_other_prompts']:.1f} %")
+            print(
+                f"{name}: held-out examples under the other held-out tasks' prompts: same choice "
+                f"{100 * dep['same_choice_under_other_prompts']:.1f} %, accuracy own prompt "
+                f"{100 * dep['accuracy_own_prompt']:.1f} %, other prompts {100 * dep['accuracy_other_prompts']:.1f} %"
+            )
             print(f"{name}: seen compositions, accuracy {100 * result['rows'][name]['shares']['correct']:.1f} %")
     result["markdown"] = ac.confusion_markdown({n: {"all": t} for n, t in result["rows"].items()})
     print(result["markdown"])

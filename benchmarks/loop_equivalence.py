@@ -37,16 +37,29 @@ from pathlib import Path
 from tpds_common.net import free_port
 
 HERE = Path(__file__).resolve()
-PRETRAIN_OVERRIDES = ["train.steps=8", "train.eval_every=4", "train.save_every=4", "train.log_every=1",
-                      "train.keep_checkpoints=3", "train.progress_bar=false", "data.val_max_samples=32"]
-ADAPT_BASE = dict(steps=6, batch_size=4, eval_every=2, eval_batch_size=8, max_eval_examples=12, seed=42,
-                  save_adapter=True)
-ADAPT_CASES = {f"{trainer}-{mode}": dict(trainer=trainer, mode=mode)
-               for trainer in ("local", "engine") for mode in ("full", "z", "mu")}
-ADAPT_CASES["local-full-multitask-accum2"] = dict(trainer="local", mode="full", multitask_steps=2,
-                                                  multitask_batch_size=4, grad_accum=2, eval_at_start=True)
-ADAPT_CASES["engine-full-multitask-accum2"] = dict(trainer="engine", mode="full", multitask_steps=2,
-                                                   multitask_batch_size=4, grad_accum=2, eval_at_start=True)
+PRETRAIN_OVERRIDES = [
+    "train.steps=8",
+    "train.eval_every=4",
+    "train.save_every=4",
+    "train.log_every=1",
+    "train.keep_checkpoints=3",
+    "train.progress_bar=false",
+    "data.val_max_samples=32",
+]
+ADAPT_BASE = dict(
+    steps=6, batch_size=4, eval_every=2, eval_batch_size=8, max_eval_examples=12, seed=42, save_adapter=True
+)
+ADAPT_CASES = {
+    f"{trainer}-{mode}": dict(trainer=trainer, mode=mode)
+    for trainer in ("local", "engine")
+    for mode in ("full", "z", "mu")
+}
+ADAPT_CASES["local-full-multitask-accum2"] = dict(
+    trainer="local", mode="full", multitask_steps=2, multitask_batch_size=4, grad_accum=2, eval_at_start=True
+)
+ADAPT_CASES["engine-full-multitask-accum2"] = dict(
+    trainer="engine", mode="full", multitask_steps=2, multitask_batch_size=4, grad_accum=2, eval_at_start=True
+)
 VOLATILE_RESULT_KEYS = ("timings", "finished")
 PATH_JOB_KEYS = ("out_dir", "data_dir", "export")
 
@@ -108,23 +121,56 @@ def tree_env(tree: Path) -> dict:
     env = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    env.update(PYTHONPATH=str(tree), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(
+        PYTHONPATH=str(tree),
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     return env
 
 
-def pretrain(tree: Path, data: Path, run_dir: Path, resume: str = "auto", ranks: int = 1,
-             extra: tuple[str, ...] = ()) -> None:
-    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                                                    str(ranks), "--master_port", str(free_port())]
-    run_checked([*launcher, "launch/pretrain.py", "--config", "configs/pretrain/tiny_cpu.yaml",
-                 "--resume", resume, f"data.dir={data}", f"run.dir={run_dir}", *PRETRAIN_OVERRIDES, *extra],
-                cwd=tree, env=tree_env(tree))
+def pretrain(
+    tree: Path, data: Path, run_dir: Path, resume: str = "auto", ranks: int = 1, extra: tuple[str, ...] = ()
+) -> None:
+    launcher = (
+        [sys.executable]
+        if ranks == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+        ]
+    )
+    run_checked(
+        [
+            *launcher,
+            "launch/pretrain.py",
+            "--config",
+            "configs/pretrain/tiny_cpu.yaml",
+            "--resume",
+            resume,
+            f"data.dir={data}",
+            f"run.dir={run_dir}",
+            *PRETRAIN_OVERRIDES,
+            *extra,
+        ],
+        cwd=tree,
+        env=tree_env(tree),
+    )
 
 
 def pretrain_digest(run_dir: Path) -> dict:
-    return {"metrics": metric_rows(run_dir), "export": files_digest(run_dir / "export"),
-            "checkpoints": checkpoint_digest(run_dir / "checkpoints")}
+    return {
+        "metrics": metric_rows(run_dir),
+        "export": files_digest(run_dir / "export"),
+        "checkpoints": checkpoint_digest(run_dir / "checkpoints"),
+    }
 
 
 def adapt_digest(out: Path) -> dict:
@@ -133,12 +179,15 @@ def adapt_digest(out: Path) -> dict:
         result.pop(key, None)
     for key in PATH_JOB_KEYS:
         result["job"].pop(key, None)
-    files = {name: sha(out / name) for name in ("predictions.jsonl", "predictions_best.jsonl", "progress.json",
-                                                "routing.safetensors") if (out / name).is_file()}
+    files = {
+        name: sha(out / name)
+        for name in ("predictions.jsonl", "predictions_best.jsonl", "progress.json", "routing.safetensors")
+        if (out / name).is_file()
+    }
     if (out / "adapter").is_dir():
         files.update({f"adapter/{k}": v for k, v in files_digest(out / "adapter").items()})
         config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-        config.pop("adapted_from")   # the export's path, which differs between the two trees' work folders
+        config.pop("adapted_from")  # the export's path, which differs between the two trees' work folders
         files["adapter/adapter_config.json"] = config
     return {"result": result, "files": files}
 
@@ -147,10 +196,13 @@ def worker(tree: Path, data: Path, work: Path) -> dict:
     """One tree's half, in a process whose PYTHONPATH is that tree. Each part's digest is kept in
     WORK/digest_<part>.json, so that a rerun does only the parts not yet done."""
     run_dir = work / "pretrain"
-    parts = {"pretrain": lambda: pretrain_part(tree, data, run_dir),
-             "pretrain_zero2_2ranks": lambda: pretrain_part(tree, data, work / "pretrain_zero2_2ranks", ranks=2,
-                                                            extra=("deepspeed.zero_stage=2",)),
-             "adapt": lambda: adapt_part(data, run_dir / "export", work / "adapt")}
+    parts = {
+        "pretrain": lambda: pretrain_part(tree, data, run_dir),
+        "pretrain_zero2_2ranks": lambda: pretrain_part(
+            tree, data, work / "pretrain_zero2_2ranks", ranks=2, extra=("deepspeed.zero_stage=2",)
+        ),
+        "adapt": lambda: adapt_part(data, run_dir / "export", work / "adapt"),
+    }
     digest = {}
     for name, run in parts.items():
         path = work / f"digest_{name}.json"
@@ -191,7 +243,7 @@ def cross_resume(old_run: Path, new_tree: Path, data: Path, work: Path) -> dict:
     assert [t.name for t in tags] == ["step_00000004", "step_00000008"], tags
     shutil.rmtree(tags[-1])
     shutil.rmtree(run_dir / "export")
-    (run_dir / "metrics.jsonl").write_text("")   # only the resumed steps' records count
+    (run_dir / "metrics.jsonl").write_text("")  # only the resumed steps' records count
     pretrain(new_tree, data, run_dir)
     return {"metrics": [r for r in metric_rows(run_dir) if r["step"] > 4], "export": files_digest(run_dir / "export")}
 
@@ -200,8 +252,11 @@ def tree_version(tree: Path) -> dict:
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=tree, capture_output=True, text=True, check=False).stdout.strip()
 
-    return {"path": str(tree), "commit": git("rev-parse", "HEAD"),
-            "uncommitted_changes": git("status", "--porcelain", "--untracked-files=no").splitlines()}
+    return {
+        "path": str(tree),
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": git("status", "--porcelain", "--untracked-files=no").splitlines(),
+    }
 
 
 def differences(a, b, where: str = "") -> list[str]:
@@ -219,8 +274,25 @@ def differences(a, b, where: str = "") -> list[str]:
 
 
 def prepare(tree: Path, data: Path) -> None:
-    run_checked([sys.executable, "-m", "data_prep", "--mixture", "embedded", "--source", "embedded",
-                 "--tokenizer", "embedded", "--out", str(data), "--few-shot-k", "4"], cwd=tree, env=tree_env(tree))
+    run_checked(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "--mixture",
+            "embedded",
+            "--source",
+            "embedded",
+            "--tokenizer",
+            "embedded",
+            "--out",
+            str(data),
+            "--few-shot-k",
+            "4",
+        ],
+        cwd=tree,
+        env=tree_env(tree),
+    )
 
 
 def main() -> None:
@@ -235,7 +307,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path)
     args = ap.parse_args()
     if args.worker:
-        sys.path.insert(0, str(args.tree.resolve()))   # that tree's packages, not this script's tree
+        sys.path.insert(0, str(args.tree.resolve()))  # that tree's packages, not this script's tree
         digest = worker(args.tree.resolve(), args.data, args.work)
         (args.work / "digest.json").write_text(json.dumps(digest, indent=1))
         return
@@ -251,38 +323,70 @@ def main() -> None:
         side_work = work / side
         if not (side_work / "digest.json").exists():
             side_work.mkdir(exist_ok=True)
-            run_checked([sys.executable, str(HERE), "--worker", "--tree", str(tree), "--data", str(data),
-                         "--work", str(side_work)], cwd=tree, env=tree_env(tree))
+            run_checked(
+                [
+                    sys.executable,
+                    str(HERE),
+                    "--worker",
+                    "--tree",
+                    str(tree),
+                    "--data",
+                    str(data),
+                    "--work",
+                    str(side_work),
+                ],
+                cwd=tree,
+                env=tree_env(tree),
+            )
         digests[side] = json.loads((side_work / "digest.json").read_text())
         for run in ("pretrain", "pretrain_zero2_2ranks"):
             digests[side][run]["metrics"] = [stable(r) for r in digests[side][run]["metrics"]]
     shutil.rmtree(work / "resume", ignore_errors=True)
     (work / "resume").mkdir()
     resumed = cross_resume(work / "old" / "pretrain", args.new.resolve(), data, work / "resume")
-    old_tail = {"metrics": [r for r in digests["old"]["pretrain"]["metrics"] if r["step"] > 4],
-                "export": digests["old"]["pretrain"]["export"]}
-    report = {"old": tree_version(args.old), "new": tree_version(args.new),
-              "pretrain": differences(digests["old"]["pretrain"], digests["new"]["pretrain"]),
-              "pretrain_zero2_2ranks": differences(digests["old"]["pretrain_zero2_2ranks"],
-                                                   digests["new"]["pretrain_zero2_2ranks"]),
-              "resume_old_run_with_new_code": differences(old_tail, resumed),
-              "adapt": {name: differences(digests["old"]["adapt"][name], digests["new"]["adapt"].get(name, {}))
-                        for name in ADAPT_CASES},
-              "compared": {"pretrain_metric_rows": len(digests["old"]["pretrain"]["metrics"]),
-                           "checkpoint_tags": sorted(digests["old"]["pretrain"]["checkpoints"]),
-                           "adapt_jobs": sorted(ADAPT_CASES)}}
-    identical = not report["pretrain"] and not report["pretrain_zero2_2ranks"] and not report[
-        "resume_old_run_with_new_code"] and not any(
-        report["adapt"].values())
+    old_tail = {
+        "metrics": [r for r in digests["old"]["pretrain"]["metrics"] if r["step"] > 4],
+        "export": digests["old"]["pretrain"]["export"],
+    }
+    report = {
+        "old": tree_version(args.old),
+        "new": tree_version(args.new),
+        "pretrain": differences(digests["old"]["pretrain"], digests["new"]["pretrain"]),
+        "pretrain_zero2_2ranks": differences(
+            digests["old"]["pretrain_zero2_2ranks"], digests["new"]["pretrain_zero2_2ranks"]
+        ),
+        "resume_old_run_with_new_code": differences(old_tail, resumed),
+        "adapt": {
+            name: differences(digests["old"]["adapt"][name], digests["new"]["adapt"].get(name, {}))
+            for name in ADAPT_CASES
+        },
+        "compared": {
+            "pretrain_metric_rows": len(digests["old"]["pretrain"]["metrics"]),
+            "checkpoint_tags": sorted(digests["old"]["pretrain"]["checkpoints"]),
+            "adapt_jobs": sorted(ADAPT_CASES),
+        },
+    }
+    identical = (
+        not report["pretrain"]
+        and not report["pretrain_zero2_2ranks"]
+        and not report["resume_old_run_with_new_code"]
+        and not any(report["adapt"].values())
+    )
     report["bit_identical"] = identical
     from tpds_common.files import atomic_write_json
 
     atomic_write_json(args.out, report)
-    print(f"pretrain (metrics, export, checkpoints): {'identical' if not report['pretrain'] else report['pretrain'][:5]}")
-    print(f"pretrain, 2 ranks ZeRO-2:               "
-          f"{'identical' if not report['pretrain_zero2_2ranks'] else report['pretrain_zero2_2ranks'][:5]}")
-    print(f"old run resumed by new code:            "
-          f"{'identical' if not report['resume_old_run_with_new_code'] else report['resume_old_run_with_new_code'][:5]}")
+    print(
+        f"pretrain (metrics, export, checkpoints): {'identical' if not report['pretrain'] else report['pretrain'][:5]}"
+    )
+    print(
+        f"pretrain, 2 ranks ZeRO-2:               "
+        f"{'identical' if not report['pretrain_zero2_2ranks'] else report['pretrain_zero2_2ranks'][:5]}"
+    )
+    print(
+        f"old run resumed by new code:            "
+        f"{'identical' if not report['resume_old_run_with_new_code'] else report['resume_old_run_with_new_code'][:5]}"
+    )
     for name, diff in report["adapt"].items():
         print(f"adapt {name:30s}            {'identical' if not diff else diff[:5]}")
     print(f"wrote {args.out}")

@@ -19,8 +19,12 @@ from pathlib import Path
 
 
 def peak_record(exit_code: int, seconds: float) -> dict:
-    record = {"rank": int(os.environ.get("RANK", "0")), "exit_code": exit_code, "wall_s": seconds,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}   # Linux: KiB
+    record = {
+        "rank": int(os.environ.get("RANK", "0")),
+        "exit_code": exit_code,
+        "wall_s": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }  # Linux: KiB
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         record["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20

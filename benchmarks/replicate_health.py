@@ -30,10 +30,13 @@ def candidate_health(run_dir: Path) -> dict | None:
     if not train:
         return None
     first, last = train[0], train[-1]
-    return {"delta_ratio": [first["train/delta_ratio/mean"], last["train/delta_ratio/mean"]],
-            "adapter_grad_norm": [first["train/adapter_grad_norm/modules"], last["train/adapter_grad_norm/modules"]],
-            "train_loss": [first["train/loss"], last["train/loss"]], "steps": last["step"],
-            "val_loss": evals[-1]["val/loss"] if evals else None}
+    return {
+        "delta_ratio": [first["train/delta_ratio/mean"], last["train/delta_ratio/mean"]],
+        "adapter_grad_norm": [first["train/adapter_grad_norm/modules"], last["train/adapter_grad_norm/modules"]],
+        "train_loss": [first["train/loss"], last["train/loss"]],
+        "steps": last["step"],
+        "val_loss": evals[-1]["val/loss"] if evals else None,
+    }
 
 
 def collect(out: Path) -> dict:
@@ -52,7 +55,9 @@ def format_table(table: dict) -> str:
         for name, h in runs.items():
             r, g = h["delta_ratio"], h["adapter_grad_norm"]
             val = "-" if h["val_loss"] is None else f"{h['val_loss']:.3f}"
-            lines.append(f"{method:<24}{name:<36}{f'{r[0]:.2f} -> {r[1]:.2f}':>20}{f'{g[0]:.1f} -> {g[1]:.2f}':>20}{val:>10}")
+            lines.append(
+                f"{method:<24}{name:<36}{f'{r[0]:.2f} -> {r[1]:.2f}':>20}{f'{g[0]:.1f} -> {g[1]:.2f}':>20}{val:>10}"
+            )
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ so few-shot adaptation has something real to transfer. Records use the P3 format
 (inputs_pretokenized, targets_pretokenized, answer_choices) and are generated deterministically
 (random.Random seeded with a string key: sha512-based, independent of PYTHONHASHSEED).
 """
+
 from __future__ import annotations
 
 import random
@@ -44,9 +45,9 @@ HELD_OUT = (
     ("drop_first", "upper_first", 3, ("pick_one", "which_candidate"), 32),
     ("reverse", "first3", 4, ("pick_one", "which_candidate"), 32),
 )
-TRAIN_SIZE = 500          # per training dataset (every template renders the same examples)
-HELD_TRAIN_SIZE = 200     # few-shot pool per held-out task
-HELD_EVAL_SIZE = 100      # evaluation examples per held-out task
+TRAIN_SIZE = 500  # per training dataset (every template renders the same examples)
+HELD_TRAIN_SIZE = 200  # few-shot pool per held-out task
+HELD_EVAL_SIZE = 100  # evaluation examples per held-out task
 SPLITS = ("train", "validation")
 
 
@@ -64,13 +65,20 @@ def mixture(name: str = "embedded") -> Mixture:
         HeldOutTask(
             name=dataset_name(first, second),
             templates=tuple((t, f"{dataset_name(first, second)}_{t}") for t in templates),
-            eval_split="validation", few_shot_split="train", few_shot_k=k, on_hub=False,
+            eval_split="validation",
+            few_shot_split="train",
+            few_shot_k=k,
+            on_hub=False,
         )
         for first, second, _, templates, k in HELD_OUT
     )
-    return Mixture(name, tuple(train), held,
-                   "embedded: 16 training tasks (7 two-skill compositions x 2-3 templates), "
-                   "3 held-out unseen compositions as classification")
+    return Mixture(
+        name,
+        tuple(train),
+        held,
+        "embedded: 16 training tasks (7 two-skill compositions x 2-3 templates), "
+        "3 held-out unseen compositions as classification",
+    )
 
 
 def _apply(first: str, second: str, words: list[str]) -> list[str]:
@@ -81,7 +89,7 @@ def _sequences(rng: random.Random, n: int, lo: int, hi: int, seen: set) -> list[
     out = []
     while len(out) < n:
         w = rng.sample(WORDS, rng.randint(lo, hi))
-        if tuple(w) not in seen:   # keeps held-out eval and few-shot pools disjoint
+        if tuple(w) not in seen:  # keeps held-out eval and few-shot pools disjoint
             seen.add(tuple(w))
             out.append(w)
     return out
@@ -99,31 +107,42 @@ def _distractors(first: str, second: str, words: list[str], rng: random.Random) 
     return uniq
 
 
-def _render(config_key: str, template: str, first: str, second: str, words: list[str],
-            rng: random.Random, n_choices: int) -> dict:
+def _render(
+    config_key: str, template: str, first: str, second: str, words: list[str], rng: random.Random, n_choices: int
+) -> dict:
     d1, d2 = OPS[first][1], OPS[second][1]
     seq = " ".join(words)
     answer = " ".join(_apply(first, second, words))
     if template == "instruction":
         return {"inputs_pretokenized": f"{d1.capitalize()}, then {d2}: {seq}", "targets_pretokenized": answer}
     if template == "question":
-        return {"inputs_pretokenized": f"Words: {seq}\nWhat do you get if you {d1} and then {d2}?",
-                "targets_pretokenized": answer}
+        return {
+            "inputs_pretokenized": f"Words: {seq}\nWhat do you get if you {d1} and then {d2}?",
+            "targets_pretokenized": answer,
+        }
     if template in ("verify", "is_it_right"):
         yes = rng.random() < 0.5
         cand = answer if yes else _distractors(first, second, words, rng)[0]
         if template == "verify":
-            text = f"Words: {seq}\nCandidate: {cand}\nIs the candidate what you get if you {d1} and then {d2}? Yes or No?"
+            text = (
+                f"Words: {seq}\nCandidate: {cand}\nIs the candidate what you get if you {d1} and then {d2}? Yes or No?"
+            )
         else:
-            text = f"Someone was asked to {d1} and then {d2} for: {seq}. They answered: {cand}. Is that right? Yes or No?"
-        return {"inputs_pretokenized": text, "targets_pretokenized": "Yes" if yes else "No",
-                "answer_choices": ["Yes", "No"]}
+            text = (
+                f"Someone was asked to {d1} and then {d2} for: {seq}. They answered: {cand}. Is that right? Yes or No?"
+            )
+        return {
+            "inputs_pretokenized": text,
+            "targets_pretokenized": "Yes" if yes else "No",
+            "answer_choices": ["Yes", "No"],
+        }
     if template in ("pick_one", "which_candidate"):
         options = _distractors(first, second, words, rng)[: n_choices - 1] + [answer]
         rng.shuffle(options)
         if template == "pick_one":
-            text = (f"Words: {seq}\nWhich option is what you get if you {d1} and then {d2}?\n"
-                    f"Options: {' | '.join(options)}")
+            text = (
+                f"Words: {seq}\nWhich option is what you get if you {d1} and then {d2}?\nOptions: {' | '.join(options)}"
+            )
         else:
             text = f"{d1.capitalize()}, then {d2}: {seq}\nChoose one: {' | '.join(options)}"
         return {"inputs_pretokenized": text, "targets_pretokenized": answer, "answer_choices": options}

@@ -3,6 +3,7 @@
 The generator is seeded from sha256(task, seed) alone, so a task's sample does not depend on
 which other tasks are prepared or in what order, nor on PYTHONHASHSEED.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -8,6 +8,7 @@ Size and mtime are a shortcut, as in make and git: when both match a previous fi
 digest is reused without reading the file; when either differs the file is hashed again, and
 only a different digest counts as a change (a `touch` alone does not).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,7 +50,7 @@ def file_fingerprint(path, previous: dict | None = None) -> dict:
 
 def stat_unchanged(recorded: dict) -> bool:
     """True when a recorded local file still has its size and mtime (no hashing)."""
-    if "size" not in recorded:       # content-addressed (hub revision, generated data): never stale by stat
+    if "size" not in recorded:  # content-addressed (hub revision, generated data): never stale by stat
         return True
     try:
         st = Path(recorded["file"]).stat()

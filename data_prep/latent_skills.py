@@ -25,6 +25,7 @@ manifest under "latent_skills". `generic_corpus` gives word sequences over the s
 never the tasks, for pretraining the stand-in backbone (the T5-LM analogue).
 Records use the P3 format and are generated deterministically (random.Random seeded with strings).
 """
+
 from __future__ import annotations
 
 import random
@@ -38,7 +39,7 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "tool": ("saw", "axe", "hoe", "rake", "drill", "vise"),
     "colour": ("red", "blue", "gold", "pink", "teal", "gray"),
 }
-FILLERS = ("one", "two", "six", "ten", "zero", "nine")   # words of no category the tasks ask for
+FILLERS = ("one", "two", "six", "ten", "zero", "nine")  # words of no category the tasks ask for
 WORDS = tuple(w for ws in CATEGORIES.values() for w in ws) + FILLERS
 CATEGORY_OF = {w: c for c, ws in CATEGORIES.items() for w in ws}
 CATEGORY_OF.update({w: "filler" for w in FILLERS})
@@ -68,10 +69,10 @@ HELD_TEMPLATES = {
     "latent_skills_noprompt": ("plain", "words"),
 }
 PREFIX = {"latent_skills": "ls", "latent_skills_noprompt": "lsn"}
-TRAIN_SIZE = 600          # examples per training composition (every template renders the same ones)
-HELD_EVAL_SIZE = 150      # evaluation examples per held-out task: DEV_EXAMPLES dev + the rest test
+TRAIN_SIZE = 600  # examples per training composition (every template renders the same ones)
+HELD_EVAL_SIZE = 150  # evaluation examples per held-out task: DEV_EXAMPLES dev + the rest test
 DEV_EXAMPLES = 50
-HELD_POOL_SIZE = 200      # few-shot pool per held-out task (its train split)
+HELD_POOL_SIZE = 200  # few-shot pool per held-out task (its train split)
 N_CHOICES = 4
 DEFAULT_K = 16
 MIN_LEN, MAX_LEN = 5, 7
@@ -92,12 +93,20 @@ def mixture(name: str) -> Mixture:
         templates = TRAIN_TEMPLATES[name]
         train += [TrainTemplate(f"{ds}_{t}", ds, t, len(templates)) for t in templates]
     held = tuple(
-        HeldOutTask(name=dataset_name(name, p, c),
-                    templates=tuple((t, f"{dataset_name(name, p, c)}_{t}") for t in HELD_TEMPLATES[name]),
-                    eval_split="validation", few_shot_split="train", few_shot_k=DEFAULT_K, on_hub=False)
-        for p, c in HELD_OUT)
-    desc = (f"{name}: {len(TRAIN)} training compositions x {len(TRAIN_TEMPLATES[name])} templates of 2 of 8 "
-            f"latent skills, {len(HELD_OUT)} held-out unseen compositions as 4-way rank classification")
+        HeldOutTask(
+            name=dataset_name(name, p, c),
+            templates=tuple((t, f"{dataset_name(name, p, c)}_{t}") for t in HELD_TEMPLATES[name]),
+            eval_split="validation",
+            few_shot_split="train",
+            few_shot_k=DEFAULT_K,
+            on_hub=False,
+        )
+        for p, c in HELD_OUT
+    )
+    desc = (
+        f"{name}: {len(TRAIN)} training compositions x {len(TRAIN_TEMPLATES[name])} templates of 2 of 8 "
+        f"latent skills, {len(HELD_OUT)} held-out unseen compositions as 4-way rank classification"
+    )
     return Mixture(name, tuple(train), held, desc, manifest_extra={"latent_skills": ground_truth(name)})
 
 
@@ -109,13 +118,18 @@ def ground_truth(name: str) -> dict:
             tasks[f"{dataset_name(name, p, c)}_{t}"] = task_skills(p, c)
     for p, c in HELD_OUT:
         tasks[dataset_name(name, p, c)] = task_skills(p, c)
-    return {"skills": list(SKILLS), "families": {f: list(s) for f, s in FAMILIES.items()},
-            "task_skills": tasks, "dev_examples": DEV_EXAMPLES,
-            "dev_rule": f"held-out eval rows with example_id < {DEV_EXAMPLES} are the dev split, the rest the test split",
-            "chance": 1.0 / N_CHOICES}
+    return {
+        "skills": list(SKILLS),
+        "families": {f: list(s) for f, s in FAMILIES.items()},
+        "task_skills": tasks,
+        "dev_examples": DEV_EXAMPLES,
+        "dev_rule": f"held-out eval rows with example_id < {DEV_EXAMPLES} are the dev split, the rest the test split",
+        "chance": 1.0 / N_CHOICES,
+    }
 
 
 # --- examples ----------------------------------------------------------------------------------------------
+
 
 def _sequence(rng: random.Random) -> list[str]:
     """One word of every category plus distinct fillers, in random order."""
@@ -142,9 +156,11 @@ def answer(position: str, category: str, words: list[str]) -> str:
 def _candidates(position: str, category: str, words: list[str], rng: random.Random) -> tuple[list[str], int]:
     """The answer and N_CHOICES - 1 answers that differ from it in exactly one family, shuffled."""
     right = answer(position, category, words)
-    near = sorted({answer(p, category, words) for p in POSITION if p != position}
-                  | {answer(position, c, words) for c in CATEGORY if c != category})
-    near = [a for a in near if a != right]      # a position and a category can pick the same word
+    near = sorted(
+        {answer(p, category, words) for p in POSITION if p != position}
+        | {answer(position, c, words) for c in CATEGORY if c != category}
+    )
+    near = [a for a in near if a != right]  # a position and a category can pick the same word
     choices = rng.sample(near, N_CHOICES - 1) + [right]
     rng.shuffle(choices)
     return choices, choices.index(right)
@@ -187,17 +203,24 @@ def records(config: str, split: str) -> list[dict]:
         if split != "train":
             return []
         examples = _sequences(f"latent_skills|{p}|{c}|train", TRAIN_SIZE)
-        return [{"inputs_pretokenized": _prompt(template, p, c, w), "targets_pretokenized": answer(p, c, w)}
-                for w in examples]
+        return [
+            {"inputs_pretokenized": _prompt(template, p, c, w), "targets_pretokenized": answer(p, c, w)}
+            for w in examples
+        ]
     # one pool per held-out task, evaluation examples first, so the splits never share a sequence
     pool = _sequences(f"latent_skills|{p}|{c}|held", HELD_EVAL_SIZE + HELD_POOL_SIZE)
     examples = pool[:HELD_EVAL_SIZE] if split == "validation" else pool[HELD_EVAL_SIZE:]
-    rng = random.Random(f"latent_skills|{p}|{c}|{split}|choices")   # the same candidates for every template
+    rng = random.Random(f"latent_skills|{p}|{c}|{split}|choices")  # the same candidates for every template
     out = []
     for w in examples:
         choices, label = _candidates(p, c, w, rng)
-        out.append({"inputs_pretokenized": _prompt(template, p, c, w), "targets_pretokenized": choices[label],
-                    "answer_choices": choices})
+        out.append(
+            {
+                "inputs_pretokenized": _prompt(template, p, c, w),
+                "targets_pretokenized": choices[label],
+                "answer_choices": choices,
+            }
+        )
     return out
 
 
@@ -217,6 +240,10 @@ def generic_corpus(n: int, seed: int, other_words: tuple[str, ...] = ()) -> list
     out = []
     for _ in range(n):
         main = rng.sample(cats, rng.choice((1, 2)))
-        out.append([rng.choice(groups[rng.choice(main)]) if rng.random() < 0.8 else rng.choice(anywhere)
-                    for _ in range(rng.randint(3, 10))])
+        out.append(
+            [
+                rng.choice(groups[rng.choice(main)]) if rng.random() < 0.8 else rng.choice(anywhere)
+                for _ in range(rng.randint(3, 10))
+            ]
+        )
     return out

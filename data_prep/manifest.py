@@ -1,4 +1,5 @@
 """Reading a prepared data directory: the API every later stage uses (see docs/design.md)."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from tpds_common.errors import DataError
 from .writer import MANIFEST
 
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)   # 2 adds `sources` and `skipped.empty`; splits are read the same way
+READABLE_VERSIONS = (1, 2)  # 2 adds `sources` and `skipped.empty`; splits are read the same way
 
 
 class ManifestError(DataError):
@@ -48,17 +49,33 @@ class Manifest:
         return body
 
 
-_TYPES = {"format_version": int, "tasks": list, "held_out": list, "tokenizer": dict, "max_input_len": int,
-          "max_target_len": int, "mixture": str, "source": str, "rule": dict, "counts": dict,
-          "truncated": dict, "skipped": dict, "shards": dict, "content_hash": str, "args": dict}
+_TYPES = {
+    "format_version": int,
+    "tasks": list,
+    "held_out": list,
+    "tokenizer": dict,
+    "max_input_len": int,
+    "max_target_len": int,
+    "mixture": str,
+    "source": str,
+    "rule": dict,
+    "counts": dict,
+    "truncated": dict,
+    "skipped": dict,
+    "shards": dict,
+    "content_hash": str,
+    "args": dict,
+}
 
 
 def manifest_from_json(body: dict, path: str = MANIFEST) -> Manifest:
     if not isinstance(body, dict):
         raise ManifestError(f"{path}: expected a JSON object")
     if body.get("format_version") not in READABLE_VERSIONS:
-        raise ManifestError(f"{path}: field 'format_version' is {body.get('format_version')!r}, "
-                            f"this code reads format_version {' or '.join(map(str, READABLE_VERSIONS))}")
+        raise ManifestError(
+            f"{path}: field 'format_version' is {body.get('format_version')!r}, "
+            f"this code reads format_version {' or '.join(map(str, READABLE_VERSIONS))}"
+        )
     for name, typ in _TYPES.items():
         if name not in body:
             raise ManifestError(f"{path}: missing field {name!r}")

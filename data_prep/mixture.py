@@ -3,6 +3,7 @@
 A task is one (dataset, template) pair, exactly like a P3 config; its name is the P3
 config name. The order of `Mixture.train` is the task-id order every later stage uses.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,20 +19,20 @@ DEFAULT_BUDGET = 500_000
 
 @dataclass(frozen=True)
 class TrainTemplate:
-    task: str          # task name == source config name
-    dataset: str       # "dataset/subset", used to count templates per dataset
+    task: str  # task name == source config name
+    dataset: str  # "dataset/subset", used to count templates per dataset
     template: str
-    n_templates: int   # templates of this dataset in the mixture (for the budget cap rule)
+    n_templates: int  # templates of this dataset in the mixture (for the budget cap rule)
 
 
 @dataclass(frozen=True)
 class HeldOutTask:
     name: str
-    templates: tuple[tuple[str, str], ...]   # (template name, config name)
-    eval_split: str                          # split name inside each config
+    templates: tuple[tuple[str, str], ...]  # (template name, config name)
+    eval_split: str  # split name inside each config
     few_shot_split: str
     few_shot_k: int
-    on_hub: bool                             # False for StoryCloze: not part of bigscience/P3
+    on_hub: bool  # False for StoryCloze: not part of bigscience/P3
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Mixture:
     train: tuple[TrainTemplate, ...]
     held_out: tuple[HeldOutTask, ...]
     description: str
-    manifest_extra: dict = field(default_factory=dict, hash=False, compare=False)   # extra manifest keys
+    manifest_extra: dict = field(default_factory=dict, hash=False, compare=False)  # extra manifest keys
 
     def held_out_task(self, name: str) -> HeldOutTask:
         for t in self.held_out:
@@ -56,6 +57,7 @@ class CapRule:
     budget:B -> min(size, B // n_templates) rows, taking train[0:cap] (the T-Few/mttl slice rule;
     B = 500000 by default). fixed N -> min(size, N). none -> all rows.
     """
+
     kind: str
     value: int = 0
 
@@ -67,7 +69,7 @@ class CapRule:
         if t == "none":
             return cls("none", 0)
         if t.startswith("budget:"):
-            t, kind = t[len("budget:"):], "budget"
+            t, kind = t[len("budget:") :], "budget"
         else:
             kind = "fixed"
         try:
@@ -125,24 +127,31 @@ def _t0_mixture(name: str, original_only: bool) -> Mixture:
     for h in spec["held_out_eval"]:
         # The T0 evaluation set: original-task templates only (T0 paper, T-Few "all templates").
         temps = tuple((t["template"], t["p3_config"]) for t in h["templates"] if t["original_task"])
-        held.append(HeldOutTask(
-            name=h["task"], templates=temps,
-            eval_split=_p3_split(h["eval_split"]), few_shot_split=_p3_split(h["few_shot_source_split"]),
-            few_shot_k=int(h["few_shot_k"]),
-            on_hub=all(t["in_p3"] for t in h["templates"] if t["original_task"]),
-        ))
-    desc = ("T0 training mixture: every promptsource template of the 38 T0 datasets"
-            + (" (original-task templates only)" if original_only else ""))
+        held.append(
+            HeldOutTask(
+                name=h["task"],
+                templates=temps,
+                eval_split=_p3_split(h["eval_split"]),
+                few_shot_split=_p3_split(h["few_shot_source_split"]),
+                few_shot_k=int(h["few_shot_k"]),
+                on_hub=all(t["in_p3"] for t in h["templates"] if t["original_task"]),
+            )
+        )
+    desc = "T0 training mixture: every promptsource template of the 38 T0 datasets" + (
+        " (original-task templates only)" if original_only else ""
+    )
     return Mixture(name, tuple(train), tuple(held), desc)
 
 
 def _embedded_mixture(name: str) -> Mixture:
     from . import embedded
+
     return embedded.mixture(name)
 
 
 def _latent_skills_mixture(name: str) -> Mixture:
     from . import latent_skills
+
     return latent_skills.mixture(name)
 
 

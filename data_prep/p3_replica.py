@@ -9,6 +9,7 @@ What the replica reproduces (docs/prep.md, "bigscience/P3 on the Hub"):
   `stats.<split>.json` and `COMPLETED`;
 - the loading script P3.py at the root, which makes `datasets` >= 4 refuse the repository as a whole.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,12 @@ SCRIPT_STUB = '"""P3 (Public Pool of Prompts): the original loading script (stub
 
 
 def _features(rows: list[dict]) -> dict[str, dict]:
-    spec = {"inputs": {"dtype": "int32", "shape": [None]}, "inputs_pretokenized": {"dtype": "string", "shape": []},
-            "targets": {"dtype": "int32", "shape": [None]}, "targets_pretokenized": {"dtype": "string", "shape": []}}
+    spec = {
+        "inputs": {"dtype": "int32", "shape": [None]},
+        "inputs_pretokenized": {"dtype": "string", "shape": []},
+        "targets": {"dtype": "int32", "shape": [None]},
+        "targets_pretokenized": {"dtype": "string", "shape": []},
+    }
     if any("answer_choices" in r for r in rows):
         spec["answer_choices"] = {"dtype": "string", "shape": [None]}
     return spec
@@ -57,8 +62,10 @@ def write_parquet_config(root: Path, config: str, splits: dict[str, list[dict]])
         pq.write_table(_table(rows, spec), path)
         info_splits.append({"name": split, "num_bytes": path.stat().st_size, "num_examples": len(rows)})
         data_files.append({"split": split, "path": f"{config}/{split}-*"})
-    return {"dataset_info": {"config_name": config, "features": _card_features(spec), "splits": info_splits},
-            "configs": {"config_name": config, "data_files": data_files}}
+    return {
+        "dataset_info": {"config_name": config, "features": _card_features(spec), "splits": info_splits},
+        "configs": {"config_name": config, "data_files": data_files},
+    }
 
 
 def write_tfrecord_config(root: Path, config: str, splits: dict[str, list[dict]]) -> None:
@@ -66,8 +73,12 @@ def write_tfrecord_config(root: Path, config: str, splits: dict[str, list[dict]]
     folder.mkdir(parents=True, exist_ok=True)
     spec = _features([r for rows in splits.values() for r in rows])
     for split, rows in splits.items():
-        payloads = (tfrecord.encode_example({n: ([r[n]] if not spec[n]["shape"] else list(r.get(n) or []))
-                                             for n in spec if n in r}) for r in rows)
+        payloads = (
+            tfrecord.encode_example(
+                {n: ([r[n]] if not spec[n]["shape"] else list(r.get(n) or [])) for n in spec if n in r}
+            )
+            for r in rows
+        )
         tfrecord.write_records(folder / f"{split}.tfrecord-00000-of-00001", payloads)
         tfrecord.write_info(folder / f"info.{split}.json", spec)
         (folder / f"stats.{split}.json").write_text(json.dumps({"examples": len(rows)}), "utf-8")
@@ -88,8 +99,9 @@ def write_replica(root: Path, configs: dict[str, dict[str, list[dict]]], layout=
         if how in ("tfrecord", "both"):
             write_tfrecord_config(root, config, splits)
     meta = {"language": ["en"], "license": ["apache-2.0"], "pretty_name": "P3", **card}
-    (root / "README.md").write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n# Dataset Card for P3\n",
-                                    "utf-8")
+    (root / "README.md").write_text(
+        "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n# Dataset Card for P3\n", "utf-8"
+    )
     if script:
         (root / "P3.py").write_text(SCRIPT_STUB, "utf-8")
     return root

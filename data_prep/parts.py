@@ -7,6 +7,7 @@ everything it depends on: the source files' fingerprints, the tokenizer's identi
 options that shape it. A rerun after a crash, or after editing one source file, rebuilds only
 the parts whose key changed; the final splits are assembled from the parts in task order.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,15 @@ PART_VERSION = 1
 PART_JSON = "part.json"
 IDS = pa.list_(pa.int32())
 TRAIN_SCHEMA = pa.schema([("input_ids", IDS), ("target_ids", IDS)])
-EVAL_SCHEMA = pa.schema([("template", pa.string()), ("example_id", pa.int64()), ("label", pa.int32()),
-                         ("input_ids", IDS), ("choice_ids", pa.list_(IDS))])
+EVAL_SCHEMA = pa.schema(
+    [
+        ("template", pa.string()),
+        ("example_id", pa.int64()),
+        ("label", pa.int32()),
+        ("input_ids", IDS),
+        ("choice_ids", pa.list_(IDS)),
+    ]
+)
 FEW_SCHEMA = EVAL_SCHEMA.append(pa.field("target_ids", IDS))
 
 
@@ -51,7 +59,7 @@ class TrainPart:
 @dataclass(frozen=True)
 class HeldOutPart:
     task: str
-    eval_sfs: tuple[tuple[str, SplitFiles], ...]    # (template, split files), template order
+    eval_sfs: tuple[tuple[str, SplitFiles], ...]  # (template, split files), template order
     pool_sfs: tuple[tuple[str, SplitFiles], ...]
     k: int
     seeds: tuple[int, ...]
@@ -165,9 +173,13 @@ class Worker:
 
     def _empty(self, sf: SplitFiles, what: str, empty: list) -> None:
         if not self.skip_invalid:
-            raise ReadError(", ".join(sf.files), sf.config, f"split {sf.split!r}",
-                            f"{what} is empty (0 rows); pass --skip-invalid to skip it (listed in the manifest)",
-                            reason="empty")
+            raise ReadError(
+                ", ".join(sf.files),
+                sf.config,
+                f"split {sf.split!r}",
+                f"{what} is empty (0 rows); pass --skip-invalid to skip it (listed in the manifest)",
+                reason="empty",
+            )
         empty.append(f"{sf.config}/{sf.split}")
 
     def _train(self, job: TrainPart, tmp: Path) -> dict:
@@ -205,13 +217,26 @@ class Worker:
             if n == 0:
                 self._empty(sf, "the evaluation split", empty)
             counter = Counter()
-            for recs in validate_chunks(reader.chunks(range(n)), sf.config, sf.split, counter,
-                                        require_choices=True, skip_invalid=self.skip_invalid):
+            for recs in validate_chunks(
+                reader.chunks(range(n)),
+                sf.config,
+                sf.split,
+                counter,
+                require_choices=True,
+                skip_invalid=self.skip_invalid,
+            ):
                 if not recs:
                     continue
                 enc = self.encoder.choice_batch(recs.inputs, recs.choices, recs.labels)
-                out.write([pa.array([template] * len(recs)), pa.array(recs.example_ids, pa.int64()),
-                           pa.array(recs.labels, pa.int32()), enc["input_ids"], enc["choice_ids"]])
+                out.write(
+                    [
+                        pa.array([template] * len(recs)),
+                        pa.array(recs.example_ids, pa.int64()),
+                        pa.array(recs.labels, pa.int32()),
+                        enc["input_ids"],
+                        enc["choice_ids"],
+                    ]
+                )
                 cut["input"] += int(enc["input_truncated"].sum())
                 cut["target"] += int(enc["target_truncated"].sum())
                 eval_ids.update(recs.example_ids)
@@ -219,8 +244,13 @@ class Worker:
                 skipped[f"{sf.config}/{sf.split}"] = dict(sorted(counter.items()))
         out.close()
         if out.rows == 0:
-            raise ReadError(", ".join(f for _, sf in job.eval_sfs for f in sf.files), job.task, "all templates",
-                            "no evaluation rows are left for this held-out task", reason="empty")
+            raise ReadError(
+                ", ".join(f for _, sf in job.eval_sfs for f in sf.files),
+                job.task,
+                "all templates",
+                "no evaluation rows are left for this held-out task",
+                reason="empty",
+            )
         eval_stats = {"rows": out.rows, "examples": len(eval_ids), "truncated": dict(cut)}
 
         # Few-shot pool: sizes and valid ids first (no text kept), then only the sampled rows.
@@ -232,8 +262,14 @@ class Worker:
                 self._empty(sf, "the few-shot pool", empty)
                 continue
             counter, ids = Counter(), set()
-            for recs in validate_chunks(reader.chunks(range(n)), sf.config, sf.split, counter,
-                                        require_choices=True, skip_invalid=self.skip_invalid):
+            for recs in validate_chunks(
+                reader.chunks(range(n)),
+                sf.config,
+                sf.split,
+                counter,
+                require_choices=True,
+                skip_invalid=self.skip_invalid,
+            ):
                 ids.update(recs.example_ids)
             valid[template] = ids
             if counter:
@@ -246,35 +282,64 @@ class Worker:
         cands = set.intersection(*(valid[t] for t in pool)) if pool else set()
         split_of = {t: sf.split for t, sf in job.pool_sfs}
         eval_split = {sf.split for _, sf in job.eval_sfs}
-        if pool and split_of[pool[0]] in eval_split:   # same split: keep eval rows out of the shots
+        if pool and split_of[pool[0]] in eval_split:  # same split: keep eval rows out of the shots
             cands -= eval_ids
         if not cands:
-            raise ReadError(", ".join(f for _, sf in job.pool_sfs for f in sf.files), job.task, "few-shot pool",
-                            f"no usable few-shot candidates (templates with the full pool: {pool})", reason="empty")
+            raise ReadError(
+                ", ".join(f for _, sf in job.pool_sfs for f in sf.files),
+                job.task,
+                "few-shot pool",
+                f"no usable few-shot candidates (templates with the full pool: {pool})",
+                reason="empty",
+            )
         picks = {s: fewshot.sample(job.task, s, sorted(cands), job.k) for s in job.seeds}
         needed = set().union(*picks.values())
         few = _Stream(tmp / "few.arrow", FEW_SCHEMA)
         few_cut = Counter()
         sf_of = dict(job.pool_sfs)
         for template in pool:
-            for recs in validate_chunks(readers[template].chunks(range(full)), sf_of[template].config,
-                                        sf_of[template].split, Counter(), require_choices=True, skip_invalid=True):
+            for recs in validate_chunks(
+                readers[template].chunks(range(full)),
+                sf_of[template].config,
+                sf_of[template].split,
+                Counter(),
+                require_choices=True,
+                skip_invalid=True,
+            ):
                 keep = [i for i, e in enumerate(recs.example_ids) if e in needed]
                 if not keep:
                     continue
-                enc = self.encoder.choice_batch([recs.inputs[i] for i in keep], [recs.choices[i] for i in keep],
-                                                [recs.labels[i] for i in keep])
-                few.write([pa.array([template] * len(keep)), pa.array([recs.example_ids[i] for i in keep], pa.int64()),
-                           pa.array([recs.labels[i] for i in keep], pa.int32()), enc["input_ids"], enc["choice_ids"],
-                           enc["target_ids"]])
+                enc = self.encoder.choice_batch(
+                    [recs.inputs[i] for i in keep], [recs.choices[i] for i in keep], [recs.labels[i] for i in keep]
+                )
+                few.write(
+                    [
+                        pa.array([template] * len(keep)),
+                        pa.array([recs.example_ids[i] for i in keep], pa.int64()),
+                        pa.array([recs.labels[i] for i in keep], pa.int32()),
+                        enc["input_ids"],
+                        enc["choice_ids"],
+                        enc["target_ids"],
+                    ]
+                )
                 few_cut["input"] += int(enc["input_truncated"].sum())
                 few_cut["target"] += int(enc["target_truncated"].sum())
         few.close()
-        return {"eval": eval_stats, "skipped": skipped, "empty": empty,
-                "few_shot": {"k": job.k, "seeds": list(job.seeds), "source_split": split_of[job.pool_sfs[0][0]],
-                             "templates": pool, "templates_excluded": excluded, "candidates": len(cands),
-                             "example_ids": {str(s): ids for s, ids in picks.items()}},
-                "few_truncated": {"input": few_cut["input"], "target": few_cut["target"]}}
+        return {
+            "eval": eval_stats,
+            "skipped": skipped,
+            "empty": empty,
+            "few_shot": {
+                "k": job.k,
+                "seeds": list(job.seeds),
+                "source_split": split_of[job.pool_sfs[0][0]],
+                "templates": pool,
+                "templates_excluded": excluded,
+                "candidates": len(cands),
+                "example_ids": {str(s): ids for s, ids in picks.items()},
+            },
+            "few_truncated": {"input": few_cut["input"], "target": few_cut["target"]},
+        }
 
 
 # Worker-process plumbing: one Worker per process, built once by the pool initializer.
@@ -296,13 +361,22 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def init_worker(source, backend_json: str, eos_token_id: int, max_input_len: int, max_target_len: int,
-                cache_root: str, common_key: str, skip_invalid: bool) -> None:
+def init_worker(
+    source,
+    backend_json: str,
+    eos_token_id: int,
+    max_input_len: int,
+    max_target_len: int,
+    cache_root: str,
+    common_key: str,
+    skip_invalid: bool,
+) -> None:
     global _WORKER
     # The workers are the parallelism; Rust-side threads on top would only oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _exit_with_parent()
     from .tokenizer import Encoder, load_backend
+
     encoder = Encoder(load_backend(backend_json), eos_token_id, max_input_len, max_target_len)
     _WORKER = Worker(source, encoder, PartCache(Path(cache_root)), common_key, skip_invalid)
 

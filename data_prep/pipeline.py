@@ -7,6 +7,7 @@ task is one part (parts.py): read, validated and tokenised a bounded chunk at a 
 task order in a staging folder that replaces DIR in one rename, with the manifest written last.
 Memory stays at about one chunk per worker plus the part being copied, whatever the mixture size.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,7 +39,7 @@ from .writer import MANIFEST, Staging, content_hash, write_json_atomic, write_sp
 log = get_logger("prep")
 
 DEFAULT_SEEDS = (0, 1024, 42)
-SOURCES_RECORD = "sources.json"   # in the work folder: the last build's fingerprints with mtimes
+SOURCES_RECORD = "sources.json"  # in the work folder: the last build's fingerprints with mtimes
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def load_prep_config(paths: list, overrides: list[str] = (), given: dict | None 
 
 @dataclass
 class Result:
-    status: str          # "built" | "unchanged"
+    status: str  # "built" | "unchanged"
     out: Path
     manifest: Manifest
     parts_reused: int = 0
@@ -105,7 +106,7 @@ class _Plan:
     excluded: dict
     cap: CapRule
     source: object
-    splits: dict = field(default_factory=dict)      # (config, split) -> SplitFiles
+    splits: dict = field(default_factory=dict)  # (config, split) -> SplitFiles
 
 
 def work_dir(out: Path) -> Path:
@@ -138,7 +139,7 @@ def plan(cfg: PrepConfig) -> _Plan:
             if name not in by_name:
                 raise unknown_name("training task", name, by_name)
         wanted = set(cfg.train_tasks)
-        train = [t for t in mixture.train if t.task in wanted]   # registry order fixes the ids
+        train = [t for t in mixture.train if t.task in wanted]  # registry order fixes the ids
     excluded = {}
     if cfg.held_out is None:
         held = list(mixture.held_out)
@@ -203,18 +204,27 @@ def _existing_state(cfg: PrepConfig, p: _Plan, work: Path) -> Result | None:
                 return None
             current = _content_only(_current_sources(p, work))
             if current == recorded:
-                log.info(f"{out} is already prepared with these arguments and sources (content hash "
-                         f"{m.content_hash[:12]}); nothing to do")
+                log.info(
+                    f"{out} is already prepared with these arguments and sources (content hash "
+                    f"{m.content_hash[:12]}); nothing to do"
+                )
                 return Result("unchanged", out, m)
             changed = sorted(k for k in set(current) | set(recorded) if current.get(k) != recorded.get(k))
-            log.info(f"source data changed since {out} was prepared ({', '.join(changed[:10])}"
-                     f"{', ...' if len(changed) > 10 else ''}); rebuilding (unchanged configs come from the cache)")
+            log.info(
+                f"source data changed since {out} was prepared ({', '.join(changed[:10])}"
+                f"{', ...' if len(changed) > 10 else ''}); rebuilding (unchanged configs come from the cache)"
+            )
             return None
         if not cfg.overwrite:
-            diff = sorted(k for k in set(cfg.output_args()) | set(m.args if m else {})
-                          if (m.args if m else {}).get(k) != cfg.output_args().get(k))
-            raise ConfigError(f"{out} already holds prepared data made with different arguments "
-                              f"(differs in: {', '.join(diff)}); pass --overwrite to replace it")
+            diff = sorted(
+                k
+                for k in set(cfg.output_args()) | set(m.args if m else {})
+                if (m.args if m else {}).get(k) != cfg.output_args().get(k)
+            )
+            raise ConfigError(
+                f"{out} already holds prepared data made with different arguments "
+                f"(differs in: {', '.join(diff)}); pass --overwrite to replace it"
+            )
         return None
     if any(out.iterdir()) and not cfg.overwrite:
         raise ConfigError(f"{out} exists, is not empty and has no {MANIFEST}; pass --overwrite to replace it")
@@ -224,6 +234,7 @@ def _existing_state(cfg: PrepConfig, p: _Plan, work: Path) -> Result | None:
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
+
 
 def _embedded_texts(cfg: PrepConfig, p: _Plan):
     """Every text the embedded vocabulary is counted over: training and validation rows, eval
@@ -240,8 +251,14 @@ def _embedded_texts(cfg: PrepConfig, p: _Plan):
         pools = []
         for _, config in h.templates:
             reader = src.open(p.splits[(config, h.eval_split)])
-            for r in validate_chunks(reader.chunks(range(reader.num_rows())), config, h.eval_split, Counter(),
-                                     require_choices=True, skip_invalid=cfg.skip_invalid):
+            for r in validate_chunks(
+                reader.chunks(range(reader.num_rows())),
+                config,
+                h.eval_split,
+                Counter(),
+                require_choices=True,
+                skip_invalid=cfg.skip_invalid,
+            ):
                 yield from r.inputs
                 for cs in r.choices:
                     yield from cs
@@ -251,8 +268,14 @@ def _embedded_texts(cfg: PrepConfig, p: _Plan):
         for config, reader, n in pools:
             if n != full:
                 continue
-            for r in validate_chunks(reader.chunks(range(n)), config, h.few_shot_split, Counter(),
-                                     require_choices=True, skip_invalid=cfg.skip_invalid):
+            for r in validate_chunks(
+                reader.chunks(range(n)),
+                config,
+                h.few_shot_split,
+                Counter(),
+                require_choices=True,
+                skip_invalid=cfg.skip_invalid,
+            ):
                 yield from r.inputs
                 for cs in r.choices:
                     yield from cs
@@ -272,20 +295,28 @@ def _tokenizer(cfg: PrepConfig, p: _Plan):
 # Parts
 # ---------------------------------------------------------------------------------------------
 
+
 def _jobs(cfg: PrepConfig, p: _Plan) -> list:
-    jobs: list = [TrainPart(t.task, p.splits[(t.task, "train")], t.n_templates, p.cap, cfg.val_per_template)
-                  for t in p.train]
+    jobs: list = [
+        TrainPart(t.task, p.splits[(t.task, "train")], t.n_templates, p.cap, cfg.val_per_template) for t in p.train
+    ]
     for h in p.held:
-        jobs.append(HeldOutPart(
-            h.name, tuple((t, p.splits[(c, h.eval_split)]) for t, c in h.templates),
-            tuple((t, p.splits[(c, h.few_shot_split)]) for t, c in h.templates),
-            cfg.few_shot_k or h.few_shot_k, tuple(cfg.few_shot_seeds)))
+        jobs.append(
+            HeldOutPart(
+                h.name,
+                tuple((t, p.splits[(c, h.eval_split)]) for t, c in h.templates),
+                tuple((t, p.splits[(c, h.few_shot_split)]) for t, c in h.templates),
+                cfg.few_shot_k or h.few_shot_k,
+                tuple(cfg.few_shot_seeds),
+            )
+        )
     return jobs
 
 
 def _run_parts(cfg: PrepConfig, p: _Plan, jobs: list, tok, tinfo, cache: PartCache) -> dict:
-    common = hashlib.sha256(json.dumps([tinfo.sha256, cfg.max_input_len, cfg.max_target_len,
-                                        cfg.skip_invalid]).encode()).hexdigest()
+    common = hashlib.sha256(
+        json.dumps([tinfo.sha256, cfg.max_input_len, cfg.max_target_len, cfg.skip_invalid]).encode()
+    ).hexdigest()
     results: dict[str, dict] = {}
     bar = progress(total=len(jobs), desc="Preparing configs", unit="config")
 
@@ -296,18 +327,36 @@ def _run_parts(cfg: PrepConfig, p: _Plan, jobs: list, tok, tinfo, cache: PartCac
 
     try:
         if cfg.num_proc == 1 or len(jobs) <= 1:
-            worker = Worker(p.source, toklib.Encoder.for_tokenizer(tok, cfg.max_input_len, cfg.max_target_len),
-                            cache, common, cfg.skip_invalid)
+            worker = Worker(
+                p.source,
+                toklib.Encoder.for_tokenizer(tok, cfg.max_input_len, cfg.max_target_len),
+                cache,
+                common,
+                cfg.skip_invalid,
+            )
             for job in jobs:
                 done(job.name, worker.run(job))
         else:
             from .parts import init_worker, run_in_worker
+
             backend = cache.root.parent / f"tokenizer-{tinfo.sha256[:16]}.json"
             toklib.save_backend(tok, backend)
-            ctx = mp.get_context("spawn")   # no fork with tokenizer/arrow threads alive
-            ex = ProcessPoolExecutor(min(cfg.num_proc, len(jobs)), mp_context=ctx, initializer=init_worker,
-                                     initargs=(p.source, str(backend), tok.eos_token_id, cfg.max_input_len,
-                                               cfg.max_target_len, str(cache.root), common, cfg.skip_invalid))
+            ctx = mp.get_context("spawn")  # no fork with tokenizer/arrow threads alive
+            ex = ProcessPoolExecutor(
+                min(cfg.num_proc, len(jobs)),
+                mp_context=ctx,
+                initializer=init_worker,
+                initargs=(
+                    p.source,
+                    str(backend),
+                    tok.eos_token_id,
+                    cfg.max_input_len,
+                    cfg.max_target_len,
+                    str(cache.root),
+                    common,
+                    cfg.skip_invalid,
+                ),
+            )
             try:
                 # Largest first would balance better, but sizes are unknown until read; registry
                 # order keeps the cache filling from the front, which is what a resume sees.
@@ -336,14 +385,21 @@ def _run_parts(cfg: PrepConfig, p: _Plan, jobs: list, tok, tinfo, cache: PartCac
 # Assembly
 # ---------------------------------------------------------------------------------------------
 
+
 def _features(kind: str):
     from datasets import Features, List, Value
+
     ids = List(Value("int32"))
     if kind == "train":
-        return Features({"task_id": Value("int32"), "task_name": Value("string"), "input_ids": ids,
-                         "target_ids": ids})
-    cols = {"task_name": Value("string"), "template": Value("string"), "example_id": Value("int64"),
-            "input_ids": ids, "choice_ids": List(ids), "label": Value("int32")}
+        return Features({"task_id": Value("int32"), "task_name": Value("string"), "input_ids": ids, "target_ids": ids})
+    cols = {
+        "task_name": Value("string"),
+        "template": Value("string"),
+        "example_id": Value("int64"),
+        "input_ids": ids,
+        "choice_ids": List(ids),
+        "label": Value("int32"),
+    }
     if kind == "few_shot":
         cols["target_ids"] = ids
     return Features(cols)
@@ -360,17 +416,23 @@ def _const(value, n: int, typ) -> pa.Array:
 def _train_tables(cache: PartCache, jobs: list[TrainPart], split: str):
     for task_id, job in enumerate(jobs):
         for b in read_part(cache.entry(job.name) / f"{split}.arrow"):
-            yield pa.table({"task_id": _const(task_id, b.num_rows, pa.int32()),
-                            "task_name": _const(job.task, b.num_rows, pa.string()),
-                            "input_ids": b.column("input_ids"), "target_ids": b.column("target_ids")})
+            yield pa.table(
+                {
+                    "task_id": _const(task_id, b.num_rows, pa.int32()),
+                    "task_name": _const(job.task, b.num_rows, pa.string()),
+                    "input_ids": b.column("input_ids"),
+                    "target_ids": b.column("target_ids"),
+                }
+            )
 
 
 def _with_task(table: pa.Table, task: str) -> pa.Table:
     return table.add_column(0, "task_name", _const(task, table.num_rows, pa.string()))
 
 
-def _assemble(cfg: PrepConfig, p: _Plan, jobs: list, results: dict, tok, tinfo, sources: dict,
-              cache: PartCache, stage: Path) -> dict:
+def _assemble(
+    cfg: PrepConfig, p: _Plan, jobs: list, results: dict, tok, tinfo, sources: dict, cache: PartCache, stage: Path
+) -> dict:
     base = hashlib.sha256(json.dumps([cfg.output_args(), tinfo.sha256]).encode()).hexdigest()
     tasks = [t.task for t in p.train]
     train_jobs = [j for j in jobs if isinstance(j, TrainPart)]
@@ -388,8 +450,15 @@ def _assemble(cfg: PrepConfig, p: _Plan, jobs: list, results: dict, tok, tinfo, 
         skipped_by.update(r["skipped"])
         empty += r["empty"]
     for split in ("train", "val"):
-        shards[split] = write_split(stage, split, _features("train"), _train_tables(cache, train_jobs, split),
-                                    sum(counts[split].values()), cfg.num_shards, _fp(base, split))
+        shards[split] = write_split(
+            stage,
+            split,
+            _features("train"),
+            _train_tables(cache, train_jobs, split),
+            sum(counts[split].values()),
+            cfg.num_shards,
+            _fp(base, split),
+        )
 
     eval_info, few_info = {}, {}
     for j in (j for j in jobs if isinstance(j, HeldOutPart)):
@@ -400,14 +469,21 @@ def _assemble(cfg: PrepConfig, p: _Plan, jobs: list, results: dict, tok, tinfo, 
         tables = (_with_task(pa.Table.from_batches([b]), j.task) for b in read_part(cache.entry(j.name) / "eval.arrow"))
         shards[rel] = write_split(stage, rel, _features("eval"), tables, r["eval"]["rows"], 1, _fp(base, rel))
         counts["eval"][j.task] = r["eval"]["rows"]
-        truncated["eval"][j.task] = {"input": r["eval"]["truncated"].get("input", 0),
-                                     "target": r["eval"]["truncated"].get("target", 0)}
-        eval_info[j.task] = {"split": j.eval_sfs[0][1].split, "templates": [t for t, _ in j.eval_sfs],
-                             "examples": r["eval"]["examples"]}
+        truncated["eval"][j.task] = {
+            "input": r["eval"]["truncated"].get("input", 0),
+            "target": r["eval"]["truncated"].get("target", 0),
+        }
+        eval_info[j.task] = {
+            "split": j.eval_sfs[0][1].split,
+            "templates": [t for t, _ in j.eval_sfs],
+            "examples": r["eval"]["examples"],
+        }
         few = pa.Table.from_batches(list(read_part(cache.entry(j.name) / "few.arrow")), schema=FEW_SCHEMA)
         info = r["few_shot"]
-        where = {(e, t): i for i, (e, t) in enumerate(zip(few.column("example_id").to_pylist(),
-                                                          few.column("template").to_pylist()))}
+        where = {
+            (e, t): i
+            for i, (e, t) in enumerate(zip(few.column("example_id").to_pylist(), few.column("template").to_pylist()))
+        }
         counts["few_shot"][j.task] = {}
         for seed, ids in info["example_ids"].items():
             rel = f"few_shot/{j.task}/{info['k']}_shot/{seed}_seed"
@@ -419,22 +495,38 @@ def _assemble(cfg: PrepConfig, p: _Plan, jobs: list, results: dict, tok, tinfo, 
         few_info[j.task] = info
     totals = {s: sum(counts[s].values()) for s in ("train", "val", "eval")}
     return {
-        "format_version": FORMAT_VERSION, "tasks": tasks, "held_out": [h.name for h in p.held],
-        "tokenizer": tinfo.to_json(), "max_input_len": cfg.max_input_len, "max_target_len": cfg.max_target_len,
-        "mixture": cfg.mixture, "source": p.source.describe(),
-        "rule": {"tasks": "every template of every training dataset is a task (task id = index in tasks)",
-                 "mixing": "examples-proportional with a per-template cap",
-                 "cap": p.cap.describe(), "cap_per_template": cfg.cap_per_template,
-                 "val_per_template": cfg.val_per_template,
-                 "val_rows": "last min(val_per_template, size // 2) rows of each template's train split; "
-                             "training rows are train[0:min(cap, size - v)]",
-                 "held_out_excluded": p.excluded},
-        "counts": {**counts, "totals": totals}, "truncated": truncated,
-        "skipped": {"total": {r: sum(c.get(r, 0) for c in skipped_by.values()) for r in REASONS},
-                    "by_config": dict(sorted(skipped_by.items())), "empty": sorted(empty)},
-        "shards": shards, "content_hash": "", "args": cfg.output_args(), "few_shot": few_info, "eval": eval_info,
+        "format_version": FORMAT_VERSION,
+        "tasks": tasks,
+        "held_out": [h.name for h in p.held],
+        "tokenizer": tinfo.to_json(),
+        "max_input_len": cfg.max_input_len,
+        "max_target_len": cfg.max_target_len,
+        "mixture": cfg.mixture,
+        "source": p.source.describe(),
+        "rule": {
+            "tasks": "every template of every training dataset is a task (task id = index in tasks)",
+            "mixing": "examples-proportional with a per-template cap",
+            "cap": p.cap.describe(),
+            "cap_per_template": cfg.cap_per_template,
+            "val_per_template": cfg.val_per_template,
+            "val_rows": "last min(val_per_template, size // 2) rows of each template's train split; "
+            "training rows are train[0:min(cap, size - v)]",
+            "held_out_excluded": p.excluded,
+        },
+        "counts": {**counts, "totals": totals},
+        "truncated": truncated,
+        "skipped": {
+            "total": {r: sum(c.get(r, 0) for c in skipped_by.values()) for r in REASONS},
+            "by_config": dict(sorted(skipped_by.items())),
+            "empty": sorted(empty),
+        },
+        "shards": shards,
+        "content_hash": "",
+        "args": cfg.output_args(),
+        "few_shot": few_info,
+        "eval": eval_info,
         "sources": _content_only(sources),
-        **p.mixture.manifest_extra,   # e.g. the latent-skill mixtures' ground truth
+        **p.mixture.manifest_extra,  # e.g. the latent-skill mixtures' ground truth
     }
 
 
@@ -447,8 +539,10 @@ def _log_rate(what: str, started: float, jobs: list, results: dict) -> None:
         if not r["reused"]:
             rows += sum(r["rows"].values()) if isinstance(j, TrainPart) else r["eval"]["rows"]
     built = sum(not r["reused"] for r in results.values())
-    log.info(f"{what}: {built} built, {len(jobs) - built} reused, {rows} rows in {sec:.1f} s "
-             f"({rows / max(sec, 1e-9):.1f} rows/s)")
+    log.info(
+        f"{what}: {built} built, {len(jobs) - built} reused, {rows} rows in {sec:.1f} s "
+        f"({rows / max(sec, 1e-9):.1f} rows/s)"
+    )
 
 
 def _clean_stale(work: Path) -> None:
@@ -464,8 +558,10 @@ def build(cfg: PrepConfig) -> Result:
     work = work_dir(cfg.out)
     lock = FolderLock(work, what=f"the prep of {cfg.out}")
     try:
-        lock.acquire(wait_s=0.5 if cfg.no_wait else None,
-                     on_wait=lambda who: log.warning(f"{who}; waiting for it to finish (--no-wait refuses instead)"))
+        lock.acquire(
+            wait_s=0.5 if cfg.no_wait else None,
+            on_wait=lambda who: log.warning(f"{who}; waiting for it to finish (--no-wait refuses instead)"),
+        )
     except LockHeld as held:
         raise OutputBusy(f"{held} (not waiting: --no-wait)") from None
     try:
@@ -495,7 +591,7 @@ def build(cfg: PrepConfig) -> Result:
         write_json_atomic(work / SOURCES_RECORD, sources)
         keep = {j.name for j in jobs} if not cfg.drop_cache else set()
         cache.prune(keep)
-        for saved in work.glob("tokenizer-*.json"):   # the workers' copy; rewritten when needed
+        for saved in work.glob("tokenizer-*.json"):  # the workers' copy; rewritten when needed
             saved.unlink()
     finally:
         lock.release()

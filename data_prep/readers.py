@@ -6,6 +6,7 @@ TFRecord headers) and yields `Chunk`s for a range of rows, reading only the colu
 Every failure to read is a ReadError naming the file, the config and the row/line/record, so
 a bad dump never ends in a bare pyarrow or codec traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,12 @@ CHUNK_ROWS = 4096
 class SplitFiles:
     """Where one config split lives. `files` are local paths, or (hub) repository paths / data-file
     URLs that the source turns into local files when the split is opened."""
+
     config: str
     split: str
-    kind: str                     # parquet | jsonl | arrow | tfrecord | hub-parquet | embedded
+    kind: str  # parquet | jsonl | arrow | tfrecord | hub-parquet | embedded
     files: tuple[str, ...]
-    info: str | None = None       # TFRecord: the seqio info.<split>.json with the feature spec
+    info: str | None = None  # TFRecord: the seqio info.<split>.json with the feature spec
 
     def describe(self) -> str:
         shown = ", ".join(self.files[:3]) + (f", ... ({len(self.files)} files)" if len(self.files) > 3 else "")
@@ -100,7 +102,7 @@ class ArrowFormat(FileFormat):
         with pa.OSFile(str(path), "rb") as f:
             try:
                 reader = pa.ipc.open_stream(f)
-            except (pa.ArrowException, OSError):   # not a stream: maybe the IPC file format
+            except (pa.ArrowException, OSError):  # not a stream: maybe the IPC file format
                 reader = None
             if reader is not None:
                 while True:
@@ -109,8 +111,9 @@ class ArrowFormat(FileFormat):
                     except StopIteration:
                         return
                     except (pa.ArrowException, OSError) as e:
-                        raise ReadError(str(path), config, f"rows from {rows}",
-                                        f"corrupt or truncated Arrow stream ({e})") from None
+                        raise ReadError(
+                            str(path), config, f"rows from {rows}", f"corrupt or truncated Arrow stream ({e})"
+                        ) from None
                     rows += batch.num_rows
                     yield batch
         with pa.OSFile(str(path), "rb") as f:
@@ -167,16 +170,27 @@ class JsonLinesFormat(FileFormat):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ReadError(str(path), config, f"row {row}, line {lineno}",
-                                f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+                raise ReadError(
+                    str(path),
+                    config,
+                    f"row {row}, line {lineno}",
+                    f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                ) from None
             try:
                 rec = json.loads(text)
             except json.JSONDecodeError as e:
-                raise DataError("malformed_json", str(path), config, row, "<line>",
-                                f"invalid JSON on line {lineno} ({e.msg})") from None
+                raise DataError(
+                    "malformed_json", str(path), config, row, "<line>", f"invalid JSON on line {lineno} ({e.msg})"
+                ) from None
             if not isinstance(rec, dict):
-                raise DataError("wrong_type", str(path), config, row, "<record>",
-                                f"expected a JSON object on line {lineno}, got {type(rec).__name__}")
+                raise DataError(
+                    "wrong_type",
+                    str(path),
+                    config,
+                    row,
+                    "<record>",
+                    f"expected a JSON object on line {lineno}, got {type(rec).__name__}",
+                )
             first = row if first is None else first
             for n in COLUMNS:
                 cols[n].append(rec.get(n, MISSING))
@@ -215,8 +229,9 @@ class TFRecordFormat(FileFormat):
             for index, payload in tfrecord.TFRecordFile(path).records(range(start, stop)):
                 try:
                     feats = tfrecord.parse_example(payload, wanted)
-                    values = {n: tfrecord.decode_feature(n, spec[n], *feats[n]) if n in feats else MISSING
-                              for n in COLUMNS}
+                    values = {
+                        n: tfrecord.decode_feature(n, spec[n], *feats[n]) if n in feats else MISSING for n in COLUMNS
+                    }
                 except ValueError as e:
                     raise ReadError(str(path), config, f"record {index}", f"malformed tf.train.Example ({e})") from None
                 first = index if first is None else first
@@ -282,11 +297,17 @@ class RowsReader:
 
     def chunks(self, rows: range):
         for a in range(rows.start, min(rows.stop, len(self.rows)), CHUNK_ROWS):
-            part = self.rows[a: min(a + CHUNK_ROWS, rows.stop)]
+            part = self.rows[a : min(a + CHUNK_ROWS, rows.stop)]
             for i, r in enumerate(part):
                 if not isinstance(r, dict):
-                    raise DataError("wrong_type", self.origin, self.config, a + i, "<record>",
-                                    f"expected an object, got {type(r).__name__}")
+                    raise DataError(
+                        "wrong_type",
+                        self.origin,
+                        self.config,
+                        a + i,
+                        "<record>",
+                        f"expected an object, got {type(r).__name__}",
+                    )
             cols = {n: [r.get(n, MISSING) for r in part] for n in COLUMNS}
             c = Chunk(self.origin, cols, len(part), first=a)
             c.offset = a

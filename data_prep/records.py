@@ -4,6 +4,7 @@ P3 rows carry `inputs_pretokenized`, `targets_pretokenized` and, for templates w
 choices, `answer_choices`; the int `inputs`/`targets` columns are ignored because we always
 re-tokenise with the chosen tokenizer. A chunk is validated before any of it is tokenised.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .errors import DataError
 
-MISSING = object()   # sentinel: the field is absent from the row (vs. present but null)
+MISSING = object()  # sentinel: the field is absent from the row (vs. present but null)
 
 INPUT = "inputs_pretokenized"
 TARGET = "targets_pretokenized"
@@ -24,6 +25,7 @@ REASONS = ("missing_field", "wrong_type", "empty_target", "target_not_in_choices
 class Chunk:
     """Consecutive rows of one config split read from one file, column-wise.
     `first` is the row index of the first row within that file, `offset` within the split."""
+
     origin: str
     columns: dict[str, list]
     n_rows: int
@@ -38,6 +40,7 @@ class Chunk:
 @dataclass
 class Records:
     """Valid rows of (part of) one config split. `example_ids` are row indices within the split."""
+
     config: str
     split: str
     example_ids: list[int] = field(default_factory=list)
@@ -79,12 +82,20 @@ def _check_row(chunk: Chunk, i: int, require_choices: bool):
     stripped = [c.strip() for c in choices]
     target = values[TARGET].strip()
     if target not in stripped:
-        return _Bad("target_not_in_choices", TARGET, f"target {target!r} is not one of the answer choices {list(choices)!r}")
+        return _Bad(
+            "target_not_in_choices", TARGET, f"target {target!r} is not one of the answer choices {list(choices)!r}"
+        )
     return values[INPUT], values[TARGET], list(choices), stripped.index(target)
 
 
-def validate_chunks(chunks: Iterable[Chunk], config: str, split: str, skipped: Counter,
-                    require_choices: bool = False, skip_invalid: bool = False) -> Iterator[Records]:
+def validate_chunks(
+    chunks: Iterable[Chunk],
+    config: str,
+    split: str,
+    skipped: Counter,
+    require_choices: bool = False,
+    skip_invalid: bool = False,
+) -> Iterator[Records]:
     """The valid rows of each chunk, as one Records per chunk (possibly empty).
 
     Raises DataError naming file, config, row (within that file) and field, unless skip_invalid,

@@ -8,6 +8,7 @@ Two layouts coexist in its history (see docs/prep.md, "bigscience/P3 on the Hub"
 A config is read from the Parquet layout when the README declares it, else from the TFRecord
 layout when its files are there; `resolve` returns None when neither has the split.
 """
+
 from __future__ import annotations
 
 import re
@@ -96,11 +97,13 @@ class Repository:
             kinds = {DATA_KINDS_BY_EXT.get(PurePosixPath(f).suffix) for f in files}
             if files and len(kinds) == 1 and None not in kinds:
                 return SplitFiles(config, split, kinds.pop(), tuple(files))
-        shards = sorted(f for f in self._tfrecords().get(config, [])
-                        if PurePosixPath(f).name.startswith(f"{split}.tfrecord-"))
+        shards = sorted(
+            f for f in self._tfrecords().get(config, []) if PurePosixPath(f).name.startswith(f"{split}.tfrecord-")
+        )
         if shards:
-            return SplitFiles(config, split, "tfrecord", tuple(shards),
-                              info=f"{TFRECORD_ROOT}/{config}/info.{split}.json")
+            return SplitFiles(
+                config, split, "tfrecord", tuple(shards), info=f"{TFRECORD_ROOT}/{config}/info.{split}.json"
+            )
         return None
 
     def describe_config(self, config: str) -> str:

@@ -15,6 +15,7 @@ to the commit it finds at the start: Parquet configs are loaded with `datasets.l
 data_files=<the card's files for that config and split>)`, TFRecord ones downloaded file by file
 and read by our own reader (datasets >= 4 refuses the repository-level loading script P3.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,9 +40,11 @@ _BUILDERS = {"parquet": "parquet", "jsonl": "json", "arrow": "arrow"}
 # Repository access: a local folder or the Hub
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class LocalAccess:
     """A folder laid out like the repository (a `huggingface-cli download` snapshot)."""
+
     root: Path
     _files: list[str] | None = field(default=None, repr=False)
 
@@ -52,7 +55,7 @@ class LocalAccess:
         if self._files is None:
             out = []
             for dirpath, dirnames, filenames in os.walk(self.root):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))   # .cache/huggingface etc.
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .cache/huggingface etc.
                 rel = Path(dirpath).relative_to(self.root)
                 out += [(rel / f).as_posix() for f in filenames if not f.startswith(".")]
             self._files = sorted(out)
@@ -75,12 +78,14 @@ class LocalAccess:
 @dataclass
 class HubAccess:
     """bigscience/P3 on the Hub, pinned to one commit for the whole run."""
+
     repo_id: str = HUB_DATASET
     revision: str | None = None
     _files: list[str] | None = field(default=None, repr=False)
 
     def _api(self):
         from huggingface_hub import HfApi
+
         return HfApi()
 
     def sha(self) -> str:
@@ -88,8 +93,10 @@ class HubAccess:
             try:
                 self.revision = self._api().dataset_info(self.repo_id, revision=self.revision).sha
             except Exception as e:  # noqa: BLE001 - offline, auth, not found: all end the same way
-                raise ConfigError(f"cannot reach {self.repo_id} on the Hub ({type(e).__name__}: {e}); "
-                                  "download a snapshot and pass --source local:PATH") from None
+                raise ConfigError(
+                    f"cannot reach {self.repo_id} on the Hub ({type(e).__name__}: {e}); "
+                    "download a snapshot and pass --source local:PATH"
+                ) from None
         return self.revision
 
     def describe(self) -> str:
@@ -107,6 +114,7 @@ class HubAccess:
 
     def path(self, rel: str) -> Path:
         from huggingface_hub import hf_hub_download
+
         return Path(hf_hub_download(self.repo_id, rel, repo_type="dataset", revision=self.sha()))
 
     def data_ref(self, rel: str) -> str:
@@ -126,6 +134,7 @@ def hub_access() -> HubAccess:
 # Sources
 # ---------------------------------------------------------------------------------------------
 
+
 class _RepositorySource:
     access: object
     _repo: Repository | None = None
@@ -135,7 +144,7 @@ class _RepositorySource:
             self._repo = Repository(self.access.files(), self.access.read_text(README))
         return self._repo
 
-    def __getstate__(self):   # workers re-list lazily if they need to; the listing can be large
+    def __getstate__(self):  # workers re-list lazily if they need to; the listing can be large
         return {k: v for k, v in self.__dict__.items() if k != "_repo"}
 
 
@@ -155,8 +164,7 @@ class HubSource(_RepositorySource):
     def missing_message(self, missing: list[tuple[str, str]]) -> str:
         lines = [f"{c}/{s}: {self.repo().describe_config(c)}" for c, s in missing[:20]]
         more = f"\n  ... ({len(missing)} missing in total)" if len(missing) > 20 else ""
-        return (f"{self.describe()} has neither the Parquet nor the TFRecord layout for:\n  "
-                + "\n  ".join(lines) + more)
+        return f"{self.describe()} has neither the Parquet nor the TFRecord layout for:\n  " + "\n  ".join(lines) + more
 
     def open(self, sf: SplitFiles):
         origin = f"hub:{HUB_DATASET}/{sf.config}/{sf.split}"
@@ -165,8 +173,10 @@ class HubSource(_RepositorySource):
             info = self.access.path(sf.info)
             return open_files(SplitFiles(sf.config, sf.split, "tfrecord", tuple(map(str, files)), str(info)), files)
         import datasets
-        ds = datasets.load_dataset(_BUILDERS[sf.kind], data_files=[self.access.data_ref(f) for f in sf.files],
-                                   split="train")
+
+        ds = datasets.load_dataset(
+            _BUILDERS[sf.kind], data_files=[self.access.data_ref(f) for f in sf.files], split="train"
+        )
         return DatasetReader(sf.config, origin, ds)
 
     def fingerprints(self, sf: SplitFiles, previous: list[dict] | None) -> list[dict]:
@@ -193,8 +203,10 @@ class DatasetReader:
             chunks = SplitReader(self.config, ArrowFormat(), files).chunks(rows)
         else:
             chunks = RowsReader(self.config, self.origin, self.ds.select(rows).to_list()).chunks(range(len(rows)))
-            chunks = (Chunk(c.origin, c.columns, c.n_rows, first=c.first + rows.start, offset=c.offset + rows.start)
-                      for c in chunks)
+            chunks = (
+                Chunk(c.origin, c.columns, c.n_rows, first=c.first + rows.start, offset=c.offset + rows.start)
+                for c in chunks
+            )
         for c in chunks:
             yield Chunk(self.origin, c.columns, c.n_rows, first=c.offset, offset=c.offset)
 
@@ -218,16 +230,24 @@ class LocalSource(_RepositorySource):
         self.check_root()
         sf = self.repo().resolve(config, split)
         if sf is not None:
-            return SplitFiles(config, split, sf.kind, tuple(str(self.root / f) for f in sf.files),
-                              str(self.root / sf.info) if sf.info else None)
+            return SplitFiles(
+                config,
+                split,
+                sf.kind,
+                tuple(str(self.root / f) for f in sf.files),
+                str(self.root / sf.info) if sf.info else None,
+            )
         return self._folder_per_config(config, split)
 
     def _folder_per_config(self, config: str, split: str) -> SplitFiles | None:
         folder = self.root / config
         if not folder.is_dir():
             return None
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in DATA_KINDS_BY_EXT
-                       and (p.stem == split or p.stem.startswith(split + "-")))
+        files = sorted(
+            p
+            for p in folder.iterdir()
+            if p.is_file() and p.suffix in DATA_KINDS_BY_EXT and (p.stem == split or p.stem.startswith(split + "-"))
+        )
         kinds = {DATA_KINDS_BY_EXT[p.suffix] for p in files}
         if len(kinds) > 1:
             raise ConfigError(f"{folder}: split {split!r} is stored in several formats: {[p.name for p in files]}")
@@ -241,6 +261,7 @@ class LocalSource(_RepositorySource):
                 present = sorted(p.name for p in (self.root / c).iterdir())[:8]
                 return f"{c}/{s}: no {s}.parquet|jsonl|arrow or {s}-*.ext in {self.root / c} (found {present})"
             return f"{c}/{s}: {self.repo().describe_config(c)}, and no folder {self.root / c}"
+
         shown = "\n  ".join(why(c, s) for c, s in missing[:20])
         more = f"\n  ... ({len(missing)} missing in total)" if len(missing) > 20 else ""
         return f"local source {self.root} lacks data for:\n  {shown}{more}"
@@ -275,8 +296,10 @@ class EmbeddedSource:
 
     def missing_message(self, missing: list[tuple[str, str]]) -> str:
         valid = sorted(embedded.config_names()) + sorted(latent_skills.config_names())
-        return (f"the embedded source only provides the embedded mixture and the latent-skill mixtures; it has no "
-                f"configs {sorted({c for c, _ in missing})[:10]}; valid configs: {valid}")
+        return (
+            f"the embedded source only provides the embedded mixture and the latent-skill mixtures; it has no "
+            f"configs {sorted({c for c, _ in missing})[:10]}; valid configs: {valid}"
+        )
 
     def open(self, sf: SplitFiles):
         return RowsReader(sf.config, sf.files[0], self._generator(sf.config).records(sf.config, sf.split))
@@ -293,5 +316,5 @@ def parse_source(text: str):
     if text == "embedded":
         return EmbeddedSource()
     if text.startswith("local:") and len(text) > len("local:"):
-        return LocalSource(Path(text[len("local:"):]).expanduser().resolve())
+        return LocalSource(Path(text[len("local:") :]).expanduser().resolve())
     raise ConfigError(f"unknown source {text!r}; valid sources: {', '.join(SOURCE_KINDS)}")

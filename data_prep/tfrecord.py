@@ -17,6 +17,7 @@ The payload is a tf.train.Example protobuf:
 Fields we are not asked for are skipped without decoding (P3's token-id lists are the bulk of
 every record and we re-tokenise anyway).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,6 +58,7 @@ def masked_crc32c(data: bytes) -> int:
 # ---------------------------------------------------------------------------------------------
 # Framing
 # ---------------------------------------------------------------------------------------------
+
 
 def frame(payload: bytes) -> bytes:
     header = _U64.pack(len(payload))
@@ -100,8 +102,12 @@ class TFRecordFile:
             while (length := self._header(f, n)) is not None:
                 end = f.tell() + length + 4
                 if end > size:
-                    raise TFRecordError(self.path, n, f.tell() - 12, f"truncated record (needs {length + 4} "
-                                        f"bytes after the header, file has {size - f.tell()})")
+                    raise TFRecordError(
+                        self.path,
+                        n,
+                        f.tell() - 12,
+                        f"truncated record (needs {length + 4} bytes after the header, file has {size - f.tell()})",
+                    )
                 f.seek(end)
                 n += 1
         return n
@@ -134,6 +140,7 @@ class TFRecordFile:
 # tf.train.Example wire format
 # ---------------------------------------------------------------------------------------------
 
+
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
@@ -162,7 +169,7 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
             length, pos = _varint(buf, pos)
             if pos + length > end:
                 raise ValueError(f"field {field}: length {length} runs past the end of the message")
-            value, pos = buf[pos: pos + length], pos + length
+            value, pos = buf[pos : pos + length], pos + length
         elif wire == 5:
             if pos + 4 > end:
                 raise ValueError("truncated fixed32")
@@ -192,7 +199,7 @@ def _feature_values(buf: bytes) -> tuple[str, list]:
             for f, wire, v in _fields(value):
                 if f != 1:
                     continue
-                if wire == 2:   # packed
+                if wire == 2:  # packed
                     values += list(struct.unpack(f"<{len(v) // 4}f", v))
                 else:
                     values.append(struct.unpack("<f", _U32.pack(v))[0])
@@ -201,7 +208,7 @@ def _feature_values(buf: bytes) -> tuple[str, list]:
             for f, wire, v in _fields(value):
                 if f != 1:
                     continue
-                if wire == 2:   # packed
+                if wire == 2:  # packed
                     pos = 0
                     while pos < len(v):
                         x, pos = _varint(v, pos)
@@ -262,7 +269,7 @@ def encode_example(features: dict[str, list]) -> bytes:
             feature = _len_delimited(1, inner)
         elif values and isinstance(values[0], float):
             feature = _len_delimited(2, _len_delimited(1, struct.pack(f"<{len(values)}f", *values)))
-        else:   # ints, and the empty list (an empty int64_list, as TF writes for an empty sequence)
+        else:  # ints, and the empty list (an empty int64_list, as TF writes for an empty sequence)
             feature = _len_delimited(3, _len_delimited(1, b"".join(_encode_varint(int(v)) for v in values)))
         entry = _len_delimited(1, name.encode("utf-8")) + _len_delimited(2, feature)
         entries += _len_delimited(1, entry)
@@ -272,6 +279,7 @@ def encode_example(features: dict[str, list]) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # seqio feature specs (info.<split>.json)
 # ---------------------------------------------------------------------------------------------
+
 
 def read_feature_spec(info_path) -> dict[str, dict]:
     """`features` of a seqio info.<split>.json: {name: {"dtype": str, "shape": list}}."""
@@ -290,7 +298,7 @@ def decode_feature(name: str, spec: dict, kind: str, values: list):
     Raises ValueError naming the feature on a type mismatch or invalid UTF-8."""
     dtype = spec["dtype"]
     scalar = list(spec.get("shape") or []) == []
-    if not values and not scalar:   # an empty list carries no type; writers pick any kind for it
+    if not values and not scalar:  # an empty list carries no type; writers pick any kind for it
         return []
     if dtype == "string":
         if kind != "bytes":

@@ -11,6 +11,7 @@ ids of a fixed probe text. It depends on what the tokenizer does, not on how it 
 slow (SentencePiece) and fast (tokenizers) loads of T0's files get the same identity, and a new
 `tokenizers` serialization format does not invalidate caches.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,18 +30,20 @@ from .errors import ConfigError
 EMBEDDED = "embedded"
 SPECIALS = ("<pad>", "</s>", "<unk>")
 # Words, digits, punctuation, accents, non-Latin script, runs of spaces and a newline.
-PROBE = ("Premise: The cat sat on the mat.  Hypothesis: A cat is sitting? Yes, no or maybe!\n"
-         "Naïve café owners paid $1,234.50 (≈ 1.2k) in 2021; 東京 — «quotes» & <tags>")
+PROBE = (
+    "Premise: The cat sat on the mat.  Hypothesis: A cat is sitting? Yes, no or maybe!\n"
+    "Naïve café owners paid $1,234.50 (≈ 1.2k) in 2021; 東京 — «quotes» & <tags>"
+)
 
 
 @dataclass(frozen=True)
 class TokenizerInfo:
     name_or_path: str
-    kind: str            # "hf" | "embedded"
+    kind: str  # "hf" | "embedded"
     vocab_size: int
     pad_token_id: int
     eos_token_id: int
-    sha256: str          # behavioural identity, see the module docstring
+    sha256: str  # behavioural identity, see the module docstring
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -56,12 +59,14 @@ def build_embedded_tokenizer(counts: Counter):
         vocab.setdefault(tok, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=1 << 30)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=1 << 30
+    )
 
 
 def count_pieces(texts: Iterable[str], counts: Counter) -> None:
     from tokenizers import pre_tokenizers
+
     pre = pre_tokenizers.Whitespace()
     for t in texts:
         counts.update(piece for piece, _ in pre.pre_tokenize_str(t))
@@ -69,6 +74,7 @@ def count_pieces(texts: Iterable[str], counts: Counter) -> None:
 
 def load_hf_tokenizer(name_or_path: str, use_fast: bool = True):
     from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=use_fast)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for "not found"
@@ -82,9 +88,11 @@ def load_hf_tokenizer(name_or_path: str, use_fast: bool = True):
 
 def identity(tok) -> str:
     n = len(tok)
-    body = {"tokens": tok.convert_ids_to_tokens(list(range(n))),
-            "specials": [tok.pad_token_id, tok.eos_token_id, tok.unk_token_id],
-            "probe": tok(PROBE, add_special_tokens=False)["input_ids"]}
+    body = {
+        "tokens": tok.convert_ids_to_tokens(list(range(n))),
+        "specials": [tok.pad_token_id, tok.eos_token_id, tok.unk_token_id],
+        "probe": tok(PROBE, add_special_tokens=False)["input_ids"],
+    }
     return hashlib.sha256(json.dumps(body, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -96,6 +104,7 @@ def info(tok, name_or_path: str, kind: str) -> TokenizerInfo:
 def load_from_info(root: Path, kind: str, name_or_path: str):
     if kind == EMBEDDED:
         from transformers import PreTrainedTokenizerFast
+
         return PreTrainedTokenizerFast.from_pretrained(str(root / name_or_path))
     return load_hf_tokenizer(name_or_path)
 
@@ -111,6 +120,7 @@ def save_backend(tok, path: Path) -> None:
 
 def load_backend(path: str):
     from tokenizers import Tokenizer
+
     return Tokenizer.from_file(path)
 
 
@@ -171,5 +181,10 @@ class Encoder:
         target_ids = flat.take(pa.array(starts + np.asarray(labels, dtype=np.int64)))
         row_cut = np.add.reduceat(flat_cut, starts) > 0 if len(flat_cut) else np.zeros(len(inputs), bool)
         row_cut[counts == 0] = False
-        return {"input_ids": inp, "choice_ids": choice_ids, "target_ids": target_ids,
-                "input_truncated": in_cut, "target_truncated": row_cut}
+        return {
+            "input_ids": inp,
+            "choice_ids": choice_ids,
+            "target_ids": target_ids,
+            "input_truncated": in_cut,
+            "target_truncated": row_cut,
+        }

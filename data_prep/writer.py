@@ -8,6 +8,7 @@ Arrow IPC streams with the features in the schema metadata, state.json, dataset_
 `datasets.load_from_disk` memory-maps them; rows reach the writer as Arrow tables, a bounded
 number at a time, and shard boundaries follow `Dataset.shard(contiguous=True)`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,7 +49,7 @@ class Staging:
             shutil.rmtree(old, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.path.exists():   # not committed: an error or an interruption
+        if self.path.exists():  # not committed: an error or an interruption
             shutil.rmtree(self.path, ignore_errors=True)
 
 
@@ -101,7 +102,7 @@ class SplitWriter:
         while table.num_rows:
             stop = self.bounds[self._shard][1]
             take = min(table.num_rows, stop - self._row)
-            if take == 0:   # shard full: close it, open the next
+            if take == 0:  # shard full: close it, open the next
                 if self._shard + 1 == len(self.bounds):
                     raise ValueError(f"{self.rel}: more rows than the {self.bounds[-1][1]} announced")
                 self._flush(final=True)
@@ -131,16 +132,23 @@ def _write_dataset_meta(folder: Path, features, names: list[str], fingerprint: s
     from datasets import DatasetInfo
     from datasets.utils.py_utils import asdict
 
-    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": fingerprint,
-             "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
-             "_output_all_columns": False, "_split": None}
+    state = {
+        "_data_files": [{"filename": n} for n in names],
+        "_fingerprint": fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
     (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), "utf-8")
     info = asdict(DatasetInfo(features=features))
     (folder / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2), "utf-8")
 
 
-def write_split(root: Path, rel: str, features, tables: Iterable[pa.Table], total_rows: int,
-                num_shards: int, fingerprint: str) -> list[str]:
+def write_split(
+    root: Path, rel: str, features, tables: Iterable[pa.Table], total_rows: int, num_shards: int, fingerprint: str
+) -> list[str]:
     w = SplitWriter(root, rel, features, total_rows, num_shards, fingerprint)
     for t in tables:
         w.write(t)

@@ -34,9 +34,23 @@ PROG = "tensorpoly-ds adapt"
 
 # flag -> job field for the common fields; everything else via --set FIELD=VALUE (VALUE parsed as YAML, so JSON
 # works too; tpds_common.config)
-FLAGS = {"export": str, "method": str, "mode": str, "task": str, "seed": int, "k": int, "data": str, "out": str,
-         "model": str, "steps": int, "batch_size": int, "lr": float, "eval_every": int, "length_norm": float,
-         "label": str}
+FLAGS = {
+    "export": str,
+    "method": str,
+    "mode": str,
+    "task": str,
+    "seed": int,
+    "k": int,
+    "data": str,
+    "out": str,
+    "model": str,
+    "steps": int,
+    "batch_size": int,
+    "lr": float,
+    "eval_every": int,
+    "length_norm": float,
+    "label": str,
+}
 RENAME = {"data": "data_dir", "out": "out_dir"}
 
 
@@ -49,10 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     fields = p.add_argument_group("job fields (override --job; ignored with --job-table)")
     for name, typ in FLAGS.items():
         fields.add_argument(f"--{name.replace('_', '-')}", type=typ, dest=name, default=None)
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any other job field, VALUE as YAML or JSON (e.g. --set multitask_steps=20 --set "
-                        "collapse=true --set lr=1e-3 --set adapter.rank=2); also overrides fields of a "
-                        "--job-table row")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other job field, VALUE as YAML or JSON (e.g. --set multitask_steps=20 --set "
+        "collapse=true --set lr=1e-3 --set adapter.rank=2); also overrides fields of a "
+        "--job-table row",
+    )
     p.add_argument("--force", action="store_true", help="rerun even if the job is complete")
     p.add_argument("--print-job", action="store_true", help="print the resolved job as JSON and exit")
     add_logging_arguments(p)
@@ -62,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_job(args) -> AdaptJob:
     from tensorpoly_ds.adapt.spec import launcher_job_fields
 
-    launcher = launcher_job_fields()   # `accelerate launch`: its ZeRO stage and precision, before --set
+    launcher = launcher_job_fields()  # `accelerate launch`: its ZeRO stage and precision, before --set
     if args.job_table:
         row = args.row
         if row is None:
@@ -73,7 +92,7 @@ def resolve_job(args) -> AdaptJob:
         job = table_job(args.job_table, row)
         if not args.set and not launcher:
             return job
-        data = job.to_dict()   # --set overrides a table row (e.g. a smaller eval batch on one cluster)
+        data = job.to_dict()  # --set overrides a table row (e.g. a smaller eval batch on one cluster)
     else:
         data = {}
         if args.job:
@@ -105,18 +124,23 @@ def check_world(job: AdaptJob, env=None) -> None:
     if world == 1:
         return
     if job.trainer == "local":
-        raise JobError(f"job field 'trainer' = 'local' runs one process, but the launcher started {world} ranks; "
-                       "use trainer 'engine' (or 'auto')")
-    sizes = [("batch_size", job.batch_size)] + ([("multitask_batch_size", job.multitask_batch_size)]
-                                                if job.multitask_steps > 0 else [])
+        raise JobError(
+            f"job field 'trainer' = 'local' runs one process, but the launcher started {world} ranks; "
+            "use trainer 'engine' (or 'auto')"
+        )
+    sizes = [("batch_size", job.batch_size)] + (
+        [("multitask_batch_size", job.multitask_batch_size)] if job.multitask_steps > 0 else []
+    )
     for name, value in sizes:
         if value % world:
-            raise JobError(f"job field {name!r} = {value} does not divide over the launcher's {world} ranks "
-                           f"(WORLD_SIZE={world}); use a multiple of {world}")
+            raise JobError(
+                f"job field {name!r} = {value} does not divide over the launcher's {world} ranks "
+                f"(WORLD_SIZE={world}); use a multiple of {world}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
-    with STOP.handling():   # first: a stop request while the model loads is kept, not fatal
+    with STOP.handling():  # first: a stop request while the model loads is kept, not fatal
         return _main(argv)
 
 
@@ -137,16 +161,21 @@ def _main(argv: list[str] | None) -> int:
     try:
         result = run_job(job, force=args.force)
     except KeyboardInterrupt:
-        print("tensorpoly-ds adapt: aborted (second Ctrl-C) without a checkpoint; the job will rerun from scratch",
-              file=sys.stderr)
+        print(
+            "tensorpoly-ds adapt: aborted (second Ctrl-C) without a checkpoint; the job will rerun from scratch",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     import torch.distributed as dist
 
     main_rank = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if result.get("status") == "requeue":
         if main_rank:
-            print(f"tensorpoly-ds adapt: stopped ({result['signal']}) at {result['stopped']['phase']} step "
-                  f"{result['stopped']['step']}; checkpoint in {job.out_dir}: rerun to resume", file=sys.stderr)
+            print(
+                f"tensorpoly-ds adapt: stopped ({result['signal']}) at {result['stopped']['phase']} step "
+                f"{result['stopped']['step']}; checkpoint in {job.out_dir}: rerun to resume",
+                file=sys.stderr,
+            )
         return EXIT_REQUEUE
     if main_rank:
         print(json.dumps({"out_dir": job.out_dir, "final": result["final"], "best": result["best"]}))

@@ -28,11 +28,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def usage() -> str:
     width = max(map(len, SUBCOMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items())
-    return (f"usage: tensorpoly-ds [--quiet | --verbose] [--log-all-ranks] [--progress] <subcommand> [args...]\n\n"
-            f"subcommands:\n{rows}\n\n"
-            "--quiet: warnings and errors only; --verbose: debug detail; --log-all-ranks: every rank logs, not only\n"
-            "rank 0; --progress: progress bars also when stderr is not a terminal. Given before or after the\n"
-            "subcommand, they mean the same (each subcommand accepts them).\n")
+    return (
+        f"usage: tensorpoly-ds [--quiet | --verbose] [--log-all-ranks] [--progress] <subcommand> [args...]\n\n"
+        f"subcommands:\n{rows}\n\n"
+        "--quiet: warnings and errors only; --verbose: debug detail; --log-all-ranks: every rank logs, not only\n"
+        "rank 0; --progress: progress bars also when stderr is not a terminal. Given before or after the\n"
+        "subcommand, they mean the same (each subcommand accepts them).\n"
+    )
 
 
 def leading_logging_flags(argv: list[str]) -> list[str]:
@@ -40,7 +42,7 @@ def leading_logging_flags(argv: list[str]) -> list[str]:
     n = 0
     while n < len(argv) and argv[n] in LOGGING_FLAGS:
         n += 1
-    split_logging_flags(argv[:n])   # one definition of the flags: an invalid combination errors here too
+    split_logging_flags(argv[:n])  # one definition of the flags: an invalid combination errors here too
     return list(argv[:n])
 
 
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return EXIT_OK
     lead = leading_logging_flags(argv)
-    argv = argv[len(lead):]
+    argv = argv[len(lead) :]
     if not argv:
         print(usage(), file=sys.stderr)
         return EXIT_USAGE

@@ -23,13 +23,16 @@ PROG = "tensorpoly-ds demo"
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "replicate" / "demo.yaml"
 # the headline ends at the first of these sections after Table 1 (the rest is in summary.md)
-HEADLINE_ENDS = ("### Spread across worlds", "### Multi-task pretraining", "### What the rows answered",
-                 "### Learning rate per row")
+HEADLINE_ENDS = (
+    "### Spread across worlds",
+    "### Multi-task pretraining",
+    "### What the rows answered",
+    "### Learning rate per row",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="everything goes below this folder (default: runs/demo)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="replicate config (default: configs/replicate/demo.yaml)")
     p.add_argument("--workers", type=int, default=None, help="concurrent jobs (default: the config's, 2)")
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         # the headline: the first Table 1 and the claim table that follows it
         start = text.find("### Table 1 analogue")
         ends = [i for i in (text.find(h, start) for h in HEADLINE_ENDS) if i > start]
-        print("\n" + text[start:min(ends, default=None)].strip() + "\n")
+        print("\n" + text[start : min(ends, default=None)].strip() + "\n")
         print(f"demo: full results in {summary.parent} (summary.md, results.json, *.png)")
     return code
 

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):   # `python launch/interop.py`: make the repository importable
+if __package__ in (None, ""):  # `python launch/interop.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tpds_common.errors import EXIT_OK  # noqa: E402
@@ -23,24 +23,42 @@ FORMATS = ("peft",)
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
-    what = {"export": ("a tensorpoly-ds export (RUN_DIR/export, a job's OUT/adapter)", "the peft adapter folder"),
-            "import": ("a peft adapter folder (adapter_config.json + adapter_model.safetensors)",
-                       "the tensorpoly-ds export to write")}[command]
-    p = argparse.ArgumentParser(prog=f"tensorpoly-ds {command}", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = {
+        "export": ("a tensorpoly-ds export (RUN_DIR/export, a job's OUT/adapter)", "the peft adapter folder"),
+        "import": (
+            "a peft adapter folder (adapter_config.json + adapter_model.safetensors)",
+            "the tensorpoly-ds export to write",
+        ),
+    }[command]
+    p = argparse.ArgumentParser(
+        prog=f"tensorpoly-ds {command}",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--format", required=True, choices=FORMATS, help="the other side's format")
     p.add_argument("--adapter", required=True, help=what[0])
     p.add_argument("--out", required=True, help=what[1])
-    p.add_argument("--base-model", default=None,
-                   help="backbone (Hugging Face name or path, config.json, architecture name); default: the one "
-                        "recorded in the adapter")
-    p.add_argument("--inference-only", action="store_true",
-                   help="accept differences that only matter in training (routing noise, dropout); evaluation "
-                        "outputs stay identical")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="backbone (Hugging Face name or path, config.json, architecture name); default: the one "
+        "recorded in the adapter",
+    )
+    p.add_argument(
+        "--inference-only",
+        action="store_true",
+        help="accept differences that only matter in training (routing noise, dropout); evaluation "
+        "outputs stay identical",
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     if command == "import":
-        p.add_argument("--tasks", default=None, help="comma-separated task names, one per peft task id "
-                                                      "(default: the names recorded by `export`, else task0, ...)")
+        p.add_argument(
+            "--tasks",
+            default=None,
+            help="comma-separated task names, one per peft task id "
+            "(default: the names recorded by `export`, else task0, ...)",
+        )
     add_logging_arguments(p)
     return p
 
@@ -52,14 +70,21 @@ def run(command: str, argv: list[str] | None) -> int:
 
     # what cannot map (PeftInteropError, ExportError, ConfigError) is a UserError: exit 2, one line
     if command == "export":
-        out, notes = export_to_peft(args.adapter, args.out, base_model=args.base_model,
-                                    inference_only=args.inference_only, overwrite=args.force)
+        out, notes = export_to_peft(
+            args.adapter, args.out, base_model=args.base_model, inference_only=args.inference_only, overwrite=args.force
+        )
         for note in notes:
             get_logger().warning(f"tensorpoly-ds export: note: {note}")
     else:
         tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-        out = import_from_peft(args.adapter, args.out, base_model=args.base_model, tasks=tasks,
-                               inference_only=args.inference_only, overwrite=args.force)
+        out = import_from_peft(
+            args.adapter,
+            args.out,
+            base_model=args.base_model,
+            tasks=tasks,
+            inference_only=args.inference_only,
+            overwrite=args.force,
+        )
     print(out)
     return EXIT_OK
 
@@ -70,4 +95,3 @@ def export_main(argv: list[str] | None = None) -> int:
 
 def import_main(argv: list[str] | None = None) -> int:
     return run("import", argv)
-

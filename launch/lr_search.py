@@ -21,7 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):   # `python launch/lr_search.py`: make the repository importable
+if __package__ in (None, ""):  # `python launch/lr_search.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tpds_common.errors import EXIT_OK, report_user_errors  # noqa: E402
@@ -38,19 +38,30 @@ def _floats(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", action="append", default=[], required=True,
-                   help="YAML run config; repeat to compose (later wins), as for `tensorpoly-ds pretrain`")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        required=True,
+        help="YAML run config; repeat to compose (later wins), as for `tensorpoly-ds pretrain`",
+    )
     p.add_argument("--module-lrs", type=_floats, required=True, help="candidate module lrs, e.g. 1e-3,3e-3,1e-2")
-    p.add_argument("--routing-lrs", type=_floats, default=[],
-                   help="candidate routing lrs, searched at the chosen module lr (learned routing only)")
-    p.add_argument("--steps", type=int, default=None, help="steps per candidate run (default: the config's train.steps)")
+    p.add_argument(
+        "--routing-lrs",
+        type=_floats,
+        default=[],
+        help="candidate routing lrs, searched at the chosen module lr (learned routing only)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="steps per candidate run (default: the config's train.steps)"
+    )
     p.add_argument("--max-extensions", type=int, default=2, help="edge-rule extensions per axis (default 2)")
     p.add_argument("--out", required=True, help="search directory: OUT/runs/<candidate>/ and OUT/lr_search.json")
     p.add_argument("--workers", type=int, default=1, help="candidate runs at a time (default 1)")
-    p.add_argument("--launcher", default=None,
-                   help="command prefix that runs one pretraining (default: python -m launch.pretrain)")
+    p.add_argument(
+        "--launcher", default=None, help="command prefix that runs one pretraining (default: python -m launch.pretrain)"
+    )
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run config, e.g. data.dir=DIR")
     add_logging_arguments(p)
     return p
@@ -69,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_run_config(args.config, args.overrides)
     if not cfg.data.dir:
         raise RunConfigError("key 'data.dir' is empty: set it to a prepared data directory")
-    spec = LrSearchSection(module_lrs=args.module_lrs, routing_lrs=args.routing_lrs, steps=args.steps,
-                           max_extensions=args.max_extensions)
+    spec = LrSearchSection(
+        module_lrs=args.module_lrs, routing_lrs=args.routing_lrs, steps=args.steps, max_extensions=args.max_extensions
+    )
     spec.validate(PROG)
     base = cfg.to_dict()
     # the candidate runs start in the repository root: paths given relative to here must still resolve

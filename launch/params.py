@@ -24,15 +24,25 @@ ADAPTER_FLAGS: dict[str, tuple[str, dict]] = {
     "--skills": ("skills", dict(type=int, help="S: Poly/MHR skills (default 8)")),
     "--heads": ("heads", dict(type=int, help="h: MHR heads (default 1)")),
     "--targets": ("targets", dict(help="regex over module names (default: the method's T5 set)")),
-    "--routing": ("routing", dict(choices=ROUTINGS,
-                                  help="learned routing logits, or random (Random-mu: no routing parameters)")),
+    "--routing": (
+        "routing",
+        dict(choices=ROUTINGS, help="learned routing logits, or random (Random-mu: no routing parameters)"),
+    ),
     "--routing-granularity": ("routing_granularity", dict(choices=("layer", "block", "group", "model"))),
     "--routing-group-size": ("routing_group_size", dict(type=int)),
-    "--layernorm": ("layernorm", dict(action="store_const", const=True,
-                                      help="TLoRA family: LayerNorm on Kronecker products")),
+    "--layernorm": (
+        "layernorm",
+        dict(action="store_const", const=True, help="TLoRA family: LayerNorm on Kronecker products"),
+    ),
     "--layernorm-affine": ("layernorm_affine", dict(choices=("frozen", "trainable"))),
-    "--output-gain": ("output_gain", dict(action="store_const", const=True,
-                                          help="TLoRA family: a trainable scalar gain (init 0) on the adapter output")),
+    "--output-gain": (
+        "output_gain",
+        dict(
+            action="store_const",
+            const=True,
+            help="TLoRA family: a trainable scalar gain (init 0) on the adapter output",
+        ),
+    ),
 }
 
 
@@ -48,11 +58,16 @@ def adapter_fields(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG,
-                                description="Count multi-task and adaptation parameters of an adapter configuration "
-                                            "on the meta device (nothing is downloaded or allocated).")
-    p.add_argument("--model", required=True,
-                   help=f"{' | '.join(KNOWN_ARCHITECTURES)} | a Hugging Face config.json, model directory or name")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Count multi-task and adaptation parameters of an adapter configuration "
+        "on the meta device (nothing is downloaded or allocated).",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help=f"{' | '.join(KNOWN_ARCHITECTURES)} | a Hugging Face config.json, model directory or name",
+    )
     p.add_argument("--method", required=True, choices=METHODS)
     add_adapter_arguments(p)
     p.add_argument("--tasks", type=int, default=313, help="number of multi-task training tasks (313 for T0)")

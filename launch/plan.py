@@ -33,15 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     from launch.params import add_adapter_arguments
     from tensorpoly_ds.adapters.config import METHODS
 
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], help="pretraining run config(s), as for `pretrain`")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run config")
     p.add_argument("--model", help="t0-3b | t0-11b | tiny | a config.json, model directory or known Hub name")
     p.add_argument("--method", choices=(*METHODS, "fullft"), help="adapter method, or fullft (every parameter)")
     add_adapter_arguments(p)
-    p.add_argument("--tasks", type=int, default=None,
-                   help="multi-task training tasks (routing rows); default: the manifest's of data.dir, else 313 (T0)")
+    p.add_argument(
+        "--tasks",
+        type=int,
+        default=None,
+        help="multi-task training tasks (routing rows); default: the manifest's of data.dir, else 313 (T0)",
+    )
     p.add_argument("--micro-batch", type=int, help="per-GPU micro batch (train.micro_batch)")
     p.add_argument("--input-len", type=int, help=f"input tokens (data.max_input_len; default {DEFAULT_LENGTH})")
     p.add_argument("--target-len", type=int, help=f"target tokens (data.max_target_len; default {DEFAULT_LENGTH})")
@@ -53,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpointing", choices=("on", "off"), help="activation checkpointing of the configured run")
     p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) of the run; the table covers 1..N")
     p.add_argument("--gpu-mem", help="GPU memory, e.g. 40GB: recommend the cheapest setting that fits")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="the device to plan for: its fused attention kernel decides what attention saves")
+    p.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="the device to plan for: its fused attention kernel decides what attention saves",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_logging_arguments(p)
     return p
@@ -73,11 +80,16 @@ def run_config(args):
     elif args.method:
         flags += [f"adapter.method={args.method}", "train.full_finetune=false"]
     flags += [f"adapter.{k}={json.dumps(v)}" for k, v in adapter_fields(args).items()]
-    for flag, key in (("micro_batch", "train.micro_batch"), ("input_len", "data.max_input_len"),
-                      ("target_len", "data.max_target_len"), ("precision", "deepspeed.precision"),
-                      ("optimizer", "optim.name"), ("zero_stage", "deepspeed.zero_stage"),
-                      ("offload_optimizer", "deepspeed.offload_optimizer"),
-                      ("offload_param", "deepspeed.offload_param")):
+    for flag, key in (
+        ("micro_batch", "train.micro_batch"),
+        ("input_len", "data.max_input_len"),
+        ("target_len", "data.max_target_len"),
+        ("precision", "deepspeed.precision"),
+        ("optimizer", "optim.name"),
+        ("zero_stage", "deepspeed.zero_stage"),
+        ("offload_optimizer", "deepspeed.offload_optimizer"),
+        ("offload_param", "deepspeed.offload_param"),
+    ):
         if getattr(args, flag) is not None:
             flags.append(f"{key}={json.dumps(getattr(args, flag))}")
     if args.checkpointing:
@@ -93,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         raise PlanError(f"--gpus {args.gpus}: must be >= 1")
     gpu_bytes = parse_size(args.gpu_mem) if args.gpu_mem else None
     cfg = run_config(args)
-    report = plan(cfg, num_tasks=args.tasks or manifest_tasks(cfg) or T0_TASKS, gpus=args.gpus,
-                  gpu_bytes=gpu_bytes, device=args.device)
+    report = plan(
+        cfg,
+        num_tasks=args.tasks or manifest_tasks(cfg) or T0_TASKS,
+        gpus=args.gpus,
+        gpu_bytes=gpu_bytes,
+        device=args.device,
+    )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return EXIT_OK
 

@@ -24,17 +24,26 @@ STAGES = ("prep", "backbone", "pretrain", "adapt", "analyse")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="replicate config (configs/replicate/*.yaml)")
     p.add_argument("--out", default=None, help="output directory (default: the config's `out`)")
     p.add_argument("--workers", type=int, default=None, help="concurrent jobs (default: the config's `workers`)")
-    p.add_argument("--stages", default=",".join(STAGES),
-                   help=f"comma-separated subset of {', '.join(STAGES)} (default: all; earlier stages must be done)")
-    p.add_argument("--publish", default=None,
-                   help="also copy results/*.json|md|png into this directory (e.g. benchmarks/results/replicate)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides of the config, e.g. adapt.steps=2 (part of the protocol)")
+    p.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help=f"comma-separated subset of {', '.join(STAGES)} (default: all; earlier stages must be done)",
+    )
+    p.add_argument(
+        "--publish",
+        default=None,
+        help="also copy results/*.json|md|png into this directory (e.g. benchmarks/results/replicate)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides of the config, e.g. adapt.steps=2 (part of the protocol)",
+    )
     add_logging_arguments(p)
     return p
 
@@ -54,8 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         raise ReplicateConfigError(f"--workers {args.workers}: must be >= 1")
     # A bad config or another protocol in OUT (exit 2), a failed stage (JobFailed, exit 1): report_user_errors
     try:
-        replicate(cfg, Path(args.out or cfg.out), workers=args.workers, stages_to_run=stages,
-                  publish=Path(args.publish) if args.publish else None)
+        replicate(
+            cfg,
+            Path(args.out or cfg.out),
+            workers=args.workers,
+            stages_to_run=stages,
+            publish=Path(args.publish) if args.publish else None,
+        )
     except KeyboardInterrupt:
         print("tensorpoly-ds replicate: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

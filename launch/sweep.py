@@ -47,17 +47,26 @@ log = get_logger("sweep")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", help="YAML or JSON grid (base, methods, modes, tasks, seeds, ks); see docs/adapt.md")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides of the grid, e.g. base.steps=20 seeds=[0] (tpds_common.config)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides of the grid, e.g. base.steps=20 seeds=[0] (tpds_common.config)",
+    )
     p.add_argument("--table", help="run an existing job table instead of expanding a grid")
     p.add_argument("--out", required=True, help="sweep directory: jobs.jsonl and jobs/<id>/ go here")
     p.add_argument("--workers", "-P", type=int, default=1, help="concurrent local jobs (default 1)")
     p.add_argument("--expand-only", action="store_true", help="write the job table and exit")
     p.add_argument("--rows", default=None, help="only these rows, e.g. 0,3-5 (default: all)")
-    p.add_argument("--threads-per-job", type=int, default=None,
-                   help="OMP/torch threads per job (default: CPUs // workers)")
-    p.add_argument("--stop-grace", type=float, default=120.0,
-                   help="seconds stopped jobs get to checkpoint before they are killed (default 120)")
+    p.add_argument(
+        "--threads-per-job", type=int, default=None, help="OMP/torch threads per job (default: CPUs // workers)"
+    )
+    p.add_argument(
+        "--stop-grace",
+        type=float,
+        default=120.0,
+        help="seconds stopped jobs get to checkpoint before they are killed (default 120)",
+    )
     add_logging_arguments(p)
     return p
 
@@ -78,24 +87,30 @@ def parse_rows(spec: str | None, n: int) -> list[int]:
     return sorted(set(out))
 
 
-def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], workers: int, threads: int,
-              stop_grace: float = 120.0) -> dict[str, list[int]]:
+def run_table(
+    table: Path, out: Path, rows: list[dict], selected: list[int], workers: int, threads: int, stop_grace: float = 120.0
+) -> dict[str, list[int]]:
     """Run the selected rows with `workers` concurrent jobs. Returns {"skipped", "done", "failed",
     "stopped" (checkpointed by a stop request), "killed", "not_started"}; "stopped" is set by a stop request
     (STOP, installed by main)."""
-    status: dict[str, list[int]] = {"skipped": [], "done": [], "failed": [], "stopped": [], "killed": [],
-                                    "not_started": []}
+    status: dict[str, list[int]] = {
+        "skipped": [],
+        "done": [],
+        "failed": [],
+        "stopped": [],
+        "killed": [],
+        "not_started": [],
+    }
     pending: list[int] = []
     for i in selected:
         if is_complete(rows[i]["job"]["out_dir"]):
             status["skipped"].append(i)
         else:
             pending.append(i)
-    log.info(f"{len(selected)} rows: {len(status['skipped'])} complete, {len(pending)} to run, "
-             f"{workers} worker(s)")
-    running: dict[int, tuple[int, subprocess.Popen, object]] = {}   # worker slot -> (row, proc, log file)
+    log.info(f"{len(selected)} rows: {len(status['skipped'])} complete, {len(pending)} to run, {workers} worker(s)")
+    running: dict[int, tuple[int, subprocess.Popen, object]] = {}  # worker slot -> (row, proc, log file)
     free_slots = list(range(workers))[::-1]
-    waiting: dict[int, float] = {}   # row held by another live process -> when to look again
+    waiting: dict[int, float] = {}  # row held by another live process -> when to look again
 
     def job_dir(row: int) -> Path:
         return Path(rows[row]["job"]["out_dir"])
@@ -113,13 +128,13 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
                 continue
             fh.close()
             rc = proc.returncode
-            if is_complete(job_dir(row)):   # final, whatever happened after (a stop during interpreter exit)
+            if is_complete(job_dir(row)):  # final, whatever happened after (a stop during interpreter exit)
                 status["done"].append(row)
                 log.info(f"row {row} {rows[row]['id']}: done")
             elif rc == EXIT_REQUEUE:
                 status["stopped"].append(row)
                 log.info(f"row {row} {rows[row]['id']}: stopped with a checkpoint (resumes on rerun)")
-            elif rc == EXIT_BUSY:   # another process took the row between our check and the job's start
+            elif rc == EXIT_BUSY:  # another process took the row between our check and the job's start
                 wait_for(row, holder_if_locked(job_dir(row)) or {})
             elif rc < 0 and STOP.signal is not None:
                 status["killed"].append(row)
@@ -132,7 +147,7 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
 
     def next_row() -> int | None:
         now = time.monotonic()
-        for row in [r for r, t in waiting.items() if t <= now]:   # held rows whose holder may be gone
+        for row in [r for r, t in waiting.items() if t <= now]:  # held rows whose holder may be gone
             holder = holder_if_locked(job_dir(row))
             if holder is None:
                 del waiting[row]
@@ -159,8 +174,14 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
         cmd = [sys.executable, "-m", "launch.adapt", "--job-table", str(table), "--row", str(row)]
         # a session (process group) of its own: a stop reaches the job and its children, and the
         # terminal's Ctrl-C reaches only the sweep, which stops the jobs in order
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=job_env(out, slot, threads),
-                                cwd=str(REPO_ROOT), start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=job_env(out, slot, threads),
+            cwd=str(REPO_ROOT),
+            start_new_session=True,
+        )
         running[slot] = (row, proc, fh)
         log.debug(f"row {row} {rows[row]['id']}: started on worker {slot} (pid {proc.pid})")
 
@@ -182,8 +203,7 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
             time.sleep(0.2)
             reap(block=False)
         if STOP.signal is not None:
-            log.info(f"{STOP.name}: stopping {len(running)} running job(s) (they checkpoint; up to "
-                     f"{stop_grace:.0f} s)")
+            log.info(f"{STOP.name}: stopping {len(running)} running job(s) (they checkpoint; up to {stop_grace:.0f} s)")
             signal_all(signal.SIGTERM)
             deadline = time.monotonic() + stop_grace
             while running and time.monotonic() < deadline:
@@ -193,7 +213,7 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
                 log.warning(f"{len(running)} job(s) still running after {stop_grace:.0f} s: killing them")
                 signal_all(signal.SIGKILL)
                 reap(block=True)
-    except KeyboardInterrupt:   # a second Ctrl-C: no more waiting
+    except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
         log.warning("second Ctrl-C: killing the running jobs")
         signal_all(signal.SIGKILL)
         reap(block=True)
@@ -204,7 +224,7 @@ def run_table(table: Path, out: Path, rows: list[dict], selected: list[int], wor
 
 
 def main(argv: list[str] | None = None) -> int:
-    with STOP.handling():   # Ctrl-C / SIGTERM / SIGUSR1: stop the jobs in order (run_table)
+    with STOP.handling():  # Ctrl-C / SIGTERM / SIGUSR1: stop the jobs in order (run_table)
         return _main(argv)
 
 
@@ -213,7 +233,7 @@ def _main(argv: list[str] | None) -> int:
     setup_from_args(args)
     out = Path(args.out).resolve()
     lock = FolderLock(out, what="sweep directory")
-    lock.acquire()   # LockHeld: another live sweep holds OUT (exit 75)
+    lock.acquire()  # LockHeld: another live sweep holds OUT (exit 75)
     try:
         return _sweep(args, out)
     finally:
@@ -239,17 +259,22 @@ def _sweep(args, out: Path) -> int:
     try:
         status = run_table(table, out, rows, selected, workers, threads, stop_grace=args.stop_grace)
     except KeyboardInterrupt:
-        print("[sweep] aborted by a second Ctrl-C: running jobs were killed (they restart from scratch)",
-              file=sys.stderr)
+        print(
+            "[sweep] aborted by a second Ctrl-C: running jobs were killed (they restart from scratch)", file=sys.stderr
+        )
         return EXIT_INTERRUPTED
     (log.warning if status["failed"] else log.info)(
         f"done {len(status['done'])}, skipped (complete) {len(status['skipped'])}, "
-        f"failed {len(status['failed'])}" + (f": rows {sorted(status['failed'])}" if status["failed"] else ""))
+        f"failed {len(status['failed'])}" + (f": rows {sorted(status['failed'])}" if status["failed"] else "")
+    )
     if STOP.signal is not None:
         remaining = sorted(status["stopped"] + status["killed"] + status["not_started"] + status["failed"])
-        print(f"[sweep] stopped by {STOP.name}: rows remaining {remaining} (checkpointed: {sorted(status['stopped'])}, "
-              f"killed: {sorted(status['killed'])}, not started: {status['not_started']}); rerun the same command "
-              "to finish them", file=sys.stderr)
+        print(
+            f"[sweep] stopped by {STOP.name}: rows remaining {remaining} (checkpointed: {sorted(status['stopped'])}, "
+            f"killed: {sorted(status['killed'])}, not started: {status['not_started']}); rerun the same command "
+            "to finish them",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED if STOP.signal == signal.SIGINT else EXIT_REQUEUE
     return EXIT_OK if not status["failed"] else EXIT_FAILED
 

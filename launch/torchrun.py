@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return EXIT_OK if argv else EXIT_USAGE
-    setup_from_args(split_logging_flags(argv)[0])   # the script's own flags (--quiet ...) also quiet the wrapper
+    setup_from_args(split_logging_flags(argv)[0])  # the script's own flags (--quiet ...) also quiet the wrapper
     status_dir = tempfile.mkdtemp(prefix="tpds-status-")
     env = dict(os.environ, **{STATUS_DIR_ENV: status_dir})
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], env=env)
@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(status_dir, ignore_errors=True)
     code = exit_status(rc, statuses)
     if code != rc:
-        get_logger("tensorpoly-ds").info(f"torchrun exited {rc}; every rank checkpointed and asks to be requeued: "
-                                         f"exit {code}")
+        get_logger("tensorpoly-ds").info(
+            f"torchrun exited {rc}; every rank checkpointed and asks to be requeued: exit {code}"
+        )
     return code
 
 

@@ -12,6 +12,10 @@ done
 export TPDS_REQUIRE_OPTIONAL=1   # setup.sh installed the test extra: an optional test dependency may not skip
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.torch_extensions}"
 
+# lint and format first: seconds, and a style slip fails before 15 minutes of tests (configured in pyproject.toml)
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+
 # Two pytest sessions side by side, about even in CPU time: most tests use one core or wait (one-rank runs,
 # gloo collectives, the Slurm tests on the local cluster's timers), so one session alone kept 2 CPUs 57 % busy
 # (1370 CPU-s in 1200 s, measured). The main session holds the engine's tests, which share the session's

@@ -23,9 +23,16 @@ HUB_NAMES = {"t0-3b": "bigscience/T0_3B", "t0-11b": "bigscience/T0"}
 def t5_config(name: str, vocab_size: int = 32128, **overrides) -> T5Config:
     if name not in KNOWN_ARCHITECTURES:
         raise ConfigError(f"unknown architecture {name!r}; known: {', '.join(KNOWN_ARCHITECTURES)}")
-    kwargs = dict(KNOWN_ARCHITECTURES[name], vocab_size=vocab_size, feed_forward_proj="gated-gelu",
-                  tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-                  dropout_rate=0.0)
+    kwargs = dict(
+        KNOWN_ARCHITECTURES[name],
+        vocab_size=vocab_size,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        dropout_rate=0.0,
+    )
     kwargs.update(overrides)
     return T5Config(**kwargs)
 
@@ -54,6 +61,10 @@ def build_meta_model(model: str | PretrainedConfig):
 
     config = model if isinstance(model, PretrainedConfig) else resolve_config(model)
     with init_empty_weights():
-        net = T5ForConditionalGeneration(config) if config.model_type == "t5" else AutoModelForSeq2SeqLM.from_config(config)
-    net.tie_weights()   # init_empty_weights re-creates every parameter, which unties shared embeddings
+        net = (
+            T5ForConditionalGeneration(config)
+            if config.model_type == "t5"
+            else AutoModelForSeq2SeqLM.from_config(config)
+        )
+    net.tie_weights()  # init_empty_weights re-creates every parameter, which unties shared embeddings
     return net

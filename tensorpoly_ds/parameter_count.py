@@ -36,11 +36,12 @@ def count_parameters(model: str, cfg: AdapterConfig, num_tasks: int) -> dict:
     adaptation = {"full": modules_total + routing_per_task, "z": routing_per_task, "mu": modules_total}
     if cfg.method in ("poly", "mhr"):
         # Uniform routing collapses the skills into one LoRA of rank r.
-        adaptation["mu_collapsed"] = sum(cfg.rank * (l.in_features + l.out_features)
-                                         for l in adapter_layers(net).values())
+        adaptation["mu_collapsed"] = sum(
+            cfg.rank * (l.in_features + l.out_features) for l in adapter_layers(net).values()
+        )
     if not cfg.routed:
         adaptation = {"full": modules_total}
-    elif cfg.routing == "random":   # Random-mu: no routing parameters, only the uniform average adapts
+    elif cfg.routing == "random":  # Random-mu: no routing parameters, only the uniform average adapts
         adaptation = {k: v for k, v in adaptation.items() if k.startswith("mu")}
     return {
         "model": model,
@@ -56,11 +57,16 @@ def count_parameters(model: str, cfg: AdapterConfig, num_tasks: int) -> dict:
 
 
 def format_table(report: dict) -> str:
-    routing = ("random routing (no parameters)" if report["adapter"]["routing"] == "random"
-               else f"{report['routing_tables']} routing tables")
-    lines = [f"{report['method']} on {report['model']}: {report['adapted_layers']} adapted layers, "
-             f"{routing}, {report['num_tasks']} tasks",
-             f"{'layer type':<34}{'layers':>8}{'modules':>14}{'routing':>12}"]
+    routing = (
+        "random routing (no parameters)"
+        if report["adapter"]["routing"] == "random"
+        else f"{report['routing_tables']} routing tables"
+    )
+    lines = [
+        f"{report['method']} on {report['model']}: {report['adapted_layers']} adapted layers, "
+        f"{routing}, {report['num_tasks']} tasks",
+        f"{'layer type':<34}{'layers':>8}{'modules':>14}{'routing':>12}",
+    ]
     for name, row in report["per_layer_type"].items():
         lines.append(f"{name:<34}{row['layers']:>8}{row['modules']:>14,}{row.get('routing', 0):>12,}")
     mt = report["multi_task"]

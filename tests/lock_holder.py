@@ -21,8 +21,13 @@ time.sleep(600)
 @contextlib.contextmanager
 def held(folder, what: str = "folder"):
     """Yields the holder's Popen once it holds `folder`'s lock; kills it (kill -9) on exit."""
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(folder), what], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(folder), what],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     try:
         assert proc.stdout.readline().strip() == "locked"
         yield proc

@@ -30,7 +30,7 @@ def library_modules():
         package = importlib.import_module(name)
         yield package
         for info in pkgutil.walk_packages(package.__path__, prefix=f"{name}."):
-            if not info.name.endswith(".__main__"):   # running it would start the CLI
+            if not info.name.endswith(".__main__"):  # running it would start the CLI
                 yield importlib.import_module(info.name)
 
 
@@ -45,22 +45,28 @@ def exception_classes() -> dict[str, type]:
 
 
 def test_every_exception_class_is_a_user_error_or_listed_internal(exception_classes):
-    assert len(exception_classes) >= 25   # the walk found the library's classes, not an empty set
-    unclassified = sorted(name for name, cls in exception_classes.items()
-                          if not issubclass(cls, UserError) and name not in INTERNAL)
-    assert not unclassified, (f"exception classes without a tpds_common.errors base: {unclassified}; derive "
-                              "them from ConfigError/DataError/CheckpointError/LaunchError/BusyError/JobFailed, "
-                              "or list a bug class in INTERNAL")
-    stale = sorted(name for name in INTERNAL if name not in exception_classes
-                   or issubclass(exception_classes[name], UserError))
+    assert len(exception_classes) >= 25  # the walk found the library's classes, not an empty set
+    unclassified = sorted(
+        name for name, cls in exception_classes.items() if not issubclass(cls, UserError) and name not in INTERNAL
+    )
+    assert not unclassified, (
+        f"exception classes without a tpds_common.errors base: {unclassified}; derive "
+        "them from ConfigError/DataError/CheckpointError/LaunchError/BusyError/JobFailed, "
+        "or list a bug class in INTERNAL"
+    )
+    stale = sorted(
+        name for name in INTERNAL if name not in exception_classes or issubclass(exception_classes[name], UserError)
+    )
     assert not stale, f"INTERNAL lists classes that are gone or are user errors: {stale}"
 
 
 def test_user_errors_keep_a_builtin_base(exception_classes):
     """Callers and tests that catch ValueError / RuntimeError keep working."""
-    neither = sorted(name for name, cls in exception_classes.items()
-                     if issubclass(cls, UserError) and not issubclass(cls, (ValueError, RuntimeError))
-                     and cls is not UserError)
+    neither = sorted(
+        name
+        for name, cls in exception_classes.items()
+        if issubclass(cls, UserError) and not issubclass(cls, (ValueError, RuntimeError)) and cls is not UserError
+    )
     assert not neither, neither
 
 
@@ -82,4 +88,4 @@ def test_busy_errors_exit_75():
 
     for cls in (JobBusy, OutputBusy, LockHeld):
         assert issubclass(cls, errors.BusyError) and cls.exit_code == EXIT_BUSY, cls
-    assert issubclass(JobBusy, JobError)   # callers that catch JobError still see it
+    assert issubclass(JobBusy, JobError)  # callers that catch JobError still see it

@@ -17,9 +17,22 @@ def test_gpu_check_cpu_smoke(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu" / "gpu_check.py"), "--cpu-smoke",
-                           "--out", str(out), "--work", str(tmp_path / "work")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu" / "gpu_check.py"),
+            "--cpu-smoke",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     cases = {r["case"]: r for r in result["cases"]}
@@ -28,11 +41,11 @@ def test_gpu_check_cpu_smoke(tmp_path):
         if name.startswith("peft") and row["status"].startswith("skipped: peft not installed"):
             continue
         assert row["status"] == "ok" and row["step_ms"] > 0, row
-        assert (row["trainable_params"] == 0) == (name == "frozen floor"), row   # the floor trains nothing
+        assert (row["trainable_params"] == 0) == (name == "frozen floor"), row  # the floor trains nothing
     runs = {r["case"]: r for r in result["pretrain"]}
     assert set(runs) == {"zero0_bf16_autocast", "zero3_bf16"}
     for row in runs.values():
         assert row["status"] == "ok" and row["tokens_per_s"] > 0 and row["export_tensors"] > 0, row
         assert row["checkpoint_mb"] < 5 and row["peak"]["exit_code"] == 0
     assert runs["zero3_bf16"]["backbone_partitioned"] is True
-    assert "frozen floor" in proc.stdout and "zero3_bf16" in proc.stdout   # the tables
+    assert "frozen floor" in proc.stdout and "zero3_bf16" in proc.stdout  # the tables

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"tpds_common": 0, "data_prep": 1, "tensorpoly_ds": 2, "launch": 3}
-CLI_MODULES = {"data_prep.cli"}   # command-line modules that live inside a library package
+CLI_MODULES = {"data_prep.cli"}  # command-line modules that live inside a library package
 
 
 def _module_name(path: Path) -> str:
@@ -51,18 +51,26 @@ def test_imports_only_point_down():
 
 
 def test_library_never_imports_a_cli_module():
-    bad = [f"{path.relative_to(ROOT)}:{line} imports {target}"
-           for path in _files() if not path.relative_to(ROOT).parts[0] == "launch"
-           for line, target, names in _imports(path)
-           if (target in CLI_MODULES or any(f"{target}.{n}" in CLI_MODULES for n in names))
-           and _module_name(path) not in CLI_MODULES and path.name != "__main__.py"]
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {target}"
+        for path in _files()
+        if not path.relative_to(ROOT).parts[0] == "launch"
+        for line, target, names in _imports(path)
+        if (target in CLI_MODULES or any(f"{target}.{n}" in CLI_MODULES for n in names))
+        and _module_name(path) not in CLI_MODULES
+        and path.name != "__main__.py"
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_no_private_name_is_imported_across_modules():
-    bad = [f"{path.relative_to(ROOT)}:{line} imports {n} from {target}"
-           for path in _files() for line, target, names in _imports(path)
-           for n in names if n.startswith("_") and not n.startswith("__")]
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {n} from {target}"
+        for path in _files()
+        for line, target, names in _imports(path)
+        for n in names
+        if n.startswith("_") and not n.startswith("__")
+    ]
     assert not bad, "\n".join(bad)
 
 

@@ -38,7 +38,7 @@ import yaml
 
 from .errors import ConfigError
 
-INCLUDE = "include"   # a file's list of files (relative to it) merged under it: composition
+INCLUDE = "include"  # a file's list of files (relative to it) merged under it: composition
 
 
 class Loader(yaml.SafeLoader):
@@ -47,8 +47,10 @@ class Loader(yaml.SafeLoader):
 
 
 _BOOL, _FLOAT, _TIMESTAMP = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp"
-Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _TIMESTAMP)]
-                                  for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _TIMESTAMP)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 # after int and 1.1's float: only what they miss, a mantissa without a dot (1e-3, 2E+5)
 Loader.add_implicit_resolver(_FLOAT, re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
@@ -59,7 +61,7 @@ def parse_value(raw: str) -> Any:
     if not raw.strip():
         return ""
     try:
-        return yaml.load(raw, Loader=Loader)   # a SafeLoader subclass: no object construction
+        return yaml.load(raw, Loader=Loader)  # a SafeLoader subclass: no object construction
     except yaml.YAMLError:
         return raw
 
@@ -107,8 +109,9 @@ def dotted_keys(d: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def load_file(path: str | os.PathLike, sources: dict, error: type[Exception] = ConfigError,
-              _seen: tuple[Path, ...] = ()) -> dict:
+def load_file(
+    path: str | os.PathLike, sources: dict, error: type[Exception] = ConfigError, _seen: tuple[Path, ...] = ()
+) -> dict:
     """A file with its `include:` list (paths relative to it) merged first, the file itself on top."""
     path = Path(path)
     if path.resolve() in _seen:
@@ -138,7 +141,7 @@ def load_files(paths: Iterable[str | os.PathLike], sources: dict, error: type[Ex
 def _merge_file(data: dict, path: Path, sources: dict, error, seen: tuple[Path, ...]) -> dict:
     own: dict = {}
     merged = deep_merge(data, load_file(path, own, error, seen), sources, str(path))
-    sources.update(own)   # a key an included file set is named by that file
+    sources.update(own)  # a key an included file set is named by that file
     return merged
 
 
@@ -154,8 +157,9 @@ def parse_override(text: str, error: type[Exception] = ConfigError) -> tuple[lis
     return key.split("."), parse_value(raw)
 
 
-def apply_override(data: dict, parts: list[str], value: Any, sources: dict, origin: str,
-                   error: type[Exception] = ConfigError) -> None:
+def apply_override(
+    data: dict, parts: list[str], value: Any, sources: dict, origin: str, error: type[Exception] = ConfigError
+) -> None:
     node = data
     for part in parts[:-1]:
         child = node.get(part)
@@ -168,8 +172,9 @@ def apply_override(data: dict, parts: list[str], value: Any, sources: dict, orig
     sources[".".join(parts)] = origin
 
 
-def apply_overrides(data: dict, overrides: Iterable[str], sources: dict, error: type[Exception] = ConfigError,
-                    label: str = "override") -> dict:
+def apply_overrides(
+    data: dict, overrides: Iterable[str], sources: dict, error: type[Exception] = ConfigError, label: str = "override"
+) -> dict:
     """Every `key=value` of `overrides` applied to `data` in order; each is named `<label> 'k=v'` in errors
     (label: the option that gave it, e.g. --set)."""
     for text in overrides:
@@ -179,8 +184,9 @@ def apply_overrides(data: dict, overrides: Iterable[str], sources: dict, error: 
 
 
 # ---- checking ---------------------------------------------------------------------------------------------------
-def unknown_keys_message(where: str, unknown: Iterable[str], valid: Iterable[str], section: str = "",
-                         what: str = "key") -> str:
+def unknown_keys_message(
+    where: str, unknown: Iterable[str], valid: Iterable[str], section: str = "", what: str = "key"
+) -> str:
     """The one unknown-key message: inside a section the first unknown key with its dotted path; at the top
     level of a file or list entry every unknown key. Both end with the valid keys."""
     unknown, valid = sorted(unknown), ", ".join(sorted(valid))
@@ -189,8 +195,14 @@ def unknown_keys_message(where: str, unknown: Iterable[str], valid: Iterable[str
     return f"{where}: unknown {what}(s) {unknown}; valid {what}s: {valid}"
 
 
-def reject_unknown(data: Mapping, valid: Iterable[str], where: str, error: type[Exception] = ConfigError,
-                   what: str = "key", section: str = "") -> None:
+def reject_unknown(
+    data: Mapping,
+    valid: Iterable[str],
+    where: str,
+    error: type[Exception] = ConfigError,
+    what: str = "key",
+    section: str = "",
+) -> None:
     """Raise `error` naming the keys of `data` that are not `valid` (a typo must not be silently ignored)."""
     valid = set(valid)
     unknown = set(data) - valid
@@ -206,8 +218,14 @@ def type_message(where: str, key: str, value: Any, expected: str) -> str:
 def type_name(tp) -> str:
     if typing.get_origin(tp) in (Union, types.UnionType):
         return " or ".join(type_name(a) for a in typing.get_args(tp))
-    return {type(None): "null", float: "a number", int: "an integer", bool: "true/false", str: "a string",
-            Path: "a path"}.get(tp, f"a {getattr(typing.get_origin(tp) or tp, '__name__', tp)}")
+    return {
+        type(None): "null",
+        float: "a number",
+        int: "an integer",
+        bool: "true/false",
+        str: "a string",
+        Path: "a path",
+    }.get(tp, f"a {getattr(typing.get_origin(tp) or tp, '__name__', tp)}")
 
 
 def check_value(value: Any, tp, key: str, where: str, error: type[Exception] = ConfigError) -> Any:
@@ -230,7 +248,7 @@ def check_value(value: Any, tp, key: str, where: str, error: type[Exception] = C
         return copy.deepcopy(value)
     if tp is float:
         if isinstance(value, str):
-            try:   # YAML 1.1 files and quoted numbers: a researcher means the number
+            try:  # YAML 1.1 files and quoted numbers: a researcher means the number
                 value = float(value)
             except ValueError:
                 pass
@@ -263,8 +281,14 @@ def _check_items(value: Any, tp, origin, key: str, where: str, error) -> Any:
     return tuple(items) if origin is tuple else items
 
 
-def build(cls, data: Any, section: str, sources: Mapping[str, str], error: type[Exception] = ConfigError,
-          where: str | None = None):
+def build(
+    cls,
+    data: Any,
+    section: str,
+    sources: Mapping[str, str],
+    error: type[Exception] = ConfigError,
+    where: str | None = None,
+):
     """The dataclass `cls` from the mapping `data` (section `section` of a config): unknown keys and wrong
     types refused, each error naming the origin (`sources[dotted key]`, else `where`, else the section's
     origin) in the one format; missing fields without a default are refused too."""
@@ -275,18 +299,29 @@ def build(cls, data: Any, section: str, sources: Mapping[str, str], error: type[
     for key in sorted(data, key=str):
         if key not in fields:
             raise error(unknown_keys_message(sources.get(f"{section}.{key}", origin), [key], fields, section))
-    missing = [n for n, f in fields.items() if n not in data and f.init
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in data and f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise error(f"{origin}: section '{section}' misses key(s) {missing}")
     hints = typing.get_type_hints(cls)
-    kwargs = {k: check_value(v, hints[k], f"{section}.{k}", sources.get(f"{section}.{k}", origin), error)
-              for k, v in data.items()}
+    kwargs = {
+        k: check_value(v, hints[k], f"{section}.{k}", sources.get(f"{section}.{k}", origin), error)
+        for k, v in data.items()
+    }
     return cls(**kwargs)
 
 
-def check_fields(cls, data: Mapping, where: str, error: type[Exception] = ConfigError, what: str = "key",
-                 sources: Mapping[str, str] | None = None) -> dict:
+def check_fields(
+    cls,
+    data: Mapping,
+    where: str,
+    error: type[Exception] = ConfigError,
+    what: str = "key",
+    sources: Mapping[str, str] | None = None,
+) -> dict:
     """`data` as keyword arguments of the dataclass `cls` (a flat record such as an adaptation job): unknown
     keys refused in the top-level form, every value checked and converted (its error naming `sources[key]`
     where given, else `where`); the caller builds the object."""

@@ -63,8 +63,9 @@ class JobFailed(UserError, RuntimeError):
     exit_code = EXIT_FAILED
 
 
-def report_user_errors(prog: str, main: Callable[[Sequence[str] | None], int],
-                       argv: Sequence[str] | None = None) -> int:
+def report_user_errors(
+    prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None
+) -> int:
     """Runs an entry point's `main(argv)`: a UserError becomes one line on stderr and its exit code, Ctrl-C
     becomes 130; anything else propagates with its traceback."""
     try:

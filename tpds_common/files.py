@@ -66,10 +66,15 @@ def json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, default: Callable[[Any], Any] | None = json_default,
-                      indent: int | None = 2, sort_keys: bool = True, fsync: bool = True) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n",
-                      fsync=fsync)
+def atomic_write_json(
+    path: str | os.PathLike,
+    obj: Any,
+    default: Callable[[Any], Any] | None = json_default,
+    indent: int | None = 2,
+    sort_keys: bool = True,
+    fsync: bool = True,
+) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n", fsync=fsync)
 
 
 def atomic_folder(out: Path, write: Callable[[Path], None]) -> Path:
@@ -87,6 +92,7 @@ def atomic_folder(out: Path, write: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
 
 def read_text(path: str | os.PathLike, error: type[Exception], what: str = "file") -> str:
     """The file's text; a missing or unreadable file raises `error` (a UserError class) naming it, so the

@@ -46,8 +46,10 @@ class LockHeld(BusyError):
 
     def __init__(self, folder: Path, what: str, holder: dict | None):
         self.folder, self.what, self.holder = folder, what, holder or {}
-        super().__init__(f"{what} {folder} is in use by {describe(self.holder)}; wait for it to finish or "
-                         "stop it (the lock is released when that process exits)")
+        super().__init__(
+            f"{what} {folder} is in use by {describe(self.holder)}; wait for it to finish or "
+            "stop it (the lock is released when that process exits)"
+        )
 
 
 def describe(holder: dict) -> str:
@@ -56,8 +58,9 @@ def describe(holder: dict) -> str:
     started = holder.get("started")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
     cmd = " ".join(holder.get("argv") or [])
-    return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} since {when}"
-            + (f" ({cmd[:200]})" if cmd else ""))
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} since {when}" + (
+        f" ({cmd[:200]})" if cmd else ""
+    )
 
 
 def read_holder(folder: str | os.PathLike) -> dict:
@@ -100,13 +103,22 @@ class FolderLock:
                 if err.errno not in _UNSUPPORTED:
                     os.close(fd)
                     raise
-                warnings.warn(f"{self.folder}: the file system refuses file locks ({os.strerror(err.errno)}); "
-                              "a concurrent run in this folder will not be detected", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"{self.folder}: the file system refuses file locks ({os.strerror(err.errno)}); "
+                    "a concurrent run in this folder will not be detected",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 self.supported = False
                 break
         self._fd = fd
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "argv": sys.argv,
-                  "what": self.what}
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.time(),
+            "argv": sys.argv,
+            "what": self.what,
+        }
         # informative only (read for the message a second process gets): no fsync
         atomic_write_json(self.folder / HOLDER_NAME, holder, indent=1, sort_keys=False, fsync=False)
         return self
@@ -116,7 +128,7 @@ class FolderLock:
             return
         # the holder file goes first, while the lock still excludes the next holder's write
         (self.folder / HOLDER_NAME).unlink(missing_ok=True)
-        os.close(self._fd)   # closing the last descriptor releases the flock
+        os.close(self._fd)  # closing the last descriptor releases the flock
         self._fd = None
 
     @property

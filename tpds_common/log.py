@@ -43,8 +43,8 @@ from typing import TextIO
 ROOT = "tpds"
 QUIET, DEFAULT, VERBOSE = logging.WARNING, logging.INFO, logging.DEBUG
 
-_progress_requested: bool | None = None   # --progress of this process's entry point (None: not given)
-_current_setup: dict = {}                  # setup_logging's arguments, for a process the entry point spawns
+_progress_requested: bool | None = None  # --progress of this process's entry point (None: not given)
+_current_setup: dict = {}  # setup_logging's arguments, for a process the entry point spawns
 
 
 def get_logger(component: str | None = None) -> logging.Logger:
@@ -84,7 +84,7 @@ class _Formatter(logging.Formatter):
         self.rank_prefix = rank_prefix
 
     def format(self, record: logging.LogRecord) -> str:
-        component = record.name[len(ROOT) + 1:] if record.name.startswith(ROOT + ".") else ""
+        component = record.name[len(ROOT) + 1 :] if record.name.startswith(ROOT + ".") else ""
         text = record.getMessage()
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
@@ -104,20 +104,26 @@ class _Handler(logging.StreamHandler):
         return self._fixed if self._fixed is not None else sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:   # StreamHandler.__init__ assigns it; the property decides
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property decides
         pass
 
     def emit(self, record: logging.LogRecord) -> None:
         tqdm_module = sys.modules.get("tqdm")
-        if tqdm_module is None or not tqdm_module.tqdm._instances:   # no live bar: nothing to clear
+        if tqdm_module is None or not tqdm_module.tqdm._instances:  # no live bar: nothing to clear
             return super().emit(record)
         # a live bar on the same stream is cleared, the line written, the bar redrawn below it
         with tqdm_module.tqdm.external_write_mode(file=self.stream):
             super().emit(record)
 
 
-def setup_logging(level: int = DEFAULT, rank: int | None = None, all_ranks: bool | None = None,
-                  stream: TextIO | None = None, progress: bool | None = None, world: int | None = None) -> None:
+def setup_logging(
+    level: int = DEFAULT,
+    rank: int | None = None,
+    all_ranks: bool | None = None,
+    stream: TextIO | None = None,
+    progress: bool | None = None,
+    world: int | None = None,
+) -> None:
     """Configures the "tpds" logger for this process; calling it again replaces the previous setup (never
     adds a second handler). Entry points only. `stream` None means stderr (see the module docstring)."""
     global _progress_requested, _current_setup
@@ -194,22 +200,34 @@ def progress(iterable=None, *, rank: int | None = None, **kwargs):
 # ---- the shared command-line flags ----
 
 LOGGING_FLAGS = ("--quiet", "--verbose", "--log-all-ranks", "--progress")
-LOGGING_DESTS = ("log_level", "log_all_ranks", "progress")   # the Namespace fields they set (not a config's)
+LOGGING_DESTS = ("log_level", "log_all_ranks", "progress")  # the Namespace fields they set (not a config's)
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     """--quiet/--verbose/--log-all-ranks/--progress, the same on every entry point."""
     group = parser.add_argument_group("output")
     levels = group.add_mutually_exclusive_group()
-    levels.add_argument("--quiet", dest="log_level", action="store_const", const=QUIET, default=DEFAULT,
-                        help="only warnings and errors (a command's result is still printed)")
-    levels.add_argument("--verbose", dest="log_level", action="store_const", const=VERBOSE,
-                        help="also debug detail")
-    group.add_argument("--log-all-ranks", action="store_true", default=None,
-                       help="every rank logs at the chosen level (default: rank 0; others warnings only; "
-                            "also TPDS_LOG_ALL_RANKS=1)")
-    group.add_argument("--progress", action="store_true", default=None,
-                       help="progress bars even when stderr is not a terminal (also TPDS_PROGRESS=1)")
+    levels.add_argument(
+        "--quiet",
+        dest="log_level",
+        action="store_const",
+        const=QUIET,
+        default=DEFAULT,
+        help="only warnings and errors (a command's result is still printed)",
+    )
+    levels.add_argument("--verbose", dest="log_level", action="store_const", const=VERBOSE, help="also debug detail")
+    group.add_argument(
+        "--log-all-ranks",
+        action="store_true",
+        default=None,
+        help="every rank logs at the chosen level (default: rank 0; others warnings only; also TPDS_LOG_ALL_RANKS=1)",
+    )
+    group.add_argument(
+        "--progress",
+        action="store_true",
+        default=None,
+        help="progress bars even when stderr is not a terminal (also TPDS_PROGRESS=1)",
+    )
 
 
 def setup_from_args(args: argparse.Namespace) -> None:
@@ -219,7 +237,7 @@ def setup_from_args(args: argparse.Namespace) -> None:
 def split_logging_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The logging flags anywhere in `argv` and the other arguments, for a wrapper that passes its arguments
     on (the dispatcher, the torchrun wrapper) rather than parsing them all."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)   # torchrun's --pro... is not ours
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # torchrun's --pro... is not ours
     add_logging_arguments(parser)
     return parser.parse_known_args(argv)
 

@@ -35,8 +35,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "pretrain"
 TARGETS = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
-METHODS = ["lora_r1", "poly_S8_r1", "mhr_S8_h64", "tensorpoly_i_R8_N2", "tensorpoly_ii_R8_N2", "tensorpoly_x_R8_N4",
-           "ia3"]
+METHODS = [
+    "lora_r1",
+    "poly_S8_r1",
+    "mhr_S8_h64",
+    "tensorpoly_i_R8_N2",
+    "tensorpoly_ii_R8_N2",
+    "tensorpoly_x_R8_N4",
+    "ia3",
+]
 NUM_TASKS = 313
 
 
@@ -66,10 +73,23 @@ def ensure_packages(wheelhouse: str | None, target: Path) -> list[str]:
     house = Path(wheelhouse or "")
     wheels, sdists = sorted(house.glob("*.whl")), sorted(house.glob("deepspeed-*.tar.gz"))
     if not wheels or not sdists:
-        raise SystemExit(f"deepspeed/datasets missing and no wheelhouse at {house!s}: run "
-                         "benchmarks/gpu/prepare_wheelhouse.sh here and carry the folder")
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-cache-dir",
-           "--upgrade", "--target", str(target)]
+        raise SystemExit(
+            f"deepspeed/datasets missing and no wheelhouse at {house!s}: run "
+            "benchmarks/gpu/prepare_wheelhouse.sh here and carry the folder"
+        )
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-index",
+        "--no-deps",
+        "--no-cache-dir",
+        "--upgrade",
+        "--target",
+        str(target),
+    ]
     subprocess.run([*pip, "--no-compile", *map(str, wheels)], check=True)
     # deepspeed ships as a source distribution; its ops are JIT-built when used, and this check uses none
     subprocess.run([*pip, "--no-build-isolation", str(sdists[-1])], check=True, env=dict(os.environ, DS_BUILD_OPS="0"))
@@ -104,8 +124,9 @@ def peft_model(model, kind: str, num_tasks: int):
     if kind == "lora":
         cfg = peft.LoraConfig(r=1, lora_alpha=1, target_modules=TARGETS, lora_dropout=0.0, task_type="SEQ_2_SEQ_LM")
     else:
-        cfg = peft.PolyConfig(r=1, n_skills=8, n_tasks=num_tasks, n_splits=1, target_modules=TARGETS,
-                              task_type="SEQ_2_SEQ_LM")
+        cfg = peft.PolyConfig(
+            r=1, n_skills=8, n_tasks=num_tasks, n_splits=1, target_modules=TARGETS, task_type="SEQ_2_SEQ_LM"
+        )
     return peft.get_peft_model(model, cfg)
 
 
@@ -168,11 +189,14 @@ def measure_case(case: str, kind: str, spec, shapes: Shapes, device) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    row.update(status="ok", step_ms=1e3 * statistics.median(times),
-               tokens_per_s=shapes.batch * (shapes.input_len + shapes.target_len) / statistics.median(times))
+    row.update(
+        status="ok",
+        step_ms=1e3 * statistics.median(times),
+        tokens_per_s=shapes.batch * (shapes.input_len + shapes.target_len) / statistics.median(times),
+    )
     if cuda:
         row["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    step = model = None   # the closure holds the model too: free both before the next case's backbone
+    step = model = None  # the closure holds the model too: free both before the next case's backbone
     if cuda:
         torch.cuda.empty_cache()
     return row
@@ -183,12 +207,29 @@ def run_pretrain(name: str, overrides: list[str], shapes: Shapes, work: Path, cp
     from benchmarks.bench_memory import prepared_data, run_outputs
 
     run_dir, peaks = work / name, work / f"{name}.peaks"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "rank_peak.py"), str(peaks), str(REPO / "launch" / "pretrain.py"),
-           "--config", str(CONFIGS / "base_t0_3b.yaml"), "--config", str(CONFIGS / "tensorpoly_i_R8_N2.yaml"),
-           "--resume", "none", f"data.dir={prepared_data(work / 'data')}", f"run.dir={run_dir}",
-           f"model.name_or_path={shapes.arch}", f"train.steps={shapes.pretrain_steps}", "train.eval_every=0",
-           "train.eval_at_end=false", "train.save_every=0", "train.log_every=1", "train.progress_bar=false",
-           *shapes.pretrain_overrides, *overrides]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "rank_peak.py"),
+        str(peaks),
+        str(REPO / "launch" / "pretrain.py"),
+        "--config",
+        str(CONFIGS / "base_t0_3b.yaml"),
+        "--config",
+        str(CONFIGS / "tensorpoly_i_R8_N2.yaml"),
+        "--resume",
+        "none",
+        f"data.dir={prepared_data(work / 'data')}",
+        f"run.dir={run_dir}",
+        f"model.name_or_path={shapes.arch}",
+        f"train.steps={shapes.pretrain_steps}",
+        "train.eval_every=0",
+        "train.eval_at_end=false",
+        "train.save_every=0",
+        "train.log_every=1",
+        "train.progress_bar=false",
+        *shapes.pretrain_overrides,
+        *overrides,
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if cpu:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -197,17 +238,22 @@ def run_pretrain(name: str, overrides: list[str], shapes: Shapes, work: Path, cp
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"case": name, "status": f"timed out after {timeout:.0f} s"}
-    row = {"case": name, "overrides": overrides, "wall_s": time.monotonic() - start, "exit_code": proc.returncode,
-           "status": "ok" if proc.returncode == 0 else "failed: " + proc.stderr[-1500:]}
+    row = {
+        "case": name,
+        "overrides": overrides,
+        "wall_s": time.monotonic() - start,
+        "exit_code": proc.returncode,
+        "status": "ok" if proc.returncode == 0 else "failed: " + proc.stderr[-1500:],
+    }
     (work / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    if "backbone partitioned at load (zero.Init): " in proc.stderr:   # a log line: stderr
+    if "backbone partitioned at load (zero.Init): " in proc.stderr:  # a log line: stderr
         row["backbone_partitioned"] = "partitioned at load (zero.Init): True" in proc.stderr
     for f in sorted(peaks.glob("rank*.json")):
         row["peak"] = json.loads(f.read_text())
     outputs = run_outputs(run_dir)
     steps = outputs.pop("steps")
     if steps:
-        steady = steps[2:] or steps   # the first steps include allocation and autotuning
+        steady = steps[2:] or steps  # the first steps include allocation and autotuning
         row["tokens_per_s"] = statistics.median(s["perf/tokens_per_s"] for s in steady)
         row["step_s"] = statistics.median(s["perf/step_time_s"] for s in steady)
         row["final_loss"] = steps[-1]["train/loss"]
@@ -219,16 +265,22 @@ def run_pretrain(name: str, overrides: list[str], shapes: Shapes, work: Path, cp
 def format_tables(result: dict) -> str:
     lines = [f"{'case':<44}{'step ms':>10}{'tokens/s':>11}{'peak GB':>9}{'trainable':>12}  status"]
     for r in result["cases"]:
-        lines.append(f"{r['case']:<44}{r.get('step_ms', float('nan')):>10.1f}{r.get('tokens_per_s', float('nan')):>11.0f}"
-                     f"{r.get('peak_gb', float('nan')):>9.2f}{r.get('trainable_params', 0):>12,}  {r['status'][:60]}")
+        lines.append(
+            f"{r['case']:<44}{r.get('step_ms', float('nan')):>10.1f}{r.get('tokens_per_s', float('nan')):>11.0f}"
+            f"{r.get('peak_gb', float('nan')):>9.2f}{r.get('trainable_params', 0):>12,}  {r['status'][:60]}"
+        )
     lines.append("")
-    lines.append(f"{'pretrain':<28}{'tokens/s':>10}{'step s':>8}{'GPU GB':>8}{'RSS GB':>8}{'ckpt MB':>9}{'export MB':>10}  status")
+    lines.append(
+        f"{'pretrain':<28}{'tokens/s':>10}{'step s':>8}{'GPU GB':>8}{'RSS GB':>8}{'ckpt MB':>9}{'export MB':>10}  status"
+    )
     for r in result["pretrain"]:
         peak = r.get("peak", {})
-        lines.append(f"{r['case']:<28}{r.get('tokens_per_s', float('nan')):>10.0f}{r.get('step_s', float('nan')):>8.3f}"
-                     f"{peak.get('cuda_max_allocated_mb', float('nan')) / 1024:>8.2f}"
-                     f"{peak.get('peak_rss_mb', float('nan')) / 1024:>8.2f}{r.get('checkpoint_mb', float('nan')):>9.1f}"
-                     f"{r.get('export_mb', float('nan')):>10.1f}  {r['status'][:60]}")
+        lines.append(
+            f"{r['case']:<28}{r.get('tokens_per_s', float('nan')):>10.0f}{r.get('step_s', float('nan')):>8.3f}"
+            f"{peak.get('cuda_max_allocated_mb', float('nan')) / 1024:>8.2f}"
+            f"{peak.get('peak_rss_mb', float('nan')) / 1024:>8.2f}{r.get('checkpoint_mb', float('nan')):>9.1f}"
+            f"{r.get('export_mb', float('nan')):>10.1f}  {r['status'][:60]}"
+        )
     return "\n".join(lines)
 
 
@@ -252,8 +304,11 @@ def main(argv=None) -> int:
     out, work = Path(args.out), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
-    result = {"meta": {"args": vars(args), "shapes": asdict(shapes), "python": platform.python_version()},
-              "cases": [], "pretrain": []}
+    result = {
+        "meta": {"args": vars(args), "shapes": asdict(shapes), "python": platform.python_version()},
+        "cases": [],
+        "pretrain": [],
+    }
     result["meta"]["installed"] = [] if args.cpu_smoke else ensure_packages(args.wheelhouse, Path(args.site))
     import deepspeed
     import torch
@@ -262,9 +317,13 @@ def main(argv=None) -> int:
     device = "cpu" if args.cpu_smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device (use --cpu-smoke on a machine without one)")
-    result["meta"].update(torch=torch.__version__, deepspeed=deepspeed.__version__, transformers=transformers.__version__,
-                          peft=importlib.metadata.version("peft") if importlib.util.find_spec("peft") else None,
-                          device=torch.cuda.get_device_name() if device == "cuda" else platform.processor())
+    result["meta"].update(
+        torch=torch.__version__,
+        deepspeed=deepspeed.__version__,
+        transformers=transformers.__version__,
+        peft=importlib.metadata.version("peft") if importlib.util.find_spec("peft") else None,
+        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+    )
     write(result, out)
 
     def over_budget() -> bool:
@@ -275,18 +334,23 @@ def main(argv=None) -> int:
         if row is None:
             try:
                 row = measure_case(case, kind, spec, shapes, device)
-            except Exception as err:   # one failing method must not hide the others' numbers
+            except Exception as err:  # one failing method must not hide the others' numbers
                 row = {"case": case, "status": f"failed: {type(err).__name__}: {err}"[:500]}
         result["cases"].append(row)
         print(f"{case}: {row['status']}", flush=True)
         write(result, out)
-    for name, overrides in [("zero0_bf16_autocast", ["deepspeed.zero_stage=0", "deepspeed.precision=bf16_autocast"]),
-                            ("zero3_bf16", ["deepspeed.zero_stage=3", "deepspeed.precision=bf16"])]:
+    for name, overrides in [
+        ("zero0_bf16_autocast", ["deepspeed.zero_stage=0", "deepspeed.precision=bf16_autocast"]),
+        ("zero3_bf16", ["deepspeed.zero_stage=3", "deepspeed.precision=bf16"]),
+    ]:
         left = args.budget_s + 60 - (time.monotonic() - began)
         try:
-            row = {"case": name, "status": "skipped: time budget"} if left < 60 else \
-                run_pretrain(name, overrides, shapes, work, args.cpu_smoke, timeout=left)
-        except subprocess.CalledProcessError as err:   # the data preparation
+            row = (
+                {"case": name, "status": "skipped: time budget"}
+                if left < 60
+                else run_pretrain(name, overrides, shapes, work, args.cpu_smoke, timeout=left)
+            )
+        except subprocess.CalledProcessError as err:  # the data preparation
             row = {"case": name, "status": f"failed: {err}: {(err.stderr or b'')[-1500:]!r}"}
         result["pretrain"].append(row)
         print(f"pretrain {name}: {row['status'][:200]}", flush=True)

@@ -7,8 +7,16 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"AdaptJob": "spec", "FULLFT": "spec", "JobError": "spec", "MARKER_FILE": "spec", "RESULT_FILE": "spec",
-            "is_complete": "job", "run_job": "job", "setup_model": "job"}
+_EXPORTS = {
+    "AdaptJob": "spec",
+    "FULLFT": "spec",
+    "JobError": "spec",
+    "MARKER_FILE": "spec",
+    "RESULT_FILE": "spec",
+    "is_complete": "job",
+    "run_job": "job",
+    "setup_model": "job",
+}
 
 __all__ = sorted(_EXPORTS)
 

@@ -46,13 +46,30 @@ def _sections(job, steps: int, world: int, micro_total: int, eval_every: int):
 
     if micro_total % world:
         raise ConfigError(f"batch size {micro_total} is not divisible by the {world} ranks")
-    optim = OptimSection(name=job.optimizer, lr=job.lr, module_lr=job.lr, routing_lr=job.routing_lr or job.lr,
-                         warmup_ratio=job.warmup_ratio, clip=job.clip, schedule="linear")
+    optim = OptimSection(
+        name=job.optimizer,
+        lr=job.lr,
+        module_lr=job.lr,
+        routing_lr=job.routing_lr or job.lr,
+        warmup_ratio=job.warmup_ratio,
+        clip=job.clip,
+        schedule="linear",
+    )
     # heatmap_max_layers=0: the routing of a one-task job is a single row per layer, which the routing entropy
     # scalars and routing.safetensors already hold; eight matplotlib figures per eval cost more than the eval
-    train = TrainSection(steps=steps, micro_batch=micro_total // world, grad_accum=job.grad_accum,
-                         eval_every=eval_every, save_every=0, seed=job.seed, export_at_end=False,
-                         eval_at_end=True, progress_bar=False, keep_checkpoints=1, heatmap_max_layers=0)
+    train = TrainSection(
+        steps=steps,
+        micro_batch=micro_total // world,
+        grad_accum=job.grad_accum,
+        eval_every=eval_every,
+        save_every=0,
+        seed=job.seed,
+        export_at_end=False,
+        eval_at_end=True,
+        progress_bar=False,
+        keep_checkpoints=1,
+        heatmap_max_layers=0,
+    )
     ds = DeepSpeedSection(zero_stage=job.zero_stage, precision=job.precision)
     return optim, train, ds
 
@@ -82,9 +99,20 @@ class _Rows:
         return {c: [r[c] for r in picked] for c in self.column_names}
 
 
-def engine_train(job, model: nn.Module, out: Path, *, steps: int, train_rows: list[dict], weights: LossWeights,
-                 run_eval: Callable[[nn.Module, int], dict], world: int, data_dir: str,
-                 resumed_in: str | None = None, eval_at_start: bool = False):
+def engine_train(
+    job,
+    model: nn.Module,
+    out: Path,
+    *,
+    steps: int,
+    train_rows: list[dict],
+    weights: LossWeights,
+    run_eval: Callable[[nn.Module, int], dict],
+    world: int,
+    data_dir: str,
+    resumed_in: str | None = None,
+    eval_at_start: bool = False,
+):
     """Returns (network to evaluate / snapshot, gather(params) context factory, history, multitask history,
     stopped): `stopped` is {"phase", "step"} when a stop request ended a phase (the engine checkpointed
     under OUT/engine/<phase>/checkpoints; the job is then "requeue"), else None. `resumed_in` (the phase a
@@ -105,16 +133,27 @@ def engine_train(job, model: nn.Module, out: Path, *, steps: int, train_rows: li
     multitask_history: list[dict] = []
     history: list[dict] = []
     if job.multitask_steps > 0 and steps > 0 and job.zero_stage == 3:
-        raise JobError("multitask_steps and few-shot steps in one job need two DeepSpeed initialisations, "
-                       "which ZeRO-3 does not allow on one model: use zero_stage <= 2 or split the job")
+        raise JobError(
+            "multitask_steps and few-shot steps in one job need two DeepSpeed initialisations, "
+            "which ZeRO-3 does not allow on one model: use zero_stage <= 2 or split the job"
+        )
     if job.multitask_steps > 0:
         mt_rows = _Rows(load_rows(data_dir, "train"))
         optim, tr, ds = _sections(job, job.multitask_steps, world, job.multitask_batch_size, 0)
         optim.lr = optim.module_lr = job.multitask_lr or job.lr
         tr.eval_at_end = False
-        hooks = TrainHooks(collate_fn=lambda rows: collate_lm(rows, 0))   # default loss: token-mean LM
-        res = train(net, mt_rows, optim=optim, train=tr, deepspeed=ds, run_dir=run_root / "multitask",
-                    tasks=[job.task], hooks=hooks, resume=resume)
+        hooks = TrainHooks(collate_fn=lambda rows: collate_lm(rows, 0))  # default loss: token-mean LM
+        res = train(
+            net,
+            mt_rows,
+            optim=optim,
+            train=tr,
+            deepspeed=ds,
+            run_dir=run_root / "multitask",
+            tasks=[job.task],
+            hooks=hooks,
+            resume=resume,
+        )
         multitask_history = res.history
         net = res.engine
         if res.status == "requeue":
@@ -131,16 +170,29 @@ def engine_train(job, model: nn.Module, out: Path, *, steps: int, train_rows: li
         if len(train_rows) < job.batch_size:
             # the engine's stream needs one global batch per epoch: repeat the few shots (k < batch size)
             train_rows = train_rows * -(-job.batch_size // len(train_rows))
-        hooks = TrainHooks(loss_fn=tfew_hook(weights), weight_fn=examples, collate_fn=choice_collate,
-                           eval_fn=lambda engine, step: run_eval(engine, step))
-        res = train(getattr(net, "module", net), _Rows(train_rows), optim=optim, train=tr, deepspeed=ds,
-                    run_dir=run_root / "fewshot", tasks=[job.task], hooks=hooks,
-                    resume=resume if resumed_in == "fewshot" else "none")
+        hooks = TrainHooks(
+            loss_fn=tfew_hook(weights),
+            weight_fn=examples,
+            collate_fn=choice_collate,
+            eval_fn=lambda engine, step: run_eval(engine, step),
+        )
+        res = train(
+            getattr(net, "module", net),
+            _Rows(train_rows),
+            optim=optim,
+            train=tr,
+            deepspeed=ds,
+            run_dir=run_root / "fewshot",
+            tasks=[job.task],
+            hooks=hooks,
+            resume=resume if resumed_in == "fewshot" else "none",
+        )
         history = res.history
         net = res.engine
         if res.status == "requeue":
             return net, None, history, multitask_history, {"phase": "fewshot", "step": res.step}
     if hasattr(net, "zero_optimization_partition_weights"):
+
         def gather(params):
             return eng.gathered(net, params)
     else:

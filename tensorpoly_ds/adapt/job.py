@@ -67,9 +67,10 @@ log = get_logger("adapt")
 
 # --- small utilities ---------------------------------------------------------------------------------------
 
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -78,8 +79,16 @@ def method_label(job: AdaptJob, cfg: AdapterConfig | None) -> str:
         return job.label
     if cfg is None:
         return "FullFT"
-    names = {"lora": "LoRA", "tlora": "TLoRA", "poly": "Poly", "mhr": "MHR", "tensorpoly_i": "TensorPoly-I",
-             "tensorpoly_ii": "TensorPoly-II", "tensorpoly_x": "TensorPoly-X", "ia3": "(IA)^3"}
+    names = {
+        "lora": "LoRA",
+        "tlora": "TLoRA",
+        "poly": "Poly",
+        "mhr": "MHR",
+        "tensorpoly_i": "TensorPoly-I",
+        "tensorpoly_ii": "TensorPoly-II",
+        "tensorpoly_x": "TensorPoly-X",
+        "ia3": "(IA)^3",
+    }
     name = names.get(cfg.method, cfg.method)
     if cfg.method in ("tlora", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x"):
         name += f" R{cfg.tensor_rank} N{cfg.order}"
@@ -91,6 +100,7 @@ def method_label(job: AdaptJob, cfg: AdapterConfig | None) -> str:
 
 
 # --- data --------------------------------------------------------------------------------------------------
+
 
 def open_data(data_dir: str):
     from data_prep.manifest import read_manifest
@@ -109,7 +119,7 @@ def load_rows(data_dir: str, split: str) -> list[dict]:
 
 def resolve_k(manifest, data_dir: str, task: str, k: int | None) -> int:
     prefix = f"few_shot/{task}/"
-    ks = sorted({int(s[len(prefix):].split("_shot")[0]) for s in manifest.shards if s.startswith(prefix)})
+    ks = sorted({int(s[len(prefix) :].split("_shot")[0]) for s in manifest.shards if s.startswith(prefix)})
     if k is None:
         if len(ks) != 1:
             raise JobError(f"{data_dir}: task {task!r} has few-shot sets for k in {ks}; set k explicitly")
@@ -190,11 +200,13 @@ def _architectures():
 
 def setup_model(job: AdaptJob, vocab_size: int, zero3_config: dict | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Backbone + adapters (pretrained export or fresh) + adaptation mode. Returns (model, info)."""
-    if job.export is not None:   # a mode the export cannot run fails before the backbone is built
+    if job.export is not None:  # a mode the export cannot run fails before the backbone is built
         check_mode(AdapterConfig.from_dict(read_export_meta(job.export)["adapter"]), job.mode, source=job.export)
     model = build_backbone(job, vocab_size, zero3_config)
-    info: dict[str, Any] = {"backbone_params": sum(numel(p) for p in model.parameters()),
-                            "backbone_seed": backbone_seed(job) if job.model in _architectures() else None}
+    info: dict[str, Any] = {
+        "backbone_params": sum(numel(p) for p in model.parameters()),
+        "backbone_seed": backbone_seed(job) if job.model in _architectures() else None,
+    }
     cfg = None
     if job.export is not None:
         meta = load_adapters(model, job.export)
@@ -244,6 +256,7 @@ def routing_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # --- the job -----------------------------------------------------------------------------------------------
 
+
 def _rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -273,8 +286,10 @@ def engine_available() -> bool:
     try:
         importlib.import_module(f"{tensorpoly_ds.__name__}.engine.trainer")
     except ImportError as err:
-        raise JobError(f"{Path(spec.origin).parent} is installed but does not import ({type(err).__name__}: "
-                       f"{err}); repair the install (pip install -e .) or set trainer 'local'") from err
+        raise JobError(
+            f"{Path(spec.origin).parent} is installed but does not import ({type(err).__name__}: "
+            f"{err}); repair the install (pip install -e .) or set trainer 'local'"
+        ) from err
     return True
 
 
@@ -316,7 +331,7 @@ def run_job(job: AdaptJob, *, force: bool = False) -> dict:
     if busy:
         raise JobBusy(busy)
     try:
-        with STOP.handling():   # launch/adapt installs it at start-up; library callers get it here
+        with STOP.handling():  # launch/adapt installs it at start-up; library callers get it here
             return _run_locked(job, out, trainer, force)
     finally:
         if lock is not None:
@@ -337,7 +352,7 @@ def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool) -> dict:
         try:
             prior = stopped_state(out, job, force)
             atomic_write_json(out / "job.json", job.to_dict())
-        except JobError as err:   # every rank must learn it, or the others wait in the broadcast forever
+        except JobError as err:  # every rank must learn it, or the others wait in the broadcast forever
             refused = str(err)
     prior, refused = _broadcast((prior, refused))
     if refused:
@@ -351,21 +366,31 @@ def _run_locked(job: AdaptJob, out: Path, trainer: str, force: bool) -> dict:
     except BaseException as err:
         if main_rank:
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            atomic_write_json(out / RESULT_FILE, {"format": RESULT_FORMAT, "status": status, "job": job.to_dict(),
-                                           "error": f"{type(err).__name__}: {err}",
-                                           "traceback": traceback.format_exc(), "timings": timings,
-                                           "finished": time.time()})
+            atomic_write_json(
+                out / RESULT_FILE,
+                {
+                    "format": RESULT_FORMAT,
+                    "status": status,
+                    "job": job.to_dict(),
+                    "error": f"{type(err).__name__}: {err}",
+                    "traceback": traceback.format_exc(),
+                    "timings": timings,
+                    "finished": time.time(),
+                },
+            )
         raise
     timings["total_s"] = time.time() - t_start + (prior or {}).get("timings", {}).get("total_s", 0.0)
     result["timings"] = timings
     if main_rank:
         atomic_write_json(out / RESULT_FILE, result)
         if result["status"] == "complete":
-            atomic_write_text(out / MARKER_FILE, "complete\n")   # last: its presence means result.json is final
+            atomic_write_text(out / MARKER_FILE, "complete\n")  # last: its presence means result.json is final
             discard_checkpoints(out)
         else:
-            log.info(f"stopped ({result['signal']}) at {result['stopped']['phase']} step "
-                     f"{result['stopped']['step']}: checkpoint kept in {out}; rerun the job to resume")
+            log.info(
+                f"stopped ({result['signal']}) at {result['stopped']['phase']} step "
+                f"{result['stopped']['step']}: checkpoint kept in {out}; rerun the job to resume"
+            )
     return result
 
 
@@ -389,8 +414,10 @@ def stopped_state(out: Path, job: AdaptJob, force: bool) -> dict | None:
     before, now = saved.get("job") or {}, job.to_dict()
     diff = [f"{k}: {before.get(k)!r} then, {v!r} now" for k, v in now.items() if before.get(k) != v]
     if diff:
-        raise JobError(f"{out} holds a stopped run of a different job ({'; '.join(diff)}); rerun the original job "
-                       "to resume it, or add --force to start this one over")
+        raise JobError(
+            f"{out} holds a stopped run of a different job ({'; '.join(diff)}); rerun the original job "
+            "to resume it, or add --force to start this one over"
+        )
     return saved
 
 
@@ -406,11 +433,12 @@ class JobData:
 class Trained:
     """What training left: the network to evaluate and snapshot (the DeepSpeed engine on that path), the
     ZeRO-3 gather context factory (or None), per-step metrics of both phases, and the stop point if any."""
+
     net: nn.Module
     gather: Callable | None = None
     history: list[dict] = field(default_factory=list)
     multitask_history: list[dict] = field(default_factory=list)
-    stopped: dict | None = None     # {"phase", "step"} when a stop request ended training
+    stopped: dict | None = None  # {"phase", "step"} when a stop request ended training
 
 
 def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, prior: dict | None = None) -> dict:
@@ -418,10 +446,12 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, prior: dict | No
     rank, world = _rank_world()
     data = load_job_data(job, timings, rank == 0)
     model, info = build_job_model(job, data, trainer, world, timings)
-    log.info(f"{info['label']} mode={job.mode} task={job.task} k={data.k} seed={job.seed} trainer={trainer} "
-             f"world={world}: {info['trainable_params']:,} trainable parameters")
+    log.info(
+        f"{info['label']} mode={job.mode} task={job.task} k={data.k} seed={job.seed} trainer={trainer} "
+        f"world={world}: {info['trainable_params']:,} trainable parameters"
+    )
     prior = prior or {}
-    resumed_in = (prior.get("stopped") or {}).get("phase")   # None, "multitask" or "fewshot"
+    resumed_in = (prior.get("stopped") or {}).get("phase")  # None, "multitask" or "fewshot"
     steps = job.steps if data.k > 0 else 0
     evals = Evaluations(job, out, data.eval_rows, steps, rank == 0, prior.get("evaluations", []))
     train = train_local if trainer == "local" else train_engine
@@ -437,12 +467,12 @@ def _run(job: AdaptJob, out: Path, timings: dict, trainer: str, prior: dict | No
 def load_job_data(job: AdaptJob, timings: dict, main_rank: bool) -> JobData:
     t0 = time.time()
     manifest = open_data(job.data_dir)
-    if job.task not in manifest.held_out and main_rank:   # the same on every rank: say it once
+    if job.task not in manifest.held_out and main_rank:  # the same on every rank: say it once
         log.warning(f"warning: task {job.task!r} is not in the manifest's held_out list {manifest.held_out}")
     k = resolve_k(manifest, job.data_dir, job.task, job.k)
     eval_rows = load_rows(job.data_dir, f"eval/{job.task}")
     if job.max_eval_examples is not None:
-        eval_rows = eval_rows[:job.max_eval_examples]
+        eval_rows = eval_rows[: job.max_eval_examples]
     train_rows = load_rows(job.data_dir, f"few_shot/{job.task}/{k}_shot/{job.seed}_seed") if k > 0 else []
     timings["data_s"] = time.time() - t0
     return JobData(manifest, k, eval_rows, train_rows)
@@ -466,13 +496,12 @@ class Evaluations:
     """The job's rank-classification evaluations: called with (network, step) on every rank (same number of
     forward passes), rank 0 writes predictions and progress.json. Starts from a stopped run's evaluations."""
 
-    def __init__(self, job: AdaptJob, out: Path, eval_rows: list[dict], steps: int, main_rank: bool,
-                 prior: list[dict]):
+    def __init__(self, job: AdaptJob, out: Path, eval_rows: list[dict], steps: int, main_rank: bool, prior: list[dict]):
         self.job, self.out, self.eval_rows, self.steps = job, out, eval_rows, steps
         self.main_rank = main_rank
         self.entries: list[dict] = list(prior)
         self.best: dict | None = None
-        for entry in self.entries:   # the stopped run's evaluations, with the rule __call__ applies
+        for entry in self.entries:  # the stopped run's evaluations, with the rule __call__ applies
             if self.best is None or entry["accuracy"] > self.best["accuracy"]:
                 self.best = entry
         self.seconds = 0.0
@@ -481,11 +510,15 @@ class Evaluations:
         job, out = self.job, self.out
         t = time.time()
         phase = "final" if step == self.steps else ("start" if step == 0 else "periodic")
-        records = evaluate(net, self.eval_rows, batch_size=job.eval_batch_size, length_norm=job.length_norm,
-                           task_id=0)
+        records = evaluate(net, self.eval_rows, batch_size=job.eval_batch_size, length_norm=job.length_norm, task_id=0)
         acc = accuracy(records)
-        entry = {"step": step, "phase": phase, "accuracy": acc["accuracy"], "examples": acc["examples"],
-                 "per_template": acc["per_template"].get(job.task, {})}
+        entry = {
+            "step": step,
+            "phase": phase,
+            "accuracy": acc["accuracy"],
+            "examples": acc["examples"],
+            "per_template": acc["per_template"].get(job.task, {}),
+        }
         self.entries.append(entry)
         improved = self.best is None or entry["accuracy"] > self.best["accuracy"]
         if improved:
@@ -509,8 +542,16 @@ def _loss_weights(job: AdaptJob) -> LossWeights:
     return LossWeights(lm=job.loss_lm, mc=job.loss_mc, unlikelihood=job.loss_unlikelihood)
 
 
-def train_local(job: AdaptJob, model: nn.Module, out: Path, data: JobData, steps: int, evals: Evaluations,
-                resumed_in: str | None, timings: dict) -> Trained:
+def train_local(
+    job: AdaptJob,
+    model: nn.Module,
+    out: Path,
+    data: JobData,
+    steps: int,
+    evals: Evaluations,
+    resumed_in: str | None,
+    timings: dict,
+) -> Trained:
     """The loop's local backend (one process, no DeepSpeed): multi-task steps, start evaluation, few-shot
     steps with their evaluations. A stopped run resumes from OUT/local_checkpoint.pt."""
     if _rank_world()[1] > 1:
@@ -520,8 +561,9 @@ def train_local(job: AdaptJob, model: nn.Module, out: Path, data: JobData, steps
     trained = Trained(net=model)
     if job.multitask_steps > 0 and resumed_in != "fewshot":
         t0 = time.time()
-        trained.multitask_history, at = _local_multitask(job, model, ckpt_path,
-                                                         state if resumed_in == "multitask" else None)
+        trained.multitask_history, at = _local_multitask(
+            job, model, ckpt_path, state if resumed_in == "multitask" else None
+        )
         timings["multitask_s"] = time.time() - t0
         if at is not None:
             trained.stopped = {"phase": "multitask", "step": at}
@@ -530,8 +572,9 @@ def train_local(job: AdaptJob, model: nn.Module, out: Path, data: JobData, steps
         evals(model, 0)
     if steps > 0:
         t0 = time.time()
-        trained.history, at = _local_fewshot(job, model, ckpt_path, data.train_rows, steps, evals,
-                                             state if resumed_in == "fewshot" else None)
+        trained.history, at = _local_fewshot(
+            job, model, ckpt_path, data.train_rows, steps, evals, state if resumed_in == "fewshot" else None
+        )
         timings["train_s"] = time.time() - t0 - evals.seconds
         if at is not None:
             trained.stopped = {"phase": "fewshot", "step": at}
@@ -542,8 +585,9 @@ def _local_resume_state(ckpt_path: Path, resumed_in: str | None) -> dict | None:
     if resumed_in is None:
         return None
     if not ckpt_path.is_file():
-        raise LocalCheckpointError(f"{ckpt_path} is missing: the stopped run cannot be resumed; rerun with "
-                                   "--force to start the job over")
+        raise LocalCheckpointError(
+            f"{ckpt_path} is missing: the stopped run cannot be resumed; rerun with --force to start the job over"
+        )
     return load_checkpoint(ckpt_path)
 
 
@@ -552,16 +596,31 @@ def _local_multitask(job: AdaptJob, model: nn.Module, ckpt_path: Path, state: di
     sampler = EpochSampler(len(mt_rows), job.multitask_batch_size, job.seed + 1)
     optimizer = build_optimizer(model, job.optimizer, job.multitask_lr or job.lr, job.routing_lr)
     # All rows use routing row 0: the uniform / freshly opened routing of the adapted model.
-    loop = LocalTrainer(model, steps=job.multitask_steps, sampler=sampler,
-                        make_batch=lambda idx: collate_lm([mt_rows[i] for i in idx], 0),
-                        loss_fn=lambda b: {"loss": lm_loss(model, b)}, optimizer=optimizer,
-                        warmup_ratio=job.warmup_ratio, clip=job.clip, stop=STOP, checkpoint=ckpt_path,
-                        phase="multitask")
+    loop = LocalTrainer(
+        model,
+        steps=job.multitask_steps,
+        sampler=sampler,
+        make_batch=lambda idx: collate_lm([mt_rows[i] for i in idx], 0),
+        loss_fn=lambda b: {"loss": lm_loss(model, b)},
+        optimizer=optimizer,
+        warmup_ratio=job.warmup_ratio,
+        clip=job.clip,
+        stop=STOP,
+        checkpoint=ckpt_path,
+        phase="multitask",
+    )
     return loop.run(state)
 
 
-def _local_fewshot(job: AdaptJob, model: nn.Module, ckpt_path: Path, train_rows: list[dict], steps: int,
-                   evals: Evaluations, state: dict | None):
+def _local_fewshot(
+    job: AdaptJob,
+    model: nn.Module,
+    ckpt_path: Path,
+    train_rows: list[dict],
+    steps: int,
+    evals: Evaluations,
+    state: dict | None,
+):
     sampler = EpochSampler(len(train_rows), job.batch_size, job.seed)
     optimizer = build_optimizer(model, job.optimizer, job.lr, job.routing_lr)
     weights = _loss_weights(job)
@@ -570,24 +629,51 @@ def _local_fewshot(job: AdaptJob, model: nn.Module, ckpt_path: Path, train_rows:
         if step == steps or (job.eval_every and step % job.eval_every == 0):
             evals(model, step)
 
-    loop = LocalTrainer(model, steps=steps, sampler=sampler,
-                        make_batch=lambda idx: collate_choices([train_rows[i] for i in idx], 0),
-                        loss_fn=lambda b: tfew_losses(model, b, weights), optimizer=optimizer,
-                        warmup_ratio=job.warmup_ratio, clip=job.clip, grad_accum=job.grad_accum, on_step=on_step,
-                        stop=STOP, checkpoint=ckpt_path, phase="fewshot")
+    loop = LocalTrainer(
+        model,
+        steps=steps,
+        sampler=sampler,
+        make_batch=lambda idx: collate_choices([train_rows[i] for i in idx], 0),
+        loss_fn=lambda b: tfew_losses(model, b, weights),
+        optimizer=optimizer,
+        warmup_ratio=job.warmup_ratio,
+        clip=job.clip,
+        grad_accum=job.grad_accum,
+        on_step=on_step,
+        stop=STOP,
+        checkpoint=ckpt_path,
+        phase="fewshot",
+    )
     return loop.run(state)
 
 
-def train_engine(job: AdaptJob, model: nn.Module, out: Path, data: JobData, steps: int, evals: Evaluations,
-                 resumed_in: str | None, timings: dict) -> Trained:
+def train_engine(
+    job: AdaptJob,
+    model: nn.Module,
+    out: Path,
+    data: JobData,
+    steps: int,
+    evals: Evaluations,
+    resumed_in: str | None,
+    timings: dict,
+) -> Trained:
     """The loop's DeepSpeed backend (engine.trainer.Trainer), on every rank of the job."""
     from .engine_train import engine_train
 
     t0 = time.time()
     net, gather, history, multitask_history, stopped = engine_train(
-        job, model, out, steps=steps, train_rows=data.train_rows, weights=_loss_weights(job), run_eval=evals,
-        world=_rank_world()[1], data_dir=job.data_dir, resumed_in=resumed_in,
-        eval_at_start=_eval_at_start(job, steps, resumed_in))
+        job,
+        model,
+        out,
+        steps=steps,
+        train_rows=data.train_rows,
+        weights=_loss_weights(job),
+        run_eval=evals,
+        world=_rank_world()[1],
+        data_dir=job.data_dir,
+        resumed_in=resumed_in,
+        eval_at_start=_eval_at_start(job, steps, resumed_in),
+    )
     timings["train_s"] = time.time() - t0 - evals.seconds
     return Trained(net, gather, history, multitask_history, stopped)
 
@@ -596,19 +682,35 @@ def loss_records(prior: dict, trained: Trained) -> dict[str, list[dict]]:
     """result.json's per-step losses (its own keys: loss, lm, mc, unlikelihood) from the loop's metrics, after
     a stopped run's."""
     train_loss = prior.get("train_loss", []) + [
-        {"step": h["step"], "loss": h.get(TRAIN_LOSS), "lm": h.get(train_key("lm")), "mc": h.get(train_key("mc")),
-         "unlikelihood": h.get(train_key("unlikelihood"))} for h in trained.history]
+        {
+            "step": h["step"],
+            "loss": h.get(TRAIN_LOSS),
+            "lm": h.get(train_key("lm")),
+            "mc": h.get(train_key("mc")),
+            "unlikelihood": h.get(train_key("unlikelihood")),
+        }
+        for h in trained.history
+    ]
     multitask_loss = prior.get("multitask_loss", []) + [
-        {"step": h["step"], "loss": h.get(TRAIN_LOSS)} for h in trained.multitask_history]
+        {"step": h["step"], "loss": h.get(TRAIN_LOSS)} for h in trained.multitask_history
+    ]
     return {"train_loss": train_loss, "multitask_loss": multitask_loss}
 
 
-def requeue_result(job: AdaptJob, trainer: str, world: int, trained: Trained, evals: Evaluations,
-                   losses: dict) -> dict:
+def requeue_result(job: AdaptJob, trainer: str, world: int, trained: Trained, evals: Evaluations, losses: dict) -> dict:
     """The state a rerun resumes from (stopped_state): everything the final result accumulates."""
-    return {"format": RESULT_FORMAT, "status": "requeue", "job": job.to_dict(), "trainer": trainer,
-            "world_size": world, "stopped": trained.stopped, "signal": STOP.name or "stop request",
-            "evaluations": evals.entries, **losses, "finished": time.time()}
+    return {
+        "format": RESULT_FORMAT,
+        "status": "requeue",
+        "job": job.to_dict(),
+        "trainer": trainer,
+        "world_size": world,
+        "stopped": trained.stopped,
+        "signal": STOP.name or "stop request",
+        "evaluations": evals.entries,
+        **losses,
+        "finished": time.time(),
+    }
 
 
 def save_routing_and_adapter(job: AdaptJob, out: Path, trained: Trained, info: dict, main_rank: bool) -> bool:
@@ -616,7 +718,7 @@ def save_routing_and_adapter(job: AdaptJob, out: Path, trained: Trained, info: d
     ZeRO-3 (every rank). Returns whether a routing file was written."""
     net, gather = _unwrap(trained.net), trained.gather
     tables = [t.logits for t in routing_tables(net).values()]
-    with (gather(tables) if gather else contextlib.nullcontext()):   # ZeRO-3: a collective, every rank
+    with gather(tables) if gather else contextlib.nullcontext():  # ZeRO-3: a collective, every rank
         routing = routing_snapshot(net)
     if routing and main_rank:
         from safetensors.torch import save_file
@@ -627,16 +729,21 @@ def save_routing_and_adapter(job: AdaptJob, out: Path, trained: Trained, info: d
         from ..adapters import export_adapters
 
         # every adapter tensor, frozen ones included (mode z freezes the modules), never the backbone
-        params = [p for layer in adapter_layers(net).values()
-                  for n, p in layer.named_parameters() if not n.startswith("base.")] + tables
-        with (gather(params) if gather else contextlib.nullcontext()):
+        params = [
+            p
+            for layer in adapter_layers(net).values()
+            for n, p in layer.named_parameters()
+            if not n.startswith("base.")
+        ] + tables
+        with gather(params) if gather else contextlib.nullcontext():
             if main_rank:
                 export_adapters(net, out / "adapter", [job.task], extra={"adapted_from": job.export, "mode": job.mode})
     return bool(routing)
 
 
-def complete_result(job: AdaptJob, trainer: str, world: int, k: int, info: dict, evals: Evaluations,
-                    losses: dict, routing: bool) -> dict:
+def complete_result(
+    job: AdaptJob, trainer: str, world: int, k: int, info: dict, evals: Evaluations, losses: dict, routing: bool
+) -> dict:
     final, best = evals.entries[-1], evals.best
     return {
         "format": RESULT_FORMAT,
@@ -656,8 +763,11 @@ def complete_result(job: AdaptJob, trainer: str, world: int, k: int, info: dict,
         "final": {"step": final["step"], "accuracy": final["accuracy"]},
         "best": {"step": best["step"], "accuracy": best["accuracy"]},
         "per_template": final["per_template"],
-        "params": {"trainable": info["trainable_params"], "multi_task": info["multi_task_params"],
-                   "backbone": info["backbone_params"]},
+        "params": {
+            "trainable": info["trainable_params"],
+            "multi_task": info["multi_task_params"],
+            "backbone": info["backbone_params"],
+        },
         "backbone": {"model": job.model, "init_seed": info["backbone_seed"]},
         "train_loss": losses["train_loss"],
         "multitask_loss": losses["multitask_loss"],

@@ -37,8 +37,14 @@ def build_optimizer(model: nn.Module, name: str, lr: float, routing_lr: float | 
     routing = [t.logits for t in tables.values() if t.logits.requires_grad]
     rid = {id(p) for p in routing}
     modules = [p for p in model.parameters() if p.requires_grad and id(p) not in rid]
-    groups = [g for g in ({"params": modules, "lr": lr, "name": "modules"},
-                          {"params": routing, "lr": routing_lr or lr, "name": "routing"}) if g["params"]]
+    groups = [
+        g
+        for g in (
+            {"params": modules, "lr": lr, "name": "modules"},
+            {"params": routing, "lr": routing_lr or lr, "name": "routing"},
+        )
+        if g["params"]
+    ]
     if not groups:
         from .job import JobError
 
@@ -64,7 +70,7 @@ class EpochSampler:
     def next(self) -> list[int]:
         while len(self.queue) < self.batch:
             self.queue += torch.randperm(self.n, generator=self.gen).tolist()
-        out, self.queue = self.queue[:self.batch], self.queue[self.batch:]
+        out, self.queue = self.queue[: self.batch], self.queue[self.batch :]
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -84,8 +90,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - whatever the reader raises, name the file
-        raise LocalCheckpointError(f"{path} is unreadable ({type(err).__name__}: {str(err)[:300]}); "
-                                   "rerun with --force to start the job over") from None
+        raise LocalCheckpointError(
+            f"{path} is unreadable ({type(err).__name__}: {str(err)[:300]}); rerun with --force to start the job over"
+        ) from None
 
 
 class LocalTrainer(TrainLoop):
@@ -95,10 +102,23 @@ class LocalTrainer(TrainLoop):
     optimizer and schedule steps. A stop request (with `stop` and `checkpoint`) is honoured after the current
     step: the checkpoint is written and the loop returns."""
 
-    def __init__(self, model: nn.Module, *, steps: int, sampler: EpochSampler, make_batch: Callable[[list[int]], Any],
-                 loss_fn: Callable[[Any], dict], optimizer: torch.optim.Optimizer, warmup_ratio: float, clip: float,
-                 grad_accum: int = 1, on_step: Callable[[int, dict], None] | None = None, stop=None,
-                 checkpoint: Path | None = None, phase: str = "fewshot"):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        steps: int,
+        sampler: EpochSampler,
+        make_batch: Callable[[list[int]], Any],
+        loss_fn: Callable[[Any], dict],
+        optimizer: torch.optim.Optimizer,
+        warmup_ratio: float,
+        clip: float,
+        grad_accum: int = 1,
+        on_step: Callable[[int, dict], None] | None = None,
+        stop=None,
+        checkpoint: Path | None = None,
+        phase: str = "fewshot",
+    ):
         self.model, self.sampler, self.make_batch, self.loss_fn = model, sampler, make_batch, loss_fn
         self.optimizer, self.clip, self.grad_accum, self.on_step = optimizer, clip, grad_accum, on_step
         self.stop, self.checkpoint_path, self.phase = stop, checkpoint, phase
@@ -107,7 +127,8 @@ class LocalTrainer(TrainLoop):
 
     def setup(self, warmup_ratio: float) -> None:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup_ratio, "linear"))
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup_ratio, "linear")
+        )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.named = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
@@ -132,7 +153,7 @@ class LocalTrainer(TrainLoop):
     def step(self) -> dict[str, float]:
         optimizer, accum = self.optimizer, self.grad_accum
         optimizer.zero_grad(set_to_none=True)
-        lrs = {lr_key(g["name"]): g["lr"] for g in optimizer.param_groups}   # the learning rates this step uses
+        lrs = {lr_key(g["name"]): g["lr"] for g in optimizer.param_groups}  # the learning rates this step uses
         stats: dict[str, float] = {}
         for _ in range(accum):
             out = self.loss_fn(self.make_batch(self.sampler.next()))
@@ -163,8 +184,15 @@ class LocalTrainer(TrainLoop):
 
     def checkpoint(self) -> None:
         """CHECKPOINT_FILE: trainable parameters, optimizer, schedule, sampler and RNG states (atomic)."""
-        save_checkpoint(self.checkpoint_path, {
-            "phase": self.phase, "step": self.step_no,
-            "params": {name: p.detach().cpu().clone() for name, p in self.named.items()},
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.sched.state_dict(),
-            "sampler": self.sampler.state_dict(), "rng": json.dumps(rng_state())})
+        save_checkpoint(
+            self.checkpoint_path,
+            {
+                "phase": self.phase,
+                "step": self.step_no,
+                "params": {name: p.detach().cpu().clone() for name, p in self.named.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "rng": json.dumps(rng_state()),
+            },
+        )

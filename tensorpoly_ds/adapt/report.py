@@ -35,8 +35,8 @@ MODE_ORDER = {"full": 0, "z": 1, "mu": 2}
 
 @dataclass
 class Collected:
-    results: list[dict] = field(default_factory=list)          # complete result.json contents (+ "_dir")
-    problems: list[dict] = field(default_factory=list)         # {"dir", "state", "detail", "job"}
+    results: list[dict] = field(default_factory=list)  # complete result.json contents (+ "_dir")
+    problems: list[dict] = field(default_factory=list)  # {"dir", "state", "detail", "job"}
 
 
 def _job_key(job: dict) -> tuple:
@@ -49,8 +49,9 @@ def collect(run_dirs: list[str | os.PathLike], tables: list[str | os.PathLike] =
     table_files = [Path(t) for t in tables]
     for root in map(Path, run_dirs):
         if not root.exists():
-            out.problems.append({"dir": str(root), "state": "missing", "detail": "run directory does not exist",
-                                 "job": {}})
+            out.problems.append(
+                {"dir": str(root), "state": "missing", "detail": "run directory does not exist", "job": {}}
+            )
             continue
         table_files += sorted(root.rglob("jobs.jsonl"))
         job_dirs = {p.parent for p in root.rglob(RESULT_FILE)} | {p.parent for p in root.rglob("job.json")}
@@ -63,8 +64,9 @@ def collect(run_dirs: list[str | os.PathLike], tables: list[str | os.PathLike] =
         try:
             rows = read_table(table)
         except Exception as err:  # a broken table is reported, not fatal
-            out.problems.append({"dir": str(table), "state": "broken", "detail": f"job table unreadable: {err}",
-                                 "job": {}})
+            out.problems.append(
+                {"dir": str(table), "state": "broken", "detail": f"job table unreadable: {err}", "job": {}}
+            )
             continue
         for row in rows:
             d = Path(row["job"]["out_dir"]).resolve()
@@ -73,8 +75,14 @@ def collect(run_dirs: list[str | os.PathLike], tables: list[str | os.PathLike] =
                 if d.exists():
                     _classify(d, out)
                 else:
-                    out.problems.append({"dir": str(d), "state": "missing", "job": row["job"],
-                                         "detail": f"row {row['row']} of {table} never ran"})
+                    out.problems.append(
+                        {
+                            "dir": str(d),
+                            "state": "missing",
+                            "job": row["job"],
+                            "detail": f"row {row['row']} of {table} never ran",
+                        }
+                    )
     return out
 
 
@@ -86,8 +94,14 @@ def _classify(d: Path, out: Collected) -> None:
         pass
     rpath = d / RESULT_FILE
     if not rpath.exists():
-        out.problems.append({"dir": str(d), "state": "incomplete", "job": job,
-                             "detail": "started but no result.json (crashed, killed or still running)"})
+        out.problems.append(
+            {
+                "dir": str(d),
+                "state": "incomplete",
+                "job": job,
+                "detail": "started but no result.json (crashed, killed or still running)",
+            }
+        )
         return
     try:
         result = json.loads(rpath.read_text())
@@ -97,16 +111,29 @@ def _classify(d: Path, out: Collected) -> None:
         return
     status = result.get("status")
     if status == "failed":
-        out.problems.append({"dir": str(d), "state": "failed", "job": job,
-                             "detail": str(result.get("error", "unknown error"))})
+        out.problems.append(
+            {"dir": str(d), "state": "failed", "job": job, "detail": str(result.get("error", "unknown error"))}
+        )
     elif status == "requeue":
         stopped = result.get("stopped") or {}
-        out.problems.append({"dir": str(d), "state": "incomplete", "job": job,
-                             "detail": f"stopped ({result.get('signal', '?')}) at {stopped.get('phase', '?')} step "
-                                       f"{stopped.get('step', '?')} with a checkpoint: rerun adapt or the sweep to resume"})
+        out.problems.append(
+            {
+                "dir": str(d),
+                "state": "incomplete",
+                "job": job,
+                "detail": f"stopped ({result.get('signal', '?')}) at {stopped.get('phase', '?')} step "
+                f"{stopped.get('step', '?')} with a checkpoint: rerun adapt or the sweep to resume",
+            }
+        )
     elif status != "complete" or not (d / MARKER_FILE).exists():
-        out.problems.append({"dir": str(d), "state": "incomplete", "job": job,
-                             "detail": f"status {status!r}, marker {'present' if (d / MARKER_FILE).exists() else 'absent'}"})
+        out.problems.append(
+            {
+                "dir": str(d),
+                "state": "incomplete",
+                "job": job,
+                "detail": f"status {status!r}, marker {'present' if (d / MARKER_FILE).exists() else 'absent'}",
+            }
+        )
     else:
         try:
             float(result["final"]["accuracy"])
@@ -118,6 +145,7 @@ def _classify(d: Path, out: Collected) -> None:
 
 
 # --- aggregation -------------------------------------------------------------------------------------------
+
 
 def quantile(xs: list[float], q: float) -> float:
     """Linear-interpolation quantile (numpy's default)."""
@@ -169,10 +197,18 @@ def aggregate(results: list[dict], metric: str = "final", task_order: list[str] 
         cells[key] = {}
         for task, by_seed in values[key].items():
             xs = [by_seed[s] for s in sorted(by_seed)]
-            cells[key][task] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs),
-                                "q1": quantile(xs, 0.25), "q3": quantile(xs, 0.75), "mean": statistics.fmean(xs),
-                                "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs),
-                                "seeds": sorted(by_seed), "values": xs}
+            cells[key][task] = {
+                "median": statistics.median(xs),
+                "min": min(xs),
+                "max": max(xs),
+                "q1": quantile(xs, 0.25),
+                "q3": quantile(xs, 0.75),
+                "mean": statistics.fmean(xs),
+                "std": statistics.stdev(xs) if len(xs) > 1 else None,
+                "n": len(xs),
+                "seeds": sorted(by_seed),
+                "values": xs,
+            }
     return {"rows": rows, "tasks": tasks, "cells": cells, "duplicates": duplicates}
 
 
@@ -217,7 +253,9 @@ def table1_markdown(agg: dict, spread: str = "minmax", aggregate_by: str = "medi
     for key in agg["rows"]:
         cells = agg["cells"][key]
         parts = [format_cell(cells[t], spread, aggregate_by) if t in cells else "—" for t in tasks]
-        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(parts) + f" | {format_average(cells, tasks, aggregate_by)} |")
+        lines.append(
+            f"| {key[0]} | {key[1]} | " + " | ".join(parts) + f" | {format_average(cells, tasks, aggregate_by)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -241,8 +279,22 @@ def table1_csv(agg: dict) -> str:
             else:
                 w.writerow([key[0], key[1], t, *(num(c[x]) for x in stats), c["n"], " ".join(map(str, c["seeds"]))])
         tasks = agg["tasks"]
-        w.writerow([key[0], key[1], "avg", num(row_average(cells, tasks)), "", "", "", "",
-                    num(row_average(cells, tasks, "mean")), num(row_seed_std(cells, tasks)), "", ""])
+        w.writerow(
+            [
+                key[0],
+                key[1],
+                "avg",
+                num(row_average(cells, tasks)),
+                "",
+                "",
+                "",
+                "",
+                num(row_average(cells, tasks, "mean")),
+                num(row_seed_std(cells, tasks)),
+                "",
+                "",
+            ]
+        )
     return buf.getvalue()
 
 
@@ -250,8 +302,9 @@ def params_table(results: list[dict]) -> list[dict]:
     """One row per method label: multi-task (pretraining) parameters and adaptation parameters per mode."""
     by_label: dict[str, dict] = {}
     for r in sorted(results, key=lambda r: (r["label"], MODE_ORDER.get(r["mode"], 9))):
-        row = by_label.setdefault(r["label"], {"method": r["label"], "multi_task": None, "modules": None,
-                                               "routing": None, "adaptation": {}})
+        row = by_label.setdefault(
+            r["label"], {"method": r["label"], "multi_task": None, "modules": None, "routing": None, "adaptation": {}}
+        )
         mt = (r.get("params") or {}).get("multi_task")
         if mt and row["multi_task"] is None:
             row.update(multi_task=mt.get("total"), modules=mt.get("modules"), routing=mt.get("routing"))
@@ -267,11 +320,16 @@ def params_markdown(rows: list[dict]) -> str:
     def n(x):
         return "—" if x is None else f"{x:,}"
 
-    lines = ["| Method | Multi-task params | modules | routing | " + " | ".join(f"Adaptation ({m})" for m in modes)
-             + " |", "|" + "---|" * (4 + len(modes))]
+    lines = [
+        "| Method | Multi-task params | modules | routing | " + " | ".join(f"Adaptation ({m})" for m in modes) + " |",
+        "|" + "---|" * (4 + len(modes)),
+    ]
     for r in rows:
-        lines.append(f"| {r['method']} | {n(r['multi_task'])} | {n(r['modules'])} | {n(r['routing'])} | "
-                     + " | ".join(n(r["adaptation"].get(m)) for m in modes) + " |")
+        lines.append(
+            f"| {r['method']} | {n(r['multi_task'])} | {n(r['modules'])} | {n(r['routing'])} | "
+            + " | ".join(n(r["adaptation"].get(m)) for m in modes)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -281,8 +339,9 @@ def params_csv(rows: list[dict]) -> str:
     modes = sorted({m for r in rows for m in r["adaptation"]}, key=lambda m: MODE_ORDER.get(m, 9))
     w.writerow(["method", "multi_task", "modules", "routing", *[f"adaptation_{m}" for m in modes]])
     for r in rows:
-        w.writerow([r["method"], r["multi_task"], r["modules"], r["routing"],
-                    *[r["adaptation"].get(m, "") for m in modes]])
+        w.writerow(
+            [r["method"], r["multi_task"], r["modules"], r["routing"], *[r["adaptation"].get(m, "") for m in modes]]
+        )
     return buf.getvalue()
 
 
@@ -293,12 +352,15 @@ def problems_markdown(problems: list[dict]) -> str:
     for p in sorted(problems, key=lambda p: (p["state"], p["dir"])):
         j = p.get("job") or {}
         detail = str(p["detail"]).replace("|", "\\|").replace("\n", " ")[:200]
-        lines.append(f"| {p['state']} | {j.get('label') or j.get('method') or j.get('export') or ''} | "
-                     f"{j.get('mode', '')} | {j.get('task', '')} | {j.get('seed', '')} | {p['dir']} | {detail} |")
+        lines.append(
+            f"| {p['state']} | {j.get('label') or j.get('method') or j.get('export') or ''} | "
+            f"{j.get('mode', '')} | {j.get('task', '')} | {j.get('seed', '')} | {p['dir']} | {detail} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 # --- plots -------------------------------------------------------------------------------------------------
+
 
 def plot_accuracy(agg: dict, path: Path, aggregate_by: str = "median") -> Path | None:
     if not agg["rows"]:
@@ -330,8 +392,10 @@ def plot_accuracy(agg: dict, path: Path, aggregate_by: str = "median") -> Path |
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("mean over seeds; error bars: ± std" if aggregate_by == "mean" else
-                 "median over seeds; error bars: min–max", fontsize="small")
+    ax.set_title(
+        "mean over seeds; error bars: ± std" if aggregate_by == "mean" else "median over seeds; error bars: min–max",
+        fontsize="small",
+    )
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
@@ -343,7 +407,7 @@ def routing_matrix(path: Path) -> tuple[list[str], list[list[float]]]:
     from safetensors.torch import load_file
 
     state = load_file(str(path))
-    names = sorted(k[:-len(".weights")] for k in state if k.endswith(".weights"))
+    names = sorted(k[: -len(".weights")] for k in state if k.endswith(".weights"))
     return names, [state[f"{n}.weights"].float().mean(dim=0).tolist() for n in names]
 
 
@@ -370,10 +434,11 @@ def plot_routing(results: list[dict], out: Path) -> list[Path]:
                 log.warning(f"{r['_dir']}: cannot read routing weights ({err})")
         if not mats:
             continue
-        fig, axes = plt.subplots(1, len(mats), figsize=(3 + 2.5 * len(mats), 0.5 + 0.18 * len(mats[0][2]) + 1.5),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(mats), figsize=(3 + 2.5 * len(mats), 0.5 + 0.18 * len(mats[0][2]) + 1.5), squeeze=False
+        )
         for ax, (task, seed, names, mat) in zip(axes[0], mats):
-            im = ax.imshow(mat, aspect="auto", cmap="viridis")   # colour range = this task's weights
+            im = ax.imshow(mat, aspect="auto", cmap="viridis")  # colour range = this task's weights
             ax.set_title(f"{task} (seed {seed})", fontsize="small")
             ax.set_xlabel("skill")
             ax.set_yticks(range(len(names)))
@@ -403,9 +468,18 @@ def _slug(text: str) -> str:
 
 # --- the report --------------------------------------------------------------------------------------------
 
-def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: list[str] = (), metric: str = "final",
-                 spread: str = "minmax", plots: bool = True, task_order: list[str] | None = None,
-                 aggregate_by: str = "median") -> dict:
+
+def build_report(
+    run_dirs: list[str],
+    out_dir: str | os.PathLike,
+    *,
+    tables: list[str] = (),
+    metric: str = "final",
+    spread: str = "minmax",
+    plots: bool = True,
+    task_order: list[str] | None = None,
+    aggregate_by: str = "median",
+) -> dict:
     """`aggregate_by`: "median" (with `spread`, TensorPoly's tables) or "mean" (± std, MHR's tables)."""
     if aggregate_by not in AGGREGATES:
         raise ConfigError(f"aggregate_by = {aggregate_by!r}: valid values: {', '.join(AGGREGATES)}")
@@ -420,12 +494,18 @@ def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: lis
     atomic_write_text(out / "table1.csv", table1_csv(agg))
     atomic_write_text(out / "params.md", params_markdown(params))
     atomic_write_text(out / "params.csv", params_csv(params))
-    files.update(table1_md=out / "table1.md", table1_csv=out / "table1.csv", params_md=out / "params.md",
-                 params_csv=out / "params.csv")
+    files.update(
+        table1_md=out / "table1.md",
+        table1_csv=out / "table1.csv",
+        params_md=out / "params.md",
+        params_csv=out / "params.csv",
+    )
     plot_files: list[Path] = []
     if plots:
-        for fn, args in ((plot_accuracy, (agg, out / "accuracy.png", aggregate_by)),
-                         (plot_routing, (col.results, out))):
+        for fn, args in (
+            (plot_accuracy, (agg, out / "accuracy.png", aggregate_by)),
+            (plot_routing, (col.results, out)),
+        ):
             try:
                 made = fn(*args)
             except Exception as e:  # plots are a bonus: a plotting failure must not lose the tables
@@ -433,18 +513,27 @@ def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: lis
                 continue
             plot_files += [made] if isinstance(made, Path) else list(made or [])
     if aggregate_by == "mean":
-        cells_text = (f"Cells: mean accuracy (%) over seeds of the **{metric}** evaluation ± sample standard "
-                      "deviation (n = seeds). Avg: mean of the task means ± the standard deviation over seeds of "
-                      "the per-seed average (seeds common to every task), only when every task has a cell.")
+        cells_text = (
+            f"Cells: mean accuracy (%) over seeds of the **{metric}** evaluation ± sample standard "
+            "deviation (n = seeds). Avg: mean of the task means ± the standard deviation over seeds of "
+            "the per-seed average (seeds common to every task), only when every task has a cell."
+        )
     else:
         spread_name = "min–max" if spread == "minmax" else "interquartile range"
-        cells_text = (f"Cells: median accuracy (%) over seeds of the **{metric}** evaluation, ({spread_name}, "
-                      "n = seeds). Avg: mean of the task medians, only when every task has a cell.")
-    md = ["# Adaptation results\n", f"{len(col.results)} complete jobs, {len(col.problems)} missing or failed. "
-          + cells_text + "\n",
-          "## Few-shot accuracy (Table 1 layout)\n", t1,
-          "\n## Parameters (multi-task pretraining and adaptation)\n", params_markdown(params),
-          "\n## Missing, failed and incomplete jobs\n", problems_markdown(col.problems)]
+        cells_text = (
+            f"Cells: median accuracy (%) over seeds of the **{metric}** evaluation, ({spread_name}, "
+            "n = seeds). Avg: mean of the task medians, only when every task has a cell."
+        )
+    md = [
+        "# Adaptation results\n",
+        f"{len(col.results)} complete jobs, {len(col.problems)} missing or failed. " + cells_text + "\n",
+        "## Few-shot accuracy (Table 1 layout)\n",
+        t1,
+        "\n## Parameters (multi-task pretraining and adaptation)\n",
+        params_markdown(params),
+        "\n## Missing, failed and incomplete jobs\n",
+        problems_markdown(col.problems),
+    ]
     if agg["duplicates"]:
         md.append(f"\nDuplicate results for the same (method, mode, task, seed), last one kept: {agg['duplicates']}\n")
     if plot_files:
@@ -453,5 +542,10 @@ def build_report(run_dirs: list[str], out_dir: str | os.PathLike, *, tables: lis
     for p in sorted(col.problems, key=lambda p: (p["state"], p["dir"])):
         log.warning(f"{p['state']}: {p['dir']}: {p['detail']}")
     log.info(f"{len(col.results)} results, {len(col.problems)} missing/failed -> {out}")
-    return {"results": len(col.results), "problems": col.problems, "aggregate": agg, "files": files,
-            "plots": plot_files}
+    return {
+        "results": len(col.results),
+        "problems": col.problems,
+        "aggregate": agg,
+        "files": files,
+        "plots": plot_files,
+    }

@@ -37,45 +37,45 @@ class AdaptJob:
     data_dir: str
     task: str
     seed: int = 0
-    k: int | None = None                  # shots; None = the only k prepared for the task; 0 = zero-shot
-    mode: str = "full"                    # full | z | mu
-    export: str | None = None             # pretrained adapter export (safetensors + adapter_config.json)
-    method: str | None = None             # without export: "fullft" or an adapter method (fresh, w/o pretraining)
-    adapter: dict = field(default_factory=dict)   # AdapterConfig fields for a fresh adapter
-    label: str | None = None              # row name in reports (default: derived from the method)
-    model: str = "tiny"                   # backbone: architecture name (built from config) or HF name / path
-    model_seed: int | None = None         # init seed of a backbone built from an architecture name: the
-                                          # export's backbone.init_seed if recorded, else 42 (= the seed
-                                          # stage 2 seeds with before building it, train.seed default)
-    collapse: bool = False                # mu on Poly/MHR: collapse the uniform mixture into one LoRA first
+    k: int | None = None  # shots; None = the only k prepared for the task; 0 = zero-shot
+    mode: str = "full"  # full | z | mu
+    export: str | None = None  # pretrained adapter export (safetensors + adapter_config.json)
+    method: str | None = None  # without export: "fullft" or an adapter method (fresh, w/o pretraining)
+    adapter: dict = field(default_factory=dict)  # AdapterConfig fields for a fresh adapter
+    label: str | None = None  # row name in reports (default: derived from the method)
+    model: str = "tiny"  # backbone: architecture name (built from config) or HF name / path
+    model_seed: int | None = None  # init seed of a backbone built from an architecture name: the
+    # export's backbone.init_seed if recorded, else 42 (= the seed
+    # stage 2 seeds with before building it, train.seed default)
+    collapse: bool = False  # mu on Poly/MHR: collapse the uniform mixture into one LoRA first
     # few-shot recipe (reference: Adafactor 3e-3, 1000 steps, warmup 6 %, clip 1, batch 8)
     steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 3e-3
-    routing_lr: float | None = None       # default: lr
+    routing_lr: float | None = None  # default: lr
     warmup_ratio: float = 0.06
     clip: float = 1.0
-    optimizer: str = "adafactor"          # adafactor | adamw
+    optimizer: str = "adafactor"  # adafactor | adamw
     loss_lm: float = 1.0
     loss_mc: float = 1.0
     loss_unlikelihood: float = 1.0
     # evaluation
-    eval_every: int = 100                 # steps; 0 = only at the end (and before training if eval_at_start)
+    eval_every: int = 100  # steps; 0 = only at the end (and before training if eval_at_start)
     eval_at_start: bool = False
     eval_batch_size: int = 16
-    length_norm: float = 1.0              # rank-classification score: NLL / len ** length_norm (t-zero: 0)
+    length_norm: float = 1.0  # rank-classification score: NLL / len ** length_norm (t-zero: 0)
     max_eval_examples: int | None = None  # cap on eval rows (smoke runs); None = all
     # zero-shot MHR-mu recipe: extra multi-task LM steps on DIR/train before (or instead of) few-shot training
     multitask_steps: int = 0
     multitask_batch_size: int = 8
-    multitask_lr: float | None = None     # default: lr
-    save_adapter: bool = False            # also export the adapted adapter to OUT/adapter
+    multitask_lr: float | None = None  # default: lr
+    save_adapter: bool = False  # also export the adapted adapter to OUT/adapter
     # training loop: "local" (one process, plain PyTorch), "engine" (tensorpoly_ds.engine on DeepSpeed, any
     # number of ranks, ZeRO 0-3), "auto" (engine when installed)
     trainer: str = "auto"
-    zero_stage: int = 0                   # engine trainer only
-    precision: str = "fp32"               # engine trainer only: fp32 | bf16
+    zero_stage: int = 0  # engine trainer only
+    precision: str = "fp32"  # engine trainer only: fp32 | bf16
 
     def __post_init__(self) -> None:
         if self.mode not in ("full", "z", "mu"):
@@ -103,9 +103,11 @@ class AdaptJob:
     def from_dict(cls, data: dict[str, Any], source: str = "job") -> AdaptJob:
         """Unknown fields and values of the wrong type are refused naming `source` (tpds_common.config)."""
         kwargs = check_fields(cls, data, source, JobError, what="job field")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                   and f.name not in data]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data
+        ]
         if missing:
             raise JobError(f"{source}: missing job field(s) {missing}")
         return cls(**kwargs)
@@ -126,8 +128,12 @@ def is_complete(out_dir: str | os.PathLike) -> bool:
 
 
 # run-config keys `accelerate launch` can set (engine.distributed.accelerate_overrides) -> job fields
-LAUNCHER_JOB_FIELDS = {"deepspeed.zero_stage": "zero_stage", "deepspeed.precision": "precision",
-                       "train.grad_accum": "grad_accum", "optim.clip": "clip"}
+LAUNCHER_JOB_FIELDS = {
+    "deepspeed.zero_stage": "zero_stage",
+    "deepspeed.precision": "precision",
+    "train.grad_accum": "grad_accum",
+    "optim.clip": "clip",
+}
 
 
 def launcher_job_fields(env=None) -> dict[str, Any]:
@@ -144,6 +150,8 @@ def launcher_job_fields(env=None) -> dict[str, Any]:
         if key in LAUNCHER_JOB_FIELDS:
             fields[LAUNCHER_JOB_FIELDS[key]] = value
         elif value not in (False, None):
-            raise LaunchError(f"accelerate launch sets {item}, which adaptation jobs do not support (no offload, "
-                              "no DeepSpeed config file: jobs build theirs from ds_configs/)")
+            raise LaunchError(
+                f"accelerate launch sets {item}, which adaptation jobs do not support (no offload, "
+                "no DeepSpeed config file: jobs build theirs from ds_configs/)"
+            )
     return fields

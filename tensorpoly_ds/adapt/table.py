@@ -66,19 +66,23 @@ def task_overrides(grid: dict, tasks: list[str], source: str) -> dict[str, dict]
     fields = {f.name for f in dataclasses.fields(AdaptJob)} - set(ROW_FIELDS)
     for task, values in overrides.items():
         if task not in known_tasks:
-            raise TableError(f"{source}: overrides.{task}: unknown task {task!r}; tasks of this grid: "
-                             f"{', '.join(tasks)}")
+            raise TableError(
+                f"{source}: overrides.{task}: unknown task {task!r}; tasks of this grid: {', '.join(tasks)}"
+            )
         if not isinstance(values, dict):
             raise TableError(f"{source}: overrides.{task} must map job fields to values, got {values!r}")
         for key in values:
             if key not in fields:
-                raise TableError(f"{source}: overrides.{task}.{key}: not a job field an override can set; "
-                                 f"valid: {', '.join(sorted(fields))}")
+                raise TableError(
+                    f"{source}: overrides.{task}.{key}: not a job field an override can set; "
+                    f"valid: {', '.join(sorted(fields))}"
+                )
     return overrides
 
 
-def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None,
-                source: str = "grid") -> list[dict]:
+def expand_grid(
+    grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None, source: str = "grid"
+) -> list[dict]:
     """methods x modes x tasks x seeds x ks -> rows {"row", "id", "job"} in this fixed, stable order.
 
     grid = {"base": {job fields shared by all rows, e.g. data_dir, steps},
@@ -127,8 +131,17 @@ def expand_grid(grid: dict, out_dir: str | os.PathLike, base_dir: str | os.PathL
             if job_id in ids:
                 raise TableError(f"{source}: two rows get the id {job_id!r}; give the methods distinct labels")
             ids.add(job_id)
-            fields = {**base, **entry, **overrides.get(task, {}), "label": label, "mode": mode, "task": task,
-                      "seed": seed, "k": k, "out_dir": str(Path(out_dir) / "jobs" / job_id)}
+            fields = {
+                **base,
+                **entry,
+                **overrides.get(task, {}),
+                "label": label,
+                "mode": mode,
+                "task": task,
+                "seed": seed,
+                "k": k,
+                "out_dir": str(Path(out_dir) / "jobs" / job_id),
+            }
             # validated now, not on the cluster; the row holds every field (defaults filled in)
             job = AdaptJob.from_dict(fields, source=f"grid row {job_id}").to_dict()
             rows.append({"row": len(rows), "id": job_id, "job": job})

@@ -33,8 +33,8 @@ class AdapterLinear(nn.Module):
     the adapter is mixed once per distinct task and applied with batched products.
     """
 
-    routing_shape: tuple[int, int] | None = None   # (heads, skills) for routed methods
-    routing_normalise_dim: int = -1                 # weights sum to 1 over skills unless a method says otherwise
+    routing_shape: tuple[int, int] | None = None  # (heads, skills) for routed methods
+    routing_normalise_dim: int = -1  # weights sum to 1 over skills unless a method says otherwise
 
     def __init__(self, base: nn.Linear, cfg: AdapterConfig, side: str, name: str) -> None:
         super().__init__()
@@ -47,7 +47,7 @@ class AdapterLinear(nn.Module):
         # Set by injection; not a submodule, because tables may be shared and live in model.tpds_routing.
         self._routing: list[RoutingTable | RandomRouting] = []
         self.merged = False
-        self.health_sums: torch.Tensor | None = None   # health.record's running sums (not state)
+        self.health_sums: torch.Tensor | None = None  # health.record's running sums (not state)
 
     # Hugging Face code reads `.weight` of projections (T5 checks wo.weight.dtype).
     @property
@@ -86,8 +86,9 @@ class AdapterLinear(nn.Module):
             health.record(self, out, delta)
         return out + delta
 
-    def delta_from_weights(self, x: torch.Tensor, weights: torch.Tensor | None,
-                           inverse: torch.Tensor | None) -> torch.Tensor:
+    def delta_from_weights(
+        self, x: torch.Tensor, weights: torch.Tensor | None, inverse: torch.Tensor | None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def delta_weight(self, weights: torch.Tensor | None) -> torch.Tensor:
@@ -121,8 +122,9 @@ class MixedLowRank:
         return a[0] @ b[0] * self.scale
 
 
-def apply_low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inverse: torch.Tensor | None,
-                   scale: float) -> torch.Tensor:
+def apply_low_rank(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inverse: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """x @ A @ B * scale with A [u, in, r], B [u, r, out] per distinct task (or [in, r], [r, out])."""
     if a.dim() == 2:
         return _scaled((x @ a.to(x.dtype)) @ b.to(x.dtype), scale)

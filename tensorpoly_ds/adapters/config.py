@@ -18,7 +18,7 @@ GAIN_METHODS = ("tlora", "tensorpoly_i", "tensorpoly_ii")
 # Fields added after configs were hashed (run fingerprints, replicate keys) and exported: to_dict leaves them out
 # at these defaults, so existing configs keep their hashes and code without the field still reads the export.
 LATER_DEFAULTS = {"output_gain": False}
-MAX_RANDOM_GROUP = 62   # random allocations are drawn as the bit pattern of one int64
+MAX_RANDOM_GROUP = 62  # random allocations are drawn as the bit pattern of one int64
 
 # q, k, v, o of self- and cross-attention and the FFN projections (wi for non-gated FFNs).
 T5_TARGETS = r"(SelfAttention|EncDecAttention)\.(q|k|v|o)$|DenseReluDense\.(wi|wi_0|wi_1|wo)$"
@@ -29,25 +29,25 @@ IA3_TARGETS = r"(SelfAttention|EncDecAttention)\.(k|v)$|DenseReluDense\.(wi_1|wi
 @dataclass(frozen=True)
 class AdapterConfig:
     method: str = "lora"
-    rank: int = 1                  # LoRA rank r (columns of A, rows of B)
-    alpha: float = 1.0             # LoRA scale is alpha / rank (reference: alpha = 1)
-    tensor_rank: int = 1           # R: Kronecker terms (TLoRA family) or bond dimension (TensorPoly-X)
-    order: int = 2                 # N: Kronecker factors per column (TLoRA family) or cores (TensorPoly-X)
-    skills: int = 8                # S: LoRA modules mixed by Poly / MHR
-    heads: int = 1                 # h: MHR routing blocks; in and out features must be divisible by h
-    targets: str | None = None     # regex over module names; None = the method's default T5 set
+    rank: int = 1  # LoRA rank r (columns of A, rows of B)
+    alpha: float = 1.0  # LoRA scale is alpha / rank (reference: alpha = 1)
+    tensor_rank: int = 1  # R: Kronecker terms (TLoRA family) or bond dimension (TensorPoly-X)
+    order: int = 2  # N: Kronecker factors per column (TLoRA family) or cores (TensorPoly-X)
+    skills: int = 8  # S: LoRA modules mixed by Poly / MHR
+    heads: int = 1  # h: MHR routing blocks; in and out features must be divisible by h
+    targets: str | None = None  # regex over module names; None = the method's default T5 set
     # Routing (Poly family). "random" = Random-mu (MHR paper): a random binary allocation per example in
     # training, the uniform average of the modules outside it; no routing parameters (docs/adapters.md).
     routing: str = "learned"
     routing_granularity: str = "layer"
-    routing_group_size: int = 1    # blocks per routing table when granularity == "group"
-    gumbel: bool = False           # RelaxedBernoulli noise in training (papers); the T0 configs run without
+    routing_group_size: int = 1  # blocks per routing table when granularity == "group"
+    gumbel: bool = False  # RelaxedBernoulli noise in training (papers); the T0 configs run without
     temperature: float = 1.0
     straight_through: bool = False
     # TLoRA options.
-    layernorm: bool = False        # LayerNorm on the Kronecker products (official code, orders 2 and 4)
-    layernorm_affine: str = "frozen"   # "frozen" | "trainable"
-    tensorpoly_ii_semantics: str = "official"   # "official" | "paper"
+    layernorm: bool = False  # LayerNorm on the Kronecker products (official code, orders 2 and 4)
+    layernorm_affine: str = "frozen"  # "frozen" | "trainable"
+    tensorpoly_ii_semantics: str = "official"  # "official" | "paper"
     init_scale: float | None = None  # override of the uniform init bound (None = reference init)
     # TLoRA / TensorPoly-I/II: a trainable scalar g (init 0) on the delta, h = W0 x + g * scale * B(A x): delta W
     # starts at 0 while d loss / d g does not (the frozen-LayerNorm factors alone fix |delta W| from step 0)
@@ -67,8 +67,11 @@ class AdapterConfig:
             raise bad("routing", f"valid values: {', '.join(ROUTINGS)}")
         if self.routing == "random":
             if self.method not in ROUTED_METHODS:
-                raise bad("routing", f"method {self.method!r} has no routing to randomise; "
-                                     f"random routing applies to {', '.join(ROUTED_METHODS)}")
+                raise bad(
+                    "routing",
+                    f"method {self.method!r} has no routing to randomise; "
+                    f"random routing applies to {', '.join(ROUTED_METHODS)}",
+                )
             if self.gumbel:
                 raise bad("gumbel", "Gumbel noise perturbs learned routing logits; random routing has none")
             if getattr(self, self.routed_axis) > MAX_RANDOM_GROUP:
@@ -130,11 +133,20 @@ def int_root(d: int, n: int) -> int:
     if d < 1 or n < 1:
         raise ValueError(f"int_root needs d >= 1 and n >= 1, got d={d}, n={n}")
     q = max(1, int(round(d ** (1.0 / n))))
-    while q ** n < d:
+    while q**n < d:
         q += 1
     while q > 1 and (q - 1) ** n >= d:
         q -= 1
     return q
 
 
-__all__ = ["AdapterConfig", "ConfigError", "METHODS", "ROUTED_METHODS", "ROUTINGS", "T5_TARGETS", "IA3_TARGETS", "int_root"]
+__all__ = [
+    "AdapterConfig",
+    "ConfigError",
+    "METHODS",
+    "ROUTED_METHODS",
+    "ROUTINGS",
+    "T5_TARGETS",
+    "IA3_TARGETS",
+    "int_root",
+]

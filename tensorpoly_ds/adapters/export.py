@@ -63,25 +63,43 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: full[k].detach().to("cpu").contiguous() for k in adapter_state_names(model)}
 
 
-def export_adapters(model: nn.Module, out_dir: str | os.PathLike, tasks: list[str],
-                    extra: dict[str, Any] | None = None,
-                    gather: Callable[[], contextlib.AbstractContextManager] | None = None) -> Path:
+def export_adapters(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tasks: list[str],
+    extra: dict[str, Any] | None = None,
+    gather: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> Path:
     """Write WEIGHTS_FILE and META_FILE into out_dir. `gather` (e.g. a ZeRO-3 GatheredParameters
     factory) makes the full tensors visible while the state is read."""
     cfg = adapter_config(model)
-    with (gather() if gather else contextlib.nullcontext()):
+    with gather() if gather else contextlib.nullcontext():
         state = adapter_state_dict(model)
-    num_tasks = next((t.num_tasks for t in getattr(model, ROUTING_ATTR).values()), len(tasks)) if cfg.routed else len(tasks)
+    num_tasks = (
+        next((t.num_tasks for t in getattr(model, ROUTING_ATTR).values()), len(tasks)) if cfg.routed else len(tasks)
+    )
     return write_export(out_dir, state, cfg, tasks, num_tasks, extra)
 
 
-def write_export(out_dir: str | os.PathLike, state: dict[str, torch.Tensor], cfg: AdapterConfig, tasks: list[str],
-                 num_tasks: int, extra: dict[str, Any] | None = None) -> Path:
+def write_export(
+    out_dir: str | os.PathLike,
+    state: dict[str, torch.Tensor],
+    cfg: AdapterConfig,
+    tasks: list[str],
+    num_tasks: int,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write an adapter state (the keys of adapter_state_names) as an export; each file atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": EXPORT_FORMAT, "adapter": cfg.to_dict(), "tasks": list(tasks), "num_tasks": num_tasks,
-            "tensors": {k: list(v.shape) for k, v in state.items()}, **(extra or {})}
+    meta = {
+        "format": EXPORT_FORMAT,
+        "adapter": cfg.to_dict(),
+        "tasks": list(tasks),
+        "num_tasks": num_tasks,
+        "tensors": {k: list(v.shape) for k, v in state.items()},
+        **(extra or {}),
+    }
     with atomic_output(out / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": str(EXPORT_FORMAT)})
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
@@ -101,7 +119,9 @@ def read_export_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def drop_frozen_norm_constants(state: dict[str, torch.Tensor], cfg: AdapterConfig, source: str) -> dict[str, torch.Tensor]:
+def drop_frozen_norm_constants(
+    state: dict[str, torch.Tensor], cfg: AdapterConfig, source: str
+) -> dict[str, torch.Tensor]:
     """`state` without the frozen LayerNorm constants that exports and checkpoints written before they
     stopped being tensors hold; such a tensor that does not hold its constant is refused."""
     out = {}
@@ -110,13 +130,15 @@ def drop_frozen_norm_constants(state: dict[str, torch.Tensor], cfg: AdapterConfi
         if constant is None:
             out[key] = value
         elif not bool(torch.all(value == constant)):
-            raise ExportError(f"{source}: tensor {key!r} is a LayerNorm affine of a config with frozen affines "
-                              f"(layernorm_affine: frozen) but does not hold the constant {constant:g}")
+            raise ExportError(
+                f"{source}: tensor {key!r} is a LayerNorm affine of a config with frozen affines "
+                f"(layernorm_affine: frozen) but does not hold the constant {constant:g}"
+            )
     return out
 
 
 def config_differences(a: AdapterConfig, b: AdapterConfig) -> list[str]:
-    da, db = dataclasses.asdict(a), dataclasses.asdict(b)   # every field, also those to_dict omits at defaults
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)  # every field, also those to_dict omits at defaults
     return [f"{k}: {da[k]!r} vs {db[k]!r}" for k in sorted(da) if da[k] != db[k]]
 
 
@@ -139,12 +161,14 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     state = drop_frozen_norm_constants(state, cfg, str(weights_path))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ExportError(f"{weights_path}: tensors do not match the model: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
+        raise ExportError(
+            f"{weights_path}: tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     current = model.state_dict()
     for k, v in state.items():
         if tuple(current[k].shape) != tuple(v.shape):
-            raise ExportError(f"{weights_path}: tensor {k!r} has shape {tuple(v.shape)}, model expects "
-                              f"{tuple(current[k].shape)}")
+            raise ExportError(
+                f"{weights_path}: tensor {k!r} has shape {tuple(v.shape)}, model expects {tuple(current[k].shape)}"
+            )
     model.load_state_dict(state, strict=False)
     return meta

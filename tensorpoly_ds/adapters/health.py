@@ -85,17 +85,17 @@ def ratio_metrics(names: list[str], sums: torch.Tensor) -> dict[str, float]:
 def _local_grad(p: torch.nn.Parameter) -> tuple[torch.Tensor | None, bool]:
     """(the gradient this rank holds for p, whether it is a partition: ZeRO-1/2/3 and DeepSpeed's bf16
     optimizer keep a slice per rank; otherwise every rank holds the same, reduced, full gradient)."""
-    if hasattr(p, "ds_id"):   # ZeRO-3
+    if hasattr(p, "ds_id"):  # ZeRO-3
         from deepspeed.utils import safe_get_local_grad
 
         return safe_get_local_grad(p), True
-    if hasattr(p, "_hp_mapping"):   # ZeRO-1/2 and the bf16 optimizer: this rank's fragment, if any
+    if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 and the bf16 optimizer: this rank's fragment, if any
         mapping = p._hp_mapping
         if mapping is None:
             return None, True
         fragment = mapping.get_lp_grad_fragment(p._index_in_param_group).flatten()
         address = mapping.lp_fragment_address
-        if fragment.numel() == p.numel() and address.numel != p.numel():   # bf16: a full buffer on each rank
+        if fragment.numel() == p.numel() and address.numel != p.numel():  # bf16: a full buffer on each rank
             fragment = fragment.narrow(0, address.start, address.numel)
         return fragment, True
     return p.grad, False
@@ -110,10 +110,11 @@ def grad_square_sums(groups: dict[str, list[torch.nn.Parameter]], rank: int, dev
         norms = []
         for p in params:
             grad, partitioned = _local_grad(p)
-            if grad is not None and (partitioned or rank == 0):   # a replicated gradient counts once
+            if grad is not None and (partitioned or rank == 0):  # a replicated gradient counts once
                 norms.append(_norm(grad).to(device))
-        out.append(torch.stack(norms).double().square().sum() if norms
-                   else torch.zeros((), dtype=torch.float64, device=device))
+        out.append(
+            torch.stack(norms).double().square().sum() if norms else torch.zeros((), dtype=torch.float64, device=device)
+        )
     return torch.stack(out)
 
 
@@ -121,5 +122,13 @@ def grad_metrics(names: list[str], square_sums: torch.Tensor) -> dict[str, float
     return {f"train/adapter_grad_norm/{name}": math.sqrt(max(float(v), 0.0)) for name, v in zip(names, square_sums)}
 
 
-__all__ = ["grad_metrics", "grad_square_sums", "is_recording", "layer_group", "ratio_metrics", "record",
-           "recording", "take_sums"]
+__all__ = [
+    "grad_metrics",
+    "grad_square_sums",
+    "is_recording",
+    "layer_group",
+    "ratio_metrics",
+    "record",
+    "recording",
+    "take_sums",
+]

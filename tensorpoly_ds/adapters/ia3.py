@@ -13,8 +13,7 @@ from .config import AdapterConfig
 class IA3Linear(AdapterLinear):
     def __init__(self, base: nn.Linear, cfg: AdapterConfig, side: str, name: str) -> None:
         super().__init__(base, cfg, side, name)
-        self.ia3_scale = nn.Parameter(torch.ones(self.out_features, device=base.weight.device,
-                                                 dtype=base.weight.dtype))
+        self.ia3_scale = nn.Parameter(torch.ones(self.out_features, device=base.weight.device, dtype=base.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)

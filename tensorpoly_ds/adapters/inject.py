@@ -52,8 +52,10 @@ def routing_key(name: str, cfg: AdapterConfig) -> str:
         return name.replace(".", "__")
     match = _BLOCK.search(name)
     if match is None:
-        raise InjectionError(f"{name}: routing granularity {cfg.routing_granularity!r} needs module names "
-                             "of the form '(encoder|decoder).block.<i>.' ")
+        raise InjectionError(
+            f"{name}: routing granularity {cfg.routing_granularity!r} needs module names "
+            "of the form '(encoder|decoder).block.<i>.' "
+        )
     stack, block = match.group(1), int(match.group(2))
     if cfg.routing_granularity == "block":
         return f"{stack}__block{block}"
@@ -67,12 +69,15 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
 def inject_adapters(model: nn.Module, cfg: AdapterConfig, num_tasks: int) -> nn.Module:
     """Wrap every nn.Linear whose name matches cfg.target_regex; freeze everything else."""
     if getattr(model, CONFIG_ATTR, None) is not None:
-        raise ValueError("model already has adapters injected")   # a caller bug, not a config
+        raise ValueError("model already has adapters injected")  # a caller bug, not a config
     if cfg.routed and num_tasks < 1:
         raise InjectionError(f"routed method {cfg.method!r} needs num_tasks >= 1, got {num_tasks}")
     pattern = re.compile(cfg.target_regex)
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not isinstance(m, AdapterLinear) and pattern.search(name)]
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not isinstance(m, AdapterLinear) and pattern.search(name)
+    ]
     if not targets:
         raise InjectionError(f"no nn.Linear module matches targets {cfg.target_regex!r}")
     for p in model.parameters():
@@ -86,17 +91,27 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, num_tasks: int) -> nn.
             heads, skills = layer.routing_shape
             table = tables.get(key)
             if table is None and cfg.routing == "random":
-                table = tables[key] = RandomRouting(num_tasks, heads, skills, normalise_dim=layer.routing_normalise_dim,
-                                                    device=linear.weight.device)
+                table = tables[key] = RandomRouting(
+                    num_tasks, heads, skills, normalise_dim=layer.routing_normalise_dim, device=linear.weight.device
+                )
             elif table is None:
-                table = RoutingTable(num_tasks, heads, skills, gumbel=cfg.gumbel, temperature=cfg.temperature,
-                                     straight_through=cfg.straight_through,
-                                     normalise_dim=layer.routing_normalise_dim,
-                                     device=linear.weight.device, dtype=linear.weight.dtype)
+                table = RoutingTable(
+                    num_tasks,
+                    heads,
+                    skills,
+                    gumbel=cfg.gumbel,
+                    temperature=cfg.temperature,
+                    straight_through=cfg.straight_through,
+                    normalise_dim=layer.routing_normalise_dim,
+                    device=linear.weight.device,
+                    dtype=linear.weight.dtype,
+                )
                 tables[key] = table
             elif (table.heads, table.skills) != (heads, skills):
-                raise InjectionError(f"{name}: shared routing table {key!r} has shape "
-                                     f"{(table.heads, table.skills)} but this layer needs {(heads, skills)}")
+                raise InjectionError(
+                    f"{name}: shared routing table {key!r} has shape "
+                    f"{(table.heads, table.skills)} but this layer needs {(heads, skills)}"
+                )
             layer.attach_routing(table)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -117,7 +132,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, num_tasks: int) -> nn.
 def adapter_config(model: nn.Module) -> AdapterConfig:
     cfg = getattr(model, CONFIG_ATTR, None)
     if cfg is None:
-        raise ValueError("model has no adapters; call inject_adapters first")   # a caller bug
+        raise ValueError("model has no adapters; call inject_adapters first")  # a caller bug
     return cfg
 
 

@@ -30,9 +30,11 @@ def check_mode(cfg: AdapterConfig, mode: str, source: str = "model") -> None:
     if not cfg.routed and mode != "full":
         raise ModeError(f"{source}: method {cfg.method!r} has no routing, so mode {mode!r} does not apply; use 'full'")
     if cfg.routing == "random" and mode != "mu":
-        raise ModeError(f"{source}: adapter field 'routing' = 'random' (Random-mu): its routing was random and carries "
-                        f"no task information, so mode {mode!r} does not apply; use mode 'mu' (the uniform "
-                        "average of the modules; collapse=true turns Poly/MHR into one LoRA)")
+        raise ModeError(
+            f"{source}: adapter field 'routing' = 'random' (Random-mu): its routing was random and carries "
+            f"no task information, so mode {mode!r} does not apply; use mode 'mu' (the uniform "
+            "average of the modules; collapse=true turns Poly/MHR into one LoRA)"
+        )
 
 
 def prepare_adaptation(model: nn.Module, mode: str) -> int:
@@ -56,9 +58,17 @@ def prepare_adaptation(model: nn.Module, mode: str) -> int:
     new_tables: dict[str, RoutingTable] = {}
     by_old: dict[int, RoutingTable] = {}
     for key, old in old_tables.items():
-        new = RoutingTable(1, old.heads, old.skills, gumbel=old.gumbel, temperature=old.temperature,
-                           straight_through=old.straight_through, normalise_dim=old.normalise_dim,
-                           device=old.logits.device, dtype=old.logits.dtype)
+        new = RoutingTable(
+            1,
+            old.heads,
+            old.skills,
+            gumbel=old.gumbel,
+            temperature=old.temperature,
+            straight_through=old.straight_through,
+            normalise_dim=old.normalise_dim,
+            device=old.logits.device,
+            dtype=old.logits.dtype,
+        )
         new.train(old.training)
         if mode == "mu":
             new.uniform.fill_(True)
@@ -119,5 +129,14 @@ def mode_trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-__all__ = ["MODES", "ModeError", "check_mode", "prepare_adaptation", "collapse_to_lora", "merge_adapters", "AdapterLinear",
-           "AdapterConfig", "mode_trainable_names"]
+__all__ = [
+    "MODES",
+    "ModeError",
+    "check_mode",
+    "prepare_adaptation",
+    "collapse_to_lora",
+    "merge_adapters",
+    "AdapterLinear",
+    "AdapterConfig",
+    "mode_trainable_names",
+]

@@ -43,13 +43,13 @@ from .config import AdapterConfig, ConfigError
 from .export import META_FILE, WEIGHTS_FILE, adapter_state_names, read_export_meta, write_export
 from .inject import adapter_layers, inject_adapters, routing_key
 
-PEFT_CONFIG_FILE = "adapter_config.json"     # peft's names (the same as ours, in another directory)
+PEFT_CONFIG_FILE = "adapter_config.json"  # peft's names (the same as ours, in another directory)
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 SIDECAR_FILE = "tensorpoly_ds.json"
 PREFIX = "base_model.model."
 PEFT_TYPES = {"lora": "LORA", "poly": "POLY", "mhr": "POLY", "ia3": "IA3"}
 TASK_TYPE = "SEQ_2_SEQ_LM"
-KEY_SEPARATORS = {"lora": ".lora_", "poly": ".poly_", "mhr": ".poly_", "ia3": "."}   # module | tensor in a key
+KEY_SEPARATORS = {"lora": ".lora_", "poly": ".poly_", "mhr": ".poly_", "ia3": "."}  # module | tensor in a key
 
 
 class PeftInteropError(ConfigError):
@@ -98,26 +98,35 @@ def our_targets(adapted: list[str], linears: list[str], method: str) -> str | No
 # ---- ours -> peft ------------------------------------------------------------------------------------------
 def check_exportable(cfg: AdapterConfig, state: dict[str, torch.Tensor], inference_only: bool) -> list[str]:
     """Refuse what peft cannot express; return notes on what differs only in training (inference_only)."""
+
     def bad(field: str, value: Any, why: str) -> PeftInteropError:
         return PeftInteropError(f"adapter config field '{field}' = {value!r}: {why}")
 
     if cfg.method not in PEFT_TYPES:
-        raise bad("method", cfg.method, "peft has no TLoRA, TensorPoly or tensor-train adapter; exportable "
-                                        f"methods: {', '.join(PEFT_TYPES)}")
+        raise bad(
+            "method",
+            cfg.method,
+            f"peft has no TLoRA, TensorPoly or tensor-train adapter; exportable methods: {', '.join(PEFT_TYPES)}",
+        )
     if not cfg.routed:
         return []
-    routing = getattr(cfg, "routing", "learned")   # Random-mu (routing: random, on main) has no logits to map
+    routing = getattr(cfg, "routing", "learned")  # Random-mu (routing: random, on main) has no logits to map
     if routing != "learned":
         raise bad("routing", routing, "peft's Poly routes with learned logits only")
     if cfg.routing_granularity != "layer":
-        raise bad("routing_granularity", cfg.routing_granularity, "peft's Poly has one router per layer; routing "
-                                                                  "tables shared across layers cannot map")
+        raise bad(
+            "routing_granularity",
+            cfg.routing_granularity,
+            "peft's Poly has one router per layer; routing tables shared across layers cannot map",
+        )
     if cfg.alpha != 1.0:
         raise bad("alpha", cfg.alpha, "peft's Poly scales by 1/r, ours by alpha/r; only alpha = 1 maps")
     uniform = [k for k, v in state.items() if k.endswith(".uniform") and bool(v)]
     if uniform:
-        raise PeftInteropError(f"{uniform[0]} = True: routing fixed to uniform (adaptation mode mu) has no peft "
-                               "equivalent; collapse it into one LoRA first (adapt --set collapse=true) and export that")
+        raise PeftInteropError(
+            f"{uniform[0]} = True: routing fixed to uniform (adaptation mode mu) has no peft "
+            "equivalent; collapse it into one LoRA first (adapt --set collapse=true) and export that"
+        )
     training = []
     if not cfg.gumbel:
         training.append(("gumbel", cfg.gumbel, "our router is deterministic in training (sigmoid)"))
@@ -128,16 +137,24 @@ def check_exportable(cfg: AdapterConfig, state: dict[str, torch.Tensor], inferen
             training.append(("straight_through", cfg.straight_through, "peft has no straight-through routing"))
     notes = []
     for field, value, why in training:
-        message = (f"adapter config field '{field}' = {value!r}: {why}, while peft's Poly router always samples "
-                   "RelaxedBernoulli(temperature 1) in training; evaluation outputs are identical")
+        message = (
+            f"adapter config field '{field}' = {value!r}: {why}, while peft's Poly router always samples "
+            "RelaxedBernoulli(temperature 1) in training; evaluation outputs are identical"
+        )
         if not inference_only:
             raise PeftInteropError(message + "; pass --inference-only to export for evaluation or serving")
         notes.append(message + " (exported for inference)")
     return notes
 
 
-def to_peft(cfg: AdapterConfig, state: dict[str, torch.Tensor], adapted: list[str], linears: list[str],
-            num_tasks: int, base_model: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
+def to_peft(
+    cfg: AdapterConfig,
+    state: dict[str, torch.Tensor],
+    adapted: list[str],
+    linears: list[str],
+    num_tasks: int,
+    base_model: str | None,
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """(peft adapter_config dict, peft tensors) for an exportable adapter state."""
     tensors: dict[str, torch.Tensor] = {}
     for name in adapted:
@@ -152,23 +169,53 @@ def to_peft(cfg: AdapterConfig, state: dict[str, torch.Tensor], adapted: list[st
             tensors[f"{p}.poly_router.module_logits"] = logits.reshape(logits.shape[0], -1).contiguous()
         else:
             tensors[f"{p}.ia3_l"] = state[f"{name}.ia3_scale"][:, None].contiguous()
-    common = {"peft_type": PEFT_TYPES[cfg.method], "task_type": TASK_TYPE, "base_model_name_or_path": base_model,
-              "target_modules": peft_target_modules(adapted, linears), "exclude_modules": None,
-              "modules_to_save": None, "inference_mode": True, "revision": None}
+    common = {
+        "peft_type": PEFT_TYPES[cfg.method],
+        "task_type": TASK_TYPE,
+        "base_model_name_or_path": base_model,
+        "target_modules": peft_target_modules(adapted, linears),
+        "exclude_modules": None,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "revision": None,
+    }
     if cfg.method == "lora":
-        specific = {"r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": 0.0, "bias": "none",
-                    "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-                    "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None}
+        specific = {
+            "r": cfg.rank,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "layers_to_transform": None,
+            "layers_pattern": None,
+        }
     elif cfg.method in ("poly", "mhr"):
-        specific = {"r": cfg.rank, "n_tasks": num_tasks, "n_skills": cfg.skills, "n_splits": cfg.heads,
-                    "poly_type": "poly", "init_weights": True}
+        specific = {
+            "r": cfg.rank,
+            "n_tasks": num_tasks,
+            "n_skills": cfg.skills,
+            "n_splits": cfg.heads,
+            "poly_type": "poly",
+            "init_weights": True,
+        }
     else:
         specific = {"feedforward_modules": [], "fan_in_fan_out": False, "init_ia3_weights": True}
     return {**common, **specific}, tensors
 
 
-def export_to_peft(export_dir: str | os.PathLike, out_dir: str | os.PathLike, *, base_model: str | None = None,
-                   inference_only: bool = False, overwrite: bool = False) -> tuple[Path, list[str]]:
+def export_to_peft(
+    export_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    inference_only: bool = False,
+    overwrite: bool = False,
+) -> tuple[Path, list[str]]:
     """Write our export at `export_dir` as a peft adapter folder `out_dir`; returns (out_dir, notes)."""
     from safetensors.torch import save_file
 
@@ -181,15 +228,22 @@ def export_to_peft(export_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     backbone = meta.get("backbone") or {}
     base = base_model or backbone.get("name_or_path") or backbone.get("model")
     if not base:
-        raise PeftInteropError(f"{export_dir / META_FILE}: no backbone recorded; pass --base-model (a Hugging Face "
-                               "name or path, a config.json, or an architecture name)")
+        raise PeftInteropError(
+            f"{export_dir / META_FILE}: no backbone recorded; pass --base-model (a Hugging Face "
+            "name or path, a config.json, or an architecture name)"
+        )
     model = meta_adapted(base, cfg, meta["num_tasks"], backbone if base_model is None else None)
     check_state(model, state, export_dir / WEIGHTS_FILE)
     adapted = list(adapter_layers(model))
     linears = adapted + [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith(".base")]
     peft_config, tensors = to_peft(cfg, state, adapted, linears, meta["num_tasks"], base_model or base)
-    sidecar = {"adapter": cfg.to_dict(), "tasks": meta["tasks"], "num_tasks": meta["num_tasks"],
-               "backbone": backbone, "notes": notes}
+    sidecar = {
+        "adapter": cfg.to_dict(),
+        "tasks": meta["tasks"],
+        "num_tasks": meta["num_tasks"],
+        "backbone": backbone,
+        "notes": notes,
+    }
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
@@ -220,6 +274,7 @@ def read_peft_folder(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict | 
 
 def check_importable(config: dict, source: Path, inference_only: bool) -> str:
     """The method a peft config maps to; refuses features ours lacks, naming the field."""
+
     def bad(field: str, why: str) -> PeftInteropError:
         return PeftInteropError(f"{source / PEFT_CONFIG_FILE}: field '{field}' = {config.get(field)!r}: {why}")
 
@@ -231,22 +286,28 @@ def check_importable(config: dict, source: Path, inference_only: bool) -> str:
     if config.get("fan_in_fan_out"):
         raise bad("fan_in_fan_out", "Conv1D-style (transposed) weights are not supported")
     if kind == "LORA":
-        refused = {"use_dora": "DoRA's magnitude vector has no tensorpoly-ds equivalent",
-                   "use_rslora": "rsLoRA scales by alpha/sqrt(r), ours by alpha/r",
-                   "lora_bias": "LoRA biases are not supported", "rank_pattern": "per-layer ranks are not supported",
-                   "alpha_pattern": "per-layer alphas are not supported",
-                   "layers_to_transform": "give target_modules instead",
-                   "layer_replication": "layer replication is not supported",
-                   "target_parameters": "adapters on parameters (not Linear modules) are not supported",
-                   "trainable_token_indices": "trainable tokens are not supported"}
+        refused = {
+            "use_dora": "DoRA's magnitude vector has no tensorpoly-ds equivalent",
+            "use_rslora": "rsLoRA scales by alpha/sqrt(r), ours by alpha/r",
+            "lora_bias": "LoRA biases are not supported",
+            "rank_pattern": "per-layer ranks are not supported",
+            "alpha_pattern": "per-layer alphas are not supported",
+            "layers_to_transform": "give target_modules instead",
+            "layer_replication": "layer replication is not supported",
+            "target_parameters": "adapters on parameters (not Linear modules) are not supported",
+            "trainable_token_indices": "trainable tokens are not supported",
+        }
         for field, why in refused.items():
             if config.get(field):
                 raise bad(field, why)
         if config.get("bias", "none") != "none":
             raise bad("bias", "trained biases are not supported")
         if config.get("lora_dropout", 0.0) and not inference_only:
-            raise bad("lora_dropout", "ours has no LoRA dropout (training only; evaluation is identical): pass "
-                                      "--inference-only to import it for evaluation")
+            raise bad(
+                "lora_dropout",
+                "ours has no LoRA dropout (training only; evaluation is identical): pass "
+                "--inference-only to import it for evaluation",
+            )
         return "lora"
     if kind == "POLY":
         if config.get("poly_type", "poly") != "poly":
@@ -255,15 +316,16 @@ def check_importable(config: dict, source: Path, inference_only: bool) -> str:
     return "ia3"
 
 
-def from_peft(config: dict, tensors: dict[str, torch.Tensor], method: str, linears: list[str], source: Path
-              ) -> tuple[AdapterConfig, int, dict[str, dict[str, torch.Tensor]]]:
+def from_peft(
+    config: dict, tensors: dict[str, torch.Tensor], method: str, linears: list[str], source: Path
+) -> tuple[AdapterConfig, int, dict[str, dict[str, torch.Tensor]]]:
     """(AdapterConfig, number of tasks, per adapted module its tensors in our layout, keyed by our names)."""
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise PeftInteropError(f"{source / PEFT_WEIGHTS_FILE}: tensor {key!r} does not start with {PREFIX!r}")
         # <module>.lora_A.weight, <module>.poly_router.module_logits, <module>.ia3_l
-        module, _, kind = key[len(PREFIX):].rpartition(KEY_SEPARATORS[method])
+        module, _, kind = key[len(PREFIX) :].rpartition(KEY_SEPARATORS[method])
         per_module.setdefault(module, {})[kind] = value
     num_tasks = int(config.get("n_tasks", 1)) if method in ("poly", "mhr") else 1
     ours: dict[str, dict[str, torch.Tensor]] = {}
@@ -273,20 +335,26 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], method: str, linea
         elif method in ("poly", "mhr"):
             a, b, logits = parts["lora_A"], parts["lora_B"], parts["router.module_logits"]
             heads, skills = a.shape[0], a.shape[1]
-            ours[module] = {"lora_a": a.transpose(0, 1).contiguous(), "lora_b": b.transpose(0, 1).contiguous(),
-                            "logits": logits.reshape(logits.shape[0], heads, skills).contiguous()}
+            ours[module] = {
+                "lora_a": a.transpose(0, 1).contiguous(),
+                "lora_b": b.transpose(0, 1).contiguous(),
+                "logits": logits.reshape(logits.shape[0], heads, skills).contiguous(),
+            }
         else:
             scale = parts["ia3_l"]
-            if scale.shape[0] == 1 and scale.dim() == 2:   # a feedforward module: peft scales its input
+            if scale.shape[0] == 1 and scale.dim() == 2:  # a feedforward module: peft scales its input
                 target = re.sub(r"\.wo$", ".wi_1", module)
                 if target == module or target not in linears:
                     raise PeftInteropError(
                         f"{source / PEFT_CONFIG_FILE}: field 'feedforward_modules' includes {module!r}: peft scales "
                         "that layer's input; ours scales outputs, which only maps for a gated FFN's wo (as wi_1's "
-                        "output)")
+                        "output)"
+                    )
                 if target in ours or target in per_module:
-                    raise PeftInteropError(f"{source / PEFT_CONFIG_FILE}: both {module!r} (input) and {target!r} "
-                                           "(output) are scaled; they would map onto the same vector")
+                    raise PeftInteropError(
+                        f"{source / PEFT_CONFIG_FILE}: both {module!r} (input) and {target!r} "
+                        "(output) are scaled; they would map onto the same vector"
+                    )
                 ours[target] = {"ia3_scale": scale.flatten().contiguous()}
             else:
                 ours[module] = {"ia3_scale": scale.flatten().contiguous()}
@@ -295,8 +363,13 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], method: str, linea
     if method == "lora":
         fields.update(rank=int(config["r"]), alpha=float(config.get("lora_alpha", 8)))
     elif method in ("poly", "mhr"):
-        fields.update(rank=int(config["r"]), skills=int(config["n_skills"]), heads=int(config.get("n_splits", 1)),
-                      gumbel=True, temperature=1.0)   # peft's router samples in training
+        fields.update(
+            rank=int(config["r"]),
+            skills=int(config["n_skills"]),
+            heads=int(config.get("n_splits", 1)),
+            gumbel=True,
+            temperature=1.0,
+        )  # peft's router samples in training
     try:
         cfg = AdapterConfig(**fields)
     except ConfigError as err:
@@ -313,8 +386,15 @@ def peft_signature(cfg: AdapterConfig) -> tuple:
     return (PEFT_TYPES.get(cfg.method, cfg.method),)
 
 
-def import_from_peft(peft_dir: str | os.PathLike, out_dir: str | os.PathLike, *, base_model: str | None = None,
-                     tasks: list[str] | None = None, inference_only: bool = False, overwrite: bool = False) -> Path:
+def import_from_peft(
+    peft_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    tasks: list[str] | None = None,
+    inference_only: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Write the peft adapter folder `peft_dir` as our export `out_dir` (loadable with load_adapters)."""
     source, out = Path(peft_dir), Path(out_dir)
     config, tensors, sidecar = read_peft_folder(source)
@@ -323,41 +403,54 @@ def import_from_peft(peft_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     backbone = (sidecar or {}).get("backbone") or {}
     base = base_model or config.get("base_model_name_or_path") or backbone.get("name_or_path") or backbone.get("model")
     if not base:
-        raise PeftInteropError(f"{source / PEFT_CONFIG_FILE}: field 'base_model_name_or_path' is empty; pass "
-                               "--base-model")
+        raise PeftInteropError(
+            f"{source / PEFT_CONFIG_FILE}: field 'base_model_name_or_path' is empty; pass --base-model"
+        )
     linears = backbone_linears(base, backbone.get("vocab_size"), backbone.get("arch_overrides"))
     cfg, num_tasks, ours = from_peft(config, tensors, method, linears, source)
-    if sidecar is not None:   # a folder we exported: restore our config (targets, routing semantics) exactly
+    if sidecar is not None:  # a folder we exported: restore our config (targets, routing semantics) exactly
         saved = AdapterConfig.from_dict(sidecar["adapter"], source=str(source / SIDECAR_FILE))
         if peft_signature(saved) != peft_signature(cfg):
-            raise PeftInteropError(f"{source / SIDECAR_FILE}: describes {peft_signature(saved)}, the peft config "
-                                   f"{peft_signature(cfg)} (edited by hand?); delete it to import from the peft config")
+            raise PeftInteropError(
+                f"{source / SIDECAR_FILE}: describes {peft_signature(saved)}, the peft config "
+                f"{peft_signature(cfg)} (edited by hand?); delete it to import from the peft config"
+            )
         cfg = saved
     names = tasks or (sidecar or {}).get("tasks") or [f"task{i}" for i in range(num_tasks)]
     if not cfg.routed:
-        num_tasks = len(names)    # an unrouted adapter serves any tasks; the names are a record
+        num_tasks = len(names)  # an unrouted adapter serves any tasks; the names are a record
     elif len(names) != num_tasks:
         raise PeftInteropError(f"--tasks: {len(names)} names for an adapter routing {num_tasks} tasks (n_tasks)")
     model = meta_adapted(base, cfg, num_tasks, backbone if base_model is None else None)
     state = our_state(model, ours, cfg, source)
 
     def write(tmp: Path) -> None:
-        write_export(tmp, state, cfg, names, num_tasks,
-                     extra={"backbone": backbone or {"name_or_path": base},
-                            "imported_from": {"format": "peft", "path": str(source),
-                                              "peft_version": config.get("peft_version")}})
+        write_export(
+            tmp,
+            state,
+            cfg,
+            names,
+            num_tasks,
+            extra={
+                "backbone": backbone or {"name_or_path": base},
+                "imported_from": {"format": "peft", "path": str(source), "peft_version": config.get("peft_version")},
+            },
+        )
 
     return atomic_folder(out, write)
 
 
-def our_state(model: nn.Module, ours: dict[str, dict[str, torch.Tensor]], cfg: AdapterConfig, source: Path
-              ) -> dict[str, torch.Tensor]:
+def our_state(
+    model: nn.Module, ours: dict[str, dict[str, torch.Tensor]], cfg: AdapterConfig, source: Path
+) -> dict[str, torch.Tensor]:
     """Our export's tensors, every one the (meta) model expects, with its shape checked."""
     layers = adapter_layers(model)
     unknown = sorted(set(ours) - set(layers))
     if unknown:
-        raise PeftInteropError(f"{source / PEFT_WEIGHTS_FILE}: adapters on {unknown[:3]} which the backbone does not "
-                               "have (or which are not Linear layers)")
+        raise PeftInteropError(
+            f"{source / PEFT_WEIGHTS_FILE}: adapters on {unknown[:3]} which the backbone does not "
+            "have (or which are not Linear layers)"
+        )
     missing = sorted(set(layers) - set(ours))
     if missing:
         raise PeftInteropError(f"{source / PEFT_WEIGHTS_FILE}: no tensors for {missing[:3]}")
@@ -379,12 +472,15 @@ def check_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -
     names = set(adapter_state_names(model))
     missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
     if missing or unexpected:
-        raise PeftInteropError(f"{where}: tensors do not match the adapter config: missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}")
+        raise PeftInteropError(
+            f"{where}: tensors do not match the adapter config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for key in names:
         if tuple(state[key].shape) != tuple(expected[key].shape):
-            raise PeftInteropError(f"{where}: tensor {key!r} has shape {tuple(state[key].shape)}, the backbone "
-                                   f"needs {tuple(expected[key].shape)}")
+            raise PeftInteropError(
+                f"{where}: tensor {key!r} has shape {tuple(state[key].shape)}, the backbone "
+                f"needs {tuple(expected[key].shape)}"
+            )
 
 
 # ---- files -------------------------------------------------------------------------------------------------

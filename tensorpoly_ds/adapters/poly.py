@@ -20,8 +20,10 @@ class PolyLinear(MixedLowRank, AdapterLinear):
         super().__init__(base, cfg, side, name)
         h = cfg.heads
         if self.in_features % h or self.out_features % h:
-            raise ConfigError(f"{name}: adapter field 'heads': MHR heads={h} must divide "
-                              f"in_features={self.in_features} and out_features={self.out_features}")
+            raise ConfigError(
+                f"{name}: adapter field 'heads': MHR heads={h} must divide "
+                f"in_features={self.in_features} and out_features={self.out_features}"
+            )
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_a = nn.Parameter(torch.empty(cfg.skills, h, self.in_features // h, cfg.rank, **kw))
         self.lora_b = nn.Parameter(torch.zeros(cfg.skills, h, cfg.rank, self.out_features // h, **kw))
@@ -38,7 +40,11 @@ class PolyLinear(MixedLowRank, AdapterLinear):
 
     def collapsed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The single LoRA (A, B) that uniform routing computes: the mean of the skills."""
-        uniform = torch.full((1, self.cfg.heads, self.cfg.skills), 1.0 / self.cfg.skills,
-                             dtype=self.lora_a.dtype, device=self.lora_a.device)
+        uniform = torch.full(
+            (1, self.cfg.heads, self.cfg.skills),
+            1.0 / self.cfg.skills,
+            dtype=self.lora_a.dtype,
+            device=self.lora_a.device,
+        )
         a, b = self.mixed(uniform)
         return a[0], b[0]

@@ -32,9 +32,9 @@ class TaskGroups:
     """One side's ids, grouped once per routing scope so that every adapted layer reuses the grouping
     (hundreds of layers per forward pass) instead of recomputing it (a device sync each on GPUs)."""
 
-    ids: torch.Tensor                    # [batch] or a 0-dim tensor (one task for every row)
-    distinct: torch.Tensor               # [u] distinct task ids
-    inverse: torch.Tensor | None         # [batch] row -> index into `distinct`; None for a 0-dim id
+    ids: torch.Tensor  # [batch] or a 0-dim tensor (one task for every row)
+    distinct: torch.Tensor  # [u] distinct task ids
+    inverse: torch.Tensor | None  # [batch] row -> index into `distinct`; None for a 0-dim id
 
     @classmethod
     def of(cls, ids: torch.Tensor) -> TaskGroups:
@@ -70,7 +70,9 @@ _CURRENT: ContextVar[RoutingBatch | None] = ContextVar("tensorpoly_ds_routing", 
 def _as_ids(ids: int | Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
     tensor = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(ids)
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.dim() > 1:
-        raise RoutingError(f"{what} must be an integer id or a 1-D integer tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+        raise RoutingError(
+            f"{what} must be an integer id or a 1-D integer tensor, got {tensor.dtype} {tuple(tensor.shape)}"
+        )
     return tensor.long()
 
 
@@ -108,12 +110,16 @@ def current_task_groups(side: str, batch_size: int, where: str) -> TaskGroups:
     """The grouped ids for a layer on `side` ('encoder' or 'decoder') that sees `batch_size` rows."""
     routing = _CURRENT.get()
     if routing is None:
-        raise RoutingError(f"{where}: a routed adapter ran outside task_routing(...); "
-                           "wrap the forward pass in `with task_routing(task_ids): ...`")
+        raise RoutingError(
+            f"{where}: a routed adapter ran outside task_routing(...); "
+            "wrap the forward pass in `with task_routing(task_ids): ...`"
+        )
     groups = routing.encoder if side == "encoder" else routing.decoder
     if groups.ids.dim() == 1 and groups.ids.shape[0] != batch_size:
-        raise RoutingError(f"{where}: {side} batch has {batch_size} rows but {groups.ids.shape[0]} task ids were "
-                           "given; pass decoder_task_ids explicitly when the decoder batch differs (choices, beams)")
+        raise RoutingError(
+            f"{where}: {side} batch has {batch_size} rows but {groups.ids.shape[0]} task ids were "
+            "given; pass decoder_task_ids explicitly when the decoder batch differs (choices, beams)"
+        )
     return groups
 
 
@@ -121,8 +127,19 @@ class RoutingTable(nn.Module):
     """Logits Z[task, heads, skills]; weights are sigmoid(Z) (or a relaxed Bernoulli sample in
     training with `gumbel`), normalised to sum 1 over `normalise_dim`."""
 
-    def __init__(self, num_tasks: int, heads: int, skills: int, *, gumbel: bool = False, temperature: float = 1.0,
-                 straight_through: bool = False, normalise_dim: int = -1, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        num_tasks: int,
+        heads: int,
+        skills: int,
+        *,
+        gumbel: bool = False,
+        temperature: float = 1.0,
+        straight_through: bool = False,
+        normalise_dim: int = -1,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         self.num_tasks, self.heads, self.skills = num_tasks, heads, skills
         self.gumbel, self.temperature, self.straight_through = gumbel, temperature, straight_through
@@ -152,7 +169,8 @@ class RoutingTable(nn.Module):
             return uniform_weights(tuple(logits.shape), self.normalise_dim, device=logits.device, dtype=logits.dtype)
         if self.training and self.gumbel:
             probs = torch.distributions.RelaxedBernoulli(
-                torch.tensor(self.temperature, dtype=logits.dtype, device=logits.device), logits=logits).rsample()
+                torch.tensor(self.temperature, dtype=logits.dtype, device=logits.device), logits=logits
+            ).rsample()
             if self.straight_through:
                 probs = (probs > 0.5).to(probs.dtype) - probs.detach() + probs
         else:
@@ -164,15 +182,17 @@ def uniform_weights(shape: tuple[int, ...], normalise_dim: int, device=None, dty
     return torch.full(shape, 1.0 / shape[normalise_dim], device=device, dtype=dtype)
 
 
-def random_allocation(rows: int, heads: int, skills: int, normalise_dim: int, generator: torch.Generator) -> torch.Tensor:
+def random_allocation(
+    rows: int, heads: int, skills: int, normalise_dim: int, generator: torch.Generator
+) -> torch.Tensor:
     """[rows, heads, skills]: along `normalise_dim`, a uniformly random non-empty subset of the modules
     (i.i.d. fair coins conditioned on at least one module), weighted 1/|subset| as Poly normalises a binary
     routing. A non-empty subset is the bit pattern of an integer drawn uniformly from [1, 2^n)."""
     shape = [rows, heads, skills]
     dim = normalise_dim % 3
     n = shape[dim]
-    other = shape[:dim] + shape[dim + 1:]
-    codes = torch.randint(1, 2 ** n, other, generator=generator, device=generator.device)
+    other = shape[:dim] + shape[dim + 1 :]
+    codes = torch.randint(1, 2**n, other, generator=generator, device=generator.device)
     bits = (codes[..., None] >> torch.arange(n, device=codes.device)) & 1
     bits = bits.movedim(-1, dim).float()
     return bits / bits.sum(dim=dim, keepdim=True)

@@ -33,7 +33,8 @@ class TensorPolyXLinear(AdapterLinear):
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         # Distinct Parameter objects per core (the official code shares the first N-1 by accident).
         self.cores = nn.ParameterList(
-            nn.Parameter(torch.empty(self.q_in, bond, self.q_out, bond, **kw)) for _ in range(n))
+            nn.Parameter(torch.empty(self.q_in, bond, self.q_out, bond, **kw)) for _ in range(n)
+        )
         bound = cfg.init_scale if cfg.init_scale is not None else 1.0 / math.sqrt(3 * self.q_in * bond)
         for i, core in enumerate(self.cores):
             if core.device.type != "meta":
@@ -54,7 +55,7 @@ class TensorPolyXLinear(AdapterLinear):
         if len(cores) == 1:
             full = torch.einsum("uiaoa->uio", cores[0])
         else:
-            acc = cores[0].permute(0, 2, 1, 3, 4)           # [u, a0, i1, o1, b1]
+            acc = cores[0].permute(0, 2, 1, 3, 4)  # [u, a0, i1, o1, b1]
             for core in cores[1:-1]:
                 # acc [u, a0, I, O, b] x core [u, i, b, o, c] -> [u, a0, I, i, O, o, c]
                 acc = torch.einsum("uaIOb,uiboc->uaIiOoc", acc, core)
@@ -72,7 +73,7 @@ class TensorPolyXLinear(AdapterLinear):
         n = len(self.cores)
         b = x.shape[0]
         tokens = x.reshape(b, -1, self.in_features)
-        pad = self.q_in ** n - self.in_features
+        pad = self.q_in**n - self.in_features
         if pad:
             tokens = torch.nn.functional.pad(tokens, (0, pad))
         cores = [c.to(x.dtype) for c in self.routed_cores(weights)]
@@ -87,8 +88,8 @@ class TensorPolyXLinear(AdapterLinear):
         if n == 1:
             out = step("bli,biaoa->blo", tokens, cores[0])
         else:
-            state = tokens.reshape(b, tokens.shape[1], self.q_in, -1)             # [b, L, i1, rest]
-            state = step("blir,biaoc->blacor", state, cores[0])                    # [b, L, a0, c, O, rest]
+            state = tokens.reshape(b, tokens.shape[1], self.q_in, -1)  # [b, L, i1, rest]
+            state = step("blir,biaoc->blacor", state, cores[0])  # [b, L, a0, c, O, rest]
             for core in cores[1:-1]:
                 s = state.shape
                 state = state.reshape(s[0], s[1], s[2], s[3], s[4], self.q_in, s[5] // self.q_in)
@@ -109,10 +110,10 @@ class TensorPolyXLinear(AdapterLinear):
         if n == 1:
             return {"contract": tokens * q_in * q_out, "dense": apply}
         middle = range(2, n)
-        contract = tokens * (r ** 2 * q_out * q_in ** n
-                             + r ** 3 * sum(q_out ** k * q_in ** (n - k + 1) for k in middle)
-                             + r ** 2 * q_in * q_out ** n)
-        dense = distinct * (r ** 3 * sum((q_in * q_out) ** k for k in middle) + r ** 2 * (q_in * q_out) ** n) + apply
+        contract = tokens * (
+            r**2 * q_out * q_in**n + r**3 * sum(q_out**k * q_in ** (n - k + 1) for k in middle) + r**2 * q_in * q_out**n
+        )
+        dense = distinct * (r**3 * sum((q_in * q_out) ** k for k in middle) + r**2 * (q_in * q_out) ** n) + apply
         return {"contract": contract, "dense": dense}
 
     def choose_path(self, tokens: int, distinct: int) -> str:
@@ -148,7 +149,7 @@ def apply_per_task(x: torch.Tensor, delta: torch.Tensor, inverse: torch.Tensor) 
         counts[task] += 1
     order = None if task_of_row == sorted(task_of_row) else torch.argsort(inverse, stable=True)
     grouped = rows if order is None else rows[order]
-    if len(set(counts)) == 1:   # equal groups (e.g. one row per task): one batched product
+    if len(set(counts)) == 1:  # equal groups (e.g. one row per task): one batched product
         out = torch.bmm(grouped.reshape(len(counts), -1, rows.shape[-1]), delta)
     else:
         out = torch.cat([part.flatten(0, 1) @ d for part, d in zip(grouped.split(counts), delta)])

@@ -32,7 +32,7 @@ class KronLayerNorm(nn.Module):
 
     def __init__(self, rank: int, q: int, order: int, trainable: bool, device=None, dtype=None) -> None:
         super().__init__()
-        self.shape = (rank, q ** order)
+        self.shape = (rank, q**order)
         self.weight = self.bias = None
         if trainable:
             self.weight = nn.Parameter(torch.ones(self.shape, device=device, dtype=dtype))
@@ -94,7 +94,7 @@ class _RecomputedFactors(torch.autograd.Function):
         ctx.fn, ctx.num_args, ctx.slots = fn, num_args, slots
         try:
             ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        except RuntimeError:   # a device without autocast (meta: the planner's shape-only forward)
+        except RuntimeError:  # a device without autocast (meta: the planner's shape-only forward)
             ctx.autocast = None
         ctx.needs_grad = [t.requires_grad for t in tensors]
         ctx.save_for_backward(*(t.detach() for t in tensors))
@@ -103,10 +103,13 @@ class _RecomputedFactors(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         inputs = [t.detach().requires_grad_(needs) for t, needs in zip(ctx.saved_tensors, ctx.needs_grad)]
-        args, params = inputs[: ctx.num_args], inputs[ctx.num_args:]
+        args, params = inputs[: ctx.num_args], inputs[ctx.num_args :]
         # the forward's autocast state, whatever the caller of backward has on
-        recast = contextlib.nullcontext() if ctx.autocast is None else \
-            torch.autocast(ctx.autocast[0], dtype=ctx.autocast[2], enabled=ctx.autocast[1])
+        recast = (
+            contextlib.nullcontext()
+            if ctx.autocast is None
+            else torch.autocast(ctx.autocast[0], dtype=ctx.autocast[2], enabled=ctx.autocast[1])
+        )
         current = [module._parameters[name] for module, name in ctx.slots]
         try:
             for (module, name), tensor in zip(ctx.slots, params):
@@ -130,14 +133,17 @@ class _KronSide(nn.Module):
     def __init__(self, cfg: AdapterConfig, dim: int, bound: float, device, dtype) -> None:
         super().__init__()
         self.dim, self.q = dim, int_root(dim, cfg.order)
-        self.leaves = nn.Parameter(torch.empty(cfg.order, cfg.tensor_rank, cfg.rank, self.q, device=device, dtype=dtype))
+        self.leaves = nn.Parameter(
+            torch.empty(cfg.order, cfg.tensor_rank, cfg.rank, self.q, device=device, dtype=dtype)
+        )
         uniform_(self.leaves, bound)
         self.norms = None
         if cfg.layernorm:
             trainable = cfg.layernorm_affine == "trainable"
             orders = ("2",) if cfg.order == 2 else ("2", "4")
-            self.norms = nn.ModuleDict({o: KronLayerNorm(cfg.rank, self.q, int(o), trainable, device, dtype)
-                                        for o in orders})
+            self.norms = nn.ModuleDict(
+                {o: KronLayerNorm(cfg.rank, self.q, int(o), trainable, device, dtype) for o in orders}
+            )
 
     def terms(self) -> torch.Tensor:
         """[R, r, dim]: one Kronecker term per tensor-rank index, truncated to dim."""

@@ -2,20 +2,33 @@
 task-skill structure (recovery). The rules are written out in docs/replicate.md."""
 
 from .claims import (
-                     ClaimsError,
-                     ClaimSpec,
-                     ClaimVerdict,
-                     Comparison,
-                     ComparisonVerdict,
-                     Verdict,
-                     claims_json,
-                     claims_markdown,
-                     evaluate_claims,
-                     load_claims,
-                     paired_verdict,
+    ClaimsError,
+    ClaimSpec,
+    ClaimVerdict,
+    Comparison,
+    ComparisonVerdict,
+    Verdict,
+    claims_json,
+    claims_markdown,
+    evaluate_claims,
+    load_claims,
+    paired_verdict,
 )
 from .recovery import Recovery, plot_recovery, routing_recovery
 
-__all__ = ["ClaimSpec", "ClaimVerdict", "ClaimsError", "Comparison", "ComparisonVerdict", "Recovery", "Verdict",
-           "claims_json", "claims_markdown", "evaluate_claims", "load_claims", "paired_verdict", "plot_recovery",
-           "routing_recovery"]
+__all__ = [
+    "ClaimSpec",
+    "ClaimVerdict",
+    "ClaimsError",
+    "Comparison",
+    "ComparisonVerdict",
+    "Recovery",
+    "Verdict",
+    "claims_json",
+    "claims_markdown",
+    "evaluate_claims",
+    "load_claims",
+    "paired_verdict",
+    "plot_recovery",
+    "routing_recovery",
+]

@@ -44,12 +44,13 @@ class AnswerConfusionError(DataError):
 
 @dataclass(frozen=True)
 class Example:
-    words: tuple[str, ...]      # the example's word sequence, in order
-    choices: tuple[str, ...]    # candidate answers as text
+    words: tuple[str, ...]  # the example's word sequence, in order
+    choices: tuple[str, ...]  # candidate answers as text
     label: int
 
 
 # --- one answer ---------------------------------------------------------------------------------------------
+
 
 def sequence_words(text: str) -> tuple[str, ...]:
     """The benchmark words of an input, in order (prompt words are not benchmark words)."""
@@ -68,7 +69,7 @@ def compositions_of(answer_text: str, words: Sequence[str]) -> list[tuple[str, s
             try:
                 if answer(p, c, list(words)) == answer_text:
                     out.append((p, c))
-            except (IndexError, StopIteration):   # words without that position / category
+            except (IndexError, StopIteration):  # words without that position / category
                 continue
     return out
 
@@ -85,6 +86,7 @@ def classify(chosen: list[tuple[str, str]], right: tuple[str, str]) -> str:
 
 
 # --- ground truth -------------------------------------------------------------------------------------------
+
 
 def _split_skills(skills: Iterable[str], where: str) -> tuple[str, str]:
     by_family = {}
@@ -113,6 +115,7 @@ def training_compositions(truth: dict, held_out: Iterable[str], source: str = "m
 
 # --- eval rows ----------------------------------------------------------------------------------------------
 
+
 def examples_from_rows(rows: Iterable[dict], decode: Callable[[list[int]], str], source: str) -> dict:
     """{(template, example_id): Example} from prepared eval rows (input_ids, choice_ids, label)."""
     out = {}
@@ -122,7 +125,9 @@ def examples_from_rows(rows: Iterable[dict], decode: Callable[[list[int]], str],
                 raise AnswerConfusionError(f"{source}: row {i} has no field {f!r}")
         out[(row["template"], int(row["example_id"]))] = Example(
             words=sequence_words(decode(row["input_ids"])),
-            choices=tuple(decode(c).strip() for c in row["choice_ids"]), label=int(row["label"]))
+            choices=tuple(decode(c).strip() for c in row["choice_ids"]),
+            label=int(row["label"]),
+        )
     return out
 
 
@@ -135,21 +140,35 @@ def load_examples(data_dir: str | Path, task: str) -> dict:
 
     manifest = read_manifest(str(data_dir))
     tok = load_from_info(Path(data_dir), manifest.tokenizer["kind"], manifest.tokenizer["name_or_path"])
-    return examples_from_rows(load_rows(str(data_dir), f"eval/{task}"),
-                              lambda ids: tok.decode(ids, skip_special_tokens=True), f"{data_dir}/eval/{task}")
+    return examples_from_rows(
+        load_rows(str(data_dir), f"eval/{task}"),
+        lambda ids: tok.decode(ids, skip_special_tokens=True),
+        f"{data_dir}/eval/{task}",
+    )
 
 
 # --- one job ------------------------------------------------------------------------------------------------
 
+
 def empty_counts() -> dict:
-    return {"n": 0, "classes": Counter(), "chance": Counter(), "trained_pair": 0, "trained_pair_chance": 0.0,
-            "wrong_skill": Counter(), "blind_correct": 0.0, "right_rank_sum": 0.0, "right_rank_chance_sum": 0.0, "right_last": 0,
-            "right_last_chance": 0.0}
+    return {
+        "n": 0,
+        "classes": Counter(),
+        "chance": Counter(),
+        "trained_pair": 0,
+        "trained_pair_chance": 0.0,
+        "wrong_skill": Counter(),
+        "blind_correct": 0.0,
+        "right_rank_sum": 0.0,
+        "right_rank_chance_sum": 0.0,
+        "right_last": 0,
+        "right_last_chance": 0.0,
+    }
 
 
 def merge_counts(into: dict, other: dict) -> dict:
     for key, value in other.items():
-        into[key] = into[key] + value   # Counter + Counter, number + number
+        into[key] = into[key] + value  # Counter + Counter, number + number
     return into
 
 
@@ -174,8 +193,14 @@ def _rank_of(scores: Sequence[float], j: int) -> int:
     return 1 + sum(s < scores[j] for s in scores)
 
 
-def predictions_confusion(path: Path, examples: dict, truth: dict, task: str, held_out: Iterable[str] = (),
-                          keep: Callable[[dict], bool] = lambda rec: True) -> dict:
+def predictions_confusion(
+    path: Path,
+    examples: dict,
+    truth: dict,
+    task: str,
+    held_out: Iterable[str] = (),
+    keep: Callable[[dict], bool] = lambda rec: True,
+) -> dict:
     """Counts (empty_counts() layout) over the kept records of one predictions.jsonl of held-out `task`."""
     right = task_composition(truth, task, str(path))
     trained = training_compositions(truth, set(held_out) | {task}, str(path))
@@ -188,8 +213,9 @@ def predictions_confusion(path: Path, examples: dict, truth: dict, task: str, he
         key = (rec["template"], int(rec["example_id"]))
         ex = examples.get(key)
         if ex is None:
-            raise AnswerConfusionError(f"{path}: line {i}: no eval row with template {key[0]!r} and "
-                                       f"example_id {key[1]} for task {task!r}")
+            raise AnswerConfusionError(
+                f"{path}: line {i}: no eval row with template {key[0]!r} and example_id {key[1]} for task {task!r}"
+            )
         _count_one(counts, rec, ex, right, trained, f"{path}: line {i}")
     return counts
 
@@ -199,11 +225,13 @@ def _count_one(counts: dict, rec: dict, ex: Example, right: tuple[str, str], tra
     if int(rec["label"]) != ex.label:
         raise AnswerConfusionError(f"{where}: field 'label' is {rec['label']}, the eval row says {ex.label}")
     if not 0 <= pred < n or len(rec["scores"]) != n:
-        raise AnswerConfusionError(f"{where}: field 'prediction' {pred} / {len(rec['scores'])} scores do not fit "
-                                   f"{n} candidates")
+        raise AnswerConfusionError(
+            f"{where}: field 'prediction' {pred} / {len(rec['scores'])} scores do not fit {n} candidates"
+        )
     if right not in compositions_of(ex.choices[ex.label], ex.words):
-        raise AnswerConfusionError(f"{where}: the labelled answer {ex.choices[ex.label]!r} is not {right} on the "
-                                   f"words {' '.join(ex.words)!r}")
+        raise AnswerConfusionError(
+            f"{where}: the labelled answer {ex.choices[ex.label]!r} is not {right} on the words {' '.join(ex.words)!r}"
+        )
     comps = [compositions_of(c, ex.words) for c in ex.choices]
     kinds = [classify(c, right) for c in comps]
     chosen = kinds[pred]
@@ -227,19 +255,25 @@ def _count_one(counts: dict, rec: dict, ex: Example, right: tuple[str, str], tra
 
 # --- tables -------------------------------------------------------------------------------------------------
 
+
 def confusion_table(counts: dict) -> dict:
     """Shares of the counted predictions and the uniform-guess expectation of each."""
     n = counts["n"]
     if n == 0:
         return {"n": 0}
-    return {"n": n,
-            "shares": {k: counts["classes"][k] / n for k in CLASSES},
-            "chance": {k: counts["chance"][k] / n for k in CLASSES},
-            "trained_pair": counts["trained_pair"] / n, "trained_pair_chance": counts["trained_pair_chance"] / n,
-            "wrong_skill": {k: v / n for k, v in sorted(counts["wrong_skill"].items())},
-            "blind_correct": counts["blind_correct"] / n,
-            "right_rank": counts["right_rank_sum"] / n, "right_rank_chance": counts["right_rank_chance_sum"] / n,
-            "right_last": counts["right_last"] / n, "right_last_chance": counts["right_last_chance"] / n}
+    return {
+        "n": n,
+        "shares": {k: counts["classes"][k] / n for k in CLASSES},
+        "chance": {k: counts["chance"][k] / n for k in CLASSES},
+        "trained_pair": counts["trained_pair"] / n,
+        "trained_pair_chance": counts["trained_pair_chance"] / n,
+        "wrong_skill": {k: v / n for k, v in sorted(counts["wrong_skill"].items())},
+        "blind_correct": counts["blind_correct"] / n,
+        "right_rank": counts["right_rank_sum"] / n,
+        "right_rank_chance": counts["right_rank_chance_sum"] / n,
+        "right_last": counts["right_last"] / n,
+        "right_last_chance": counts["right_last_chance"] / n,
+    }
 
 
 def rows_confusion(results: Iterable[dict], truth: dict, held_out: Iterable[str], dev_examples: int = 0) -> dict:
@@ -252,8 +286,14 @@ def rows_confusion(results: Iterable[dict], truth: dict, held_out: Iterable[str]
         task, data_dir = r["task"], r["job"]["data_dir"]
         if (data_dir, task) not in cache:
             cache[(data_dir, task)] = load_examples(data_dir, task)
-        counts = predictions_confusion(Path(r["_dir"]) / "predictions.jsonl", cache[(data_dir, task)], truth, task,
-                                       held, keep=lambda rec: int(rec["example_id"]) >= dev_examples)
+        counts = predictions_confusion(
+            Path(r["_dir"]) / "predictions.jsonl",
+            cache[(data_dir, task)],
+            truth,
+            task,
+            held,
+            keep=lambda rec: int(rec["example_id"]) >= dev_examples,
+        )
         row = per.setdefault(r["row"], {})
         merge_counts(row.setdefault(task, empty_counts()), counts)
         merge_counts(row.setdefault("all", empty_counts()), counts)
@@ -262,9 +302,11 @@ def rows_confusion(results: Iterable[dict], truth: dict, held_out: Iterable[str]
 
 def confusion_markdown(confusion: dict) -> str:
     """One line per (row, task) and per row over all tasks: shares (%) with the uniform-guess value."""
-    lines = ["| Row | Task | n | correct | task-blind | wrong position | wrong category | other | trained pair | "
-             "right answer's rank | right ranked last | wrong word's skill |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| Row | Task | n | correct | task-blind | wrong position | wrong category | other | trained pair | "
+        "right answer's rank | right ranked last | wrong word's skill |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def pct(t: dict, key: str) -> str:
         return f"{100 * t['shares'][key]:.1f} ({100 * t['chance'][key]:.1f})"
@@ -274,13 +316,16 @@ def confusion_markdown(confusion: dict) -> str:
             t = by[task]
             if not t.get("n"):
                 continue
-            skills = ", ".join(f"{k.split(':')[1]} {100 * v:.0f}" for k, v in
-                               sorted(t["wrong_skill"].items(), key=lambda kv: -kv[1])[:3])
+            skills = ", ".join(
+                f"{k.split(':')[1]} {100 * v:.0f}"
+                for k, v in sorted(t["wrong_skill"].items(), key=lambda kv: -kv[1])[:3]
+            )
             lines.append(
                 f"| {row} | {'**all**' if task == 'all' else task} | {t['n']} | {pct(t, 'correct')} | "
                 f"{100 * t['blind_correct']:.1f} | "
                 f"{pct(t, 'wrong_position')} | {pct(t, 'wrong_category')} | {pct(t, 'other')} | "
                 f"{100 * t['trained_pair']:.1f} ({100 * t['trained_pair_chance']:.1f}) | "
                 f"{t['right_rank']:.2f} ({t['right_rank_chance']:.2f}) | "
-                f"{100 * t['right_last']:.1f} ({100 * t['right_last_chance']:.1f}) | {skills} |")
+                f"{100 * t['right_last']:.1f} ({100 * t['right_last_chance']:.1f}) | {skills} |"
+            )
     return "\n".join(lines) + "\n"

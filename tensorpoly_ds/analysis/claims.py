@@ -25,7 +25,7 @@ from tpds_common.config import read_yaml, reject_unknown
 from tpds_common.errors import ConfigError
 
 EXPECTS = ("greater", "less", "equal")
-EXACT_MAX_PAIRS = 20           # up to 2^20 sign patterns are enumerated exactly
+EXACT_MAX_PAIRS = 20  # up to 2^20 sign patterns are enumerated exactly
 RANDOM_FLIPS = 10_000
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -39,24 +39,26 @@ Key = tuple[str, int]
 
 @dataclass(frozen=True)
 class Verdict:
-    status: str              # reproduced | contradicted | inconclusive
-    effect: float            # mean paired difference a - b (accuracy units, 0..1)
-    ci_low: float            # bootstrap percentile CI of the mean difference
+    status: str  # reproduced | contradicted | inconclusive
+    effect: float  # mean paired difference a - b (accuracy units, 0..1)
+    ci_low: float  # bootstrap percentile CI of the mean difference
     ci_high: float
-    effect_size: float       # Cohen's d_z = mean / sd of the differences (inf when sd = 0 and mean != 0)
+    effect_size: float  # Cohen's d_z = mean / sd of the differences (inf when sd = 0 and mean != 0)
     n_pairs: int
-    p_value: float           # two-sided sign-flip permutation test of mean difference = 0
+    p_value: float  # two-sided sign-flip permutation test of mean difference = 0
     expect: str = "greater"
     margin: float = 0.0
     alpha: float = 0.05
-    exact: bool = True       # p-value enumerated over all sign patterns (else random flips)
+    exact: bool = True  # p-value enumerated over all sign patterns (else random flips)
 
     def summary(self) -> str:
         ci = f"{100 * self.ci_low:+.1f} to {100 * self.ci_high:+.1f}"
         kind = "exact" if self.exact else f"{RANDOM_FLIPS} flips"
-        return (f"{self.status}: effect {100 * self.effect:+.1f} pp (CI {ci}), d_z {self.effect_size:+.2f}, "
-                f"p {self.p_value:.3g} ({kind}), n {self.n_pairs}; expected {self.expect}"
-                + (f" with margin {100 * self.margin:.1f} pp" if self.margin else ""))
+        return (
+            f"{self.status}: effect {100 * self.effect:+.1f} pp (CI {ci}), d_z {self.effect_size:+.2f}, "
+            f"p {self.p_value:.3g} ({kind}), n {self.n_pairs}; expected {self.expect}"
+            + (f" with margin {100 * self.margin:.1f} pp" if self.margin else "")
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _finite_or_none(v) for k, v in asdict(self).items()}
@@ -68,13 +70,17 @@ def _finite_or_none(v):
 
 # --- the statistics ----------------------------------------------------------------------------------------
 
-def paired_differences(a: Mapping[Key, float], b: Mapping[Key, float], *, allow_missing: bool = False
-                       ) -> tuple[list[Key], np.ndarray]:
+
+def paired_differences(
+    a: Mapping[Key, float], b: Mapping[Key, float], *, allow_missing: bool = False
+) -> tuple[list[Key], np.ndarray]:
     """(sorted common keys, a - b on them). Keys present on one side only are an error naming them."""
     only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     if (only_a or only_b) and not allow_missing:
-        raise ClaimsError(f"unpaired (task, seed) keys: {len(only_a)} only in a {only_a[:10]}, "
-                          f"{len(only_b)} only in b {only_b[:10]} (pass allow_missing=True to pair the common keys)")
+        raise ClaimsError(
+            f"unpaired (task, seed) keys: {len(only_a)} only in a {only_a[:10]}, "
+            f"{len(only_b)} only in b {only_b[:10]} (pass allow_missing=True to pair the common keys)"
+        )
     keys = sorted(set(a) & set(b))
     if not keys:
         raise ClaimsError("no (task, seed) pair is present in both score sets")
@@ -92,9 +98,9 @@ def sign_flip_p_value(d: np.ndarray, *, seed: int = 0) -> tuple[float, bool]:
         return 1.0, n <= EXACT_MAX_PAIRS
     if n <= EXACT_MAX_PAIRS:
         # meet in the middle: every signed sum is a left half's plus a right half's (2 x 2^10 sums, not 2^20)
-        left, right = signed_sums(d[: n // 2]), np.sort(signed_sums(d[n // 2:]))
-        high = len(right) - np.searchsorted(right, threshold - left, side="left")    # sum >= threshold
-        low = np.searchsorted(right, -threshold - left, side="right")                # sum <= -threshold
+        left, right = signed_sums(d[: n // 2]), np.sort(signed_sums(d[n // 2 :]))
+        high = len(right) - np.searchsorted(right, threshold - left, side="left")  # sum >= threshold
+        low = np.searchsorted(right, -threshold - left, side="right")  # sum <= -threshold
         return float((high + low).sum()) / float(1 << n), True
     rng = np.random.default_rng(seed)
     signs = rng.choice(np.array([-1.0, 1.0]), size=(RANDOM_FLIPS, n))
@@ -110,8 +116,9 @@ def signed_sums(x: np.ndarray) -> np.ndarray:
     return sums
 
 
-def bootstrap_ci(d: np.ndarray, *, level: float = 0.95, seed: int = 0,
-                 resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+def bootstrap_ci(
+    d: np.ndarray, *, level: float = 0.95, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
+) -> tuple[float, float]:
     """Percentile CI of the mean from `resamples` resamples of the pairs with replacement."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(d), size=(resamples, len(d)))
@@ -159,8 +166,16 @@ def _check_expect(expect: str, margin: float, where: str) -> None:
         raise ClaimsError(f"{where}: expect 'equal' is an equivalence test and needs margin > 0")
 
 
-def paired_verdict(a: Mapping[Key, float], b: Mapping[Key, float], *, expect: str, margin: float = 0.0,
-                   alpha: float = 0.05, seed: int = 0, allow_missing: bool = False) -> Verdict:
+def paired_verdict(
+    a: Mapping[Key, float],
+    b: Mapping[Key, float],
+    *,
+    expect: str,
+    margin: float = 0.0,
+    alpha: float = 0.05,
+    seed: int = 0,
+    allow_missing: bool = False,
+) -> Verdict:
     """Compare row a with row b on their (task, seed) pairs; `margin` in accuracy units (0.01 = 1 point)."""
     _check_expect(expect, margin, "paired_verdict")
     if not 0 < alpha < 1:
@@ -168,16 +183,27 @@ def paired_verdict(a: Mapping[Key, float], b: Mapping[Key, float], *, expect: st
     _, d = paired_differences(a, b, allow_missing=allow_missing)
     ci_low, ci_high = bootstrap_ci(d, level=1 - alpha, seed=seed)
     p, exact = sign_flip_p_value(d, seed=seed)
-    return Verdict(status=decide(expect, ci_low, ci_high, p, margin, alpha), effect=float(d.mean()),
-                   ci_low=ci_low, ci_high=ci_high, effect_size=cohens_dz(d), n_pairs=len(d), p_value=p,
-                   expect=expect, margin=float(margin), alpha=alpha, exact=exact)
+    return Verdict(
+        status=decide(expect, ci_low, ci_high, p, margin, alpha),
+        effect=float(d.mean()),
+        ci_low=ci_low,
+        ci_high=ci_high,
+        effect_size=cohens_dz(d),
+        n_pairs=len(d),
+        p_value=p,
+        expect=expect,
+        margin=float(margin),
+        alpha=alpha,
+        exact=exact,
+    )
 
 
 # --- claims ------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Comparison:
-    a: str                   # result row labels, e.g. "Poly (full)"
+    a: str  # result row labels, e.g. "Poly (full)"
     b: str
     expect: str = "greater"
     margin: float = 0.0
@@ -193,24 +219,32 @@ class ClaimSpec:
 @dataclass(frozen=True)
 class ComparisonVerdict:
     comparison: Comparison
-    status: str                    # reproduced | contradicted | inconclusive | missing | untestable
+    status: str  # reproduced | contradicted | inconclusive | missing | untestable
     verdict: Verdict | None = None
-    detail: str = ""               # why a comparison is missing or untestable
+    detail: str = ""  # why a comparison is missing or untestable
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self.comparison), "status": self.status,
-                "verdict": self.verdict.to_dict() if self.verdict else None, "detail": self.detail}
+        return {
+            **asdict(self.comparison),
+            "status": self.status,
+            "verdict": self.verdict.to_dict() if self.verdict else None,
+            "detail": self.detail,
+        }
 
 
 @dataclass(frozen=True)
 class ClaimVerdict:
     claim: ClaimSpec
-    status: str                    # reproduced | contradicted | mixed | inconclusive | untestable | missing
+    status: str  # reproduced | contradicted | mixed | inconclusive | untestable | missing
     comparisons: list[ComparisonVerdict]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.claim.id, "text": self.claim.text, "status": self.status,
-                "comparisons": [c.to_dict() for c in self.comparisons]}
+        return {
+            "id": self.claim.id,
+            "text": self.claim.text,
+            "status": self.status,
+            "comparisons": [c.to_dict() for c in self.comparisons],
+        }
 
 
 _CLAIM_KEYS = {"id", "text", "comparisons"}
@@ -274,9 +308,15 @@ def claim_status(statuses: Sequence[str]) -> str:
     return "inconclusive"
 
 
-def evaluate_claims(scores: Mapping[str, Mapping[Key, float]], claims: Sequence[ClaimSpec], *, alpha: float = 0.05,
-                    seed: int = 0, allow_missing: bool = False,
-                    untestable: Mapping[str, str] | None = None) -> list[ClaimVerdict]:
+def evaluate_claims(
+    scores: Mapping[str, Mapping[Key, float]],
+    claims: Sequence[ClaimSpec],
+    *,
+    alpha: float = 0.05,
+    seed: int = 0,
+    allow_missing: bool = False,
+    untestable: Mapping[str, str] | None = None,
+) -> list[ClaimVerdict]:
     """One verdict per claim. A comparison whose row is absent from `scores`, or whose rows do not pair up
     (unless allow_missing), is reported as 'missing' with the reason, never dropped. A comparison involving a
     row of `untestable` (row name -> reason, e.g. its method did not train) is 'untestable': its numbers are
@@ -292,8 +332,15 @@ def evaluate_claims(scores: Mapping[str, Mapping[Key, float]], claims: Sequence[
                 continue
             blocked = [f"{row}: {untestable[row]}" for row in (comp.a, comp.b) if row in untestable]
             try:
-                v = paired_verdict(scores[comp.a], scores[comp.b], expect=comp.expect, margin=comp.margin,
-                                   alpha=alpha, seed=seed, allow_missing=allow_missing)
+                v = paired_verdict(
+                    scores[comp.a],
+                    scores[comp.b],
+                    expect=comp.expect,
+                    margin=comp.margin,
+                    alpha=alpha,
+                    seed=seed,
+                    allow_missing=allow_missing,
+                )
             except ClaimsError as err:
                 verdicts.append(ComparisonVerdict(comp, "missing", None, str(err)))
                 continue
@@ -314,20 +361,27 @@ def claims_markdown(verdicts: Sequence[ClaimVerdict]) -> str:
     """A claim table and a comparison table (differences in accuracy points)."""
     lines = ["| Claim | Status | Statement |", "|---|---|---|"]
     lines += [f"| {v.claim.id} | **{v.status}** | {v.claim.text} |" for v in verdicts]
-    lines += ["", "| Claim | Comparison | Margin (pp) | Effect (pp) | CI (pp) | d_z | p | n | Status |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| Claim | Comparison | Margin (pp) | Effect (pp) | CI (pp) | d_z | p | n | Status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for v in verdicts:
         for c in v.comparisons:
             comp = c.comparison
             what = f"{comp.a} {_SYMBOL[comp.expect]} {comp.b}"
             if c.verdict is None:
-                lines.append(f"| {v.claim.id} | {what} | {100 * comp.margin:.1f} | — | — | — | — | 0 | "
-                             f"missing: {c.detail.replace('|', '/')} |")
+                lines.append(
+                    f"| {v.claim.id} | {what} | {100 * comp.margin:.1f} | — | — | — | — | 0 | "
+                    f"missing: {c.detail.replace('|', '/')} |"
+                )
                 continue
             r = c.verdict
-            lines.append(f"| {v.claim.id} | {what} | {100 * comp.margin:.1f} | {100 * r.effect:+.1f} | "
-                         f"[{100 * r.ci_low:+.1f}, {100 * r.ci_high:+.1f}] | {r.effect_size:+.2f} | {r.p_value:.3g} | "
-                         f"{r.n_pairs} | {c.status}" + (f" ({c.detail.replace('|', '/')})" if c.detail else "") + " |")
+            lines.append(
+                f"| {v.claim.id} | {what} | {100 * comp.margin:.1f} | {100 * r.effect:+.1f} | "
+                f"[{100 * r.ci_low:+.1f}, {100 * r.ci_high:+.1f}] | {r.effect_size:+.2f} | {r.p_value:.3g} | "
+                f"{r.n_pairs} | {c.status}" + (f" ({c.detail.replace('|', '/')})" if c.detail else "") + " |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -25,24 +25,27 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Recovery:
-    score: float                     # Spearman(learned task similarity, true task similarity), upper triangles
-    null_mean: float                 # mean score under random relabelling of the truth's tasks
-    p_value: float                   # P(null >= score), (1 + hits) / (1 + n_perm)
-    matching: float                  # mean over skills of corr(skill column, its assigned feature column)
-    assignment: tuple[int, ...]      # feature index per skill (-1: none left when F < skills)
+    score: float  # Spearman(learned task similarity, true task similarity), upper triangles
+    null_mean: float  # mean score under random relabelling of the truth's tasks
+    p_value: float  # P(null >= score), (1 + hits) / (1 + n_perm)
+    matching: float  # mean over skills of corr(skill column, its assigned feature column)
+    assignment: tuple[int, ...]  # feature index per skill (-1: none left when F < skills)
     skill_correlations: tuple[float, ...]
     n_tasks: int
     n_perm: int
 
     def summary(self) -> str:
-        return (f"routing recovery: score {self.score:+.3f} (null mean {self.null_mean:+.3f}, p {self.p_value:.3g}, "
-                f"{self.n_tasks} tasks), skill matching {self.matching:+.3f}")
+        return (
+            f"routing recovery: score {self.score:+.3f} (null mean {self.null_mean:+.3f}, p {self.p_value:.3g}, "
+            f"{self.n_tasks} tasks), skill matching {self.matching:+.3f}"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # --- pieces ------------------------------------------------------------------------------------------------
+
 
 def cosine_similarity(rows: np.ndarray, what: str) -> np.ndarray:
     norms = np.linalg.norm(rows, axis=1)
@@ -80,10 +83,10 @@ def max_assignment(gain: np.ndarray) -> np.ndarray:
     n, m = gain.shape
     if n > m:
         raise ValueError(f"max_assignment needs rows <= columns, got {gain.shape}")
-    cost = gain.max() - gain if gain.size else gain          # minimise cost = maximise gain
+    cost = gain.max() - gain if gain.size else gain  # minimise cost = maximise gain
     inf = float("inf")
     u, v = np.zeros(n + 1), np.zeros(m + 1)
-    owner = np.zeros(m + 1, dtype=np.int64)                  # owner[j] = row (1-based) holding column j; 0 free
+    owner = np.zeros(m + 1, dtype=np.int64)  # owner[j] = row (1-based) holding column j; 0 free
     way = np.zeros(m + 1, dtype=np.int64)
     for i in range(1, n + 1):
         owner[0], j0 = i, 0
@@ -143,6 +146,7 @@ def _check(learned: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 # --- the metric --------------------------------------------------------------------------------------------
 
+
 def routing_recovery(learned: np.ndarray, truth: np.ndarray, *, n_perm: int = 1000, seed: int = 0) -> Recovery:
     learned, truth = _check(learned, truth)
     n = learned.shape[0]
@@ -153,7 +157,7 @@ def routing_recovery(learned: np.ndarray, truth: np.ndarray, *, n_perm: int = 10
         raise ValueError("truth: every pair of tasks is equally similar, so there is no structure to recover")
     score = spearman(sim_learned, sim_truth_full[upper])
     if not np.isfinite(score):
-        score = 0.0   # constant learned similarities (e.g. uniform routing) carry no structure
+        score = 0.0  # constant learned similarities (e.g. uniform routing) carry no structure
     rng = np.random.default_rng(seed)
     null = np.empty(n_perm)
     for i in range(n_perm):
@@ -165,19 +169,32 @@ def routing_recovery(learned: np.ndarray, truth: np.ndarray, *, n_perm: int = 10
     skills, features = corr.shape
     if skills <= features:
         assignment = max_assignment(corr)
-    else:   # assign the features to skills instead; the skills left over get no feature
+    else:  # assign the features to skills instead; the skills left over get no feature
         by_feature = max_assignment(corr.T)
         assignment = np.full(skills, -1, dtype=np.int64)
         assignment[by_feature] = np.arange(features)
     per_skill = np.array([corr[s, f] if f >= 0 else 0.0 for s, f in enumerate(assignment)])
-    return Recovery(score=float(score), null_mean=float(null.mean()) if n_perm else float("nan"),
-                    p_value=float(p_value), matching=float(per_skill.mean()),
-                    assignment=tuple(int(f) for f in assignment), skill_correlations=tuple(map(float, per_skill)),
-                    n_tasks=n, n_perm=n_perm)
+    return Recovery(
+        score=float(score),
+        null_mean=float(null.mean()) if n_perm else float("nan"),
+        p_value=float(p_value),
+        matching=float(per_skill.mean()),
+        assignment=tuple(int(f) for f in assignment),
+        skill_correlations=tuple(map(float, per_skill)),
+        n_tasks=n,
+        n_perm=n_perm,
+    )
 
 
-def plot_recovery(learned: np.ndarray, truth: np.ndarray, task_names: Sequence[str], skill_names: Sequence[str],
-                  path: str | os.PathLike, recovery: Recovery | None = None, title: str = "") -> Path:
+def plot_recovery(
+    learned: np.ndarray,
+    truth: np.ndarray,
+    task_names: Sequence[str],
+    skill_names: Sequence[str],
+    path: str | os.PathLike,
+    recovery: Recovery | None = None,
+    title: str = "",
+) -> Path:
     """Truth (tasks x skills) next to the learned routing (tasks x features), the features reordered so that
     each skill's matched feature sits under it and the unmatched features follow. Written atomically."""
     import matplotlib
@@ -191,8 +208,12 @@ def plot_recovery(learned: np.ndarray, truth: np.ndarray, task_names: Sequence[s
     order = matched + [f for f in range(learned.shape[1]) if f not in set(matched)]
     path = Path(path)
     height = max(3.0, min(0.3 * len(task_names) + 1.5, 20))
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 0.35 * (truth.shape[1] + min(learned.shape[1], 40)), height),
-                             gridspec_kw={"width_ratios": [max(truth.shape[1], 1), max(min(learned.shape[1], 40), 1)]})
+    fig, axes = plt.subplots(
+        1,
+        2,
+        figsize=(4 + 0.35 * (truth.shape[1] + min(learned.shape[1], 40)), height),
+        gridspec_kw={"width_ratios": [max(truth.shape[1], 1), max(min(learned.shape[1], 40), 1)]},
+    )
     axes[0].imshow(truth, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
     axes[0].set_title("ground truth", fontsize="small")
     axes[0].set_xticks(range(truth.shape[1]))

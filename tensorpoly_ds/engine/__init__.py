@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"RunConfig": "config", "RunConfigError": "config", "load_run_config": "config",
-            "save_run_config": "config", "REQUEUE_EXIT_CODE": "stop", "TrainHooks": "trainer",
-            "TrainResult": "trainer", "train": "trainer"}
+_EXPORTS = {
+    "RunConfig": "config",
+    "RunConfigError": "config",
+    "load_run_config": "config",
+    "save_run_config": "config",
+    "REQUEUE_EXIT_CODE": "stop",
+    "TrainHooks": "trainer",
+    "TrainResult": "trainer",
+    "train": "trainer",
+}
 
 __all__ = sorted(_EXPORTS)
 

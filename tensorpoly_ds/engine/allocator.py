@@ -18,7 +18,7 @@ import ctypes
 import os
 import platform
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # mallopt parameter numbers (glibc malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (glibc malloc.h)
 # environment variable glibc reads -> (mallopt parameter, value in bytes)
 SETTINGS: dict[str, tuple[int, int]] = {
     "MALLOC_MMAP_THRESHOLD_": (M_MMAP_THRESHOLD, 1 << 20),

@@ -41,11 +41,11 @@ log = get_logger("tensorpoly-ds")
 MARKER = "COMPLETE.json"
 META = "meta.json"
 TAG_RE = re.compile(r"^step_(\d+)$")
-UNIVERSAL_SUFFIX = "_universal"   # a tag's universal-checkpoint sibling (elastic.py)
+UNIVERSAL_SUFFIX = "_universal"  # a tag's universal-checkpoint sibling (elastic.py)
 
 
 HASH = "sha256"
-BLOCK = 1 << 20   # hashing streams 1 MiB blocks: constant memory whatever the file size
+BLOCK = 1 << 20  # hashing streams 1 MiB blocks: constant memory whatever the file size
 
 
 def tag_for(step: int) -> str:
@@ -55,9 +55,11 @@ def tag_for(step: int) -> str:
 # ---- RNG ---------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
-    state = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-             "torch": torch.get_rng_state().tolist()}
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
@@ -86,8 +88,11 @@ def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _files(tag_dir: Path) -> dict[str, int]:
-    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-            if p.is_file() and p.name != MARKER and not p.name.startswith(".")}
+    return {
+        str(p.relative_to(tag_dir)): p.stat().st_size
+        for p in sorted(tag_dir.rglob("*"))
+        if p.is_file() and p.name != MARKER and not p.name.startswith(".")
+    }
 
 
 def file_digest(path: Path) -> str:
@@ -154,18 +159,22 @@ def verify_tag(tag_dir: Path, content: bool = True) -> str | None:
         return why
     marker = read_marker(tag_dir)
     expected = marker.get(HASH)
-    if expected is None:   # written before checksums existed: sizes are all there is to check
+    if expected is None:  # written before checksums existed: sizes are all there is to check
         _warn(f"checkpoint {tag_dir} has no content checksums (older format): only sizes verified")
         return None
     sizes = {n: marker["files"].get(n, 0) for n in expected}
-    if dist.rank() == 0 and sum(sizes.values()) > 1 << 30:   # seconds to minutes: say what is happening
-        log.info(f"verifying the checksums of {tag_dir.name} ({sum(sizes.values()) / 1e9:.1f} GB, "
-                 f"{dist.world_size()} rank(s) sharing the work)")
+    if dist.rank() == 0 and sum(sizes.values()) > 1 << 30:  # seconds to minutes: say what is happening
+        log.info(
+            f"verifying the checksums of {tag_dir.name} ({sum(sizes.values()) / 1e9:.1f} GB, "
+            f"{dist.world_size()} rank(s) sharing the work)"
+        )
     actual = _digests(tag_dir, sizes)
     for name in sorted(expected):
         if actual.get(name) != expected[name]:
-            return (f"file {name}: content differs from the checksum in {MARKER} "
-                    f"({HASH} {actual.get(name, '?')[:12]}..., {expected[name][:12]}... expected; corrupted on disk?)")
+            return (
+                f"file {name}: content differs from the checksum in {MARKER} "
+                f"({HASH} {actual.get(name, '?')[:12]}..., {expected[name][:12]}... expected; corrupted on disk?)"
+            )
     return None
 
 
@@ -184,15 +193,17 @@ def unreadable_file(tag_dir: Path) -> str | None:
 
 
 def _warn(message: str) -> None:
-    if dist.rank() == 0:   # the same verdict on every rank: say it once
+    if dist.rank() == 0:  # the same verdict on every rank: say it once
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _explain_unusable(ckpt_dir: Path, problems: list[tuple[Path, str]]) -> CheckpointError:
     lines = "\n".join(f"  {tag.name}: {why}" for tag, why in problems)
-    return CheckpointError(f"{ckpt_dir}: no usable checkpoint (resume auto):\n{lines}\n"
-                           "Refusing to start over silently: fix or remove them, resume from an explicit tag, "
-                           "or start afresh with --resume none.")
+    return CheckpointError(
+        f"{ckpt_dir}: no usable checkpoint (resume auto):\n{lines}\n"
+        "Refusing to start over silently: fix or remove them, resume from an explicit tag, "
+        "or start afresh with --resume none."
+    )
 
 
 def precheck(ckpt_dir: Path, resume: str) -> None:
@@ -233,8 +244,9 @@ def find_resumable(ckpt_dir: Path, skip: set[Path] = frozenset(), problems: list
     return None
 
 
-def resume(engine, ckpt_dir: Path, resume_from: str, check: Callable[[dict, Path], None] | None = None,
-           **load_kwargs) -> dict[str, Any] | None:
+def resume(
+    engine, ckpt_dir: Path, resume_from: str, check: Callable[[dict, Path], None] | None = None, **load_kwargs
+) -> dict[str, Any] | None:
     """Collective. Restore from `resume_from` ("auto" or a tag directory); returns the tag's meta (with
     "tag") or None for a fresh start. `check(meta, tag_dir)` may refuse a tag (CheckpointError, not a
     fallback: an incompatible run is a configuration error). A tag DeepSpeed fails to read is a named
@@ -309,15 +321,16 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], keep: int) -> 
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     rank = dist.rank()
-    if rank == 0 and tag_dir.exists():   # an older incomplete attempt at the same step
+    if rank == 0 and tag_dir.exists():  # an older incomplete attempt at the same step
         shutil.rmtree(tag_dir)
     dist.barrier()
     client_state = {"tpds": meta}
     # Frozen parameters (the backbone of an adapter run) are not saved: they are rebuilt from the model config
     # on resume, so a checkpoint holds the trained tensors and their optimizer state only. FullFT has none.
     with _every_frozen_name_excluded(engine):
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True,
-                               exclude_frozen_parameters=True)
+        engine.save_checkpoint(
+            str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True, exclude_frozen_parameters=True
+        )
     tag_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(tag_dir / f"rng_rank{rank}.json", json.dumps(rng_state()))
     if rank == 0:
@@ -374,8 +387,10 @@ def load_module_state(state: dict[str, torch.Tensor], module: torch.nn.Module, t
     frozen = _frozen_names(module)
     missing = [k for k in result.missing_keys if k not in frozen]
     if missing or result.unexpected_keys:
-        raise CheckpointError(f"{tag_dir}: the checkpoint's module state does not match the model: missing "
-                              f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise CheckpointError(
+            f"{tag_dir}: the checkpoint's module state does not match the model: missing "
+            f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
 
 
 def load(engine, tag_dir: Path, *, load_optimizer: bool = True, rng_seed: int = 0) -> dict[str, Any]:
@@ -391,10 +406,13 @@ def load(engine, tag_dir: Path, *, load_optimizer: bool = True, rng_seed: int = 
         universal = elastic.ensure_universal(tag_dir, int(meta["step"]))
     source = universal or tag_dir
     with elastic.universal_loading(engine) if universal else contextlib.nullcontext():
-        path, client = engine.load_checkpoint(str(source.parent), tag=source.name,
-                                              load_optimizer_states=load_optimizer,
-                                              load_lr_scheduler_states=load_optimizer,
-                                              custom_load_fn=lambda src, dst: load_module_state(src, dst, tag_dir))
+        path, client = engine.load_checkpoint(
+            str(source.parent),
+            tag=source.name,
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer,
+            custom_load_fn=lambda src, dst: load_module_state(src, dst, tag_dir),
+        )
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {source}")
     if universal:

@@ -40,64 +40,64 @@ class ModelSection:
     # A tensorpoly_ds.models architecture name ("tiny", "t0-3b", "t0-11b": built from a config with random
     # weights, vocab from the data manifest) or any Hugging Face seq2seq name or local path (pretrained).
     name_or_path: str = "tiny"
-    vocab_size: int | None = None            # default: the manifest's tokenizer.vocab_size (architectures only)
-    arch_overrides: dict = field(default_factory=dict)   # extra T5Config fields for architecture names
-    dtype: str = "auto"                      # weights dtype: auto (= deepspeed.precision), fp32, bf16
+    vocab_size: int | None = None  # default: the manifest's tokenizer.vocab_size (architectures only)
+    arch_overrides: dict = field(default_factory=dict)  # extra T5Config fields for architecture names
+    dtype: str = "auto"  # weights dtype: auto (= deepspeed.precision), fp32, bf16
 
 
 @dataclass
 class DataSection:
-    dir: str = ""                            # prepared data directory (docs/design.md)
-    max_input_len: int | None = None         # further truncation (None: as prepared)
+    dir: str = ""  # prepared data directory (docs/design.md)
+    max_input_len: int | None = None  # further truncation (None: as prepared)
     max_target_len: int | None = None
-    eval_micro_batch: int | None = None      # default: train.micro_batch * 2
-    val_max_samples: int | None = None       # cap the validation rows (None: all of DIR/val)
+    eval_micro_batch: int | None = None  # default: train.micro_batch * 2
+    val_max_samples: int | None = None  # cap the validation rows (None: all of DIR/val)
     # Which rows share a step (engine/data.py). random: as drawn (the order every published result used).
     # length_grouped: rows of similar length share a step, each row still once per epoch (less padding).
     batching: str = "random"
-    group_size: int = 4                      # length_grouped: global batches sorted together (docs/pretrain.md)
+    group_size: int = 4  # length_grouped: global batches sorted together (docs/pretrain.md)
 
 
 @dataclass
 class OptimSection:
-    name: str = "adafactor"                  # adafactor | adamw
-    lr: float = 3e-4                         # base lr: every trainable param of a full fine-tune
-    module_lr: float = 1e-3                  # adapter modules (LoRA/TLoRA/... parameters)
-    routing_lr: float = 0.1                  # routing logits
+    name: str = "adafactor"  # adafactor | adamw
+    lr: float = 3e-4  # base lr: every trainable param of a full fine-tune
+    module_lr: float = 1e-3  # adapter modules (LoRA/TLoRA/... parameters)
+    routing_lr: float = 0.1  # routing logits
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
-    schedule: str = "linear"                 # linear (warmup then linear decay to 0) | constant (after warmup)
-    clip: float = 1.0                        # global grad-norm clip; 0 disables
-    betas: list = field(default_factory=lambda: [0.9, 0.999])   # adamw
-    eps: float = 1e-8                        # adamw
+    schedule: str = "linear"  # linear (warmup then linear decay to 0) | constant (after warmup)
+    clip: float = 1.0  # global grad-norm clip; 0 disables
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = 1e-8  # adamw
 
 
 @dataclass
 class TrainSection:
-    steps: int = 100_000                     # optimizer steps
-    micro_batch: int = 8                     # per rank per forward pass
+    steps: int = 100_000  # optimizer steps
+    micro_batch: int = 8  # per rank per forward pass
     grad_accum: int = 2
-    eval_every: int = 20_000                 # 0: never (except at the end)
-    save_every: int = 20_000                 # 0: only at the end / on signals
+    eval_every: int = 20_000  # 0: never (except at the end)
+    save_every: int = 20_000  # 0: only at the end / on signals
     log_every: int = 10
     seed: int = 42
-    max_minutes: float = 0.0                 # wall budget; 0: none. On expiry: checkpoint, exit 124 (requeue)
+    max_minutes: float = 0.0  # wall budget; 0: none. On expiry: checkpoint, exit 124 (requeue)
     gradient_checkpointing: bool = False
     # TLoRA / TensorPoly-I/II: rebuild the Kronecker factors in backward instead of keeping their intermediates
     # (saves ~2.2 GB at T0-3B with one task per batch, ~2.2 GB with eight; costs a second factor build)
     recompute_adapter_factors: bool = True
-    full_finetune: bool = False              # FullFT baseline: no adapters, every parameter trainable
+    full_finetune: bool = False  # FullFT baseline: no adapters, every parameter trainable
     keep_checkpoints: int = 2
-    save_checkpoints: bool = True            # False: no checkpoints at all (short adaptation jobs)
+    save_checkpoints: bool = True  # False: no checkpoints at all (short adaptation jobs)
     export_at_end: bool = True
     eval_at_end: bool = True
-    heatmap_max_layers: int = 8              # routing heatmaps per eval (evenly spaced routing tables)
+    heatmap_max_layers: int = 8  # routing heatmaps per eval (evenly spaced routing tables)
     progress_bar: bool = True
     # Gradient alignment between tasks (MHR paper, Fig. 3 left; docs/pretrain.md): every N steps, the cosine
     # similarity of per-task adapter gradients on fixed probe batches. 0 = off.
     grad_alignment_every: int = 0
-    grad_alignment_tasks: list = field(default_factory=list)   # task names; [] = up to 8, evenly spaced
-    grad_alignment_rows: int = 8             # rows per task in its probe batch (its first rows in DIR/train)
+    grad_alignment_tasks: list = field(default_factory=list)  # task names; [] = up to 8, evenly spaced
+    grad_alignment_rows: int = 8  # rows per task in its probe batch (its first rows in DIR/train)
     # Adapter health every step (docs/adapters.md "Adapter health"): train/delta_ratio/* (|delta W x| / |W0 x|)
     # and train/adapter_grad_norm/{modules,routing}, all-reduced over ranks. Changes no number of the run.
     adapter_health: bool = True
@@ -105,16 +105,16 @@ class TrainSection:
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: int = 2                      # 0, 1, 2, 3
-    offload_optimizer: bool = False          # ZeRO-Offload of optimizer states to CPU (stage >= 1)
-    offload_param: bool = False              # parameters to CPU (stage 3 only)
+    zero_stage: int = 2  # 0, 1, 2, 3
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (stage >= 1)
+    offload_param: bool = False  # parameters to CPU (stage 3 only)
     # bf16: DeepSpeed bf16 (bf16 weights, fp32 master copy; the optimizer sees flattened partitions)
     # bf16_autocast: fp32 weights, forward under torch.autocast(bfloat16) (DeepSpeed "torch_autocast"); with
     #   zero_stage 0 the optimizer sees the real parameter shapes (Adafactor factoring as in the reference)
     # fp32: CPU runs and tests.   fp16 is refused: T5 overflows in fp16.
     precision: str = "bf16"
-    template: str | None = None              # a JSON template; default ds_configs/zero<stage>[_offload].json
-    overrides: dict = field(default_factory=dict)   # merged into the filled config last
+    template: str | None = None  # a JSON template; default ds_configs/zero<stage>[_offload].json
+    overrides: dict = field(default_factory=dict)  # merged into the filled config last
 
 
 @dataclass
@@ -136,15 +136,22 @@ class RunConfig:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = None if value is None else (value.to_dict() if isinstance(value, AdapterConfig)
-                                                      else dataclasses.asdict(value))
+            out[f.name] = (
+                None
+                if value is None
+                else (value.to_dict() if isinstance(value, AdapterConfig) else dataclasses.asdict(value))
+            )
         return out
 
     def fingerprint(self) -> str:
         """Hash of what must not change across a resume (model section, adapter, training mode, optimizer
         kind). The data directory may move; the data position checks the training split's size."""
-        body = {"model": dataclasses.asdict(self.model), "adapter": self.to_dict()["adapter"],
-                "full_finetune": self.train.full_finetune, "optim": self.optim.name}
+        body = {
+            "model": dataclasses.asdict(self.model),
+            "adapter": self.to_dict()["adapter"],
+            "full_finetune": self.train.full_finetune,
+            "optim": self.optim.name,
+        }
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -166,8 +173,9 @@ def _build_adapter(data: Any, sources: dict) -> AdapterConfig | None:
             raise RunConfigError(unknown_keys_message(where, [key], known, "adapter"))
         check_value(value, hints[key], f"adapter.{key}", where, RunConfigError)
     try:
-        return AdapterConfig(**{k: (float(v) if hints[k] is float and isinstance(v, int) else v)
-                                for k, v in data.items()})
+        return AdapterConfig(
+            **{k: (float(v) if hints[k] is float and isinstance(v, int) else v) for k, v in data.items()}
+        )
     except AdapterConfigError as err:
         raise RunConfigError(f"{origin}: {err}") from None
 
@@ -176,8 +184,9 @@ def build_run_config(data: dict, sources: dict | None = None) -> RunConfig:
     sources = sources or {}
     for key in data:
         if key not in SECTIONS:
-            raise RunConfigError(f"{sources.get(key, 'defaults')}: unknown section '{key}'; valid sections: "
-                                 f"{', '.join(SECTIONS)}")
+            raise RunConfigError(
+                f"{sources.get(key, 'defaults')}: unknown section '{key}'; valid sections: {', '.join(SECTIONS)}"
+            )
     kwargs = {}
     for name, f in SECTIONS.items():
         if name not in data:
@@ -234,8 +243,11 @@ def validate(cfg: RunConfig, sources: dict) -> None:
     if d.zero_stage not in (0, 1, 2, 3):
         raise bad("deepspeed.zero_stage", "valid values: 0, 1, 2, 3")
     if d.precision == "fp16":
-        raise bad("deepspeed.precision", "fp16 is refused: T5/T0 activations overflow in fp16 (NaN losses); "
-                                         "use bf16 on GPUs that support it, fp32 otherwise")
+        raise bad(
+            "deepspeed.precision",
+            "fp16 is refused: T5/T0 activations overflow in fp16 (NaN losses); "
+            "use bf16 on GPUs that support it, fp32 otherwise",
+        )
     if d.precision not in ("bf16", "fp32", "bf16_autocast"):
         raise bad("deepspeed.precision", "valid values: bf16, bf16_autocast, fp32")
     if d.offload_param and d.zero_stage != 3:

@@ -39,6 +39,7 @@ BATCHINGS = ("random", "length_grouped")
 @dataclass
 class PreparedData:
     """The parts of a prepared directory the engine needs (manifest tasks and tokenizer, splits)."""
+
     dir: Path
     tasks: list[str]
     vocab_size: int
@@ -57,8 +58,14 @@ class PreparedData:
         except ManifestError as err:
             raise DataError(str(err)) from None
         tok = m.tokenizer
-        return cls(directory, list(m.tasks), int(tok["vocab_size"]), int(tok.get("pad_token_id", 0)),
-                   int(tok.get("eos_token_id", 1)), m.to_json())
+        return cls(
+            directory,
+            list(m.tasks),
+            int(tok["vocab_size"]),
+            int(tok.get("pad_token_id", 0)),
+            int(tok.get("eos_token_id", 1)),
+            m.to_json(),
+        )
 
     def split(self, name: str):
         """The whole split, memory-mapped (datasets.load_from_disk)."""
@@ -78,8 +85,13 @@ def truncate(ids: list[int], max_len: int | None, keep_last: int | None = None) 
     return list(ids[:max_len])
 
 
-def collate(rows: list[dict[str, Any]], max_input_len: int | None = None, max_target_len: int | None = None,
-            eos_id: int = 1, masked: list[bool] | None = None) -> dict[str, Any]:
+def collate(
+    rows: list[dict[str, Any]],
+    max_input_len: int | None = None,
+    max_target_len: int | None = None,
+    eos_id: int = 1,
+    masked: list[bool] | None = None,
+) -> dict[str, Any]:
     """Pad to the longest row: input pad 0 with attention mask; labels -100 at padding (and on rows whose
     `masked` flag is set: padding rows of evaluation batches). Other columns are passed through as lists."""
     inputs = [truncate(r["input_ids"], max_input_len) for r in rows]
@@ -93,8 +105,12 @@ def collate(rows: list[dict[str, Any]], max_input_len: int | None = None, max_ta
         attention[i, : len(x)] = 1
         if not (masked and masked[i]):
             labels[i, : len(y)] = torch.as_tensor(y, dtype=torch.long)
-    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-             "task_ids": torch.as_tensor([int(r["task_id"]) for r in rows], dtype=torch.long)}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "task_ids": torch.as_tensor([int(r["task_id"]) for r in rows], dtype=torch.long),
+    }
     for key in rows[0]:
         if key not in ("input_ids", "target_ids", "task_id") and key not in batch:
             batch[key] = [r[key] for r in rows]
@@ -113,8 +129,10 @@ def row_lengths(ds) -> np.ndarray:
     names = list(getattr(ds, "column_names", []))
     wanted = [c for c in ("input_ids", "target_ids") if c in names]
     if "input_ids" not in wanted:
-        raise DataError("length-grouped batching needs an input_ids column; the training rows have "
-                        f"{', '.join(names) or 'no named columns'}")
+        raise DataError(
+            "length-grouped batching needs an input_ids column; the training rows have "
+            f"{', '.join(names) or 'no named columns'}"
+        )
     out = np.zeros((len(ds), 2), dtype=np.int64)
     if hasattr(ds, "with_format") and hasattr(ds, "select_columns"):
         import pyarrow.compute as pc
@@ -132,9 +150,22 @@ def row_lengths(ds) -> np.ndarray:
 class TrainStream:
     """Deterministic, resumable, world-size independent stream of this rank's micro-batches."""
 
-    def __init__(self, ds, *, seed: int, micro_batch: int, grad_accum: int, rank: int = 0, world_size: int = 1,
-                 max_input_len: int | None = None, max_target_len: int | None = None, eos_id: int = 1,
-                 collate_fn: Callable | None = None, batching: str = "random", group_size: int = 4) -> None:
+    def __init__(
+        self,
+        ds,
+        *,
+        seed: int,
+        micro_batch: int,
+        grad_accum: int,
+        rank: int = 0,
+        world_size: int = 1,
+        max_input_len: int | None = None,
+        max_target_len: int | None = None,
+        eos_id: int = 1,
+        collate_fn: Callable | None = None,
+        batching: str = "random",
+        group_size: int = 4,
+    ) -> None:
         if batching not in BATCHINGS:
             raise DataError(f"batching {batching!r}: valid values: {', '.join(BATCHINGS)}")
         if group_size < 1:
@@ -147,8 +178,10 @@ class TrainStream:
         self.batching, self.group_size = batching, group_size
         self.n = len(ds)
         if self.n < self.global_batch:
-            raise DataError(f"the training split has {self.n} rows, fewer than one global batch "
-                            f"({micro_batch} x {grad_accum} x {world_size} = {self.global_batch})")
+            raise DataError(
+                f"the training split has {self.n} rows, fewer than one global batch "
+                f"({micro_batch} x {grad_accum} x {world_size} = {self.global_batch})"
+            )
         self.epoch, self.offset = 0, 0
         self._perm_epoch, self._perm = -1, None
         self._lengths: np.ndarray | None = None
@@ -180,7 +213,7 @@ class TrainStream:
             g = self.global_batch
             first = index * self.group_size
             steps = min(self.group_size, self.n // g - first)
-            rows = self.permutation(epoch)[first * g: (first + steps) * g].numpy()
+            rows = self.permutation(epoch)[first * g : (first + steps) * g].numpy()
             lengths = self.lengths()[rows]
             # last key first: input length, then target length, then the permutation's order (total order)
             order = np.lexsort((np.arange(len(rows)), lengths[:, 1], lengths[:, 0]))
@@ -192,29 +225,33 @@ class TrainStream:
     def global_step_rows(self, epoch: int, offset: int) -> list[int]:
         """The G rows of the global step starting at `offset` samples into `epoch`."""
         if self.batching == "random":
-            return self.permutation(epoch)[offset: offset + self.global_batch].tolist()
+            return self.permutation(epoch)[offset : offset + self.global_batch].tolist()
         step = offset // self.global_batch
         return self.group(epoch, step // self.group_size)[step % self.group_size].tolist()
 
     def state_dict(self) -> dict[str, Any]:
         state = {"epoch": self.epoch, "offset": self.offset, "samples_per_epoch": self.n}
-        if self.batching != "random":   # a random run's position reads as before (older checkpoints too)
+        if self.batching != "random":  # a random run's position reads as before (older checkpoints too)
             state.update(batching=self.batching, group_size=self.group_size)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state.get("samples_per_epoch", self.n)) != self.n:
-            raise DataError(f"the checkpoint's data position is for {state['samples_per_epoch']} training rows, "
-                            f"this split has {self.n}")
+            raise DataError(
+                f"the checkpoint's data position is for {state['samples_per_epoch']} training rows, "
+                f"this split has {self.n}"
+            )
         saved = (state.get("batching", "random"), int(state.get("group_size", self.group_size)))
         here = (self.batching, self.group_size)
         if saved[0] != here[0] or (here[0] != "random" and saved[1] != here[1]):
             # another order would repeat some rows of the current epoch and skip others
-            raise DataError(f"the checkpoint's data position is for data.batching={saved[0]}"
-                            + (f", data.group_size={saved[1]}" if saved[0] != "random" else "")
-                            + f"; this run has data.batching={here[0]}"
-                            + (f", data.group_size={here[1]}" if here[0] != "random" else "")
-                            + ": resume with the checkpoint's settings, or start a new run to change them")
+            raise DataError(
+                f"the checkpoint's data position is for data.batching={saved[0]}"
+                + (f", data.group_size={saved[1]}" if saved[0] != "random" else "")
+                + f"; this run has data.batching={here[0]}"
+                + (f", data.group_size={here[1]}" if here[0] != "random" else "")
+                + ": resume with the checkpoint's settings, or start a new run to change them"
+            )
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
     def step_indices(self) -> list[list[int]]:
@@ -226,21 +263,33 @@ class TrainStream:
         out = []
         for m in range(self.accum):
             start = (m * self.world + self.rank) * self.micro
-            out.append(step[start: start + self.micro])
+            out.append(step[start : start + self.micro])
         return out
 
     def next_step(self) -> list[dict[str, Any]]:
         batches = []
         for idx in self.step_indices():
             rows = _rows(self.ds, idx)
-            batches.append(self.collate_fn(rows) if self.collate_fn else
-                           collate(rows, self.max_input_len, self.max_target_len, self.eos_id))
+            batches.append(
+                self.collate_fn(rows)
+                if self.collate_fn
+                else collate(rows, self.max_input_len, self.max_target_len, self.eos_id)
+            )
         return batches
 
 
-def eval_batches(ds, *, batch_size: int, rank: int = 0, world_size: int = 1, max_rows: int | None = None,
-                 max_input_len: int | None = None, max_target_len: int | None = None, eos_id: int = 1,
-                 collate_fn: Callable | None = None) -> Iterator[dict[str, Any]]:
+def eval_batches(
+    ds,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_rows: int | None = None,
+    max_input_len: int | None = None,
+    max_target_len: int | None = None,
+    eos_id: int = 1,
+    collate_fn: Callable | None = None,
+) -> Iterator[dict[str, Any]]:
     """This rank's validation batches: rows rank, rank+world, ...; every rank yields the same number of
     batches (ZeRO-3 needs equal forward passes), the last ones padded by repeating a row with its labels
     masked out (they add nothing to loss sums or token counts)."""
@@ -249,7 +298,7 @@ def eval_batches(ds, *, batch_size: int, rank: int = 0, world_size: int = 1, max
     per_rank = -(-n // world_size)
     n_batches = -(-per_rank // batch_size) if n else 0
     for b in range(n_batches):
-        idx = mine[b * batch_size: (b + 1) * batch_size]
+        idx = mine[b * batch_size : (b + 1) * batch_size]
         masked = [False] * len(idx)
         while len(idx) < batch_size:
             idx.append(mine[0] if mine else 0)

@@ -77,11 +77,16 @@ def slurm_port(job_id: str, array_task_id: str | None = None) -> int:
 
 def detect_launcher(env: Mapping[str, str]) -> str:
     if "RANK" in env and "WORLD_SIZE" in env and env.get("ACCELERATE_USE_DEEPSPEED") == "true":
-        return "accelerate"   # `accelerate launch` with its DeepSpeed plugin (torchrun underneath)
+        return "accelerate"  # `accelerate launch` with its DeepSpeed plugin (torchrun underneath)
     if "RANK" in env and "WORLD_SIZE" in env:
         # deepspeed's launcher sets these too; torchrun adds TORCHELASTIC_RUN_ID
-        return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed" if "CROSS_RANK" in env or \
-            "DEEPSPEED_LAUNCHER" in env else "env"
+        return (
+            "torchrun"
+            if "TORCHELASTIC_RUN_ID" in env
+            else "deepspeed"
+            if "CROSS_RANK" in env or "DEEPSPEED_LAUNCHER" in env
+            else "env"
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         return "srun"
     return "python"
@@ -141,8 +146,10 @@ def accelerate_overrides(env: Mapping[str, str] | None = None) -> list[str]:
         out += [f"deepspeed.template={config_file}", f"deepspeed.zero_stage={stage}"]
     if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:
         out.append(f"deepspeed.zero_stage={int(env['ACCELERATE_DEEPSPEED_ZERO_STAGE'])}")
-    for var, key in (("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "deepspeed.offload_optimizer"),
-                     ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "deepspeed.offload_param")):
+    for var, key in (
+        ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "deepspeed.offload_optimizer"),
+        ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "deepspeed.offload_param"),
+    ):
         device = env.get(var)
         if device is None:
             continue
@@ -153,8 +160,10 @@ def accelerate_overrides(env: Mapping[str, str] | None = None) -> list[str]:
     if precision == "bf16":
         out.append("deepspeed.precision=bf16")
     elif precision != "no":
-        raise LaunchError(f"ACCELERATE_MIXED_PRECISION={precision}: T5/T0 needs bf16 or fp32 (fp16 activations "
-                          "overflow); set mixed_precision to bf16 or no in the accelerate config")
+        raise LaunchError(
+            f"ACCELERATE_MIXED_PRECISION={precision}: T5/T0 needs bf16 or fp32 (fp16 activations "
+            "overflow); set mixed_precision to bf16 or no in the accelerate config"
+        )
     if "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" in env:
         out.append(f"train.grad_accum={int(env['ACCELERATE_GRADIENT_ACCUMULATION_STEPS'])}")
     if env.get("ACCELERATE_GRADIENT_CLIPPING") not in (None, "none"):
@@ -224,7 +233,7 @@ def shutdown_distributed() -> None:
         try:
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=EXIT_BARRIER_S))
         except RuntimeError:
-            pass   # a peer is gone: nothing left to wait for
+            pass  # a peer is gone: nothing left to wait for
     dist.destroy_process_group()
 
 
@@ -233,7 +242,7 @@ EXIT_BARRIER_S = 30
 
 # ---- collectives that degrade to no-ops without a process group ---------------------------------------
 def is_dist() -> bool:
-    if "torch" not in sys.modules:   # no torch, no process group
+    if "torch" not in sys.modules:  # no torch, no process group
         return False
     import torch
 

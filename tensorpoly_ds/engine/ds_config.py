@@ -76,11 +76,14 @@ def fill_sections(deepspeed, train, optim, world_size: int) -> dict:
         if ds.get(key, "auto") == "auto":
             ds[key] = value
         elif ds[key] != value:
-            raise RunConfigError(f"{path}: '{key}' = {ds[key]!r} contradicts the run config ({value!r}); "
-                                 "use \"auto\" in the template")
+            raise RunConfigError(
+                f"{path}: '{key}' = {ds[key]!r} contradicts the run config ({value!r}); use \"auto\" in the template"
+            )
     if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") not in (False, "auto", None):
-        raise RunConfigError(f"{path}: fp16.enabled is refused for T5/T0 (activations overflow in fp16, NaN "
-                             "losses); set deepspeed.precision to bf16 (or fp32)")
+        raise RunConfigError(
+            f"{path}: fp16.enabled is refused for T5/T0 (activations overflow in fp16, NaN "
+            "losses); set deepspeed.precision to bf16 (or fp32)"
+        )
     ds["fp16"] = {"enabled": False}
     ds.setdefault("bf16", {})
     ds["bf16"]["enabled"] = d.precision == "bf16"
@@ -90,11 +93,13 @@ def fill_sections(deepspeed, train, optim, world_size: int) -> dict:
         ds.pop("torch_autocast", None)
     for key in ("optimizer", "scheduler"):
         if key in ds:
-            raise RunConfigError(f"{path}: '{key}' section found; the engine builds the optimizer and scheduler "
-                                 "itself (param groups per learning rate), remove it from the template")
+            raise RunConfigError(
+                f"{path}: '{key}' section found; the engine builds the optimizer and scheduler "
+                "itself (param groups per learning rate), remove it from the template"
+            )
     left = _find_auto(ds)
     if left:
-        raise RunConfigError(f"{path}: no run-config value fills {', '.join(left)} (\"auto\")")
+        raise RunConfigError(f'{path}: no run-config value fills {", ".join(left)} ("auto")')
     return ds
 
 

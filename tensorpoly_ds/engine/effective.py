@@ -52,8 +52,12 @@ def _master_partitions(zero_opt) -> list[torch.Tensor]:
 def describe_engine(engine, activation_dtype: str | None) -> dict[str, Any]:
     zero_opt = engine.optimizer
     inner = getattr(zero_opt, "optimizer", zero_opt)
-    state = [v for s in getattr(inner, "state", {}).values() for v in s.values()
-             if isinstance(v, torch.Tensor) and v.dim() > 0]
+    state = [
+        v
+        for s in getattr(inner, "state", {}).values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    ]
     trainable = [getattr(p, "ds_tensor", p) for p in engine.module.parameters() if p.requires_grad]
     return {
         "optimizer": type(zero_opt).__name__,
@@ -61,8 +65,10 @@ def describe_engine(engine, activation_dtype: str | None) -> dict[str, Any]:
         # stage 3 names the flag offload_optimizer, stages 1-2 cpu_offload
         "offload_optimizer": bool(getattr(zero_opt, "offload_optimizer", getattr(zero_opt, "cpu_offload", False))),
         "offload_param": bool(getattr(zero_opt, "offload_param", False)),
-        "master_weights": {"dtypes": _dtype_names(_master_partitions(zero_opt)),
-                           "devices": sorted({t.device.type for t in _master_partitions(zero_opt)})},
+        "master_weights": {
+            "dtypes": _dtype_names(_master_partitions(zero_opt)),
+            "devices": sorted({t.device.type for t in _master_partitions(zero_opt)}),
+        },
         "optimizer_state": {"dtypes": _dtype_names(state), "devices": sorted({t.device.type for t in state})},
         "param_dtypes": _dtype_names(_param_tensors(engine.module)),
         "trainable_param_dtypes": _dtype_names(trainable),

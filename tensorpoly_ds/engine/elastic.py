@@ -60,8 +60,10 @@ def batch_layout(micro: int, accum: int, world: int) -> dict[str, int]:
 
 
 def _describe(b: dict[str, Any]) -> str:
-    return (f"{b['global_batch']} (micro {b['micro_batch']} x accum {b['grad_accum']} x {b['world_size']} "
-            f"rank{'s' if b['world_size'] != 1 else ''})")
+    return (
+        f"{b['global_batch']} (micro {b['micro_batch']} x accum {b['grad_accum']} x {b['world_size']} "
+        f"rank{'s' if b['world_size'] != 1 else ''})"
+    )
 
 
 def check(meta: dict[str, Any], tag_dir: Path, *, world: int, batch: dict[str, int] | None, optimizer: str) -> None:
@@ -71,11 +73,15 @@ def check(meta: dict[str, Any], tag_dir: Path, *, world: int, batch: dict[str, i
     saved = meta.get("batch")
     if saved and batch and int(saved["global_batch"]) != batch["global_batch"]:
         need = saved["global_batch"] // world if saved["global_batch"] % world == 0 else None
-        hint = (f"on {world} rank(s) set train.micro_batch x train.grad_accum = {need}" if need else
-                f"{saved['global_batch']} is not divisible by {world} ranks: use a world size that divides it")
+        hint = (
+            f"on {world} rank(s) set train.micro_batch x train.grad_accum = {need}"
+            if need
+            else f"{saved['global_batch']} is not divisible by {world} ranks: use a world size that divides it"
+        )
         raise ckpt.CheckpointError(
             f"{tag_dir}: the checkpoint was trained with a global batch of {_describe(saved)}, this run has "
-            f"{_describe(batch)}; the global batch must stay the same across a resume: {hint}")
+            f"{_describe(batch)}; the global batch must stay the same across a resume: {hint}"
+        )
     saved_world = int(meta.get("world_size", world))
     if saved_world != world and optimizer == "adafactor" and sharded(tag_dir):
         raise ckpt.CheckpointError(
@@ -84,7 +90,8 @@ def check(meta: dict[str, Any], tag_dir: Path, *, world: int, batch: dict[str, i
             "converter and universal load know AdamW's states only (exp_avg, exp_avg_sq), not Adafactor's (no first "
             f"moment, an RMS per shard). Resume on {saved_world} rank(s), "
             f"train with optim.name=adamw, or export on {saved_world} rank(s) (--export-only) and start a new run "
-            "from the export")
+            "from the export"
+        )
 
 
 def precheck(tag_dir: Path | None, *, world: int, batch: dict[str, int] | None, optimizer: str) -> None:
@@ -94,7 +101,7 @@ def precheck(tag_dir: Path | None, *, world: int, batch: dict[str, int] | None, 
     try:
         meta = ckpt.read_meta(tag_dir)
     except (OSError, ValueError):
-        return   # the collective verification names the problem
+        return  # the collective verification names the problem
     check(meta, tag_dir, world=world, batch=batch, optimizer=optimizer)
 
 
@@ -117,8 +124,15 @@ def _convert(tag_dir: Path, tmp_root: Path) -> Path:
     out = tmp_root / universal_dir(tag_dir).name
     # one worker: no process pool forked from a process that holds a process group; inject_missing_state:
     # our modules carry no universal-checkpoint info (no tensor parallelism to describe)
-    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=str(tag_dir),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     ds_to_universal(args)
     shutil.copy2(tag_dir / ckpt.META, out / ckpt.META)
     return out
@@ -142,11 +156,11 @@ def ensure_universal(tag_dir: Path, step: int) -> Path:
     if error is not None:
         raise ckpt.CheckpointError(f"{tag_dir}: conversion to a universal checkpoint failed ({error})")
     converted = tmp_root / out.name
-    ckpt.write_marker(converted, step)   # collective: every rank hashes a share
+    ckpt.write_marker(converted, step)  # collective: every rank hashes a share
     if dist.rank() == 0:
-        shutil.rmtree(out, ignore_errors=True)   # an unusable earlier conversion
+        shutil.rmtree(out, ignore_errors=True)  # an unusable earlier conversion
         converted.rename(out)
-        shutil.rmtree(tmp_root, ignore_errors=True)   # and ds_to_universal's `latest_universal` in it
+        shutil.rmtree(tmp_root, ignore_errors=True)  # and ds_to_universal's `latest_universal` in it
     dist.barrier()
     return out
 

@@ -37,8 +37,10 @@ class GradAlignmentError(ConfigError):
 def unsupported(zero_stage: int, has_adapter: bool) -> str | None:
     """Why the probe cannot run with this setup (None when it can)."""
     if zero_stage == 3:
-        return ("the gradient-alignment probe runs on rank 0 alone, which ZeRO-3's partitioned parameters do not "
-                "allow; use zero_stage <= 2")
+        return (
+            "the gradient-alignment probe runs on rank 0 alone, which ZeRO-3's partitioned parameters do not "
+            "allow; use zero_stage <= 2"
+        )
     if not has_adapter:
         return "gradient alignment compares adapter gradients; a full fine-tune has no adapter"
     return None
@@ -50,8 +52,10 @@ def select_tasks(task_names: Sequence[str], requested: Sequence[str], limit: int
         index = {name: i for i, name in enumerate(task_names)}
         unknown = [name for name in requested if name not in index]
         if unknown:
-            raise GradAlignmentError(f"train.grad_alignment_tasks: unknown task(s) {unknown}; the run's tasks are "
-                                     f"{list(task_names)[:20]}{' ...' if len(task_names) > 20 else ''}")
+            raise GradAlignmentError(
+                f"train.grad_alignment_tasks: unknown task(s) {unknown}; the run's tasks are "
+                f"{list(task_names)[:20]}{' ...' if len(task_names) > 20 else ''}"
+            )
         ids = [index[name] for name in dict.fromkeys(requested)]
     else:
         n = min(limit, len(task_names))
@@ -69,8 +73,9 @@ def task_column(rows) -> list[int]:
     return [int(t) for t in rows[list(range(len(rows)))]["task_id"]]
 
 
-def probe_batches(rows, task_ids: Sequence[int], per_task: int, collate: Callable[[list[dict]], dict],
-                  task_names: Sequence[str]) -> list[dict[str, Any]]:
+def probe_batches(
+    rows, task_ids: Sequence[int], per_task: int, collate: Callable[[list[dict]], dict], task_names: Sequence[str]
+) -> list[dict[str, Any]]:
     """One batch per task: its first `per_task` rows in split order (fixed for the whole run)."""
     wanted = {t: [] for t in task_ids}
     for i, t in enumerate(task_column(rows)):
@@ -86,8 +91,9 @@ def probe_batches(rows, task_ids: Sequence[int], per_task: int, collate: Callabl
     return out
 
 
-def task_gradients(model: nn.Module, batches: Sequence[dict], params: Sequence[torch.Tensor],
-                   loss_fn: Callable, weight_fn: Callable) -> torch.Tensor:
+def task_gradients(
+    model: nn.Module, batches: Sequence[dict], params: Sequence[torch.Tensor], loss_fn: Callable, weight_fn: Callable
+) -> torch.Tensor:
     """[tasks, P]: each batch's gradient of loss_sum / weight (its token mean) w.r.t. `params`, flattened,
     in float32. Runs in eval mode and restores the mode and every RNG state afterwards."""
     was_training = model.training
@@ -99,8 +105,11 @@ def task_gradients(model: nn.Module, batches: Sequence[dict], params: Sequence[t
             with task_routing(batch["task_ids"]):
                 loss_sum, _ = loss_fn(model, batch)
             grads = torch.autograd.grad(loss_sum / weight_fn(batch), list(params), allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float()
-                                   for g, p in zip(grads, params)]))
+            rows.append(
+                torch.cat(
+                    [(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)]
+                )
+            )
         return torch.stack(rows)
     finally:
         model.train(was_training)
@@ -127,8 +136,16 @@ class GradAlignmentProbe:
         self.loss_fn, self.weight_fn = loss_fn, weight_fn
 
     @classmethod
-    def build(cls, rows, all_tasks: Sequence[str], requested: Sequence[str], per_task: int,
-              collate: Callable[[list[dict]], dict], loss_fn: Callable, weight_fn: Callable) -> GradAlignmentProbe:
+    def build(
+        cls,
+        rows,
+        all_tasks: Sequence[str],
+        requested: Sequence[str],
+        per_task: int,
+        collate: Callable[[list[dict]], dict],
+        loss_fn: Callable,
+        weight_fn: Callable,
+    ) -> GradAlignmentProbe:
         ids = select_tasks(all_tasks, requested)
         batches = probe_batches(rows, ids, per_task, collate, all_tasks)
         return cls(batches, [all_tasks[t] for t in ids], loss_fn, weight_fn)

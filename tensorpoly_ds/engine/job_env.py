@@ -10,7 +10,7 @@ from tpds_common.net import free_port
 
 # the source tree holding tensorpoly_ds and launch: jobs run `python -m launch.<stage>` from it
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PARENT_PID_ENV = "TPDS_PARENT_PID"   # read by launch/adapt.py: checkpoint and stop when the parent dies
+PARENT_PID_ENV = "TPDS_PARENT_PID"  # read by launch/adapt.py: checkpoint and stop when the parent dies
 
 
 def job_env(out: Path, worker: int, threads: int) -> dict[str, str]:
@@ -19,11 +19,15 @@ def job_env(out: Path, worker: int, threads: int) -> dict[str, str]:
     env["MASTER_PORT"] = str(free_port())
     # one build cache per worker slot (concurrent JIT builds clash on the lock), under $TORCH_EXTENSIONS_DIR when
     # set (reused across sweeps), else under the sweep directory
-    base = Path(os.environ["TORCH_EXTENSIONS_DIR"]) if os.environ.get("TORCH_EXTENSIONS_DIR") else out / ".torch_extensions"
+    base = (
+        Path(os.environ["TORCH_EXTENSIONS_DIR"])
+        if os.environ.get("TORCH_EXTENSIONS_DIR")
+        else out / ".torch_extensions"
+    )
     env["TORCH_EXTENSIONS_DIR"] = str(base / f"worker{worker}")
     env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID"):
-        env.pop(var, None)   # a local worker is a single process; the row comes from --row
-    env[PARENT_PID_ENV] = str(os.getpid())   # the worker stops (checkpoints) if its parent dies
+        env.pop(var, None)  # a local worker is a single process; the row comes from --row
+    env[PARENT_PID_ENV] = str(os.getpid())  # the worker stops (checkpoints) if its parent dies
     return env

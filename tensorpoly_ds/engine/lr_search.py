@@ -40,16 +40,17 @@ class LrSearchError(ConfigError):
 
 @dataclass
 class LrSearchSection:
-    module_lrs: list = field(default_factory=list)   # candidates for optim.module_lr (optim.lr for a full FT)
+    module_lrs: list = field(default_factory=list)  # candidates for optim.module_lr (optim.lr for a full FT)
     routing_lrs: list = field(default_factory=list)  # candidates for optim.routing_lr ([]: keep the run's)
-    steps: int | None = None                         # steps of each candidate run (None: the run's train.steps)
-    max_extensions: int = 2                          # edge-rule extensions per axis
+    steps: int | None = None  # steps of each candidate run (None: the run's train.steps)
+    max_extensions: int = 2  # edge-rule extensions per axis
 
     def validate(self, where: str) -> None:
         for name in ("module_lrs", "routing_lrs"):
             values = getattr(self, name)
-            if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                                   or not v > 0 for v in values):
+            if not isinstance(values, list) or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in values
+            ):
                 raise LrSearchError(f"{where}: {name} = {values!r}: a list of positive numbers")
             if len(set(values)) != len(values):
                 raise LrSearchError(f"{where}: {name} = {values!r}: duplicate values")
@@ -65,7 +66,8 @@ class LrSearchSection:
 @dataclass(frozen=True)
 class Candidate:
     """One candidate run: the run config with these learning rates, in its own run directory."""
-    lrs: tuple                      # ((optim key, value), ...), e.g. (("module_lr", 1e-3), ("routing_lr", 0.1))
+
+    lrs: tuple  # ((optim key, value), ...), e.g. (("module_lr", 1e-3), ("routing_lr", 0.1))
     run_dir: Path
     config: dict
 
@@ -102,14 +104,16 @@ def final_val_loss(run_dir: Path, missing_ok: bool = False) -> float | None:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                continue   # a line cut by a stop; the run rewrites its metrics on resume
+                continue  # a line cut by a stop; the run rewrites its metrics on resume
             if "val/loss" in rec:
                 loss = rec["val/loss"]
     if loss is None:
         if missing_ok:
             return None
-        raise LrSearchError(f"{path}: no 'val/loss' record: the candidate run did not evaluate (does its data "
-                            "directory have a val split?)")
+        raise LrSearchError(
+            f"{path}: no 'val/loss' record: the candidate run did not evaluate (does its data "
+            "directory have a val split?)"
+        )
     loss = float(loss)
     return loss if math.isfinite(loss) else math.inf
 
@@ -140,11 +144,11 @@ def beyond(values: list[float], edge: str) -> float:
 @dataclass
 class AxisResult:
     key: str
-    grid: list                     # the grid as configured
-    losses: dict                   # every value run (extensions included) -> final val loss
+    grid: list  # the grid as configured
+    losses: dict  # every value run (extensions included) -> final val loss
     chosen: float
-    extended: list                 # values added by the edge rule, in order
-    edge: str | None               # the edge the final choice still sits on (None: interior)
+    extended: list  # values added by the edge rule, in order
+    edge: str | None  # the edge the final choice still sits on (None: interior)
 
     def to_dict(self) -> dict:
         body = asdict(self)
@@ -152,8 +156,9 @@ class AxisResult:
         return body
 
 
-def search_axis(key: str, grid: list[float], evaluate: Callable[[list[float]], dict[float, float]],
-                max_extensions: int) -> AxisResult:
+def search_axis(
+    key: str, grid: list[float], evaluate: Callable[[list[float]], dict[float, float]], max_extensions: int
+) -> AxisResult:
     """Run `evaluate` on the grid, choose, and extend past an edge while the choice sits on it."""
     losses = dict(evaluate(sorted(grid)))
     extended: list[float] = []
@@ -171,11 +176,16 @@ def routed_learned(config: dict) -> bool:
     adapter = config.get("adapter") or {}
     from ..adapters import AdapterConfig
 
-    return bool(adapter) and AdapterConfig.from_dict(dict(adapter)).routed and adapter.get("routing", "learned") == "learned"
+    return (
+        bool(adapter)
+        and AdapterConfig.from_dict(dict(adapter)).routed
+        and adapter.get("routing", "learned") == "learned"
+    )
 
 
-def search(base: dict, spec: LrSearchSection, out: Path, train: Callable[[list[Candidate]], None],
-           label: str | None = None) -> dict:
+def search(
+    base: dict, spec: LrSearchSection, out: Path, train: Callable[[list[Candidate]], None], label: str | None = None
+) -> dict:
     """The whole search for one run config `base` (a dict as in a run YAML); `train(candidates)` trains the
     given unfinished candidate runs (in any order, possibly in parallel); `label` names the search in its log
     lines (`[lr-search LABEL]`). Returns (and writes) the result."""
@@ -194,8 +204,9 @@ def search(base: dict, spec: LrSearchSection, out: Path, train: Callable[[list[C
     def evaluate(key: str, values: list[float]) -> dict[float, float]:
         cands = [candidate(base, {**fixed, key: v}, spec.steps, out / "runs") for v in values]
         todo = [c for c in cands if not c.done()]
-        log.info(f"{key}: {len(cands)} candidates ({len(cands) - len(todo)} done): "
-                 + ", ".join(f"{v:g}" for v in values))
+        log.info(
+            f"{key}: {len(cands)} candidates ({len(cands) - len(todo)} done): " + ", ".join(f"{v:g}" for v in values)
+        )
         if todo:
             train(todo)
         candidates.update({c.name: c for c in cands})
@@ -208,14 +219,23 @@ def search(base: dict, spec: LrSearchSection, out: Path, train: Callable[[list[C
         axis = search_axis(key, grid, lambda values, key=key: evaluate(key, values), spec.max_extensions)
         fixed[key] = axis.chosen
         axes.append(axis)
-        log.info(f"{key}: chose {axis.chosen:g}" + (f" (extended {axis.extended})" if axis.extended else "")
-                 + (f", still at the {axis.edge} edge" if axis.edge else ""))
-        result = {"rule": "lowest final multi-task val/loss; module lr first, then routing lr; ties: smaller lr; "
-                          f"edge rule: up to {spec.max_extensions} extensions per axis",
-                  "spec": asdict(spec), "chosen": dict(fixed), "axes": [a.to_dict() for a in axes],
-                  "chosen_run": str(candidate(base, fixed, spec.steps, out / "runs").run_dir),
-                  "candidates": {name: {"run_dir": str(c.run_dir), "val_loss": _finite(final_val_loss(c.run_dir))}
-                                 for name, c in sorted(candidates.items())}}
+        log.info(
+            f"{key}: chose {axis.chosen:g}"
+            + (f" (extended {axis.extended})" if axis.extended else "")
+            + (f", still at the {axis.edge} edge" if axis.edge else "")
+        )
+        result = {
+            "rule": "lowest final multi-task val/loss; module lr first, then routing lr; ties: smaller lr; "
+            f"edge rule: up to {spec.max_extensions} extensions per axis",
+            "spec": asdict(spec),
+            "chosen": dict(fixed),
+            "axes": [a.to_dict() for a in axes],
+            "chosen_run": str(candidate(base, fixed, spec.steps, out / "runs").run_dir),
+            "candidates": {
+                name: {"run_dir": str(c.run_dir), "val_loss": _finite(final_val_loss(c.run_dir))}
+                for name, c in sorted(candidates.items())
+            },
+        }
         atomic_write_json(out / RESULT_FILE, result)
     return result
 

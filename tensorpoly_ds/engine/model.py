@@ -80,8 +80,9 @@ def hf_init_on_gathered_partitions():
         PreTrainedModel._initialize_weights = original
 
 
-def build_backbone(model_cfg: ModelSection, *, vocab_size: int | None, ds_config: dict | None = None,
-                   precision: str = "fp32") -> tuple[nn.Module, Any]:
+def build_backbone(
+    model_cfg: ModelSection, *, vocab_size: int | None, ds_config: dict | None = None, precision: str = "fp32"
+) -> tuple[nn.Module, Any]:
     """(model, keepalive). `keepalive` (the HfDeepSpeedConfig under ZeRO-3, else None) must outlive
     deepspeed.initialize."""
     dtype = _dtype(model_cfg, precision)
@@ -107,13 +108,14 @@ def build_backbone(model_cfg: ModelSection, *, vocab_size: int | None, ds_config
     if stage3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        keepalive = HfDeepSpeedConfig(ds_config)   # makes from_pretrained use zero.Init
+        keepalive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained use zero.Init
     model = AutoModelForSeq2SeqLM.from_pretrained(model_cfg.name_or_path, dtype=dtype)
     return model, keepalive
 
 
-def prepare_model(model: nn.Module, adapter: AdapterConfig | None, num_tasks: int, *, full_finetune: bool,
-                  zero_stage: int) -> nn.Module:
+def prepare_model(
+    model: nn.Module, adapter: AdapterConfig | None, num_tasks: int, *, full_finetune: bool, zero_stage: int
+) -> nn.Module:
     """Inject adapters (or unfreeze everything for a full fine-tune); register the shared routing tables
     as external parameters under ZeRO-3."""
     if full_finetune:

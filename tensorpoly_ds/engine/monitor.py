@@ -52,8 +52,10 @@ def heatmap_figure(weights: torch.Tensor, title: str, tasks: list[str] | None = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    w = weights.mean(dim=1).numpy()   # tasks x skills (heads averaged)
-    fig, ax = plt.subplots(figsize=(max(6.0, min(4 + 0.4 * w.shape[1], 14)), max(3.0, min(1.5 + 0.25 * w.shape[0], 20))))
+    w = weights.mean(dim=1).numpy()  # tasks x skills (heads averaged)
+    fig, ax = plt.subplots(
+        figsize=(max(6.0, min(4 + 0.4 * w.shape[1], 14)), max(3.0, min(1.5 + 0.25 * w.shape[0], 20)))
+    )
     im = ax.imshow(w, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("module (skill / expert)")
     ax.set_ylabel("task")
@@ -147,9 +149,19 @@ class Monitor:
             fig = alignment_figure(matrix, tasks, f"gradient cosine similarity (step {step})")
             self.writer.add_figure("grad_alignment/matrix", fig, step, close=True)
             plt.close(fig)
-        self.jsonl.write(json.dumps({"kind": "grad_alignment", "step": step, "grad_alignment/mean_offdiag": mean,
-                                     "perf/grad_alignment_s": seconds, "tasks": tasks,
-                                     "matrix": [[round(float(v), 6) for v in row] for row in matrix]}) + "\n")
+        self.jsonl.write(
+            json.dumps(
+                {
+                    "kind": "grad_alignment",
+                    "step": step,
+                    "grad_alignment/mean_offdiag": mean,
+                    "perf/grad_alignment_s": seconds,
+                    "tasks": tasks,
+                    "matrix": [[round(float(v), 6) for v in row] for row in matrix],
+                }
+            )
+            + "\n"
+        )
 
     def text(self, tag: str, text: str) -> None:
         if self.enabled and self.writer is not None:

@@ -22,10 +22,17 @@ STATUS_DIR_ENV = "TPDS_STATUS_DIR"
 
 
 def write_status(run_dir: str | os.PathLike, rank: int, status: str, **fields) -> None:
-    body = {"rank": rank, "status": status, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
-            "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
-            "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")), **fields}
+    body = {
+        "rank": rank,
+        "status": status,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "time": time.time(),
+        "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+        "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        **fields,
+    }
     for directory in filter(None, [Path(run_dir) / "status", os.environ.get(STATUS_DIR_ENV)]):
         atomic_write_text(Path(directory) / f"rank{rank}.json", json.dumps(body, indent=1))
 

@@ -35,13 +35,17 @@ class Run(Protocol):
     def done(self) -> bool: ...
 
 
-def _launch(run: Run, slot: int, threads: int, scratch: Path, command: Sequence[str]) -> tuple[subprocess.Popen, object]:
+def _launch(
+    run: Run, slot: int, threads: int, scratch: Path, command: Sequence[str]
+) -> tuple[subprocess.Popen, object]:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run.run_dir / "run.yaml"
     existing = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else None
     if existing is not None and existing != run.config:
-        raise ConfigError(f"{cfg_path} holds a different run config than this one; use another output "
-                          "directory (or delete the run directory) instead of mixing configs")
+        raise ConfigError(
+            f"{cfg_path} holds a different run config than this one; use another output "
+            "directory (or delete the run directory) instead of mixing configs"
+        )
     cfg_path.write_text(yaml.safe_dump(run.config, sort_keys=False))
     fh = open(run.run_dir / "log.txt", "a")
     cmd = [*command, "--config", str(cfg_path), "--resume", "auto"]
@@ -52,8 +56,9 @@ def _launch(run: Run, slot: int, threads: int, scratch: Path, command: Sequence[
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     else:
         env.pop("TORCH_EXTENSIONS_DIR", None)
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), env=env, start_new_session=True
+    )
     return proc, fh
 
 
@@ -69,8 +74,9 @@ def default_command() -> list[str]:
     return [sys.executable, "-m", "launch.pretrain"]
 
 
-def run_pretraining(runs: Sequence[Run], scratch: Path, workers: int, threads: int,
-                    command: Sequence[str] | None = None) -> dict[str, float]:
+def run_pretraining(
+    runs: Sequence[Run], scratch: Path, workers: int, threads: int, command: Sequence[str] | None = None
+) -> dict[str, float]:
     """Train every unfinished run, `workers` at a time with `threads` threads each; `command` is the launcher
     prefix (default: this Python, `-m launch.pretrain`). Returns wall seconds per run trained now; raises
     naming the runs that failed (their RUN_DIR/log.txt says why)."""
@@ -115,7 +121,7 @@ def _stop(procs) -> None:
     procs = list(procs)
     for p in procs:
         if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)   # the engine checkpoints on SIGTERM: the rerun resumes
+            os.killpg(p.pid, signal.SIGTERM)  # the engine checkpoints on SIGTERM: the rerun resumes
     for p in procs:
         try:
             p.wait(timeout=60)

@@ -23,7 +23,7 @@ from typing import Any
 
 from tpds_common.errors import EXIT_REQUEUE
 
-REQUEUE_EXIT_CODE = EXIT_REQUEUE   # the name the engine and its callers import
+REQUEUE_EXIT_CODE = EXIT_REQUEUE  # the name the engine and its callers import
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 ABORT_AFTER_S = 1.0
 
@@ -41,14 +41,14 @@ class StopFlag:
         for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:   # not the main thread: leave signals to the caller
+            except ValueError:  # not the main thread: leave signals to the caller
                 pass
         return bool(self._previous)
 
     def _handle(self, signum, frame) -> None:
         now = time.monotonic()
         if signum == signal.SIGINT and self.signal is not None and now - self._since >= ABORT_AFTER_S:
-            raise KeyboardInterrupt   # a deliberate second Ctrl-C: abort now, without a checkpoint
+            raise KeyboardInterrupt  # a deliberate second Ctrl-C: abort now, without a checkpoint
         if self.signal is None:
             self.signal, self._since = signum, now
 
@@ -85,8 +85,8 @@ def stop_when_parent_dies(parent_pid: int) -> None:
     if os.getppid() != parent_pid:
         try:
             os.kill(parent_pid, 0)
-            return   # alive but not our parent: a variable inherited from further up, not meant for us
-        except ProcessLookupError:   # the parent died before we got here
+            return  # alive but not our parent: a variable inherited from further up, not meant for us
+        except ProcessLookupError:  # the parent died before we got here
             os.kill(os.getpid(), signal.SIGTERM)
             return
         except PermissionError:
@@ -97,7 +97,7 @@ def stop_when_parent_dies(parent_pid: int) -> None:
         pr_set_pdeathsig = 1
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) == 0:
-            if os.getppid() != parent_pid:   # died between the check above and prctl
+            if os.getppid() != parent_pid:  # died between the check above and prctl
                 os.kill(os.getpid(), signal.SIGTERM)
             return
 

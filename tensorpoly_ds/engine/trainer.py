@@ -59,7 +59,6 @@ from .stop import REQUEUE_EXIT_CODE, STOP, StopFlag  # noqa: F401  (re-exported)
 log = get_logger("tensorpoly-ds")
 
 
-
 # ---- hooks -----------------------------------------------------------------------------------------------
 def _module(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
@@ -69,11 +68,13 @@ def lm_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict
     """Summed token NLL of the targets (labels -100 ignored). Called inside task_routing(batch task ids)."""
     labels = batch["labels"]
     dec_in = _module(model).prepare_decoder_input_ids_from_labels(labels=labels)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec_in,
-                use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec_in, use_cache=False
+    )
     logits = out.logits.float()
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss_sum, {}
 
 
@@ -89,6 +90,7 @@ class TrainHooks:
     and at the end (ZeRO-3: run the same number of forward passes on every rank), rank 0 logs the result.
     collate_fn(rows) -> batch overrides the default padding (rows are dicts of the dataset's columns).
     on_step(step, metrics) on every rank after each optimizer step."""
+
     loss_fn: Callable = lm_loss
     weight_fn: Callable = token_weight
     eval_fn: Callable | None = None
@@ -98,11 +100,11 @@ class TrainHooks:
 
 @dataclass
 class TrainResult:
-    status: str                 # "done" or "requeue"
+    status: str  # "done" or "requeue"
     step: int
     engine: Any
     run_dir: Path
-    history: list[dict] = field(default_factory=list)   # this process's per-step metrics
+    history: list[dict] = field(default_factory=list)  # this process's per-step metrics
     export_dir: Path | None = None
 
     @property
@@ -133,10 +135,17 @@ def build_optimizer(groups: list[dict[str, Any]], optim: OptimSection) -> torch.
     if optim.name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(groups, lr=groups[0]["lr"], scale_parameter=False, relative_step=False,
-                         warmup_init=False, weight_decay=optim.weight_decay)
-    return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(optim.betas), eps=optim.eps,
-                             weight_decay=optim.weight_decay)
+        return Adafactor(
+            groups,
+            lr=groups[0]["lr"],
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+            weight_decay=optim.weight_decay,
+        )
+    return torch.optim.AdamW(
+        groups, lr=groups[0]["lr"], betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
+    )
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -157,15 +166,32 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def evaluate_loss(engine, val_rows, *, batch_size: int, device, hooks: TrainHooks, max_rows=None,
-                  max_input_len=None, max_target_len=None, eos_id=1) -> float:
+def evaluate_loss(
+    engine,
+    val_rows,
+    *,
+    batch_size: int,
+    device,
+    hooks: TrainHooks,
+    max_rows=None,
+    max_input_len=None,
+    max_target_len=None,
+    eos_id=1,
+) -> float:
     """Token-mean validation loss over all of val_rows (all ranks, same number of forward passes)."""
     engine.eval()
     total = [0.0, 0.0]
     with torch.no_grad():
-        for batch in eval_batches(val_rows, batch_size=batch_size, rank=dist.rank(), world_size=dist.world_size(),
-                                  max_rows=max_rows, max_input_len=max_input_len, max_target_len=max_target_len,
-                                  eos_id=eos_id):
+        for batch in eval_batches(
+            val_rows,
+            batch_size=batch_size,
+            rank=dist.rank(),
+            world_size=dist.world_size(),
+            max_rows=max_rows,
+            max_input_len=max_input_len,
+            max_target_len=max_target_len,
+            eos_id=eos_id,
+        ):
             batch = _to(batch, device)
             with task_routing(batch["task_ids"]):
                 loss_sum, _ = hooks.loss_fn(engine, batch)
@@ -192,8 +218,11 @@ def export_trained(engine, out_dir: Path, tasks: list[str], extra: dict | None =
                 export_adapters(module, out_dir, tasks, extra=extra)
             else:
                 tmp = out_dir.with_name(out_dir.name + ".tmp")
-                module.save_pretrained(str(tmp), safe_serialization=True,
-                                       state_dict={k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
+                module.save_pretrained(
+                    str(tmp),
+                    safe_serialization=True,
+                    state_dict={k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+                )
                 (tmp / "tasks.json").write_text(json.dumps({"tasks": tasks, **(extra or {})}, indent=2))
                 if out_dir.exists():
                     import shutil
@@ -221,6 +250,7 @@ def _tokens(batch: dict[str, Any]) -> float:
 class DataOptions:
     """How rows become batches: lengths, end-of-sequence id, evaluation batch and rows, and which rows share a
     step (`batching`, `group_size`: data.TrainStream)."""
+
     max_input_len: int | None = None
     max_target_len: int | None = None
     eos_id: int = 1
@@ -230,13 +260,30 @@ class DataOptions:
     group_size: int = 4
 
 
-def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSection, deepspeed: DeepSpeedSection,
-          run_dir: str | Path, tasks: list[str] | None = None, val_rows=None, hooks: TrainHooks | None = None,
-          resume: str = "none", ds_config: dict | None = None, fingerprint: dict | None = None,
-          max_input_len: int | None = None, max_target_len: int | None = None, eos_id: int = 1,
-          eval_micro_batch: int | None = None, val_max_samples: int | None = None,
-          export_dir: str | Path | None = None, export_extra: dict | None = None,
-          batching: str = "random", group_size: int = 4) -> TrainResult:
+def train(
+    model: nn.Module,
+    train_rows,
+    *,
+    optim: OptimSection,
+    train: TrainSection,
+    deepspeed: DeepSpeedSection,
+    run_dir: str | Path,
+    tasks: list[str] | None = None,
+    val_rows=None,
+    hooks: TrainHooks | None = None,
+    resume: str = "none",
+    ds_config: dict | None = None,
+    fingerprint: dict | None = None,
+    max_input_len: int | None = None,
+    max_target_len: int | None = None,
+    eos_id: int = 1,
+    eval_micro_batch: int | None = None,
+    val_max_samples: int | None = None,
+    export_dir: str | Path | None = None,
+    export_extra: dict | None = None,
+    batching: str = "random",
+    group_size: int = 4,
+) -> TrainResult:
     """Train `model` (adapters injected and frozen backbone, or everything trainable) on `train_rows`
     (a datasets.Dataset or anything indexable by a list of ints returning a dict of columns, with at least
     task_id, input_ids, target_ids). The process group must exist (distributed.init_distributed()) or the
@@ -244,12 +291,31 @@ def train(model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSect
     RUN_DIR/checkpoints; none at all: a fresh start; some, but none usable: CheckpointError) or a tag
     directory (checkpoint.resume). `batching`, `group_size`: which rows share a step (data.TrainStream).
     Every rank must call it. The keyword form of `Trainer(...).run(resume)`."""
-    data = DataOptions(max_input_len=max_input_len, max_target_len=max_target_len, eos_id=eos_id,
-                       eval_micro_batch=eval_micro_batch, val_max_samples=val_max_samples, batching=batching,
-                       group_size=group_size)
-    return Trainer(model, train_rows, optim=optim, train=train, deepspeed=deepspeed, run_dir=run_dir, tasks=tasks,
-                   val_rows=val_rows, hooks=hooks, data=data, ds_config=ds_config, fingerprint=fingerprint,
-                   export_dir=export_dir, export_extra=export_extra).run(resume)
+    data = DataOptions(
+        max_input_len=max_input_len,
+        max_target_len=max_target_len,
+        eos_id=eos_id,
+        eval_micro_batch=eval_micro_batch,
+        val_max_samples=val_max_samples,
+        batching=batching,
+        group_size=group_size,
+    )
+    return Trainer(
+        model,
+        train_rows,
+        optim=optim,
+        train=train,
+        deepspeed=deepspeed,
+        run_dir=run_dir,
+        tasks=tasks,
+        val_rows=val_rows,
+        hooks=hooks,
+        data=data,
+        ds_config=ds_config,
+        fingerprint=fingerprint,
+        export_dir=export_dir,
+        export_extra=export_extra,
+    ).run(resume)
 
 
 class Trainer(TrainLoop):
@@ -257,11 +323,24 @@ class Trainer(TrainLoop):
     export. `Trainer(...).run(resume)` is `train(...)`; the order of the calls below is the order of the RNG
     draws and collectives, so a run gives the same numbers whatever calls it."""
 
-    def __init__(self, model: nn.Module, train_rows, *, optim: OptimSection, train: TrainSection,
-                 deepspeed: DeepSpeedSection, run_dir: str | Path, tasks: list[str] | None = None, val_rows=None,
-                 hooks: TrainHooks | None = None, data: DataOptions | None = None, ds_config: dict | None = None,
-                 fingerprint: dict | None = None, export_dir: str | Path | None = None,
-                 export_extra: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        train_rows,
+        *,
+        optim: OptimSection,
+        train: TrainSection,
+        deepspeed: DeepSpeedSection,
+        run_dir: str | Path,
+        tasks: list[str] | None = None,
+        val_rows=None,
+        hooks: TrainHooks | None = None,
+        data: DataOptions | None = None,
+        ds_config: dict | None = None,
+        fingerprint: dict | None = None,
+        export_dir: str | Path | None = None,
+        export_extra: dict | None = None,
+    ):
         self.model, self.train_rows, self.val_rows, self.tasks = model, train_rows, val_rows, tasks
         self.optim, self.cfg, self.ds_section = optim, train, deepspeed
         self.run_dir = Path(run_dir)
@@ -296,12 +375,16 @@ class Trainer(TrainLoop):
         if self.rank == 0:
             save_json(self.ds_config, self.run_dir / "ds_config.json")
         adapter_cfg = getattr(_module(self.model), "tpds_adapter_config", None)
-        self.meta_base = {"fingerprint": self.fingerprint.get("hash"),
-                          "adapter": adapter_cfg.to_dict() if adapter_cfg else None,
-                          "full_finetune": adapter_cfg is None, "world_size": self.world, "tasks": self.tasks,
-                          "batch": elastic.batch_layout(self.cfg.micro_batch, self.cfg.grad_accum, self.world)}
+        self.meta_base = {
+            "fingerprint": self.fingerprint.get("hash"),
+            "adapter": adapter_cfg.to_dict() if adapter_cfg else None,
+            "full_finetune": adapter_cfg is None,
+            "world_size": self.world,
+            "tasks": self.tasks,
+            "batch": elastic.batch_layout(self.cfg.micro_batch, self.cfg.grad_accum, self.world),
+        }
         self._build_engine(adapter_cfg)
-        seed_all(self.cfg.seed + 1000 * self.rank)   # per-rank streams (dropout, Gumbel noise); restored on resume
+        seed_all(self.cfg.seed + 1000 * self.rank)  # per-rank streams (dropout, Gumbel noise); restored on resume
         self._build_stream()
         self.ckpt_dir = self.run_dir / "checkpoints"
 
@@ -316,30 +399,55 @@ class Trainer(TrainLoop):
         set_factor_recomputation(self.model, tr.recompute_adapter_factors)
         groups = param_groups(self.model, optim)
         self.group_names = [g["name"] for g in groups]
-        self.probe = _grad_alignment_probe(tr, self.ds_config, adapter_cfg, self.train_rows, self.tasks or [],
-                                           self.hooks, self.rank, d.max_input_len, d.max_target_len, d.eos_id)
+        self.probe = _grad_alignment_probe(
+            tr,
+            self.ds_config,
+            adapter_cfg,
+            self.train_rows,
+            self.tasks or [],
+            self.hooks,
+            self.rank,
+            d.max_input_len,
+            d.max_target_len,
+            d.eos_id,
+        )
         self.optimizer = build_optimizer(groups, optim)
 
-        def make_scheduler(opt):   # reads tr.steps when stepped (an export-only run sets it to 0)
+        def make_scheduler(opt):  # reads tr.steps when stepped (an export-only run sets it to 0)
             return torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: lr_factor(s, tr.steps, optim.warmup_ratio, optim.schedule))
+                opt, lambda s: lr_factor(s, tr.steps, optim.warmup_ratio, optim.schedule)
+            )
 
-        self.engine, _, _, _ = ds_lib.initialize(model=self.model, optimizer=self.optimizer,
-                                                 lr_scheduler=make_scheduler, config=self.ds_config)
+        self.engine, _, _, _ = ds_lib.initialize(
+            model=self.model, optimizer=self.optimizer, lr_scheduler=make_scheduler, config=self.ds_config
+        )
         self.engine.train()
         self.activation_dtype = ActivationDtype(self.engine.module)
 
     def _build_stream(self) -> None:
         tr, d, hooks = self.cfg, self.data, self.hooks
-        self.stream = TrainStream(self.train_rows, seed=tr.seed, micro_batch=tr.micro_batch, grad_accum=tr.grad_accum,
-                                  rank=self.rank, world_size=self.world, max_input_len=d.max_input_len,
-                                  max_target_len=d.max_target_len, eos_id=d.eos_id, collate_fn=hooks.collate_fn,
-                                  batching=d.batching, group_size=d.group_size)
+        self.stream = TrainStream(
+            self.train_rows,
+            seed=tr.seed,
+            micro_batch=tr.micro_batch,
+            grad_accum=tr.grad_accum,
+            rank=self.rank,
+            world_size=self.world,
+            max_input_len=d.max_input_len,
+            max_target_len=d.max_target_len,
+            eos_id=d.eos_id,
+            collate_fn=hooks.collate_fn,
+            batching=d.batching,
+            group_size=d.group_size,
+        )
         # Length-grouped steps hold rows of similar length, so their target-token counts differ far more than
         # random steps' do; dividing each step by its own count would weight a token by 1/(its step's count) and
         # favour tasks with short targets. Dividing by the split's mean count per step weights every token alike.
-        self.fixed_norm = (self.stream.mean_step_targets() if d.batching == "length_grouped"
-                           and hooks.weight_fn is token_weight and hooks.collate_fn is None else None)
+        self.fixed_norm = (
+            self.stream.mean_step_targets()
+            if d.batching == "length_grouped" and hooks.weight_fn is token_weight and hooks.collate_fn is None
+            else None
+        )
 
     def resume(self, mode: str) -> None:
         meta = ckpt.resume(self.engine, self.ckpt_dir, mode, check=self._check_resumable, rng_seed=self.cfg.seed)
@@ -351,27 +459,35 @@ class Trainer(TrainLoop):
         # uninterrupted run did at this step
         self.eval_pending = bool(meta.get("eval_pending"))
         if self.rank == 0:
-            log.info(f"resumed from {meta['tag']} at step {self.step_no} on {self.world} rank(s)"
-                     + _written_on(meta, self.world))
+            log.info(
+                f"resumed from {meta['tag']} at step {self.step_no} on {self.world} rank(s)"
+                + _written_on(meta, self.world)
+            )
 
     def _check_resumable(self, saved: dict, tag: Path) -> None:
         _check_compatible(saved, self.meta_base, tag)
-        more_steps = self.cfg.steps > int(saved.get("step", 0))   # an export alone does not care about the batch
-        elastic.check(saved, tag, world=self.world, batch=self.meta_base["batch"] if more_steps else None,
-                      optimizer=self.optim.name)
+        more_steps = self.cfg.steps > int(saved.get("step", 0))  # an export alone does not care about the batch
+        elastic.check(
+            saved,
+            tag,
+            world=self.world,
+            batch=self.meta_base["batch"] if more_steps else None,
+            optimizer=self.optim.name,
+        )
 
     def open_outputs(self) -> None:
         """Monitor, stop flag, progress bar and the per-step probes; `close` undoes them."""
         tr = self.cfg
         self.monitor = Monitor(self.run_dir, enabled=self.rank == 0)
         self.stop = STOP
-        self.installed_here = self.stop.install()   # launchers install it at start-up; library callers get it here
+        self.installed_here = self.stop.install()  # launchers install it at start-up; library callers get it here
         self.start_time = time.monotonic()
         self.bar = None
         if self.rank == 0 and tr.progress_bar:
             self.bar = progress(total=tr.steps, initial=self.step_no, desc="train", dynamic_ncols=True, rank=self.rank)
-        self.manual_norm = (self.ds_config["zero_optimization"]["stage"] == 0
-                            and not self.ds_config.get("bf16", {}).get("enabled"))
+        self.manual_norm = self.ds_config["zero_optimization"]["stage"] == 0 and not self.ds_config.get("bf16", {}).get(
+            "enabled"
+        )
         self.trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
         self.probe_health = AdapterHealth.build(self.engine.module, tr.adapter_health, self.rank, self.device)
 
@@ -408,14 +524,19 @@ class Trainer(TrainLoop):
             grad_norm = float(norm) if norm is not None else float("nan")
         over_budget = self.cfg.max_minutes > 0 and (time.monotonic() - self.start_time) > 60 * self.cfg.max_minutes
         loss_all, self.stop_votes = dist.all_reduce_sum(
-            [loss_total, float(self.stop.signal is not None or over_budget)], device)
+            [loss_total, float(self.stop.signal is not None or over_budget)], device
+        )
         dt = time.perf_counter() - t0
-        metrics = {TRAIN_LOSS: loss_all / global_w if global_w > 0 else float("nan"),
-                   GRAD_NORM: grad_norm, "perf/step_time_s": dt,
-                   "perf/samples_per_s": self.stream.global_batch / dt, "perf/tokens_per_s": global_tok / dt}
+        metrics = {
+            TRAIN_LOSS: loss_all / global_w if global_w > 0 else float("nan"),
+            GRAD_NORM: grad_norm,
+            "perf/step_time_s": dt,
+            "perf/samples_per_s": self.stream.global_batch / dt,
+            "perf/tokens_per_s": global_tok / dt,
+        }
         if self.probe_health is not None:
             metrics.update(self.probe_health.metrics())
-        metrics.update(lrs)   # the learning rates this step used
+        metrics.update(lrs)  # the learning rates this step used
         metrics.update(memory_mb(device))
         metrics.update({train_key(k): v for k, v in extra.items()})
         return metrics
@@ -458,7 +579,7 @@ class Trainer(TrainLoop):
         if self.rank == 0:
             if step % self.cfg.log_every == 0 or step == 1 or step == self.cfg.steps:
                 self.monitor.scalars(step, metrics)
-            else:   # metrics.jsonl gets every step (trajectory comparisons); TensorBoard every log_every
+            else:  # metrics.jsonl gets every step (trajectory comparisons); TensorBoard every log_every
                 self.monitor.jsonl.write(json.dumps({"kind": "train", "step": step, **metrics}) + "\n")
             if self.bar is not None:
                 self.bar.update(1)
@@ -504,9 +625,16 @@ class Trainer(TrainLoop):
         if self.val_rows is not None:
             d = self.data
             metrics["val/loss"] = evaluate_loss(
-                self.engine, self.val_rows, batch_size=d.eval_micro_batch or 2 * self.cfg.micro_batch,
-                device=self.device, hooks=self.hooks, max_rows=d.val_max_samples, max_input_len=d.max_input_len,
-                max_target_len=d.max_target_len, eos_id=d.eos_id)
+                self.engine,
+                self.val_rows,
+                batch_size=d.eval_micro_batch or 2 * self.cfg.micro_batch,
+                device=self.device,
+                hooks=self.hooks,
+                max_rows=d.val_max_samples,
+                max_input_len=d.max_input_len,
+                max_target_len=d.max_target_len,
+                eos_id=d.eos_id,
+            )
         if self.hooks.eval_fn is not None:
             metrics.update(self.hooks.eval_fn(self.engine, at_step) or {})
         tables = routing_tables(self.engine.module)
@@ -524,13 +652,18 @@ class Trainer(TrainLoop):
         self.last_saved = at_step
         if not self.cfg.save_checkpoints:
             return None
-        meta = dict(self.meta_base, step=at_step, data=self.stream.state_dict(), time=time.time(),
-                    eval_pending=eval_pending)
+        meta = dict(
+            self.meta_base, step=at_step, data=self.stream.state_dict(), time=time.time(), eval_pending=eval_pending
+        )
         return ckpt.save(self.engine, self.ckpt_dir, at_step, meta, keep=self.cfg.keep_checkpoints)
 
     def export(self) -> Path:
-        return export_trained(self.engine, Path(self.export_dir or self.run_dir / "export"), self.tasks or [],
-                              extra={"step": self.step_no, **(self.export_extra or {})})
+        return export_trained(
+            self.engine,
+            Path(self.export_dir or self.run_dir / "export"),
+            self.tasks or [],
+            extra={"step": self.step_no, **(self.export_extra or {})},
+        )
 
 
 @dataclass
@@ -538,6 +671,7 @@ class AdapterHealth:
     """train.adapter_health: the adapters' output ratios recorded in the step's forward passes and their
     gradient norms read before the optimizer step, all-reduced in one collective (every rank logs the global
     value; rank 0 writes it)."""
+
     layers: dict
     groups: dict
     rank: int
@@ -564,12 +698,24 @@ class AdapterHealth:
             torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
         flat = flat.cpu()
         n = sums.numel()
-        return {**health.ratio_metrics(list(self.layers), flat[:n].view(-1, 2)),
-                **health.grad_metrics(list(self.groups), flat[n:])}
+        return {
+            **health.ratio_metrics(list(self.layers), flat[:n].view(-1, 2)),
+            **health.grad_metrics(list(self.groups), flat[n:]),
+        }
 
 
-def _grad_alignment_probe(train: TrainSection, ds_config: dict, adapter_cfg, train_rows, tasks: list[str],
-                          hooks: TrainHooks, rank: int, max_input_len, max_target_len, eos_id):
+def _grad_alignment_probe(
+    train: TrainSection,
+    ds_config: dict,
+    adapter_cfg,
+    train_rows,
+    tasks: list[str],
+    hooks: TrainHooks,
+    rank: int,
+    max_input_len,
+    max_target_len,
+    eos_id,
+):
     """The gradient-alignment probe on rank 0 (None when off or on other ranks). Built on every rank, so that
     an unsupported setup or an unknown task fails everywhere before DeepSpeed starts (not rank 0 alone)."""
     if not train.grad_alignment_every:
@@ -580,8 +726,15 @@ def _grad_alignment_probe(train: TrainSection, ds_config: dict, adapter_cfg, tra
     if why:
         raise RunConfigError(f"train.grad_alignment_every = {train.grad_alignment_every}: {why}")
     batch_of = hooks.collate_fn or (lambda rows: collate(rows, max_input_len, max_target_len, eos_id))
-    probe = GradAlignmentProbe.build(train_rows, tasks, train.grad_alignment_tasks, train.grad_alignment_rows,
-                                     batch_of, hooks.loss_fn, hooks.weight_fn)
+    probe = GradAlignmentProbe.build(
+        train_rows,
+        tasks,
+        train.grad_alignment_tasks,
+        train.grad_alignment_rows,
+        batch_of,
+        hooks.loss_fn,
+        hooks.weight_fn,
+    )
     return probe if rank == 0 else None
 
 
@@ -599,13 +752,19 @@ def _check_compatible(meta: dict, current: dict, tag_dir: Path) -> None:
     from tensorpoly_ds.adapters import AdapterConfig
 
     if bool(meta.get("full_finetune")) != bool(current["full_finetune"]):
-        raise ckpt.CheckpointError(f"{tag_dir}: checkpoint full_finetune={meta.get('full_finetune')}, this run "
-                                   f"full_finetune={current['full_finetune']}")
+        raise ckpt.CheckpointError(
+            f"{tag_dir}: checkpoint full_finetune={meta.get('full_finetune')}, this run "
+            f"full_finetune={current['full_finetune']}"
+        )
     if meta.get("adapter") is not None and current["adapter"] is not None:
         diff = config_differences(AdapterConfig.from_dict(meta["adapter"]), AdapterConfig.from_dict(current["adapter"]))
         if diff:
-            raise ckpt.CheckpointError(f"{tag_dir}: checkpoint was trained with a different adapter config "
-                                       f"(checkpoint vs this run): {'; '.join(diff)}")
+            raise ckpt.CheckpointError(
+                f"{tag_dir}: checkpoint was trained with a different adapter config "
+                f"(checkpoint vs this run): {'; '.join(diff)}"
+            )
     if meta.get("fingerprint") and current.get("fingerprint") and meta["fingerprint"] != current["fingerprint"]:
-        raise ckpt.CheckpointError(f"{tag_dir}: config fingerprint {meta['fingerprint']} differs from this run's "
-                                   f"{current['fingerprint']} (model, optimizer or data changed)")
+        raise ckpt.CheckpointError(
+            f"{tag_dir}: config fingerprint {meta['fingerprint']} differs from this run's "
+            f"{current['fingerprint']} (model, optimizer or data changed)"
+        )

@@ -2,16 +2,29 @@
 
 from .losses import LossWeights, collate_lm, lm_loss, tfew_losses
 from .rank_classification import (
-                                  ChoiceBatch,
-                                  accuracy,
-                                  choice_scores,
-                                  choice_token_logprobs,
-                                  collate_choices,
-                                  evaluate,
-                                  rank_plan,
-                                  score_batch,
-                                  write_jsonl,
+    ChoiceBatch,
+    accuracy,
+    choice_scores,
+    choice_token_logprobs,
+    collate_choices,
+    evaluate,
+    rank_plan,
+    score_batch,
+    write_jsonl,
 )
 
-__all__ = ["ChoiceBatch", "LossWeights", "accuracy", "choice_scores", "choice_token_logprobs", "collate_choices",
-           "collate_lm", "evaluate", "lm_loss", "rank_plan", "score_batch", "tfew_losses", "write_jsonl"]
+__all__ = [
+    "ChoiceBatch",
+    "LossWeights",
+    "accuracy",
+    "choice_scores",
+    "choice_token_logprobs",
+    "collate_choices",
+    "collate_lm",
+    "evaluate",
+    "lm_loss",
+    "rank_plan",
+    "score_batch",
+    "tfew_losses",
+    "write_jsonl",
+]

@@ -20,7 +20,7 @@ from tpds_common.errors import ConfigError
 from ..adapters import task_routing
 from .rank_classification import IGNORE, PAD_ID, ChoiceBatch, choice_scores, choice_token_logprobs, per_example
 
-UNLIKELIHOOD_EPS = 1e-2   # inside log(1 - p + eps): keeps the loss finite when p -> 1
+UNLIKELIHOOD_EPS = 1e-2  # inside log(1 - p + eps): keeps the loss finite when p -> 1
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class LossWeights:
     lm: float = 1.0
     mc: float = 1.0
     unlikelihood: float = 1.0
-    mc_length_norm: float = 1.0   # the rank loss uses length-normalised log-probabilities
+    mc_length_norm: float = 1.0  # the rank loss uses length-normalised log-probabilities
 
     def __post_init__(self) -> None:
         for name in ("lm", "mc", "unlikelihood", "mc_length_norm"):
@@ -42,7 +42,7 @@ def tfew_losses(model: nn.Module, batch: ChoiceBatch, weights: LossWeights = Los
     if bool((batch.labels < 0).any()) or bool((batch.labels >= batch.num_choices).any()):
         raise ValueError("tfew_losses: every example needs a label in [0, number of choices)")
     token_lp, valid = choice_token_logprobs(model, batch)
-    correct = batch.choice_index == batch.labels.index_select(0, batch.choice_owner)   # [C]
+    correct = batch.choice_index == batch.labels.index_select(0, batch.choice_owner)  # [C]
     # LM: token mean over the correct choices.
     pos_mask = valid & correct[:, None]
     lm = -(token_lp * pos_mask).sum() / pos_mask.sum().clamp(min=1)
@@ -63,7 +63,9 @@ def tfew_losses(model: nn.Module, batch: ChoiceBatch, weights: LossWeights = Los
     return {"loss": total, "lm": lm.detach(), "mc": mc.detach(), "unlikelihood": ul.detach()}
 
 
-def collate_lm(rows: Sequence[dict], task_ids: Sequence[int] | int = 0, pad_id: int = PAD_ID) -> dict[str, torch.Tensor]:
+def collate_lm(
+    rows: Sequence[dict], task_ids: Sequence[int] | int = 0, pad_id: int = PAD_ID
+) -> dict[str, torch.Tensor]:
     """Plain seq2seq batch (input_ids, target_ids) for multi-task LM steps."""
     n = len(rows)
     li = max(1, max(len(r["input_ids"]) for r in rows))
@@ -73,9 +75,9 @@ def collate_lm(rows: Sequence[dict], task_ids: Sequence[int] | int = 0, pad_id: 
     labels = torch.full((n, lt), IGNORE, dtype=torch.long)
     for i, r in enumerate(rows):
         x, y = list(r["input_ids"]), list(r["target_ids"])
-        input_ids[i, :len(x)] = torch.as_tensor(x, dtype=torch.long)
-        attention[i, :len(x)] = 1
-        labels[i, :len(y)] = torch.as_tensor(y, dtype=torch.long)
+        input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+        attention[i, : len(x)] = 1
+        labels[i, : len(y)] = torch.as_tensor(y, dtype=torch.long)
     ids = torch.full((n,), task_ids, dtype=torch.long) if isinstance(task_ids, int) else torch.as_tensor(list(task_ids))
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "task_ids": ids}
 
@@ -83,6 +85,11 @@ def collate_lm(rows: Sequence[dict], task_ids: Sequence[int] | int = 0, pad_id: 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Token-mean NLL of the targets (the multi-task pretraining objective)."""
     with task_routing(batch["task_ids"]):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    return_dict=True, use_cache=False)
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            return_dict=True,
+            use_cache=False,
+        )
     return out.loss

@@ -38,14 +38,15 @@ IGNORE = -100
 @dataclass
 class ChoiceBatch:
     """A padded batch of examples with their flattened choices."""
-    input_ids: torch.Tensor        # [B, L]
-    attention_mask: torch.Tensor   # [B, L]
-    choice_labels: torch.Tensor    # [C, T] choice token ids, IGNORE where padded
-    choice_owner: torch.Tensor     # [C] index of the example each choice belongs to (non-decreasing)
-    choice_index: torch.Tensor     # [C] index of the choice within its example
-    num_choices: torch.Tensor      # [B]
-    labels: torch.Tensor           # [B] correct choice (-1 if unknown)
-    task_ids: torch.Tensor         # [B]
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    choice_labels: torch.Tensor  # [C, T] choice token ids, IGNORE where padded
+    choice_owner: torch.Tensor  # [C] index of the example each choice belongs to (non-decreasing)
+    choice_index: torch.Tensor  # [C] index of the choice within its example
+    num_choices: torch.Tensor  # [B]
+    labels: torch.Tensor  # [B] correct choice (-1 if unknown)
+    task_ids: torch.Tensor  # [B]
 
     @property
     def batch_size(self) -> int:
@@ -64,8 +65,8 @@ def collate_choices(rows: Sequence[dict], task_id: int | Sequence[int] = 0, pad_
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
     for i, x in enumerate(ids):
-        input_ids[i, :len(x)] = torch.as_tensor(x, dtype=torch.long)
-        attention[i, :len(x)] = 1
+        input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+        attention[i, : len(x)] = 1
     choices, owner, index, counts = [], [], [], []
     for i, r in enumerate(rows):
         cs = [list(c) for c in r["choice_ids"]]
@@ -81,13 +82,21 @@ def collate_choices(rows: Sequence[dict], task_id: int | Sequence[int] = 0, pad_
     t = max(len(c) for c in choices)
     labels = torch.full((len(choices), t), IGNORE, dtype=torch.long)
     for j, c in enumerate(choices):
-        labels[j, :len(c)] = torch.as_tensor(c, dtype=torch.long)
+        labels[j, : len(c)] = torch.as_tensor(c, dtype=torch.long)
     if isinstance(task_id, int):
         task_ids = torch.full((len(rows),), task_id, dtype=torch.long)
     else:
         task_ids = torch.as_tensor(list(task_id), dtype=torch.long)
-    return ChoiceBatch(input_ids, attention, labels, torch.as_tensor(owner), torch.as_tensor(index),
-                       torch.as_tensor(counts), torch.as_tensor([int(r.get("label", -1)) for r in rows]), task_ids)
+    return ChoiceBatch(
+        input_ids,
+        attention,
+        labels,
+        torch.as_tensor(owner),
+        torch.as_tensor(index),
+        torch.as_tensor(counts),
+        torch.as_tensor([int(r.get("label", -1)) for r in rows]),
+        task_ids,
+    )
 
 
 def shift_right(labels: torch.Tensor, start_id: int = 0, pad_id: int = PAD_ID) -> torch.Tensor:
@@ -98,7 +107,7 @@ def shift_right(labels: torch.Tensor, start_id: int = 0, pad_id: int = PAD_ID) -
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)   # DeepSpeed engine -> HF model
+    return getattr(model, "module", model)  # DeepSpeed engine -> HF model
 
 
 def choice_token_logprobs(model: nn.Module, batch: ChoiceBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +119,15 @@ def choice_token_logprobs(model: nn.Module, batch: ChoiceBatch) -> tuple[torch.T
     dec_ids = batch.task_ids.index_select(0, batch.choice_owner)
     with task_routing(batch.task_ids, decoder_task_ids=dec_ids):
         enc = hf.get_encoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, return_dict=True)
-        hidden = enc.last_hidden_state.index_select(0, batch.choice_owner)   # repeat_interleave per choice
+        hidden = enc.last_hidden_state.index_select(0, batch.choice_owner)  # repeat_interleave per choice
         mask = batch.attention_mask.index_select(0, batch.choice_owner)
-        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
-                    decoder_input_ids=shift_right(batch.choice_labels, start), return_dict=True, use_cache=False)
+        out = model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+            attention_mask=mask,
+            decoder_input_ids=shift_right(batch.choice_labels, start),
+            return_dict=True,
+            use_cache=False,
+        )
     logits = out.logits.float()
     valid = batch.choice_labels != IGNORE
     targets = batch.choice_labels.clamp(min=0)
@@ -147,6 +161,7 @@ def score_batch(model: nn.Module, batch: ChoiceBatch, length_norm: float = 0.0) 
 
 # --- distributed evaluation ------------------------------------------------------------------------
 
+
 def _dist():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -161,7 +176,7 @@ def rank_plan(n: int, batch_size: int, rank: int, world_size: int) -> list[list[
     per_rank = math.ceil(n / world_size) if n else 0
     mine = [(i, True) for i in range(rank, n, world_size)]
     mine += [(0, False)] * (per_rank - len(mine))
-    return [mine[s:s + batch_size] for s in range(0, per_rank, batch_size)]
+    return [mine[s : s + batch_size] for s in range(0, per_rank, batch_size)]
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -174,8 +189,15 @@ def _device_of(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def evaluate(model: nn.Module, rows: Sequence[dict] | Any, *, batch_size: int = 16, length_norm: float = 0.0,
-             task_id: int = 0, device: torch.device | None = None) -> list[dict]:
+def evaluate(
+    model: nn.Module,
+    rows: Sequence[dict] | Any,
+    *,
+    batch_size: int = 16,
+    length_norm: float = 0.0,
+    task_id: int = 0,
+    device: torch.device | None = None,
+) -> list[dict]:
     """Rank-classify `rows` (a list of dicts or a datasets.Dataset) on every rank; returns the
     per-example records (in input order) on every rank. Call it on all ranks together."""
     rank, world = _dist()
@@ -195,15 +217,17 @@ def evaluate(model: nn.Module, rows: Sequence[dict] | Any, *, batch_size: int = 
                     continue
                 ex = examples[b]
                 c = int(batch.num_choices[b])
-                local.append({
-                    "index": i,
-                    "task_name": ex.get("task_name", ""),
-                    "template": ex.get("template", ""),
-                    "example_id": int(ex.get("example_id", i)),
-                    "label": int(ex.get("label", -1)),
-                    "prediction": int(preds[b]),
-                    "scores": [float(s) for s in scores[b, :c]],
-                })
+                local.append(
+                    {
+                        "index": i,
+                        "task_name": ex.get("task_name", ""),
+                        "template": ex.get("template", ""),
+                        "example_id": int(ex.get("example_id", i)),
+                        "label": int(ex.get("label", -1)),
+                        "prediction": int(preds[b]),
+                        "scores": [float(s) for s in scores[b, :c]],
+                    }
+                )
     finally:
         model.train(was_training)
     if world > 1:
@@ -212,7 +236,7 @@ def evaluate(model: nn.Module, rows: Sequence[dict] | Any, *, batch_size: int = 
         local = [r for part in gathered for r in (part or [])]
     seen: dict[int, dict] = {}
     for r in local:
-        seen.setdefault(r["index"], r)   # duplicates (padding) were already dropped; guard anyway
+        seen.setdefault(r["index"], r)  # duplicates (padding) were already dropped; guard anyway
     records = [seen[i] for i in sorted(seen)]
     if len(records) != n:
         raise RuntimeError(f"rank classification gathered {len(records)} of {n} examples")

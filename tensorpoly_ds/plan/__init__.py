@@ -3,5 +3,15 @@
 from .activations import ActivationProfile, profile_activations
 from .memory import CANDIDATES, Estimate, ModelFacts, Setting, Workload, deepspeed_estimate, estimate, recommend
 
-__all__ = ["ActivationProfile", "CANDIDATES", "Estimate", "ModelFacts", "Setting", "Workload", "deepspeed_estimate",
-           "estimate", "profile_activations", "recommend"]
+__all__ = [
+    "ActivationProfile",
+    "CANDIDATES",
+    "Estimate",
+    "ModelFacts",
+    "Setting",
+    "Workload",
+    "deepspeed_estimate",
+    "estimate",
+    "profile_activations",
+    "recommend",
+]

@@ -25,11 +25,11 @@ ATTENTION_KERNELS = ("cuda", "cpu", "math")
 
 @dataclass(frozen=True)
 class ActivationProfile:
-    outside_blocks: int        # bytes saved outside the transformer blocks (embeddings, final norm, logits, loss)
-    blocks: tuple[int, ...]    # bytes saved inside each block
-    block_inputs: int          # bytes of the distinct tensors passed into blocks (kept by checkpointing)
+    outside_blocks: int  # bytes saved outside the transformer blocks (embeddings, final norm, logits, loss)
+    blocks: tuple[int, ...]  # bytes saved inside each block
+    block_inputs: int  # bytes of the distinct tensors passed into blocks (kept by checkpointing)
     linear_weights_saved: int  # elements of frozen nn.Linear weights autograd keeps for backward
-    largest_tensor: int        # bytes of the largest saved tensor (its gradient is the backward's workspace)
+    largest_tensor: int  # bytes of the largest saved tensor (its gradient is the backward's workspace)
 
     @property
     def without_checkpointing(self) -> int:
@@ -74,13 +74,16 @@ def attention_kernel(kind: str) -> Iterator[None]:
 
     def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
         if kwargs.get("enable_gqa") or query.shape[1] != key.shape[1]:
-            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                            scale=scale, **kwargs)
+            return original(
+                query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
+            )
         if kind == "cuda":
             return torch.ops.aten._scaled_dot_product_efficient_attention(
-                query, key, value, attn_mask, torch.is_grad_enabled(), dropout_p, is_causal, scale=scale)[0]
+                query, key, value, attn_mask, torch.is_grad_enabled(), dropout_p, is_causal, scale=scale
+            )[0]
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+        )[0]
 
     if kind != "math":
         functional.scaled_dot_product_attention = fused
@@ -94,19 +97,23 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def profile_activations(model: nn.Module, loss_fn, batch: dict, *, task_ids: torch.Tensor | None,
-                        attention: str = "cuda") -> ActivationProfile:
+def profile_activations(
+    model: nn.Module, loss_fn, batch: dict, *, task_ids: torch.Tensor | None, attention: str = "cuda"
+) -> ActivationProfile:
     """Run `loss_fn(model, batch)` once (inside task_routing(task_ids) for routed adapters) and attribute the
     saved tensors; `model` and `batch` live on the meta device (or any device: the records are the same).
     `attention`: the fused attention kernel of the device to plan for (see attention_kernel)."""
     from tensorpoly_ds.adapters import task_routing
 
     params = {_storage_key(p) for p in model.parameters()}
-    linear_weights = {_storage_key(m.weight): m.weight.numel() for m in model.modules()
-                      if isinstance(m, nn.Linear) and not m.weight.requires_grad}
+    linear_weights = {
+        _storage_key(m.weight): m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and not m.weight.requires_grad
+    }
     blocks = transformer_blocks(model)
     current: list[int] = []
-    saved: dict[int, tuple[int, int]] = {}      # storage -> (block index or -1, bytes)
+    saved: dict[int, tuple[int, int]] = {}  # storage -> (block index or -1, bytes)
     weights_saved: set[int] = set()
     inputs: dict[int, int] = {}
 
@@ -124,6 +131,7 @@ def profile_activations(model: nn.Module, loss_fn, batch: dict, *, task_ids: tor
             for value in (*args, *kwargs.values()):
                 if isinstance(value, torch.Tensor) and _storage_key(value) not in params:
                     inputs.setdefault(_storage_key(value), value.untyped_storage().nbytes())
+
         return hook
 
     def leave(module, args, output):
@@ -151,7 +159,10 @@ def profile_activations(model: nn.Module, loss_fn, batch: dict, *, task_ids: tor
         else:
             per_block[index] += nbytes
     outside_keys = {k for k, (index, _) in saved.items() if index < 0}
-    return ActivationProfile(outside_blocks=outside, blocks=tuple(per_block),
-                             block_inputs=sum(n for k, n in inputs.items() if k not in outside_keys),
-                             linear_weights_saved=sum(linear_weights[k] for k in weights_saved),
-                             largest_tensor=max((n for _, n in saved.values()), default=0))
+    return ActivationProfile(
+        outside_blocks=outside,
+        blocks=tuple(per_block),
+        block_inputs=sum(n for k, n in inputs.items() if k not in outside_keys),
+        linear_weights_saved=sum(linear_weights[k] for k in weights_saved),
+        largest_tensor=max((n for _, n in saved.values()), default=0),
+    )

@@ -33,13 +33,24 @@ def meta_model(config, adapter: AdapterConfig | None, num_tasks: int) -> nn.Modu
 
 def meta_batch(micro_batch: int, input_len: int, target_len: int) -> dict:
     """A batch of the engine's layout without padding (no attention mask: padding adds masks of b x L)."""
-    return {"input_ids": torch.zeros(micro_batch, input_len, dtype=torch.long, device="meta"),
-            "attention_mask": None,
-            "labels": torch.zeros(micro_batch, target_len, dtype=torch.long, device="meta")}
+    return {
+        "input_ids": torch.zeros(micro_batch, input_len, dtype=torch.long, device="meta"),
+        "attention_mask": None,
+        "labels": torch.zeros(micro_batch, target_len, dtype=torch.long, device="meta"),
+    }
 
 
-def gather_facts(config, adapter: AdapterConfig | None, num_tasks: int, *, micro_batch: int, input_len: int,
-                 target_len: int, activation_dtypes: tuple[str, ...] = ("bf16",), attention: str = "cuda") -> ModelFacts:
+def gather_facts(
+    config,
+    adapter: AdapterConfig | None,
+    num_tasks: int,
+    *,
+    micro_batch: int,
+    input_len: int,
+    target_len: int,
+    activation_dtypes: tuple[str, ...] = ("bf16",),
+    attention: str = "cuda",
+) -> ModelFacts:
     from tensorpoly_ds.engine.trainer import lm_loss
 
     model = meta_model(config, adapter, num_tasks)
@@ -51,8 +62,12 @@ def gather_facts(config, adapter: AdapterConfig | None, num_tasks: int, *, micro
     model.train()
     for name in activation_dtypes:
         model.to(DTYPES[name])
-        profiles[name] = profile_activations(model, lm_loss, meta_batch(micro_batch, input_len, target_len),
-                                             task_ids=task_ids, attention=attention)
-    return ModelFacts(frozen_numels=tuple(p.numel() for p in params if not p.requires_grad),
-                      trainable_shapes=tuple(tuple(p.shape) for p in params if p.requires_grad),
-                      largest_module=largest, activations=profiles)
+        profiles[name] = profile_activations(
+            model, lm_loss, meta_batch(micro_batch, input_len, target_len), task_ids=task_ids, attention=attention
+        )
+    return ModelFacts(
+        frozen_numels=tuple(p.numel() for p in params if not p.requires_grad),
+        trainable_shapes=tuple(tuple(p.shape) for p in params if p.requires_grad),
+        largest_module=largest,
+        activations=profiles,
+    )

@@ -38,10 +38,11 @@ BACKWARD_WORKSPACE = 2
 @dataclass(frozen=True)
 class ModelFacts:
     """What the memory model needs to know about a model with its adapters (from the meta device)."""
-    frozen_numels: tuple[int, ...]           # one entry per frozen parameter tensor
+
+    frozen_numels: tuple[int, ...]  # one entry per frozen parameter tensor
     trainable_shapes: tuple[tuple[int, ...], ...]
-    largest_module: int                      # parameters of the largest leaf module (ZeRO-3 gathers it whole)
-    activations: dict                        # activation dtype name -> ActivationProfile
+    largest_module: int  # parameters of the largest leaf module (ZeRO-3 gathers it whole)
+    activations: dict  # activation dtype name -> ActivationProfile
 
     @property
     def frozen(self) -> int:
@@ -75,9 +76,14 @@ class Setting:
 # compute), then ZeRO-3 (every weight all-gathered in forward and again in backward), then offload (PCIe
 # traffic and a CPU optimizer step every step).
 CANDIDATES: tuple[Setting, ...] = (
-    Setting(0), Setting(1), Setting(2),
-    Setting(0, checkpointing=True), Setting(1, checkpointing=True), Setting(2, checkpointing=True),
-    Setting(3), Setting(3, checkpointing=True),
+    Setting(0),
+    Setting(1),
+    Setting(2),
+    Setting(0, checkpointing=True),
+    Setting(1, checkpointing=True),
+    Setting(2, checkpointing=True),
+    Setting(3),
+    Setting(3, checkpointing=True),
     Setting(2, offload_optimizer=True, checkpointing=True),
     Setting(3, offload_optimizer=True, checkpointing=True),
     Setting(3, offload_optimizer=True, offload_param=True, checkpointing=True),
@@ -86,16 +92,16 @@ CANDIDATES: tuple[Setting, ...] = (
 
 @dataclass(frozen=True)
 class Workload:
-    precision: str          # bf16 | bf16_autocast | fp32
-    optimizer: str          # adafactor | adamw
+    precision: str  # bf16 | bf16_autocast | fp32
+    optimizer: str  # adafactor | adamw
 
 
 @dataclass
 class Estimate:
     setting: Setting
     gpus: int
-    gpu: dict[str, float]   # component -> bytes per GPU
-    cpu: dict[str, float]   # component -> bytes of CPU memory per GPU (offload)
+    gpu: dict[str, float]  # component -> bytes per GPU
+    cpu: dict[str, float]  # component -> bytes of CPU memory per GPU (offload)
 
     @property
     def total(self) -> float:
@@ -122,7 +128,7 @@ def moment_bytes(facts: ModelFacts, optimizer: str, flat: bool) -> float:
         return 4.0 * facts.trainable
     total = 0
     for shape in facts.trainable_shapes:
-        if len(shape) >= 2:   # transformers' Adafactor factors over the last two dimensions
+        if len(shape) >= 2:  # transformers' Adafactor factors over the last two dimensions
             lead = math.prod(shape[:-2])
             total += lead * (shape[-2] + shape[-1])
         else:
@@ -188,8 +194,7 @@ def estimate(facts: ModelFacts, work: Workload, setting: Setting, gpus: int, ds_
         buffers = w * z.reduce_bucket_size * (2 if z.overlap_comm else 1)
     if stage == 3:
         buffers = w * z.reduce_bucket_size
-        gpu["ZeRO-3 gathered"] = w * min(z.max_live_parameters, facts.largest_module + z.prefetch_bucket_size,
-                                         F + T)
+        gpu["ZeRO-3 gathered"] = w * min(z.max_live_parameters, facts.largest_module + z.prefetch_bucket_size, F + T)
     gpu["buffers"] = buffers
     return Estimate(setting, gpus, gpu, cpu)
 
@@ -201,15 +206,20 @@ def deepspeed_estimate(facts: ModelFacts, setting: Setting, gpus: int) -> float 
     if setting.zero_stage == 2:
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-        _, trainable = estimate_zero2_model_states_mem_needs(facts.trainable, num_gpus_per_node=gpus,
-                                                             cpu_offload=setting.offload_optimizer)
+        _, trainable = estimate_zero2_model_states_mem_needs(
+            facts.trainable, num_gpus_per_node=gpus, cpu_offload=setting.offload_optimizer
+        )
         return trainable + 2 * facts.frozen
     if setting.zero_stage == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
         _, trainable, _ = estimate_zero3_model_states_mem_needs(
-            facts.trainable, facts.largest_module, num_gpus_per_node=gpus, cpu_offload=setting.offload_optimizer,
-            cpu_offload_params=setting.offload_param)
+            facts.trainable,
+            facts.largest_module,
+            num_gpus_per_node=gpus,
+            cpu_offload=setting.offload_optimizer,
+            cpu_offload_params=setting.offload_param,
+        )
         return trainable + (0 if setting.offload_param else 2 * facts.frozen / gpus)
     return None
 

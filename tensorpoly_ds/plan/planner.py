@@ -20,10 +20,17 @@ from .memory import (
     recommend,
 )
 
-DEFAULT_LENGTH = 256   # T0's max input/target length, when neither the config nor a flag gives one
+DEFAULT_LENGTH = 256  # T0's max input/target length, when neither the config nor a flag gives one
 T0_TASKS = 313
-COLUMNS = ("frozen weights", "adapter weights", "gradients", "optimizer states", "activations", "ZeRO-3 gathered",
-           "buffers")
+COLUMNS = (
+    "frozen weights",
+    "adapter weights",
+    "gradients",
+    "optimizer states",
+    "activations",
+    "ZeRO-3 gathered",
+    "buffers",
+)
 SHORT = ("frozen", "adapter", "grads", "optim", "activ", "zero3", "buffers")
 
 
@@ -47,7 +54,7 @@ def manifest_tasks(cfg) -> int | None:
 
     try:
         return len(PreparedData.open(cfg.data.dir).tasks)
-    except (DataError, OSError):   # no prepared data yet: plan for the T0 mixture
+    except (DataError, OSError):  # no prepared data yet: plan for the T0 mixture
         return None
 
 
@@ -57,8 +64,12 @@ def ds_config_for(cfg, setting: Setting, gpus: int) -> dict:
 
     from tensorpoly_ds.engine.ds_config import fill_sections
 
-    ds = replace(cfg.deepspeed, zero_stage=setting.zero_stage, offload_optimizer=setting.offload_optimizer,
-                 offload_param=setting.offload_param)
+    ds = replace(
+        cfg.deepspeed,
+        zero_stage=setting.zero_stage,
+        offload_optimizer=setting.offload_optimizer,
+        offload_param=setting.offload_param,
+    )
     return fill_sections(ds, cfg.train, cfg.optim, gpus)
 
 
@@ -73,9 +84,16 @@ def plan(cfg, *, num_tasks: int, gpus: int, gpu_bytes: float | None, device: str
     input_len = cfg.data.max_input_len or DEFAULT_LENGTH
     target_len = cfg.data.max_target_len or DEFAULT_LENGTH
     work = Workload(precision=d.precision, optimizer=cfg.optim.name)
-    facts = gather_facts(config, cfg.adapter, num_tasks, micro_batch=cfg.train.micro_batch, input_len=input_len,
-                         target_len=target_len, activation_dtypes=(activation_dtype(d.precision),),
-                         attention=device)
+    facts = gather_facts(
+        config,
+        cfg.adapter,
+        num_tasks,
+        micro_batch=cfg.train.micro_batch,
+        input_len=input_len,
+        target_len=target_len,
+        activation_dtypes=(activation_dtype(d.precision),),
+        attention=device,
+    )
     configured = Setting(d.zero_stage, d.offload_optimizer, d.offload_param, cfg.train.gradient_checkpointing)
     settings = list(dict.fromkeys([*CANDIDATES, configured]))
 
@@ -87,23 +105,44 @@ def plan(cfg, *, num_tasks: int, gpus: int, gpu_bytes: float | None, device: str
     scaled = best.setting if best else configured
     profile = facts.activations[activation_dtype(d.precision)]
     return {
-        "model": m.name_or_path, "method": cfg.adapter.method if cfg.adapter else "fullft",
-        "adapter": cfg.adapter.to_dict() if cfg.adapter else None, "tasks": num_tasks,
-        "micro_batch": cfg.train.micro_batch, "input_len": input_len, "target_len": target_len,
-        "precision": d.precision, "optimizer": cfg.optim.name, "device": device, "gpus": gpus,
+        "model": m.name_or_path,
+        "method": cfg.adapter.method if cfg.adapter else "fullft",
+        "adapter": cfg.adapter.to_dict() if cfg.adapter else None,
+        "tasks": num_tasks,
+        "micro_batch": cfg.train.micro_batch,
+        "input_len": input_len,
+        "target_len": target_len,
+        "precision": d.precision,
+        "optimizer": cfg.optim.name,
+        "device": device,
+        "gpus": gpus,
         "gpu_bytes": gpu_bytes,
         "params": {"frozen": facts.frozen, "trainable": facts.trainable, "largest_module": facts.largest_module},
-        "activations": {"without_checkpointing": profile.without_checkpointing,
-                        "with_checkpointing": profile.with_checkpointing,
-                        "workspace": BACKWARD_WORKSPACE * profile.largest_tensor},
+        "activations": {
+            "without_checkpointing": profile.without_checkpointing,
+            "with_checkpointing": profile.with_checkpointing,
+            "workspace": BACKWARD_WORKSPACE * profile.largest_tensor,
+        },
         "configured": asdict(configured),
-        "settings": [{"setting": asdict(e.setting), "label": e.setting.label(), "gpu": e.gpu, "cpu": e.cpu,
-                      "total": e.total, "cpu_total": e.cpu_total,
-                      "deepspeed_estimate": deepspeed_estimate(facts, e.setting, gpus),
-                      "fits": None if gpu_bytes is None else e.total <= gpu_bytes} for e in table],
+        "settings": [
+            {
+                "setting": asdict(e.setting),
+                "label": e.setting.label(),
+                "gpu": e.gpu,
+                "cpu": e.cpu,
+                "total": e.total,
+                "cpu_total": e.cpu_total,
+                "deepspeed_estimate": deepspeed_estimate(facts, e.setting, gpus),
+                "fits": None if gpu_bytes is None else e.total <= gpu_bytes,
+            }
+            for e in table
+        ],
         "recommended": asdict(best.setting) if best else None,
-        "scaling": {"setting": asdict(scaled), "label": scaled.label(),
-                    "total_by_gpus": {n: at(scaled, n).total for n in gpu_counts(gpus)}},
+        "scaling": {
+            "setting": asdict(scaled),
+            "label": scaled.label(),
+            "total_by_gpus": {n: at(scaled, n).total for n in gpu_counts(gpus)},
+        },
         "notes": notes(cfg, best),
     }
 
@@ -121,12 +160,16 @@ def notes(cfg, best: Estimate | None) -> list[str]:
     out = []
     stage = best.setting.zero_stage if best else cfg.deepspeed.zero_stage
     if cfg.optim.name == "adafactor" and (stage >= 1 or cfg.deepspeed.precision == "bf16"):
-        out.append("Adafactor under ZeRO >= 1 or DeepSpeed bf16 sees flat partitions: unfactored second moment and "
-                   "per-partition update clipping, not the reference optimizer (docs/pretrain.md)")
+        out.append(
+            "Adafactor under ZeRO >= 1 or DeepSpeed bf16 sees flat partitions: unfactored second moment and "
+            "per-partition update clipping, not the reference optimizer (docs/pretrain.md)"
+        )
     if best and best.setting.zero_stage in (1, 2) and best.gpu["buffers"] > 4 * best.gpu["gradients"]:
-        out.append(f"ZeRO-{best.setting.zero_stage} reduce buckets ({best.gpu['buffers'] / GIB:.2f} GiB) are sized for "
-                   "full fine-tuning; with adapters set deepspeed.overrides={zero_optimization: "
-                   "{reduce_bucket_size: 5.0e+7}} to save most of it")
+        out.append(
+            f"ZeRO-{best.setting.zero_stage} reduce buckets ({best.gpu['buffers'] / GIB:.2f} GiB) are sized for "
+            "full fine-tuning; with adapters set deepspeed.overrides={zero_optimization: "
+            "{reduce_bucket_size: 5.0e+7}} to save most of it"
+        )
     return out
 
 
@@ -136,31 +179,44 @@ def gib(x: float | None) -> str:
 
 def format_report(r: dict) -> str:
     p, a = r["params"], r["activations"]
-    lines = [f"{r['model']} | {r['method']}: {p['frozen'] + p['trainable']:,} parameters, {p['trainable']:,} trainable"
-             f" | {r['tasks']} tasks | micro batch {r['micro_batch']}, input {r['input_len']}, target "
-             f"{r['target_len']} | {r['precision']} | {r['optimizer']}",
-             f"activations per micro-batch (measured on the meta device, {r['device']} attention): "
-             f"{gib(a['without_checkpointing'])} GiB, "
-             f"{gib(a['with_checkpointing'])} GiB with checkpointing, + {gib(a['workspace'])} GiB backward workspace",
-             "",
-             f"per-GPU memory (GiB) on {r['gpus']} GPU(s)" + (f", {gib(r['gpu_bytes'])} GiB each" if r["gpu_bytes"] else "")]
+    lines = [
+        f"{r['model']} | {r['method']}: {p['frozen'] + p['trainable']:,} parameters, {p['trainable']:,} trainable"
+        f" | {r['tasks']} tasks | micro batch {r['micro_batch']}, input {r['input_len']}, target "
+        f"{r['target_len']} | {r['precision']} | {r['optimizer']}",
+        f"activations per micro-batch (measured on the meta device, {r['device']} attention): "
+        f"{gib(a['without_checkpointing'])} GiB, "
+        f"{gib(a['with_checkpointing'])} GiB with checkpointing, + {gib(a['workspace'])} GiB backward workspace",
+        "",
+        f"per-GPU memory (GiB) on {r['gpus']} GPU(s)" + (f", {gib(r['gpu_bytes'])} GiB each" if r["gpu_bytes"] else ""),
+    ]
     head = f"{'setting':<46}" + "".join(f"{s:>9}" for s in SHORT) + f"{'total':>9}{'CPU':>8}{'DS est':>9}  fits"
     lines += [head, "-" * len(head)]
     for row in r["settings"]:
         mark = " *" if row["setting"] == r["configured"] else ""
         fits = "" if row["fits"] is None else ("yes" if row["fits"] else "no")
-        lines.append(f"{row['label'] + mark:<46}" + "".join(f"{gib(row['gpu'].get(c, 0.0)):>9}" for c in COLUMNS)
-                     + f"{gib(row['total']):>9}{gib(row['cpu_total']):>8}{gib(row['deepspeed_estimate']):>9}  {fits}")
-    lines.append("* = the configured setting; DS est = DeepSpeed's estimator (frozen weights + model states of the "
-                 "trainable parameters with 16-bit Adam; ZeRO-2/3 only)")
+        lines.append(
+            f"{row['label'] + mark:<46}"
+            + "".join(f"{gib(row['gpu'].get(c, 0.0)):>9}" for c in COLUMNS)
+            + f"{gib(row['total']):>9}{gib(row['cpu_total']):>8}{gib(row['deepspeed_estimate']):>9}  {fits}"
+        )
+    lines.append(
+        "* = the configured setting; DS est = DeepSpeed's estimator (frozen weights + model states of the "
+        "trainable parameters with 16-bit Adam; ZeRO-2/3 only)"
+    )
     if r["gpu_bytes"]:
         rec = next((row for row in r["settings"] if row["setting"] == r["recommended"]), None)
         lines.append("" if rec else "")
-        lines.append(f"recommended (cheapest that fits {gib(r['gpu_bytes'])} GiB): "
-                     + (f"{rec['label']} ({gib(rec['total'])} GiB per GPU)" if rec else
-                        "nothing fits: lower the micro batch or the lengths, or add GPUs"))
+        lines.append(
+            f"recommended (cheapest that fits {gib(r['gpu_bytes'])} GiB): "
+            + (
+                f"{rec['label']} ({gib(rec['total'])} GiB per GPU)"
+                if rec
+                else "nothing fits: lower the micro batch or the lengths, or add GPUs"
+            )
+        )
     s = r["scaling"]
-    lines.append(f"{s['label']} per GPU by GPU count: "
-                 + ", ".join(f"{n}: {gib(v)} GiB" for n, v in s["total_by_gpus"].items()))
+    lines.append(
+        f"{s['label']} per GPU by GPU count: " + ", ".join(f"{n}: {gib(v)} GiB" for n, v in s["total_by_gpus"].items())
+    )
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)

@@ -26,13 +26,14 @@ from tpds_common.log import get_logger
 from ..adapt.report import aggregate, collect, plot_accuracy, row_average, setting, table1_markdown
 from .config import ReplicateConfig
 
-if TYPE_CHECKING:   # numpy is imported where the arrays are built
+if TYPE_CHECKING:  # numpy is imported where the arrays are built
     import numpy as np
 
 log = get_logger("analysis")
 
 
 # --- per-job accuracies ------------------------------------------------------------------------------------
+
 
 def split_accuracies(job_dir: Path, dev_examples: int) -> dict[str, float]:
     """Dev and test accuracy of a job's final evaluation (predictions.jsonl)."""
@@ -59,12 +60,20 @@ def load_results(job_roots: list[Path], dev_examples: int) -> tuple[list[dict], 
     results = []
     for r in col.results:
         acc = split_accuracies(Path(r["_dir"]), dev_examples)
-        results.append({**r, "dev": {"accuracy": acc["dev"]}, "test": {"accuracy": acc["test"]},
-                        "row": row_name(r), "lr": float(r["job"]["lr"])})
+        results.append(
+            {
+                **r,
+                "dev": {"accuracy": acc["dev"]},
+                "test": {"accuracy": acc["test"]},
+                "row": row_name(r),
+                "lr": float(r["job"]["lr"]),
+            }
+        )
     return results, col.problems
 
 
 # --- learning-rate choice on the dev split ------------------------------------------------------------------
+
 
 def select_lr(results: list[dict], search_seeds: list[int] | None = None) -> tuple[list[dict], list[dict]]:
     """Per (row, k): the lr of the grid with the best mean dev accuracy over tasks and the search seeds (ties:
@@ -78,16 +87,19 @@ def select_lr(results: list[dict], search_seeds: list[int] | None = None) -> tup
         stats = {}
         for lr, rs in by_lr.items():
             searched = [x for x in rs if search_seeds is None or x["seed"] in search_seeds] or rs
-            stats[lr] = {"dev": statistics.mean(x["dev"]["accuracy"] for x in searched),
-                         "test": statistics.mean(x["test"]["accuracy"] for x in searched), "n": len(searched)}
-        best = max(sorted(stats), key=lambda lr: stats[lr]["dev"])   # max keeps the first (smallest) of ties
+            stats[lr] = {
+                "dev": statistics.mean(x["dev"]["accuracy"] for x in searched),
+                "test": statistics.mean(x["test"]["accuracy"] for x in searched),
+                "n": len(searched),
+            }
+        best = max(sorted(stats), key=lambda lr: stats[lr]["dev"])  # max keeps the first (smallest) of ties
         selected += by_lr[best]
-        table.append({"row": row, "k": k, "chosen_lr": best,
-                      "lrs": {f"{lr:g}": stats[lr] for lr in sorted(stats)}})
+        table.append({"row": row, "k": k, "chosen_lr": best, "lrs": {f"{lr:g}": stats[lr] for lr in sorted(stats)}})
     return selected, table
 
 
 # --- tables ---------------------------------------------------------------------------------------------------
+
 
 def tables(selected: list[dict], tasks: list[str]) -> dict[int, dict]:
     """Per k: the Table 1 analogue (every method's few-shot row, modes full and mu-only methods) and the
@@ -128,6 +140,7 @@ def agg_json(agg: dict) -> dict:
 
 
 # --- routing recovery (C7) ---------------------------------------------------------------------------------------
+
 
 def routing_features(export: Path, backbone: Path) -> tuple[list[str], np.ndarray] | None:
     """(training task names, [tasks, features]): the evaluation-mode routing weights of every training task in
@@ -197,6 +210,7 @@ def plot_similarity(learned, truth, tasks: list[str], path: Path, title: str) ->
 
 
 # --- plots -----------------------------------------------------------------------------------------------------
+
 
 def plot_rows(selected: list[dict], k: int, path: Path, title: str, chance: float | None = None) -> Path | None:
     """One bar per result row at k (and each zero-shot row): the mean over tasks of the test accuracy, per seed
@@ -278,15 +292,24 @@ def world_averages(selected: list[dict], seed_world: dict[int, str], tasks: list
             cells[r["row"]][seed_world[int(r["seed"])]][r["task"]].append(r["test"]["accuracy"])
     out = {}
     for row, by_world in sorted(cells.items()):
-        avgs = {w: statistics.mean(statistics.median(v) for t, v in per_task.items() if t in tasks)
-                for w, per_task in by_world.items()}
+        avgs = {
+            w: statistics.mean(statistics.median(v) for t, v in per_task.items() if t in tasks)
+            for w, per_task in by_world.items()
+        }
         out[row] = {"worlds": avgs, "range": max(avgs.values()) - min(avgs.values())}
     return out
 
 
-def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Path, backbone: Path,
-                     exports: dict[str, Path], manifest,
-                     untrained: dict[str, str] | None = None) -> dict:
+def variant_analysis(
+    cfg: ReplicateConfig,
+    variant: str,
+    out: Path,
+    res_dir: Path,
+    backbone: Path,
+    exports: dict[str, Path],
+    manifest,
+    untrained: dict[str, str] | None = None,
+) -> dict:
     """Everything the results page shows for one variant, pooled over the worlds; figures written into
     res_dir. Rows of `untrained` methods (label -> reason) make their claim comparisons untestable."""
     from .stages import world_root
@@ -298,8 +321,11 @@ def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Pat
     selected, selection = select_lr(results, cfg.search_seeds())
     tasks = [t for t in manifest.held_out if cfg.adapt.tasks is None or t in cfg.adapt.tasks]
     tabs = tables(selected, tasks)
-    untestable = {r["row"]: f"{r['label']} did not train ({untrained[r['label']]})" for r in selected
-                  if r["label"] in (untrained or {})}
+    untestable = {
+        r["row"]: f"{r['label']} did not train ({untrained[r['label']]})"
+        for r in selected
+        if r["label"] in (untrained or {})
+    }
     confusion = answer_confusion(selected, truth, list(manifest.held_out), dev_examples)
     verdicts = {}
     claims_path = cfg.claims_path()
@@ -315,8 +341,13 @@ def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Pat
         spread = {str(k): world_averages(selected, seed_world, tasks, k) for k in cfg.prep.ks}
     k = max(cfg.prep.ks)
     figures = {}
-    made = plot_rows(selected, k, res_dir / f"{variant}_rows_k{k}.png",
-                     f"{variant}: held-out test accuracy, k = {k} (zero-shot rows: no shot)", truth.get("chance"))
+    made = plot_rows(
+        selected,
+        k,
+        res_dir / f"{variant}_rows_k{k}.png",
+        f"{variant}: held-out test accuracy, k = {k} (zero-shot rows: no shot)",
+        truth.get("chance"),
+    )
     if made:
         figures["rows"] = made.name
     made = plot_vs_k(selected, res_dir / f"{variant}_accuracy_vs_k.png", f"{variant}: held-out test accuracy")
@@ -330,20 +361,34 @@ def variant_analysis(cfg: ReplicateConfig, variant: str, out: Path, res_dir: Pat
     if truth:
         for label, export in exports.items():
             try:
-                rec = recovery_for(export, backbone, truth, res_dir / f"{variant}_recovery_{_slug(label)}.png",
-                                   f"{variant}: {label}, routing after multi-task pretraining")
+                rec = recovery_for(
+                    export,
+                    backbone,
+                    truth,
+                    res_dir / f"{variant}_recovery_{_slug(label)}.png",
+                    f"{variant}: {label}, routing after multi-task pretraining",
+                )
             except Exception as err:  # noqa: BLE001 - one unreadable export must not lose the other results
                 log.warning(f"{variant}/{label}: routing recovery failed: {type(err).__name__}: {err}")
                 rec = {"error": f"{type(err).__name__}: {err}"}
             if rec is not None:
                 recovery[label] = rec
-    return {"variant": variant, "jobs": len(results), "problems": problems, "selection": selection,
-            "tables": {str(kk): {name: agg_json(a) for name, a in t.items()} for kk, t in tabs.items()},
-            "tables_markdown": {str(kk): {name: table1_markdown(a) for name, a in t.items()} for kk, t in tabs.items()},
-            "verdicts": {str(kk): [v.to_dict() for v in vs] for kk, vs in verdicts.items()},
-            "_verdicts": verdicts, "c7": c7_verdict(recovery), "recovery": recovery, "figures": figures,
-            "chance": truth.get("chance"), "answer_confusion": confusion,
-            **({"world_spread": spread, "untestable_rows": untestable} if spread or untestable else {})}
+    return {
+        "variant": variant,
+        "jobs": len(results),
+        "problems": problems,
+        "selection": selection,
+        "tables": {str(kk): {name: agg_json(a) for name, a in t.items()} for kk, t in tabs.items()},
+        "tables_markdown": {str(kk): {name: table1_markdown(a) for name, a in t.items()} for kk, t in tabs.items()},
+        "verdicts": {str(kk): [v.to_dict() for v in vs] for kk, vs in verdicts.items()},
+        "_verdicts": verdicts,
+        "c7": c7_verdict(recovery),
+        "recovery": recovery,
+        "figures": figures,
+        "chance": truth.get("chance"),
+        "answer_confusion": confusion,
+        **({"world_spread": spread, "untestable_rows": untestable} if spread or untestable else {}),
+    }
 
 
 def answer_confusion(selected: list[dict], truth: dict, held_out: list[str], dev_examples: int) -> dict:

@@ -88,8 +88,10 @@ def plot_curves(curves: dict[str, dict], path: Path, title: str) -> Path:
         if c["train"]:
             steps, losses = zip(*c["train"])
             w = max(1, len(losses) // 50)
-            smooth = [sum(losses[max(0, j - w + 1): j + 1]) / len(losses[max(0, j - w + 1): j + 1])
-                      for j in range(len(losses))]
+            smooth = [
+                sum(losses[max(0, j - w + 1) : j + 1]) / len(losses[max(0, j - w + 1) : j + 1])
+                for j in range(len(losses))
+            ]
             ax.plot(steps, smooth, color=colour, alpha=0.5, lw=1, label=f"{name} train")
         if c["val"]:
             steps, losses = zip(*c["val"])
@@ -104,8 +106,9 @@ def plot_curves(curves: dict[str, dict], path: Path, title: str) -> Path:
     return path
 
 
-def train_backbone(section: BackboneSection, data_dir: Path, cache: Path, *, threads: int = 1,
-                   train_now: bool = True) -> Path:
+def train_backbone(
+    section: BackboneSection, data_dir: Path, cache: Path, *, threads: int = 1, train_now: bool = True
+) -> Path:
     """Train (or find in the cache) the T5-LM analogue for the tokenizer of `data_dir`; returns the
     directory of the exported checkpoint (config.json + model.safetensors)."""
     import datasets
@@ -129,33 +132,70 @@ def train_backbone(section: BackboneSection, data_dir: Path, cache: Path, *, thr
     if not train_now:
         raise JobFailed(f"no trained backbone at {root}: run the 'backbone' stage first")
     tokenizer = load_tokenizer(data_dir)
-    features = datasets.Features({"task_id": datasets.Value("int32"),
-                                  "input_ids": datasets.List(datasets.Value("int32")),
-                                  "target_ids": datasets.List(datasets.Value("int32"))})
-    rows = datasets.Dataset.from_dict(denoising_rows(tokenizer, section, section.corpus_size, section.seed),
-                                      features=features)
-    val = datasets.Dataset.from_dict(denoising_rows(tokenizer, section, section.val_size, section.seed + 1),
-                                     features=features)
+    features = datasets.Features(
+        {
+            "task_id": datasets.Value("int32"),
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "target_ids": datasets.List(datasets.Value("int32")),
+        }
+    )
+    rows = datasets.Dataset.from_dict(
+        denoising_rows(tokenizer, section, section.corpus_size, section.seed), features=features
+    )
+    val = datasets.Dataset.from_dict(
+        denoising_rows(tokenizer, section, section.val_size, section.seed + 1), features=features
+    )
     torch.set_num_threads(threads)
     seed_all(section.seed)
     config = t5_config(section.arch, vocab_size=int(tok_info["vocab_size"]), **section.arch_overrides)
     model = T5ForConditionalGeneration(config)
     optim = OptimSection(name="adamw", lr=section.lr, warmup_ratio=section.warmup_ratio, schedule="linear", clip=1.0)
-    tr = TrainSection(steps=section.steps, micro_batch=section.micro_batch, grad_accum=1,
-                      eval_every=section.eval_every, save_every=section.eval_every, seed=section.seed,
-                      full_finetune=True, keep_checkpoints=1, heatmap_max_layers=0, log_every=50)
-    log.info(f"backbone {root}: training {section.arch} ({sum(p.numel() for p in model.parameters()):,} "
-             f"parameters) for {section.steps} steps on {section.corpus_size} generic sequences")
-    result = train(model, rows, optim=optim, train=tr, deepspeed=DeepSpeedSection(zero_stage=0, precision="fp32"),
-                   run_dir=root, tasks=[TASK_NAME], val_rows=val, resume="auto", export_dir=export,
-                   export_extra={"backbone_section": asdict(section), "tokenizer_sha256": tok_info.get("sha256")})
+    tr = TrainSection(
+        steps=section.steps,
+        micro_batch=section.micro_batch,
+        grad_accum=1,
+        eval_every=section.eval_every,
+        save_every=section.eval_every,
+        seed=section.seed,
+        full_finetune=True,
+        keep_checkpoints=1,
+        heatmap_max_layers=0,
+        log_every=50,
+    )
+    log.info(
+        f"backbone {root}: training {section.arch} ({sum(p.numel() for p in model.parameters()):,} "
+        f"parameters) for {section.steps} steps on {section.corpus_size} generic sequences"
+    )
+    result = train(
+        model,
+        rows,
+        optim=optim,
+        train=tr,
+        deepspeed=DeepSpeedSection(zero_stage=0, precision="fp32"),
+        run_dir=root,
+        tasks=[TASK_NAME],
+        val_rows=val,
+        resume="auto",
+        export_dir=export,
+        export_extra={"backbone_section": asdict(section), "tokenizer_sha256": tok_info.get("sha256")},
+    )
     if result.status != "done":
         raise KeyboardInterrupt(f"backbone training stopped at step {result.step} (rerun to resume)")
     curve = loss_curve(root)
     (root / "loss_curve.json").write_text(json.dumps(curve))
-    plot_curves({"T5-LM analogue": curve}, root / "loss_curve.png",
-                f"backbone: {section.arch}, {section.steps} steps, batch {section.micro_batch}")
-    atomic_write_json(root / DONE_FILE, {"key": key, "section": asdict(section), "export": str(export),
-                                  "final_val_loss": curve["val"][-1][1] if curve["val"] else None})
-    shutil.rmtree(root / "checkpoints", ignore_errors=True)   # the export is what later stages need
+    plot_curves(
+        {"T5-LM analogue": curve},
+        root / "loss_curve.png",
+        f"backbone: {section.arch}, {section.steps} steps, batch {section.micro_batch}",
+    )
+    atomic_write_json(
+        root / DONE_FILE,
+        {
+            "key": key,
+            "section": asdict(section),
+            "export": str(export),
+            "final_val_loss": curve["val"][-1][1] if curve["val"] else None,
+        },
+    )
+    shutil.rmtree(root / "checkpoints", ignore_errors=True)  # the export is what later stages need
     return export

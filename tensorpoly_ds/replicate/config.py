@@ -34,28 +34,29 @@ class ReplicateConfigError(ConfigError):
 
 @dataclass
 class Variant:
-    name: str                                 # directory name and the prefix of every row in the results
-    mixture: str                              # a data_prep mixture (latent_skills, latent_skills_noprompt)
-    modes: list | None = None                 # adaptation modes run on this variant (default: each method's)
+    name: str  # directory name and the prefix of every row in the results
+    mixture: str  # a data_prep mixture (latent_skills, latent_skills_noprompt)
+    modes: list | None = None  # adaptation modes run on this variant (default: each method's)
 
 
 @dataclass
 class PrepSection:
-    ks: list = field(default_factory=lambda: [4, 16])      # few-shot sizes, one prepared directory each
+    ks: list = field(default_factory=lambda: [4, 16])  # few-shot sizes, one prepared directory each
     seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
     val_per_template: int = 50
-    cap_per_template: str | None = None       # prep --cap-per-template (None: every generated example)
+    cap_per_template: str | None = None  # prep --cap-per-template (None: every generated example)
 
 
 @dataclass
 class BackboneSection:
     """The T5-LM analogue: a tiny T5 trained with the pretrain engine (full fine-tune) to reconstruct
     corrupted generic word sequences of the benchmark's vocabulary (never the tasks)."""
-    arch: str = "tiny"                        # tensorpoly_ds.models architecture
+
+    arch: str = "tiny"  # tensorpoly_ds.models architecture
     arch_overrides: dict = field(default_factory=dict)
-    corpus_size: int = 20000                  # training sequences (each corrupted once, statically)
+    corpus_size: int = 20000  # training sequences (each corrupted once, statically)
     val_size: int = 500
-    mask_ratio: float = 0.25                  # share of words replaced by the mask token (<unk>)
+    mask_ratio: float = 0.25  # share of words replaced by the mask token (<unk>)
     steps: int = 1500
     micro_batch: int = 64
     lr: float = 1e-2
@@ -67,6 +68,7 @@ class BackboneSection:
 @dataclass
 class PretrainSection:
     """Multi-task pretraining: the same budget and recipe for every method (tensorpoly-ds pretrain)."""
+
     steps: int = 600
     micro_batch: int = 32
     optimizer: str = "adamw"
@@ -101,6 +103,7 @@ class PretrainSection:
 class World:
     """One independent replicate of everything random: the backbone's seed, the pretraining seed and the
     few-shot seeds (distinct across worlds, so (task, seed) pairs never collide when worlds are pooled)."""
+
     name: str
     backbone_seed: int
     pretrain_seed: int
@@ -115,6 +118,7 @@ METHOD_PRETRAIN_KEYS = ("optimizer", "module_lr", "routing_lr", "search", "run_c
 @dataclass(frozen=True)
 class Fixed:
     """A value every replicate pretraining run uses, whatever the config says."""
+
     value: Any
 
 
@@ -123,16 +127,28 @@ class Fixed:
 # "pretrain.<field>" the shared section, "world.<field>" the world, "run.<name>" the run's paths and adapter,
 # Fixed(...) a constant. Then pretrain.run_config and the method's run_config, dotted keys, win.
 PRETRAIN_RUN_CONFIG = (
-    ("model.name_or_path", "run.backbone"), ("adapter", "run.adapter"),
-    ("optim.name", "recipe.optimizer"), ("optim.module_lr", "recipe.module_lr"),
-    ("optim.routing_lr", "recipe.routing_lr"), ("optim.warmup_ratio", "pretrain.warmup_ratio"),
-    ("optim.schedule", Fixed("linear")), ("optim.clip", Fixed(1.0)),
-    ("train.steps", "pretrain.steps"), ("train.micro_batch", "pretrain.micro_batch"), ("train.grad_accum", Fixed(1)),
-    ("train.eval_every", "pretrain.eval_every"), ("train.save_every", "pretrain.eval_every"),
-    ("train.seed", "world.pretrain_seed"), ("train.log_every", Fixed(50)), ("train.keep_checkpoints", Fixed(1)),
-    ("train.heatmap_max_layers", Fixed(2)), ("train.progress_bar", Fixed(False)),
-    ("data.dir", "run.data"), ("data.val_max_samples", "pretrain.val_max_samples"),
-    ("deepspeed.zero_stage", Fixed(0)), ("deepspeed.precision", Fixed("fp32")),
+    ("model.name_or_path", "run.backbone"),
+    ("adapter", "run.adapter"),
+    ("optim.name", "recipe.optimizer"),
+    ("optim.module_lr", "recipe.module_lr"),
+    ("optim.routing_lr", "recipe.routing_lr"),
+    ("optim.warmup_ratio", "pretrain.warmup_ratio"),
+    ("optim.schedule", Fixed("linear")),
+    ("optim.clip", Fixed(1.0)),
+    ("train.steps", "pretrain.steps"),
+    ("train.micro_batch", "pretrain.micro_batch"),
+    ("train.grad_accum", Fixed(1)),
+    ("train.eval_every", "pretrain.eval_every"),
+    ("train.save_every", "pretrain.eval_every"),
+    ("train.seed", "world.pretrain_seed"),
+    ("train.log_every", Fixed(50)),
+    ("train.keep_checkpoints", Fixed(1)),
+    ("train.heatmap_max_layers", Fixed(2)),
+    ("train.progress_bar", Fixed(False)),
+    ("data.dir", "run.data"),
+    ("data.val_max_samples", "pretrain.val_max_samples"),
+    ("deepspeed.zero_stage", Fixed(0)),
+    ("deepspeed.precision", Fixed("fp32")),
     ("run.dir", "run.dir"),
 )
 # run-config keys that name one run's inputs and outputs: no run_config may set them
@@ -140,19 +156,25 @@ PER_RUN_KEYS = ("model.name_or_path", "adapter", "data.dir", "run.dir")
 
 # An adaptation job's fields shared by every row (replicate.stages): job field <- adapt section field, then
 # the fixed job fields.
-ADAPT_JOB_FIELDS = (("steps", "steps"), ("batch_size", "batch_size"), ("optimizer", "optimizer"),
-                    ("warmup_ratio", "warmup_ratio"), ("clip", "clip"), ("eval_batch_size", "eval_batch_size"),
-                    ("length_norm", "length_norm"))
+ADAPT_JOB_FIELDS = (
+    ("steps", "steps"),
+    ("batch_size", "batch_size"),
+    ("optimizer", "optimizer"),
+    ("warmup_ratio", "warmup_ratio"),
+    ("clip", "clip"),
+    ("eval_batch_size", "eval_batch_size"),
+    ("length_norm", "length_norm"),
+)
 ADAPT_JOB_FIXED = {"eval_every": 0, "trainer": "local"}
 
 
 @dataclass
 class MethodSpec:
     label: str
-    adapter: dict | None = None               # AdapterConfig fields: pretrained multi-task, then adapted
-    fresh: dict | None = None                 # {"method": "fullft"} or AdapterConfig fields: no pretraining
-    modes: list | None = None                 # default: full, z, mu for routed methods, full otherwise
-    variants: list | None = None              # default: every variant
+    adapter: dict | None = None  # AdapterConfig fields: pretrained multi-task, then adapted
+    fresh: dict | None = None  # {"method": "fullft"} or AdapterConfig fields: no pretraining
+    modes: list | None = None  # default: full, z, mu for routed methods, full otherwise
+    variants: list | None = None  # default: every variant
     # its own pretraining recipe (METHOD_PRETRAIN_KEYS), e.g. the official TensorPoly recipe:
     # {optimizer: adafactor, module_lr: 3e-4, routing_lr: 0.1, search: false}; None: the shared one
     pretrain: dict | None = None
@@ -164,28 +186,30 @@ class MethodSpec:
 @dataclass
 class AdaptSection:
     """Few-shot adaptation: the same steps, batch and learning-rate grid for every (method, mode)."""
+
     steps: int = 60
     batch_size: int = 8
     lrs: list = field(default_factory=lambda: [1e-3, 1e-2])
-    routing_lr_scale: float = 10.0            # routing logits train with lr x this (pretraining's 0.1 / 1e-2)
-    lr_search_seeds: int | None = None        # the first N seeds run every lr; the others only the lr chosen
-                                              # on their dev accuracy (None: every seed runs every lr)
-    max_extensions: int = 0                   # edge rule: a row whose chosen lr is the smallest / largest it ran
-                                              # also runs one grid step beyond, up to this many times
+    routing_lr_scale: float = 10.0  # routing logits train with lr x this (pretraining's 0.1 / 1e-2)
+    lr_search_seeds: int | None = None  # the first N seeds run every lr; the others only the lr chosen
+    # on their dev accuracy (None: every seed runs every lr)
+    max_extensions: int = 0  # edge rule: a row whose chosen lr is the smallest / largest it ran
+    # also runs one grid step beyond, up to this many times
     optimizer: str = "adamw"
     warmup_ratio: float = 0.06
     clip: float = 1.0
     eval_batch_size: int = 64
     length_norm: float = 1.0
-    tasks: list | None = None                 # default: every held-out task of the variant
+    tasks: list | None = None  # default: every held-out task of the variant
 
 
 @dataclass
 class ZeroShotSection:
     """MHR's Table 5: average the modules (mode mu), then k extra multi-task steps, no few-shot data; LoRA
     gets the same steps. Rows for every entry of multitask_steps (0 = averaging alone)."""
+
     variants: list = field(default_factory=list)
-    methods: list = field(default_factory=list)            # labels of pretrained methods
+    methods: list = field(default_factory=list)  # labels of pretrained methods
     multitask_steps: list = field(default_factory=lambda: [0, 50])
     multitask_batch_size: int = 16
     lr: float = 1e-3
@@ -200,12 +224,12 @@ class ReplicateConfig:
     pretrain: PretrainSection = field(default_factory=PretrainSection)
     adapt: AdaptSection = field(default_factory=AdaptSection)
     zero_shot: ZeroShotSection = field(default_factory=ZeroShotSection)
-    claims: str | None = None                 # claims YAML (relative to this config file)
-    worlds: list | None = None                # [World]; None: one world from backbone.seed, pretrain.seed, prep.seeds
-    workers: int = 2                          # concurrent adaptation jobs / pretraining runs
-    out: str = "runs/replicate"               # default output directory (--out overrides)
-    cache: str | None = None                  # backbone cache (default: OUT/cache)
-    source: str = ""                          # the file this config was read from
+    claims: str | None = None  # claims YAML (relative to this config file)
+    worlds: list | None = None  # [World]; None: one world from backbone.seed, pretrain.seed, prep.seeds
+    workers: int = 2  # concurrent adaptation jobs / pretraining runs
+    out: str = "runs/replicate"  # default output directory (--out overrides)
+    cache: str | None = None  # backbone cache (default: OUT/cache)
+    source: str = ""  # the file this config was read from
 
     # --- derived -----------------------------------------------------------------------------------------
     def methods_for(self, variant: str) -> list[MethodSpec]:
@@ -247,16 +271,24 @@ class ReplicateConfig:
         """A pretrained method's recipe: optimizer, module_lr, routing_lr and whether its lrs are searched (and
         its own run_config, if it has one)."""
         p = self.pretrain
-        recipe = {"optimizer": p.optimizer, "module_lr": p.module_lr, "routing_lr": p.routing_lr,
-                  "search": p.lr_search is not None}
+        recipe = {
+            "optimizer": p.optimizer,
+            "module_lr": p.module_lr,
+            "routing_lr": p.routing_lr,
+            "search": p.lr_search is not None,
+        }
         recipe.update(method.pretrain or {})
         return recipe
 
     def pretrain_run_config(self, method: MethodSpec, world: World, paths: dict[str, Any]) -> dict:
         """The run config of `method`'s pretraining run in `world` (PRETRAIN_RUN_CONFIG, then the embedded
         run_config keys); `paths`: backbone, data, dir (strings)."""
-        values = {"recipe": self.method_pretrain(method), "pretrain": dataclasses.asdict(self.pretrain),
-                  "world": dataclasses.asdict(world), "run": {**paths, "adapter": dict(method.adapter)}}
+        values = {
+            "recipe": self.method_pretrain(method),
+            "pretrain": dataclasses.asdict(self.pretrain),
+            "world": dataclasses.asdict(world),
+            "run": {**paths, "adapter": dict(method.adapter)},
+        }
         config: dict = {}
         for key, source in PRETRAIN_RUN_CONFIG:
             if isinstance(source, Fixed):
@@ -290,8 +322,9 @@ def stable_asdict(section: Any) -> dict:
     """asdict without the fields added later that sit at their default (ADDED_LATER)."""
     body = dataclasses.asdict(section)
     for f in dataclasses.fields(section):
-        if f.metadata.get(ADDED_LATER) and body[f.name] == (f.default_factory() if f.default_factory
-                                                             is not dataclasses.MISSING else f.default):
+        if f.metadata.get(ADDED_LATER) and body[f.name] == (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        ):
             body.pop(f.name)
     return body
 
@@ -299,14 +332,20 @@ def stable_asdict(section: Any) -> dict:
 @dataclass
 class _TopLevel:
     """The top-level scalars of ReplicateConfig, validated like a section."""
+
     claims: str | None = None
     workers: int = 2
     out: str = "runs/replicate"
     cache: str | None = None
 
 
-_SECTIONS = {"prep": PrepSection, "backbone": BackboneSection, "pretrain": PretrainSection, "adapt": AdaptSection,
-             "zero_shot": ZeroShotSection}
+_SECTIONS = {
+    "prep": PrepSection,
+    "backbone": BackboneSection,
+    "pretrain": PretrainSection,
+    "adapt": AdaptSection,
+    "zero_shot": ZeroShotSection,
+}
 _SCALARS = {f.name for f in dataclasses.fields(_TopLevel)}
 
 
@@ -325,21 +364,24 @@ def _method(data: Any, i: int, src: str) -> MethodSpec:
     where = f"methods[{i}]"
     m = _section(MethodSpec, data, where, src)
     if (m.adapter is None) == (m.fresh is None):
-        raise ReplicateConfigError(f"{src}: {where} ({m.label}): give exactly one of 'adapter' (pretrained) or "
-                                   "'fresh' (no multi-task pretraining)")
+        raise ReplicateConfigError(
+            f"{src}: {where} ({m.label}): give exactly one of 'adapter' (pretrained) or "
+            "'fresh' (no multi-task pretraining)"
+        )
     if m.adapter is not None:
         _check_adapter(m.adapter, f"{src}: {where}.adapter")
         routed = AdapterConfig.from_dict(m.adapter).routed
     else:
         if m.fresh.get("method") != FULLFT:
             _check_adapter(m.fresh, f"{src}: {where}.fresh")
-        routed = False   # a fresh adapter has no multi-task routing to adapt
+        routed = False  # a fresh adapter has no multi-task routing to adapt
     if m.modes is None:
         m.modes = list(MODES) if routed else ["full"]
     bad = [x for x in m.modes if x not in MODES or (not routed and x != "full")]
     if bad:
-        raise ReplicateConfigError(f"{src}: {where}.modes ({m.label}): {bad} not applicable; valid: "
-                                   f"{list(MODES) if routed else ['full']}")
+        raise ReplicateConfigError(
+            f"{src}: {where}.modes ({m.label}): {bad} not applicable; valid: {list(MODES) if routed else ['full']}"
+        )
     return m
 
 
@@ -360,11 +402,14 @@ def build_config(data: dict, src: str = "<dict>") -> ReplicateConfig:
         for section, key in (("prep", "seeds"), ("backbone", "seed"), ("pretrain", "seed")):
             if isinstance(data.get(section), dict) and key in data[section]:
                 # each world sets its own: a value here would be silently ignored
-                raise ReplicateConfigError(f"{src}: {section}.{key}: not used when 'worlds' is given (each world "
-                                           "sets its backbone_seed, pretrain_seed and seeds); remove it")
+                raise ReplicateConfigError(
+                    f"{src}: {section}.{key}: not used when 'worlds' is given (each world "
+                    "sets its backbone_seed, pretrain_seed and seeds); remove it"
+                )
     methods = [_method(m, i, src) for i, m in enumerate(data["methods"])]
-    kwargs: dict[str, Any] = {name: _section(cls, data[name], name, src) for name, cls in _SECTIONS.items()
-                              if name in data}
+    kwargs: dict[str, Any] = {
+        name: _section(cls, data[name], name, src) for name, cls in _SECTIONS.items() if name in data
+    }
     top = _section(_TopLevel, {k: data[k] for k in _SCALARS if k in data}, "config", src)
     kwargs.update({k: getattr(top, k) for k in _SCALARS if k in data})
     cfg = ReplicateConfig(variants=variants, methods=methods, worlds=worlds, source=src, **kwargs)
@@ -405,8 +450,11 @@ def validate(cfg: ReplicateConfig) -> None:
     a.lrs = [float(x) for x in a.lrs]
     if a.lr_search_seeds is not None and not 1 <= a.lr_search_seeds <= len(p.seeds):
         raise bad("adapt.lr_search_seeds", f"{a.lr_search_seeds!r}: between 1 and the number of seeds ({len(p.seeds)})")
-    for section, keys in ((cfg.backbone, ("corpus_size", "val_size", "steps", "micro_batch")),
-                          (cfg.pretrain, ("steps", "micro_batch")), (a, ("steps", "batch_size", "eval_batch_size"))):
+    for section, keys in (
+        (cfg.backbone, ("corpus_size", "val_size", "steps", "micro_batch")),
+        (cfg.pretrain, ("steps", "micro_batch")),
+        (a, ("steps", "batch_size", "eval_batch_size")),
+    ):
         for k in keys:
             if getattr(section, k) < 1:
                 raise bad(f"{type(section).__name__}.{k}", "must be >= 1")
@@ -445,12 +493,17 @@ def _validate_worlds(cfg: ReplicateConfig, bad) -> None:
             raise bad(f"worlds ({w.name}).seeds", f"{w.seeds!r}: a non-empty list of integers")
         for x in w.seeds:
             if x in seen:
-                raise bad(f"worlds ({w.name}).seeds", f"seed {x} is also a seed of world {seen[x]!r}: worlds pool "
-                                                      "their (task, seed) pairs, so their seeds must be distinct")
+                raise bad(
+                    f"worlds ({w.name}).seeds",
+                    f"seed {x} is also a seed of world {seen[x]!r}: worlds pool "
+                    "their (task, seed) pairs, so their seeds must be distinct",
+                )
             seen[x] = w.name
     if cfg.adapt.lr_search_seeds is not None and cfg.adapt.lr_search_seeds > len(cfg.worlds[0].seeds):
-        raise bad("adapt.lr_search_seeds", f"{cfg.adapt.lr_search_seeds}: more than the first world's "
-                                           f"{len(cfg.worlds[0].seeds)} seeds")
+        raise bad(
+            "adapt.lr_search_seeds",
+            f"{cfg.adapt.lr_search_seeds}: more than the first world's {len(cfg.worlds[0].seeds)} seeds",
+        )
 
 
 def _safe_name(text: str) -> str:
@@ -465,27 +518,36 @@ def _validate_pretrain_recipes(cfg: ReplicateConfig, bad) -> None:
     p = cfg.pretrain
     if p.lr_search is not None:
         if not isinstance(p.lr_search, dict):
-            raise bad("pretrain.lr_search", f"{p.lr_search!r}: a mapping of {sorted(LrSearchSection.__dataclass_fields__)}")
-        reject_unknown(p.lr_search, LrSearchSection.__dataclass_fields__, f"{cfg.source}: pretrain.lr_search",
-                       ReplicateConfigError)
+            raise bad(
+                "pretrain.lr_search", f"{p.lr_search!r}: a mapping of {sorted(LrSearchSection.__dataclass_fields__)}"
+            )
+        reject_unknown(
+            p.lr_search, LrSearchSection.__dataclass_fields__, f"{cfg.source}: pretrain.lr_search", ReplicateConfigError
+        )
         try:
             LrSearchSection(**p.lr_search).validate(f"{cfg.source}: pretrain.lr_search")
         except LrSearchError as err:
             raise ReplicateConfigError(str(err)) from None
     labels = {m.label for m in cfg.methods if m.is_pretrained()}
     if p.untrained_reference is not None and p.untrained_reference not in labels:
-        raise bad("pretrain.untrained_reference", f"{p.untrained_reference!r} is not a pretrained method; "
-                                                  f"pretrained methods: {sorted(labels)}")
+        raise bad(
+            "pretrain.untrained_reference",
+            f"{p.untrained_reference!r} is not a pretrained method; pretrained methods: {sorted(labels)}",
+        )
     if not p.untrained_factor > 1:
         raise bad("pretrain.untrained_factor", f"{p.untrained_factor!r}: must be > 1")
     blind_ref = p.untrained_task_blind_reference
     if blind_ref is not None:
         if p.untrained_reference is None:
-            raise bad("pretrain.untrained_task_blind_reference", "needs pretrain.untrained_reference (the routed rows')")
+            raise bad(
+                "pretrain.untrained_task_blind_reference", "needs pretrain.untrained_reference (the routed rows')"
+            )
         blind = {m.label for m in cfg.methods if m.is_pretrained() and cfg.task_blind(m)}
         if blind_ref not in blind:
-            raise bad("pretrain.untrained_task_blind_reference", f"{blind_ref!r} is not a task-blind pretrained "
-                                                                 f"method; task-blind methods: {sorted(blind)}")
+            raise bad(
+                "pretrain.untrained_task_blind_reference",
+                f"{blind_ref!r} is not a task-blind pretrained method; task-blind methods: {sorted(blind)}",
+            )
     if p.sensitivity and p.lr_search is None:
         raise bad("pretrain.sensitivity", "true, but there is no pretrain.lr_search to check")
     _check_run_config(p.run_config, f"{cfg.source}: pretrain.run_config")
@@ -518,8 +580,9 @@ def _check_run_config(overrides: Any, where: str) -> None:
     from ..engine.config import RunConfig
 
     if not isinstance(overrides, dict):
-        raise ReplicateConfigError(f"{where}: expected a mapping of run-config keys (e.g. train.log_every: 10), "
-                                   f"got {overrides!r}")
+        raise ReplicateConfigError(
+            f"{where}: expected a mapping of run-config keys (e.g. train.log_every: 10), got {overrides!r}"
+        )
     data: dict = {}
     sources: dict = {}
     for key, value in overrides.items():

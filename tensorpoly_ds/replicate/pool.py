@@ -25,7 +25,7 @@ class PoolReport:
     done: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
-    seconds: dict[int, float] = field(default_factory=dict)   # wall seconds per job run now
+    seconds: dict[int, float] = field(default_factory=dict)  # wall seconds per job run now
 
 
 def _worker(threads: int, jobs, results) -> None:
@@ -61,7 +61,7 @@ class JobPool:
     def __init__(self, workers: int, threads: int = 1) -> None:
         self.workers, self.threads = workers, threads
         self.procs: list = []
-        self.ctx = mp.get_context("spawn")   # no fork of a process that holds torch threads or a process group
+        self.ctx = mp.get_context("spawn")  # no fork of a process that holds torch threads or a process group
         self.jobs, self.results = self.ctx.Queue(), self.ctx.Queue()
 
     def __enter__(self) -> JobPool:
@@ -74,10 +74,12 @@ class JobPool:
         if self.procs:
             return
         previous = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = str(self.threads)   # inherited by the spawned workers
+        os.environ["OMP_NUM_THREADS"] = str(self.threads)  # inherited by the spawned workers
         try:
-            self.procs = [self.ctx.Process(target=_worker, args=(self.threads, self.jobs, self.results), daemon=True)
-                          for _ in range(self.workers)]
+            self.procs = [
+                self.ctx.Process(target=_worker, args=(self.threads, self.jobs, self.results), daemon=True)
+                for _ in range(self.workers)
+            ]
             for p in self.procs:
                 p.start()
         finally:
@@ -94,8 +96,7 @@ class JobPool:
         pending = []
         for i, row in enumerate(rows):
             (report.skipped if is_complete(row["job"]["out_dir"]) else pending).append(i)
-        log.info(f"{len(rows)} jobs: {len(report.skipped)} complete, {len(pending)} to run on "
-                 f"{self.workers} worker(s)")
+        log.info(f"{len(rows)} jobs: {len(report.skipped)} complete, {len(pending)} to run on {self.workers} worker(s)")
         if not pending:
             return report
         self._start()
@@ -114,7 +115,7 @@ class JobPool:
                     bar.update(1)
                     bar.set_postfix(failed=len(report.failed), refresh=False)
         except BaseException:
-            self.close(force=True)   # interrupted: a running job has no COMPLETE marker and reruns next time
+            self.close(force=True)  # interrupted: a running job has no COMPLETE marker and reruns next time
             raise
         return report
 
@@ -138,5 +139,6 @@ def _next_result(results, procs):
             return results.get(timeout=5)
         except queue.Empty:
             if not any(p.is_alive() for p in procs):
-                raise JobFailed("every adaptation worker exited before the jobs were done (killed? "
-                                "out of memory?); rerun to resume") from None
+                raise JobFailed(
+                    "every adaptation worker exited before the jobs were done (killed? out of memory?); rerun to resume"
+                ) from None

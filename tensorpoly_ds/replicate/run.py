@@ -45,8 +45,10 @@ def check_protocol(cfg: ReplicateConfig, out: Path) -> None:
         old = json.loads(path.read_text())
         if old != body:
             diff = sorted(k for k in set(old) | set(body) if old.get(k) != body.get(k))
-            raise ProtocolMismatch(f"{out} holds results of another protocol (differs in: {', '.join(diff)}); "
-                                   "choose another --out, or delete it to start over")
+            raise ProtocolMismatch(
+                f"{out} holds results of another protocol (differs in: {', '.join(diff)}); "
+                "choose another --out, or delete it to start over"
+            )
         return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, body)
@@ -71,8 +73,14 @@ class Timer:
         return _Stage()
 
 
-def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, stages_to_run: set[str] | None = None,
-              publish: Path | None = None) -> dict:
+def replicate(
+    cfg: ReplicateConfig,
+    out: Path,
+    *,
+    workers: int | None = None,
+    stages_to_run: set[str] | None = None,
+    publish: Path | None = None,
+) -> dict:
     """Run every stage (or `stages_to_run` of prep, backbone, pretrain, adapt, analyse) into `out`."""
     out = out.resolve()
     workers = workers or cfg.workers
@@ -107,8 +115,9 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
     if "pretrain" in want:
         with timer("pretrain"):
             for world in worlds:
-                seconds = run_pretraining(runs[world.name], stages.world_root(out, world) / "pretrain", workers,
-                                          threads)
+                seconds = run_pretraining(
+                    runs[world.name], stages.world_root(out, world) / "pretrain", workers, threads
+                )
                 pretrain_seconds.update({f"{world.name}/{k}" if world.name else k: v for k, v in seconds.items()})
     exports = {w.name: defaultdict(dict) for w in worlds}
     for w in worlds:
@@ -124,11 +133,16 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
     stamp = out / "timings" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
 
     def timing() -> dict:
-        return {"stages_s": dict(timer.stages), "total_s": time.monotonic() - started, "workers": workers,
-                "threads_per_worker": threads, "pretrain_runs_s": pretrain_seconds,
-                "adaptation_jobs_run_now": len(job_seconds),
-                "adaptation_job_mean_s": statistics.mean(job_seconds.values()) if job_seconds else None,
-                "load_average": os.getloadavg()}
+        return {
+            "stages_s": dict(timer.stages),
+            "total_s": time.monotonic() - started,
+            "workers": workers,
+            "threads_per_worker": threads,
+            "pretrain_runs_s": pretrain_seconds,
+            "adaptation_jobs_run_now": len(job_seconds),
+            "adaptation_job_mean_s": statistics.mean(job_seconds.values()) if job_seconds else None,
+            "load_average": os.getloadavg(),
+        }
 
     atomic_write_json(stamp, timing())
     summary = None
@@ -136,8 +150,10 @@ def replicate(cfg: ReplicateConfig, out: Path, *, workers: int | None = None, st
         with timer("analyse"):
             summary = analyse(cfg, out, backbones, exports, runs, searched)
         atomic_write_json(stamp, timing())
-    log.info(f"finished in {time.monotonic() - started:.0f} s: " +
-             ", ".join(f"{k} {v:.0f} s" for k, v in timer.stages.items()))
+    log.info(
+        f"finished in {time.monotonic() - started:.0f} s: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timer.stages.items())
+    )
     if summary is not None and publish is not None:
         publish_results(out / RESULTS, publish)
     return {"out": str(out), "timing": timing(), "summary": summary}
@@ -155,11 +171,11 @@ def train_backbones(cfg: ReplicateConfig, data: Path, cache: Path, workers: int,
 
         todo = [s for s in sections.values() if not backbone_cached(s, data, cache)]
         if len(todo) > 1:
-            with mp.get_context("spawn").Pool(min(workers, len(todo)), initializer=_own_process_group,
-                                              initargs=(inherited_setup(),)) as pool:
+            with mp.get_context("spawn").Pool(
+                min(workers, len(todo)), initializer=_own_process_group, initargs=(inherited_setup(),)
+            ) as pool:
                 pool.starmap(_backbone_child, [(s, data, cache) for s in todo])
-    return {name: train_backbone(s, data, cache, threads=1, train_now=train_now)
-            for name, s in sections.items()}
+    return {name: train_backbone(s, data, cache, threads=1, train_now=train_now) for name, s in sections.items()}
 
 
 def backbone_cached(section, data: Path, cache: Path) -> bool:
@@ -168,7 +184,9 @@ def backbone_cached(section, data: Path, cache: Path) -> bool:
     from .backbone import DONE_FILE, backbone_key
 
     tok = read_manifest(data).tokenizer
-    return (cache / f"backbone-{backbone_key(section, tok.get('sha256', ''), int(tok['vocab_size']))}" / DONE_FILE).is_file()
+    return (
+        cache / f"backbone-{backbone_key(section, tok.get('sha256', ''), int(tok['vocab_size']))}" / DONE_FILE
+    ).is_file()
 
 
 def _own_process_group(logging_setup: dict) -> None:
@@ -205,7 +223,9 @@ def _read_searches(cfg: ReplicateConfig, out: Path) -> dict[tuple[str, str], dic
     return found
 
 
-def _adapt_variant(cfg: ReplicateConfig, out: Path, variant, backbones: dict, exports: dict, searched: dict, pool) -> dict:
+def _adapt_variant(
+    cfg: ReplicateConfig, out: Path, variant, backbones: dict, exports: dict, searched: dict, pool
+) -> dict:
     """Phase 1 in the first world (every lr for the search seeds, then the edge rule's extensions), phase 2 in
     every world (every seed at its row's chosen lr). Returns wall seconds per job run now."""
     worlds = cfg.world_list()
@@ -215,18 +235,26 @@ def _adapt_variant(cfg: ReplicateConfig, out: Path, variant, backbones: dict, ex
     def run(rows: list[dict], phase: str) -> None:
         table.update({r["job"]["out_dir"]: r for r in rows})
         # the variant's job table (tensorpoly-ds report lists its missing rows): every job so far
-        write_table(out / "adapt" / variant.name / "jobs.jsonl", [{**r, "row": i} for i, r in enumerate(table.values())])
+        write_table(
+            out / "adapt" / variant.name / "jobs.jsonl", [{**r, "row": i} for i, r in enumerate(table.values())]
+        )
         report = pool.run(rows, desc=f"adapt {variant.name} ({phase})")
         job_seconds.update({rows[i]["job"]["out_dir"]: s for i, s in report.seconds.items()})
         if report.failed:
-            raise JobFailed(f"{variant.name}: {len(report.failed)} adaptation jobs failed (their "
-                            "result.json holds the error); rerun to retry them")
+            raise JobFailed(
+                f"{variant.name}: {len(report.failed)} adaptation jobs failed (their "
+                "result.json holds the error); rerun to retry them"
+            )
 
     w0 = worlds[0]
     extra: dict[tuple[str, int], list[float]] = {}
-    while True:   # the edge rule: a row whose choice sits on the edge of the lrs it ran gets one more
-        run(stages.adaptation_rows(cfg, out, variant, backbones[w0.name], exports[w0.name][variant.name],
-                                   world=w0, extra_lrs=extra), "search" if not extra else "search, edge rule")
+    while True:  # the edge rule: a row whose choice sits on the edge of the lrs it ran gets one more
+        run(
+            stages.adaptation_rows(
+                cfg, out, variant, backbones[w0.name], exports[w0.name][variant.name], world=w0, extra_lrs=extra
+            ),
+            "search" if not extra else "search, edge rule",
+        )
         selection = lr_selection(cfg, out, variant.name)
         grown = edge_extensions(selection, cfg.adapt.lrs, cfg.adapt.max_extensions)
         if all(set(v) <= set(extra.get(k, ())) for k, v in grown.items()):
@@ -237,13 +265,19 @@ def _adapt_variant(cfg: ReplicateConfig, out: Path, variant, backbones: dict, ex
         run(stages.sensitivity_rows(cfg, out, variant, backbones[w0.name], searched, chosen), "sensitivity")
     for world in worlds:
         if world == w0 and cfg.search_seeds() == list(w0.seeds):
-            continue   # every seed of the first world already ran every lr
-        run(stages.adaptation_rows(cfg, out, variant, backbones[world.name], exports[world.name][variant.name],
-                                   chosen, world=world), f"chosen{', ' + world.name if world.name else ''}")
+            continue  # every seed of the first world already ran every lr
+        run(
+            stages.adaptation_rows(
+                cfg, out, variant, backbones[world.name], exports[world.name][variant.name], chosen, world=world
+            ),
+            f"chosen{', ' + world.name if world.name else ''}",
+        )
     return job_seconds
 
 
-def edge_extensions(selection: list[dict], grid: list[float], max_extensions: int) -> dict[tuple[str, int], list[float]]:
+def edge_extensions(
+    selection: list[dict], grid: list[float], max_extensions: int
+) -> dict[tuple[str, int], list[float]]:
     """{(row, k): the lrs beyond the configured grid that the edge rule asks for}: a row whose chosen lr is the
     smallest or largest it ran gets the next grid step past it, while it has fewer than `max_extensions`."""
     from ..engine.lr_search import beyond, edge_of
@@ -277,7 +311,9 @@ def lr_selection(cfg: ReplicateConfig, out: Path, variant: str) -> list[dict]:
     return table
 
 
-def analyse(cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports: dict, runs: dict, searched: dict) -> dict:
+def analyse(
+    cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports: dict, runs: dict, searched: dict
+) -> dict:
     from data_prep.manifest import read_manifest
 
     from . import analysis
@@ -292,17 +328,31 @@ def analyse(cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports
     for variant in cfg.variants:
         manifest = read_manifest(stages.data_dir(out, variant.name, max(cfg.prep.ks)))
         pretraining = pretraining_table(cfg, variant.name, runs, searched)
-        variants[variant.name] = analysis.variant_analysis(cfg, variant.name, out, res, backbones[w0],
-                                                           exports[w0][variant.name], manifest,
-                                                           untrained=pretraining["did_not_train"])
-        curves = {r.method.label: loss_curve(r.run_dir) for r in runs[w0]
-                  if r.variant == variant.name and (r.run_dir / "metrics.jsonl").is_file()}
+        variants[variant.name] = analysis.variant_analysis(
+            cfg,
+            variant.name,
+            out,
+            res,
+            backbones[w0],
+            exports[w0][variant.name],
+            manifest,
+            untrained=pretraining["did_not_train"],
+        )
+        curves = {
+            r.method.label: loss_curve(r.run_dir)
+            for r in runs[w0]
+            if r.variant == variant.name and (r.run_dir / "metrics.jsonl").is_file()
+        }
         if curves:
-            plot_curves(curves, res / f"{variant.name}_pretrain_loss.png",
-                        f"{variant.name}: multi-task pretraining, {cfg.pretrain.steps} steps per method")
+            plot_curves(
+                curves,
+                res / f"{variant.name}_pretrain_loss.png",
+                f"{variant.name}: multi-task pretraining, {cfg.pretrain.steps} steps per method",
+            )
             variants[variant.name]["figures"]["pretrain_loss"] = f"{variant.name}_pretrain_loss.png"
-            variants[variant.name]["pretrain_final_val_loss"] = {k: (c["val"][-1][1] if c["val"] else None)
-                                                                 for k, c in curves.items()}
+            variants[variant.name]["pretrain_final_val_loss"] = {
+                k: (c["val"][-1][1] if c["val"] else None) for k, c in curves.items()
+            }
         if cfg.pretrain.sensitivity:
             dev = int((manifest.extra.get("latent_skills") or {}).get("dev_examples", 0))
             pretraining["sensitivity"] = sensitivity_table(cfg, out, variant.name, searched, dev)
@@ -312,9 +362,13 @@ def analyse(cfg: ReplicateConfig, out: Path, backbones: dict[str, Path], exports
     backbone_info = json.loads((bb_root / DONE_FILE).read_text())
     backbone_info["curve"] = json.loads((bb_root / "loss_curve.json").read_text())
     shutil.copyfile(bb_root / "loss_curve.png", res / "backbone_loss.png")
-    body = {"config": stages.protocol(cfg), "config_file": cfg.source, "backbone": backbone_info,
-            "variants": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in variants.items()},
-            "timings": _timings(out)}
+    body = {
+        "config": stages.protocol(cfg),
+        "config_file": cfg.source,
+        "backbone": backbone_info,
+        "variants": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in variants.items()},
+        "timings": _timings(out),
+    }
     if len(worlds) > 1:
         body["backbones"] = {w.name: json.loads((backbones[w.name].parent / DONE_FILE).read_text()) for w in worlds}
     atomic_write_json(res / "results.json", body)
@@ -342,8 +396,13 @@ def sensitivity_table(cfg: ReplicateConfig, out: Path, variant: str, searched: d
             rows[value] = {"val_loss": loss, "dev": dev, "jobs": len(results)}
         by_dev = [x for x in rows if rows[x]["dev"] is not None]
         dev_choice = max(sorted(by_dev, key=float), key=lambda x: rows[x]["dev"]) if by_dev else None
-        table[label] = {"key": axis["key"], "candidates": rows, "chosen_by_val_loss": f"{axis['chosen']:g}",
-                        "chosen_by_dev": dev_choice, "agree": dev_choice == f"{axis['chosen']:g}"}
+        table[label] = {
+            "key": axis["key"],
+            "candidates": rows,
+            "chosen_by_val_loss": f"{axis['chosen']:g}",
+            "chosen_by_dev": dev_choice,
+            "agree": dev_choice == f"{axis['chosen']:g}",
+        }
     return table
 
 
@@ -382,8 +441,10 @@ def did_not_train(cfg: ReplicateConfig, methods: dict) -> dict[str, str]:
         ref_loss = methods.get(ref, {}).get("mean_val_loss")
         loss = entry["mean_val_loss"]
         if ref_loss is not None and (loss is None or loss > p.untrained_factor * ref_loss):
-            untrained[label] = (f"mean multi-task val loss {loss if loss is None else round(loss, 3)} > "
-                                f"{p.untrained_factor:g} x {ref}'s {ref_loss:.3f}")
+            untrained[label] = (
+                f"mean multi-task val loss {loss if loss is None else round(loss, 3)} > "
+                f"{p.untrained_factor:g} x {ref}'s {ref_loss:.3f}"
+            )
     return untrained
 
 
@@ -398,9 +459,16 @@ def _timings(out: Path) -> dict:
             continue
         if r.get("status") == "complete":
             per_label[r["label"]].append(r.get("timings") or {})
-    jobs = {label: {"jobs": len(ts), **{k: statistics.mean(t.get(k, 0.0) for t in ts)
-                                        for k in ("total_s", "train_s", "eval_s", "setup_s", "data_s")}}
-            for label, ts in sorted(per_label.items())}
+    jobs = {
+        label: {
+            "jobs": len(ts),
+            **{
+                k: statistics.mean(t.get(k, 0.0) for t in ts)
+                for k in ("total_s", "train_s", "eval_s", "setup_s", "data_s")
+            },
+        }
+        for label, ts in sorted(per_label.items())
+    }
     return {"stage_runs": [json.loads(p.read_text()) for p in runs[-5:]], "adaptation_by_method": jobs}
 
 

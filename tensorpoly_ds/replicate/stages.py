@@ -31,6 +31,7 @@ def lr_tag(lr: float) -> str:
 
 # --- prep --------------------------------------------------------------------------------------------------
 
+
 def data_dir(out: Path, variant: str, k: int) -> Path:
     return out / "data" / variant / f"k{k}"
 
@@ -45,11 +46,17 @@ def prep_all(cfg: ReplicateConfig, out: Path) -> None:
     for variant in cfg.variants:
         for k in cfg.prep.ks:
             target = data_dir(out, variant.name, k)
-            pc = PrepConfig(mixture=variant.mixture, source="embedded",
-                            tokenizer=str(shared_tokenizer) if shared_tokenizer else "embedded", out=target,
-                            num_shards=1, val_per_template=cfg.prep.val_per_template,
-                            cap_per_template=cfg.prep.cap_per_template,
-                            few_shot_seeds=tuple(cfg.all_seeds()), few_shot_k=k)
+            pc = PrepConfig(
+                mixture=variant.mixture,
+                source="embedded",
+                tokenizer=str(shared_tokenizer) if shared_tokenizer else "embedded",
+                out=target,
+                num_shards=1,
+                val_per_template=cfg.prep.val_per_template,
+                cap_per_template=cfg.prep.cap_per_template,
+                few_shot_seeds=tuple(cfg.all_seeds()),
+                few_shot_k=k,
+            )
             result = build(pc)
             if shared_tokenizer is None:
                 shared_tokenizer = target / "tokenizer"
@@ -71,23 +78,26 @@ def check_no_unknown_words(directory: Path, variant: str, first: str) -> None:
             if col not in ds.column_names:
                 continue
             values = ds.data.column(col).combine_chunks()
-            while hasattr(values, "flatten"):   # list<int> and list<list<int>> down to the ids
+            while hasattr(values, "flatten"):  # list<int> and list<list<int>> down to the ids
                 values = values.flatten()
             ids = values.to_numpy(zero_copy_only=False)
             if (ids == unk).any():
-                raise ConfigError(f"{directory}: split {split!r} column {col!r} has {int((ids == unk).sum())} "
-                                  f"unknown words: the shared tokenizer (of variant {first!r}) does not cover "
-                                  f"variant {variant!r}; list the variant with the richest prompts first")
+                raise ConfigError(
+                    f"{directory}: split {split!r} column {col!r} has {int((ids == unk).sum())} "
+                    f"unknown words: the shared tokenizer (of variant {first!r}) does not cover "
+                    f"variant {variant!r}; list the variant with the richest prompts first"
+                )
 
 
 # --- multi-task pretraining ----------------------------------------------------------------------------------
+
 
 @dataclass
 class PretrainRun:
     variant: str
     method: MethodSpec
     run_dir: Path
-    config: dict                 # the run config written to run_dir/run.yaml
+    config: dict  # the run config written to run_dir/run.yaml
 
     @property
     def export(self) -> Path:
@@ -113,16 +123,21 @@ def run_config(cfg: ReplicateConfig, data: Path, backbone: Path, world: World, m
 
 
 def searched_methods(cfg: ReplicateConfig) -> list[tuple[Variant, MethodSpec]]:
-    return [(v, m) for v in cfg.variants for m in cfg.methods_for(v.name)
-            if m.is_pretrained() and cfg.method_pretrain(m)["search"]]
+    return [
+        (v, m)
+        for v in cfg.variants
+        for m in cfg.methods_for(v.name)
+        if m.is_pretrained() and cfg.method_pretrain(m)["search"]
+    ]
 
 
 def search_dir(out: Path, cfg: ReplicateConfig, variant: str, label: str) -> Path:
     return world_root(out, cfg.world_list()[0]) / "lr_search" / variant / slug(label)
 
 
-def search_pretraining_lrs(cfg: ReplicateConfig, out: Path, backbone: Path, workers: int,
-                           threads: int) -> dict[tuple[str, str], dict]:
+def search_pretraining_lrs(
+    cfg: ReplicateConfig, out: Path, backbone: Path, workers: int, threads: int
+) -> dict[tuple[str, str], dict]:
     """tensorpoly_ds.engine.lr_search for every searched method of every variant, in the first world;
     {(variant, label): the search result}. Methods search side by side, one candidate run each at a time."""
     from concurrent.futures import ThreadPoolExecutor
@@ -140,20 +155,26 @@ def search_pretraining_lrs(cfg: ReplicateConfig, out: Path, backbone: Path, work
         todo.append(((variant.name, m.label), run_config(cfg, data, backbone, world, m, d), d))
     if not todo:
         return {}
-    ensure_engine_ops()   # once, before the threads: every run loads DeepSpeed's op from the same cache
+    ensure_engine_ops()  # once, before the threads: every run loads DeepSpeed's op from the same cache
 
     def one(item):
         key, base, d = item
-        result = lr_search.search(base, spec, d, lambda runs: run_pretraining(runs, d, 1, threads),
-                                  label=f"{key[0]}/{key[1]}")
+        result = lr_search.search(
+            base, spec, d, lambda runs: run_pretraining(runs, d, 1, threads), label=f"{key[0]}/{key[1]}"
+        )
         return key, result
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return dict(pool.map(one, todo))
 
 
-def pretrain_runs(cfg: ReplicateConfig, out: Path, backbone: Path, world: World | None = None,
-                  searched: dict[tuple[str, str], dict] | None = None) -> list[PretrainRun]:
+def pretrain_runs(
+    cfg: ReplicateConfig,
+    out: Path,
+    backbone: Path,
+    world: World | None = None,
+    searched: dict[tuple[str, str], dict] | None = None,
+) -> list[PretrainRun]:
     """Every pretrained method's run in `world` (default: the first), at its recipe's learning rates or at
     those its search chose. In the first world a searched method's run is its chosen candidate run (the same
     config) when the candidates ran the full budget."""
@@ -185,6 +206,7 @@ def pretrain_runs(cfg: ReplicateConfig, out: Path, backbone: Path, world: World 
 
 # --- the adaptation jobs ---------------------------------------------------------------------------------------
 
+
 def _job_base(cfg: ReplicateConfig, backbone: Path) -> dict:
     return {"model": str(backbone), **cfg.adapt_job_base()}
 
@@ -210,9 +232,17 @@ def variant_tasks(cfg: ReplicateConfig, out: Path, variant: str) -> list[str]:
     return tasks
 
 
-def adaptation_rows(cfg: ReplicateConfig, out: Path, variant: Variant, backbone: Path, exports: dict[str, Path],
-                    chosen_lr: dict[tuple[str, int], float] | None = None, *, world: World | None = None,
-                    extra_lrs: dict[tuple[str, int], list[float]] | None = None) -> list[dict]:
+def adaptation_rows(
+    cfg: ReplicateConfig,
+    out: Path,
+    variant: Variant,
+    backbone: Path,
+    exports: dict[str, Path],
+    chosen_lr: dict[tuple[str, int], float] | None = None,
+    *,
+    world: World | None = None,
+    extra_lrs: dict[tuple[str, int], list[float]] | None = None,
+) -> list[dict]:
     """The jobs of one variant in one world (default: the first) as job-table rows
     (tensorpoly_ds.adapt.table.expand_grid, so every job is validated now). Without `chosen_lr` (phase 1, the
     first world): every lr of the grid, plus the row's `extra_lrs` (edge-rule extensions), for the search
@@ -243,33 +273,57 @@ def adaptation_rows(cfg: ReplicateConfig, out: Path, variant: Variant, backbone:
                         if chosen_lr.get((name, k)) != lr:
                             continue
                         seeds = world.seeds
-                    grid = {"base": {**_job_base(cfg, backbone), "lr": lr,
-                                     "routing_lr": lr * cfg.adapt.routing_lr_scale,
-                                     "data_dir": str(data_dir(out, variant.name, k))},
-                            "methods": [_entry(m, exports)], "modes": [mode], "tasks": tasks, "seeds": seeds,
-                            "ks": [k]}
+                    grid = {
+                        "base": {
+                            **_job_base(cfg, backbone),
+                            "lr": lr,
+                            "routing_lr": lr * cfg.adapt.routing_lr_scale,
+                            "data_dir": str(data_dir(out, variant.name, k)),
+                        },
+                        "methods": [_entry(m, exports)],
+                        "modes": [mode],
+                        "tasks": tasks,
+                        "seeds": seeds,
+                        "ks": [k],
+                    }
                     rows += expand_grid(grid, root / lr_tag(lr))
     z = cfg.zero_shot
     if variant.name in z.variants and (chosen_lr is None) == first:
         for steps in z.multitask_steps:
             for label in z.methods:
                 m = cfg.method(label)
-                mode = "mu" if AdapterConfig.from_dict(m.adapter).routed else "full"   # mu = average the modules
-                base = {**_job_base(cfg, backbone), "lr": z.lr, "routing_lr": z.lr * cfg.adapt.routing_lr_scale,
-                        "multitask_steps": steps,
-                        "multitask_batch_size": z.multitask_batch_size,
-                        "data_dir": str(data_dir(out, variant.name, max(cfg.prep.ks)))}
+                mode = "mu" if AdapterConfig.from_dict(m.adapter).routed else "full"  # mu = average the modules
+                base = {
+                    **_job_base(cfg, backbone),
+                    "lr": z.lr,
+                    "routing_lr": z.lr * cfg.adapt.routing_lr_scale,
+                    "multitask_steps": steps,
+                    "multitask_batch_size": z.multitask_batch_size,
+                    "data_dir": str(data_dir(out, variant.name, max(cfg.prep.ks))),
+                }
                 # without multi-task steps every seed gives the same numbers; kept so that rows pair up
-                grid = {"base": base, "methods": [_entry(m, exports)], "modes": [mode], "tasks": tasks,
-                        "seeds": world.seeds, "ks": [0]}
+                grid = {
+                    "base": base,
+                    "methods": [_entry(m, exports)],
+                    "modes": [mode],
+                    "tasks": tasks,
+                    "seeds": world.seeds,
+                    "ks": [0],
+                }
                 rows += expand_grid(grid, root / "zeroshot" / f"mt{steps}")
     for i, r in enumerate(rows):
         r["row"] = i
     return rows
 
 
-def sensitivity_rows(cfg: ReplicateConfig, out: Path, variant: Variant, backbone: Path, searched: dict,
-                     chosen_lr: dict[tuple[str, int], float]) -> list[dict]:
+def sensitivity_rows(
+    cfg: ReplicateConfig,
+    out: Path,
+    variant: Variant,
+    backbone: Path,
+    searched: dict,
+    chosen_lr: dict[tuple[str, int], float],
+) -> list[dict]:
     """The jobs of the selection rule's sensitivity check (pretrain.sensitivity): every module-lr candidate of
     every search of this variant, adapted in the method's first mode for the search seeds on every task, at its
     row's chosen adaptation lr (largest k)."""
@@ -288,11 +342,22 @@ def sensitivity_rows(cfg: ReplicateConfig, out: Path, variant: Variant, backbone
         base = run_config(cfg, data_dir(out, variant.name, k), backbone, cfg.world_list()[0], m, Path("."))
         for value in sorted(float(x) for x in found["axes"][0]["losses"]):
             lrs = module_axis_lrs(cfg, m, found, value)
-            cand = candidate(base, lrs, cfg.pretrain.lr_search.get("steps"), search_dir(out, cfg, variant.name, m.label) / "runs")
-            grid = {"base": {**_job_base(cfg, backbone), "lr": lr, "routing_lr": lr * cfg.adapt.routing_lr_scale,
-                             "data_dir": str(data_dir(out, variant.name, k))},
-                    "methods": [{"label": m.label, "export": str(cand.run_dir / "export")}], "modes": [mode],
-                    "tasks": tasks, "seeds": cfg.search_seeds(), "ks": [k]}
+            cand = candidate(
+                base, lrs, cfg.pretrain.lr_search.get("steps"), search_dir(out, cfg, variant.name, m.label) / "runs"
+            )
+            grid = {
+                "base": {
+                    **_job_base(cfg, backbone),
+                    "lr": lr,
+                    "routing_lr": lr * cfg.adapt.routing_lr_scale,
+                    "data_dir": str(data_dir(out, variant.name, k)),
+                },
+                "methods": [{"label": m.label, "export": str(cand.run_dir / "export")}],
+                "modes": [mode],
+                "tasks": tasks,
+                "seeds": cfg.search_seeds(),
+                "ks": [k],
+            }
             rows += expand_grid(grid, sensitivity_dir(out, cfg, variant.name, m.label, lrs))
     return rows
 
@@ -313,9 +378,16 @@ def sensitivity_dir(out: Path, cfg: ReplicateConfig, variant: str, label: str, l
 
 # Fields added after the first published protocol: at these values they change nothing, so they stay out of
 # protocol.json and an OUT written before they existed still resumes.
-_NEUTRAL = {("worlds",): None, ("pretrain", "lr_search"): None, ("pretrain", "untrained_reference"): None,
-            ("pretrain", "untrained_factor"): 2.0, ("pretrain", "untrained_task_blind_reference"): None,
-            ("pretrain", "sensitivity"): False, ("adapt", "max_extensions"): 0, ("pretrain", "run_config"): {}}
+_NEUTRAL = {
+    ("worlds",): None,
+    ("pretrain", "lr_search"): None,
+    ("pretrain", "untrained_reference"): None,
+    ("pretrain", "untrained_factor"): 2.0,
+    ("pretrain", "untrained_task_blind_reference"): None,
+    ("pretrain", "sensitivity"): False,
+    ("adapt", "max_extensions"): 0,
+    ("pretrain", "run_config"): {},
+}
 
 
 def protocol(cfg: ReplicateConfig) -> dict:

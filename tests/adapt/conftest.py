@@ -12,10 +12,33 @@ ROOT = Path(__file__).resolve().parents[2]
 def prepared(tmp_path_factory):
     """A real prepared directory (data_prep, embedded mixture: 16 train tasks, 3 held-out, k=4)."""
     out = tmp_path_factory.mktemp("data") / "emb"
-    proc = subprocess.run([sys.executable, "-m", "data_prep", "--mixture", "embedded", "--source", "embedded",
-                           "--tokenizer", "embedded", "--out", str(out), "--cap-per-template", "20",
-                           "--val-per-template", "2", "--few-shot-k", "4", "--num-shards", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "--mixture",
+            "embedded",
+            "--source",
+            "embedded",
+            "--tokenizer",
+            "embedded",
+            "--out",
+            str(out),
+            "--cap-per-template",
+            "20",
+            "--val-per-template",
+            "2",
+            "--few-shot-k",
+            "4",
+            "--num-shards",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

@@ -20,17 +20,53 @@ from tpds_common.net import free_port
 
 def adapt_args(prepared, export, out, mode, zero):
     task = read_manifest(prepared).held_out[0]
-    return ["-m", "launch.adapt", "--export", str(export), "--data", str(prepared), "--task", task, "--mode", mode,
-            "--seed", "0", "--out", str(out), "--steps", "4", "--batch-size", "4", "--eval-every", "2",
-            "--set", "max_eval_examples=12", "--set", "eval_batch_size=4", "--set", "trainer=\"engine\"",
-            "--set", f"zero_stage={zero}", "--set", "save_adapter=true", "--set", "warmup_ratio=0.0"]
+    return [
+        "-m",
+        "launch.adapt",
+        "--export",
+        str(export),
+        "--data",
+        str(prepared),
+        "--task",
+        task,
+        "--mode",
+        mode,
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "2",
+        "--set",
+        "max_eval_examples=12",
+        "--set",
+        "eval_batch_size=4",
+        "--set",
+        'trainer="engine"',
+        "--set",
+        f"zero_stage={zero}",
+        "--set",
+        "save_adapter=true",
+        "--set",
+        "warmup_ratio=0.0",
+    ]
 
 
 def env():
     port = free_port()
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port), PYTHONPATH=str(ROOT),
-                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))), port
+    return dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        PYTHONPATH=str(ROOT),
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")),
+    ), port
 
 
 def check_z(out, export):
@@ -42,8 +78,9 @@ def check_z(out, export):
     for k, v in pre.items():
         if not k.startswith("tpds_routing."):
             assert torch.equal(v, post[k]), f"mode z changed module tensor {k}"
-    logits = torch.cat([v.flatten() for k, v in load_file(str(out / "routing.safetensors")).items()
-                        if k.endswith(".logits")])
+    logits = torch.cat(
+        [v.flatten() for k, v in load_file(str(out / "routing.safetensors")).items() if k.endswith(".logits")]
+    )
     assert logits.abs().max() > 2e-3
     # routing is monitored by its entropy; a one-task job draws no heatmaps (engine_train: heatmap_max_layers=0)
     rows = [json.loads(line) for line in (out / "engine" / "fewshot" / "metrics.jsonl").read_text().splitlines()]
@@ -59,15 +96,35 @@ def check_z(out, export):
 @pytest.mark.slow
 def test_engine_one_rank_and_zero3_two_ranks(prepared, poly_export, tmp_path):
     e, _ = env()
-    one = subprocess.run([sys.executable, *adapt_args(prepared, poly_export, tmp_path / "one", "z", 0)], cwd=ROOT,
-                         env=e, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, *adapt_args(prepared, poly_export, tmp_path / "one", "z", 0)],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-4000:]
     r1 = check_z(tmp_path / "one", poly_export)
     assert r1["world_size"] == 1
     e, port = env()
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(port), *adapt_args(prepared, poly_export, tmp_path / "two", "z", 3)],
-                         cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            *adapt_args(prepared, poly_export, tmp_path / "two", "z", 3),
+        ],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
     r2 = check_z(tmp_path / "two", poly_export)
     assert r2["world_size"] == 2
@@ -81,7 +138,7 @@ def test_tiny_backbone_is_the_one_stage2_builds():
     from tensorpoly_ds.engine.config import ModelSection
     from tensorpoly_ds.engine.model import build_backbone as engine_build
 
-    seed_all(42)   # what `tensorpoly-ds pretrain` does with the default train.seed before building
+    seed_all(42)  # what `tensorpoly-ds pretrain` does with the default train.seed before building
     ref, _ = engine_build(ModelSection(name_or_path="tiny"), vocab_size=130, ds_config=None, precision="fp32")
     ours = build_backbone(AdaptJob(out_dir="x", data_dir="x", task="t", method="fullft"), 130)
     a, b = ref.state_dict(), ours.state_dict()
@@ -100,18 +157,26 @@ def test_zero3_hf_checkpoint_backbone_two_ranks(prepared, tmp_path):
     vocab = read_manifest(prepared).tokenizer["vocab_size"]
     backbone = build_backbone(AdaptJob(out_dir="x", data_dir="x", task="t", method="fullft"), vocab)
     backbone.save_pretrained(str(tmp_path / "hf"))
-    export = make_export(prepared, tmp_path / "export", "poly", skills=2)   # same weights as tmp_path/hf
+    export = make_export(prepared, tmp_path / "export", "poly", skills=2)  # same weights as tmp_path/hf
     e, port = env()
     args = adapt_args(prepared, export, tmp_path / "job", "full", 3) + ["--model", str(tmp_path / "hf")]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads((tmp_path / "job" / "result.json").read_text())
     assert result["world_size"] == 2 and result["status"] == "complete"
-    assert result["params"]["backbone"] == sum(p.numel() for p in T5ForConditionalGeneration.from_pretrained(
-        str(tmp_path / "hf")).parameters())
+    assert result["params"]["backbone"] == sum(
+        p.numel() for p in T5ForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).parameters()
+    )
     assert result["params"]["trainable"] == result["params"]["multi_task"]["modules"] + 2 * len(
-        [k for k in load_file(str(tmp_path / "job" / "routing.safetensors")) if k.endswith(".logits")])
+        [k for k in load_file(str(tmp_path / "job" / "routing.safetensors")) if k.endswith(".logits")]
+    )
     post = load_file(str(tmp_path / "job" / "adapter" / "adapter_model.safetensors"))
     pre = load_file(str(Path(export) / "adapter_model.safetensors"))
     changed = [k for k, v in pre.items() if not k.startswith("tpds_routing.") and not torch.equal(v, post[k])]
@@ -119,8 +184,14 @@ def test_zero3_hf_checkpoint_backbone_two_ranks(prepared, tmp_path):
     # zero-shot (k = 0) under ZeRO-3: no training, evaluation still through the partitioned engine
     e, port = env()
     args = adapt_args(prepared, export, tmp_path / "zs", "mu", 3) + ["--model", str(tmp_path / "hf"), "--k", "0"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     zs = json.loads((tmp_path / "zs" / "result.json").read_text())
     assert zs["zero_shot"] and [x["step"] for x in zs["evaluations"]] == [0] and zs["evaluations"][0]["examples"] == 12

@@ -8,9 +8,14 @@ from tensorpoly_ds.adapt.table import TableError, expand_grid
 
 
 def grid(**extra):
-    return {"base": {"data_dir": "data", "steps": 10, "batch_size": 8},
-            "methods": [{"label": "LoRA", "method": "lora"}, {"label": "FullFT", "method": "fullft", "batch_size": 2}],
-            "modes": ["full"], "tasks": ["rte", "h-swag"], "seeds": [0, 1], **extra}
+    return {
+        "base": {"data_dir": "data", "steps": 10, "batch_size": 8},
+        "methods": [{"label": "LoRA", "method": "lora"}, {"label": "FullFT", "method": "fullft", "batch_size": 2}],
+        "modes": ["full"],
+        "tasks": ["rte", "h-swag"],
+        "seeds": [0, 1],
+        **extra,
+    }
 
 
 def test_overrides_apply_to_the_task_rows_only(tmp_path):
@@ -21,9 +26,10 @@ def test_overrides_apply_to_the_task_rows_only(tmp_path):
         job = after["job"]
         assert after["id"] == before["id"]
         if job["task"] == "h-swag":
-            assert (job["batch_size"], job["grad_accum"]) == (4, 2)   # wins over base and the method entry
-            assert {k: v for k, v in job.items() if k not in ("batch_size", "grad_accum")} == \
-                {k: v for k, v in before["job"].items() if k not in ("batch_size", "grad_accum")}
+            assert (job["batch_size"], job["grad_accum"]) == (4, 2)  # wins over base and the method entry
+            assert {k: v for k, v in job.items() if k not in ("batch_size", "grad_accum")} == {
+                k: v for k, v in before["job"].items() if k not in ("batch_size", "grad_accum")
+            }
         else:
             assert job == before["job"]
     assert [r["job"]["batch_size"] for r in rows if r["job"]["task"] == "rte"] == [8, 8, 2, 2]
@@ -34,13 +40,16 @@ def test_a_held_out_task_missing_from_this_grid_is_not_an_error(tmp_path):
     assert all(r["job"]["batch_size"] in (8, 2) for r in rows)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    ({"hellaswag": {"batch_size": 4}}, r"grid\.yaml: overrides\.hellaswag: unknown task 'hellaswag'"),
-    ({"h-swag": {"batch_sise": 4}}, r"grid\.yaml: overrides\.h-swag\.batch_sise: not a job field"),
-    ({"h-swag": {"seed": 3}}, r"grid\.yaml: overrides\.h-swag\.seed: not a job field an override can set"),
-    ({"h-swag": 4}, r"grid\.yaml: overrides\.h-swag must map job fields"),
-    (["h-swag"], r"grid\.yaml: 'overrides' must map task names"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"hellaswag": {"batch_size": 4}}, r"grid\.yaml: overrides\.hellaswag: unknown task 'hellaswag'"),
+        ({"h-swag": {"batch_sise": 4}}, r"grid\.yaml: overrides\.h-swag\.batch_sise: not a job field"),
+        ({"h-swag": {"seed": 3}}, r"grid\.yaml: overrides\.h-swag\.seed: not a job field an override can set"),
+        ({"h-swag": 4}, r"grid\.yaml: overrides\.h-swag must map job fields"),
+        (["h-swag"], r"grid\.yaml: 'overrides' must map task names"),
+    ],
+)
 def test_bad_overrides_name_the_grid_file_and_key(tmp_path, overrides, match):
     with pytest.raises(TableError, match=match):
         expand_grid(grid(overrides=overrides), tmp_path, source="configs/sweep/grid.yaml")

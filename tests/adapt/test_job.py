@@ -32,8 +32,7 @@ def split_tensors(path):
 def test_modes_end_to_end_and_weights(prepared, poly_export, tmp_path, mode, trainer):
     """trainer auto = the engine (DeepSpeed): this tree has it, so auto must not run the local loop.
     Mutation seen caught: engine_available() returning False (auto fell back silently): result trainer 'local'."""
-    job = make_job(prepared, tmp_path / mode, export=str(poly_export), mode=mode, save_adapter=True,
-                   trainer=trainer)
+    job = make_job(prepared, tmp_path / mode, export=str(poly_export), mode=mode, save_adapter=True, trainer=trainer)
     result = run_job(job)
     assert result["status"] == "complete" and is_complete(job.out_dir)
     assert result["trainer"] == ("engine" if trainer == "auto" else trainer)
@@ -71,7 +70,7 @@ def test_modes_end_to_end_and_weights(prepared, poly_export, tmp_path, mode, tra
 
 
 def test_skip_if_complete_and_rerun_if_crashed(prepared, poly_export, tmp_path, monkeypatch, tpds_messages):
-    logs = tpds_messages   # the project logger's lines (tests/conftest.py)
+    logs = tpds_messages  # the project logger's lines (tests/conftest.py)
     logs.clear()
     job = make_job(prepared, tmp_path / "j", export=str(poly_export), mode="z", steps=2, eval_every=0)
     run_job(job)
@@ -111,8 +110,18 @@ def test_zero_shot_and_mhr_mu_recipe(prepared, tmp_path):
     zs = run_job(make_job(prepared, tmp_path / "zs", export=str(export), mode="mu", k=0))
     assert zs["zero_shot"] and zs["k"] == 0 and [e["step"] for e in zs["evaluations"]] == [0]
     assert zs["train_loss"] == []
-    recipe = run_job(make_job(prepared, tmp_path / "mt", export=str(export), mode="mu", k=0, collapse=True,
-                              multitask_steps=3, multitask_batch_size=4))
+    recipe = run_job(
+        make_job(
+            prepared,
+            tmp_path / "mt",
+            export=str(export),
+            mode="mu",
+            k=0,
+            collapse=True,
+            multitask_steps=3,
+            multitask_batch_size=4,
+        )
+    )
     assert len(recipe["multitask_loss"]) == 3 and recipe["zero_shot"]
     # collapsed: one rank-1 LoRA per layer instead of 2 skills
     assert recipe["params"]["trainable"] * 2 == recipe["params"]["multi_task"]["modules"]
@@ -126,7 +135,9 @@ def test_fullft_and_fresh_lora_baselines(prepared, tmp_path):
     assert lora["label"] == "LoRA (w/o pretrain)" and 0 < lora["params"]["trainable"] < lora["params"]["backbone"]
     ia3 = run_job(make_job(prepared, tmp_path / "ia3", method="ia3", steps=2, eval_every=0))
     # (IA)^3 on k, v (self + cross attention) and wi_1 of the tiny T5: 2 enc + 2 dec blocks, d_model 64, d_ff 128
-    assert ia3["label"] == "(IA)^3 (w/o pretrain)" and ia3["params"]["trainable"] == 2 * (2 * 64 + 128) + 2 * (4 * 64 + 128)
+    assert ia3["label"] == "(IA)^3 (w/o pretrain)" and ia3["params"]["trainable"] == 2 * (2 * 64 + 128) + 2 * (
+        4 * 64 + 128
+    )
 
 
 def test_invalid_jobs_are_refused(prepared, poly_export, tmp_path):
@@ -158,8 +169,11 @@ def test_engine_available_raises_on_a_broken_engine_and_is_false_only_when_absen
 
     monkeypatch.setattr(job_mod.importlib, "import_module", broken)
     auto = AdaptJob.from_dict({"out_dir": "o", "data_dir": "d", "task": "t", "method": "lora", "trainer": "auto"})
-    with pytest.raises(JobError, match=r"engine is installed but does not import \(ModuleNotFoundError: No module "
-                                       r"named 'deepspeed'\)"):
+    with pytest.raises(
+        JobError,
+        match=r"engine is installed but does not import \(ModuleNotFoundError: No module "
+        r"named 'deepspeed'\)",
+    ):
         job_mod.resolve_trainer(auto)
     monkeypatch.setattr(job_mod.importlib.util, "find_spec", lambda name: None)
     assert job_mod.resolve_trainer(auto) == "local"

@@ -11,21 +11,49 @@ from launch import adapt as adapt_cli
 from launch.cli import main as cli_main
 from tests.adapt.conftest import ROOT
 
-TORCHRUN_RANK0_OF_2 = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29998", "TORCHELASTIC_RUN_ID": "t"}
+TORCHRUN_RANK0_OF_2 = {
+    "RANK": "0",
+    "LOCAL_RANK": "0",
+    "WORLD_SIZE": "2",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29998",
+    "TORCHELASTIC_RUN_ID": "t",
+}
 
 
 def args(prepared, poly_export, tmp_path, batch):
-    return ["--export", str(poly_export), "--data", str(prepared), "--task", read_manifest(prepared).held_out[0],
-            "--out", str(tmp_path / "job"), "--batch-size", str(batch), "--steps", "2", "--set", 'trainer="engine"']
+    return [
+        "--export",
+        str(poly_export),
+        "--data",
+        str(prepared),
+        "--task",
+        read_manifest(prepared).held_out[0],
+        "--out",
+        str(tmp_path / "job"),
+        "--batch-size",
+        str(batch),
+        "--steps",
+        "2",
+        "--set",
+        'trainer="engine"',
+    ]
 
 
 def test_batch_size_not_dividing_over_the_ranks_is_refused_before_torch(prepared, poly_export, tmp_path):
-    code = ("import sys, launch.cli as c; rc = c.main(['adapt', *sys.argv[1:]]); "
-            "print(rc, 'torch' in sys.modules, 'tensorpoly_ds.engine.trainer' in sys.modules)")
+    code = (
+        "import sys, launch.cli as c; rc = c.main(['adapt', *sys.argv[1:]]); "
+        "print(rc, 'torch' in sys.modules, 'tensorpoly_ds.engine.trainer' in sys.modules)"
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT), **TORCHRUN_RANK0_OF_2)
-    proc = subprocess.run([sys.executable, "-c", code, *args(prepared, poly_export, tmp_path, 5)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args(prepared, poly_export, tmp_path, 5)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr
     assert "'batch_size' = 5 does not divide over the launcher's 2 ranks" in proc.stderr
     assert not (tmp_path / "job").exists()

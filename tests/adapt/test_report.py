@@ -27,16 +27,30 @@ def write_result(d: Path, label, mode, task, seed, acc, *, status="complete", ma
         return job
     body = {"status": status, "job": job}
     if status == "complete":
-        body.update(label=label, mode=mode, task=task, seed=seed, k=32, final={"step": 10, "accuracy": acc},
-                    best={"step": 5, "accuracy": min(1.0, acc + 0.01)},
-                    params={"trainable": {"full": 1000, "z": 24, "mu": 976}[mode] if label == "Poly" else 500,
-                            "multi_task": {"modules": 976, "routing": 240, "total": 1216} if label == "Poly" else None},
-                    routing_file="routing.safetensors" if routing else None)
+        body.update(
+            label=label,
+            mode=mode,
+            task=task,
+            seed=seed,
+            k=32,
+            final={"step": 10, "accuracy": acc},
+            best={"step": 5, "accuracy": min(1.0, acc + 0.01)},
+            params={
+                "trainable": {"full": 1000, "z": 24, "mu": 976}[mode] if label == "Poly" else 500,
+                "multi_task": {"modules": 976, "routing": 240, "total": 1216} if label == "Poly" else None,
+            },
+            routing_file="routing.safetensors" if routing else None,
+        )
         if routing:
-            save_file({"encoder__block__0.weights": torch.tensor([[0.2, 0.8]]),
-                       "encoder__block__0.logits": torch.tensor([[0.0, 1.0]]),
-                       "decoder__block__0.weights": torch.tensor([[0.5, 0.5]]),
-                       "decoder__block__0.logits": torch.tensor([[0.0, 0.0]])}, str(d / "routing.safetensors"))
+            save_file(
+                {
+                    "encoder__block__0.weights": torch.tensor([[0.2, 0.8]]),
+                    "encoder__block__0.logits": torch.tensor([[0.0, 1.0]]),
+                    "decoder__block__0.weights": torch.tensor([[0.5, 0.5]]),
+                    "decoder__block__0.logits": torch.tensor([[0.0, 0.0]]),
+                },
+                str(d / "routing.safetensors"),
+            )
     else:
         body["error"] = "RuntimeError: out of memory"
     (d / "result.json").write_text(json.dumps(body))
@@ -49,7 +63,7 @@ def write_result(d: Path, label, mode, task, seed, acc, *, status="complete", ma
 def runs(tmp_path):
     rng = random.Random(0)
     sweep = tmp_path / "sweep"
-    expected = {}   # (label, mode, task) -> list of accuracies of complete jobs
+    expected = {}  # (label, mode, task) -> list of accuracies of complete jobs
     problems = {}
     table_rows = []
     for label, mode in ROWS:
@@ -61,18 +75,18 @@ def runs(tmp_path):
                 job = {"label": label, "mode": mode, "task": task, "seed": seed, "out_dir": str(d)}
                 table_rows.append({"row": len(table_rows), "id": d.name, "job": job})
                 if key == ("Poly", "z", "cb", 42):
-                    problems[str(d)] = "missing"          # never ran: only the job table knows it
+                    problems[str(d)] = "missing"  # never ran: only the job table knows it
                     continue
                 if key == ("Poly", "mu", "rte", 0):
                     write_result(d, label, mode, task, seed, acc, status="failed")
                     problems[str(d)] = "failed"
                     continue
                 if key == ("Poly", "mu", "rte", 1024):
-                    write_result(d, label, mode, task, seed, acc, status=None)   # crashed: job.json only
+                    write_result(d, label, mode, task, seed, acc, status=None)  # crashed: job.json only
                     problems[str(d)] = "incomplete"
                     continue
                 if key == ("LoRA", "full", "anli_r1", 42):
-                    write_result(d, label, mode, task, seed, acc, marker=False)   # killed before the marker
+                    write_result(d, label, mode, task, seed, acc, marker=False)  # killed before the marker
                     problems[str(d)] = "incomplete"
                     continue
                 write_result(d, label, mode, task, seed, acc, routing=(label == "Poly" and mode != "mu"))
@@ -122,8 +136,9 @@ def test_report_cells_match_medians_and_problems_are_listed(runs, capsys):
     assert seen == set(expected)
     for label, mode in ROWS + [("Poly", "mu (0-shot)")]:
         avg = next(c for c in cells if (c["method"], c["mode"], c["task"]) == (label, mode, "avg"))
-        assert float(avg["median"]) == pytest.approx(np.mean([np.median(expected[(label, mode, t)]) for t in TASKS]),
-                                                     abs=1e-3)
+        assert float(avg["median"]) == pytest.approx(
+            np.mean([np.median(expected[(label, mode, t)]) for t in TASKS]), abs=1e-3
+        )
     # Markdown: one row per (method, mode), the task columns plus Avg, the spread and n in each cell
     md = (out / "table1.md").read_text().splitlines()
     assert md[0] == "| Method | Mode | " + " | ".join(TASKS) + " | Avg |"
@@ -145,16 +160,22 @@ def test_report_cells_match_medians_and_problems_are_listed(runs, capsys):
     for name in ("accuracy.png", "routing_Poly_full.png", "routing_Poly_z.png"):
         assert_figure(out / name)
     assert not (out / "routing_Poly_mu.png").exists()
-    assert report_cli.main([str(root / "sweep"), "--out", str(root / "r2"), "--strict", "--no-plots",
-                            "--tasks", "rte,anli_r1"]) == 1
+    assert (
+        report_cli.main(
+            [str(root / "sweep"), "--out", str(root / "r2"), "--strict", "--no-plots", "--tasks", "rte,anli_r1"]
+        )
+        == 1
+    )
     assert (root / "r2" / "table1.md").read_text().splitlines()[0] == "| Method | Mode | rte | anli_r1 | cb | Avg |"
 
 
 def test_report_iqr_best_metric_and_empty(tmp_path, capsys):
     for seed, acc in zip(SEEDS, [0.5, 0.7, 0.6]):
         write_result(tmp_path / "runs" / str(seed), "TLoRA", "full", "rte", seed, acc)
-    assert report_cli.main([str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--metric", "best",
-                            "--spread", "iqr"]) == 0
+    assert (
+        report_cli.main([str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--metric", "best", "--spread", "iqr"])
+        == 0
+    )
     line = next(l for l in (tmp_path / "r" / "table1.md").read_text().splitlines() if l.startswith("| TLoRA"))
     best = [51.0, 71.0, 61.0]
     assert f"{np.median(best):.1f} ({np.percentile(best, 25):.1f}–{np.percentile(best, 75):.1f}, n=3)" in line
@@ -169,9 +190,13 @@ def test_mean_aggregate_cells_and_average_against_numpy(runs):
     the task means ± the std over seeds of the per-seed average; --metric best reads the best evaluation."""
     root, _, _ = runs
     out = root / "mean"
-    assert report_cli.main([str(root / "sweep"), "--out", str(out), "--aggregate", "mean", "--metric", "best",
-                            "--no-plots"]) == 0
-    best: dict[tuple, dict[int, float]] = {}   # (label, mode, task) -> seed -> best accuracy (%), read here
+    assert (
+        report_cli.main(
+            [str(root / "sweep"), "--out", str(out), "--aggregate", "mean", "--metric", "best", "--no-plots"]
+        )
+        == 0
+    )
+    best: dict[tuple, dict[int, float]] = {}  # (label, mode, task) -> seed -> best accuracy (%), read here
     for path in (root / "sweep").rglob("COMPLETE"):
         r = json.loads((path.parent / "result.json").read_text())
         best.setdefault((r["label"], r["mode"], r["task"]), {})[r["seed"]] = 100 * r["best"]["accuracy"]
@@ -197,6 +222,6 @@ def test_mean_aggregate_cells_and_average_against_numpy(runs):
         if len(common) >= 2:
             assert float(avg["std"]) == pytest.approx(np.std(per_seed, ddof=1), abs=1e-3)
             assert md[f"{label}|{mode}"].endswith(f"| {mean:.1f} ± {np.std(per_seed, ddof=1):.1f} |")
-        else:   # Poly mu: rte has only seed 42, so no spread of the average
+        else:  # Poly mu: rte has only seed 42, so no spread of the average
             assert avg["std"] == "" and md[f"{label}|{mode}"].endswith(f"| {mean:.1f} |")
     assert "mean accuracy (%) over seeds of the **best** evaluation" in (out / "report.md").read_text()

@@ -19,15 +19,23 @@ from tensorpoly_ds.adapt.table import TableError, expand_grid, read_table
 from tests.adapt.conftest import ROOT
 
 # the local trainer: this file tests the sweep machinery; the engine path has its own test
-FAST = dict(steps=2, batch_size=4, eval_every=0, eval_batch_size=8, max_eval_examples=8, warmup_ratio=0.0,
-            trainer="local")
+FAST = dict(
+    steps=2, batch_size=4, eval_every=0, eval_batch_size=8, max_eval_examples=8, warmup_ratio=0.0, trainer="local"
+)
 
 
 def grid(prepared, poly_export, **base):
-    return {"base": {"data_dir": str(prepared), **FAST, **base},
-            "methods": [{"label": "Poly", "export": str(poly_export)}, {"label": "LoRA", "method": "lora"},
-                        {"label": "FullFT", "method": "fullft"}],
-            "modes": ["full", "z", "mu"], "tasks": "held_out", "seeds": [0, 1024, 42]}
+    return {
+        "base": {"data_dir": str(prepared), **FAST, **base},
+        "methods": [
+            {"label": "Poly", "export": str(poly_export)},
+            {"label": "LoRA", "method": "lora"},
+            {"label": "FullFT", "method": "fullft"},
+        ],
+        "modes": ["full", "z", "mu"],
+        "tasks": "held_out",
+        "seeds": [0, 1024, 42],
+    }
 
 
 def test_grid_expansion_order_and_ids(prepared, poly_export, tmp_path):
@@ -36,8 +44,9 @@ def test_grid_expansion_order_and_ids(prepared, poly_export, tmp_path):
     # Poly: 3 modes x 3 tasks x 3 seeds; LoRA and FullFT have no routing: mode full only
     assert len(rows) == 27 + 9 + 9
     assert [r["row"] for r in rows] == list(range(len(rows)))
-    expected = [(m, mode, t, s) for m in ("Poly",) for mode in ("full", "z", "mu") for t in tasks
-                for s in (0, 1024, 42)]
+    expected = [
+        (m, mode, t, s) for m in ("Poly",) for mode in ("full", "z", "mu") for t in tasks for s in (0, 1024, 42)
+    ]
     expected += [(m, "full", t, s) for m in ("LoRA", "FullFT") for t in tasks for s in (0, 1024, 42)]
     assert [(r["job"]["label"], r["job"]["mode"], r["job"]["task"], r["job"]["seed"]) for r in rows] == expected
     assert len({r["id"] for r in rows}) == len(rows)
@@ -64,7 +73,7 @@ def test_expand_only_and_adapt_row(prepared, poly_export, tmp_path, capsys):
     assert cli_main(["adapt", "--job-table", str(table), "--row", "45"]) == 2
     os.environ["SLURM_ARRAY_TASK_ID"] = "10"
     try:
-        assert adapt_cli.main(["--job-table", str(table)]) == 0   # the Slurm array way
+        assert adapt_cli.main(["--job-table", str(table)]) == 0  # the Slurm array way
     finally:
         del os.environ["SLURM_ARRAY_TASK_ID"]
     assert is_complete(rows[10]["job"]["out_dir"])
@@ -83,11 +92,20 @@ def test_local_sweep_workers_interrupt_and_rerun(prepared, poly_export, tmp_path
     gfile = tmp_path / "grid.json"
     gfile.write_text(json.dumps(g))
     out = tmp_path / "sw"
-    env = dict(os.environ, PYTHONPATH=str(ROOT),
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")),
+    )
     # 1) start with one worker, interrupt after the first job completed
-    proc = subprocess.Popen(sweep_cmd(gfile, out, "--workers", "1"), cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        sweep_cmd(gfile, out, "--workers", "1"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     rows = None
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -109,18 +127,20 @@ def test_local_sweep_workers_interrupt_and_rerun(prepared, poly_export, tmp_path
         assert json.loads(Path(rows[i]["job"]["out_dir"], "result.json").read_text())["status"] == "requeue"
     stamps = {i: Path(rows[i]["job"]["out_dir"], "result.json").stat().st_mtime_ns for i in done_before}
     # 2) rerun with two workers: only the unfinished rows run
-    res = subprocess.run(sweep_cmd(gfile, out, "--workers", "2"), cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(
+        sweep_cmd(gfile, out, "--workers", "2"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stdout + res.stderr
-    assert f"{len(done_before)} complete, {4 - len(done_before)} to run" in res.stderr   # log lines: stderr
+    assert f"{len(done_before)} complete, {4 - len(done_before)} to run" in res.stderr  # log lines: stderr
     assert all(is_complete(r["job"]["out_dir"]) for r in rows)
     for i in done_before:
         assert Path(rows[i]["job"]["out_dir"], "result.json").stat().st_mtime_ns == stamps[i]
     for r in rows:
         assert (Path(r["job"]["out_dir"]) / "log.txt").read_text().count("=== ") >= 1
-    for i in stopped:   # ... and the rerun resumed it
+    for i in stopped:  # ... and the rerun resumed it
         assert "resuming the run stopped at" in Path(rows[i]["job"]["out_dir"], "log.txt").read_text()
     # 3) a third run has nothing to do
-    res = subprocess.run(sweep_cmd(gfile, out, "--workers", "2"), cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        sweep_cmd(gfile, out, "--workers", "2"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0 and "4 complete, 0 to run" in res.stderr

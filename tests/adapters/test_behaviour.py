@@ -28,7 +28,9 @@ ALL = {
     "tensorpoly_i": dict(rank=2, tensor_rank=3, order=2),
     "tensorpoly_i_gain": dict(method="tensorpoly_i", rank=2, tensor_rank=3, order=2, layernorm=True, output_gain=True),
     "tensorpoly_ii": dict(rank=2, tensor_rank=3, order=2),
-    "tensorpoly_ii_paper": dict(method="tensorpoly_ii", rank=2, tensor_rank=3, order=2, tensorpoly_ii_semantics="paper"),
+    "tensorpoly_ii_paper": dict(
+        method="tensorpoly_ii", rank=2, tensor_rank=3, order=2, tensorpoly_ii_semantics="paper"
+    ),
     "tensorpoly_x": dict(tensor_rank=2, order=2),
     "ia3": dict(),
 }
@@ -177,8 +179,11 @@ def test_decoder_ids_follow_the_decoder_batch():
     from transformers.modeling_outputs import BaseModelOutput
 
     with task_routing(ids, decoder_task_ids=dec_ids):
-        batched = model(encoder_outputs=BaseModelOutput(enc.repeat_interleave(3, 0)),
-                        attention_mask=torch.ones(6, 5, dtype=torch.long), labels=choices).logits
+        batched = model(
+            encoder_outputs=BaseModelOutput(enc.repeat_interleave(3, 0)),
+            attention_mask=torch.ones(6, 5, dtype=torch.long),
+            labels=choices,
+        ).logits
     for row in range(6):
         ex = row // 3
         with task_routing(int(ids[ex])):
@@ -203,13 +208,17 @@ def test_gumbel_noise_in_training_only_and_straight_through_is_hard():
     assert hard.logits.grad is not None
 
 
-@pytest.mark.parametrize("cfg,dropout", [
-    (cfg_for("poly"), 0.0),
-    # Random-mu draws inside checkpointed blocks: with dropout on, the recomputation must see the same
-    # allocation and the same dropout masks (tables per layer, and one table shared by every layer)
-    (AdapterConfig(method="mhr", rank=2, skills=3, heads=2, routing="random"), 0.2),
-    (AdapterConfig(method="mhr", rank=2, skills=3, heads=2, routing="random", routing_granularity="model"), 0.2),
-], ids=["poly", "random_mhr_layer", "random_mhr_model"])
+@pytest.mark.parametrize(
+    "cfg,dropout",
+    [
+        (cfg_for("poly"), 0.0),
+        # Random-mu draws inside checkpointed blocks: with dropout on, the recomputation must see the same
+        # allocation and the same dropout masks (tables per layer, and one table shared by every layer)
+        (AdapterConfig(method="mhr", rank=2, skills=3, heads=2, routing="random"), 0.2),
+        (AdapterConfig(method="mhr", rank=2, skills=3, heads=2, routing="random", routing_granularity="model"), 0.2),
+    ],
+    ids=["poly", "random_mhr_layer", "random_mhr_model"],
+)
 def test_activation_checkpointing_sees_the_same_task_ids(cfg, dropout):
     import random
 
@@ -226,8 +235,9 @@ def test_activation_checkpointing_sees_the_same_task_ids(cfg, dropout):
                     p.normal_(std=0.3)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-                "use_reentrant": False, "context_fn": routing_checkpoint_context_fn})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": routing_checkpoint_context_fn}
+            )
         x = torch.randint(2, 64, (3, 6))
         y = torch.randint(2, 64, (3, 4))
         losses = []
@@ -249,8 +259,15 @@ def test_activation_checkpointing_sees_the_same_task_ids(cfg, dropout):
         torch.testing.assert_close(ckpt[name], plain[name], msg=name)
 
 
-@pytest.mark.parametrize("gen_kwargs", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, num_return_sequences=2),
-                                        dict(do_sample=True, num_return_sequences=2)])
+@pytest.mark.parametrize(
+    "gen_kwargs",
+    [
+        dict(num_beams=1),
+        dict(num_beams=3),
+        dict(num_beams=3, num_return_sequences=2),
+        dict(do_sample=True, num_return_sequences=2),
+    ],
+)
 def test_generation_with_mixed_tasks_equals_each_task_alone(gen_kwargs):
     from tensorpoly_ds.adapters import generate
 

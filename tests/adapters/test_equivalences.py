@@ -42,8 +42,8 @@ def test_int_root_exact_powers_and_between():
     assert int_root(2048, 4) == 7 and int_root(5120, 4) == 9
     for d, n in itertools.product(range(1, 300), range(1, 6)):
         q = int_root(d, n)
-        assert q ** n >= d and (q == 1 or (q - 1) ** n < d)
-    assert int_root(7 ** 9, 9) == 7 and int_root(7 ** 9 + 1, 9) == 8
+        assert q**n >= d and (q == 1 or (q - 1) ** n < d)
+    assert int_root(7**9, 9) == 7 and int_root(7**9 + 1, 9) == 8
 
 
 def test_tlora_order1_rank1_equals_lora():
@@ -99,8 +99,8 @@ def test_mhr_blocks_against_explicit_construction():
     w = torch.rand(2, 3)
     w = w / w.sum(-1, keepdim=True)
     delta = mhr.delta_weight(w)
-    a = torch.cat([sum(w[h, s] * mhr.lora_a[s, h] for s in range(3)) for h in range(2)], dim=0)   # [12, r]
-    b = torch.cat([sum(w[h, s] * mhr.lora_b[s, h] for s in range(3)) for h in range(2)], dim=1)   # [r, 10]
+    a = torch.cat([sum(w[h, s] * mhr.lora_a[s, h] for s in range(3)) for h in range(2)], dim=0)  # [12, r]
+    b = torch.cat([sum(w[h, s] * mhr.lora_b[s, h] for s in range(3)) for h in range(2)], dim=1)  # [r, 10]
     torch.testing.assert_close(delta, a @ b / 2)
 
 
@@ -137,15 +137,26 @@ def test_tensorpoly_ii_official_against_explicit(order):
 
 
 def test_tensorpoly_ii_paper_against_explicit():
-    tp = randomise(layer("tensorpoly_ii", d_in=9, d_out=11, rank=2, tensor_rank=3, order=2,
-                         tensorpoly_ii_semantics="paper"))
+    tp = randomise(
+        layer("tensorpoly_ii", d_in=9, d_out=11, rank=2, tensor_rank=3, order=2, tensorpoly_ii_semantics="paper")
+    )
     assert tp.routing.normalise_dim == -2  # the paper normalises over the order index
     w = torch.rand(2, 3)
     w = w / w.sum(0, keepdim=True)
-    a = torch.stack([sum(kron_all([w[n, k] * tp.side_a.leaves[n, k, j] for n in range(2)]) for k in range(3))[:9]
-                     for j in range(2)], 1)
-    b = torch.stack([sum(kron_all([w[n, k] * tp.side_b.leaves[n, k, j] for n in range(2)]) for k in range(3))[:11]
-                     for j in range(2)], 0)
+    a = torch.stack(
+        [
+            sum(kron_all([w[n, k] * tp.side_a.leaves[n, k, j] for n in range(2)]) for k in range(3))[:9]
+            for j in range(2)
+        ],
+        1,
+    )
+    b = torch.stack(
+        [
+            sum(kron_all([w[n, k] * tp.side_b.leaves[n, k, j] for n in range(2)]) for k in range(3))[:11]
+            for j in range(2)
+        ],
+        0,
+    )
     torch.testing.assert_close(tp.delta_weight(w), a @ b / 2)
 
 
@@ -153,7 +164,7 @@ def tt_dense_reference(cores, w, d_in, d_out):
     """delta W entry by entry: trace of the product of the routed core slices around the ring."""
     n = len(cores)
     q_in, bond, q_out, _ = cores[0].shape
-    full = torch.zeros(q_in ** n, q_out ** n)
+    full = torch.zeros(q_in**n, q_out**n)
     for ins in itertools.product(range(q_in), repeat=n):
         for outs in itertools.product(range(q_out), repeat=n):
             m = torch.eye(bond)
@@ -218,8 +229,10 @@ def test_tensorpoly_x_float64_gradcheck_on_both_paths(path, inverse):
     assert torch.autograd.gradcheck(forward, tuple(t.requires_grad_(True) for t in inputs), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("d_in, d_out, bond, order, batch, distinct",
-                         [(64, 128, 8, 4, 4, 4), (64, 128, 8, 4, 4, 1), (100, 30, 3, 3, 3, 3), (7, 5, 2, 1, 3, 2)])
+@pytest.mark.parametrize(
+    "d_in, d_out, bond, order, batch, distinct",
+    [(64, 128, 8, 4, 4, 4), (64, 128, 8, 4, 4, 1), (100, 30, 3, 3, 3, 3), (7, 5, 2, 1, 3, 2)],
+)
 def test_tensorpoly_x_path_costs_are_the_counted_flops(d_in, d_out, bond, order, batch, distinct):
     """The auto path's cost model is exact: torch's FLOP counter sees 2 x its multiply-adds on both paths, so
     'auto' takes the path with fewer FLOPs."""

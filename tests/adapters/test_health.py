@@ -22,19 +22,19 @@ def test_recorded_ratio_equals_the_direct_computation_over_two_forwards(key):
             with task_routing(i):
                 layer(x)
     sums = health.take_sums({"encoder.block.0.layer.0.SelfAttention.q": layer})
-    assert layer.health_sums is None   # reset
+    assert layer.health_sums is None  # reset
     delta_sq = base_sq = 0.0
     for x, i in zip(xs, ids):
         for row, task in zip(x, i.tolist()):
             weights = layer.routing.weights(torch.tensor([task]))[0] if layer.routing is not None else None
-            if key == "ia3":   # a rescaled output: delta_weight leaves out the bias's share
+            if key == "ia3":  # a rescaled output: delta_weight leaves out the bias's share
                 delta = layer.base(row).detach() * (layer.ia3_scale.detach() - 1)
             else:
                 delta = row @ layer.delta_weight(weights).detach()
             delta_sq += float(delta.square().sum())
             base_sq += float(layer.base(row).detach().square().sum())
     assert delta_sq > 0
-    expected = (delta_sq ** 0.5) / (base_sq ** 0.5)
+    expected = (delta_sq**0.5) / (base_sq**0.5)
     metrics = health.ratio_metrics(["encoder.block.0.layer.0.SelfAttention.q"], sums)
     # float32 sums of ~100 float64 squares: relative error ~1e-6
     assert metrics["train/delta_ratio/mean"] == pytest.approx(expected, rel=1e-5)
@@ -56,9 +56,14 @@ def test_lora_at_init_is_zero_and_nothing_is_recorded_outside_recording():
     assert sums.shape == (len(layers), 2) and torch.all(sums[:, 1] > 0)
     metrics = health.ratio_metrics(list(layers), sums)
     assert metrics["train/delta_ratio/mean"] == 0.0
-    assert set(metrics) == {"train/delta_ratio/mean", "train/delta_ratio/encoder_self_attention",
-                            "train/delta_ratio/encoder_ffn", "train/delta_ratio/decoder_self_attention",
-                            "train/delta_ratio/decoder_cross_attention", "train/delta_ratio/decoder_ffn"}
+    assert set(metrics) == {
+        "train/delta_ratio/mean",
+        "train/delta_ratio/encoder_self_attention",
+        "train/delta_ratio/encoder_ffn",
+        "train/delta_ratio/decoder_self_attention",
+        "train/delta_ratio/decoder_cross_attention",
+        "train/delta_ratio/decoder_ffn",
+    }
 
 
 def test_a_layer_the_forward_does_not_reach_is_left_out():
@@ -68,7 +73,7 @@ def test_a_layer_the_forward_does_not_reach_is_left_out():
     inject_adapters(model, cfg_for("lora"), num_tasks=1)
     layers = adapter_layers(model)
     with health.recording():
-        model.encoder(input_ids=torch.randint(2, 64, (2, 6)))   # the decoder's layers see nothing
+        model.encoder(input_ids=torch.randint(2, 64, (2, 6)))  # the decoder's layers see nothing
     sums = health.take_sums(layers)
     assert sums is not None and int((sums[:, 1] == 0).sum()) == sum("decoder" in n for n in layers)
     metrics = health.ratio_metrics(list(layers), sums)

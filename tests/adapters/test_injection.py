@@ -89,8 +89,7 @@ def test_a_few_optimiser_steps_reduce_the_loss(key):
     y = torch.randint(2, 64, (4, 5))
     ids = torch.tensor([0, 1, 2, 1])
     groups = adapter_param_groups(model)
-    opt = torch.optim.AdamW([{"params": groups["modules"], "lr": 1e-2},
-                             {"params": groups["routing"], "lr": 1e-1}])
+    opt = torch.optim.AdamW([{"params": groups["modules"], "lr": 1e-2}, {"params": groups["routing"], "lr": 1e-1}])
     losses = []
     for _ in range(8):
         with task_routing(ids):

@@ -23,13 +23,16 @@ CASES = {
     "tlora_ln_frozen": dict(method="tlora", rank=2, tensor_rank=2, order=2, layernorm=True),
     "tensorpoly_i_ln_N2": dict(method="tensorpoly_i", rank=2, tensor_rank=3, order=2, layernorm=True),
     "tensorpoly_i_ln_N4": dict(method="tensorpoly_i", rank=2, tensor_rank=3, order=4, layernorm=True),
-    "tensorpoly_i_ln_trainable": dict(method="tensorpoly_i", rank=2, tensor_rank=3, order=2, layernorm=True,
-                                      layernorm_affine="trainable"),
+    "tensorpoly_i_ln_trainable": dict(
+        method="tensorpoly_i", rank=2, tensor_rank=3, order=2, layernorm=True, layernorm_affine="trainable"
+    ),
     "tensorpoly_ii_ln": dict(method="tensorpoly_ii", rank=2, tensor_rank=3, order=2, layernorm=True),
-    "tensorpoly_ii_ln_gain": dict(method="tensorpoly_ii", rank=2, tensor_rank=3, order=2, layernorm=True,
-                                  output_gain=True),
-    "tensorpoly_ii_paper": dict(method="tensorpoly_ii", rank=2, tensor_rank=3, order=2,
-                                tensorpoly_ii_semantics="paper"),
+    "tensorpoly_ii_ln_gain": dict(
+        method="tensorpoly_ii", rank=2, tensor_rank=3, order=2, layernorm=True, output_gain=True
+    ),
+    "tensorpoly_ii_paper": dict(
+        method="tensorpoly_ii", rank=2, tensor_rank=3, order=2, tensorpoly_ii_semantics="paper"
+    ),
 }
 
 
@@ -39,7 +42,8 @@ def make_layer(key, d_in=20, d_out=12, dtype=torch.float64):
 
 def params_of(layer):
     return [p for n, p in layer.named_parameters() if p.requires_grad] + (
-        [layer.routing.logits] if layer.routing is not None else [])
+        [layer.routing.logits] if layer.routing is not None else []
+    )
 
 
 def forward_backward(layer, x, ids, recompute):
@@ -69,7 +73,7 @@ def test_recomputed_factors_give_identical_outputs_and_gradients(key, dtype):
 
 @pytest.mark.parametrize("key", list(CASES))
 def test_recomputed_factors_float64_gradcheck(key):
-    holder = behaviour._Holder(make_layer(key, d_in=10, d_out=7))   # small: gradcheck perturbs every entry
+    holder = behaviour._Holder(make_layer(key, d_in=10, d_out=7))  # small: gradcheck perturbs every entry
     assert holder.layer.recompute_factors
     names = [n for n, p in holder.named_parameters() if p.requires_grad and ".base." not in n]
     params = dict(holder.named_parameters())
@@ -86,7 +90,7 @@ def test_recomputed_factors_float64_gradcheck(key):
 
 
 def test_recomputation_keeps_the_factor_build_out_of_saved_memory():
-    layer = make_layer("tensorpoly_i_ln_N2", d_in=400, d_out=400, dtype=torch.float32)   # q = 20, q^2 = 400
+    layer = make_layer("tensorpoly_i_ln_N2", d_in=400, d_out=400, dtype=torch.float32)  # q = 20, q^2 = 400
     x = torch.randn(2, 3, 400)
     ids = torch.tensor([0, 1])
 
@@ -98,7 +102,7 @@ def test_recomputation_keeps_the_factor_build_out_of_saved_memory():
     plain = saved_activation_bytes(run)
     layer.recompute_factors = True
     recomputed = saved_activation_bytes(run)
-    products = 3 * 2 * 400 * 4    # one side's R x r x q^2 Kronecker products, fp32
+    products = 3 * 2 * 400 * 4  # one side's R x r x q^2 Kronecker products, fp32
     assert plain - recomputed >= 4 * products, (plain, recomputed)
 
 

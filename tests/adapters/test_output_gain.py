@@ -33,8 +33,9 @@ def test_delta_is_exactly_zero_at_init_and_only_the_gain_gets_gradient(key):
     inject_adapters(model, cfg_for(key), num_tasks=3)
     layers = adapter_layers(model).values()
     for layer in layers:
-        assert not torch.any(layer.delta_weight(layer.routing.weights(torch.tensor([1]))[0]
-                                                if layer.routing is not None else None))
+        assert not torch.any(
+            layer.delta_weight(layer.routing.weights(torch.tensor([1]))[0] if layer.routing is not None else None)
+        )
     # the same base computation with the adapters bypassed (merged=True skips the delta, nothing is folded)
     for layer in layers:
         layer.merged = True
@@ -49,7 +50,7 @@ def test_delta_is_exactly_zero_at_init_and_only_the_gain_gets_gradient(key):
     for name, p in model.named_parameters():
         if name.endswith("output_gain"):
             assert p.grad is not None and torch.all(p.grad != 0), name
-        elif "leaves" in name:   # g = 0 multiplies every path to the factors
+        elif "leaves" in name:  # g = 0 multiplies every path to the factors
             assert p.grad is None or not torch.any(p.grad), name
 
 
@@ -68,7 +69,7 @@ def test_one_optimizer_step_makes_the_delta_non_zero_and_the_factors_train_next(
             model(input_ids=x, labels=y).loss.backward()
         opt.step()
     leaves = [p.grad for n, p in model.named_parameters() if "leaves" in n]
-    assert leaves and all(torch.any(g != 0) for g in leaves)   # second step: g != 0, the factors train
+    assert leaves and all(torch.any(g != 0) for g in leaves)  # second step: g != 0, the factors train
     layer = next(iter(adapter_layers(model).values()))
     weights = layer.routing.weights(torch.tensor([0]))[0] if layer.routing is not None else None
     assert layer.output_gain.abs().item() > 0

@@ -42,7 +42,9 @@ def test_reference_totals_and_adaptation(capsys):
     assert poly["adaptation"]["z"] == 3_456 and poly["adaptation"]["mu_collapsed"] == 2_211_840
     mhr = run(capsys, "--model", "t0-3b", "--method", "mhr", "--heads", "64")
     assert mhr["adaptation"]["z"] == 221_184
-    tp = run(capsys, "--model", "t0-3b", "--method", "tensorpoly_i", "--rank", "16", "--tensor-rank", "8", "--order", "4")
+    tp = run(
+        capsys, "--model", "t0-3b", "--method", "tensorpoly_i", "--rank", "16", "--tensor-rank", "8", "--order", "4"
+    )
     assert tp["multi_task"]["total"] == 4_325_760  # paper: 4.3M
     tp2 = run(capsys, "--model", "t0-3b", "--method", "tensorpoly_ii", "--rank", "16", "--tensor-rank", "20")
     assert round(tp2["multi_task"]["total"] / 1e6, 1) == 33.2
@@ -56,8 +58,17 @@ def test_t0_11b_builds_on_meta(capsys):
 
 def test_table2_formulas_on_a_small_square_model(capsys, tmp_path):
     """Table 2 assumes d_in = d_out = d: restrict to q, k, v, o of a small model."""
-    config = {"model_type": "t5", "d_model": 48, "d_kv": 12, "num_heads": 4, "d_ff": 96, "num_layers": 2,
-              "num_decoder_layers": 2, "vocab_size": 50, "feed_forward_proj": "gated-gelu"}
+    config = {
+        "model_type": "t5",
+        "d_model": 48,
+        "d_kv": 12,
+        "num_heads": 4,
+        "d_ff": 96,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "vocab_size": 50,
+        "feed_forward_proj": "gated-gelu",
+    }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     d, r, S, T = 48, 3, 4, 7

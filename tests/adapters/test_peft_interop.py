@@ -39,8 +39,9 @@ RTOL = 1e-6
 
 def assert_same_logits(got, expected):
     assert expected.abs().max() > 1, "adapters too weak to test anything"
-    assert (got - expected).abs().max() <= RTOL * expected.abs().max(), \
-        float((got - expected).abs().max() / expected.abs().max())
+    assert (got - expected).abs().max() <= RTOL * expected.abs().max(), float(
+        (got - expected).abs().max() / expected.abs().max()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +106,9 @@ def test_export_loads_into_peft_with_identical_logits(backbone, tmp_path, name):
     expected, got = our_logits(ours, cfg.routed), peft_logits(theirs, cfg.routed)
     assert_same_logits(got, expected)
     peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert peft_config["target_modules"] == (["k", "v", "wi_1"] if name == "ia3" else
-                                             ["k", "o", "q", "v", "wi_0", "wi_1", "wo"])
+    assert peft_config["target_modules"] == (
+        ["k", "v", "wi_1"] if name == "ia3" else ["k", "o", "q", "v", "wi_0", "wi_1", "wo"]
+    )
     # back again: the same export, bit for bit (the folder records our config and task names)
     assert import_main(["--format", "peft", "--adapter", str(tmp_path / "peft"), "--out", str(tmp_path / "back")]) == 0
     model = fresh(backbone)
@@ -131,8 +133,20 @@ def test_peft_adapter_imports_with_identical_logits(backbone, tmp_path, name):
     theirs = randomise(peft.get_peft_model(fresh(backbone), peft_configs()[name]))
     theirs.save_pretrained(str(tmp_path / "peft"))
     routed = name in ("poly", "mhr")
-    assert import_main(["--format", "peft", "--adapter", str(tmp_path / "peft"), "--out", str(tmp_path / "ours"),
-                        *(["--tasks", ",".join(TASKS)] if routed else [])]) == 0
+    assert (
+        import_main(
+            [
+                "--format",
+                "peft",
+                "--adapter",
+                str(tmp_path / "peft"),
+                "--out",
+                str(tmp_path / "ours"),
+                *(["--tasks", ",".join(TASKS)] if routed else []),
+            ]
+        )
+        == 0
+    )
     model = fresh(backbone)
     meta = load_adapters(model, tmp_path / "ours")
     cfg = AdapterConfig.from_dict(meta["adapter"])
@@ -149,26 +163,36 @@ def refused(args, capsys, *needles):
     assert code == 2 and all(n in err for n in needles), err
 
 
-@pytest.mark.parametrize("cfg, needles", [
-    (AdapterConfig(method="tensorpoly_i", rank=2, tensor_rank=2), ("'method' = 'tensorpoly_i'",)),
-    (AdapterConfig(method="poly", skills=2, gumbel=True, routing_granularity="block"),
-     ("'routing_granularity' = 'block'",)),
-    (AdapterConfig(method="poly", skills=2, gumbel=True, alpha=2.0), ("'alpha' = 2.0",)),
-    (AdapterConfig(method="poly", skills=2), ("'gumbel' = False", "--inference-only")),
-    (AdapterConfig(method="mhr", skills=2, heads=2, gumbel=True, temperature=0.5), ("'temperature' = 0.5",)),
-])
+@pytest.mark.parametrize(
+    "cfg, needles",
+    [
+        (AdapterConfig(method="tensorpoly_i", rank=2, tensor_rank=2), ("'method' = 'tensorpoly_i'",)),
+        (
+            AdapterConfig(method="poly", skills=2, gumbel=True, routing_granularity="block"),
+            ("'routing_granularity' = 'block'",),
+        ),
+        (AdapterConfig(method="poly", skills=2, gumbel=True, alpha=2.0), ("'alpha' = 2.0",)),
+        (AdapterConfig(method="poly", skills=2), ("'gumbel' = False", "--inference-only")),
+        (AdapterConfig(method="mhr", skills=2, heads=2, gumbel=True, temperature=0.5), ("'temperature' = 0.5",)),
+    ],
+)
 def test_unmappable_exports_are_refused_naming_the_field(backbone, tmp_path, capsys, cfg, needles):
     _, export = our_export(backbone, tmp_path, cfg)
-    refused(lambda: cli_main(["export", "--format", "peft", "--adapter", str(export), "--out", str(tmp_path / "p")]),
-            capsys, *needles)
+    refused(
+        lambda: cli_main(["export", "--format", "peft", "--adapter", str(export), "--out", str(tmp_path / "p")]),
+        capsys,
+        *needles,
+    )
     assert not (tmp_path / "p").exists()
 
 
 def test_deterministic_routing_exports_for_inference(backbone, tmp_path, capsys):
     cfg = AdapterConfig(method="poly", skills=2)
     ours, export = our_export(backbone, tmp_path, cfg)
-    assert export_main(["--format", "peft", "--adapter", str(export), "--out", str(tmp_path / "p"),
-                        "--inference-only"]) == 0
+    assert (
+        export_main(["--format", "peft", "--adapter", str(export), "--out", str(tmp_path / "p"), "--inference-only"])
+        == 0
+    )
     assert "'gumbel' = False" in capsys.readouterr().err
     theirs = peft.PeftModel.from_pretrained(fresh(backbone), str(tmp_path / "p")).eval()
     assert_same_logits(peft_logits(theirs, True), our_logits(ours, True))
@@ -178,28 +202,44 @@ def test_uniform_routing_is_refused(backbone, tmp_path, capsys):
     model = randomise(inject_adapters(fresh(backbone), AdapterConfig(method="poly", skills=2, gumbel=True), 3))
     prepare_adaptation(model, "mu")
     export = export_adapters(model, tmp_path / "mu", ["new"], extra={"backbone": {"name_or_path": str(backbone)}})
-    refused(lambda: cli_main(["export", "--format", "peft", "--adapter", str(export), "--out", str(tmp_path / "p")]),
-            capsys, "uniform", "collapse")
+    refused(
+        lambda: cli_main(["export", "--format", "peft", "--adapter", str(export), "--out", str(tmp_path / "p")]),
+        capsys,
+        "uniform",
+        "collapse",
+    )
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"use_rslora": True}, "'use_rslora' = True"),
-    ({"use_dora": True}, "'use_dora' = True"),
-    ({"bias": "all"}, "'bias' = 'all'"),
-    ({"lora_dropout": 0.1}, "'lora_dropout' = 0.1"),
-    ({"peft_type": "LOHA"}, "'peft_type' = 'LOHA'"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"use_rslora": True}, "'use_rslora' = True"),
+        ({"use_dora": True}, "'use_dora' = True"),
+        ({"bias": "all"}, "'bias' = 'all'"),
+        ({"lora_dropout": 0.1}, "'lora_dropout' = 0.1"),
+        ({"peft_type": "LOHA"}, "'peft_type' = 'LOHA'"),
+    ],
+)
 def test_unmappable_peft_adapters_are_refused_naming_the_field(backbone, tmp_path, capsys, change, needle):
     theirs = randomise(peft.get_peft_model(fresh(backbone), peft_configs()["lora"]))
     theirs.save_pretrained(str(tmp_path / "peft"))
     path = tmp_path / "peft" / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
-    refused(lambda: cli_main(["import", "--format", "peft", "--adapter", str(tmp_path / "peft"), "--out",
-                                 str(tmp_path / "ours")]), capsys, "adapter_config.json", needle)
+    refused(
+        lambda: cli_main(
+            ["import", "--format", "peft", "--adapter", str(tmp_path / "peft"), "--out", str(tmp_path / "ours")]
+        ),
+        capsys,
+        "adapter_config.json",
+        needle,
+    )
     assert not (tmp_path / "ours").exists()
 
 
 def test_our_export_is_not_a_peft_folder(backbone, tmp_path, capsys):
     _, export = our_export(backbone, tmp_path, EXPORTABLE["lora"])
-    refused(lambda: cli_main(["import", "--format", "peft", "--adapter", str(export), "--out", str(tmp_path / "x")]),
-            capsys, "tensorpoly-ds export, not a peft adapter")
+    refused(
+        lambda: cli_main(["import", "--format", "peft", "--adapter", str(export), "--out", str(tmp_path / "x")]),
+        capsys,
+        "tensorpoly-ds export, not a peft adapter",
+    )

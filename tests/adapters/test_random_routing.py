@@ -63,12 +63,12 @@ def test_training_allocation_is_binary_per_example_and_ignores_the_task(key):
     active = weights > 0
     count = active.sum(dim=dim, keepdim=True)
     assert (count >= 1).all()
-    torch.testing.assert_close(weights, active.float() / count)          # 1/|subset| on the subset, 0 elsewhere
+    torch.testing.assert_close(weights, active.float() / count)  # 1/|subset| on the subset, 0 elsewhere
     random.seed(7)
     same_seed_other_tasks, _ = drawn(mod, x, torch.tensor([3, 3, 3, 3, 3]))
-    torch.testing.assert_close(same_seed_other_tasks, weights)            # the task plays no part
+    torch.testing.assert_close(same_seed_other_tasks, weights)  # the task plays no part
     again, _ = drawn(mod, x, torch.tensor([0, 1, 2, 3, 0]))
-    assert not torch.equal(again, weights)                                # a fresh draw per forward pass
+    assert not torch.equal(again, weights)  # a fresh draw per forward pass
 
 
 def test_subsets_are_uniform_over_the_non_empty_ones():
@@ -95,8 +95,8 @@ def test_outside_training_the_weights_are_uniform(key):
 def explicit_uniform_delta(mod, key):
     """The dense delta [in, out] of the uniform average, written out per method without the mixing code."""
     if key in ("poly", "mhr"):
-        a = mod.lora_a.mean(0)                                   # [h, in/h, r]
-        b = mod.lora_b.mean(0)                                   # [h, r, out/h]
+        a = mod.lora_a.mean(0)  # [h, in/h, r]
+        b = mod.lora_b.mean(0)  # [h, r, out/h]
         a = a.reshape(-1, a.shape[-1])
         b = b.permute(1, 0, 2).reshape(b.shape[1], -1)
         return a @ b * mod.scale
@@ -104,18 +104,20 @@ def explicit_uniform_delta(mod, key):
         return mod.side_a.terms().mean(0).t() @ mod.side_b.terms().mean(0) * mod.scale
     if key == "tensorpoly_i_gain":
         return mod.side_a.terms().mean(0).t() @ mod.side_b.terms().mean(0) * mod.scale * mod.output_gain
-    if key == "tensorpoly_ii":                                   # kron of the order-wise mean leaves
+    if key == "tensorpoly_ii":  # kron of the order-wise mean leaves
+
         def side(s):
-            mean = s.leaves.mean(1)                              # [N, r, q]
+            mean = s.leaves.mean(1)  # [N, r, q]
             cols = torch.stack([torch.kron(mean[0, c], mean[1, c]) for c in range(mean.shape[1])])
             return cols[:, : s.dim]
+
         return side(mod.side_a).t() @ side(mod.side_b) * mod.scale
-    if key == "tensorpoly_ii_paper":                             # weights 1/N on each order: (1/N)^N per term
+    if key == "tensorpoly_ii_paper":  # weights 1/N on each order: (1/N)^N per term
         n = mod.cfg.order
-        return mod.side_a.terms().sum(0).t() @ mod.side_b.terms().sum(0) * mod.scale * (1 / n ** n) ** 2
-    if key == "tensorpoly_x":                                    # every bond scaled by 1/R on each of N cores
+        return mod.side_a.terms().sum(0).t() @ mod.side_b.terms().sum(0) * mod.scale * (1 / n**n) ** 2
+    if key == "tensorpoly_x":  # every bond scaled by 1/R on each of N cores
         ones = torch.ones(mod.cfg.order, mod.cfg.tensor_rank, dtype=torch.float64)
-        return mod.dense(ones[None])[0] / mod.cfg.tensor_rank ** mod.cfg.order
+        return mod.dense(ones[None])[0] / mod.cfg.tensor_rank**mod.cfg.order
     raise AssertionError(key)
 
 
@@ -137,27 +139,27 @@ def test_gradients_reach_only_the_allocated_modules(key):
     with task_routing(torch.tensor([2])):
         weights, _ = mod.task_weights(x)
         mod(x).pow(2).sum().backward()
-    w = weights[0]                                   # [heads, skills] (or [N, R])
+    w = weights[0]  # [heads, skills] (or [N, R])
     assert (w == 0).any() and (w > 0).any()
     if key in ("poly", "mhr"):
-        grads = [mod.lora_a.grad.abs().sum(dim=(2, 3)), mod.lora_b.grad.abs().sum(dim=(2, 3))]   # [skills, heads]
+        grads = [mod.lora_a.grad.abs().sum(dim=(2, 3)), mod.lora_b.grad.abs().sum(dim=(2, 3))]  # [skills, heads]
         for g in grads:
             assert torch.equal(g.t() == 0, w == 0)
     elif key in ("tensorpoly_i",):
         for side in (mod.side_a, mod.side_b):
-            g = side.leaves.grad.abs().sum(dim=(0, 2, 3))                                          # [R]
+            g = side.leaves.grad.abs().sum(dim=(0, 2, 3))  # [R]
             assert torch.equal(g == 0, w[0] == 0)
     elif key == "tensorpoly_ii":
         for side in (mod.side_a, mod.side_b):
-            g = side.leaves.grad.abs().sum(dim=(2, 3))                                             # [N, R]
+            g = side.leaves.grad.abs().sum(dim=(2, 3))  # [N, R]
             assert torch.equal(g == 0, w == 0)
-    elif key == "tensorpoly_ii_paper":               # a term k is active only if every order allocates it
+    elif key == "tensorpoly_ii_paper":  # a term k is active only if every order allocates it
         for side in (mod.side_a, mod.side_b):
             g = side.leaves.grad.abs().sum(dim=(0, 2, 3))
             assert torch.equal(g == 0, (w == 0).any(dim=0))
-    elif key == "tensorpoly_x":                      # core n's outgoing bond k carries weight w[n, k]
+    elif key == "tensorpoly_x":  # core n's outgoing bond k carries weight w[n, k]
         for n, core in enumerate(mod.cores):
-            g = core.grad.abs().sum(dim=(0, 1, 2))                                                 # [R]
+            g = core.grad.abs().sum(dim=(0, 1, 2))  # [R]
             assert torch.equal(g == 0, w[n] == 0)
 
 
@@ -189,7 +191,7 @@ def test_params_cli_counts_no_routing(capsys):
 
 
 def backbone():
-    torch.manual_seed(1)   # the same backbone every time, as a real checkpoint would be
+    torch.manual_seed(1)  # the same backbone every time, as a real checkpoint would be
     return tiny_t5()
 
 
@@ -219,7 +221,7 @@ def test_export_reload_and_mu_adaptation(tmp_path, key):
         with pytest.raises(ModeError, match="Random-mu.*mode 'mu'"):
             prepare_adaptation(fresh, mode)
     prepare_adaptation(fresh, "mu")
-    fresh.train()                                    # adaptation trains: the weights stay uniform
+    fresh.train()  # adaptation trains: the weights stay uniform
     with task_routing(0):
         torch.testing.assert_close(fresh(input_ids=x, labels=y).logits, expected)
     opt = torch.optim.SGD([p for p in fresh.parameters() if p.requires_grad], lr=0.5)
@@ -232,7 +234,7 @@ def test_export_reload_and_mu_adaptation(tmp_path, key):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    export_adapters(fresh, tmp_path / "adapted", tasks=["new"])     # the adapted adapter reloads as uniform
+    export_adapters(fresh, tmp_path / "adapted", tasks=["new"])  # the adapted adapter reloads as uniform
     again = backbone()
     load_adapters(again, tmp_path / "adapted")
     again.train(), fresh.train()
@@ -274,12 +276,14 @@ def test_adaptation_job_refuses_full_and_z_before_building_the_backbone(tmp_path
 
     monkeypatch.setattr(job_module, "build_backbone", no_backbone)
     for mode in ("full", "z"):
-        job = job_module.AdaptJob(out_dir=str(tmp_path / mode), data_dir=str(tmp_path), task="t", mode=mode,
-                                  export=str(tmp_path / "export"))
+        job = job_module.AdaptJob(
+            out_dir=str(tmp_path / mode), data_dir=str(tmp_path), task="t", mode=mode, export=str(tmp_path / "export")
+        )
         with pytest.raises(ModeError, match=rf"{tmp_path / 'export'}: adapter field 'routing' = 'random'"):
             job_module.setup_model(job, vocab_size=64)
-    job = job_module.AdaptJob(out_dir=str(tmp_path / "mu"), data_dir=str(tmp_path), task="t", mode="mu",
-                              export=str(tmp_path / "export"))
+    job = job_module.AdaptJob(
+        out_dir=str(tmp_path / "mu"), data_dir=str(tmp_path), task="t", mode="mu", export=str(tmp_path / "export")
+    )
     with pytest.raises(AssertionError, match="backbone was built"):
         job_module.setup_model(job, vocab_size=64)
     assert job_module.method_label(job, AdapterConfig(method="poly", routing="random")) == "Random-mu (Poly)"

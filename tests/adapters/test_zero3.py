@@ -18,10 +18,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def launch(out: Path, ranks: int, *runs: str) -> Path:
     """One torchrun launch of the script's STAGE:ROUTING runs; their outputs are out/<stage>_<routing>/."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-           str(free_port()), str(SCRIPT), str(out), *runs]
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        str(SCRIPT),
+        str(out),
+        *runs,
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return out
@@ -55,7 +69,7 @@ def assert_same_training(one: Path, two: Path) -> None:
     assert a.keys() == b.keys() and "tpds_routing.model.logits" in a
     if one.name.endswith("gain"):
         gains = [k for k in a if k.endswith("output_gain")]
-        assert gains and all(a[k].abs().item() > 0 for k in gains)   # trained away from its zero init
+        assert gains and all(a[k].abs().item() > 0 for k in gains)  # trained away from its zero init
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
 

@@ -24,16 +24,25 @@ from tensorpoly_ds.analysis.answer_confusion import AnswerConfusionError, Exampl
 TRUTH = ls.ground_truth("latent_skills")
 HELD = [ls.dataset_name("latent_skills", p, c) for p, c in ls.HELD_OUT]
 TASK = "ls_first_animal"
-WORDS = ("fig", "cat", "saw", "one", "red")   # first fig, second cat, third saw, last red; answer "fig cat"
+WORDS = ("fig", "cat", "saw", "one", "red")  # first fig, second cat, third saw, last red; answer "fig cat"
 # A: 2 wrong-position distractors (saw cat, red cat), 1 wrong-category (fig saw)
 # B: 1 wrong-position (cat cat), 2 wrong-category (fig red, fig fig)
-EXAMPLES = {("say", 0): Example(WORDS, ("fig cat", "saw cat", "fig saw", "red cat"), 0),
-            ("say", 1): Example(WORDS, ("fig red", "fig fig", "fig cat", "cat cat"), 2)}
+EXAMPLES = {
+    ("say", 0): Example(WORDS, ("fig cat", "saw cat", "fig saw", "red cat"), 0),
+    ("say", 1): Example(WORDS, ("fig red", "fig fig", "fig cat", "cat cat"), 2),
+}
 
 
 def record(template, example_id, label, prediction, scores, task=TASK):
-    return {"task_name": task, "template": template, "example_id": example_id, "label": label,
-            "prediction": prediction, "scores": scores, "correct": prediction == label}
+    return {
+        "task_name": task,
+        "template": template,
+        "example_id": example_id,
+        "label": label,
+        "prediction": prediction,
+        "scores": scores,
+        "correct": prediction == label,
+    }
 
 
 def write(path, records):
@@ -42,11 +51,11 @@ def write(path, records):
 
 
 HAND_BUILT = [
-    record("say", 0, 0, 0, [1.0, 2.0, 3.0, 4.0]),     # correct, right answer rank 1
-    record("say", 0, 0, 1, [4.0, 1.0, 2.0, 3.0]),     # "saw cat": wrong position (third), right ranked last
-    record("say", 1, 2, 0, [1.0, 2.0, 2.0, 3.0]),     # "fig red": wrong category (colour); the right answer ties
-                                                       # with "fig fig" and the tie counts in its favour: rank 2
-    record("say", 1, 2, 3, [2.0, 3.0, 1.5, 1.0]),     # "cat cat": wrong position (second), right rank 2
+    record("say", 0, 0, 0, [1.0, 2.0, 3.0, 4.0]),  # correct, right answer rank 1
+    record("say", 0, 0, 1, [4.0, 1.0, 2.0, 3.0]),  # "saw cat": wrong position (third), right ranked last
+    record("say", 1, 2, 0, [1.0, 2.0, 2.0, 3.0]),  # "fig red": wrong category (colour); the right answer ties
+    # with "fig fig" and the tie counts in its favour: rank 2
+    record("say", 1, 2, 3, [2.0, 3.0, 1.5, 1.0]),  # "cat cat": wrong position (second), right rank 2
 ]
 
 
@@ -56,14 +65,14 @@ def test_hand_built_shares(tmp_path):
     assert t["n"] == 4
     assert t["shares"] == pytest.approx({"correct": 0.25, "wrong_position": 0.5, "wrong_category": 0.25, "other": 0.0})
     # uniform guess: A gives (1/4, 2/4, 1/4), B (1/4, 1/4, 2/4), two records each
-    assert t["chance"] == pytest.approx({"correct": 0.25, "wrong_position": 0.375, "wrong_category": 0.375,
-                                         "other": 0.0})
-    assert t["wrong_skill"] == pytest.approx({"position:third": 0.25, "category:colour": 0.25,
-                                              "position:second": 0.25})
+    assert t["chance"] == pytest.approx(
+        {"correct": 0.25, "wrong_position": 0.375, "wrong_category": 0.375, "other": 0.0}
+    )
+    assert t["wrong_skill"] == pytest.approx({"position:third": 0.25, "category:colour": 0.25, "position:second": 0.25})
     assert t["trained_pair"] == pytest.approx(0.75) and t["trained_pair_chance"] == pytest.approx(0.75)
     assert t["right_rank"] == pytest.approx((1 + 4 + 2 + 2) / 4) and t["right_rank_chance"] == pytest.approx(2.5)
     assert t["right_last"] == pytest.approx(0.25)
-    assert t["blind_correct"] == pytest.approx(1 / 6)    # 2 + 1 and 1 + 2 mixes: 1 / (3 * 2)
+    assert t["blind_correct"] == pytest.approx(1 / 6)  # 2 + 1 and 1 + 2 mixes: 1 / (3 * 2)
 
 
 def test_every_distractor_is_a_training_answer(tmp_path):
@@ -72,8 +81,11 @@ def test_every_distractor_is_a_training_answer(tmp_path):
     records, examples = [], {}
     for template in ls.HELD_TEMPLATES["latent_skills"]:
         for i, row in enumerate(ls.records(f"{TASK}_{template}", "validation")):
-            ex = Example(ac.sequence_words(row["inputs_pretokenized"]), tuple(row["answer_choices"]),
-                         row["answer_choices"].index(row["targets_pretokenized"]))
+            ex = Example(
+                ac.sequence_words(row["inputs_pretokenized"]),
+                tuple(row["answer_choices"]),
+                row["answer_choices"].index(row["targets_pretokenized"]),
+            )
             examples[(template, i)] = ex
             wrong = [j for j in range(len(ex.choices)) if j != ex.label]
             records.append(record(template, i, ex.label, random.Random(i).choice(wrong), [0.0] * 4))
@@ -92,12 +104,15 @@ def test_task_blind_additive_scorer_matches_its_expectation(tmp_path):
     rng, records, examples = random.Random(0), [], {}
     for template in ls.HELD_TEMPLATES["latent_skills"]:
         for i, row in enumerate(ls.records(f"{TASK}_{template}", "validation")):
-            ex = Example(ac.sequence_words(row["inputs_pretokenized"]), tuple(row["answer_choices"]),
-                         row["answer_choices"].index(row["targets_pretokenized"]))
+            ex = Example(
+                ac.sequence_words(row["inputs_pretokenized"]),
+                tuple(row["answer_choices"]),
+                row["answer_choices"].index(row["targets_pretokenized"]),
+            )
             for draw in range(10):
                 examples[(template, 1000 * draw + i)] = ex
                 f, g = {w: rng.random() for w in ls.WORDS}, {w: rng.random() for w in ls.WORDS}
-                scores = [-(f[c.split()[0]] + g[c.split()[1]]) for c in ex.choices]   # lower is better
+                scores = [-(f[c.split()[0]] + g[c.split()[1]]) for c in ex.choices]  # lower is better
                 records.append(record(template, 1000 * draw + i, ex.label, scores.index(min(scores)), scores))
     t = ac.confusion_table(ac.predictions_confusion(write(tmp_path / "p.jsonl", records), examples, TRUTH, TASK, HELD))
     assert t["blind_correct"] < t["chance"]["correct"] - 0.05
@@ -115,7 +130,7 @@ def test_rows_pool_seeds_and_drop_dev(tmp_path, monkeypatch):
     both = ac.rows_confusion(results, TRUTH, HELD, dev_examples=0)["Poly (mu, 0-shot)"]
     assert both["all"]["n"] == 4 and both[TASK]["shares"]["wrong_position"] == pytest.approx(0.5)
     test_only = ac.rows_confusion(results, TRUTH, HELD, dev_examples=1)["Poly (mu, 0-shot)"]["all"]
-    assert test_only["n"] == 2      # example_id 0 is dev: only B's two records are left
+    assert test_only["n"] == 2  # example_id 0 is dev: only B's two records are left
     assert test_only["shares"]["wrong_category"] == pytest.approx(0.5)
     md = ac.confusion_markdown({"Poly (mu, 0-shot)": both})
     assert "| Poly (mu, 0-shot) | **all** | 4 | 25.0 (25.0) | 16.7 | 50.0 (37.5) | 25.0 (37.5) |" in md
@@ -130,8 +145,11 @@ def test_missing_field_names_file_and_field(tmp_path):
 
 def test_unknown_task_names_file_and_task(tmp_path):
     path = write(tmp_path / "predictions.jsonl", [record("say", 0, 0, 0, [0.0] * 4, task="ls_nowhere")])
-    with pytest.raises(AnswerConfusionError, match=r"predictions\.jsonl: task 'ls_nowhere' is not in "
-                                                   r"latent_skills\.task_skills"):
+    with pytest.raises(
+        AnswerConfusionError,
+        match=r"predictions\.jsonl: task 'ls_nowhere' is not in "
+        r"latent_skills\.task_skills",
+    ):
         ac.predictions_confusion(path, EXAMPLES, TRUTH, "ls_nowhere", HELD)
 
 
@@ -158,7 +176,14 @@ def test_eval_rows_missing_a_field():
 
 def test_examples_from_rows_decodes_words_and_choices():
     vocab = {1: "fig", 2: "cat", 3: "saw", 4: "one", 5: "red", 6: ".", 7: "Say"}
-    decode = lambda ids: " ".join(vocab[i] for i in ids)   # noqa: E731
-    rows = [{"template": "say", "example_id": 3, "input_ids": [1, 2, 3, 4, 5, 6, 7], "choice_ids": [[1, 2], [3, 2]],
-             "label": 0}]
+    decode = lambda ids: " ".join(vocab[i] for i in ids)  # noqa: E731
+    rows = [
+        {
+            "template": "say",
+            "example_id": 3,
+            "input_ids": [1, 2, 3, 4, 5, 6, 7],
+            "choice_ids": [[1, 2], [3, 2]],
+            "label": 0,
+        }
+    ]
     assert ac.examples_from_rows(rows, decode, "x") == {("say", 3): Example(WORDS, ("fig cat", "saw cat"), 0)}

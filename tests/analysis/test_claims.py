@@ -23,8 +23,7 @@ SEEDS = [0, 1, 2, 3, 4]
 
 def scores(base: float, shift: float = 0.0, noise: float = 0.0, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    return {(t, s): base + 0.02 * i + shift + noise * rng.standard_normal()
-            for i, t in enumerate(TASKS) for s in SEEDS}
+    return {(t, s): base + 0.02 * i + shift + noise * rng.standard_normal() for i, t in enumerate(TASKS) for s in SEEDS}
 
 
 def test_clear_effect_is_reproduced_and_its_reverse_contradicted():
@@ -54,7 +53,7 @@ def test_equivalence_inside_and_outside_the_margin():
     far = paired_verdict(scores(0.6, 0.08, 0.005, 5), scores(0.6, 0, 0.005, 6), expect="equal", margin=0.02)
     assert far.status == "contradicted" and far.ci_low >= 0.02
     b = scores(0.6)
-    straddling = {k: v + 0.02 + 0.01 * (-1) ** i for i, (k, v) in enumerate(sorted(b.items()))}   # mean exactly 0.02
+    straddling = {k: v + 0.02 + 0.01 * (-1) ** i for i, (k, v) in enumerate(sorted(b.items()))}  # mean exactly 0.02
     unclear = paired_verdict(straddling, b, expect="equal", margin=0.02)
     assert unclear.status == "inconclusive" and unclear.ci_low < 0.02 < unclear.ci_high
     with pytest.raises(ClaimsError, match="margin > 0"):
@@ -64,12 +63,13 @@ def test_equivalence_inside_and_outside_the_margin():
 @pytest.mark.parametrize("n", [1, 3, 6, 9])
 def test_exact_p_value_equals_brute_force_enumeration(n):
     d = np.random.default_rng(n).normal(0.01, 0.02, size=n)
-    d[0] = -d[1] if n > 1 else d[0]   # ties in |sum| must count
+    d[0] = -d[1] if n > 1 else d[0]  # ties in |sum| must count
     observed = abs(d.sum())
-    hits = sum(abs(sum(s * x for s, x in zip(signs, d))) >= observed - 1e-12
-               for signs in itertools.product([1, -1], repeat=n))
+    hits = sum(
+        abs(sum(s * x for s, x in zip(signs, d))) >= observed - 1e-12 for signs in itertools.product([1, -1], repeat=n)
+    )
     p, exact = sign_flip_p_value(d)
-    assert exact and p == pytest.approx(hits / 2 ** n, abs=1e-15)
+    assert exact and p == pytest.approx(hits / 2**n, abs=1e-15)
 
 
 def test_random_flips_beyond_twenty_pairs_are_seeded():
@@ -79,7 +79,7 @@ def test_random_flips_beyond_twenty_pairs_are_seeded():
     # the large-sample normal approximation of the same test: z = sum(d) / sqrt(sum(d^2))
     from math import erfc, sqrt
 
-    z = abs(d.sum()) / sqrt((d ** 2).sum())
+    z = abs(d.sum()) / sqrt((d**2).sum())
     assert p1 == pytest.approx(erfc(z / sqrt(2)), abs=0.02)
 
 
@@ -130,8 +130,12 @@ def test_claims_file_evaluation_and_outputs(tmp_path):
     claims = load_claims(path)
     assert [c.id for c in claims] == ["C1", "C2", "C3"]
     assert claims[1].comparisons == [Comparison("Random-mu (mu)", "LoRA (full)", "equal", 0.02)]
-    rows = {"LoRA (full)": scores(0.6, 0, 0.01, 1), "Poly (full)": scores(0.6, 0.05, 0.01, 2),
-            "MHR (full)": scores(0.6, 0.0, 0.03, 3), "Random-mu (mu)": scores(0.6, 0.001, 0.004, 1)}
+    rows = {
+        "LoRA (full)": scores(0.6, 0, 0.01, 1),
+        "Poly (full)": scores(0.6, 0.05, 0.01, 2),
+        "MHR (full)": scores(0.6, 0.0, 0.03, 3),
+        "Random-mu (mu)": scores(0.6, 0.001, 0.004, 1),
+    }
     verdicts = evaluate_claims(rows, claims)
     assert [v.status for v in verdicts] == ["mixed", "reproduced", "missing"]
     assert [c.status for c in verdicts[0].comparisons] == ["reproduced", "inconclusive"]
@@ -144,14 +148,20 @@ def test_claims_file_evaluation_and_outputs(tmp_path):
     assert data[0]["comparisons"][0]["verdict"]["status"] == "reproduced" and data[2]["status"] == "missing"
 
 
-@pytest.mark.parametrize("text,match", [
-    ("claims:\n  - {id: C1, comparisons: [{a: x, b: y, expect: bigger}]}\n", "expect = 'bigger'"),
-    ("claims:\n  - {id: C1, comparisons: [{a: x, b: y, margn: 0.1}]}\n", r"unknown key\(s\) \['margn'\]"),
-    ("claims:\n  - {id: C1, txt: hi, comparisons: [{a: x, b: y}]}\n", r"claims\[0\]: unknown key\(s\) \['txt'\]"),
-    ("claim: []\n", r"unknown key\(s\) \['claim'\]"),
-    ("- {id: C1}\n", "top level must be a mapping"),
-    ("claims:\n  - {id: C1, comparisons: [{a: x, b: y}]}\n  - {id: C1, comparisons: [{a: x, b: y}]}\n", "duplicate"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("claims:\n  - {id: C1, comparisons: [{a: x, b: y, expect: bigger}]}\n", "expect = 'bigger'"),
+        ("claims:\n  - {id: C1, comparisons: [{a: x, b: y, margn: 0.1}]}\n", r"unknown key\(s\) \['margn'\]"),
+        ("claims:\n  - {id: C1, txt: hi, comparisons: [{a: x, b: y}]}\n", r"claims\[0\]: unknown key\(s\) \['txt'\]"),
+        ("claim: []\n", r"unknown key\(s\) \['claim'\]"),
+        ("- {id: C1}\n", "top level must be a mapping"),
+        (
+            "claims:\n  - {id: C1, comparisons: [{a: x, b: y}]}\n  - {id: C1, comparisons: [{a: x, b: y}]}\n",
+            "duplicate",
+        ),
+    ],
+)
 def test_bad_claims_files_name_file_and_key(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
     path.write_text(text)

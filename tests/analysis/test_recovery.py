@@ -22,7 +22,7 @@ def test_truth_up_to_module_permutation_and_scaling_recovers_perfectly(tmp_path)
     truth = truth_matrix()
     perm = [2, 0, 3, 1]
     learned = np.zeros((12, 6))
-    learned[:, [4, 1, 5, 0]] = 3.0 * truth[:, perm]         # two extra, unused modules; scaled
+    learned[:, [4, 1, 5, 0]] = 3.0 * truth[:, perm]  # two extra, unused modules; scaled
     rec = routing_recovery(learned, truth, n_perm=200)
     assert rec.score == pytest.approx(1.0) and rec.matching == pytest.approx(1.0)
     assert rec.p_value < 0.01 and rec.null_mean < 0.5

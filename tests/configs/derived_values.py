@@ -28,25 +28,95 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "derived_values.json"
 STUB_TASKS = ["stub_task_a", "stub_task_b"]
-_ROOT_NOW: list[Path] = []      # the temporary root of the running dump
+_ROOT_NOW: list[Path] = []  # the temporary root of the running dump
 
 # `tensorpoly-ds adapt` command lines whose resolved job must not change (the --set forms the docs, tests and
 # scripts use: JSON strings, numbers, booleans, floats written with an exponent)
 ADAPT_COMMANDS = [
-    ["--method", "lora", "--task", "t", "--data", "D", "--out", "O", "--set", "max_eval_examples=12",
-     "--set", "eval_batch_size=4", "--set", 'trainer="engine"', "--set", "zero_stage=3",
-     "--set", "save_adapter=true", "--set", "warmup_ratio=0.0"],
-    ["--method", "lora", "--task", "t", "--data", "D", "--out", "O", "--set", "multitask_steps=2",
-     "--set", "multitask_batch_size=3", "--set", 'trainer="local"'],
-    ["--method", "poly", "--task", "t", "--data", "D", "--out", "O", "--mode", "z", "--set", "lr=1e-3",
-     "--set", "routing_lr=0.5", "--set", 'adapter={"rank": 2, "skills": 4}', "--set", "k=null",
-     "--set", "label=Poly x", "--set", "max_eval_examples=40"],
+    [
+        "--method",
+        "lora",
+        "--task",
+        "t",
+        "--data",
+        "D",
+        "--out",
+        "O",
+        "--set",
+        "max_eval_examples=12",
+        "--set",
+        "eval_batch_size=4",
+        "--set",
+        'trainer="engine"',
+        "--set",
+        "zero_stage=3",
+        "--set",
+        "save_adapter=true",
+        "--set",
+        "warmup_ratio=0.0",
+    ],
+    [
+        "--method",
+        "lora",
+        "--task",
+        "t",
+        "--data",
+        "D",
+        "--out",
+        "O",
+        "--set",
+        "multitask_steps=2",
+        "--set",
+        "multitask_batch_size=3",
+        "--set",
+        'trainer="local"',
+    ],
+    [
+        "--method",
+        "poly",
+        "--task",
+        "t",
+        "--data",
+        "D",
+        "--out",
+        "O",
+        "--mode",
+        "z",
+        "--set",
+        "lr=1e-3",
+        "--set",
+        "routing_lr=0.5",
+        "--set",
+        'adapter={"rank": 2, "skills": 4}',
+        "--set",
+        "k=null",
+        "--set",
+        "label=Poly x",
+        "--set",
+        "max_eval_examples=40",
+    ],
 ]
 PREP_COMMANDS = [
     ["--mixture", "embedded", "--source", "embedded", "--tokenizer", "embedded", "--out", "D"],
-    ["--mixture", "t0_train", "--source", "hub", "--tokenizer", "bigscience/T0_3B", "--out", "D",
-     "--num-shards", "8", "--few-shot-seeds", "1,2", "--cap-per-template", "budget:1000", "--train-tasks", "a,b",
-     "--skip-invalid"],
+    [
+        "--mixture",
+        "t0_train",
+        "--source",
+        "hub",
+        "--tokenizer",
+        "bigscience/T0_3B",
+        "--out",
+        "D",
+        "--num-shards",
+        "8",
+        "--few-shot-seeds",
+        "1,2",
+        "--cap-per-template",
+        "budget:1000",
+        "--train-tasks",
+        "a,b",
+        "--skip-invalid",
+    ],
 ]
 
 
@@ -60,10 +130,15 @@ def rows_digest(rows: list[dict]) -> dict:
     in full."""
     import hashlib
 
-    text = json.dumps(rows, sort_keys=True, default=str).replace(str(_ROOT_NOW[0]), "<ROOT>").replace(str(ROOT),
-                                                                                                    "<REPO>")
-    return {"rows": len(rows), "sha256": hashlib.sha256(text.encode()).hexdigest(),
-            "first": rows[0] if rows else None, "last": rows[-1] if rows else None}
+    text = (
+        json.dumps(rows, sort_keys=True, default=str).replace(str(_ROOT_NOW[0]), "<ROOT>").replace(str(ROOT), "<REPO>")
+    )
+    return {
+        "rows": len(rows),
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "first": rows[0] if rows else None,
+        "last": rows[-1] if rows else None,
+    }
 
 
 def _run_yaml_digest(config: dict) -> str:
@@ -96,8 +171,10 @@ def _fake_searches(cfg, stages) -> dict:
         chosen = {"module_lr": module[len(module) // 2]}
         if AdapterConfig.from_dict(m.adapter).routed:
             chosen["routing_lr"] = routing[len(routing) // 2]
-        found[(variant.name, m.label)] = {"chosen": chosen,
-                                          "axes": [{"key": "module_lr", "losses": {str(x): 1.0 for x in module}}]}
+        found[(variant.name, m.label)] = {
+            "chosen": chosen,
+            "axes": [{"key": "module_lr", "losses": {str(x): 1.0 for x in module}}],
+        }
     return found
 
 
@@ -113,31 +190,42 @@ def replicate_values(path: Path, root: Path) -> dict:
     worlds = cfg.world_list()
     body: dict = {
         "protocol": stages.protocol(cfg),
-        "digests": {name: cfg.digest(getattr(cfg, name)) for name in ("prep", "backbone", "pretrain", "adapt",
-                                                                        "zero_shot")},
-        "backbone_keys": {w.name: backbone_key(dataclasses.replace(cfg.backbone, seed=w.backbone_seed), "sha", 123)
-                          for w in worlds},
+        "digests": {
+            name: cfg.digest(getattr(cfg, name)) for name in ("prep", "backbone", "pretrain", "adapt", "zero_shot")
+        },
+        "backbone_keys": {
+            w.name: backbone_key(dataclasses.replace(cfg.backbone, seed=w.backbone_seed), "sha", 123) for w in worlds
+        },
         "worlds": [dataclasses.asdict(w) for w in worlds],
         "search_seeds": cfg.search_seeds(),
         "recipes": {m.label: cfg.method_pretrain(m) for m in cfg.methods if m.is_pretrained()},
         "claims_path": str(cfg.claims_path()) if cfg.claims_path() else None,
     }
     prep_args = []
-    with mock.patch("data_prep.pipeline.build", lambda pc: prep_args.append(pc.output_args())
-                    or mock.Mock(status="unchanged")):
+    with mock.patch(
+        "data_prep.pipeline.build", lambda pc: prep_args.append(pc.output_args()) or mock.Mock(status="unchanged")
+    ):
         stages.prep_all(cfg, out)
     body["prep"] = prep_args
     searched = _fake_searches(cfg, stages)
     body["lr_search_bases"] = {
-        f"{v.name}/{m.label}": stages.run_config(cfg, stages.data_dir(out, v.name, max(cfg.prep.ks)), backbone,
-                                                 worlds[0], m, stages.search_dir(out, cfg, v.name, m.label))
-        for v, m in stages.searched_methods(cfg)}
+        f"{v.name}/{m.label}": stages.run_config(
+            cfg,
+            stages.data_dir(out, v.name, max(cfg.prep.ks)),
+            backbone,
+            worlds[0],
+            m,
+            stages.search_dir(out, cfg, v.name, m.label),
+        )
+        for v, m in stages.searched_methods(cfg)
+    }
     runs = {}
     for w in worlds:
         for label, s in (("plain", None), ("searched", searched or None)):
-            runs[f"{w.name}/{label}"] = [{"name": r.name, "run_dir": str(r.run_dir), "config": r.config,
-                                          "run_yaml": _run_yaml_digest(r.config)}
-                                         for r in stages.pretrain_runs(cfg, out, backbone, w, s)]
+            runs[f"{w.name}/{label}"] = [
+                {"name": r.name, "run_dir": str(r.run_dir), "config": r.config, "run_yaml": _run_yaml_digest(r.config)}
+                for r in stages.pretrain_runs(cfg, out, backbone, w, s)
+            ]
     body["pretrain_runs"] = runs
     exports: dict = {}
     for r in runs[f"{worlds[0].name}/plain"]:
@@ -145,8 +233,10 @@ def replicate_values(path: Path, root: Path) -> dict:
         exports.setdefault(variant, {})[label] = str(Path(r["run_dir"]) / "export")
     methods = {m.label: (m.adapter or m.fresh)["method"] for m in cfg.methods}
     # the method of an export is read from its adapter_config.json: here from the config (nothing is trained)
-    with mock.patch.object(stages, "variant_tasks", lambda cfg, out, variant: list(cfg.adapt.tasks or STUB_TASKS)), \
-            mock.patch("tensorpoly_ds.adapt.table._method_of", lambda e: e.get("method") or methods[e["label"]]):
+    with (
+        mock.patch.object(stages, "variant_tasks", lambda cfg, out, variant: list(cfg.adapt.tasks or STUB_TASKS)),
+        mock.patch("tensorpoly_ds.adapt.table._method_of", lambda e: e.get("method") or methods[e["label"]]),
+    ):
         body["adaptation"] = _adaptation_values(cfg, out, backbone, exports, searched, stages, row_name)
     return body
 
@@ -161,18 +251,23 @@ def _adaptation_values(cfg, out, backbone, exports, searched, stages, row_name) 
         names = sorted({(row_name({**j, "job": j}), j["k"]) for j in jobs if j["k"]})
         top = max(cfg.adapt.lrs)
         extra = {names[0]: [top * 3]} if names else {}
-        chosen = {key: (top * 3 if key in extra else cfg.adapt.lrs[i % len(cfg.adapt.lrs)])
-                  for i, key in enumerate(names)}
+        chosen = {
+            key: (top * 3 if key in extra else cfg.adapt.lrs[i % len(cfg.adapt.lrs)]) for i, key in enumerate(names)
+        }
         found[variant.name] = {
             "phase1": rows_digest(phase1),
-            "phase1_extended": rows_digest(stages.adaptation_rows(cfg, out, variant, backbone, exported,
-                                                                  world=worlds[0], extra_lrs=extra)),
-            "phase2": {w.name: rows_digest(stages.adaptation_rows(cfg, out, variant, backbone, exported, chosen,
-                                                                  world=w)) for w in worlds},
+            "phase1_extended": rows_digest(
+                stages.adaptation_rows(cfg, out, variant, backbone, exported, world=worlds[0], extra_lrs=extra)
+            ),
+            "phase2": {
+                w.name: rows_digest(stages.adaptation_rows(cfg, out, variant, backbone, exported, chosen, world=w))
+                for w in worlds
+            },
         }
         if cfg.pretrain.sensitivity:
-            found[variant.name]["sensitivity"] = rows_digest(stages.sensitivity_rows(cfg, out, variant, backbone,
-                                                                                     searched, chosen))
+            found[variant.name]["sensitivity"] = rows_digest(
+                stages.sensitivity_rows(cfg, out, variant, backbone, searched, chosen)
+            )
     return found
 
 
@@ -182,7 +277,7 @@ def sweep_values(path: Path, root: Path) -> list:
 
     grid = read_grid(path)
     for entry in grid["methods"]:
-        if "export" in entry:   # a stub export per pretrained entry, at the path the grid names
+        if "export" in entry:  # a stub export per pretrained entry, at the path the grid names
             entry["export"] = str(_stub_export(root / "sweep", entry["label"], {"method": "poly"}))
     grid["tasks"] = sorted({t["task"] for t in load_t0_tasks()["held_out_eval"]})
     return rows_digest(expand_grid(grid, root / "sweep_out", base_dir=path.parent, source=str(path)))
@@ -218,16 +313,19 @@ def prep_command_values() -> list:
     found = []
     for argv in PREP_COMMANDS:
         pc = config_from_args(parser().parse_args(argv))
-        found.append({"output_args": pc.output_args(), "fields": {k: v for k, v in dataclasses.asdict(pc).items()
-                                                                  if k != "out"}})
+        found.append(
+            {"output_args": pc.output_args(), "fields": {k: v for k, v in dataclasses.asdict(pc).items() if k != "out"}}
+        )
     return found
 
 
 def claims_values() -> dict:
     from tensorpoly_ds.analysis.claims import load_claims
 
-    return {p.name: [dataclasses.asdict(c) for c in load_claims(p)]
-            for p in sorted((ROOT / "configs" / "replicate").glob("claims*.yaml"))}
+    return {
+        p.name: [dataclasses.asdict(c) for c in load_claims(p)]
+        for p in sorted((ROOT / "configs" / "replicate").glob("claims*.yaml"))
+    }
 
 
 def derived_values() -> dict:
@@ -235,12 +333,17 @@ def derived_values() -> dict:
         root = Path(tmp).resolve()
         _ROOT_NOW[:] = [root]
         body = {
-            "replicate": {p.name: replicate_values(p, root)
-                          for p in sorted((ROOT / "configs" / "replicate").glob("*.yaml"))
-                          if not p.name.startswith("claims")},
-            "sweep": {f"{p.parent.name}/{p.name}": sweep_values(p, root)
-                      for p in sorted([*(ROOT / "configs" / "sweep").glob("*.yaml"),
-                                       *(ROOT / "configs" / "diagnosis").glob("*.yaml")])},
+            "replicate": {
+                p.name: replicate_values(p, root)
+                for p in sorted((ROOT / "configs" / "replicate").glob("*.yaml"))
+                if not p.name.startswith("claims")
+            },
+            "sweep": {
+                f"{p.parent.name}/{p.name}": sweep_values(p, root)
+                for p in sorted(
+                    [*(ROOT / "configs" / "sweep").glob("*.yaml"), *(ROOT / "configs" / "diagnosis").glob("*.yaml")]
+                )
+            },
             "run_configs": run_config_values(),
             "adapt_commands": adapt_command_values(),
             "prep_commands": prep_command_values(),

@@ -14,8 +14,11 @@ from tests.configs.derived_values import FIXTURE, derived_values
 
 def _differences(old, new, path="") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str)
-                for d in (_differences(old.get(k, "<missing>"), new.get(k, "<missing>"), f"{path}.{k}"))]
+        return [
+            d
+            for k in sorted(set(old) | set(new), key=str)
+            for d in (_differences(old.get(k, "<missing>"), new.get(k, "<missing>"), f"{path}.{k}"))
+        ]
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{path}[{i}]")]
     return [] if old == new and type(old) is type(new) else [f"{path}: {old!r} -> {new!r}"]

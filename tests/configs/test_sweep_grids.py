@@ -35,7 +35,7 @@ def test_t0_3b_grid_runs_hellaswag_with_the_reference_batch(tmp_path):
 
     path = next(p for p in GRIDS if p.name == "t0_3b.yaml")
     grid = yaml.safe_load(path.read_text())
-    grid["methods"] = [m for m in grid["methods"] if "method" in m]   # no pretrained exports needed
+    grid["methods"] = [m for m in grid["methods"] if "method" in m]  # no pretrained exports needed
     grid["tasks"] = sorted({t["task"] for t in load_t0_tasks()["held_out_eval"]})
     rows = expand_grid(grid, tmp_path, source=str(path))
     recipe = {(r["job"]["task"] == "h-swag", r["job"]["batch_size"], r["job"]["grad_accum"]) for r in rows}

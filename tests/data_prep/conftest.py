@@ -1,4 +1,5 @@
 """Shared helpers: a tiny P3-style local dump and a wrapper around the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from data_prep.cli import PROG, main
 from data_prep.mixture import get_mixture
 from tpds_common.errors import report_user_errors
 
-TRAIN_CONFIGS = ["glue_mrpc_equivalent", "glue_mrpc_paraphrase"]   # glue/mrpc has 7 templates
+TRAIN_CONFIGS = ["glue_mrpc_equivalent", "glue_mrpc_paraphrase"]  # glue/mrpc has 7 templates
 HELD = "rte"
 
 
@@ -20,9 +21,12 @@ def p3_rows(config: str, split: str, n: int, choices: bool = True) -> list[dict]
     """P3-format records with a little variety; targets are among the choices when choices is set."""
     rows = []
     for i in range(n):
-        r = {"inputs_pretokenized": f"{config} {split} sentence number {i} says {'yes' if i % 2 else 'no'} ?",
-             "targets_pretokenized": "yes" if i % 2 else "no",
-             "inputs": [5, 6, 7], "targets": [8, 1]}
+        r = {
+            "inputs_pretokenized": f"{config} {split} sentence number {i} says {'yes' if i % 2 else 'no'} ?",
+            "targets_pretokenized": "yes" if i % 2 else "no",
+            "inputs": [5, 6, 7],
+            "targets": [8, 1],
+        }
         if choices:
             r["answer_choices"] = ["no", "yes"]
         rows.append(r)
@@ -61,14 +65,44 @@ def make_dump(root: Path, fmt: str = "jsonl", n_train: int = 40, n_eval: int = 1
 
 
 def local_args(dump: Path, out: Path, *extra: str) -> list[str]:
-    return ["--mixture", "t0_train", "--source", f"local:{dump}", "--tokenizer", "embedded", "--out", str(out),
-            "--train-tasks", ",".join(TRAIN_CONFIGS), "--held-out", HELD, "--num-shards", "2",
-            "--val-per-template", "5", "--few-shot-k", "8", *extra]
+    return [
+        "--mixture",
+        "t0_train",
+        "--source",
+        f"local:{dump}",
+        "--tokenizer",
+        "embedded",
+        "--out",
+        str(out),
+        "--train-tasks",
+        ",".join(TRAIN_CONFIGS),
+        "--held-out",
+        HELD,
+        "--num-shards",
+        "2",
+        "--val-per-template",
+        "5",
+        "--few-shot-k",
+        "8",
+        *extra,
+    ]
 
 
 # Small embedded run: caps keep it to ~1-2 s.
-EMB = ["--mixture", "embedded", "--source", "embedded", "--tokenizer", "embedded",
-       "--cap-per-template", "40", "--val-per-template", "10", "--num-shards", "3"]
+EMB = [
+    "--mixture",
+    "embedded",
+    "--source",
+    "embedded",
+    "--tokenizer",
+    "embedded",
+    "--cap-per-template",
+    "40",
+    "--val-per-template",
+    "10",
+    "--num-shards",
+    "3",
+]
 
 
 def emb_args(out: Path, *extra: str) -> list[str]:
@@ -77,8 +111,9 @@ def emb_args(out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture
 def run():
-    def _run(argv: list[str]) -> int:   # as `python -m data_prep`: user errors become exit codes
+    def _run(argv: list[str]) -> int:  # as `python -m data_prep`: user errors become exit codes
         return report_user_errors(PROG, main, argv)
+
     return _run
 
 

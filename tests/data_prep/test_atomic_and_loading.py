@@ -1,4 +1,5 @@
 """Interrupted builds leave nothing half-written; manifest validation; loading by rank."""
+
 import json
 
 import pytest
@@ -18,6 +19,7 @@ def _interrupt_after_first_write(monkeypatch):
         if len(calls) == 2:
             raise KeyboardInterrupt("simulated interruption mid-write")
         return real(root, rel, *a, **kw)
+
     monkeypatch.setattr(pl, "write_split", flaky)
     return calls
 
@@ -29,14 +31,14 @@ def _files(d):
 def test_interrupted_fresh_build_leaves_no_dir(tmp_path, run, monkeypatch):
     calls = _interrupt_after_first_write(monkeypatch)
     out = tmp_path / "o"
-    with pytest.raises(KeyboardInterrupt):   # main itself: `run` maps Ctrl-C to exit 130 as the CLI does
+    with pytest.raises(KeyboardInterrupt):  # main itself: `run` maps Ctrl-C to exit 130 as the CLI does
         main(emb_args(out))
     assert calls == ["train", "val"]
     assert not out.exists()
     work = pl.work_dir(out)
-    assert [p.name for p in tmp_path.iterdir()] == [work.name]   # only the work folder: lock + part cache
-    assert not list(work.glob("stage-*"))                          # staging folder cleaned up
-    assert len(list((work / "parts").iterdir())) == 19             # every part survived for the rerun
+    assert [p.name for p in tmp_path.iterdir()] == [work.name]  # only the work folder: lock + part cache
+    assert not list(work.glob("stage-*"))  # staging folder cleaned up
+    assert len(list((work / "parts").iterdir())) == 19  # every part survived for the rerun
 
 
 def test_interrupted_overwrite_keeps_previous_dir(tmp_path, run, monkeypatch):
@@ -62,8 +64,10 @@ def test_resumed_build_equals_uninterrupted(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         seen.append(job.name)
         return real_run(self, job)
-    cfg = lambda out, **kw: pl.PrepConfig("embedded", "embedded", "embedded", out, cap_per_template="40",
-                                          val_per_template=10, num_shards=3, **kw)
+
+    cfg = lambda out, **kw: pl.PrepConfig(
+        "embedded", "embedded", "embedded", out, cap_per_template="40", val_per_template=10, num_shards=3, **kw
+    )
     monkeypatch.setattr(pl.Worker, "run", crash_after_five)
     with pytest.raises(KeyboardInterrupt):
         pl.build(cfg(tmp_path / "a"))
@@ -82,7 +86,7 @@ def test_load_split_by_rank(emb_dir):
     a, b = load_split(emb_dir, "train", 0, 2), load_split(emb_dir, "train", 1, 2)
     assert len(a) + len(b) == len(full) and abs(len(a) - len(b)) <= 1
     rows = lambda d: [(r["task_id"], tuple(r["input_ids"]), tuple(r["target_ids"])) for r in d]
-    assert rows(a) + rows(b) == rows(full)   # contiguous, disjoint, complete
+    assert rows(a) + rows(b) == rows(full)  # contiguous, disjoint, complete
     assert [list(shard_range(5, r, 3)) for r in range(3)] == [[0], [1, 2], [3, 4]]
     with pytest.raises(ValueError):
         load_split(emb_dir, "train", 2, 2)
@@ -95,6 +99,7 @@ def test_load_split_by_rank(emb_dir):
 
 def test_manifest_validation(tmp_path, emb_dir):
     import shutil
+
     d = tmp_path / "copy"
     shutil.copytree(emb_dir, d)
     body = json.loads((d / "manifest.json").read_text())

@@ -9,8 +9,17 @@ from data_prep.pipeline import PrepConfig, build
 
 
 def _cfg(dump, out, **kw):
-    return PrepConfig("t0_train", f"local:{dump}", "embedded", out, train_tasks=tuple(TRAIN_CONFIGS),
-                      held_out=(HELD,), val_per_template=5, few_shot_k=8, **kw)
+    return PrepConfig(
+        "t0_train",
+        f"local:{dump}",
+        "embedded",
+        out,
+        train_tasks=tuple(TRAIN_CONFIGS),
+        held_out=(HELD,),
+        val_per_template=5,
+        few_shot_k=8,
+        **kw,
+    )
 
 
 def _corrupt(dump, config, split, row, mutate, fmt="jsonl"):
@@ -24,8 +33,22 @@ def _corrupt(dump, config, split, row, mutate, fmt="jsonl"):
 CASES = [
     ("missing_field", TRAIN_CONFIGS[0], "train", 7, lambda r: r.pop("inputs_pretokenized"), "inputs_pretokenized"),
     ("wrong_type", TRAIN_CONFIGS[1], "train", 2, lambda r: r.update(inputs_pretokenized=42), "inputs_pretokenized"),
-    ("empty_target", TRAIN_CONFIGS[0], "train", 11, lambda r: r.update(targets_pretokenized="  "), "targets_pretokenized"),
-    ("target_not_in_choices", None, "validation", 3, lambda r: r.update(targets_pretokenized="maybe"), "targets_pretokenized"),
+    (
+        "empty_target",
+        TRAIN_CONFIGS[0],
+        "train",
+        11,
+        lambda r: r.update(targets_pretokenized="  "),
+        "targets_pretokenized",
+    ),
+    (
+        "target_not_in_choices",
+        None,
+        "validation",
+        3,
+        lambda r: r.update(targets_pretokenized="maybe"),
+        "targets_pretokenized",
+    ),
     ("wrong_type", None, "validation", 4, lambda r: r.update(answer_choices="no ||| yes"), "answer_choices"),
     ("missing_field", None, "train", 9, lambda r: r.pop("answer_choices"), "answer_choices"),
 ]
@@ -104,10 +127,19 @@ def test_bad_record_late_in_the_mixture_keeps_the_finished_configs(tmp_path, emb
     stops the run with a named error, the parts finished before it stay cached, and the rerun
     after the fix reuses them instead of starting over."""
     from data_prep.pipeline import build
+
     dump = make_dump(tmp_path / "dump")
     path = _corrupt(dump, rte_configs()[-1], "validation", 0, lambda r: r.update(targets_pretokenized=""))
-    cfg = PrepConfig("t0_train", f"local:{dump}", str(emb_dir / "tokenizer"), tmp_path / "out",
-                     train_tasks=tuple(TRAIN_CONFIGS), held_out=(HELD,), val_per_template=5, few_shot_k=8)
+    cfg = PrepConfig(
+        "t0_train",
+        f"local:{dump}",
+        str(emb_dir / "tokenizer"),
+        tmp_path / "out",
+        train_tasks=tuple(TRAIN_CONFIGS),
+        held_out=(HELD,),
+        val_per_template=5,
+        few_shot_k=8,
+    )
     with pytest.raises(DataError) as e:
         build(cfg)
     assert str(path) in str(e.value) and "row 0" in str(e.value)

@@ -1,4 +1,5 @@
 """Byte-identical reruns, rerun-is-noop, refusal without --overwrite, few-shot sampling."""
+
 import filecmp
 import os
 
@@ -13,7 +14,7 @@ def _files(d):
 
 def test_two_runs_byte_identical(tmp_path, run, emb_dir):
     other = tmp_path / "again"
-    assert run(emb_args(other, "--num-proc", "2")) == 0   # num_proc must not change the bytes
+    assert run(emb_args(other, "--num-proc", "2")) == 0  # num_proc must not change the bytes
     assert _files(emb_dir) == _files(other)
     for rel in _files(emb_dir):
         assert filecmp.cmp(emb_dir / rel, other / rel, shallow=False), rel
@@ -37,6 +38,7 @@ def test_rerun_is_noop_and_different_args_refuse(tmp_path, run, capsys):
     assert run(emb_args(out, "--max-input-len", "20", "--overwrite")) == 0
     assert read_manifest(out).max_input_len == 20
     from data_prep.pipeline import work_dir
+
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [work_dir(out).name]
     assert not list(work_dir(out).glob("stage-*")) and not list(work_dir(out).glob("old-*"))
 
@@ -69,4 +71,4 @@ def test_few_shot_identical_disjoint_and_order_independent(tmp_path, run, emb_di
             assert len(fs) == k * len(info["templates"])
             assert not ({tuple(x) for x in fs["input_ids"]} & eval_inputs)
             samples[seed] = tuple(info["example_ids"][str(seed)])
-        assert len(set(samples.values())) == 3   # the seeds draw different samples
+        assert len(set(samples.values())) == 3  # the seeds draw different samples

@@ -1,5 +1,6 @@
 """`--source hub` and `--source local:SNAPSHOT` against a faithful local replica of bigscience/P3:
 README card metadata, Parquet configs, the original TFRecord layout and the loading script."""
+
 import datasets
 import pytest
 from conftest import HELD, TRAIN_CONFIGS, p3_rows, rte_configs
@@ -12,8 +13,10 @@ from data_prep.pipeline import PrepConfig, build, plan
 
 
 def _store():
-    store = {TRAIN_CONFIGS[0]: {"train": p3_rows(TRAIN_CONFIGS[0], "train", 30)},
-             TRAIN_CONFIGS[1]: {"train": p3_rows(TRAIN_CONFIGS[1], "train", 24)}}
+    store = {
+        TRAIN_CONFIGS[0]: {"train": p3_rows(TRAIN_CONFIGS[0], "train", 30)},
+        TRAIN_CONFIGS[1]: {"train": p3_rows(TRAIN_CONFIGS[1], "train", 24)},
+    }
     for c in rte_configs():
         store[c] = {"train": p3_rows(c, "train", 50), "validation": p3_rows(c, "validation", 10)}
     return store
@@ -34,6 +37,7 @@ def replica(tmp_path, monkeypatch):
     def spy(path, *args, **kwargs):
         calls.append((path, args, kwargs))
         return real(path, *args, **kwargs)
+
     monkeypatch.setattr(datasets, "load_dataset", spy)
     # The Hub side of the source is the only thing replaced: listing, card and files come from the folder.
     monkeypatch.setattr(sources, "hub_access", lambda: sources.LocalAccess(root))
@@ -41,8 +45,17 @@ def replica(tmp_path, monkeypatch):
 
 
 def _cfg(source, out, **kw):
-    return PrepConfig("t0_train", source, "embedded", out, train_tasks=tuple(TRAIN_CONFIGS), held_out=(HELD,),
-                      val_per_template=5, few_shot_k=4, **kw)
+    return PrepConfig(
+        "t0_train",
+        source,
+        "embedded",
+        out,
+        train_tasks=tuple(TRAIN_CONFIGS),
+        held_out=(HELD,),
+        val_per_template=5,
+        few_shot_k=4,
+        **kw,
+    )
 
 
 def _decoded(out, split):
@@ -67,7 +80,9 @@ def test_hub_reads_both_layouts(tmp_path, replica):
     assert any(f"{TRAIN_CONFIGS[1]}/train-00000-of-00001.parquet" in c[2]["data_files"][0] for c in parquet_calls)
     assert not any(TRAIN_CONFIGS[0] in c[2]["data_files"][0] for c in parquet_calls)
     # Every source file is fingerprinted in the manifest, the TFRecord feature spec included.
-    assert any(f["file"].endswith(f"data/{TRAIN_CONFIGS[0]}/info.train.json") for f in m.sources[f"{TRAIN_CONFIGS[0]}/train"])
+    assert any(
+        f["file"].endswith(f"data/{TRAIN_CONFIGS[0]}/info.train.json") for f in m.sources[f"{TRAIN_CONFIGS[0]}/train"]
+    )
 
 
 def test_card_configs_mean_what_datasets_says(tmp_path, replica):
@@ -96,9 +111,11 @@ def test_local_snapshot_equals_hub(tmp_path, replica):
 def test_missing_config_named_before_any_read(tmp_path, replica, monkeypatch):
     root, _ = replica
     import shutil
-    shutil.rmtree(root / TRAIN_CONFIGS[1])          # card still declares it, files gone
+
+    shutil.rmtree(root / TRAIN_CONFIGS[1])  # card still declares it, files gone
     shutil.rmtree(root / "data" / TRAIN_CONFIGS[0])  # TFRecord-only config gone entirely
     import data_prep.pipeline as pl
+
     monkeypatch.setattr(pl, "_tokenizer", lambda *a: pytest.fail("data read before the missing configs were listed"))
     with pytest.raises(ConfigError) as e:
         build(_cfg("hub", tmp_path / "out"))
@@ -129,6 +146,7 @@ def test_hub_default_held_out_excludes_storycloze_and_explicit_request_fails(tmp
 
 def test_offline_hub_is_a_named_error(tmp_path, monkeypatch):
     import huggingface_hub.constants
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConfigError, match="cannot reach bigscience/P3 on the Hub.*--source local:PATH"):
         sources.HubAccess().sha()

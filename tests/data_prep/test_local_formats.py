@@ -1,4 +1,5 @@
 """Round trips: P3 records in Parquet / JSON Lines / Arrow -> shards, contents checked."""
+
 import pytest
 from conftest import HELD, TRAIN_CONFIGS, local_args, make_dump, p3_rows, rte_configs
 
@@ -63,6 +64,7 @@ def test_sharded_split_files_are_read_in_order(tmp_path, run):
     import shutil
 
     from conftest import write_split
+
     write_split(dump / c / "tmp_a", "train", rows[:25], "parquet")
     write_split(dump / c / "tmp_b", "train", rows[25:], "parquet")
     shutil.move(dump / c / "tmp_a" / "train.parquet", dump / c / "train-00000-of-00002.parquet")

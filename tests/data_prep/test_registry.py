@@ -13,12 +13,23 @@ def test_shipped_t0_tasks_has_313_train_tasks_and_11_held_out():
     assert len(m.held_out) == 11
     assert len(get_mixture("t0_train_og").train) == 222
     k = {h.name: h.few_shot_k for h in m.held_out}
-    assert k == {"rte": 32, "cb": 32, "anli-r1": 50, "anli-r2": 50, "anli-r3": 50, "wsc": 32,
-                 "winogrande": 50, "copa": 32, "h-swag": 20, "storycloze": 70, "wic": 32}
+    assert k == {
+        "rte": 32,
+        "cb": 32,
+        "anli-r1": 50,
+        "anli-r2": 50,
+        "anli-r3": 50,
+        "wsc": 32,
+        "winogrande": 50,
+        "copa": 32,
+        "h-swag": 20,
+        "storycloze": 70,
+        "wic": 32,
+    }
     anli = m.held_out_task("anli-r1")
     assert (anli.eval_split, anli.few_shot_split) == ("test", "train")
     assert not m.held_out_task("storycloze").on_hub
-    assert len(m.held_out_task("h-swag").templates) == 4   # original-task templates only
+    assert len(m.held_out_task("h-swag").templates) == 4  # original-task templates only
 
 
 def test_embedded_mixture_shape():

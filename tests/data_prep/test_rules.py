@@ -1,4 +1,5 @@
 """Cap rule end to end, truncation counts, unknown names."""
+
 import pytest
 from conftest import TRAIN_CONFIGS, local_args, make_dump, p3_rows
 
@@ -19,6 +20,7 @@ def test_budget_cap_rule_scaled(tmp_path, run):
     assert m.counts["val"] == {c: 5 for c in TRAIN_CONFIGS}
     assert "70 // n_templates" in m.rule["cap"]
     from data_prep.manifest import load_tokenizer
+
     tok = load_tokenizer(out)
     got = [tok.decode(r["input_ids"]) for r in load_split(out, "train") if r["task_name"] == TRAIN_CONFIGS[0]]
     assert got == [r["inputs_pretokenized"] for r in p3_rows(TRAIN_CONFIGS[0], "train", 10)]
@@ -44,21 +46,28 @@ def test_truncation_is_counted(tmp_path, run):
     assert run(local_args(dump, out2, "--max-target-len", "1")) == 0
     m2 = read_manifest(out2)
     assert m2.truncated["train"] == {c: {"input": 0, "target": 35} for c in TRAIN_CONFIGS}
-    assert all(t == [1] for t in load_split(out2, "train")["target_ids"])   # EOS survives the cut
+    assert all(t == [1] for t in load_split(out2, "train")["target_ids"])  # EOS survives the cut
 
 
-@pytest.mark.parametrize("kw,needle", [
-    ({"mixture": "t1_train"}, "valid mixtures: embedded, latent_skills, latent_skills_noprompt, t0_train, t0_train_og"),
-    ({"source": "ftp:x"}, "valid sources: hub, embedded, local:PATH"),
-    ({"train_tasks": ("nope",)}, "valid training tasks: emb_"),
-    ({"held_out": ("rte",)}, "valid held-out tasks: emb_"),
-    ({"source": "local:/nonexistent/dump"}, "not a directory"),
-    ({"mixture": "t0_train"}, "the embedded source only provides the embedded mixture"),
-])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        (
+            {"mixture": "t1_train"},
+            "valid mixtures: embedded, latent_skills, latent_skills_noprompt, t0_train, t0_train_og",
+        ),
+        ({"source": "ftp:x"}, "valid sources: hub, embedded, local:PATH"),
+        ({"train_tasks": ("nope",)}, "valid training tasks: emb_"),
+        ({"held_out": ("rte",)}, "valid held-out tasks: emb_"),
+        ({"source": "local:/nonexistent/dump"}, "not a directory"),
+        ({"mixture": "t0_train"}, "the embedded source only provides the embedded mixture"),
+    ],
+)
 def test_unknown_names(tmp_path, kw, needle):
     args = dict(mixture="embedded", source="embedded", tokenizer="embedded", out=tmp_path / "o")
     args.update(kw)
     from data_prep.pipeline import build
+
     with pytest.raises(ConfigError) as e:
         build(PrepConfig(**args))
     assert needle in str(e.value)
@@ -74,11 +83,21 @@ def test_cli_unknown_mixture_exit_code(tmp_path, capsys):
 def test_missing_local_configs_listed_before_loading(tmp_path):
     dump = make_dump(tmp_path / "dump")
     import shutil
+
     shutil.rmtree(dump / TRAIN_CONFIGS[1])
     with pytest.raises(ConfigError, match=f"lacks data for:\n  {TRAIN_CONFIGS[1]}/train"):
         from data_prep.pipeline import build
-        build(PrepConfig("t0_train", f"local:{dump}", "embedded", tmp_path / "o",
-                         train_tasks=tuple(TRAIN_CONFIGS), held_out=("rte",)))
+
+        build(
+            PrepConfig(
+                "t0_train",
+                f"local:{dump}",
+                "embedded",
+                tmp_path / "o",
+                train_tasks=tuple(TRAIN_CONFIGS),
+                held_out=("rte",),
+            )
+        )
 
 
 def test_bad_options():

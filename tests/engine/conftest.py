@@ -9,7 +9,7 @@ import pytest
 from tpds_common.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-VOCAB = 130   # the embedded tokenizer of data_prep
+VOCAB = 130  # the embedded tokenizer of data_prep
 PRETRAIN = REPO / "launch" / "pretrain.py"
 TINY = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
 # A fixed, shared build cache for DeepSpeed's JIT op (the first build takes about a minute).
@@ -21,9 +21,26 @@ os.environ["DS_ACCELERATOR"] = "cpu"
 def prepared_dir(tmp_path_factory):
     """The real stage-1 output on the embedded mixture (16 tasks, 6400 train / 1600 val rows, ~3 s)."""
     out = tmp_path_factory.mktemp("data") / "embedded"
-    proc = subprocess.run([sys.executable, "-m", "data_prep", "--mixture", "embedded", "--source", "embedded",
-                           "--tokenizer", "embedded", "--out", str(out)], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "--mixture",
+            "embedded",
+            "--source",
+            "embedded",
+            "--tokenizer",
+            "embedded",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -43,31 +60,63 @@ def backbone_dir(tmp_path_factory):
 
 def child_env(**extra) -> dict:
     env = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-                "SLURM_STEP_ID", "SLURM_JOB_ID"):
+    for key in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_STEP_ID",
+        "SLURM_JOB_ID",
+    ):
         env.pop(key, None)
-    env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(
+        DS_ACCELERATOR="cpu",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
 def pretrain_cmd(run_dir, prepared, overrides=(), nproc: int = 1, resume: str = "auto", configs=(TINY,)):
-    args = [str(PRETRAIN)] + [a for c in configs for a in ("--config", str(c))] + ["--resume", resume,
-            f"data.dir={prepared}", f"run.dir={run_dir}", "train.progress_bar=false", *overrides]
+    args = (
+        [str(PRETRAIN)]
+        + [a for c in configs for a in ("--config", str(c))]
+        + ["--resume", resume, f"data.dir={prepared}", f"run.dir={run_dir}", "train.progress_bar=false", *overrides]
+    )
     if nproc == 1:
         return [sys.executable] + args
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port())] + args
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+    ] + args
 
 
-def run_pretrain(run_dir, prepared, overrides=(), nproc: int = 1, resume: str = "auto", timeout: int = 240,
-                 check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(pretrain_cmd(run_dir, prepared, overrides, nproc, resume), cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def run_pretrain(
+    run_dir, prepared, overrides=(), nproc: int = 1, resume: str = "auto", timeout: int = 240, check: bool = True
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        pretrain_cmd(run_dir, prepared, overrides, nproc, resume),
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"pretrain exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
-                             f"STDERR:\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"pretrain exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -85,10 +134,20 @@ def read_metrics(run_dir, kind: str = "train", key: str = "train/loss") -> dict[
 # Routing heatmaps (~0.35 s of matplotlib each, plus its import) are drawn by the baseline only, where
 # test_monitoring checks them; they change no number the other runs compare.
 BASE_STEPS = 24
-BASE = ["optim.name=adamw", "optim.warmup_ratio=0.25", "data.val_max_samples=45", f"train.steps={BASE_STEPS}",
-        "train.micro_batch=4", "train.grad_accum=2", "train.save_every=8", "train.eval_every=8",
-        "train.keep_checkpoints=3", "train.log_every=2", "train.heatmap_max_layers=0"]
-HEATMAPS = "train.heatmap_max_layers=2"   # tiny_cpu.yaml's setting
+BASE = [
+    "optim.name=adamw",
+    "optim.warmup_ratio=0.25",
+    "data.val_max_samples=45",
+    f"train.steps={BASE_STEPS}",
+    "train.micro_batch=4",
+    "train.grad_accum=2",
+    "train.save_every=8",
+    "train.eval_every=8",
+    "train.keep_checkpoints=3",
+    "train.log_every=2",
+    "train.heatmap_max_layers=0",
+]
+HEATMAPS = "train.heatmap_max_layers=2"  # tiny_cpu.yaml's setting
 # TPDS_TEST_BATCHING=length_grouped reruns the multi-process equivalence, resume and elastic tests with
 # length-grouped batching (groups of 3 steps: the step-8/16 checkpoints fall inside a group)
 if os.environ.get("TPDS_TEST_BATCHING"):
@@ -110,8 +169,18 @@ ACCELERATE_ZERO2 = REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"
 
 
 def accelerate_cmd(script_args, nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_ZERO2),
-            "--num_processes", str(nproc), "--main_process_port", str(free_port()), *script_args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ACCELERATE_ZERO2),
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(free_port()),
+        *script_args,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -127,14 +196,16 @@ def two_rank_run(tmp_path_factory, prepared_dir, backbone_dir):
             run_dir = tmp_path_factory.mktemp("runs") / f"two_ranks_z{stage}"
             if stage == 2:
                 # pretrain_cmd's single-process form is [python, script, args...]: accelerate takes the rest
-                args = pretrain_cmd(run_dir, prepared_dir, [*BASE, f"model.name_or_path={backbone_dir}",
-                                                            "train.micro_batch=2"])[1:]
-                proc = subprocess.run(accelerate_cmd(args), cwd=REPO, env=child_env(), capture_output=True,
-                                      text=True, timeout=600)
+                args = pretrain_cmd(
+                    run_dir, prepared_dir, [*BASE, f"model.name_or_path={backbone_dir}", "train.micro_batch=2"]
+                )[1:]
+                proc = subprocess.run(
+                    accelerate_cmd(args), cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600
+                )
                 assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
             else:
-                proc = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir, stage=stage, micro=2),
-                                    nproc=2)
-            runs[stage] = run_dir, proc.stderr   # log lines go to stderr (tpds_common.log)
+                proc = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir, stage=stage, micro=2), nproc=2)
+            runs[stage] = run_dir, proc.stderr  # log lines go to stderr (tpds_common.log)
         return runs[stage]
+
     return get

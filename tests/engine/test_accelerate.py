@@ -13,24 +13,45 @@ from .test_pretrain_runs import assert_same_trajectory
 
 
 def plugin_env(**extra):
-    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no",
-           "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
-           "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none"}
+    env = {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_MIXED_PRECISION": "no",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+        "TORCHELASTIC_RUN_ID": "none",
+    }
     env.update(extra)
     return env
 
 
 def test_plugin_settings_become_run_config_overrides():
     assert accelerate_overrides({}) == [] and accelerate_overrides({"RANK": "0"}) == []
-    assert accelerate_overrides(plugin_env()) == ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=false",
-                                                  "deepspeed.offload_param=false"]
-    env = plugin_env(ACCELERATE_DEEPSPEED_ZERO_STAGE="3", ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE="cpu",
-                     ACCELERATE_MIXED_PRECISION="bf16", ACCELERATE_GRADIENT_ACCUMULATION_STEPS="4",
-                     ACCELERATE_GRADIENT_CLIPPING="0.5")
-    assert accelerate_overrides(env) == ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
-                                         "deepspeed.offload_param=false", "deepspeed.precision=bf16",
-                                         "train.grad_accum=4", "optim.clip=0.5"]
+    assert accelerate_overrides(plugin_env()) == [
+        "deepspeed.zero_stage=2",
+        "deepspeed.offload_optimizer=false",
+        "deepspeed.offload_param=false",
+    ]
+    env = plugin_env(
+        ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
+        ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE="cpu",
+        ACCELERATE_MIXED_PRECISION="bf16",
+        ACCELERATE_GRADIENT_ACCUMULATION_STEPS="4",
+        ACCELERATE_GRADIENT_CLIPPING="0.5",
+    )
+    assert accelerate_overrides(env) == [
+        "deepspeed.zero_stage=3",
+        "deepspeed.offload_optimizer=true",
+        "deepspeed.offload_param=false",
+        "deepspeed.precision=bf16",
+        "train.grad_accum=4",
+        "optim.clip=0.5",
+    ]
     out = distributed_env(plugin_env())
     assert (out["LAUNCHER"], out["RANK"], out["WORLD_SIZE"], out["LOCAL_RANK"]) == ("accelerate", "1", "2", "1")
 
@@ -43,10 +64,13 @@ def test_plugin_deepspeed_config_file_is_the_template(tmp_path):
     assert accelerate_overrides(env)[:2] == [f"deepspeed.template={path}", "deepspeed.zero_stage=3"]
 
 
-@pytest.mark.parametrize("var, value, needle", [
-    ("ACCELERATE_MIXED_PRECISION", "fp16", "ACCELERATE_MIXED_PRECISION=fp16"),
-    ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "nvme", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE=nvme"),
-])
+@pytest.mark.parametrize(
+    "var, value, needle",
+    [
+        ("ACCELERATE_MIXED_PRECISION", "fp16", "ACCELERATE_MIXED_PRECISION=fp16"),
+        ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "nvme", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE=nvme"),
+    ],
+)
 def test_unsupported_plugin_settings_are_refused(var, value, needle):
     with pytest.raises(LaunchError, match=needle):
         accelerate_overrides(plugin_env(**{var: value}))
@@ -55,7 +79,10 @@ def test_unsupported_plugin_settings_are_refused(var, value, needle):
 def test_adaptation_jobs_take_the_stage_and_precision():
     assert launcher_job_fields({}) == {}
     assert launcher_job_fields(plugin_env(ACCELERATE_MIXED_PRECISION="bf16")) == {
-        "trainer": "engine", "zero_stage": 2, "precision": "bf16"}
+        "trainer": "engine",
+        "zero_stage": 2,
+        "precision": "bf16",
+    }
     with pytest.raises(LaunchError, match="offload"):
         launcher_job_fields(plugin_env(ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE="cpu"))
 

@@ -60,11 +60,20 @@ def test_exponent_without_dot_is_a_number(tmp_path):
 
 
 def test_compose_and_overrides(tmp_path):
-    base = write(tmp_path, "base.yaml", {"optim": {"name": "adafactor", "lr": 0.5},
-                                          "adapter": {"method": "poly", "skills": 8},
-                                          "deepspeed": {"overrides": {"zero_optimization": {"a": 1}}}})
-    method = write(tmp_path, "m.yaml", {"optim": {"lr": 0.25}, "adapter": {"skills": 4},
-                                         "deepspeed": {"overrides": {"zero_optimization": {"b": 2}}}})
+    base = write(
+        tmp_path,
+        "base.yaml",
+        {
+            "optim": {"name": "adafactor", "lr": 0.5},
+            "adapter": {"method": "poly", "skills": 8},
+            "deepspeed": {"overrides": {"zero_optimization": {"a": 1}}},
+        },
+    )
+    method = write(
+        tmp_path,
+        "m.yaml",
+        {"optim": {"lr": 0.25}, "adapter": {"skills": 4}, "deepspeed": {"overrides": {"zero_optimization": {"b": 2}}}},
+    )
     cfg = load_run_config([base, method], ["optim.warmup_ratio=0.1", "train.steps=7", "adapter.rank=2"])
     assert cfg.optim.name == "adafactor" and cfg.optim.lr == 0.25 and cfg.optim.warmup_ratio == 0.1
     assert cfg.adapter.method == "poly" and cfg.adapter.skills == 4 and cfg.adapter.rank == 2
@@ -81,8 +90,16 @@ def test_compose_and_overrides(tmp_path):
 
 
 def test_ds_config_filled_from_run_config():
-    cfg = load_run_config([], ["train.micro_batch=3", "train.grad_accum=5", "optim.clip=0.5",
-                               "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true"])
+    cfg = load_run_config(
+        [],
+        [
+            "train.micro_batch=3",
+            "train.grad_accum=5",
+            "optim.clip=0.5",
+            "deepspeed.zero_stage=3",
+            "deepspeed.offload_optimizer=true",
+        ],
+    )
     ds = fill_ds_config(cfg, world_size=4)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
     assert ds["train_batch_size"] == 60 and ds["gradient_clipping"] == 0.5
@@ -137,8 +154,14 @@ def test_sigterm_and_sigusr1_set_the_stop_flag():
 
 def _launched_as_rank0_of(monkeypatch, world: int) -> None:
     """The variables torchrun sets in each worker: the config checks must see the world size from them."""
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29999", "TORCHELASTIC_RUN_ID": "t"}.items():
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29999",
+        "TORCHELASTIC_RUN_ID": "t",
+    }.items():
         monkeypatch.setenv(key, value)
 
 
@@ -162,8 +185,14 @@ def test_train_batch_size_is_checked_against_the_launchers_world_size(tmp_path, 
 
     _launched_as_rank0_of(monkeypatch, 2)
     _no_process_group(monkeypatch)
-    args = ["--config", str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"), f"data.dir={prepared_dir}",
-            f"run.dir={tmp_path / 'run'}", "train.micro_batch=4", "train.grad_accum=4"]
+    args = [
+        "--config",
+        str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"),
+        f"data.dir={prepared_dir}",
+        f"run.dir={tmp_path / 'run'}",
+        "train.micro_batch=4",
+        "train.grad_accum=4",
+    ]
     with pytest.raises(_Started):
         pretrain.main(args + ["deepspeed.overrides={train_batch_size: 32}"])
     assert cli_main(["pretrain", *args, "deepspeed.overrides={train_batch_size: 16}"]) == 2
@@ -178,13 +207,17 @@ def test_bad_resume_is_refused_before_any_process_group(tmp_path, monkeypatch, c
 
     _no_process_group(monkeypatch)
     run = tmp_path / "run"
-    args = ["--config", str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"), f"data.dir={prepared_dir}",
-            f"run.dir={run}"]
+    args = [
+        "--config",
+        str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"),
+        f"data.dir={prepared_dir}",
+        f"run.dir={run}",
+    ]
     assert cli_main(["pretrain", *args, "--resume", "/no/such/tag"]) == 2
     assert "no such checkpoint directory" in capsys.readouterr().err
     assert cli_main(["pretrain", *args, "--export-only"]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
-    for step in (8, 16):   # every kept checkpoint truncated
+    for step in (8, 16):  # every kept checkpoint truncated
         tag = run / "checkpoints" / f"step_{step:08d}"
         tag.mkdir(parents=True)
         (tag / "meta.json").write_text("{}")
@@ -194,7 +227,7 @@ def test_bad_resume_is_refused_before_any_process_group(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert "no usable checkpoint" in err and "step_00000008: file mp_rank_00_model_states.pt has 10 bytes" in err
     assert "step_00000016" in err and "--resume none" in err
-    with pytest.raises(_Started):   # starting over is the explicit choice
+    with pytest.raises(_Started):  # starting over is the explicit choice
         pretrain.main(args + ["--resume", "none"])
 
 
@@ -204,8 +237,18 @@ def test_a_second_run_on_a_held_run_dir_is_refused(tmp_path, monkeypatch, capsys
     _no_process_group(monkeypatch)
     run = tmp_path / "run"
     with held(run, "pretraining run directory") as holder:
-        assert cli_main(["pretrain", "--config", str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"),
-                         f"data.dir={prepared_dir}", f"run.dir={run}"]) == 75
+        assert (
+            cli_main(
+                [
+                    "pretrain",
+                    "--config",
+                    str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"),
+                    f"data.dir={prepared_dir}",
+                    f"run.dir={run}",
+                ]
+            )
+            == 75
+        )
     assert f"pretraining run directory {run} is in use by pid {holder.pid}" in capsys.readouterr().err
 
 
@@ -228,8 +271,13 @@ def test_a_checkpoint_error_in_the_run_is_reported_once_with_exit_2(rank, tmp_pa
 
     monkeypatch.setattr(pretrain, "_run", verdict)
     run = tmp_path / "run"
-    args = ["pretrain", "--config", str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"), f"data.dir={prepared_dir}",
-            f"run.dir={run}"]
+    args = [
+        "pretrain",
+        "--config",
+        str(REPO / "configs" / "pretrain" / "tiny_cpu.yaml"),
+        f"data.dir={prepared_dir}",
+        f"run.dir={run}",
+    ]
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     status = json.loads((run / "status" / f"rank{rank}.json").read_text())

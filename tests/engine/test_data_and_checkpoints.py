@@ -19,13 +19,15 @@ def rows(prepared_dir):
 def test_step_rows_do_not_depend_on_the_rank_layout(rows, batching):
     train, _ = rows
     one = TrainStream(train, seed=3, micro_batch=4, grad_accum=2, rank=0, world_size=1, batching=batching)
-    two = [TrainStream(train, seed=3, micro_batch=2, grad_accum=2, rank=r, world_size=2, batching=batching)
-           for r in range(2)]
-    for _ in range(1700):   # two epochs and a bit (6400 rows / 8 per step)
+    two = [
+        TrainStream(train, seed=3, micro_batch=2, grad_accum=2, rank=r, world_size=2, batching=batching)
+        for r in range(2)
+    ]
+    for _ in range(1700):  # two epochs and a bit (6400 rows / 8 per step)
         a = sorted(i for mb in one.step_indices() for i in mb)
         parts = [[i for mb in s.step_indices() for i in mb] for s in two]
-        assert not set(parts[0]) & set(parts[1])          # disjoint shares
-        assert sorted(parts[0] + parts[1]) == a          # same global batch
+        assert not set(parts[0]) & set(parts[1])  # disjoint shares
+        assert sorted(parts[0] + parts[1]) == a  # same global batch
     assert one.epoch == 2 and one.state_dict() == two[0].state_dict()
 
 
@@ -45,18 +47,23 @@ def test_stream_resumes_mid_epoch(rows, batching):
 
 
 def test_collate_pads_and_masks():
-    b = collate([{"task_id": 1, "input_ids": [5, 6, 7], "target_ids": [8, 1], "extra": "a"},
-                 {"task_id": 2, "input_ids": [9], "target_ids": [4, 4, 1], "extra": "b"}], masked=[False, True])
+    b = collate(
+        [
+            {"task_id": 1, "input_ids": [5, 6, 7], "target_ids": [8, 1], "extra": "a"},
+            {"task_id": 2, "input_ids": [9], "target_ids": [4, 4, 1], "extra": "b"},
+        ],
+        masked=[False, True],
+    )
     assert b["input_ids"].tolist() == [[5, 6, 7], [9, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [[8, 1, IGNORE_INDEX], [IGNORE_INDEX] * 3]
     assert b["task_ids"].tolist() == [1, 2] and b["extra"] == ["a", "b"]
     t = collate([{"task_id": 0, "input_ids": [2] * 9, "target_ids": [3, 3, 3, 1]}], max_input_len=4, max_target_len=2)
-    assert t["input_ids"].shape == (1, 4) and t["labels"].tolist() == [[3, 1]]   # EOS kept
+    assert t["input_ids"].shape == (1, 4) and t["labels"].tolist() == [[3, 1]]  # EOS kept
 
 
 def test_eval_batches_equal_count_per_rank_and_cover_each_row_once(rows):
-    _, val = rows   # 37 rows: not divisible by 2 ranks x batch 4
+    _, val = rows  # 37 rows: not divisible by 2 ranks x batch 4
     per_rank = [list(eval_batches(val, batch_size=4, rank=r, world_size=2)) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 5
     tokens = sum(float((b["labels"] != IGNORE_INDEX).sum()) for bs in per_rank for b in bs)
@@ -94,7 +101,7 @@ def test_zeroed_block_inside_a_file_of_unchanged_size_is_caught_by_its_checksum(
     data = bytearray((bad / "optim.pt").read_bytes())
     data[4096:8192] = bytes(4096)
     (bad / "optim.pt").write_bytes(bytes(data))
-    assert ckpt.check_structure(bad) is None          # what the size-only check saw
+    assert ckpt.check_structure(bad) is None  # what the size-only check saw
     why = ckpt.verify_tag(bad)
     assert why is not None and "optim.pt" in why and "checksum" in why
     with pytest.warns(RuntimeWarning, match=r"step_00000020.*optim\.pt"):
@@ -117,9 +124,9 @@ def test_no_usable_checkpoint_is_an_error_listing_every_tag(tmp_path):
     root = tmp_path / "damaged"
     for step in (8, 16, 24):
         tag = fake_tag(root, step)
-        (tag / "model.pt").write_bytes(b"x" * 50)            # truncated
+        (tag / "model.pt").write_bytes(b"x" * 50)  # truncated
     zeroed = fake_tag(root, 32)
-    (zeroed / "optim.pt").write_bytes(bytes(256 * 64))       # same size, zeroed
+    (zeroed / "optim.pt").write_bytes(bytes(256 * 64))  # same size, zeroed
     with pytest.raises(ckpt.CheckpointError) as err:
         with pytest.warns(RuntimeWarning):
             ckpt.find_resumable(root)
@@ -127,7 +134,7 @@ def test_no_usable_checkpoint_is_an_error_listing_every_tag(tmp_path):
     for step in (8, 16, 24):
         assert f"step_{step:08d}: file model.pt has 50 bytes" in text
     assert "step_00000032: file optim.pt: content differs" in text and "--resume none" in text
-    with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint"):   # sizes: seen before any process group
+    with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint"):  # sizes: seen before any process group
         shutil.rmtree(zeroed)
         ckpt.precheck(root, "auto")
     ckpt.precheck(root, "none")
@@ -144,7 +151,7 @@ def test_unreadable_torch_archive_is_named(tmp_path):
     torch.save({"w": torch.arange(1000.0)}, tag / "bad_optim_states.pt")
     assert ckpt.unreadable_file(tag) is None
     data = bytearray((tag / "bad_optim_states.pt").read_bytes())
-    data[-200:] = bytes(200)   # the zip's central directory
+    data[-200:] = bytes(200)  # the zip's central directory
     (tag / "bad_optim_states.pt").write_bytes(bytes(data))
     assert ckpt.unreadable_file(tag).startswith("bad_optim_states.pt")
 

@@ -13,8 +13,14 @@ def test_expand_nodelist():
 
 
 def srun_env(**kw):
-    env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0",
-           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "123456"}
+    env = {
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "4",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_JOB_ID": "123456",
+    }
     env.update(kw)
     return env
 
@@ -43,14 +49,25 @@ def test_array_tasks_derive_the_port_from_the_array_job_id():
 
 
 def test_torchrun_and_deepspeed_variables_are_kept():
-    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500",
-           "TORCHELASTIC_RUN_ID": "x"}
+    env = {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500",
+        "TORCHELASTIC_RUN_ID": "x",
+    }
     out = distributed_env(env)
     assert out["LAUNCHER"] == "torchrun"
-    assert (out["RANK"], out["WORLD_SIZE"], out["LOCAL_RANK"], out["MASTER_ADDR"], out["MASTER_PORT"]) == \
-        ("1", "2", "1", "10.0.0.1", "29500")
+    assert (out["RANK"], out["WORLD_SIZE"], out["LOCAL_RANK"], out["MASTER_ADDR"], out["MASTER_PORT"]) == (
+        "1",
+        "2",
+        "1",
+        "10.0.0.1",
+        "29500",
+    )
     env.pop("TORCHELASTIC_RUN_ID")
-    env["CROSS_RANK"] = "0"   # deepspeed's launcher
+    env["CROSS_RANK"] = "0"  # deepspeed's launcher
     assert distributed_env(env)["LAUNCHER"] == "deepspeed"
     # torchrun inside an srun allocation: the launcher's variables win over Slurm's
     assert distributed_env({**srun_env(), **env})["RANK"] == "1"

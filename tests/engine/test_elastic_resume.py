@@ -16,9 +16,9 @@ from tensorpoly_ds.engine import checkpoint as ckpt
 
 from .conftest import BASE_STEPS, base_overrides, read_metrics, run_pretrain
 
-AT = 16                      # the source's checkpoint the resumed runs start from (saved every 8 steps)
+AT = 16  # the source's checkpoint the resumed runs start from (saved every 8 steps)
 FROM = ckpt.tag_for(AT)
-REL = 2e-5   # fp32 on CPU, measured <= 3e-7 relative between 2 -> 1 rank and the uninterrupted 2-rank run
+REL = 2e-5  # fp32 on CPU, measured <= 3e-7 relative between 2 -> 1 rank and the uninterrupted 2-rank run
 
 
 def overrides(backbone, stage: int, world: int, extra=()) -> list[str]:
@@ -40,6 +40,7 @@ def source(tmp_path_factory, prepared_dir, backbone_dir, baseline_run, two_rank_
                 run_pretrain(run_dir, prepared_dir, overrides(backbone_dir, stage, world), nproc=world)
                 runs[stage, world] = run_dir
         return runs[stage, world]
+
     return get
 
 
@@ -66,7 +67,7 @@ def assert_continues(reference, resumed, rel: float = REL):
 def reset_adamw_state(universal) -> None:
     """Make the universal checkpoint hold a fresh AdamW state (zero moments, step 0) beside the same weights,
     scheduler and data position; re-mark it so that it is reused, not converted again."""
-    for param_dir in (p.parent for p in (universal / "zero").glob("*/exp_avg.pt")):   # not the buffers' folders
+    for param_dir in (p.parent for p in (universal / "zero").glob("*/exp_avg.pt")):  # not the buffers' folders
         for key in ("exp_avg", "exp_avg_sq"):
             state = torch.load(param_dir / f"{key}.pt", weights_only=False)
             state["param"] = torch.zeros_like(state["param"])
@@ -81,9 +82,11 @@ def test_zero2_two_ranks_to_one_carries_the_optimizer(source, tmp_path, prepared
     resumed = tmp_path / "resumed"
     proc = resume_copy(src, resumed, prepared_dir, backbone_dir, stage=2, world=1)
     universal = resumed / "checkpoints" / (FROM + ckpt.UNIVERSAL_SUFFIX)
-    assert (f"resumed from {resumed / 'checkpoints' / FROM} at step {AT} on 1 rank(s) (checkpoint written on "
-            f"2 rank(s), converted to a universal checkpoint at {universal})") in proc.stderr, proc.stderr[-3000:]
-    assert ckpt.verify_tag(universal) is None   # its own marker and checksums
+    assert (
+        f"resumed from {resumed / 'checkpoints' / FROM} at step {AT} on 1 rank(s) (checkpoint written on "
+        f"2 rank(s), converted to a universal checkpoint at {universal})"
+    ) in proc.stderr, proc.stderr[-3000:]
+    assert ckpt.verify_tag(universal) is None  # its own marker and checksums
     assert not list(resumed.glob("checkpoints/.*tmp*"))
     assert_continues(src, resumed)
     # the moments the resumed run started from are the 2-rank run's: with a fresh AdamW state instead (same
@@ -93,7 +96,7 @@ def test_zero2_two_ranks_to_one_carries_the_optimizer(source, tmp_path, prepared
     shutil.copytree(universal, fresh / "checkpoints" / universal.name)
     reset_adamw_state(fresh / "checkpoints" / universal.name)
     proc = run_pretrain(fresh, prepared_dir, overrides(backbone_dir, 2, 1), nproc=1)
-    assert "converting" not in proc.stderr   # an intact conversion is reused (log lines go to stderr)
+    assert "converting" not in proc.stderr  # an intact conversion is reused (log lines go to stderr)
     carried, restarted = read_metrics(resumed), read_metrics(fresh)
     assert abs(restarted[AT + 1] - carried[AT + 1]) <= REL * carried[AT + 1]
     assert abs(restarted[AT + 2] - carried[AT + 2]) > 100 * REL * carried[AT + 2], (carried[AT + 2], restarted[AT + 2])
@@ -107,15 +110,23 @@ def test_resume_on_another_world_size(stage, saved_on, resumed_on, source, tmp_p
     src = source(stage, saved_on)
     resumed = tmp_path / "resumed"
     proc = resume_copy(src, resumed, prepared_dir, backbone_dir, stage=stage, world=resumed_on)
-    how = ("its optimizer state is not sharded, loaded as it is" if stage == 0 else
-           "converted to a universal checkpoint at")
-    assert f"on {resumed_on} rank(s) (checkpoint written on {saved_on} rank(s){';' if stage == 0 else ','} {how}" \
-        in proc.stderr, proc.stderr[-3000:]
+    how = (
+        "its optimizer state is not sharded, loaded as it is"
+        if stage == 0
+        else "converted to a universal checkpoint at"
+    )
+    assert (
+        f"on {resumed_on} rank(s) (checkpoint written on {saved_on} rank(s){';' if stage == 0 else ','} {how}"
+        in proc.stderr
+    ), proc.stderr[-3000:]
     converted = list((resumed / "checkpoints").glob(f"*{ckpt.UNIVERSAL_SUFFIX}"))
     assert len(converted) == (0 if stage == 0 else 1)
     assert_continues(src, resumed)
     # the checkpoints written after the resume are ordinary ones of the new world size
-    assert json.loads((resumed / "checkpoints" / ckpt.tag_for(BASE_STEPS) / ckpt.META).read_text())["world_size"] == resumed_on
+    assert (
+        json.loads((resumed / "checkpoints" / ckpt.tag_for(BASE_STEPS) / ckpt.META).read_text())["world_size"]
+        == resumed_on
+    )
 
 
 def fake_tag(run_dir, meta: dict, files: dict[str, bytes], step: int = AT):
@@ -130,8 +141,11 @@ def fake_tag(run_dir, meta: dict, files: dict[str, bytes], step: int = AT):
     return tag
 
 
-ZERO_FILES = {"mp_rank_00_model_states.pt": b"x", "zero_pp_rank_0_mp_rank_00_optim_states.pt": b"x",
-              "zero_pp_rank_1_mp_rank_00_optim_states.pt": b"x"}
+ZERO_FILES = {
+    "mp_rank_00_model_states.pt": b"x",
+    "zero_pp_rank_0_mp_rank_00_optim_states.pt": b"x",
+    "zero_pp_rank_1_mp_rank_00_optim_states.pt": b"x",
+}
 TWO_RANKS = {"world_size": 2, "batch": {"micro_batch": 2, "grad_accum": 2, "world_size": 2, "global_batch": 8}}
 
 
@@ -139,14 +153,15 @@ def test_another_global_batch_is_refused_before_starting(tmp_path, prepared_dir,
     fake_tag(tmp_path, TWO_RANKS, ZERO_FILES)
     proc = run_pretrain(tmp_path, prepared_dir, overrides(backbone_dir, 2, 1, ["train.micro_batch=2"]), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert ("global batch of 8 (micro 2 x accum 2 x 2 ranks), this run has 4 (micro 2 x accum 2 x 1 rank)"
-            in proc.stderr and "set train.micro_batch x train.grad_accum = 8" in proc.stderr), proc.stderr[-2000:]
+    assert (
+        "global batch of 8 (micro 2 x accum 2 x 2 ranks), this run has 4 (micro 2 x accum 2 x 1 rank)" in proc.stderr
+        and "set train.micro_batch x train.grad_accum = 8" in proc.stderr
+    ), proc.stderr[-2000:]
 
 
 def test_adafactor_across_world_sizes_is_refused_before_starting(tmp_path, prepared_dir, backbone_dir):
     fake_tag(tmp_path, TWO_RANKS, ZERO_FILES)
-    proc = run_pretrain(tmp_path, prepared_dir, overrides(backbone_dir, 2, 1, ["optim.name=adafactor"]),
-                        check=False)
+    proc = run_pretrain(tmp_path, prepared_dir, overrides(backbone_dir, 2, 1, ["optim.name=adafactor"]), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "written on 2 rank(s), this run has 1" in proc.stderr and "Adafactor" in proc.stderr
     assert "optim.name=adamw" in proc.stderr and "--export-only" in proc.stderr
@@ -157,6 +172,6 @@ def test_pruning_a_tag_removes_its_conversion(tmp_path):
     for step in (4, 8):
         fake_tag(tmp_path, {"world_size": 1}, {"mp_rank_00_model_states.pt": b"x"}, step=step)
         (ckpt_dir / (ckpt.tag_for(step) + ckpt.UNIVERSAL_SUFFIX)).mkdir()
-    (ckpt_dir / f".{ckpt.tag_for(4)}{ckpt.UNIVERSAL_SUFFIX}.tmp").mkdir()   # a conversion cut short
+    (ckpt_dir / f".{ckpt.tag_for(4)}{ckpt.UNIVERSAL_SUFFIX}.tmp").mkdir()  # a conversion cut short
     ckpt.prune(ckpt_dir, keep=1)
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [ckpt.tag_for(8), ckpt.tag_for(8) + ckpt.UNIVERSAL_SUFFIX]

@@ -18,8 +18,9 @@ from tests.engine.test_trainer_api import process_group, sections, tiny  # noqa:
 
 def run(tmp_path, name, data, rows, *, every, stage=0, tasks=()):
     s = sections(steps=4, eval_at_end=False, export_at_end=False)
-    s["train"] = dataclasses.replace(s["train"], grad_alignment_every=every, grad_alignment_tasks=list(tasks),
-                                     grad_alignment_rows=3)
+    s["train"] = dataclasses.replace(
+        s["train"], grad_alignment_every=every, grad_alignment_tasks=list(tasks), grad_alignment_rows=3
+    )
     s["deepspeed"] = DeepSpeedSection(zero_stage=stage, precision="fp32")
     model = inject_adapters(tiny(), AdapterConfig(method="poly", skills=4), len(data.tasks))
     return train(model, rows, run_dir=tmp_path / name, tasks=data.tasks, **s)
@@ -36,10 +37,12 @@ def direct_matrix(model, rows, task_ids, per_task):
         for p in params:
             p.grad = None
         with task_routing(batch["task_ids"]):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           labels=batch["labels"]).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            ).logits
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=IGNORE_INDEX
+        )
         loss.backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in params]))
     g = torch.stack(grads)
@@ -51,7 +54,7 @@ def alignment_records(run_dir):
     return [r for r in map(json.loads, lines) if r["kind"] == "grad_alignment"]
 
 
-@pytest.mark.parametrize("stage,n_tasks", [(0, None), (2, 3)])   # None: the default choice of tasks
+@pytest.mark.parametrize("stage,n_tasks", [(0, None), (2, 3)])  # None: the default choice of tasks
 def test_monitor_leaves_training_unchanged_and_logs_the_direct_matrix(tmp_path, prepared_dir, stage, n_tasks):
     data = PreparedData.open(prepared_dir)
     rows = data.split("train")
@@ -66,7 +69,7 @@ def test_monitor_leaves_training_unchanged_and_logs_the_direct_matrix(tmp_path, 
     last = records[-1]
     ids = select_tasks(data.tasks, tasks)
     assert last["tasks"] == [data.tasks[t] for t in ids] and len(ids) == (n_tasks or min(8, len(data.tasks)))
-    expected = direct_matrix(on.model, rows, ids, per_task=3)   # the parameters after step 4
+    expected = direct_matrix(on.model, rows, ids, per_task=3)  # the parameters after step 4
     torch.testing.assert_close(torch.tensor(last["matrix"]), expected, atol=2e-6, rtol=0)
     n = len(ids)
     assert last["grad_alignment/mean_offdiag"] == pytest.approx(float((expected.sum() - n) / (n * (n - 1))), abs=1e-5)

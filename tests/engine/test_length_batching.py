@@ -27,13 +27,26 @@ def rows():
     median = 40 * 4 ** (task / (N_TASKS - 1))
     inp = np.minimum(rng.lognormal(np.log(median), 0.5).astype(int) + 1, 256)
     tgt = np.minimum(rng.lognormal(np.log(3), 0.8, 1000).astype(int) + 1, 64)
-    return datasets.Dataset.from_dict({"task_id": task.tolist(), "input_ids": [[7] * int(n) for n in inp],
-                                       "target_ids": [[8] * int(n) + [1] for n in tgt]})
+    return datasets.Dataset.from_dict(
+        {
+            "task_id": task.tolist(),
+            "input_ids": [[7] * int(n) for n in inp],
+            "target_ids": [[8] * int(n) + [1] for n in tgt],
+        }
+    )
 
 
 def stream(ds, batching="length_grouped", seed=3, micro=4, accum=2, rank=0, world=1, group_size=4):
-    return TrainStream(ds, seed=seed, micro_batch=micro, grad_accum=accum, rank=rank, world_size=world,
-                       batching=batching, group_size=group_size)
+    return TrainStream(
+        ds,
+        seed=seed,
+        micro_batch=micro,
+        grad_accum=accum,
+        rank=rank,
+        world_size=world,
+        batching=batching,
+        group_size=group_size,
+    )
 
 
 def steps(s, count):
@@ -52,14 +65,14 @@ def test_the_same_rows_per_global_step_on_1_2_and_4_ranks(rows):
     four = [stream(rows, micro=1, rank=r, world=4) for r in range(4)]
     random_order = stream(rows, batching="random")
     differs = 0
-    for _ in range(300):   # 125 steps per epoch: two epochs and a bit, across many groups
+    for _ in range(300):  # 125 steps per epoch: two epochs and a bit, across many groups
         a = flat(one.step_indices())
         for layout in (two, four):
             parts = [flat(s.step_indices()) for s in layout]
             assert sorted(i for p in parts for i in p) == sorted(a)
-            assert len(set().union(*map(set, parts))) == len(a)   # disjoint shares
+            assert len(set().union(*map(set, parts))) == len(a)  # disjoint shares
         differs += sorted(a) != sorted(flat(random_order.step_indices()))
-    assert differs > 250   # grouping is on: the steps are not the random order's
+    assert differs > 250  # grouping is on: the steps are not the random order's
     assert one.state_dict() == two[1].state_dict() == four[3].state_dict()
 
 
@@ -103,21 +116,23 @@ def test_resume_with_another_batching_is_refused(rows):
     s = stream(rows)
     steps(s, 10)
     state = s.state_dict()
-    with pytest.raises(DataError, match="data.batching=length_grouped, data.group_size=4; this run has "
-                                        "data.batching=random"):
+    with pytest.raises(
+        DataError, match="data.batching=length_grouped, data.group_size=4; this run has data.batching=random"
+    ):
         stream(rows, batching="random").load_state_dict(state)
-    with pytest.raises(DataError, match="data.group_size=4; this run has data.batching=length_grouped, "
-                                        "data.group_size=8"):
+    with pytest.raises(
+        DataError, match="data.group_size=4; this run has data.batching=length_grouped, data.group_size=8"
+    ):
         stream(rows, group_size=8).load_state_dict(state)
-    old = {"epoch": 0, "offset": 80, "samples_per_epoch": len(rows)}   # a checkpoint from before the option
+    old = {"epoch": 0, "offset": 80, "samples_per_epoch": len(rows)}  # a checkpoint from before the option
     with pytest.raises(DataError, match="data.batching=random; this run has data.batching=length_grouped"):
         stream(rows).load_state_dict(old)
     r = stream(rows, batching="random")
     r.load_state_dict(old)
-    assert r.state_dict() == old   # a random run's position reads and writes as before
+    assert r.state_dict() == old  # a random run's position reads and writes as before
 
 
-@pytest.mark.parametrize("group_size", [1, 4, 200])   # 200 > the 125 steps of an epoch: one partial group
+@pytest.mark.parametrize("group_size", [1, 4, 200])  # 200 > the 125 steps of an epoch: one partial group
 def test_each_row_once_per_epoch_the_same_rows_and_task_counts_as_random(rows, group_size):
     """An epoch trains the rows of the random order's epoch (the same permutation prefix; 1000 rows, 125
     steps of 8: none dropped here), each once, so per-task counts per epoch are identical. Mutation seen
@@ -141,7 +156,7 @@ def test_an_epoch_remainder_is_dropped_as_in_random_order(rows):
     got = {i for step in steps(grouped, 83) for i in flat(step)}
     want = {i for step in steps(rand, 83) for i in flat(step)}
     assert got == want and len(got) == 996
-    assert grouped.step_indices() != rand.step_indices()   # and the next step starts epoch 1 in both
+    assert grouped.step_indices() != rand.step_indices()  # and the next step starts epoch 1 in both
     assert grouped.state_dict()["epoch"] == 1
 
 
@@ -170,7 +185,7 @@ def test_row_lengths_read_from_arrow_match_the_rows_and_follow_a_selection(rows)
     picked = rows.select([5, 3, 999, 0])
     assert row_lengths(picked).tolist() == [[len(r["input_ids"]), len(r["target_ids"])] for r in picked]
 
-    class Listed:   # what adaptation passes the engine: rows[list] -> columns
+    class Listed:  # what adaptation passes the engine: rows[list] -> columns
         column_names = ["task_id", "input_ids"]
 
         def __len__(self):
@@ -186,8 +201,11 @@ def test_row_lengths_read_from_arrow_match_the_rows_and_follow_a_selection(rows)
 
 def test_bad_option_values_are_refused_naming_the_field(tmp_path):
     """Mutation seen caught: the data.batching check in config.validate disabled."""
-    with pytest.raises(RunConfigError, match=r"key 'data.batching' = 'sorted': valid values: random, "
-                                             r"length_grouped"):
+    with pytest.raises(
+        RunConfigError,
+        match=r"key 'data.batching' = 'sorted': valid values: random, "
+        r"length_grouped",
+    ):
         load_run_config([], ["data.batching=sorted"])
     with pytest.raises(RunConfigError, match=r"key 'data.group_size' = 0: must be >= 1"):
         load_run_config([], ["data.group_size=0"])

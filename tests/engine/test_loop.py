@@ -44,12 +44,27 @@ def test_loop_calls_the_hooks_in_order_and_a_stop_skips_the_rest():
     checkpointed twice), finish also called after a stop."""
     done = Recorded(2)
     assert done.loop() == "done"
-    assert done.calls == [("before", 0), ("step", 1), ("record", 1), ("after", 1), ("step", 2), ("record", 2),
-                          ("after", 2), ("finish", 2)]
+    assert done.calls == [
+        ("before", 0),
+        ("step", 1),
+        ("record", 1),
+        ("after", 1),
+        ("step", 2),
+        ("record", 2),
+        ("after", 2),
+        ("finish", 2),
+    ]
     stopped = Recorded(3, stop_at=2)
     assert stopped.loop() == "requeue"
-    assert stopped.calls == [("before", 0), ("step", 1), ("record", 1), ("after", 1), ("step", 2), ("record", 2),
-                             ("on_stop", 2)]
+    assert stopped.calls == [
+        ("before", 0),
+        ("step", 1),
+        ("record", 1),
+        ("after", 1),
+        ("step", 2),
+        ("record", 2),
+        ("on_stop", 2),
+    ]
 
 
 class Stop:
@@ -63,11 +78,21 @@ def local_loop(model, stop=None, checkpoint=None, steps=4):
 
     def loss_fn(idx):
         err = model(x[idx]) - y[idx]
-        return {"loss": (err ** 2).mean(), "abs": err.abs().mean()}
+        return {"loss": (err**2).mean(), "abs": err.abs().mean()}
 
-    return LocalTrainer(model, steps=steps, sampler=EpochSampler(8, 4, seed=1), make_batch=lambda idx: idx,
-                        loss_fn=loss_fn, optimizer=optimizer, warmup_ratio=0.5, clip=1.0, grad_accum=2,
-                        stop=stop, checkpoint=checkpoint)
+    return LocalTrainer(
+        model,
+        steps=steps,
+        sampler=EpochSampler(8, 4, seed=1),
+        make_batch=lambda idx: idx,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        warmup_ratio=0.5,
+        clip=1.0,
+        grad_accum=2,
+        stop=stop,
+        checkpoint=checkpoint,
+    )
 
 
 def fresh_model():

@@ -29,7 +29,7 @@ def test_ties_go_to_the_smaller_lr_and_diverged_runs_lose():
 def test_edges_and_the_next_grid_step():
     grid = [1e-3, 3e-3, 1e-2]
     assert edge_of(1e-3, grid) == "low" and edge_of(1e-2, grid) == "high" and edge_of(3e-3, grid) is None
-    assert edge_of(1e-3, [1e-3]) is None           # one value: no ratio to extend by
+    assert edge_of(1e-3, [1e-3]) is None  # one value: no ratio to extend by
     assert beyond(grid, "low") == pytest.approx(3.33e-4) and beyond(grid, "high") == pytest.approx(3.33e-2)
 
 
@@ -57,24 +57,33 @@ def test_edge_rule_extends_until_interior_or_bound():
 
 def _fake_trainer(loss_of, trained):
     """Writes what a finished pretraining run leaves: metrics.jsonl with a val/loss, and export/."""
+
     def train(candidates):
         for c in candidates:
             lrs = dict(c.lrs)
             trained.append(c.name)
             (c.run_dir / "export").mkdir(parents=True)
             (c.run_dir / "metrics.jsonl").write_text(
-                json.dumps({"kind": "eval", "step": 10, "val/loss": 9.0}) + "\n"
-                + json.dumps({"kind": "eval", "step": 20, "val/loss": loss_of(lrs)}) + "\n")
+                json.dumps({"kind": "eval", "step": 10, "val/loss": 9.0})
+                + "\n"
+                + json.dumps({"kind": "eval", "step": 20, "val/loss": loss_of(lrs)})
+                + "\n"
+            )
+
     return train
 
 
 def test_search_runs_routing_at_the_chosen_module_lr_and_reuses_finished_runs(tmp_path):
-    base = {"adapter": {"method": "poly", "rank": 1, "skills": 4}, "optim": {"module_lr": 1e-2, "routing_lr": 0.1},
-            "train": {"steps": 20}, "run": {"dir": "x"}}
+    base = {
+        "adapter": {"method": "poly", "rank": 1, "skills": 4},
+        "optim": {"module_lr": 1e-2, "routing_lr": 0.1},
+        "train": {"steps": 20},
+        "run": {"dir": "x"},
+    }
     spec = LrSearchSection(module_lrs=[1e-3, 1e-2, 3e-2], routing_lrs=[0.01, 0.1, 1.0], max_extensions=2)
     spec.validate("test")
 
-    def loss(lrs):   # best module lr 1e-2; best routing lr 1.0 only at module lr 1e-2
+    def loss(lrs):  # best module lr 1e-2; best routing lr 1.0 only at module lr 1e-2
         bonus = 0.2 if (lrs["module_lr"], lrs["routing_lr"]) == (1e-2, 1.0) else 0.0
         return abs(math.log10(lrs["module_lr"]) + 2) + abs(math.log10(lrs["routing_lr"]) + 1) / 10 - bonus
 
@@ -92,7 +101,7 @@ def test_search_runs_routing_at_the_chosen_module_lr_and_reuses_finished_runs(tm
     assert written["chosen"] == result["chosen"]
     again = []
     assert search(base, spec, tmp_path, _fake_trainer(loss, again))["chosen"] == result["chosen"]
-    assert again == []   # every candidate was finished: nothing retrains
+    assert again == []  # every candidate was finished: nothing retrains
 
 
 def test_unrouted_methods_search_the_module_lr_only(tmp_path):
@@ -102,7 +111,7 @@ def test_unrouted_methods_search_the_module_lr_only(tmp_path):
     trained = []
     result = search(base, spec, tmp_path, _fake_trainer(lambda lrs: lrs["module_lr"], trained))
     assert result["chosen"] == {"module_lr": 1e-3} and [a["key"] for a in result["axes"]] == ["module_lr"]
-    assert result["axes"][0]["edge"] == "low"   # reported, not hidden, when no extension is allowed
+    assert result["axes"][0]["edge"] == "low"  # reported, not hidden, when no extension is allowed
 
 
 def test_unreadable_or_diverged_results(tmp_path):
@@ -113,13 +122,16 @@ def test_unreadable_or_diverged_results(tmp_path):
     assert final_val_loss(tmp_path) == math.inf
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"module_lrs": []}, "module_lrs is empty"),
-    ({"module_lrs": [1e-3, -1]}, "module_lrs = "),
-    ({"module_lrs": [1e-3, 1e-3]}, r"module_lrs = \[0.001, 0.001\]: duplicate values"),
-    ({"module_lrs": [1e-3], "steps": 0}, "steps = 0"),
-    ({"module_lrs": [1e-3], "max_extensions": -1}, "max_extensions = -1"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"module_lrs": []}, "module_lrs is empty"),
+        ({"module_lrs": [1e-3, -1]}, "module_lrs = "),
+        ({"module_lrs": [1e-3, 1e-3]}, r"module_lrs = \[0.001, 0.001\]: duplicate values"),
+        ({"module_lrs": [1e-3], "steps": 0}, "steps = 0"),
+        ({"module_lrs": [1e-3], "max_extensions": -1}, "max_extensions = -1"),
+    ],
+)
 def test_bad_specs_name_the_field(fields, message):
     with pytest.raises(LrSearchError, match="where: " + message):
         LrSearchSection(**fields).validate("where")

@@ -15,19 +15,31 @@ def test_tensorboard_has_scalars_and_routing_heatmaps(baseline_run):
     acc = EventAccumulator(str(baseline_run / "tb"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/grad_norm", "lr/modules", "lr/routing", "perf/samples_per_s",
-                "perf/tokens_per_s", "perf/step_time_s", "memory/rss_mb", "val/loss", "routing_entropy/mean",
-                "train/delta_ratio/mean", "train/delta_ratio/encoder_ffn", "train/adapter_grad_norm/modules",
-                "train/adapter_grad_norm/routing"):
+    for tag in (
+        "train/loss",
+        "train/grad_norm",
+        "lr/modules",
+        "lr/routing",
+        "perf/samples_per_s",
+        "perf/tokens_per_s",
+        "perf/step_time_s",
+        "memory/rss_mb",
+        "val/loss",
+        "routing_entropy/mean",
+        "train/delta_ratio/mean",
+        "train/delta_ratio/encoder_ffn",
+        "train/adapter_grad_norm/modules",
+        "train/adapter_grad_norm/routing",
+    ):
         assert tag in scalars, (tag, sorted(scalars))
     per_layer = [t for t in scalars if t.startswith("routing_entropy/") and t != "routing_entropy/mean"]
-    assert len(per_layer) == 2 * 7 + 2 * 11   # tiny T5: 2 + 2 blocks, 7 / 11 projections each, one table each
+    assert len(per_layer) == 2 * 7 + 2 * 11  # tiny T5: 2 + 2 blocks, 7 / 11 projections each, one table each
     assert [e.step for e in acc.Scalars("val/loss")] == [8, 16, 24]
     lr = acc.Scalars("lr/routing")
-    assert lr[0].value < max(e.value for e in lr)          # warmup
-    assert acc.Scalars("lr/modules")[-1].value < max(e.value for e in acc.Scalars("lr/modules"))   # decay
+    assert lr[0].value < max(e.value for e in lr)  # warmup
+    assert acc.Scalars("lr/modules")[-1].value < max(e.value for e in acc.Scalars("lr/modules"))  # decay
     images = acc.Tags()["images"]
-    assert len(images) == 2 and all(t.startswith("routing_heatmap/") for t in images)   # conftest.HEATMAPS: 2 per eval
+    assert len(images) == 2 and all(t.startswith("routing_heatmap/") for t in images)  # conftest.HEATMAPS: 2 per eval
     img = acc.Images(images[0])
     assert [e.step for e in img] == [8, 16, 24] and img[-1].width > 50 and img[-1].height > 50
     assert_figure(img[-1].encoded_image_string, min_width=50, min_height=50)
@@ -55,8 +67,20 @@ def test_metrics_jsonl_has_adapter_health_every_step(baseline_run):
     routing = read_metrics(baseline_run, key="train/adapter_grad_norm/routing")
     for step, norm in total.items():
         assert abs((modules[step] ** 2 + routing[step] ** 2) ** 0.5 - norm) <= 1e-5 * norm, step
-    groups = {k for row in map(json.loads, (baseline_run / "metrics.jsonl").read_text().splitlines())
-              for k in row if k.startswith("train/delta_ratio/")}
-    assert groups == {"train/delta_ratio/" + g for g in ("mean", "encoder_self_attention", "encoder_ffn",
-                                                           "decoder_self_attention", "decoder_cross_attention",
-                                                           "decoder_ffn")}
+    groups = {
+        k
+        for row in map(json.loads, (baseline_run / "metrics.jsonl").read_text().splitlines())
+        for k in row
+        if k.startswith("train/delta_ratio/")
+    }
+    assert groups == {
+        "train/delta_ratio/" + g
+        for g in (
+            "mean",
+            "encoder_self_attention",
+            "encoder_ffn",
+            "decoder_self_attention",
+            "decoder_cross_attention",
+            "decoder_ffn",
+        )
+    }

@@ -12,7 +12,7 @@ import torch
 from .conftest import BASE_STEPS, REPO, base_overrides, child_env, pretrain_cmd, read_metrics, run_pretrain
 
 pytestmark = pytest.mark.slow
-REL = 1e-5   # fp32 on CPU: only the summation order differs between layouts
+REL = 1e-5  # fp32 on CPU: only the summation order differs between layouts
 
 
 def assert_same_trajectory(a: dict, b: dict, rel: float = REL):
@@ -38,7 +38,7 @@ def test_single_process_tiny_run_lowers_loss(baseline_run):
 def test_two_ranks_match_one_rank(stage, tmp_path, prepared_dir, backbone_dir, baseline_run, two_rank_run):
     """2 ranks x micro 2 (ZeRO-2 / ZeRO-3, the backbone loaded under zero.Init) == 1 rank x micro 4 (ZeRO-0)."""
     run_dir, stdout = two_rank_run(stage)
-    if stage == 3:   # the pretrained backbone was loaded under deepspeed.zero.Init (HfDeepSpeedConfig alive)
+    if stage == 3:  # the pretrained backbone was loaded under deepspeed.zero.Init (HfDeepSpeedConfig alive)
         assert "backbone partitioned at load (zero.Init): True" in stdout, stdout[-2000:]
     assert_same_trajectory(read_metrics(baseline_run), read_metrics(run_dir))
     assert_same_trajectory(read_metrics(baseline_run, "eval", "val/loss"), read_metrics(run_dir, "eval", "val/loss"))
@@ -99,8 +99,15 @@ def interrupted_run(tmp_path_factory, prepared_dir, backbone_dir):
     stopped = dict(read_metrics(run_dir))
     tags = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
     resumed = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir))
-    return {"run_dir": run_dir, "returncode": proc.returncode, "stdout": out, "stderr": err, "stopped": stopped,
-            "tags": tags, "resumed": resumed}
+    return {
+        "run_dir": run_dir,
+        "returncode": proc.returncode,
+        "stdout": out,
+        "stderr": err,
+        "stopped": stopped,
+        "tags": tags,
+        "resumed": resumed,
+    }
 
 
 def test_sigusr1_checkpoints_and_exits_with_requeue_status(interrupted_run):
@@ -112,15 +119,16 @@ def test_sigusr1_checkpoints_and_exits_with_requeue_status(interrupted_run):
     assert 5 <= last < BASE_STEPS
     tag = f"step_{last:08d}"
     assert tag in r["tags"], r["tags"]
-    assert "SIGUSR1" in r["stderr"]   # the stop line, logged (stderr)
+    assert "SIGUSR1" in r["stderr"]  # the stop line, logged (stderr)
 
 
 def test_resume_reproduces_the_uninterrupted_run(interrupted_run, baseline_run):
     r = interrupted_run
     assert "resumed from" in r["resumed"].stderr
     assert_same_trajectory(read_metrics(baseline_run), read_metrics(r["run_dir"]), rel=1e-6)
-    assert_same_trajectory(read_metrics(baseline_run, "eval", "val/loss"),
-                           read_metrics(r["run_dir"], "eval", "val/loss"), rel=1e-6)
+    assert_same_trajectory(
+        read_metrics(baseline_run, "eval", "val/loss"), read_metrics(r["run_dir"], "eval", "val/loss"), rel=1e-6
+    )
 
 
 def test_corrupt_checkpoints_fall_back_by_name(tmp_path, prepared_dir, backbone_dir, baseline_run):
@@ -133,13 +141,13 @@ def test_corrupt_checkpoints_fall_back_by_name(tmp_path, prepared_dir, backbone_
     shutil.copytree(baseline_run / "checkpoints", run_dir / "checkpoints")
     victim = run_dir / "checkpoints" / "step_00000024" / "mp_rank_00_model_states.pt"
     data = bytearray(victim.read_bytes())
-    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)
     victim.write_bytes(bytes(data))
     unreadable = run_dir / "checkpoints" / "step_00000016" / "mp_rank_00_model_states.pt"
     data = bytearray(unreadable.read_bytes())
-    data[-300:] = bytes(300)   # the zip's central directory: "PytorchStreamReader failed reading zip archive"
+    data[-300:] = bytes(300)  # the zip's central directory: "PytorchStreamReader failed reading zip archive"
     unreadable.write_bytes(bytes(data))
-    ckpt.write_marker(unreadable.parent, 16)   # checksums taken over the broken file
+    ckpt.write_marker(unreadable.parent, 16)  # checksums taken over the broken file
     proc = run_pretrain(run_dir, prepared_dir, base_overrides(backbone_dir))
     assert "step_00000024" in proc.stderr and "mp_rank_00_model_states.pt: content differs" in proc.stderr
     assert "step_00000016 is unreadable (mp_rank_00_model_states.pt" in proc.stderr, proc.stderr[-3000:]
@@ -160,11 +168,27 @@ def test_torchrun_stop_exits_124_through_the_wrapper(tmp_path, prepared_dir, bac
     from .conftest import PRETRAIN, TINY
 
     run_dir = tmp_path / "torchrun"
-    overrides = base_overrides(backbone_dir, stage=2, micro=2) + ["train.steps=5000", "train.save_every=0",
-                                                                   "train.eval_every=0"]
-    cmd = [sys.executable, "-m", "launch.torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(PRETRAIN), "--config", str(TINY), f"data.dir={prepared_dir}", f"run.dir={run_dir}",
-           "train.progress_bar=false", *overrides]
+    overrides = base_overrides(backbone_dir, stage=2, micro=2) + [
+        "train.steps=5000",
+        "train.save_every=0",
+        "train.eval_every=0",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(PRETRAIN),
+        "--config",
+        str(TINY),
+        f"data.dir={prepared_dir}",
+        f"run.dir={run_dir}",
+        "train.progress_bar=false",
+        *overrides,
+    ]
     proc, out, err = run_and_signal(cmd, run_dir, 3)
     assert proc.returncode == 124, err[-4000:]
     assert "torchrun exited 1; every rank checkpointed" in err
@@ -182,10 +206,25 @@ def test_srun_style_two_ranks_zero1_match_one_rank(tmp_path, prepared_dir, backb
     run_dir = tmp_path / "srun"
     cmd = pretrain_cmd(run_dir, prepared_dir, base_overrides(backbone_dir, stage=1, micro=2))
     port = free_port()
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=child_env(SLURM_PROCID=r, SLURM_LOCALID=r, SLURM_NTASKS=2,
-                                                           SLURM_STEP_ID=0, SLURM_JOB_ID=4242,
-                                                           SLURM_JOB_NODELIST="localhost", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=child_env(
+                SLURM_PROCID=r,
+                SLURM_LOCALID=r,
+                SLURM_NTASKS=2,
+                SLURM_STEP_ID=0,
+                SLURM_JOB_ID=4242,
+                SLURM_JOB_NODELIST="localhost",
+                MASTER_PORT=port,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
@@ -211,8 +250,14 @@ def test_time_budget_checkpoints_and_requeues(tmp_path, prepared_dir, backbone_d
 def test_export_on_request_equals_the_end_of_run_export(tmp_path, prepared_dir, backbone_dir, baseline_run):
     run_dir = tmp_path / "export_only"
     shutil.copytree(baseline_run / "checkpoints", run_dir / "checkpoints")
-    proc = subprocess.run(pretrain_cmd(run_dir, prepared_dir, base_overrides(backbone_dir)) + ["--export-only"],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        pretrain_cmd(run_dir, prepared_dir, base_overrides(backbone_dir)) + ["--export-only"],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = (baseline_run / "export" / "adapter_model.safetensors").read_bytes()
     b = (run_dir / "export" / "adapter_model.safetensors").read_bytes()
@@ -240,11 +285,17 @@ def _offload_took_effect(ds, eng):
     assert eng["activation_dtype"] == "float32" and not eng["bf16_enabled"]
 
 
-@pytest.mark.parametrize("extra,check", [
-    (["deepspeed.precision=bf16", "deepspeed.zero_stage=2", "optim.name=adafactor"], _bf16_took_effect),
-    (["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"],
-     _offload_took_effect),
-], ids=["bf16-zero2-adafactor", "zero3-offload"])
+@pytest.mark.parametrize(
+    "extra,check",
+    [
+        (["deepspeed.precision=bf16", "deepspeed.zero_stage=2", "optim.name=adafactor"], _bf16_took_effect),
+        (
+            ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"],
+            _offload_took_effect,
+        ),
+    ],
+    ids=["bf16-zero2-adafactor", "zero3-offload"],
+)
 def test_precision_and_offload_variants_run(extra, check, tmp_path, prepared_dir):
     """The run records what the engine did (RUN_DIR/engine.json, engine/effective.py), not only what it was
     asked. Mutations seen caught: the trainer passing ds_initialize a copy of the config without
@@ -273,20 +324,46 @@ def test_fullft_export_only_keeps_tied_embeddings_where_zero_to_fp32_safetensors
     from transformers import T5ForConditionalGeneration
 
     run_dir = tmp_path / "fullft"
-    overrides = ["adapter=null", "train.full_finetune=true", "deepspeed.zero_stage=2", "train.steps=3",
-                 "train.save_every=0", "train.eval_every=0", "train.micro_batch=2", "train.grad_accum=1"]
+    overrides = [
+        "adapter=null",
+        "train.full_finetune=true",
+        "deepspeed.zero_stage=2",
+        "train.steps=3",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "train.micro_batch=2",
+        "train.grad_accum=1",
+    ]
     run_pretrain(run_dir, prepared_dir, overrides)
     ckpt_dir = run_dir / "checkpoints"
-    z2f = subprocess.run([sys.executable, "-m", "deepspeed.utils.zero_to_fp32", str(ckpt_dir), str(tmp_path / "z2f"),
-                          "--safe_serialization"], cwd=REPO, env=child_env(), capture_output=True, text=True,
-                         timeout=240)
+    z2f = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.utils.zero_to_fp32",
+            str(ckpt_dir),
+            str(tmp_path / "z2f"),
+            "--safe_serialization",
+        ],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert z2f.returncode != 0 and "share memory" in z2f.stderr, z2f.stderr[-2000:]
     assert not (tmp_path / "z2f" / "model.safetensors").exists()
 
     end_of_run = load_file(str(run_dir / "export" / "model.safetensors"))
     shutil.rmtree(run_dir / "export")
-    proc = subprocess.run(pretrain_cmd(run_dir, prepared_dir, overrides) + ["--export-only"], cwd=REPO,
-                          env=child_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        pretrain_cmd(run_dir, prepared_dir, overrides) + ["--export-only"],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported = load_file(str(run_dir / "export" / "model.safetensors"))
     assert exported.keys() == end_of_run.keys() and all(torch.equal(exported[k], end_of_run[k]) for k in exported)
@@ -294,4 +371,4 @@ def test_fullft_export_only_keeps_tied_embeddings_where_zero_to_fp32_safetensors
     shared = model.shared.weight
     assert model.encoder.embed_tokens.weight is shared and model.decoder.embed_tokens.weight is shared
     state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in exported.items())   # reloads to the trained weights
+    assert all(torch.equal(state[k], v) for k, v in exported.items())  # reloads to the trained weights

@@ -21,8 +21,9 @@ def test_random_routing_resume_equals_uninterrupted(tmp_path, prepared_dir):
     s["train"] = dataclasses.replace(s["train"], save_every=3)
 
     def run(run_dir, resume="none"):
-        return train(inject_adapters(tiny(), cfg, len(data.tasks)), rows, run_dir=run_dir, tasks=data.tasks,
-                     resume=resume, **s)
+        return train(
+            inject_adapters(tiny(), cfg, len(data.tasks)), rows, run_dir=run_dir, tasks=data.tasks, resume=resume, **s
+        )
 
     full = run(tmp_path / "full")
     losses = {h["step"]: h["train/loss"] for h in full.history}
@@ -36,6 +37,6 @@ def test_random_routing_resume_equals_uninterrupted(tmp_path, prepared_dir):
     assert sorted(again) == [4, 5, 6]
     for step in again:
         assert again[step] == pytest.approx(losses[step], rel=1e-6), step
-    assert len(set(losses.values())) == 6    # the allocations (and losses) change from step to step
+    assert len(set(losses.values())) == 6  # the allocations (and losses) change from step to step
     for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(b, a, msg=name)

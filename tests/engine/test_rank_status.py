@@ -22,6 +22,6 @@ def test_every_rank_requeue_maps_torchruns_1_to_124(tmp_path, monkeypatch):
 
 def test_anything_else_keeps_torchruns_status(tmp_path, monkeypatch):
     assert exit_status(1, statuses(tmp_path / "a", monkeypatch, "requeue", "failed")) == 1
-    assert exit_status(1, statuses(tmp_path / "b", monkeypatch, "requeue")) == 1          # rank 1 never reported
+    assert exit_status(1, statuses(tmp_path / "b", monkeypatch, "requeue")) == 1  # rank 1 never reported
     assert exit_status(1, statuses(tmp_path / "c", monkeypatch, "requeue", "running")) == 1
     assert exit_status(1, {}) == 1

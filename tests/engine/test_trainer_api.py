@@ -1,6 +1,5 @@
 """The reusable training API (tensorpoly_ds.engine.trainer.train), in this process (one rank, ZeRO-0)."""
 
-
 import pytest
 import torch
 
@@ -33,8 +32,17 @@ def tiny(seed=0):
 
 def sections(steps=12, **train_kw):
     optim = OptimSection(name="adamw", module_lr=1e-2, routing_lr=0.1, lr=1e-3, warmup_ratio=0.1)
-    tr = TrainSection(steps=steps, micro_batch=4, grad_accum=2, eval_every=5, save_every=0, log_every=1, seed=0,
-                      progress_bar=False, **train_kw)
+    tr = TrainSection(
+        steps=steps,
+        micro_batch=4,
+        grad_accum=2,
+        eval_every=5,
+        save_every=0,
+        log_every=1,
+        seed=0,
+        progress_bar=False,
+        **train_kw,
+    )
     return dict(optim=optim, train=tr, deepspeed=DeepSpeedSection(zero_stage=0, precision="fp32"))
 
 
@@ -44,7 +52,7 @@ def test_train_api_with_hooks_and_export_reload(tmp_path, prepared_dir):
     model = inject_adapters(tiny(), AdapterConfig(method="poly", skills=4), len(data.tasks))
     calls = {"eval": [], "steps": 0}
 
-    def loss_fn(m, batch):   # adaptation-style hook: the LM loss plus an extra term, reports a stat
+    def loss_fn(m, batch):  # adaptation-style hook: the LM loss plus an extra term, reports a stat
         loss_sum, _ = lm_loss(m, batch)
         assert batch["task_name"] and len(batch["task_name"]) == batch["input_ids"].shape[0]  # extra columns pass
         return loss_sum, {"rows": float(batch["input_ids"].shape[0])}
@@ -56,8 +64,16 @@ def test_train_api_with_hooks_and_export_reload(tmp_path, prepared_dir):
     def on_step(step, metrics):
         calls["steps"] += 1
 
-    result = train(model, rows, run_dir=tmp_path / "run", tasks=data.tasks, val_rows=val, val_max_samples=40,
-                   hooks=TrainHooks(loss_fn=loss_fn, eval_fn=eval_fn, on_step=on_step), **sections())
+    result = train(
+        model,
+        rows,
+        run_dir=tmp_path / "run",
+        tasks=data.tasks,
+        val_rows=val,
+        val_max_samples=40,
+        hooks=TrainHooks(loss_fn=loss_fn, eval_fn=eval_fn, on_step=on_step),
+        **sections(),
+    )
     assert result.status == "done" and result.step == 12 and result.exit_code == 0
     assert calls["eval"] == [5, 10, 12] and calls["steps"] == 12
     losses = [h["train/loss"] for h in result.history]
@@ -102,8 +118,11 @@ def test_adapter_health_changes_no_number_of_the_run(tmp_path, prepared_dir):
     rows = data.split("train")
     out = []
     for on in (False, True):
-        model = inject_adapters(tiny(), AdapterConfig(method="tensorpoly_i", rank=2, tensor_rank=2, layernorm=True,
-                                                      output_gain=True), len(data.tasks))
+        model = inject_adapters(
+            tiny(),
+            AdapterConfig(method="tensorpoly_i", rank=2, tensor_rank=2, layernorm=True, output_gain=True),
+            len(data.tasks),
+        )
         s = sections(steps=3, adapter_health=on, eval_at_end=False, export_at_end=False)
         out.append(train(model, rows, run_dir=tmp_path / f"health{on}", tasks=data.tasks, **s))
     off, on = out
@@ -113,7 +132,7 @@ def test_adapter_health_changes_no_number_of_the_run(tmp_path, prepared_dir):
         assert torch.equal(a, b), name
     assert not any(k.startswith("train/delta_ratio") for k in off.history[0])
     ratios = [h["train/delta_ratio/mean"] for h in on.history]
-    assert ratios[0] == 0.0 and ratios[-1] > 0   # the gain starts at 0, then the delta grows
+    assert ratios[0] == 0.0 and ratios[-1] > 0  # the gain starts at 0, then the delta grows
     assert on.history[0]["train/adapter_grad_norm/modules"] > 0
 
 
@@ -155,11 +174,19 @@ def test_loss_normaliser_per_batching(tmp_path, prepared_dir, batching):
         return loss_sum, stats
 
     kw = sections(steps=3, eval_at_end=False, export_at_end=False, save_checkpoints=False)
-    train(model, rows, run_dir=tmp_path / "run", tasks=data.tasks, hooks=TrainHooks(loss_fn=loss_fn),
-          batching=batching, group_size=2, **kw)
+    train(
+        model,
+        rows,
+        run_dir=tmp_path / "run",
+        tasks=data.tasks,
+        hooks=TrainHooks(loss_fn=loss_fn),
+        batching=batching,
+        group_size=2,
+        **kw,
+    )
     assert len(seen) == 6
     step_counts = [seen[i][1] + seen[i + 1][1] for i in (0, 2, 4)]
-    assert len(set(step_counts)) > 1   # the steps' counts differ, so the two normalisers are distinguishable
+    assert len(set(step_counts)) > 1  # the steps' counts differ, so the two normalisers are distinguishable
     if batching == "random":
         expected = [1 / c for c in step_counts for _ in range(2)]
     else:

@@ -25,8 +25,9 @@ def build_like_pretrain(precision: str, ds_config: dict | None):
     from tensorpoly_ds.engine.model import build_backbone, prepare_model
 
     seed_all(SEED)
-    model, _ = build_backbone(ModelSection(name_or_path="tiny"), vocab_size=VOCAB, ds_config=ds_config,
-                              precision=precision)
+    model, _ = build_backbone(
+        ModelSection(name_or_path="tiny"), vocab_size=VOCAB, ds_config=ds_config, precision=precision
+    )
     rng_after = torch.get_rng_state()
     stage = 3 if ds_config else 0
     model = prepare_model(model, AdapterConfig(**ADAPTER), num_tasks=4, full_finetune=False, zero_stage=stage)
@@ -38,8 +39,19 @@ def build_like_pretrain(precision: str, ds_config: dict | None):
 def test_zero_init_build_equals_a_normal_build(ranks, tmp_path):
     from safetensors.torch import load_file
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-           str(free_port()), str(WORKER), str(tmp_path), "fp32", "bf16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        str(WORKER),
+        str(tmp_path),
+        "fp32",
+        "bf16",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for precision in ("fp32", "bf16"):

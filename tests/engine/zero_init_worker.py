@@ -23,11 +23,15 @@ def main(out_dir: str, precisions: list[str]) -> None:
     dist.init_distributed()
     world = dist.world_size()
     for precision in precisions:
-        ds_config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world,
-                     "zero_optimization": {"stage": 3}, "bf16": {"enabled": precision == "bf16"}}
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "train_batch_size": world,
+            "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": precision == "bf16"},
+        }
         model, rng_after = build_like_pretrain(precision, ds_config)
         params = list(model.parameters())
-        adapters = {id(p) for p in adapter_parameters(model)}   # injected after the build, partitioned later
+        adapters = {id(p) for p in adapter_parameters(model)}  # injected after the build, partitioned later
         assert all(hasattr(p, "ds_id") for p in params if id(p) not in adapters), "not built under zero.Init"
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
@@ -38,4 +42,4 @@ def main(out_dir: str, precisions: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])   # init_distributed's atexit hook destroys the process group
+    main(sys.argv[1], sys.argv[2:])  # init_distributed's atexit hook destroys the process group

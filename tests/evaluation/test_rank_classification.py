@@ -24,16 +24,23 @@ def make_rows(n=7, seed=0):
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        k = rng.randint(1, 4)   # unequal numbers of choices, one example with a single choice possible
+        k = rng.randint(1, 4)  # unequal numbers of choices, one example with a single choice possible
         choices = []
-        while len(choices) < k:   # distinct choices: identical ones tie and make argmin arbitrary
+        while len(choices) < k:  # distinct choices: identical ones tie and make argmin arbitrary
             c = [rng.randint(2, VOCAB - 1) for _ in range(rng.randint(0, 5))] + [1]
             if c not in choices:
                 choices.append(c)
-        rows.append({"task_name": "t", "template": f"tpl{i % 2}", "example_id": 100 + i,
-                     "input_ids": [rng.randint(2, VOCAB - 1) for _ in range(rng.randint(1, 9))],
-                     "choice_ids": choices, "label": rng.randrange(k)})
-    rows[0]["choice_ids"] = [[5, 1], [5, 6, 7, 8, 9, 10, 1], [1]]   # very different lengths
+        rows.append(
+            {
+                "task_name": "t",
+                "template": f"tpl{i % 2}",
+                "example_id": 100 + i,
+                "input_ids": [rng.randint(2, VOCAB - 1) for _ in range(rng.randint(1, 9))],
+                "choice_ids": choices,
+                "label": rng.randrange(k),
+            }
+        )
+    rows[0]["choice_ids"] = [[5, 1], [5, 6, 7, 8, 9, 10, 1], [1]]  # very different lengths
     rows[0]["label"] = 1
     return rows
 
@@ -41,7 +48,7 @@ def make_rows(n=7, seed=0):
 def routed_model(method="poly"):
     model = tiny_t5(VOCAB)
     inject_adapters(model, AdapterConfig(method=method, skills=3, init_scale=0.3), num_tasks=3)
-    with torch.no_grad():   # make the adapters matter (LoRA B is zero at init)
+    with torch.no_grad():  # make the adapters matter (LoRA B is zero at init)
         for name, p in model.named_parameters():
             if "lora_b" in name or "logits" in name:
                 p.normal_(0, 0.5)
@@ -53,7 +60,7 @@ def brute_force(model, row, task_id, length_norm):
     for c in row["choice_ids"]:
         with task_routing(torch.tensor([task_id])), torch.no_grad():
             out = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([c]))
-        nll = out.loss.item() * len(c)   # loss is the token mean
+        nll = out.loss.item() * len(c)  # loss is the token mean
         scores.append(nll / len(c) ** length_norm if length_norm else nll)
     return scores
 
@@ -63,7 +70,7 @@ def test_batched_scores_match_one_forward_per_choice(length_norm):
     torch.manual_seed(1)
     model = routed_model()
     rows = make_rows()
-    task_ids = [i % 3 for i in range(len(rows))]   # mixed tasks in one batch: decoder ids repeated per choice
+    task_ids = [i % 3 for i in range(len(rows))]  # mixed tasks in one batch: decoder ids repeated per choice
     batch = collate_choices(rows, task_ids)
     scores, preds = score_batch(model, batch, length_norm)
     assert scores.shape == (len(rows), max(len(r["choice_ids"]) for r in rows))

@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("zero3_eval_worker.py")
 
 
-
 def run(args, env, timeout=600):
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -22,12 +21,30 @@ def run(args, env, timeout=600):
 
 @pytest.mark.slow
 def test_zero3_two_ranks_equal_one_rank(tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")))
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        MASTER_ADDR="127.0.0.1",
+        OMP_NUM_THREADS="1",
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")),
+    )
     run([sys.executable, str(WORKER), str(tmp_path / "one.json"), "none"], env)
     port = free_port()
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         str(WORKER), str(tmp_path / "two.json"), "3"], dict(env, MASTER_PORT=str(port)))
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            str(WORKER),
+            str(tmp_path / "two.json"),
+            "3",
+        ],
+        dict(env, MASTER_PORT=str(port)),
+    )
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["world"] == 2 and one["world"] == 1

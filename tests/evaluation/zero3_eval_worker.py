@@ -28,28 +28,36 @@ def build():
 
 
 def main(out, stage):
-    rows = make_rows(13, seed=7)   # 13 examples: uneven over 2 ranks, last batch padded
+    rows = make_rows(13, seed=7)  # 13 examples: uneven over 2 ranks, last batch padded
     model = build()
     if stage != "none":
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-        config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": int(stage)},
-                  "bf16": {"enabled": False}, "fp16": {"enabled": False}}
-        register_external_routing_params(model)   # shared routing tables (REFERENCE pitfall 4)
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": int(stage)},
+            "bf16": {"enabled": False},
+            "fp16": {"enabled": False},
+        }
+        register_external_routing_params(model)  # shared routing tables (REFERENCE pitfall 4)
         model, *_ = deepspeed.initialize(model=model, config=config)
         model.eval()
     records = evaluate(model, rows, batch_size=3, length_norm=1.0, task_id=1, device=torch.device("cpu"))
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"records": records,
-                       "world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1},
-                      f)
+            json.dump(
+                {
+                    "records": records,
+                    "world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
     from tensorpoly_ds.engine.distributed import shutdown_distributed
 
-    shutdown_distributed()   # the group came from deepspeed, not init_distributed, whose atexit hook does this
+    shutdown_distributed()  # the group came from deepspeed, not init_distributed, whose atexit hook does this

@@ -37,17 +37,28 @@ def main(config_path: str, steps: int) -> None:
     from tensorpoly_ds.engine.model import build_backbone, prepare_model
     from tensorpoly_ds.engine.trainer import train
 
-    cfg = load_run_config([config_path], ["train.save_checkpoints=false", "train.export_at_end=false",
-                                          "train.eval_at_end=false", "train.progress_bar=false", f"train.steps={steps}"])
+    cfg = load_run_config(
+        [config_path],
+        [
+            "train.save_checkpoints=false",
+            "train.export_at_end=false",
+            "train.eval_at_end=false",
+            "train.progress_bar=false",
+            f"train.steps={steps}",
+        ],
+    )
     tasks = int(os.environ.get("PLAN_TASKS", "4"))
     t = cfg.train
     n = t.micro_batch * t.grad_accum
     g = torch.Generator().manual_seed(0)
     # every row exactly max_input_len / max_target_len long: batches are never padded, as the plan assumes
-    rows = datasets.Dataset.from_dict({
-        "task_id": [i % tasks for i in range(n)],
-        "input_ids": torch.randint(2, 100, (n, cfg.data.max_input_len), generator=g).tolist(),
-        "target_ids": torch.randint(2, 100, (n, cfg.data.max_target_len), generator=g).tolist()})
+    rows = datasets.Dataset.from_dict(
+        {
+            "task_id": [i % tasks for i in range(n)],
+            "input_ids": torch.randint(2, 100, (n, cfg.data.max_input_len), generator=g).tolist(),
+            "target_ids": torch.randint(2, 100, (n, cfg.data.max_target_len), generator=g).tolist(),
+        }
+    )
     dist.init_distributed()
     # what train() imports lazily (TensorBoard alone is ~100 MB of RSS) is not training memory
     import deepspeed  # noqa: F401
@@ -63,9 +74,17 @@ def main(config_path: str, steps: int) -> None:
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     before = status_bytes("VmRSS") - file_backed()
-    train(model, rows, optim=cfg.optim, train=t, deepspeed=cfg.deepspeed, run_dir=cfg.run.dir,
-          tasks=[f"task{i}" for i in range(tasks)], max_input_len=cfg.data.max_input_len,
-          max_target_len=cfg.data.max_target_len)
+    train(
+        model,
+        rows,
+        optim=cfg.optim,
+        train=t,
+        deepspeed=cfg.deepspeed,
+        run_dir=cfg.run.dir,
+        tasks=[f"task{i}" for i in range(tasks)],
+        max_input_len=cfg.data.max_input_len,
+        max_target_len=cfg.data.max_target_len,
+    )
     # the high-water mark counts file-backed pages too (shared libraries' code, mapped on first use and with the
     # kernel's fault-around, so more of it when another process has those pages cached); they only grow, so
     # taking their final size off the peak leaves the anonymous memory training added

@@ -24,13 +24,18 @@ REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30
 # the CPU measurement: a T5 whose training memory (0.35-0.6 GB) dwarfs what the plan does not model (measured
 # on this machine: ~10 MB of anonymous runtime overhead on top of tensors)
-SMALL = {"model": {"name_or_path": "tiny", "vocab_size": 32128,
-                   "arch_overrides": {"d_model": 512, "d_kv": 64, "num_heads": 8, "d_ff": 1024}},
-         "adapter": {"method": "poly", "skills": 4},
-         "data": {"max_input_len": 256, "max_target_len": 64},
-         "optim": {"name": "adamw"},
-         "train": {"micro_batch": 8, "grad_accum": 1, "eval_every": 0, "save_every": 0},
-         "deepspeed": {"zero_stage": 0, "precision": "fp32"}}
+SMALL = {
+    "model": {
+        "name_or_path": "tiny",
+        "vocab_size": 32128,
+        "arch_overrides": {"d_model": 512, "d_kv": 64, "num_heads": 8, "d_ff": 1024},
+    },
+    "adapter": {"method": "poly", "skills": 4},
+    "data": {"max_input_len": 256, "max_target_len": 64},
+    "optim": {"name": "adamw"},
+    "train": {"micro_batch": 8, "grad_accum": 1, "eval_every": 0, "save_every": 0},
+    "deepspeed": {"zero_stage": 0, "precision": "fp32"},
+}
 # |plan - measured| / measured. measure_worker counts anonymous memory only: measured 567 / 334 MiB against a plan of
 # 556 / 323 (without / with checkpointing), idle or beside another test session. With the file-backed pages
 # counted too, the checkpointing case read 353-381 MiB, depending on the venv and on other processes.
@@ -56,16 +61,33 @@ def test_plan_matches_the_peak_memory_of_real_training_steps(tmp_path, checkpoin
     """Two real steps of the engine (ZeRO-0, fp32, one CPU process): the model's weights plus the peak resident
     memory the steps add (tests/plan/measure_worker.py) is within TOLERANCE of the plan's per-GPU total."""
     path = small_config(tmp_path, gradient_checkpointing=checkpointing)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536",
-               PYTHONPATH=str(REPO), PLAN_TASKS="4")
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        MALLOC_MMAP_THRESHOLD_="65536",
+        PYTHONPATH=str(REPO),
+        PLAN_TASKS="4",
+    )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("measure_worker.py")), str(path), "2"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("measure_worker.py")), str(path), "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
-    report = plan(run_config(build_parser().parse_args(["--config", str(path)])), num_tasks=4, gpus=1,
-                  gpu_bytes=None, device="cpu")
+    report = plan(
+        run_config(build_parser().parse_args(["--config", str(path)])),
+        num_tasks=4,
+        gpus=1,
+        gpu_bytes=None,
+        device="cpu",
+    )
     predicted = configured_total(report)
     print(f"checkpointing={checkpointing}: plan {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
     assert abs(predicted - measured) <= TOLERANCE * measured, (predicted / 2**20, measured / 2**20)
@@ -90,12 +112,19 @@ def test_meta_activation_profile_equals_the_profile_on_real_tensors(method, exac
     torch.manual_seed(0)
     real = meta_model(config, cfg, 3).to_empty(device="cpu")
     real.train()
-    batch = {"input_ids": torch.randint(2, 200, (4, 12)), "attention_mask": None,
-             "labels": torch.randint(2, 200, (4, 5))}
-    on_cpu = profile_activations(real, lm_loss, batch, task_ids=ids, attention="math")   # the CPU's own choice
+    batch = {
+        "input_ids": torch.randint(2, 200, (4, 12)),
+        "attention_mask": None,
+        "labels": torch.randint(2, 200, (4, 5)),
+    }
+    on_cpu = profile_activations(real, lm_loss, batch, task_ids=ids, attention="math")  # the CPU's own choice
     if exact:
-        assert (on_meta.blocks, on_meta.outside_blocks, on_meta.largest_tensor, on_meta.linear_weights_saved) == \
-            (on_cpu.blocks, on_cpu.outside_blocks, on_cpu.largest_tensor, on_cpu.linear_weights_saved)
+        assert (on_meta.blocks, on_meta.outside_blocks, on_meta.largest_tensor, on_meta.linear_weights_saved) == (
+            on_cpu.blocks,
+            on_cpu.outside_blocks,
+            on_cpu.largest_tensor,
+            on_cpu.linear_weights_saved,
+        )
         assert abs(on_meta.block_inputs - on_cpu.block_inputs) <= 4 * 5 * 64 * 4
     else:
         assert on_meta.without_checkpointing == pytest.approx(on_cpu.without_checkpointing, rel=0.02)
@@ -120,10 +149,13 @@ def test_the_meta_model_has_the_real_models_parameters():
 def facts(trainable=1000, frozen=(10_000,), shapes=None):
     from tensorpoly_ds.plan.activations import ActivationProfile
 
-    profile = ActivationProfile(outside_blocks=0, blocks=(0,), block_inputs=0, linear_weights_saved=0,
-                                largest_tensor=0)
-    return ModelFacts(frozen_numels=tuple(frozen), trainable_shapes=shapes or ((trainable,),), largest_module=500,
-                      activations={"bf16": profile, "fp32": profile})
+    profile = ActivationProfile(outside_blocks=0, blocks=(0,), block_inputs=0, linear_weights_saved=0, largest_tensor=0)
+    return ModelFacts(
+        frozen_numels=tuple(frozen),
+        trainable_shapes=shapes or ((trainable,),),
+        largest_module=500,
+        activations={"bf16": profile, "fp32": profile},
+    )
 
 
 @pytest.mark.parametrize("offload", [False, True])
@@ -134,10 +166,16 @@ def test_zero2_model_states_equal_deepspeeds_estimator_for_full_finetuning(offlo
 
     f = facts(trainable=3_000_000, frozen=())
     for gpus in (1, 2, 8):
-        e = estimate(f, Workload("bf16", "adamw"), Setting(2, offload_optimizer=offload), gpus,
-                     {"zero_optimization": {"stage": 2}})
-        states = sum(e.gpu[k] for k in ("frozen weights", "adapter weights", "gradients", "optimizer states")
-                     if k in e.gpu)
+        e = estimate(
+            f,
+            Workload("bf16", "adamw"),
+            Setting(2, offload_optimizer=offload),
+            gpus,
+            {"zero_optimization": {"stage": 2}},
+        )
+        states = sum(
+            e.gpu[k] for k in ("frozen weights", "adapter weights", "gradients", "optimizer states") if k in e.gpu
+        )
         _, expected = estimate_zero2_model_states_mem_needs(3_000_000, num_gpus_per_node=gpus, cpu_offload=offload)
         assert states == pytest.approx(expected, rel=1e-9, abs=8), gpus
 
@@ -145,8 +183,10 @@ def test_zero2_model_states_equal_deepspeeds_estimator_for_full_finetuning(offlo
 def test_zero_stages_shard_what_they_should():
     f = facts(trainable=1_000_000, frozen=(50_000_000, 1000))
     work = Workload("bf16", "adamw")
-    by_stage = {s: estimate(f, work, Setting(s), 8, {"zero_optimization": {"stage": s, "reduce_bucket_size": 1}})
-                for s in range(4)}
+    by_stage = {
+        s: estimate(f, work, Setting(s), 8, {"zero_optimization": {"stage": s, "reduce_bucket_size": 1}})
+        for s in range(4)
+    }
     assert by_stage[1].gpu["optimizer states"] == pytest.approx(by_stage[0].gpu["optimizer states"] / 8)
     assert by_stage[2].gpu["gradients"] < by_stage[1].gpu["gradients"] < by_stage[0].gpu["gradients"]
     assert by_stage[3].gpu["frozen weights"] == pytest.approx(2 * (50_000_000 / 8 + 1000))  # small ones persist
@@ -161,7 +201,7 @@ def test_adafactor_factors_only_when_it_sees_the_real_tensors():
     fp32 = estimate(f, Workload("fp32", "adafactor"), Setting(0), 1, {"zero_optimization": {"stage": 0}})
     flat = estimate(f, Workload("fp32", "adafactor"), Setting(1), 1, {"zero_optimization": {"stage": 1}})
     assert fp32.gpu["optimizer states"] == 4 * ((64 + 32) + 8 * (64 + 32) + 10)
-    assert flat.gpu["optimizer states"] == 4 * f.trainable + 4 * f.trainable   # master + unfactored moment
+    assert flat.gpu["optimizer states"] == 4 * f.trainable + 4 * f.trainable  # master + unfactored moment
 
 
 def test_recommend_takes_the_cheapest_setting_that_fits():
@@ -181,22 +221,37 @@ def test_parse_size():
         parse_size("lots")
 
 
-@pytest.mark.slow   # a meta-device forward of T0-11B with 864 adapted layers: ~20 s on an idle 2-CPU machine
+@pytest.mark.slow  # a meta-device forward of T0-11B with 864 adapted layers: ~20 s on an idle 2-CPU machine
 def test_t0_11b_tensorpoly_on_8_gpus_of_40gb(capsys):
     """The question the planner answers: T0-11B with TensorPoly on 8 x 40 GB. The bf16 backbone alone is 21.5
     GiB per GPU without ZeRO-3; 8 sequences of 256 + 256 tokens only fit with activation checkpointing."""
-    code = plan_main(["--config", str(REPO / "configs/pretrain/base_t0_3b.yaml"),
-                      "--config", str(REPO / "configs/pretrain/base_t0_11b.yaml"),
-                      "--config", str(REPO / "configs/pretrain/tensorpoly_i_R8_N4.yaml"),
-                      "--gpus", "8", "--gpu-mem", "40GB", "--json"])
+    code = plan_main(
+        [
+            "--config",
+            str(REPO / "configs/pretrain/base_t0_3b.yaml"),
+            "--config",
+            str(REPO / "configs/pretrain/base_t0_11b.yaml"),
+            "--config",
+            str(REPO / "configs/pretrain/tensorpoly_i_R8_N4.yaml"),
+            "--gpus",
+            "8",
+            "--gpu-mem",
+            "40GB",
+            "--json",
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["params"]["frozen"] + report["params"]["trainable"] > 11e9
     rows = {r["label"]: r for r in report["settings"]}
     assert rows["ZeRO-0"]["gpu"]["frozen weights"] == pytest.approx(2 * report["params"]["frozen"])
     assert not rows["ZeRO-0"]["fits"] and rows["ZeRO-0 + ckpt"]["fits"]
-    assert report["recommended"] == {"zero_stage": 0, "offload_optimizer": False, "offload_param": False,
-                                     "checkpointing": True}
+    assert report["recommended"] == {
+        "zero_stage": 0,
+        "offload_optimizer": False,
+        "offload_param": False,
+        "checkpointing": True,
+    }
     z3 = report["settings"][[r["label"] for r in report["settings"]].index("ZeRO-3 + ckpt")]
     assert z3["gpu"]["frozen weights"] < rows["ZeRO-0"]["gpu"]["frozen weights"] / 7
 

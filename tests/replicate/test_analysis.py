@@ -8,15 +8,27 @@ from tensorpoly_ds.replicate.analysis import c7_verdict, row_name, scores_by_row
 
 
 def _result(label, mode, task, seed, lr, dev, test, k=16, mt=0):
-    return {"label": label, "mode": mode, "task": task, "seed": seed, "k": k, "zero_shot": k == 0, "lr": lr,
-            "job": {"multitask_steps": mt, "lr": lr}, "dev": {"accuracy": dev}, "test": {"accuracy": test},
-            "row": row_name({"label": label, "mode": mode, "k": k, "zero_shot": k == 0,
-                             "job": {"multitask_steps": mt}}), "_dir": f"/x/{label}{mode}{task}{seed}{lr}{k}{mt}"}
+    return {
+        "label": label,
+        "mode": mode,
+        "task": task,
+        "seed": seed,
+        "k": k,
+        "zero_shot": k == 0,
+        "lr": lr,
+        "job": {"multitask_steps": mt, "lr": lr},
+        "dev": {"accuracy": dev},
+        "test": {"accuracy": test},
+        "row": row_name({"label": label, "mode": mode, "k": k, "zero_shot": k == 0, "job": {"multitask_steps": mt}}),
+        "_dir": f"/x/{label}{mode}{task}{seed}{lr}{k}{mt}",
+    }
 
 
 def test_split_accuracies_uses_the_example_id_rule(tmp_path):
-    recs = [{"example_id": i, "correct": ok} for i, ok in [(0, True), (1, False), (49, True), (50, True),
-                                                            (51, False), (52, False), (99, True)]]
+    recs = [
+        {"example_id": i, "correct": ok}
+        for i, ok in [(0, True), (1, False), (49, True), (50, True), (51, False), (52, False), (99, True)]
+    ]
     (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     acc = split_accuracies(tmp_path, dev_examples=50)
     assert acc["dev"] == pytest.approx(2 / 3) and acc["test"] == pytest.approx(2 / 4)
@@ -25,8 +37,10 @@ def test_split_accuracies_uses_the_example_id_rule(tmp_path):
 def test_row_names():
     assert row_name({"label": "Poly", "mode": "z", "k": 16, "job": {}}) == "Poly (z)"
     assert row_name({"label": "Poly", "mode": "mu", "k": 0, "zero_shot": True, "job": {}}) == "Poly (mu, 0-shot)"
-    assert (row_name({"label": "LoRA", "mode": "full", "k": 0, "zero_shot": True, "job": {"multitask_steps": 50}})
-            == "LoRA (full, 0-shot, 50 mt steps)")
+    assert (
+        row_name({"label": "LoRA", "mode": "full", "k": 0, "zero_shot": True, "job": {"multitask_steps": 50}})
+        == "LoRA (full, 0-shot, 50 mt steps)"
+    )
 
 
 def test_lr_is_chosen_on_dev_only_and_ties_take_the_smaller_lr():
@@ -68,16 +82,21 @@ def test_c7_verdict_on_constructed_recoveries():
     row turns reproduced), dropping `score > null_mean` (the below-null row turns reproduced), and
     'mixed' for a unanimous 'not reproduced'."""
     good = {"score": 0.9, "null_mean": 0.1, "p_value": 0.01}
-    at_alpha = {"score": 0.9, "null_mean": 0.1, "p_value": 0.05}     # not below alpha: not reproduced
+    at_alpha = {"score": 0.9, "null_mean": 0.1, "p_value": 0.05}  # not below alpha: not reproduced
     below_null = {"score": 0.05, "null_mean": 0.1, "p_value": 0.01}  # significant, but the wrong way
     failed = {"error": "no routing tables"}
     assert c7_verdict({"Poly": good, "MHR": dict(good)}) == {
-        "status": "reproduced", "per_method": {"Poly": "reproduced", "MHR": "reproduced"}, "alpha": 0.05}
-    assert c7_verdict({"Poly": good, "MHR": at_alpha})["per_method"] == {"Poly": "reproduced",
-                                                                         "MHR": "not reproduced"}
+        "status": "reproduced",
+        "per_method": {"Poly": "reproduced", "MHR": "reproduced"},
+        "alpha": 0.05,
+    }
+    assert c7_verdict({"Poly": good, "MHR": at_alpha})["per_method"] == {"Poly": "reproduced", "MHR": "not reproduced"}
     assert c7_verdict({"Poly": good, "MHR": at_alpha})["status"] == "mixed"
     assert c7_verdict({"Poly": below_null, "MHR": at_alpha})["status"] == "not reproduced"
-    assert c7_verdict({"Poly": good, "MHR": failed}) == {"status": "reproduced", "per_method": {"Poly": "reproduced"},
-                                                         "alpha": 0.05}
+    assert c7_verdict({"Poly": good, "MHR": failed}) == {
+        "status": "reproduced",
+        "per_method": {"Poly": "reproduced"},
+        "alpha": 0.05,
+    }
     assert c7_verdict({"MHR": failed}) == {"status": "missing", "per_method": {}}
     assert c7_verdict({"Poly": at_alpha}, alpha=0.1)["status"] == "reproduced"

@@ -15,8 +15,8 @@ def test_held_out_tasks_are_unseen_compositions_of_seen_skills(name):
     train_sets = {tuple(truth["task_skills"][t.task]) for t in m.train}
     for h in m.held_out:
         skills = truth["task_skills"][h.name]
-        assert tuple(skills) not in train_sets                      # unseen composition
-        for s in skills:                                            # of skills seen in training
+        assert tuple(skills) not in train_sets  # unseen composition
+        for s in skills:  # of skills seen in training
             assert sum(s in combo for combo in train_sets) >= 2
     assert all(len(truth["task_skills"][t.task]) == 2 for t in m.train)
     assert set(truth["skills"]) == {s for v in truth["task_skills"].values() for s in v}

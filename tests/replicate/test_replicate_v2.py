@@ -20,10 +20,19 @@ CI_V2 = ROOT / "configs" / "replicate" / "ci_v2.yaml"
 @pytest.mark.slow
 def test_v2_protocol_end_to_end(tmp_path):
     out = tmp_path / "v2"
-    env = dict(os.environ, DS_ACCELERATOR="cpu",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")))
-    done = subprocess.run([sys.executable, "-m", "launch.replicate", "--config", str(CI_V2), "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.replicate", "--config", str(CI_V2), "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     cfg = yaml.safe_load(CI_V2.read_text())
     worlds = [w["name"] for w in cfg["worlds"]]
@@ -32,7 +41,7 @@ def test_v2_protocol_end_to_end(tmp_path):
     assert axis["key"] == "module_lr" and axis["chosen"] == search["chosen"]["module_lr"]
     losses = {float(k): v for k, v in axis["losses"].items()}
     assert set(cfg["pretrain"]["lr_search"]["module_lrs"]) <= set(losses)
-    assert axis["chosen"] == min(sorted(losses), key=lambda x: losses[x])            # the rule, on the real losses
+    assert axis["chosen"] == min(sorted(losses), key=lambda x: losses[x])  # the rule, on the real losses
     # a two-value grid always chooses an edge: extended once (max_extensions 1), then the edge is reported
     assert len(axis["extended"]) == 1 and len(losses) == 3
     assert axis["edge"] == {min(losses): "low", max(losses): "high"}.get(axis["chosen"])

@@ -22,8 +22,17 @@ REPO = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO / "slurm"
 LOCAL = REPO / "scripts" / "slurm_local.sh"
 STAND_IN = Path(__file__).resolve().parent / "stand_in.py"
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-            "BOOT_FAIL", "DEADLINE"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 class Cluster:
@@ -34,7 +43,7 @@ class Cluster:
         env = dict(os.environ)
         env["SLURM_CONF"] = self.conf
         for var in [v for v in env if v.startswith(("SLURM_JOB", "SLURM_ARRAY", "SBATCH_", "SRUN_"))]:
-            del env[var]          # a test run inside a Slurm job must not leak its job into ours
+            del env[var]  # a test run inside a Slurm job must not leak its job into ours
         env.pop("MASTER_PORT", None)
         env.pop("MASTER_ADDR", None)
         env.pop("TORCH_EXTENSIONS_DIR", None)
@@ -50,7 +59,7 @@ class Cluster:
 def slurm_cluster():
     if shutil.which("sinfo") is None:
         why = "Slurm client `sinfo` is not on PATH (install: bash scripts/slurm_local.sh install)"
-        if os.environ.get("TPDS_SLURM_REQUIRED") == "1":   # scripts/test.sh --slurm: CI must run these tests
+        if os.environ.get("TPDS_SLURM_REQUIRED") == "1":  # scripts/test.sh --slurm: CI must run these tests
             pytest.fail(f"{why}, but TPDS_SLURM_REQUIRED=1")
         pytest.skip(why)
     state = os.environ.get("TPDS_SLURM_DIR", "/tmp/tpds-slurm")
@@ -74,8 +83,11 @@ class Jobs:
         self.record.mkdir(exist_ok=True)
 
     def env(self, **extra: str) -> dict[str, str]:
-        base = {"TPDS_TEST_RECORD": str(self.record), "TPDS_SLURM_HOME": str(SLURM_DIR),
-                "TPDS_TORCH_EXT_ROOT": str(self.workdir / "torch_ext")}   # job ids restart with a new cluster
+        base = {
+            "TPDS_TEST_RECORD": str(self.record),
+            "TPDS_SLURM_HOME": str(SLURM_DIR),
+            "TPDS_TORCH_EXT_ROOT": str(self.workdir / "torch_ext"),
+        }  # job ids restart with a new cluster
         for stage in ("prep", "pretrain", "sweep", "adapt", "report"):
             base[f"TPDS_{stage.upper()}_CMD"] = f"{sys.executable} {STAND_IN} {stage}"
         return self.cluster.env(**{**base, **extra})
@@ -113,9 +125,11 @@ class Jobs:
             if shown and all(s.get("JobState") in want for s in shown):
                 return shown
             time.sleep(0.5)
-        raise AssertionError(f"job {job_id} not in {sorted(want)} after {timeout}s: "
-                             f"{[(s.get('JobId'), s.get('JobState'), s.get('Reason')) for s in shown]}\n"
-                             f"logs:\n{self.logs()}")
+        raise AssertionError(
+            f"job {job_id} not in {sorted(want)} after {timeout}s: "
+            f"{[(s.get('JobId'), s.get('JobState'), s.get('Reason')) for s in shown]}\n"
+            f"logs:\n{self.logs()}"
+        )
 
     def wait_for(self, predicate, timeout: float, what: str):
         deadline = time.time() + timeout

@@ -20,9 +20,22 @@ import sys
 import time
 from pathlib import Path
 
-VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID", "SLURM_LOCALID",
-        "SLURM_NTASKS", "SLURM_JOB_NODELIST", "SLURMD_NODENAME", "SLURM_RESTART_COUNT", "MASTER_ADDR",
-        "MASTER_PORT", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "TPDS_TEST_FROM_ENV_FILE")
+VARS = (
+    "SLURM_JOB_ID",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NTASKS",
+    "SLURM_JOB_NODELIST",
+    "SLURMD_NODENAME",
+    "SLURM_RESTART_COUNT",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCH_EXTENSIONS_DIR",
+    "OMP_NUM_THREADS",
+    "TPDS_TEST_FROM_ENV_FILE",
+)
 
 
 def ext_files() -> list[str] | None:
@@ -35,8 +48,9 @@ def ext_files() -> list[str] | None:
 
 def record(stage: str, **fields) -> None:
     out = Path(os.environ["TPDS_TEST_RECORD"]) / f"{stage}.jsonl"
-    line = json.dumps({"stage": stage, "pid": os.getpid(), **{v: os.environ.get(v) for v in VARS},
-                       "ext_files": ext_files(), **fields})
+    line = json.dumps(
+        {"stage": stage, "pid": os.getpid(), **{v: os.environ.get(v) for v in VARS}, "ext_files": ext_files(), **fields}
+    )
     with open(out, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write(line + "\n")
@@ -58,7 +72,9 @@ def main() -> int:
         rows = int(os.environ.get("TPDS_TEST_ROWS", "3"))
         with open(out / "jobs.jsonl", "w") as f:
             for i in range(rows):
-                f.write(json.dumps({"row": i, "id": f"row{i}", "job": {"out_dir": str(out / "jobs" / f"row{i}")}}) + "\n")
+                f.write(
+                    json.dumps({"row": i, "id": f"row{i}", "job": {"out_dir": str(out / "jobs" / f"row{i}")}}) + "\n"
+                )
     first_run = os.environ.get("SLURM_RESTART_COUNT", "0") in ("", "0")
     requeueable = stage in ("pretrain", "adapt")
     if requeueable and os.environ.get("TPDS_TEST_USR1") == "early" and first_run:

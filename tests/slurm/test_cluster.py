@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def test_sbatch_trivial_job_writes_its_output(jobs, tmp_path):
     script = tmp_path / "hello.sh"
-    script.write_text("#!/bin/bash\necho \"hello from $SLURM_JOB_ID on $SLURMD_NODENAME\" > hello.txt\necho to-log\n")
+    script.write_text('#!/bin/bash\necho "hello from $SLURM_JOB_ID on $SLURMD_NODENAME" > hello.txt\necho to-log\n')
     job = jobs.sbatch("--output=hello-%j.out", str(script))
     (state,) = jobs.wait(job, 30)
     assert state["JobState"] == "COMPLETED", state
@@ -40,8 +40,12 @@ def test_two_node_srun_distinct_ranks_and_first_host(jobs, slurm_cluster):
         out["mapped"] = distributed_env()
         print(json.dumps(out), flush=True)
     """)
-    r = slurm_cluster.run(["srun", "-N2", "-n2", "--time=1", sys.executable, "-c", code], timeout=60,
-                          env=jobs.env(), cwd=str(jobs.workdir))
+    r = slurm_cluster.run(
+        ["srun", "-N2", "-n2", "--time=1", sys.executable, "-c", code],
+        timeout=60,
+        env=jobs.env(),
+        cwd=str(jobs.workdir),
+    )
     assert r.returncode == 0, r.stderr
     import json
 
@@ -63,10 +67,23 @@ def test_adapt_array_runs_each_row_once_with_own_port_and_extensions_dir(jobs, t
     table = tmp_path / "jobs.jsonl"
     table.write_text("".join(f'{{"row": {i}, "id": "r{i}", "job": {{}}}}\n' for i in range(3)))
     seed = _ext_seed(tmp_path)
-    r = subprocess.run(["bash", str(SLURM_DIR / "submit_array.sh"), "--parallel", "2", str(table),
-                        f"--output={tmp_path}/adapt-%A_%a.out", "--", "--force"],
-                       capture_output=True, text=True, env=jobs.env(MASTER_PORT="29500", TPDS_TORCH_EXT_SEED=seed),
-                       cwd=tmp_path, timeout=60)
+    r = subprocess.run(
+        [
+            "bash",
+            str(SLURM_DIR / "submit_array.sh"),
+            "--parallel",
+            "2",
+            str(table),
+            f"--output={tmp_path}/adapt-%A_%a.out",
+            "--",
+            "--force",
+        ],
+        capture_output=True,
+        text=True,
+        env=jobs.env(MASTER_PORT="29500", TPDS_TORCH_EXT_SEED=seed),
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     array = jobs.track(r.stdout.strip())
     shown = jobs.wait(array, 60)
@@ -79,10 +96,10 @@ def test_adapt_array_runs_each_row_once_with_own_port_and_extensions_dir(jobs, t
         assert rec["args"] == ["--job-table", str(table), "--row", i, "--force"]
         assert rec["SLURM_ARRAY_JOB_ID"] == array
         assert rec["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "torch_ext" / f"{array}_{i}")
-        assert rec["OMP_NUM_THREADS"] == "2"            # --cpus-per-task of adapt_array.sbatch
-        assert rec["ext_files"] == ["fused_op/fused_op.so"]   # seeded, without the stale build lock
+        assert rec["OMP_NUM_THREADS"] == "2"  # --cpus-per-task of adapt_array.sbatch
+        assert rec["ext_files"] == ["fused_op/fused_op.so"]  # seeded, without the stale build lock
     ports = [rec["MASTER_PORT"] for rec in recs]
-    assert len(set(ports)) == 3 and "29500" not in ports     # an inherited MASTER_PORT is not reused
+    assert len(set(ports)) == 3 and "29500" not in ports  # an inherited MASTER_PORT is not reused
     assert len({rec["TORCH_EXTENSIONS_DIR"] for rec in recs}) == 3
 
 
@@ -91,8 +108,14 @@ def test_adapt_array_task_stopped_by_usr1_requeues_itself_and_reruns(jobs, tmp_p
     requeues itself and its rerun (same task, restart 1) finishes the row."""
     table = tmp_path / "jobs.jsonl"
     table.write_text('{"row": 0, "id": "r0", "job": {}}\n')
-    r = subprocess.run(["bash", str(SLURM_DIR / "submit_array.sh"), str(table), f"--output={tmp_path}/adapt-%A_%a.out"],
-                       capture_output=True, text=True, env=jobs.env(TPDS_TEST_USR1="1"), cwd=tmp_path, timeout=60)
+    r = subprocess.run(
+        ["bash", str(SLURM_DIR / "submit_array.sh"), str(table), f"--output={tmp_path}/adapt-%A_%a.out"],
+        capture_output=True,
+        text=True,
+        env=jobs.env(TPDS_TEST_USR1="1"),
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     array = jobs.track(r.stdout.strip())
     jobs.wait_for(lambda: [x for x in jobs.records("adapt") if x["event"] == "ready"], 60, "the first run")
@@ -117,11 +140,23 @@ def _ext_seed(tmp_path) -> str:
 
 def _pretrain_usr1(jobs, tmp_path, extra: list[str], send_signal: bool, mode: str = "1"):
     env = jobs.env(TPDS_TEST_USR1=mode, TPDS_SRUN_WAIT="30", TPDS_TORCH_EXT_SEED=_ext_seed(tmp_path))
-    job = jobs.sbatch("-N2", "--ntasks-per-node=1", f"--output={tmp_path}/pretrain-%j.out", *extra,
-                      str(SLURM_DIR / "pretrain.sbatch"), "--config", "cfg.yaml", "train.steps=5", env=env)
-    jobs.wait_for(lambda: len([r for r in jobs.records("pretrain") if r["event"] == "ready"]) == 2, 60,
-                  "both ranks of the first run")
-    if send_signal:   # what Slurm does at the --signal=B:USR1@T time: signal the batch shell only
+    job = jobs.sbatch(
+        "-N2",
+        "--ntasks-per-node=1",
+        f"--output={tmp_path}/pretrain-%j.out",
+        *extra,
+        str(SLURM_DIR / "pretrain.sbatch"),
+        "--config",
+        "cfg.yaml",
+        "train.steps=5",
+        env=env,
+    )
+    jobs.wait_for(
+        lambda: len([r for r in jobs.records("pretrain") if r["event"] == "ready"]) == 2,
+        60,
+        "both ranks of the first run",
+    )
+    if send_signal:  # what Slurm does at the --signal=B:USR1@T time: signal the batch shell only
         r = jobs.cluster.run(["scancel", "--signal=USR1", "--batch", job])
         assert r.returncode == 0, r.stderr
     (state,) = jobs.wait(job, 120, states={"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
@@ -132,16 +167,22 @@ def _pretrain_usr1(jobs, tmp_path, extra: list[str], send_signal: bool, mode: st
     second = [r for r in recs if r["SLURM_RESTART_COUNT"] == "1"]
     if mode == "1":
         assert sorted((r["SLURM_PROCID"], r["event"]) for r in first) == [
-            ("0", "ready"), ("0", "usr1"), ("1", "ready"), ("1", "usr1")]
-    else:   # killed by the signal: only "ready" was written
+            ("0", "ready"),
+            ("0", "usr1"),
+            ("1", "ready"),
+            ("1", "usr1"),
+        ]
+    else:  # killed by the signal: only "ready" was written
         assert sorted((r["SLURM_PROCID"], r["event"]) for r in first) == [("0", "ready"), ("1", "ready")]
     assert sorted((r["SLURM_PROCID"], r["event"]) for r in second) == [("0", "done"), ("1", "done")]
     assert {r["SLURMD_NODENAME"] for r in second} == {"node1", "node2"}
     for r in recs:
         assert r["args"] == ["--resume", "auto", "--config", "cfg.yaml", "train.steps=5"]
         assert r["MASTER_ADDR"] == "127.0.0.1" and r["MASTER_PORT"] == recs[0]["MASTER_PORT"]
-        assert r["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "torch_ext" / job) and r["ext_files"] == ["fused_op/fused_op.so"]
-    log = (tmp_path / f"pretrain-{job}.out").read_text()     # one log for both runs (--open-mode=append)
+        assert r["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "torch_ext" / job) and r["ext_files"] == [
+            "fused_op/fused_op.so"
+        ]
+    log = (tmp_path / f"pretrain-{job}.out").read_text()  # one log for both runs (--open-mode=append)
     assert "SIGUSR1: forwarding" in log and f"requeuing job {job}" in log and "restarts=1" in log
     return job
 
@@ -177,7 +218,7 @@ def _listening(ports):
             s = stack.enter_context(socket.socket())
             try:
                 s.bind(("", port))
-            except OSError:    # already taken (by the session's cluster, say): just as good
+            except OSError:  # already taken (by the session's cluster, say): just as good
                 continue
             s.listen()
         yield
@@ -203,11 +244,12 @@ def test_local_cluster_lifecycle_is_idempotent(slurm_cluster, tmp_path):
     first_ctld, first_nodes = _conf_ports(Path(slurm_cluster.conf))
 
     def local(cmd, timeout=120, **extra):
-        r = subprocess.run(["bash", str(LOCAL), cmd], capture_output=True, text=True, env={**env, **extra},
-                           timeout=timeout)
+        r = subprocess.run(
+            ["bash", str(LOCAL), cmd], capture_output=True, text=True, env={**env, **extra}, timeout=timeout
+        )
         return r
 
-    def pids():   # the daemons' pid files (an idempotent start leaves the same daemons running)
+    def pids():  # the daemons' pid files (an idempotent start leaves the same daemons running)
         return {p.name: p.read_text() for p in (tmp_path / "c2" / "run").glob("*.pid")}
 
     try:
@@ -222,7 +264,7 @@ def test_local_cluster_lifecycle_is_idempotent(slurm_cluster, tmp_path):
             before = pids()
             r = local("start")
             assert r.returncode == 0 and "already running" in r.stderr, r.stderr
-            assert pids() == before and len(before) == 2, (before, pids())   # slurmctld + slurmd node1
+            assert pids() == before and len(before) == 2, (before, pids())  # slurmctld + slurmd node1
             r = local("status")
             assert r.returncode == 0 and "node1" in r.stdout, r.stdout
             out = subprocess.run(["srun", "-N1", "hostname"], capture_output=True, text=True, env=env, timeout=60)
@@ -233,13 +275,13 @@ def test_local_cluster_lifecycle_is_idempotent(slurm_cluster, tmp_path):
             assert r.returncode != 0 and "slurmctld: stopped" in r.stdout
             r = local("start")
             assert r.returncode == 0, r.stderr
-            assert _conf_ports(tmp_path / "c2" / "slurm.conf") == (ctld, node_ports)   # kept across a restart
+            assert _conf_ports(tmp_path / "c2" / "slurm.conf") == (ctld, node_ports)  # kept across a restart
     finally:
         r = local("clean")
         cleaned = r.returncode == 0 and not (tmp_path / "c2").exists()
         shutil.rmtree(tmp_path, ignore_errors=True)
     assert cleaned, r.stderr
-    r = local("install")     # already installed: a check, no apt
+    r = local("install")  # already installed: a check, no apt
     assert r.returncode == 0 and "already installed" in r.stderr
 
 
@@ -250,8 +292,9 @@ def test_sbatch_script_finds_its_helpers_without_tpds_slurm_home(jobs, tmp_path)
     del env["TPDS_SLURM_HOME"]
     (tmp_path / "env.sh").write_text("export TPDS_TEST_FROM_ENV_FILE=yes\n")
     env["TPDS_ENV_FILE"] = str(tmp_path / "env.sh")
-    job = jobs.sbatch(f"--output={tmp_path}/report-%j.out", str(SLURM_DIR / "report.sbatch"), "runs", "--out", "rep",
-                      env=env)
+    job = jobs.sbatch(
+        f"--output={tmp_path}/report-%j.out", str(SLURM_DIR / "report.sbatch"), "runs", "--out", "rep", env=env
+    )
     (state,) = jobs.wait(job, 30)
     assert state["JobState"] == "COMPLETED", jobs.logs()
     (rec,) = jobs.records("report")
@@ -261,8 +304,9 @@ def test_sbatch_script_finds_its_helpers_without_tpds_slurm_home(jobs, tmp_path)
 def test_requeue_loop_is_bounded(jobs, tmp_path):
     """A trainer that always exits 124 is requeued TPDS_MAX_REQUEUES times, then the job fails."""
     env = jobs.env(TPDS_TEST_USR1="always124", TPDS_MAX_REQUEUES="1")
-    job = jobs.sbatch("-N1", f"--output={tmp_path}/pretrain-%j.out", str(SLURM_DIR / "pretrain.sbatch"),
-                      "--config", "c.yaml", env=env)
+    job = jobs.sbatch(
+        "-N1", f"--output={tmp_path}/pretrain-%j.out", str(SLURM_DIR / "pretrain.sbatch"), "--config", "c.yaml", env=env
+    )
     (state,) = jobs.wait(job, 90)
     assert state["JobState"] == "FAILED" and state["Restarts"] == "1" and state["ExitCode"] == "124:0", state
     assert [r["SLURM_RESTART_COUNT"] or "0" for r in jobs.records("pretrain")] == ["0", "1"]

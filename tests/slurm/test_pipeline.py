@@ -35,7 +35,7 @@ def _commands(stdout: str) -> list[list[str]]:
             continue
         words = shlex.split(line)
         if words and words[0] == "env":
-            words = words[next(i for i, w in enumerate(words) if w == "sbatch"):]
+            words = words[next(i for i, w in enumerate(words) if w == "sbatch") :]
         if words and words[0] == "sbatch":
             out.append(words)
     return out
@@ -52,12 +52,49 @@ def test_dry_run_with_table_prints_a_correctly_chained_pipeline(tmp_path):
     env_file = tmp_path / "env.sh"
     env_file.write_text("module load cuda\n")
     r = subprocess.run(
-        ["bash", str(SUBMIT), "--dry-run", "--prep-arg", "--out", "--prep-arg", "/data/with space",
-         "--pretrain-config", "base.yaml", "--pretrain-config", "poly.yaml", "--pretrain-arg", "run.dir=runs/p",
-         "--table", str(table), "--report-out", "rep", "--partition", "gpu", "--account", "proj", "--time", "1:00:00",
-         "--pretrain-time", "2-00:00:00", "--nodes", "2", "--gpus-per-node", "4", "--parallel", "2",
-         "--env-file", str(env_file), "--log-dir", "logs"],
-        capture_output=True, text=True, cwd=tmp_path, env=_fake_sbatch_path(tmp_path), timeout=30)
+        [
+            "bash",
+            str(SUBMIT),
+            "--dry-run",
+            "--prep-arg",
+            "--out",
+            "--prep-arg",
+            "/data/with space",
+            "--pretrain-config",
+            "base.yaml",
+            "--pretrain-config",
+            "poly.yaml",
+            "--pretrain-arg",
+            "run.dir=runs/p",
+            "--table",
+            str(table),
+            "--report-out",
+            "rep",
+            "--partition",
+            "gpu",
+            "--account",
+            "proj",
+            "--time",
+            "1:00:00",
+            "--pretrain-time",
+            "2-00:00:00",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "4",
+            "--parallel",
+            "2",
+            "--env-file",
+            str(env_file),
+            "--log-dir",
+            "logs",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_fake_sbatch_path(tmp_path),
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "sbatch-called").exists()
     assert f"export TPDS_ENV_FILE={env_file}" in r.stdout
@@ -65,14 +102,22 @@ def test_dry_run_with_table_prints_a_correctly_chained_pipeline(tmp_path):
     assert prep[-3:] == [str(SLURM_DIR / "prep.sbatch"), "--out", "/data/with space"]
     assert _opt(prep, "--dependency") is None
     assert _opt(pretrain, "--dependency") == "afterok:<prep>"
-    assert pretrain[pretrain.index(str(SLURM_DIR / "pretrain.sbatch")):] == [
-        str(SLURM_DIR / "pretrain.sbatch"), "--config", str(tmp_path / "base.yaml"), "--config",
-        str(tmp_path / "poly.yaml"), "run.dir=runs/p"]
-    assert (_opt(pretrain, "--nodes"), _opt(pretrain, "--ntasks-per-node"), _opt(pretrain, "--gpus-per-node")) \
-        == ("2", "4", "4")
+    assert pretrain[pretrain.index(str(SLURM_DIR / "pretrain.sbatch")) :] == [
+        str(SLURM_DIR / "pretrain.sbatch"),
+        "--config",
+        str(tmp_path / "base.yaml"),
+        "--config",
+        str(tmp_path / "poly.yaml"),
+        "run.dir=runs/p",
+    ]
+    assert (_opt(pretrain, "--nodes"), _opt(pretrain, "--ntasks-per-node"), _opt(pretrain, "--gpus-per-node")) == (
+        "2",
+        "4",
+        "4",
+    )
     assert _opt(pretrain, "--time") == "2-00:00:00" and _opt(pretrain, "--signal") == "B:USR1@120"
     assert _opt(adapt, "--dependency") == "afterok:<pretrain>"
-    assert _opt(adapt, "--array") == "0-2%2"          # 3 non-blank rows, at most 2 at once
+    assert _opt(adapt, "--array") == "0-2%2"  # 3 non-blank rows, at most 2 at once
     assert _opt(adapt, "--gpus") == "1" and _opt(adapt, "--time") == "1:00:00"
     assert adapt[-2:] == [str(SLURM_DIR / "adapt_array.sbatch"), str(table)]
     assert _opt(report, "--dependency") == "afterok:<adapt>"
@@ -87,9 +132,29 @@ def test_dry_run_with_grid_defers_the_array_to_the_sweep_job(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("methods: []\n")
     r = subprocess.run(
-        ["bash", str(SUBMIT), "--dry-run", "--pretrain-config", "c.yaml", "--grid", str(grid), "--sweep-out", "sw",
-         "--report-out", "rep", "--report-after", "any", "--after", "77"],
-        capture_output=True, text=True, cwd=tmp_path, env=_fake_sbatch_path(tmp_path), timeout=30)
+        [
+            "bash",
+            str(SUBMIT),
+            "--dry-run",
+            "--pretrain-config",
+            "c.yaml",
+            "--grid",
+            str(grid),
+            "--sweep-out",
+            "sw",
+            "--report-out",
+            "rep",
+            "--report-after",
+            "any",
+            "--after",
+            "77",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_fake_sbatch_path(tmp_path),
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     pretrain, sweep, report = _commands(r.stdout)
     assert _opt(pretrain, "--dependency") == "afterok:77"
@@ -100,28 +165,40 @@ def test_dry_run_with_grid_defers_the_array_to_the_sweep_job(tmp_path):
     assert len(later) == 1 and "TPDS_REPORT_DEPENDENCY=afterany" in later[0]
     assert "--report-job '<report>'" in later[0] or "--report-job \\<report\\>" in later[0]
     assert str(tmp_path / "sw" / "jobs.jsonl") in later[0]
-    assert "--hold" in sweep    # released once its argument file is written
+    assert "--hold" in sweep  # released once its argument file is written
     assert r.stdout.rstrip().splitlines()[-1] == "scontrol release \\<sweep\\>"
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "nothing to submit"),
-    (["--grid", "g.yaml"], "--sweep-out"),
-    (["--table", "missing.jsonl"], "not readable"),
-    (["--report-out", "r", "--nodes", "two"], "non-negative integer"),
-    (["--bogus", "1"], "unknown option"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "nothing to submit"),
+        (["--grid", "g.yaml"], "--sweep-out"),
+        (["--table", "missing.jsonl"], "not readable"),
+        (["--report-out", "r", "--nodes", "two"], "non-negative integer"),
+        (["--bogus", "1"], "unknown option"),
+    ],
+)
 def test_bad_arguments_are_refused(tmp_path, args, message):
     (tmp_path / "g.yaml").write_text("{}\n")
-    r = subprocess.run(["bash", str(SUBMIT), "--dry-run", *args], capture_output=True, text=True, cwd=tmp_path,
-                       env=_fake_sbatch_path(tmp_path), timeout=30)
+    r = subprocess.run(
+        ["bash", str(SUBMIT), "--dry-run", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_fake_sbatch_path(tmp_path),
+        timeout=30,
+    )
     assert r.returncode == 2 and message in r.stderr, (r.returncode, r.stderr)
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not on PATH (apt-get install shellcheck)")
 def test_scripts_are_shellcheck_clean():
-    files = sorted(map(str, [*SLURM_DIR.glob("*.sh"), *SLURM_DIR.glob("*.sbatch"),
-                             SLURM_DIR.parent / "scripts" / "slurm_local.sh"]))
+    files = sorted(
+        map(
+            str, [*SLURM_DIR.glob("*.sh"), *SLURM_DIR.glob("*.sbatch"), SLURM_DIR.parent / "scripts" / "slurm_local.sh"]
+        )
+    )
     r = subprocess.run(["shellcheck", "-x", *files], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -135,11 +212,44 @@ def test_real_pipeline_runs_stages_in_dependency_order(jobs, tmp_path):
     env_file.write_text("export TPDS_TEST_FROM_ENV_FILE=yes\n")
     env = jobs.env(TPDS_TEST_SLEEP="0.5")
     r = subprocess.run(
-        ["bash", str(SUBMIT), "--prep-arg", "--out", "--prep-arg", str(tmp_path / "data"),
-         "--pretrain-config", "cfg.yaml", "--pretrain-arg", "run.dir=runs/p", "--nodes", "2",
-         "--grid", str(grid), "--sweep-out", "sweep", "--report-out", "report", "--parallel", "2",
-         "--adapt-cpus", "1", "--prep-cpus", "1", "--time", "5", "--env-file", str(env_file), "--log-dir", "logs"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+        [
+            "bash",
+            str(SUBMIT),
+            "--prep-arg",
+            "--out",
+            "--prep-arg",
+            str(tmp_path / "data"),
+            "--pretrain-config",
+            "cfg.yaml",
+            "--pretrain-arg",
+            "run.dir=runs/p",
+            "--nodes",
+            "2",
+            "--grid",
+            str(grid),
+            "--sweep-out",
+            "sweep",
+            "--report-out",
+            "report",
+            "--parallel",
+            "2",
+            "--adapt-cpus",
+            "1",
+            "--prep-cpus",
+            "1",
+            "--time",
+            "5",
+            "--env-file",
+            str(env_file),
+            "--log-dir",
+            "logs",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     ids = dict(line.split() for line in r.stdout.splitlines() if not line.startswith("#"))
     assert list(ids) == ["prep", "pretrain", "sweep", "report"]
@@ -149,7 +259,7 @@ def test_real_pipeline_runs_stages_in_dependency_order(jobs, tmp_path):
     array = (tmp_path / "sweep" / "adapt_array.jobid").read_text().strip()
     jobs.track(array)
     assert report["JobState"] == "COMPLETED", jobs.logs()
-    assert report["Dependency"] in ("(null)", ""), report        # satisfied (it pointed at the array)
+    assert report["Dependency"] in ("(null)", ""), report  # satisfied (it pointed at the array)
     for stage in ("prep", "pretrain", "sweep"):
         (state,) = jobs.show(ids[stage])
         assert state["JobState"] == "COMPLETED", (stage, state)
@@ -166,8 +276,13 @@ def test_real_pipeline_runs_stages_in_dependency_order(jobs, tmp_path):
     table = str(tmp_path / "sweep" / "jobs.jsonl")
     assert sorted(r_["args"][3] for r_ in rec["adapt"]) == ["0", "1", "2"]
     assert all(r_["args"][:2] == ["--job-table", table] for r_ in rec["adapt"])
-    assert rec["report"][0]["args"] == [str(tmp_path / "sweep"), "--out", str(tmp_path / "report"),
-                                        "--job-table", table]
+    assert rec["report"][0]["args"] == [
+        str(tmp_path / "sweep"),
+        "--out",
+        str(tmp_path / "report"),
+        "--job-table",
+        table,
+    ]
 
     def span(stage):
         return min(r_["start"] for r_ in rec[stage]), max(r_["end"] for r_ in rec[stage])
@@ -182,9 +297,27 @@ def test_failed_stage_cancels_the_rest_of_the_chain(jobs, tmp_path):
     table = tmp_path / "jobs.jsonl"
     table.write_text('{"row": 0}\n{"row": 1}\n')
     env = jobs.env(TPDS_TEST_FAIL="pretrain")
-    r = subprocess.run(["bash", str(SUBMIT), "--pretrain-config", "cfg.yaml", "--table", str(table),
-                        "--report-out", "rep", "--log-dir", "logs", "--time", "5"],
-                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    r = subprocess.run(
+        [
+            "bash",
+            str(SUBMIT),
+            "--pretrain-config",
+            "cfg.yaml",
+            "--table",
+            str(table),
+            "--report-out",
+            "rep",
+            "--log-dir",
+            "logs",
+            "--time",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     ids = dict(line.split() for line in r.stdout.splitlines() if not line.startswith("#"))
     assert list(ids) == ["pretrain", "adapt", "report"]
@@ -203,9 +336,27 @@ def test_report_after_any_runs_when_adaptation_rows_fail(jobs, tmp_path):
     table = tmp_path / "jobs.jsonl"
     table.write_text('{"row": 0}\n{"row": 1}\n')
     env = jobs.env(TPDS_TEST_FAIL="adapt")
-    r = subprocess.run(["bash", str(SUBMIT), "--table", str(table), "--report-out", "rep", "--report-after", "any",
-                        "--log-dir", "logs", "--time", "5"],
-                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    r = subprocess.run(
+        [
+            "bash",
+            str(SUBMIT),
+            "--table",
+            str(table),
+            "--report-out",
+            "rep",
+            "--report-after",
+            "any",
+            "--log-dir",
+            "logs",
+            "--time",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     ids = dict(line.split() for line in r.stdout.splitlines() if not line.startswith("#"))
     assert list(ids) == ["adapt", "report"]
@@ -224,9 +375,27 @@ def test_grid_pipeline_without_upstream_jobs_does_not_race(jobs, tmp_path):
     written its argument file."""
     grid = tmp_path / "grid.yaml"
     grid.write_text("methods: []\n")
-    r = subprocess.run(["bash", str(SUBMIT), "--grid", str(grid), "--sweep-out", "sweep", "--report-out", "report",
-                        "--log-dir", "logs", "--time", "5"],
-                       capture_output=True, text=True, cwd=tmp_path, env=jobs.env(TPDS_TEST_ROWS="2"), timeout=60)
+    r = subprocess.run(
+        [
+            "bash",
+            str(SUBMIT),
+            "--grid",
+            str(grid),
+            "--sweep-out",
+            "sweep",
+            "--report-out",
+            "report",
+            "--log-dir",
+            "logs",
+            "--time",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=jobs.env(TPDS_TEST_ROWS="2"),
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     ids = dict(line.split() for line in r.stdout.splitlines() if not line.startswith("#"))
     assert list(ids) == ["sweep", "report"]

@@ -54,9 +54,16 @@ pytestmark = pytest.mark.slow
 SUBMIT = SLURM_DIR / "submit_pipeline.sh"
 TINY = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
 STEPS = 40
-SIGNAL_AT = 6            # the time-limit signal goes to the batch shell once step >= SIGNAL_AT is logged
-PRETRAIN_ARGS = [f"train.steps={STEPS}", "train.eval_every=0", "train.save_every=0", "train.log_every=1",
-                 "train.progress_bar=false", "train.heatmap_max_layers=0", "data.val_max_samples=100"]
+SIGNAL_AT = 6  # the time-limit signal goes to the batch shell once step >= SIGNAL_AT is logged
+PRETRAIN_ARGS = [
+    f"train.steps={STEPS}",
+    "train.eval_every=0",
+    "train.save_every=0",
+    "train.log_every=1",
+    "train.progress_bar=false",
+    "train.heatmap_max_layers=0",
+    "data.val_max_samples=100",
+]
 PREP_ARGS = ["--mixture", "embedded", "--source", "embedded", "--tokenizer", "embedded"]
 # paths relative to the grid file, so the same grid serves both pipelines
 GRID = """\
@@ -73,8 +80,13 @@ KILLED_ROW = 0
 
 def _env(**extra: str) -> dict[str, str]:
     """What both pipelines share: this tree first on the path, DeepSpeed on CPU, one thread per process."""
-    env = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     env.update(extra)
     return env
 
@@ -106,8 +118,15 @@ class DirectPipeline(threading.Thread):
     def _stage(self, what: str, cmd: list[str], env: dict[str, str], timeout: float) -> None:
         if self._stopped:
             raise RuntimeError("stopped")
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                      cwd=self.out, start_new_session=True)
+        self._proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=self.out,
+            start_new_session=True,
+        )
         out, err = self._proc.communicate(timeout=timeout)
         code = self._proc.returncode
         assert code == 0, f"direct {what} exited {code}:\n{out[-3000:]}\n{err[-5000:]}"
@@ -122,15 +141,49 @@ class DirectPipeline(threading.Thread):
         cli = [sys.executable, "-m", "launch.cli"]
         try:
             self._stage("prep", [*cli, "prep", *PREP_ARGS, "--out", str(out / "data")], env, 300)
-            self._stage("pretrain", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                     "--master_port", str(free_port()), str(REPO / "launch" / "pretrain.py"),
-                                     "--config", str(TINY), "--resume", "auto", f"data.dir={out / 'data'}",
-                                     f"run.dir={out / 'pretrain'}", *PRETRAIN_ARGS], env, 600)
-            self._stage("sweep", [*cli, "sweep", "--grid", str(out / "grid.yaml"), "--out", str(out / "sweep"),
-                                  "--workers", "2", "--threads-per-job", "1"], env, 600)
-            self._stage("report", [*cli, "report", str(out / "sweep"), "--out", str(out / "report"), "--strict"],
-                        env, 300)
-        except Exception as err:   # re-raised in the test's thread by result()
+            self._stage(
+                "pretrain",
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nproc_per_node",
+                    "2",
+                    "--master_port",
+                    str(free_port()),
+                    str(REPO / "launch" / "pretrain.py"),
+                    "--config",
+                    str(TINY),
+                    "--resume",
+                    "auto",
+                    f"data.dir={out / 'data'}",
+                    f"run.dir={out / 'pretrain'}",
+                    *PRETRAIN_ARGS,
+                ],
+                env,
+                600,
+            )
+            self._stage(
+                "sweep",
+                [
+                    *cli,
+                    "sweep",
+                    "--grid",
+                    str(out / "grid.yaml"),
+                    "--out",
+                    str(out / "sweep"),
+                    "--workers",
+                    "2",
+                    "--threads-per-job",
+                    "1",
+                ],
+                env,
+                600,
+            )
+            self._stage(
+                "report", [*cli, "report", str(out / "sweep"), "--out", str(out / "report"), "--strict"], env, 300
+            )
+        except Exception as err:  # re-raised in the test's thread by result()
             self.error = err
 
     def stop(self) -> None:
@@ -146,8 +199,14 @@ class DirectPipeline(threading.Thread):
 
 
 def _submit(jobs, cwd: Path, env: dict[str, str], *args: str) -> dict[str, str]:
-    r = subprocess.run(["bash", str(SUBMIT), "--log-dir", "logs", "--time", "20", *args], capture_output=True,
-                       text=True, cwd=cwd, env=env, timeout=60)
+    r = subprocess.run(
+        ["bash", str(SUBMIT), "--log-dir", "logs", "--time", "20", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     ids = dict(line.split() for line in r.stdout.splitlines() if not line.startswith("#"))
     for job in ids.values():
@@ -167,8 +226,9 @@ def _wait_while_running(jobs, job_id: str, ready, timeout: float, what: str):
         shown = jobs.show(job_id)
         if shown and all(s.get("JobState") in TERMINAL for s in shown):
             value = ready()
-            assert value, (f"job {job_id} ended ({[s.get('JobState') for s in shown]}) before {what}\n"
-                           f"{jobs.logs()[-6000:]}")
+            assert value, (
+                f"job {job_id} ended ({[s.get('JobState') for s in shown]}) before {what}\n{jobs.logs()[-6000:]}"
+            )
         return value
 
     return jobs.wait_for(check, timeout, what)
@@ -203,9 +263,13 @@ def _rows(sweep: Path) -> dict[str, dict]:
         job_dir = Path(row["job"]["out_dir"])
         result = json.loads((job_dir / "result.json").read_text())
         assert result["status"] == "complete", (job_dir, result["status"])
-        out[row["id"]] = {"final": result["final"], "best": result["best"], "evaluations": result["evaluations"],
-                          "train_loss": result["train_loss"],
-                          "predictions": (job_dir / "predictions.jsonl").read_text()}
+        out[row["id"]] = {
+            "final": result["final"],
+            "best": result["best"],
+            "evaluations": result["evaluations"],
+            "train_loss": result["train_loss"],
+            "predictions": (job_dir / "predictions.jsonl").read_text(),
+        }
     return out
 
 
@@ -228,15 +292,46 @@ def test_real_pipeline_with_requeue_and_killed_task_equals_the_direct_run(jobs, 
         d.mkdir()
         (d / "grid.yaml").write_text(GRID)
     stages = ("prep", "pretrain", "sweep", "adapt", "report")
-    env = jobs.env(TPDS_CMD=f"{sys.executable} -m launch.cli", **{f"TPDS_{s.upper()}_CMD": "" for s in stages},
-                   **_env(TPDS_TORCH_EXT_SEED=str(ext), TPDS_SRUN_WAIT="120"))
+    env = jobs.env(
+        TPDS_CMD=f"{sys.executable} -m launch.cli",
+        **{f"TPDS_{s.upper()}_CMD": "" for s in stages},
+        **_env(TPDS_TORCH_EXT_SEED=str(ext), TPDS_SRUN_WAIT="120"),
+    )
     prep_args = [a for arg in [*PREP_ARGS, "--out", str(slurm_dir / "data")] for a in ("--prep-arg", arg)]
-    pretrain_args = [a for arg in [f"data.dir={slurm_dir / 'data'}", f"run.dir={slurm_dir / 'pretrain'}",
-                                   *PRETRAIN_ARGS] for a in ("--pretrain-arg", arg)]
-    ids = _submit(jobs, slurm_dir, env, *prep_args, "--prep-cpus", "1", "--pretrain-config", str(TINY), *pretrain_args,
-                  "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--grid", "grid.yaml",
-                  "--sweep-out", "sweep", "--parallel", "2", "--adapt-cpus", "1", "--report-out", "report",
-                  "--report-arg", "--strict")
+    pretrain_args = [
+        a
+        for arg in [f"data.dir={slurm_dir / 'data'}", f"run.dir={slurm_dir / 'pretrain'}", *PRETRAIN_ARGS]
+        for a in ("--pretrain-arg", arg)
+    ]
+    ids = _submit(
+        jobs,
+        slurm_dir,
+        env,
+        *prep_args,
+        "--prep-cpus",
+        "1",
+        "--pretrain-config",
+        str(TINY),
+        *pretrain_args,
+        "--nodes",
+        "2",
+        "--tasks-per-node",
+        "1",
+        "--cpus-per-task",
+        "1",
+        "--grid",
+        "grid.yaml",
+        "--sweep-out",
+        "sweep",
+        "--parallel",
+        "2",
+        "--adapt-cpus",
+        "1",
+        "--report-out",
+        "report",
+        "--report-arg",
+        "--strict",
+    )
     assert list(ids) == ["prep", "pretrain", "sweep", "report"]
     direct = DirectPipeline(direct_dir, ext)
     direct.start()
@@ -245,8 +340,10 @@ def test_real_pipeline_with_requeue_and_killed_task_equals_the_direct_run(jobs, 
         direct.result(600)
     finally:
         direct.stop()
-    print(f"\n[real pipeline] Slurm pipeline done {slurm_s:.0f}s, both done {time.monotonic() - t0:.0f}s "
-          f"after the start (pretrain stopped at step {stopped} of {STEPS})")
+    print(
+        f"\n[real pipeline] Slurm pipeline done {slurm_s:.0f}s, both done {time.monotonic() - t0:.0f}s "
+        f"after the start (pretrain stopped at step {stopped} of {STEPS})"
+    )
     _assert_same_numbers(slurm_dir, direct_dir)
 
 
@@ -257,41 +354,68 @@ def _slurm_side(jobs, slurm_dir: Path, env: dict[str, str], ids: dict[str, str])
 
     # 1. the time-limit signal mid-run -> checkpoint, exit 124, requeue, resume
     metrics = slurm_dir / "pretrain" / "metrics.jsonl"
-    _wait_while_running(jobs, ids["pretrain"], lambda: max(_train_steps(metrics), default=0) >= SIGNAL_AT, 400,
-                        f"pretrain step {SIGNAL_AT}")
+    _wait_while_running(
+        jobs,
+        ids["pretrain"],
+        lambda: max(_train_steps(metrics), default=0) >= SIGNAL_AT,
+        400,
+        f"pretrain step {SIGNAL_AT}",
+    )
     r = jobs.cluster.run(["scancel", "--signal=USR1", "--batch", ids["pretrain"]])
     assert r.returncode == 0, r.stderr
 
     # 2. SIGKILL one row's `adapt` while it runs
     table = slurm_dir / "sweep" / "jobs.jsonl"
     array_file = slurm_dir / "sweep" / "adapt_array.jobid"
-    array = _wait_while_running(jobs, ids["sweep"], lambda: array_file.exists() and array_file.read_text().strip(),
-                                600, "the sweep job's adapt array")
+    array = _wait_while_running(
+        jobs,
+        ids["sweep"],
+        lambda: array_file.exists() and array_file.read_text().strip(),
+        600,
+        "the sweep job's adapt array",
+    )
     jobs.track(array)
     killed_dir = Path(json.loads(table.read_text().splitlines()[KILLED_ROW])["job"]["out_dir"])
-    killed_pid = _wait_while_running(jobs, f"{array}_{KILLED_ROW}", lambda: _kill_adapt_of(killed_dir), 300,
-                                     f"row {KILLED_ROW}'s adapt process")
+    killed_pid = _wait_while_running(
+        jobs, f"{array}_{KILLED_ROW}", lambda: _kill_adapt_of(killed_dir), 300, f"row {KILLED_ROW}'s adapt process"
+    )
 
     (report,) = jobs.wait(ids["report"], 600)
-    assert report["JobState"] == "CANCELLED", (report, jobs.logs()[-6000:])   # afterok on a failed array
+    assert report["JobState"] == "CANCELLED", (report, jobs.logs()[-6000:])  # afterok on a failed array
     states = {s["ArrayTaskId"]: s["JobState"] for s in jobs.show(array)}
     assert states == {"0": "FAILED", "1": "COMPLETED", "2": "COMPLETED", "3": "COMPLETED"}, states
     (pre,) = jobs.show(ids["pretrain"])
     assert pre["JobState"] == "COMPLETED" and pre["Restarts"] == "1", pre
     log = (slurm_dir / "logs" / f"tpds-pretrain-{ids['pretrain']}.out").read_text()
-    (stopped,) = [int(line.split(" at step ")[1].split(":")[0]) for line in log.splitlines()
-                  if "stop requested (SIGUSR1) at step" in line]
+    (stopped,) = [
+        int(line.split(" at step ")[1].split(":")[0])
+        for line in log.splitlines()
+        if "stop requested (SIGUSR1) at step" in line
+    ]
     assert "exited with status 124" in log and f"requeuing job {ids['pretrain']} (restart 1)" in log, log[-4000:]
     resumed = [line for line in log.splitlines() if "[tensorpoly-ds] resumed from" in line]
     assert len(resumed) == 1 and resumed[0].endswith(f"/step_{stopped:08d} at step {stopped} on 2 rank(s)"), log[-4000:]
     steps = _train_steps(metrics)
-    assert steps == list(range(1, STEPS + 1)), steps   # each step once: the second run began after `stopped`
+    assert steps == list(range(1, STEPS + 1)), steps  # each step once: the second run began after `stopped`
     killed_log = (slurm_dir / "logs" / f"tpds-adapt-{array}_{KILLED_ROW}.out").read_text()
     assert f"exited with status {128 + signal.SIGKILL}" in killed_log, (killed_pid, killed_log[-3000:])
 
     # the documented recovery: resubmit the table (complete rows are skipped) and the report
-    again = _submit(jobs, slurm_dir, env, "--table", "sweep/jobs.jsonl", "--parallel", "2", "--adapt-cpus", "1",
-                    "--report-out", "report", "--report-arg", "--strict")
+    again = _submit(
+        jobs,
+        slurm_dir,
+        env,
+        "--table",
+        "sweep/jobs.jsonl",
+        "--parallel",
+        "2",
+        "--adapt-cpus",
+        "1",
+        "--report-out",
+        "report",
+        "--report-arg",
+        "--strict",
+    )
     assert list(again) == ["adapt", "report"]
     (report,) = jobs.wait(again["report"], 600)
     assert report["JobState"] == "COMPLETED", jobs.logs()[-6000:]

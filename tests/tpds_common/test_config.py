@@ -41,8 +41,9 @@ def test_unknown_key_in_a_section_names_file_key_and_valid_keys():
     naming neither file nor valid keys)."""
     with pytest.raises(ConfigError) as err:
         build(Train, {"steps": 3, "stepz": 4}, "train", {"train": "a.yaml"})
-    assert str(err.value) == ("a.yaml: unknown key 'train.stepz'; valid keys in 'train': "
-                              "fast, lr, name, out, seeds, steps, tags")
+    assert str(err.value) == (
+        "a.yaml: unknown key 'train.stepz'; valid keys in 'train': fast, lr, name, out, seeds, steps, tags"
+    )
 
 
 def test_unknown_keys_of_a_whole_file_are_all_named():
@@ -52,16 +53,19 @@ def test_unknown_keys_of_a_whole_file_are_all_named():
     assert str(err.value) == "f.yaml: unknown key(s) ['yy', 'zz']; valid keys: a, b"
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("steps", "ten", "expected an integer, got str"),
-    ("steps", True, "expected an integer, got bool"),      # a bool is an int in Python, never in a config
-    ("steps", 2.5, "expected an integer, got float"),
-    ("lr", "fast", "expected a number, got str"),
-    ("fast", "yes", "expected true/false, got str"),
-    ("name", 3, "expected a string or null, got int"),
-    ("seeds", [0, "one"], "expected an integer, got str"),
-    ("tags", "a,b", "expected a list, got str"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("steps", "ten", "expected an integer, got str"),
+        ("steps", True, "expected an integer, got bool"),  # a bool is an int in Python, never in a config
+        ("steps", 2.5, "expected an integer, got float"),
+        ("lr", "fast", "expected a number, got str"),
+        ("fast", "yes", "expected true/false, got str"),
+        ("name", 3, "expected a string or null, got int"),
+        ("seeds", [0, "one"], "expected an integer, got str"),
+        ("tags", "a,b", "expected a list, got str"),
+    ],
+)
 def test_wrong_types_are_refused_in_the_one_format(key, value, expected):
     """Mutations seen caught: `isinstance(value, bool)` dropped from the int check (True passed as 1), the
     element check of tuple[int, ...] removed (['0', 'one'] accepted)."""
@@ -94,12 +98,29 @@ def test_a_nested_key_is_named_by_the_file_that_set_it(tmp_path):
         build(Train, data["train"], "train", sources)
 
 
-@pytest.mark.parametrize("raw, value", [
-    ("1e-3", 1e-3), ("2E+5", 2e5), ("-1e-3", -1e-3), ("3.0e-3", 3e-3), ("1", 1), ("0.5", 0.5),
-    ("true", True), ("false", False), ("null", None), ("yes", "yes"), ("on", "on"), ("2024-01-02", "2024-01-02"),
-    ("[1, 2.5, x]", [1, 2.5, "x"]), ('{"rank": 2, "skills": 4}', {"rank": 2, "skills": 4}), ('"engine"', "engine"),
-    ("Poly x", "Poly x"), ("", ""), ("[unclosed", "[unclosed"),
-])
+@pytest.mark.parametrize(
+    "raw, value",
+    [
+        ("1e-3", 1e-3),
+        ("2E+5", 2e5),
+        ("-1e-3", -1e-3),
+        ("3.0e-3", 3e-3),
+        ("1", 1),
+        ("0.5", 0.5),
+        ("true", True),
+        ("false", False),
+        ("null", None),
+        ("yes", "yes"),
+        ("on", "on"),
+        ("2024-01-02", "2024-01-02"),
+        ("[1, 2.5, x]", [1, 2.5, "x"]),
+        ('{"rank": 2, "skills": 4}', {"rank": 2, "skills": 4}),
+        ('"engine"', "engine"),
+        ("Poly x", "Poly x"),
+        ("", ""),
+        ("[unclosed", "[unclosed"),
+    ],
+)
 def test_override_values_are_yaml_with_the_1_1_pitfalls_fixed(raw, value):
     """YAML (JSON included) with 1e-3 a float, only true/false booleans, dates kept as written; text that is
     not YAML stays a string. Mutation seen caught: parse_value with yaml.safe_load (1e-3 stayed the string
@@ -168,35 +189,62 @@ def _run_config(tmp_path):
 def _adapt_set(tmp_path):
     from launch.adapt import build_parser, resolve_job
 
-    resolve_job(build_parser().parse_args(["--method", "lora", "--task", "t", "--data", "d", "--out", "o",
-                                           "--set", "steps=many"]))
+    resolve_job(
+        build_parser().parse_args(
+            ["--method", "lora", "--task", "t", "--data", "d", "--out", "o", "--set", "steps=many"]
+        )
+    )
 
 
 def _replicate(tmp_path):
     from tensorpoly_ds.replicate.config import load_config
 
-    load_config(_write(tmp_path / "r.yaml", {"variants": [{"name": "np", "mixture": "latent_skills_noprompt"}],
-                                             "methods": [{"label": "L", "adapter": {"method": "lora"}}],
-                                             "adapt": {"steps": "many"}}))
+    load_config(
+        _write(
+            tmp_path / "r.yaml",
+            {
+                "variants": [{"name": "np", "mixture": "latent_skills_noprompt"}],
+                "methods": [{"label": "L", "adapter": {"method": "lora"}}],
+                "adapt": {"steps": "many"},
+            },
+        )
+    )
 
 
 def _grid(tmp_path):
     from tensorpoly_ds.adapt.table import expand_grid
 
-    expand_grid({"base": {"steps": "many", "data_dir": "d"}, "methods": [{"label": "F", "method": "fullft"}],
-                 "tasks": ["t"]}, tmp_path, source="grid.yaml")
+    expand_grid(
+        {"base": {"steps": "many", "data_dir": "d"}, "methods": [{"label": "F", "method": "fullft"}], "tasks": ["t"]},
+        tmp_path,
+        source="grid.yaml",
+    )
 
 
 def _prep(tmp_path):
     from data_prep.pipeline import load_prep_config
 
-    load_prep_config([_write(tmp_path / "prep.yaml", {"mixture": "embedded", "source": "embedded",
-                                                      "tokenizer": "embedded", "out": "d",
-                                                      "num_shards": "many"})])
+    load_prep_config(
+        [
+            _write(
+                tmp_path / "prep.yaml",
+                {
+                    "mixture": "embedded",
+                    "source": "embedded",
+                    "tokenizer": "embedded",
+                    "out": "d",
+                    "num_shards": "many",
+                },
+            )
+        ]
+    )
 
 
-@pytest.mark.parametrize("front", [_run_config, _adapt_set, _replicate, _grid, _prep],
-                         ids=["run config", "adapt --set", "replicate", "sweep grid", "prep config"])
+@pytest.mark.parametrize(
+    "front",
+    [_run_config, _adapt_set, _replicate, _grid, _prep],
+    ids=["run config", "adapt --set", "replicate", "sweep grid", "prep config"],
+)
 def test_every_front_end_reports_a_wrong_type_in_the_one_format(tmp_path, front):
     """Run configs, adaptation jobs (--set), replicate configs, sweep grids and prep configs all say
     `<where>: key '<key>' = <value>: expected <what>, got <type>`, with a ConfigError-compatible ValueError.

@@ -24,14 +24,20 @@ from tpds_common.locking import LockHeld
 def _raising(exc):
     def main(argv):
         raise exc
+
     return main
 
 
-@pytest.mark.parametrize("exc, code", [(ConfigError("run.dir: 'x' is not empty"), EXIT_USAGE),
-                                       (DataError("row 5: bad"), EXIT_USAGE),
-                                       (CheckpointError("step_3: missing"), EXIT_USAGE),
-                                       (BusyError("held by pid 7"), EXIT_BUSY),
-                                       (JobFailed("pretraining failed for ['lr_0.001']"), EXIT_FAILED)])
+@pytest.mark.parametrize(
+    "exc, code",
+    [
+        (ConfigError("run.dir: 'x' is not empty"), EXIT_USAGE),
+        (DataError("row 5: bad"), EXIT_USAGE),
+        (CheckpointError("step_3: missing"), EXIT_USAGE),
+        (BusyError("held by pid 7"), EXIT_BUSY),
+        (JobFailed("pretraining failed for ['lr_0.001']"), EXIT_FAILED),
+    ],
+)
 def test_user_errors_map_to_their_exit_codes(exc, code, capsys):
     assert report_user_errors("tool", _raising(exc)) == code
     assert capsys.readouterr().err == f"tool: {exc}\n"

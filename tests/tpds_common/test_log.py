@@ -96,11 +96,12 @@ def test_each_line_carries_rank_and_component_on_a_multi_rank_world():
     setup_logging(logging.INFO, rank=0, world=1, stream=single)
     get_logger("prep").info("wrote x")
     assert _lines(multi) == ["[rank 0] [sweep] row 3: done", "second line", "[rank 0] no component"]
-    assert _lines(single) == ["[prep] wrote x"]   # one process: the lines read as they did before
+    assert _lines(single) == ["[prep] wrote x"]  # one process: the lines read as they did before
 
 
-@pytest.mark.parametrize("env", [{"RANK": "1", "WORLD_SIZE": "2"}, {"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}],
-                         ids=["torchrun", "srun"])
+@pytest.mark.parametrize(
+    "env", [{"RANK": "1", "WORLD_SIZE": "2"}, {"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}], ids=["torchrun", "srun"]
+)
 def test_rank_and_world_come_from_the_launcher_variables(monkeypatch, env):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -126,7 +127,7 @@ def test_verbose_shows_debug():
     setup_logging(_parsed("--verbose").log_level, stream=buf)
     _emit_all()
     assert _lines(buf) == ["[replicate] a debug line", "[replicate] an info line", "[replicate] a warning line"]
-    with pytest.raises(SystemExit):   # one level: the two flags exclude each other
+    with pytest.raises(SystemExit):  # one level: the two flags exclude each other
         _parsed("--quiet", "--verbose")
 
 
@@ -155,7 +156,7 @@ def test_progress_bars_off_when_stderr_is_not_a_terminal(monkeypatch):
     assert progress(range(2), rank=0).disable
     monkeypatch.setattr(sys, "stderr", _Stream(tty=True))
     assert progress_enabled(rank=0) and not progress(range(2), rank=0).disable
-    monkeypatch.setenv("TPDS_PROGRESS", "0")   # asked not to, even on a terminal
+    monkeypatch.setenv("TPDS_PROGRESS", "0")  # asked not to, even on a terminal
     assert not progress_enabled(rank=0)
 
 
@@ -164,7 +165,7 @@ def test_progress_bars_never_on_other_ranks(monkeypatch):
     monkeypatch.setenv("TPDS_PROGRESS", "1")
     setup_logging(progress=True, rank=1, world=2)
     assert not progress_enabled(rank=1) and progress(range(2), rank=1).disable
-    monkeypatch.setenv("RANK", "1")   # the rank from the launcher when not given
+    monkeypatch.setenv("RANK", "1")  # the rank from the launcher when not given
     assert progress(range(2)).disable
 
 
@@ -175,7 +176,7 @@ def test_progress_bars_on_when_asked(monkeypatch):
     monkeypatch.delenv("TPDS_PROGRESS")
     setup_from_args(_parsed("--progress"))
     assert progress_enabled(rank=0)
-    assert progress(range(2), rank=0, disable=True).disable   # a caller's own disable=True still wins
+    assert progress(range(2), rank=0, disable=True).disable  # a caller's own disable=True still wins
 
 
 def test_capture_sees_info_under_quiet_without_unquieting():
@@ -190,9 +191,27 @@ def test_capture_sees_info_under_quiet_without_unquieting():
 
 
 def _prep(out: Path, *flags: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launch.cli", *flags, "prep", "--mixture", "embedded", "--source", "embedded",
-           "--tokenizer", "embedded", "--cap-per-template", "10", "--val-per-template", "5", "--num-shards", "1",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        *flags,
+        "prep",
+        "--mixture",
+        "embedded",
+        "--source",
+        "embedded",
+        "--tokenizer",
+        "embedded",
+        "--cap-per-template",
+        "10",
+        "--val-per-template",
+        "5",
+        "--num-shards",
+        "1",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "TPDS_PROGRESS"):
         env.pop(var, None)
@@ -205,7 +224,7 @@ def test_quiet_silences_a_real_entry_points_info_lines(tmp_path):
     loud = _prep(tmp_path / "loud")
     assert loud.returncode == 0, loud.stderr[-3000:]
     assert f"[prep] wrote {tmp_path / 'loud'}: " in loud.stderr and loud.stdout == ""
-    assert "Preparing configs" not in loud.stderr   # the tqdm bar's label: stderr is a pipe here
+    assert "Preparing configs" not in loud.stderr  # the tqdm bar's label: stderr is a pipe here
     quiet = _prep(tmp_path / "quiet", "--quiet")
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     assert "[prep]" not in quiet.stderr and "wrote" not in quiet.stderr and quiet.stdout == "", quiet.stderr
@@ -216,8 +235,11 @@ def _calls(module: str) -> set[str]:
     import ast
 
     tree = ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text())
-    return {node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
-            for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    return {
+        node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+    }
 
 
 def test_every_entry_point_takes_the_shared_flags():
@@ -247,7 +269,7 @@ def test_the_dispatcher_passes_leading_flags_on(capsys):
     from launch.cli import main
 
     assert main(["--quiet", "params", "--model", "tiny", "--method", "lora", "--json"]) == 0
-    assert '"modules"' in capsys.readouterr().out   # the command's result: stdout, whatever the level
+    assert '"modules"' in capsys.readouterr().out  # the command's result: stdout, whatever the level
     assert logging.getLogger("tpds").level == logging.WARNING
     with pytest.raises(SystemExit):
         main(["--quiet", "--verbose", "params", "--model", "tiny", "--method", "lora"])

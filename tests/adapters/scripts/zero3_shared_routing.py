@@ -35,23 +35,29 @@ def train(out_dir: str, stage: int, routing: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    random.seed(1000 + rank)   # random routing draws per rank (the engine seeds every rank like this)
+    random.seed(1000 + rank)  # random routing draws per rank (the engine seeds every rank like this)
     model = T5ForConditionalGeneration(t5_config("tiny", vocab_size=64))
     if routing == "gain":
-        cfg = AdapterConfig(method="tensorpoly_i", rank=2, tensor_rank=3, layernorm=True, output_gain=True,
-                            routing_granularity="model")
+        cfg = AdapterConfig(
+            method="tensorpoly_i", rank=2, tensor_rank=3, layernorm=True, output_gain=True, routing_granularity="model"
+        )
     else:
         cfg = AdapterConfig(method="poly", skills=3, rank=2, routing_granularity="model", routing=routing)
     inject_adapters(model, cfg, num_tasks=4)
     with torch.no_grad():  # non-zero B so the routing receives gradient from the first step
         for name, p in model.named_parameters():
-            if p.requires_grad and not name.endswith("output_gain"):   # the gain starts at its zero init
+            if p.requires_grad and not name.endswith("output_gain"):  # the gain starts at its zero init
                 p.add_(0.05 * torch.randn_like(p))
     groups = adapter_param_groups(model)
     global_batch, micro = 8, 8 // world
-    ds_config = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro,
-                 "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-                 "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True}
+    ds_config = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "gradient_clipping": 1.0,
+        "zero_allow_untested_optimizer": True,
+    }
     # Plain SGD: updates are linear in the gradients, so one rank and two ranks agree to float
     # precision (Adam would amplify rounding noise in near-zero gradients).
     optimizer = torch.optim.SGD([{"params": groups["modules"], "lr": 0.5}, {"params": groups["routing"], "lr": 2.0}])
@@ -75,7 +81,7 @@ def train(out_dir: str, stage: int, routing: str) -> None:
     gather = None
     if stage == 3:
         gather = lambda: deepspeed.zero.GatheredParameters(list(engine.module.parameters()))  # noqa: E731
-    with (gather() if gather else torch.no_grad()):
+    with gather() if gather else torch.no_grad():
         if rank == 0:
             export_adapters(engine.module, out_dir, tasks=["a", "b", "c", "d"])
     if rank == 0:
@@ -95,4 +101,4 @@ if __name__ == "__main__":
     main(sys.argv[1], *sys.argv[2:])
     from tensorpoly_ds.engine.distributed import shutdown_distributed
 
-    shutdown_distributed()   # the group came from deepspeed, not init_distributed, whose atexit hook does this
+    shutdown_distributed()  # the group came from deepspeed, not init_distributed, whose atexit hook does this
