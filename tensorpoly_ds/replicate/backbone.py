@@ -106,49 +106,10 @@ def plot_curves(curves: dict[str, dict], path: Path, title: str) -> Path:
     return path
 
 
-def train_backbone(
-    section: BackboneSection, data_dir: Path, cache: Path, *, threads: int = 1, train_now: bool = True
-) -> Path:
-    """Train (or find in the cache) the T5-LM analogue for the tokenizer of `data_dir`; returns the
-    directory of the exported checkpoint (config.json + model.safetensors)."""
-    import datasets
-    import torch
-    from transformers import T5ForConditionalGeneration
-
-    from data_prep.manifest import load_tokenizer, read_manifest
-
-    from ..engine.checkpoint import seed_all
+def backbone_sections(section: BackboneSection):
+    """The optim, train and deepspeed sections of the backbone's run (a full fine-tune, ZeRO-0, fp32)."""
     from ..engine.config import DeepSpeedSection, OptimSection, TrainSection
-    from ..engine.trainer import train
-    from ..models import t5_config
 
-    tok_info = read_manifest(data_dir).tokenizer
-    key = backbone_key(section, tok_info.get("sha256", ""), int(tok_info["vocab_size"]))
-    root = cache / f"backbone-{key}"
-    export = root / "export"
-    if (root / DONE_FILE).is_file() and (export / "config.json").is_file():
-        log.info(f"backbone {root}: cached")
-        return export
-    if not train_now:
-        raise JobFailed(f"no trained backbone at {root}: run the 'backbone' stage first")
-    tokenizer = load_tokenizer(data_dir)
-    features = datasets.Features(
-        {
-            "task_id": datasets.Value("int32"),
-            "input_ids": datasets.List(datasets.Value("int32")),
-            "target_ids": datasets.List(datasets.Value("int32")),
-        }
-    )
-    rows = datasets.Dataset.from_dict(
-        denoising_rows(tokenizer, section, section.corpus_size, section.seed), features=features
-    )
-    val = datasets.Dataset.from_dict(
-        denoising_rows(tokenizer, section, section.val_size, section.seed + 1), features=features
-    )
-    torch.set_num_threads(threads)
-    seed_all(section.seed)
-    config = t5_config(section.arch, vocab_size=int(tok_info["vocab_size"]), **section.arch_overrides)
-    model = T5ForConditionalGeneration(config)
     optim = OptimSection(name="adamw", lr=section.lr, warmup_ratio=section.warmup_ratio, schedule="linear", clip=1.0)
     tr = TrainSection(
         steps=section.steps,
@@ -162,6 +123,38 @@ def train_backbone(
         heatmap_max_layers=0,
         log_every=50,
     )
+    return optim, tr, DeepSpeedSection(zero_stage=0, precision="fp32")
+
+
+def train_backbone(
+    section: BackboneSection, data_dir: Path, cache: Path, *, threads: int = 1, train_now: bool = True
+) -> Path:
+    """Train (or find in the cache) the T5-LM analogue for the tokenizer of `data_dir`; returns the
+    directory of the exported checkpoint (config.json + model.safetensors)."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from data_prep.manifest import load_tokenizer, read_manifest
+
+    from ..engine.checkpoint import seed_all
+    from ..engine.trainer import train
+    from ..models import t5_config
+
+    tok_info = read_manifest(data_dir).tokenizer
+    key = backbone_key(section, tok_info.get("sha256", ""), int(tok_info["vocab_size"]))
+    root = cache / f"backbone-{key}"
+    export = root / "export"
+    if (root / DONE_FILE).is_file() and (export / "config.json").is_file():
+        log.info(f"backbone {root}: cached")
+        return export
+    if not train_now:
+        raise JobFailed(f"no trained backbone at {root}: run the 'backbone' stage first")
+    rows, val = denoising_datasets(load_tokenizer(data_dir), section)
+    torch.set_num_threads(threads)
+    seed_all(section.seed)
+    config = t5_config(section.arch, vocab_size=int(tok_info["vocab_size"]), **section.arch_overrides)
+    model = T5ForConditionalGeneration(config)
+    optim, tr, ds = backbone_sections(section)
     log.info(
         f"backbone {root}: training {section.arch} ({sum(p.numel() for p in model.parameters()):,} "
         f"parameters) for {section.steps} steps on {section.corpus_size} generic sequences"
@@ -171,7 +164,7 @@ def train_backbone(
         rows,
         optim=optim,
         train=tr,
-        deepspeed=DeepSpeedSection(zero_stage=0, precision="fp32"),
+        deepspeed=ds,
         run_dir=root,
         tasks=[TASK_NAME],
         val_rows=val,
@@ -181,6 +174,32 @@ def train_backbone(
     )
     if result.status != "done":
         raise KeyboardInterrupt(f"backbone training stopped at step {result.step} (rerun to resume)")
+    _record_done(section, root, key, export)
+    return export
+
+
+def denoising_datasets(tokenizer, section: BackboneSection):
+    """The training and validation splits (datasets.Dataset) of the denoising corpus."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "task_id": datasets.Value("int32"),
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "target_ids": datasets.List(datasets.Value("int32")),
+        }
+    )
+    rows = datasets.Dataset.from_dict(
+        denoising_rows(tokenizer, section, section.corpus_size, section.seed), features=features
+    )
+    val = datasets.Dataset.from_dict(
+        denoising_rows(tokenizer, section, section.val_size, section.seed + 1), features=features
+    )
+    return rows, val
+
+
+def _record_done(section: BackboneSection, root: Path, key: str, export: Path) -> None:
+    """The loss curve (JSON and PNG), then DONE_FILE, which makes the export a cache hit; checkpoints go."""
     curve = loss_curve(root)
     (root / "loss_curve.json").write_text(json.dumps(curve))
     plot_curves(
@@ -198,4 +217,3 @@ def train_backbone(
         },
     )
     shutil.rmtree(root / "checkpoints", ignore_errors=True)  # the export is what later stages need
-    return export
