@@ -48,7 +48,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from . import elastic
 from .checkpoint import seed_all
-from .config import DeepSpeedSection, OptimSection, RunConfigError, TrainSection
+from .config import DataSection, DeepSpeedSection, OptimSection, RunConfigError, TrainSection
 from .data import IGNORE_INDEX, TrainStream, collate, eval_batches
 from .ds_config import fill_sections, save_json
 from .effective import ActivationDtype, describe_engine
@@ -258,6 +258,19 @@ class DataOptions:
     val_max_samples: int | None = None
     batching: str = "random"
     group_size: int = 4
+
+    @classmethod
+    def of(cls, section: DataSection, eos_id: int) -> DataOptions:
+        """A run config's data section (everything but its `dir`) and the tokenizer's end-of-sequence id."""
+        return cls(
+            max_input_len=section.max_input_len,
+            max_target_len=section.max_target_len,
+            eos_id=eos_id,
+            eval_micro_batch=section.eval_micro_batch,
+            val_max_samples=section.val_max_samples,
+            batching=section.batching,
+            group_size=section.group_size,
+        )
 
 
 def train(

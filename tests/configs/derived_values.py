@@ -180,15 +180,11 @@ def _fake_searches(cfg, stages) -> dict:
 
 
 def _backbone_run(section) -> dict:
-    """The sections the backbone's training run hands the engine (replicate.backbone.backbone_sections)."""
-    from tensorpoly_ds.replicate.backbone import backbone_sections
+    """The sections the backbone's training run hands the engine (replicate.backbone.backbone_run_config)."""
+    from tensorpoly_ds.replicate.backbone import backbone_run_config
 
-    optim, train, deepspeed = backbone_sections(section)
-    return {
-        "optim": dataclasses.asdict(optim),
-        "train": dataclasses.asdict(train),
-        "deepspeed": dataclasses.asdict(deepspeed),
-    }
+    run = backbone_run_config(section, 123, Path("backbone"))
+    return {name: dataclasses.asdict(getattr(run, name)) for name in ("optim", "train", "deepspeed")}
 
 
 def replicate_values(path: Path, root: Path) -> dict:
