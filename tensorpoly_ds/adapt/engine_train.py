@@ -1,4 +1,4 @@
-"""Adaptation on the DeepSpeed backend of the training loop (tensorpoly_ds.engine.trainer.Trainer via train()).
+"""Adaptation on the DeepSpeed backend of the training loop (tensorpoly_ds.engine.trainer.Trainer).
 
 The engine owns the optimizer (Adafactor param groups), the schedule, clipping, ZeRO and the ranks; this
 module supplies the hooks: a collate function for choice batches, the T-Few loss, the per-example
@@ -174,7 +174,7 @@ def _prepare_zero3(job, model: nn.Module, steps: int) -> None:
 
 def _multitask_phase(job, net: nn.Module, world: int, data_dir: str, run_dir: Path, resume: str):
     """Multi-task steps on the variant's training split (token-mean LM loss) before the few shots."""
-    from ..engine.trainer import TrainHooks, train
+    from ..engine.trainer import Trainer, TrainHooks
     from .job import load_rows
 
     mt_rows = _Rows(load_rows(data_dir, "train"))
@@ -182,9 +182,9 @@ def _multitask_phase(job, net: nn.Module, world: int, data_dir: str, run_dir: Pa
     optim.lr = optim.module_lr = job.multitask_lr or job.lr
     tr.eval_at_end = False
     hooks = TrainHooks(collate_fn=lambda rows: collate_lm(rows, 0))  # default loss: token-mean LM
-    return train(
-        net, mt_rows, optim=optim, train=tr, deepspeed=ds, run_dir=run_dir, tasks=[job.task], hooks=hooks, resume=resume
-    )
+    return Trainer(
+        net, mt_rows, optim=optim, train=tr, deepspeed=ds, run_dir=run_dir, tasks=[job.task], hooks=hooks
+    ).run(resume)
 
 
 def _fewshot_phase(
@@ -199,7 +199,7 @@ def _fewshot_phase(
     resume: str,
 ):
     """The few-shot steps: T-Few loss, example-mean normaliser, the job's evaluation every eval_every steps."""
-    from ..engine.trainer import TrainHooks, train
+    from ..engine.trainer import Trainer, TrainHooks
 
     optim, tr, ds = _sections(job, steps, world, job.batch_size, job.eval_every)
     if len(train_rows) < job.batch_size:
@@ -211,17 +211,9 @@ def _fewshot_phase(
         collate_fn=choice_collate,
         eval_fn=lambda engine, step: run_eval(engine, step),
     )
-    return train(
-        net,
-        _Rows(train_rows),
-        optim=optim,
-        train=tr,
-        deepspeed=ds,
-        run_dir=run_dir,
-        tasks=[job.task],
-        hooks=hooks,
-        resume=resume,
-    )
+    return Trainer(
+        net, _Rows(train_rows), optim=optim, train=tr, deepspeed=ds, run_dir=run_dir, tasks=[job.task], hooks=hooks
+    ).run(resume)
 
 
 def _gather_for(net) -> Callable | None:
