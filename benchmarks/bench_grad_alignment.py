@@ -80,7 +80,7 @@ def bench(
     from tensorpoly_ds.adapters import AdapterConfig, inject_adapters
     from tensorpoly_ds.engine.config import DeepSpeedSection, OptimSection, TrainSection
     from tensorpoly_ds.engine.data import PreparedData
-    from tensorpoly_ds.engine.trainer import train
+    from tensorpoly_ds.engine.trainer import Trainer
     from tensorpoly_ds.models import t5_config
 
     data = PreparedData.open(data_dir)
@@ -104,7 +104,7 @@ def bench(
         grad_alignment_tasks=probed,
         grad_alignment_rows=rows,
     )
-    train(
+    Trainer(
         model,
         data.split("train"),
         run_dir=run_dir,
@@ -112,7 +112,7 @@ def bench(
         train=tr,
         optim=OptimSection(name="adamw", module_lr=1e-3, routing_lr=1e-2),
         deepspeed=DeepSpeedSection(zero_stage=0, precision="fp32"),
-    )
+    ).run()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     step_s = statistics.median(r["perf/step_time_s"] for r in records if r["kind"] == "train" and r["step"] > 1)
     probes = [r["perf/grad_alignment_s"] for r in records if r["kind"] == "grad_alignment"]

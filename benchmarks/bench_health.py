@@ -61,7 +61,7 @@ def run(
 
     from tensorpoly_ds.adapters import AdapterConfig, inject_adapters
     from tensorpoly_ds.engine.config import DeepSpeedSection, OptimSection, TrainSection
-    from tensorpoly_ds.engine.trainer import train
+    from tensorpoly_ds.engine.trainer import DataOptions, Trainer
     from tensorpoly_ds.models import t5_config
 
     torch.manual_seed(0)
@@ -82,17 +82,17 @@ def run(
         heatmap_max_layers=0,
         adapter_health=health,
     )
-    train(
+    Trainer(
         model,
         data.split("train"),
         run_dir=run_dir,
         tasks=data.tasks,
         train=tr,
         val_rows=data.split("val") if eval_every else None,
-        val_max_samples=val_rows,
+        data=DataOptions(val_max_samples=val_rows),
         optim=OptimSection(name="adamw", module_lr=module_lr, routing_lr=0.1, warmup_ratio=0.06),
         deepspeed=DeepSpeedSection(zero_stage=0, precision="fp32"),
-    )
+    ).run()
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -53,7 +53,7 @@ def time_pretrain(data_dir: Path, work: Path) -> dict:
     from tensorpoly_ds.adapters import AdapterConfig, inject_adapters
     from tensorpoly_ds.engine.config import DeepSpeedSection, OptimSection, TrainSection
     from tensorpoly_ds.engine.data import PreparedData
-    from tensorpoly_ds.engine.trainer import TrainHooks, train
+    from tensorpoly_ds.engine.trainer import Trainer, TrainHooks
     from tensorpoly_ds.models import t5_config
 
     data = PreparedData.open(data_dir)
@@ -76,7 +76,7 @@ def time_pretrain(data_dir: Path, work: Path) -> dict:
         heatmap_max_layers=0,
     )
     t0 = time.perf_counter()
-    train(
+    Trainer(
         model,
         data.split("train"),
         run_dir=work / "pretrain",
@@ -85,7 +85,7 @@ def time_pretrain(data_dir: Path, work: Path) -> dict:
         optim=OptimSection(name="adamw", module_lr=1e-2, routing_lr=0.1, warmup_ratio=0.06, clip=1.0),
         deepspeed=DeepSpeedSection(zero_stage=0, precision="fp32"),
         hooks=TrainHooks(on_step=lambda step, metrics: stamps.append(time.perf_counter())),
-    )
+    ).run()
     steps = [b - a for a, b in zip(stamps[WARMUP_STEPS - 1 :], stamps[WARMUP_STEPS:])]
     return {"step_s": statistics.median(steps), "run_s": time.perf_counter() - t0}
 

@@ -228,7 +228,7 @@ def adapt_part(data: Path, export: Path, work: Path) -> dict:
     for name, case in ADAPT_CASES.items():
         out = work / name
         job = AdaptJob(out_dir=str(out), data_dir=str(data), task=task, export=str(export), **{**ADAPT_BASE, **case})
-        result = run_job(job, log=lambda s: None)
+        result = run_job(job)  # its messages go to the project logger (stderr)
         if result["status"] != "complete":
             raise SystemExit(f"{name}: status {result['status']}")
         digest[name] = adapt_digest(out)

@@ -206,8 +206,32 @@ class Worker:
         return stats
 
     def _held_out(self, job: HeldOutPart, tmp: Path) -> dict:
+        """The evaluation rows of every template, then the few-shot rows each seed samples from the pool."""
         empty: list[str] = []
         skipped: dict[str, dict] = {}
+        eval_stats, eval_ids = self._write_eval(job, tmp, empty, skipped)
+        pool = self._scan_pool(job, empty, skipped)
+        cands = _few_shot_candidates(job, pool, eval_ids)
+        picks = {s: fewshot.sample(job.task, s, sorted(cands), job.k) for s in job.seeds}
+        few_cut = self._write_few(job, tmp, pool, set().union(*picks.values()))
+        return {
+            "eval": eval_stats,
+            "skipped": skipped,
+            "empty": empty,
+            "few_shot": {
+                "k": job.k,
+                "seeds": list(job.seeds),
+                "source_split": dict(job.pool_sfs)[job.pool_sfs[0][0]].split,
+                "templates": pool.templates,
+                "templates_excluded": [t for t, _ in job.pool_sfs if t not in pool.templates],
+                "candidates": len(cands),
+                "example_ids": {str(s): ids for s, ids in picks.items()},
+            },
+            "few_truncated": {"input": few_cut["input"], "target": few_cut["target"]},
+        }
+
+    def _write_eval(self, job: HeldOutPart, tmp: Path, empty: list, skipped: dict) -> tuple[dict, set[int]]:
+        """eval.arrow: every valid row of every template; its stats and the example ids it holds."""
         cut = Counter()
         out = _Stream(tmp / "eval.arrow", EVAL_SCHEMA)
         eval_ids: set[int] = set()
@@ -251,9 +275,10 @@ class Worker:
                 "no evaluation rows are left for this held-out task",
                 reason="empty",
             )
-        eval_stats = {"rows": out.rows, "examples": len(eval_ids), "truncated": dict(cut)}
+        return {"rows": out.rows, "examples": len(eval_ids), "truncated": dict(cut)}, eval_ids
 
-        # Few-shot pool: sizes and valid ids first (no text kept), then only the sampled rows.
+    def _scan_pool(self, job: HeldOutPart, empty: list, skipped: dict) -> _Pool:
+        """The few-shot pool's sizes and valid ids (no text kept), and which templates can give shots."""
         sizes, valid, readers = {}, {}, {}
         for template, sf in job.pool_sfs:
             readers[template] = reader = self.source.open(sf)
@@ -277,29 +302,17 @@ class Worker:
         # example_id is the row index inside a config; only templates rendering the full split
         # (same row count) index the same examples, so only those are used for few-shot rows.
         full = max(sizes.values()) if sizes else 0
-        pool = [t for t, _ in job.pool_sfs if sizes[t] == full and full > 0]
-        excluded = [t for t, _ in job.pool_sfs if t not in pool]
-        cands = set.intersection(*(valid[t] for t in pool)) if pool else set()
-        split_of = {t: sf.split for t, sf in job.pool_sfs}
-        eval_split = {sf.split for _, sf in job.eval_sfs}
-        if pool and split_of[pool[0]] in eval_split:  # same split: keep eval rows out of the shots
-            cands -= eval_ids
-        if not cands:
-            raise ReadError(
-                ", ".join(f for _, sf in job.pool_sfs for f in sf.files),
-                job.task,
-                "few-shot pool",
-                f"no usable few-shot candidates (templates with the full pool: {pool})",
-                reason="empty",
-            )
-        picks = {s: fewshot.sample(job.task, s, sorted(cands), job.k) for s in job.seeds}
-        needed = set().union(*picks.values())
+        templates = [t for t, _ in job.pool_sfs if sizes[t] == full and full > 0]
+        return _Pool(templates, full, valid, readers)
+
+    def _write_few(self, job: HeldOutPart, tmp: Path, pool: _Pool, needed: set) -> Counter:
+        """few.arrow: the sampled examples' rows of every pool template; returns the truncation counts."""
         few = _Stream(tmp / "few.arrow", FEW_SCHEMA)
         few_cut = Counter()
         sf_of = dict(job.pool_sfs)
-        for template in pool:
+        for template in pool.templates:
             for recs in validate_chunks(
-                readers[template].chunks(range(full)),
+                pool.readers[template].chunks(range(pool.full)),
                 sf_of[template].config,
                 sf_of[template].split,
                 Counter(),
@@ -325,21 +338,35 @@ class Worker:
                 few_cut["input"] += int(enc["input_truncated"].sum())
                 few_cut["target"] += int(enc["target_truncated"].sum())
         few.close()
-        return {
-            "eval": eval_stats,
-            "skipped": skipped,
-            "empty": empty,
-            "few_shot": {
-                "k": job.k,
-                "seeds": list(job.seeds),
-                "source_split": split_of[job.pool_sfs[0][0]],
-                "templates": pool,
-                "templates_excluded": excluded,
-                "candidates": len(cands),
-                "example_ids": {str(s): ids for s, ids in picks.items()},
-            },
-            "few_truncated": {"input": few_cut["input"], "target": few_cut["target"]},
-        }
+        return few_cut
+
+
+@dataclass
+class _Pool:
+    """A held-out task's few-shot pool after the scan: the templates that render the full split (`full` rows),
+    each template's valid example ids and its open reader."""
+
+    templates: list[str]
+    full: int
+    valid: dict[str, set]
+    readers: dict
+
+
+def _few_shot_candidates(job: HeldOutPart, pool: _Pool, eval_ids: set[int]) -> set:
+    """Example ids valid in every full template, minus the evaluation rows when the pool is the same split."""
+    cands = set.intersection(*(pool.valid[t] for t in pool.templates)) if pool.templates else set()
+    eval_split = {sf.split for _, sf in job.eval_sfs}
+    if pool.templates and dict(job.pool_sfs)[pool.templates[0]].split in eval_split:  # keep eval rows out of shots
+        cands -= eval_ids
+    if not cands:
+        raise ReadError(
+            ", ".join(f for _, sf in job.pool_sfs for f in sf.files),
+            job.task,
+            "few-shot pool",
+            f"no usable few-shot candidates (templates with the full pool: {pool.templates})",
+            reason="empty",
+        )
+    return cands
 
 
 # Worker-process plumbing: one Worker per process, built once by the pool initializer.

@@ -430,73 +430,97 @@ def _with_task(table: pa.Table, task: str) -> pa.Table:
     return table.add_column(0, "task_name", _const(task, table.num_rows, pa.string()))
 
 
-def _assemble(
-    cfg: PrepConfig, p: _Plan, jobs: list, results: dict, tok, tinfo, sources: dict, cache: PartCache, stage: Path
-) -> dict:
-    base = hashlib.sha256(json.dumps([cfg.output_args(), tinfo.sha256]).encode()).hexdigest()
-    tasks = [t.task for t in p.train]
-    train_jobs = [j for j in jobs if isinstance(j, TrainPart)]
-    if cfg.tokenizer == toklib.EMBEDDED:
-        tok.save_pretrained(str(stage / "tokenizer"))
-    shards = {}
-    counts = {"train": {}, "val": {}, "eval": {}, "few_shot": {}}
-    truncated = {"train": {}, "val": {}, "eval": {}, "few_shot": {}}
-    skipped_by, empty = {}, []
-    for j in train_jobs:
-        r = results[j.name]
-        for split in ("train", "val"):
-            counts[split][j.task] = r["rows"][split]
-            truncated[split][j.task] = r["truncated"][split]
-        skipped_by.update(r["skipped"])
-        empty += r["empty"]
-    for split in ("train", "val"):
-        shards[split] = write_split(
-            stage,
-            split,
-            _features("train"),
-            _train_tables(cache, train_jobs, split),
-            sum(counts[split].values()),
-            cfg.num_shards,
-            _fp(base, split),
-        )
+@dataclass
+class _Assembly:
+    """The splits written into the staging folder so far and what the manifest says about them."""
 
-    eval_info, few_info = {}, {}
-    for j in (j for j in jobs if isinstance(j, HeldOutPart)):
-        r = results[j.name]
-        skipped_by.update(r["skipped"])
-        empty += r["empty"]
+    stage: Path
+    base: str  # what every split's fingerprint starts from (the output arguments and the tokenizer)
+    cache: PartCache
+    shards: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=lambda: {"train": {}, "val": {}, "eval": {}, "few_shot": {}})
+    truncated: dict = field(default_factory=lambda: {"train": {}, "val": {}, "eval": {}, "few_shot": {}})
+    skipped_by: dict = field(default_factory=dict)
+    empty: list = field(default_factory=list)
+    eval_info: dict = field(default_factory=dict)
+    few_info: dict = field(default_factory=dict)
+
+    def write(self, rel: str, kind: str, tables, rows: int, num_shards: int = 1) -> None:
+        self.shards[rel] = write_split(self.stage, rel, _features(kind), tables, rows, num_shards, _fp(self.base, rel))
+
+    def add_train(self, train_jobs: list[TrainPart], results: dict, num_shards: int) -> None:
+        """train and val: every training part's rows, in task order."""
+        for j in train_jobs:
+            r = results[j.name]
+            for split in ("train", "val"):
+                self.counts[split][j.task] = r["rows"][split]
+                self.truncated[split][j.task] = r["truncated"][split]
+            self.skipped_by.update(r["skipped"])
+            self.empty += r["empty"]
+        for split in ("train", "val"):
+            tables = _train_tables(self.cache, train_jobs, split)
+            self.write(split, "train", tables, sum(self.counts[split].values()), num_shards)
+
+    def add_held_out(self, j: HeldOutPart, r: dict) -> None:
+        """eval/<task> and its few_shot/<task>/<k>_shot/<seed>_seed splits."""
+        self.skipped_by.update(r["skipped"])
+        self.empty += r["empty"]
         rel = f"eval/{j.task}"
-        tables = (_with_task(pa.Table.from_batches([b]), j.task) for b in read_part(cache.entry(j.name) / "eval.arrow"))
-        shards[rel] = write_split(stage, rel, _features("eval"), tables, r["eval"]["rows"], 1, _fp(base, rel))
-        counts["eval"][j.task] = r["eval"]["rows"]
-        truncated["eval"][j.task] = {
+        tables = (
+            _with_task(pa.Table.from_batches([b]), j.task) for b in read_part(self.cache.entry(j.name) / "eval.arrow")
+        )
+        self.write(rel, "eval", tables, r["eval"]["rows"])
+        self.counts["eval"][j.task] = r["eval"]["rows"]
+        self.truncated["eval"][j.task] = {
             "input": r["eval"]["truncated"].get("input", 0),
             "target": r["eval"]["truncated"].get("target", 0),
         }
-        eval_info[j.task] = {
+        self.eval_info[j.task] = {
             "split": j.eval_sfs[0][1].split,
             "templates": [t for t, _ in j.eval_sfs],
             "examples": r["eval"]["examples"],
         }
-        few = pa.Table.from_batches(list(read_part(cache.entry(j.name) / "few.arrow")), schema=FEW_SCHEMA)
+        self._add_few_shot(j, r)
+
+    def _add_few_shot(self, j: HeldOutPart, r: dict) -> None:
+        """One split per few-shot seed: its sampled examples, each in every pool template, in sample order."""
+        few = pa.Table.from_batches(list(read_part(self.cache.entry(j.name) / "few.arrow")), schema=FEW_SCHEMA)
         info = r["few_shot"]
         where = {
             (e, t): i
             for i, (e, t) in enumerate(zip(few.column("example_id").to_pylist(), few.column("template").to_pylist()))
         }
-        counts["few_shot"][j.task] = {}
+        self.counts["few_shot"][j.task] = {}
         for seed, ids in info["example_ids"].items():
             rel = f"few_shot/{j.task}/{info['k']}_shot/{seed}_seed"
             order = [where[(e, t)] for e in ids for t in info["templates"]]
             table = _with_task(few.take(pa.array(order, pa.int64())), j.task)
-            shards[rel] = write_split(stage, rel, _features("few_shot"), [table], len(order), 1, _fp(base, rel))
-            counts["few_shot"][j.task][seed] = len(order)
-        truncated["few_shot"][j.task] = r["few_truncated"]
-        few_info[j.task] = info
+            self.write(rel, "few_shot", [table], len(order))
+            self.counts["few_shot"][j.task][seed] = len(order)
+        self.truncated["few_shot"][j.task] = r["few_truncated"]
+        self.few_info[j.task] = info
+
+
+def _assemble(
+    cfg: PrepConfig, p: _Plan, jobs: list, results: dict, tok, tinfo, sources: dict, cache: PartCache, stage: Path
+) -> dict:
+    """Write every split from the part cache into `stage`; returns the manifest body (content hash still empty)."""
+    base = hashlib.sha256(json.dumps([cfg.output_args(), tinfo.sha256]).encode()).hexdigest()
+    if cfg.tokenizer == toklib.EMBEDDED:
+        tok.save_pretrained(str(stage / "tokenizer"))
+    done = _Assembly(stage, base, cache)
+    done.add_train([j for j in jobs if isinstance(j, TrainPart)], results, cfg.num_shards)
+    for j in (j for j in jobs if isinstance(j, HeldOutPart)):
+        done.add_held_out(j, results[j.name])
+    return _manifest_body(cfg, p, tinfo, sources, done)
+
+
+def _manifest_body(cfg: PrepConfig, p: _Plan, tinfo, sources: dict, done: _Assembly) -> dict:
+    counts = done.counts
     totals = {s: sum(counts[s].values()) for s in ("train", "val", "eval")}
     return {
         "format_version": FORMAT_VERSION,
-        "tasks": tasks,
+        "tasks": [t.task for t in p.train],
         "held_out": [h.name for h in p.held],
         "tokenizer": tinfo.to_json(),
         "max_input_len": cfg.max_input_len,
@@ -514,17 +538,17 @@ def _assemble(
             "held_out_excluded": p.excluded,
         },
         "counts": {**counts, "totals": totals},
-        "truncated": truncated,
+        "truncated": done.truncated,
         "skipped": {
-            "total": {r: sum(c.get(r, 0) for c in skipped_by.values()) for r in REASONS},
-            "by_config": dict(sorted(skipped_by.items())),
-            "empty": sorted(empty),
+            "total": {r: sum(c.get(r, 0) for c in done.skipped_by.values()) for r in REASONS},
+            "by_config": dict(sorted(done.skipped_by.items())),
+            "empty": sorted(done.empty),
         },
-        "shards": shards,
+        "shards": done.shards,
         "content_hash": "",
         "args": cfg.output_args(),
-        "few_shot": few_info,
-        "eval": eval_info,
+        "few_shot": done.few_info,
+        "eval": done.eval_info,
         "sources": _content_only(sources),
         **p.mixture.manifest_extra,  # e.g. the latent-skill mixtures' ground truth
     }

@@ -154,7 +154,7 @@ def _run(args, cfg, data, launcher_overrides: list[str]):
     from tensorpoly_ds.engine.checkpoint import seed_all
     from tensorpoly_ds.engine.ds_config import fill_ds_config, save_json
     from tensorpoly_ds.engine.model import build_backbone, prepare_model
-    from tensorpoly_ds.engine.trainer import train
+    from tensorpoly_ds.engine.trainer import DataOptions, Trainer
     from tpds_common.log import get_logger
 
     log = get_logger("tensorpoly-ds")
@@ -180,7 +180,7 @@ def _run(args, cfg, data, launcher_overrides: list[str]):
     steps = cfg.train.steps
     if args.export_only:
         cfg.train.steps = 0
-    result = train(
+    result = Trainer(
         model,
         train_rows,
         optim=cfg.optim,
@@ -189,18 +189,11 @@ def _run(args, cfg, data, launcher_overrides: list[str]):
         run_dir=run_dir,
         tasks=data.tasks,
         val_rows=val_rows,
-        resume=args.resume,
+        data=DataOptions.of(cfg.data, data.eos_token_id),
         ds_config=ds_config,
         fingerprint={"hash": cfg.fingerprint()},
-        max_input_len=cfg.data.max_input_len,
-        max_target_len=cfg.data.max_target_len,
-        eos_id=data.eos_token_id,
-        eval_micro_batch=cfg.data.eval_micro_batch,
-        val_max_samples=cfg.data.val_max_samples,
-        batching=cfg.data.batching,
-        group_size=cfg.data.group_size,
         export_extra={"backbone": backbone_record(cfg, data.vocab_size)},
-    )
+    ).run(args.resume)
     cfg.train.steps = steps
     del keepalive
     if rank == 0:

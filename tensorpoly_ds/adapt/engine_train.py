@@ -1,4 +1,4 @@
-"""Adaptation on the DeepSpeed backend of the training loop (tensorpoly_ds.engine.trainer.Trainer via train()).
+"""Adaptation on the DeepSpeed backend of the training loop (tensorpoly_ds.engine.trainer.Trainer).
 
 The engine owns the optimizer (Adafactor param groups), the schedule, clipping, ZeRO and the ranks; this
 module supplies the hooks: a collate function for choice batches, the T-Few loss, the per-example
@@ -117,43 +117,14 @@ def engine_train(
     stopped): `stopped` is {"phase", "step"} when a stop request ended a phase (the engine checkpointed
     under OUT/engine/<phase>/checkpoints; the job is then "requeue"), else None. `resumed_in` (the phase a
     stopped run ended in) resumes both phases from their checkpoints (a finished phase from its last one)."""
-    from ..engine import trainer as eng
-    from ..engine.trainer import TrainHooks, train
-    from .job import JobError, load_rows
-
     run_root = out / "engine"
     resume = "auto" if resumed_in is not None else "none"
     net: nn.Module = model
-    if job.zero_stage == 3 and getattr(model, "tpds_routing", None) is not None:
-        # prepare_adaptation made fresh routing tables shared by many layers: ZeRO-3 must gather them
-        # with every layer that reads them (REFERENCE pitfall 4)
-        from ..adapters import register_external_routing_params
-
-        register_external_routing_params(model)
+    _prepare_zero3(job, model, steps)
     multitask_history: list[dict] = []
     history: list[dict] = []
-    if job.multitask_steps > 0 and steps > 0 and job.zero_stage == 3:
-        raise JobError(
-            "multitask_steps and few-shot steps in one job need two DeepSpeed initialisations, "
-            "which ZeRO-3 does not allow on one model: use zero_stage <= 2 or split the job"
-        )
     if job.multitask_steps > 0:
-        mt_rows = _Rows(load_rows(data_dir, "train"))
-        optim, tr, ds = _sections(job, job.multitask_steps, world, job.multitask_batch_size, 0)
-        optim.lr = optim.module_lr = job.multitask_lr or job.lr
-        tr.eval_at_end = False
-        hooks = TrainHooks(collate_fn=lambda rows: collate_lm(rows, 0))  # default loss: token-mean LM
-        res = train(
-            net,
-            mt_rows,
-            optim=optim,
-            train=tr,
-            deepspeed=ds,
-            run_dir=run_root / "multitask",
-            tasks=[job.task],
-            hooks=hooks,
-            resume=resume,
-        )
+        res = _multitask_phase(job, net, world, data_dir, run_root / "multitask", resume)
         multitask_history = res.history
         net = res.engine
         if res.status == "requeue":
@@ -166,35 +137,93 @@ def engine_train(
     if eval_at_start:
         run_eval(net, 0)
     if steps > 0:
-        optim, tr, ds = _sections(job, steps, world, job.batch_size, job.eval_every)
-        if len(train_rows) < job.batch_size:
-            # the engine's stream needs one global batch per epoch: repeat the few shots (k < batch size)
-            train_rows = train_rows * -(-job.batch_size // len(train_rows))
-        hooks = TrainHooks(
-            loss_fn=tfew_hook(weights),
-            weight_fn=examples,
-            collate_fn=choice_collate,
-            eval_fn=lambda engine, step: run_eval(engine, step),
-        )
-        res = train(
+        res = _fewshot_phase(
+            job,
             getattr(net, "module", net),
-            _Rows(train_rows),
-            optim=optim,
-            train=tr,
-            deepspeed=ds,
-            run_dir=run_root / "fewshot",
-            tasks=[job.task],
-            hooks=hooks,
-            resume=resume if resumed_in == "fewshot" else "none",
+            steps,
+            world,
+            train_rows,
+            weights,
+            run_eval,
+            run_root / "fewshot",
+            resume if resumed_in == "fewshot" else "none",
         )
         history = res.history
         net = res.engine
         if res.status == "requeue":
             return net, None, history, multitask_history, {"phase": "fewshot", "step": res.step}
+    return net, _gather_for(net), history, multitask_history, None
+
+
+def _prepare_zero3(job, model: nn.Module, steps: int) -> None:
+    """Refuse two phases under ZeRO-3; register shared routing tables with every layer that reads them."""
+    from .job import JobError
+
+    if job.zero_stage == 3 and getattr(model, "tpds_routing", None) is not None:
+        # prepare_adaptation made fresh routing tables shared by many layers: ZeRO-3 must gather them
+        # with every layer that reads them (REFERENCE pitfall 4)
+        from ..adapters import register_external_routing_params
+
+        register_external_routing_params(model)
+    if job.multitask_steps > 0 and steps > 0 and job.zero_stage == 3:
+        raise JobError(
+            "multitask_steps and few-shot steps in one job need two DeepSpeed initialisations, "
+            "which ZeRO-3 does not allow on one model: use zero_stage <= 2 or split the job"
+        )
+
+
+def _multitask_phase(job, net: nn.Module, world: int, data_dir: str, run_dir: Path, resume: str):
+    """Multi-task steps on the variant's training split (token-mean LM loss) before the few shots."""
+    from ..engine.trainer import Trainer, TrainHooks
+    from .job import load_rows
+
+    mt_rows = _Rows(load_rows(data_dir, "train"))
+    optim, tr, ds = _sections(job, job.multitask_steps, world, job.multitask_batch_size, 0)
+    optim.lr = optim.module_lr = job.multitask_lr or job.lr
+    tr.eval_at_end = False
+    hooks = TrainHooks(collate_fn=lambda rows: collate_lm(rows, 0))  # default loss: token-mean LM
+    return Trainer(
+        net, mt_rows, optim=optim, train=tr, deepspeed=ds, run_dir=run_dir, tasks=[job.task], hooks=hooks
+    ).run(resume)
+
+
+def _fewshot_phase(
+    job,
+    net: nn.Module,
+    steps: int,
+    world: int,
+    train_rows: list[dict],
+    weights: LossWeights,
+    run_eval: Callable[[nn.Module, int], dict],
+    run_dir: Path,
+    resume: str,
+):
+    """The few-shot steps: T-Few loss, example-mean normaliser, the job's evaluation every eval_every steps."""
+    from ..engine.trainer import Trainer, TrainHooks
+
+    optim, tr, ds = _sections(job, steps, world, job.batch_size, job.eval_every)
+    if len(train_rows) < job.batch_size:
+        # the engine's stream needs one global batch per epoch: repeat the few shots (k < batch size)
+        train_rows = train_rows * -(-job.batch_size // len(train_rows))
+    hooks = TrainHooks(
+        loss_fn=tfew_hook(weights),
+        weight_fn=examples,
+        collate_fn=choice_collate,
+        eval_fn=lambda engine, step: run_eval(engine, step),
+    )
+    return Trainer(
+        net, _Rows(train_rows), optim=optim, train=tr, deepspeed=ds, run_dir=run_dir, tasks=[job.task], hooks=hooks
+    ).run(resume)
+
+
+def _gather_for(net) -> Callable | None:
+    """Under ZeRO-3 a context factory that gathers partitioned parameters (snapshots, exports); else None."""
+    from ..engine import trainer as eng
+
     if hasattr(net, "zero_optimization_partition_weights"):
 
         def gather(params):
             return eng.gathered(net, params)
-    else:
-        gather = None
-    return net, gather, history, multitask_history, None
+
+        return gather
+    return None

@@ -200,7 +200,7 @@ class TrainStream:
 
     def mean_step_targets(self) -> float:
         """Target tokens of a global step averaged over the split (after max_target_len): the loss normaliser
-        of length-grouped steps (trainer.train)."""
+        of length-grouped steps (trainer.Trainer)."""
         targets = self.lengths()[:, 1]
         if self.max_target_len is not None:
             targets = np.minimum(targets, self.max_target_len)

@@ -1,9 +1,10 @@
 """The DeepSpeed backend of the training loop (engine.loop) and the reusable API other stages call.
 
-    from tensorpoly_ds.engine.trainer import train, TrainHooks     # or Trainer(...).run(resume)
+    from tensorpoly_ds.engine.trainer import DataOptions, Trainer, TrainHooks
 
-    result = train(model, train_rows, optim=cfg.optim, train=cfg.train, deepspeed=cfg.deepspeed,
-                   run_dir="runs/x", tasks=task_names, val_rows=val_rows, hooks=TrainHooks(loss_fn=..., eval_fn=...))
+    result = Trainer(model, train_rows, optim=cfg.optim, train=cfg.train, deepspeed=cfg.deepspeed,
+                     run_dir="runs/x", tasks=task_names, val_rows=val_rows, data=DataOptions.of(cfg.data, eos_id),
+                     hooks=TrainHooks(loss_fn=..., eval_fn=...)).run(resume="none")
     result.status   # "done" | "requeue" (signal or time budget: a checkpoint was written, exit with 124)
     result.engine   # the DeepSpeed engine; result.model is engine.module
 
@@ -48,7 +49,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from . import elastic
 from .checkpoint import seed_all
-from .config import DeepSpeedSection, OptimSection, RunConfigError, TrainSection
+from .config import DataSection, DeepSpeedSection, OptimSection, RunConfigError, TrainSection
 from .data import IGNORE_INDEX, TrainStream, collate, eval_batches
 from .ds_config import fill_sections, save_json
 from .effective import ActivationDtype, describe_engine
@@ -259,69 +260,30 @@ class DataOptions:
     batching: str = "random"
     group_size: int = 4
 
-
-def train(
-    model: nn.Module,
-    train_rows,
-    *,
-    optim: OptimSection,
-    train: TrainSection,
-    deepspeed: DeepSpeedSection,
-    run_dir: str | Path,
-    tasks: list[str] | None = None,
-    val_rows=None,
-    hooks: TrainHooks | None = None,
-    resume: str = "none",
-    ds_config: dict | None = None,
-    fingerprint: dict | None = None,
-    max_input_len: int | None = None,
-    max_target_len: int | None = None,
-    eos_id: int = 1,
-    eval_micro_batch: int | None = None,
-    val_max_samples: int | None = None,
-    export_dir: str | Path | None = None,
-    export_extra: dict | None = None,
-    batching: str = "random",
-    group_size: int = 4,
-) -> TrainResult:
-    """Train `model` (adapters injected and frozen backbone, or everything trainable) on `train_rows`
-    (a datasets.Dataset or anything indexable by a list of ints returning a dict of columns, with at least
-    task_id, input_ids, target_ids). The process group must exist (distributed.init_distributed()) or the
-    run is a single process. `resume`: "none", "auto" (the newest intact checkpoint under
-    RUN_DIR/checkpoints; none at all: a fresh start; some, but none usable: CheckpointError) or a tag
-    directory (checkpoint.resume). `batching`, `group_size`: which rows share a step (data.TrainStream).
-    Every rank must call it. The keyword form of `Trainer(...).run(resume)`."""
-    data = DataOptions(
-        max_input_len=max_input_len,
-        max_target_len=max_target_len,
-        eos_id=eos_id,
-        eval_micro_batch=eval_micro_batch,
-        val_max_samples=val_max_samples,
-        batching=batching,
-        group_size=group_size,
-    )
-    return Trainer(
-        model,
-        train_rows,
-        optim=optim,
-        train=train,
-        deepspeed=deepspeed,
-        run_dir=run_dir,
-        tasks=tasks,
-        val_rows=val_rows,
-        hooks=hooks,
-        data=data,
-        ds_config=ds_config,
-        fingerprint=fingerprint,
-        export_dir=export_dir,
-        export_extra=export_extra,
-    ).run(resume)
+    @classmethod
+    def of(cls, section: DataSection, eos_id: int) -> DataOptions:
+        """A run config's data section (everything but its `dir`) and the tokenizer's end-of-sequence id."""
+        return cls(
+            max_input_len=section.max_input_len,
+            max_target_len=section.max_target_len,
+            eos_id=eos_id,
+            eval_micro_batch=section.eval_micro_batch,
+            val_max_samples=section.val_max_samples,
+            batching=section.batching,
+            group_size=section.group_size,
+        )
 
 
 class Trainer(TrainLoop):
     """The DeepSpeed backend of the training loop (engine.loop): setup, resume, step, evaluate, checkpoint,
-    export. `Trainer(...).run(resume)` is `train(...)`; the order of the calls below is the order of the RNG
-    draws and collectives, so a run gives the same numbers whatever calls it."""
+    export. `Trainer(...).run(resume)` trains `model` (adapters injected and frozen backbone, or everything
+    trainable) on `train_rows` (a datasets.Dataset or anything indexable by a list of ints returning a dict of
+    columns, with at least task_id, input_ids, target_ids); every rank must call it. The process group must
+    exist (distributed.init_distributed()) or the run is a single process. `data` (DataOptions): lengths, eos
+    id, evaluation batch and rows, which rows share a step. `resume`: "none", "auto" (the newest intact
+    checkpoint under RUN_DIR/checkpoints; none at all: a fresh start; some, but none usable: CheckpointError)
+    or a tag directory (checkpoint.resume). The order of the calls below is the order of the RNG draws and
+    collectives, so a run gives the same numbers whatever calls it."""
 
     def __init__(
         self,

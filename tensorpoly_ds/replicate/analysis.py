@@ -327,52 +327,13 @@ def variant_analysis(
         if r["label"] in (untrained or {})
     }
     confusion = answer_confusion(selected, truth, list(manifest.held_out), dev_examples)
-    verdicts = {}
-    claims_path = cfg.claims_path()
-    if claims_path is not None:
-        from ..analysis.claims import evaluate_claims, load_claims
-
-        claims = load_claims(claims_path)
-        for k in cfg.prep.ks:
-            verdicts[k] = evaluate_claims(scores_by_row(selected, k), claims, untestable=untestable)
+    verdicts = claim_verdicts(cfg, selected, untestable)
     spread = {}
     if len(worlds) > 1:
         seed_world = {s: w.name for w in worlds for s in w.seeds}
         spread = {str(k): world_averages(selected, seed_world, tasks, k) for k in cfg.prep.ks}
-    k = max(cfg.prep.ks)
-    figures = {}
-    made = plot_rows(
-        selected,
-        k,
-        res_dir / f"{variant}_rows_k{k}.png",
-        f"{variant}: held-out test accuracy, k = {k} (zero-shot rows: no shot)",
-        truth.get("chance"),
-    )
-    if made:
-        figures["rows"] = made.name
-    made = plot_vs_k(selected, res_dir / f"{variant}_accuracy_vs_k.png", f"{variant}: held-out test accuracy")
-    if made:
-        figures["accuracy_vs_k"] = made.name
-    if k in tabs:
-        made = plot_accuracy(tabs[k]["table1"], res_dir / f"{variant}_table1_k{k}.png")
-        if made:
-            figures["table1"] = made.name
-    recovery = {}
-    if truth:
-        for label, export in exports.items():
-            try:
-                rec = recovery_for(
-                    export,
-                    backbone,
-                    truth,
-                    res_dir / f"{variant}_recovery_{_slug(label)}.png",
-                    f"{variant}: {label}, routing after multi-task pretraining",
-                )
-            except Exception as err:  # noqa: BLE001 - one unreadable export must not lose the other results
-                log.warning(f"{variant}/{label}: routing recovery failed: {type(err).__name__}: {err}")
-                rec = {"error": f"{type(err).__name__}: {err}"}
-            if rec is not None:
-                recovery[label] = rec
+    figures = variant_figures(selected, tabs, max(cfg.prep.ks), res_dir, variant, truth.get("chance"))
+    recovery = routing_recoveries(exports, backbone, truth, res_dir, variant) if truth else {}
     return {
         "variant": variant,
         "jobs": len(results),
@@ -389,6 +350,61 @@ def variant_analysis(
         "answer_confusion": confusion,
         **({"world_spread": spread, "untestable_rows": untestable} if spread or untestable else {}),
     }
+
+
+def claim_verdicts(cfg: ReplicateConfig, selected: list[dict], untestable: dict) -> dict:
+    """{k: the claims file's verdicts on the selected rows at k}; {} without a claims file."""
+    verdicts = {}
+    claims_path = cfg.claims_path()
+    if claims_path is not None:
+        from ..analysis.claims import evaluate_claims, load_claims
+
+        claims = load_claims(claims_path)
+        for k in cfg.prep.ks:
+            verdicts[k] = evaluate_claims(scores_by_row(selected, k), claims, untestable=untestable)
+    return verdicts
+
+
+def variant_figures(selected: list[dict], tabs: dict, k: int, res_dir: Path, variant: str, chance) -> dict:
+    """The rows at k, accuracy against k and table 1 at k as PNGs in res_dir: {figure: file name} of those made."""
+    figures = {}
+    made = plot_rows(
+        selected,
+        k,
+        res_dir / f"{variant}_rows_k{k}.png",
+        f"{variant}: held-out test accuracy, k = {k} (zero-shot rows: no shot)",
+        chance,
+    )
+    if made:
+        figures["rows"] = made.name
+    made = plot_vs_k(selected, res_dir / f"{variant}_accuracy_vs_k.png", f"{variant}: held-out test accuracy")
+    if made:
+        figures["accuracy_vs_k"] = made.name
+    if k in tabs:
+        made = plot_accuracy(tabs[k]["table1"], res_dir / f"{variant}_table1_k{k}.png")
+        if made:
+            figures["table1"] = made.name
+    return figures
+
+
+def routing_recoveries(exports: dict[str, Path], backbone: Path, truth: dict, res_dir: Path, variant: str) -> dict:
+    """{label: how well each export's routing recovers the latent skills}; a failure is recorded, not raised."""
+    recovery = {}
+    for label, export in exports.items():
+        try:
+            rec = recovery_for(
+                export,
+                backbone,
+                truth,
+                res_dir / f"{variant}_recovery_{_slug(label)}.png",
+                f"{variant}: {label}, routing after multi-task pretraining",
+            )
+        except Exception as err:  # noqa: BLE001 - one unreadable export must not lose the other results
+            log.warning(f"{variant}/{label}: routing recovery failed: {type(err).__name__}: {err}")
+            rec = {"error": f"{type(err).__name__}: {err}"}
+        if rec is not None:
+            recovery[label] = rec
+    return recovery
 
 
 def answer_confusion(selected: list[dict], truth: dict, held_out: list[str], dev_examples: int) -> dict:

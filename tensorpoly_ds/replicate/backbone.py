@@ -4,7 +4,8 @@ A tiny T5 (tensorpoly_ds.models architecture) learns to reconstruct generic word
 benchmark's vocabulary in which a share of the words is replaced by a mask token: the whole sequence is
 the target, so the model learns to copy, to keep track of positions and which words belong together
 (categories co-occur in the corpus), but never sees a task. It is trained as a full fine-tune by
-`tensorpoly_ds.engine.trainer.train` (DeepSpeed, ZeRO-0, fp32) and exported with `save_pretrained`, so
+`tensorpoly_ds.engine.trainer.Trainer` (DeepSpeed, ZeRO-0, fp32; its run config is
+replicate.config.BACKBONE_RUN_CONFIG resolved) and exported with `save_pretrained`, so
 every later stage loads it by path like a Hugging Face checkpoint.
 
 Cached: CACHE/backbone-<key>/ where key hashes the backbone section and the tokenizer, so the same
@@ -106,20 +107,30 @@ def plot_curves(curves: dict[str, dict], path: Path, title: str) -> Path:
     return path
 
 
+def backbone_run_config(section: BackboneSection, vocab_size: int, run_dir: Path):
+    """The backbone's run config (a tensorpoly_ds.engine.config.RunConfig): BACKBONE_RUN_CONFIG resolved against
+    `section`, validated by the engine's run-config loader like any pretraining run's."""
+    from ..engine.config import build_run_config
+    from .config import BACKBONE_RUN_CONFIG, resolve_run_config
+
+    sources: dict = {}
+    values = {"backbone": asdict(section), "run": {"vocab_size": vocab_size, "dir": str(run_dir)}}
+    data = resolve_run_config(BACKBONE_RUN_CONFIG, values, "replicate BACKBONE_RUN_CONFIG", sources)
+    return build_run_config(data, sources)
+
+
 def train_backbone(
     section: BackboneSection, data_dir: Path, cache: Path, *, threads: int = 1, train_now: bool = True
 ) -> Path:
     """Train (or find in the cache) the T5-LM analogue for the tokenizer of `data_dir`; returns the
     directory of the exported checkpoint (config.json + model.safetensors)."""
-    import datasets
     import torch
     from transformers import T5ForConditionalGeneration
 
     from data_prep.manifest import load_tokenizer, read_manifest
 
     from ..engine.checkpoint import seed_all
-    from ..engine.config import DeepSpeedSection, OptimSection, TrainSection
-    from ..engine.trainer import train
+    from ..engine.trainer import DataOptions, Trainer
     from ..models import t5_config
 
     tok_info = read_manifest(data_dir).tokenizer
@@ -132,6 +143,40 @@ def train_backbone(
     if not train_now:
         raise JobFailed(f"no trained backbone at {root}: run the 'backbone' stage first")
     tokenizer = load_tokenizer(data_dir)
+    rows, val = denoising_datasets(tokenizer, section)
+    run = backbone_run_config(section, int(tok_info["vocab_size"]), root)
+    torch.set_num_threads(threads)
+    seed_all(run.train.seed)
+    model = T5ForConditionalGeneration(
+        t5_config(run.model.name_or_path, vocab_size=run.model.vocab_size, **run.model.arch_overrides)
+    )
+    log.info(
+        f"backbone {root}: training {section.arch} ({sum(p.numel() for p in model.parameters()):,} "
+        f"parameters) for {section.steps} steps on {section.corpus_size} generic sequences"
+    )
+    result = Trainer(
+        model,
+        rows,
+        optim=run.optim,
+        train=run.train,
+        deepspeed=run.deepspeed,
+        run_dir=run.run.dir,
+        tasks=[TASK_NAME],
+        val_rows=val,
+        data=DataOptions.of(run.data, tokenizer.eos_token_id),
+        export_dir=export,
+        export_extra={"backbone_section": asdict(section), "tokenizer_sha256": tok_info.get("sha256")},
+    ).run("auto")
+    if result.status != "done":
+        raise KeyboardInterrupt(f"backbone training stopped at step {result.step} (rerun to resume)")
+    _record_done(section, root, key, export)
+    return export
+
+
+def denoising_datasets(tokenizer, section: BackboneSection):
+    """The training and validation splits (datasets.Dataset) of the denoising corpus."""
+    import datasets
+
     features = datasets.Features(
         {
             "task_id": datasets.Value("int32"),
@@ -145,42 +190,11 @@ def train_backbone(
     val = datasets.Dataset.from_dict(
         denoising_rows(tokenizer, section, section.val_size, section.seed + 1), features=features
     )
-    torch.set_num_threads(threads)
-    seed_all(section.seed)
-    config = t5_config(section.arch, vocab_size=int(tok_info["vocab_size"]), **section.arch_overrides)
-    model = T5ForConditionalGeneration(config)
-    optim = OptimSection(name="adamw", lr=section.lr, warmup_ratio=section.warmup_ratio, schedule="linear", clip=1.0)
-    tr = TrainSection(
-        steps=section.steps,
-        micro_batch=section.micro_batch,
-        grad_accum=1,
-        eval_every=section.eval_every,
-        save_every=section.eval_every,
-        seed=section.seed,
-        full_finetune=True,
-        keep_checkpoints=1,
-        heatmap_max_layers=0,
-        log_every=50,
-    )
-    log.info(
-        f"backbone {root}: training {section.arch} ({sum(p.numel() for p in model.parameters()):,} "
-        f"parameters) for {section.steps} steps on {section.corpus_size} generic sequences"
-    )
-    result = train(
-        model,
-        rows,
-        optim=optim,
-        train=tr,
-        deepspeed=DeepSpeedSection(zero_stage=0, precision="fp32"),
-        run_dir=root,
-        tasks=[TASK_NAME],
-        val_rows=val,
-        resume="auto",
-        export_dir=export,
-        export_extra={"backbone_section": asdict(section), "tokenizer_sha256": tok_info.get("sha256")},
-    )
-    if result.status != "done":
-        raise KeyboardInterrupt(f"backbone training stopped at step {result.step} (rerun to resume)")
+    return rows, val
+
+
+def _record_done(section: BackboneSection, root: Path, key: str, export: Path) -> None:
+    """The loss curve (JSON and PNG), then DONE_FILE, which makes the export a cache hit; checkpoints go."""
     curve = loss_curve(root)
     (root / "loss_curve.json").write_text(json.dumps(curve))
     plot_curves(
@@ -198,4 +212,3 @@ def train_backbone(
         },
     )
     shutil.rmtree(root / "checkpoints", ignore_errors=True)  # the export is what later stages need
-    return export

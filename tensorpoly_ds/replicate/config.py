@@ -151,6 +151,53 @@ PRETRAIN_RUN_CONFIG = (
     ("deepspeed.precision", Fixed("fp32")),
     ("run.dir", "run.dir"),
 )
+# The backbone's run config (replicate.backbone.backbone_run_config), the same way: "backbone.<field>" the world's
+# backbone section, "run.<name>" the tokenizer's vocabulary size and the run's folder, Fixed(...) a constant;
+# every other key keeps the engine's default. A full fine-tune of a fresh tiny T5, ZeRO-0, fp32.
+BACKBONE_RUN_CONFIG = (
+    ("model.name_or_path", "backbone.arch"),
+    ("model.vocab_size", "run.vocab_size"),
+    ("model.arch_overrides", "backbone.arch_overrides"),
+    ("adapter", Fixed(None)),
+    ("optim.name", Fixed("adamw")),
+    ("optim.lr", "backbone.lr"),
+    ("optim.warmup_ratio", "backbone.warmup_ratio"),
+    ("optim.schedule", Fixed("linear")),
+    ("optim.clip", Fixed(1.0)),
+    ("train.steps", "backbone.steps"),
+    ("train.micro_batch", "backbone.micro_batch"),
+    ("train.grad_accum", Fixed(1)),
+    ("train.eval_every", "backbone.eval_every"),
+    ("train.save_every", "backbone.eval_every"),
+    ("train.log_every", Fixed(50)),
+    ("train.seed", "backbone.seed"),
+    ("train.full_finetune", Fixed(True)),
+    ("train.keep_checkpoints", Fixed(1)),
+    ("train.heatmap_max_layers", Fixed(0)),
+    ("deepspeed.zero_stage", Fixed(0)),
+    ("deepspeed.precision", Fixed("fp32")),
+    ("run.dir", "run.dir"),
+)
+
+
+def resolve_run_config(
+    mapping: Sequence[tuple[str, Any]], values: dict[str, dict], where: str, sources: dict | None = None
+) -> dict:
+    """A run config (nested mapping) from a declared mapping of (dotted run-config key, source): a source is
+    Fixed(value) or "<group>.<name>", looked up in `values` ({group: {name: value}}). `sources` gets `where` as
+    the origin of every key (the run-config loader's error messages name it)."""
+    config: dict = {}
+    sources = {} if sources is None else sources
+    for key, source in mapping:
+        if isinstance(source, Fixed):
+            value = source.value
+        else:
+            group, name = source.split(".", 1)
+            value = values[group][name]
+        apply_override(config, key.split("."), value, sources, where)
+    return config
+
+
 # run-config keys that name one run's inputs and outputs: no run_config may set them
 PER_RUN_KEYS = ("model.name_or_path", "adapter", "data.dir", "run.dir")
 
@@ -289,14 +336,7 @@ class ReplicateConfig:
             "world": dataclasses.asdict(world),
             "run": {**paths, "adapter": dict(method.adapter)},
         }
-        config: dict = {}
-        for key, source in PRETRAIN_RUN_CONFIG:
-            if isinstance(source, Fixed):
-                value = source.value
-            else:
-                group, name = source.split(".", 1)
-                value = values[group][name]
-            apply_override(config, key.split("."), value, {}, "PRETRAIN_RUN_CONFIG")
+        config = resolve_run_config(PRETRAIN_RUN_CONFIG, values, "PRETRAIN_RUN_CONFIG")
         embedded = {**self.pretrain.run_config, **(method.pretrain or {}).get("run_config", {})}
         for key, value in embedded.items():
             apply_override(config, key.split("."), copy.deepcopy(value), {}, "run_config")

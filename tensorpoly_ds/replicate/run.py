@@ -100,9 +100,47 @@ def replicate(
         return {"out": str(out), "timing": {"stages_s": timer.stages}, "summary": None}
     first = stages.data_dir(out, cfg.variants[0].name, max(cfg.prep.ks))
     cache = Path(cfg.cache).resolve() if cfg.cache else out / "cache"
-    worlds = cfg.world_list()
     with timer("backbone"):
         backbones = train_backbones(cfg, first, cache, workers, "backbone" in want)
+    searched, runs, pretrain_seconds = _pretrain_stage(cfg, out, want, backbones, workers, threads, timer)
+    worlds = cfg.world_list()
+    exports = {w.name: defaultdict(dict) for w in worlds}
+    for w in worlds:
+        for r in runs[w.name]:
+            exports[w.name][r.variant][r.method.label] = r.export
+    job_seconds: dict[str, float] = {}
+    if "adapt" in want:
+        from .pool import JobPool
+
+        with timer("adapt"), JobPool(workers, threads) as pool:
+            for variant in cfg.variants:
+                job_seconds.update(_adapt_variant(cfg, out, variant, backbones, exports, searched, pool))
+    stamp = out / "timings" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+    def timing() -> dict:
+        return _timing(timer, started, workers, threads, pretrain_seconds, job_seconds)
+
+    atomic_write_json(stamp, timing())
+    summary = None
+    if "analyse" in want:
+        with timer("analyse"):
+            summary = analyse(cfg, out, backbones, exports, runs, searched)
+        atomic_write_json(stamp, timing())
+    log.info(
+        f"finished in {time.monotonic() - started:.0f} s: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timer.stages.items())
+    )
+    if summary is not None and publish is not None:
+        publish_results(out / RESULTS, publish)
+    return {"out": str(out), "timing": timing(), "summary": summary}
+
+
+def _pretrain_stage(
+    cfg: ReplicateConfig, out: Path, want: set[str], backbones: dict[str, Path], workers: int, threads: int, timer
+) -> tuple[dict, dict, dict]:
+    """The learning-rate searches (run, or read when the pretrain stage is not asked for), every world's
+    pretraining runs and, with the pretrain stage, running them: (searched, {world: runs}, {run: seconds})."""
+    worlds = cfg.world_list()
     searched = {}
     if cfg.pretrain.lr_search is not None and want & {"pretrain", "adapt", "analyse"}:
         with timer("pretrain"):
@@ -119,44 +157,23 @@ def replicate(
                     runs[world.name], stages.world_root(out, world) / "pretrain", workers, threads
                 )
                 pretrain_seconds.update({f"{world.name}/{k}" if world.name else k: v for k, v in seconds.items()})
-    exports = {w.name: defaultdict(dict) for w in worlds}
-    for w in worlds:
-        for r in runs[w.name]:
-            exports[w.name][r.variant][r.method.label] = r.export
-    job_seconds: dict[str, float] = {}
-    if "adapt" in want:
-        from .pool import JobPool
+    return searched, runs, pretrain_seconds
 
-        with timer("adapt"), JobPool(workers, threads) as pool:
-            for variant in cfg.variants:
-                job_seconds.update(_adapt_variant(cfg, out, variant, backbones, exports, searched, pool))
-    stamp = out / "timings" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
 
-    def timing() -> dict:
-        return {
-            "stages_s": dict(timer.stages),
-            "total_s": time.monotonic() - started,
-            "workers": workers,
-            "threads_per_worker": threads,
-            "pretrain_runs_s": pretrain_seconds,
-            "adaptation_jobs_run_now": len(job_seconds),
-            "adaptation_job_mean_s": statistics.mean(job_seconds.values()) if job_seconds else None,
-            "load_average": os.getloadavg(),
-        }
-
-    atomic_write_json(stamp, timing())
-    summary = None
-    if "analyse" in want:
-        with timer("analyse"):
-            summary = analyse(cfg, out, backbones, exports, runs, searched)
-        atomic_write_json(stamp, timing())
-    log.info(
-        f"finished in {time.monotonic() - started:.0f} s: "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in timer.stages.items())
-    )
-    if summary is not None and publish is not None:
-        publish_results(out / RESULTS, publish)
-    return {"out": str(out), "timing": timing(), "summary": summary}
+def _timing(
+    timer: Timer, started: float, workers: int, threads: int, pretrain_seconds: dict, job_seconds: dict
+) -> dict:
+    """Where the time went so far (OUT/timings/<stamp>.json and the command's result)."""
+    return {
+        "stages_s": dict(timer.stages),
+        "total_s": time.monotonic() - started,
+        "workers": workers,
+        "threads_per_worker": threads,
+        "pretrain_runs_s": pretrain_seconds,
+        "adaptation_jobs_run_now": len(job_seconds),
+        "adaptation_job_mean_s": statistics.mean(job_seconds.values()) if job_seconds else None,
+        "load_average": os.getloadavg(),
+    }
 
 
 def train_backbones(cfg: ReplicateConfig, data: Path, cache: Path, workers: int, train_now: bool) -> dict[str, Path]:

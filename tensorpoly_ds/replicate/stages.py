@@ -249,17 +249,38 @@ def adaptation_rows(
     seeds; with `chosen_lr` ({(row name, k): lr}, chosen on phase 1's dev scores): every seed of the world at
     its row's chosen lr (phase 2; the search seeds' jobs are the same directories, already complete). The
     zero-shot rows come with a world's first phase."""
-    from .analysis import row_name
-
     world = world or cfg.world_list()[0]
     first = world == cfg.world_list()[0]
     root = world_root(out, world) / "adapt" / variant.name
-    rows: list[dict] = []
     tasks = variant_tasks(cfg, out, variant.name)
+    rows = _few_shot_rows(cfg, out, variant, backbone, exports, chosen_lr, world, extra_lrs or {}, tasks, root)
+    if variant.name in cfg.zero_shot.variants and (chosen_lr is None) == first:
+        rows += _zero_shot_rows(cfg, out, variant, backbone, exports, world, tasks, root)
+    for i, r in enumerate(rows):
+        r["row"] = i
+    return rows
+
+
+def _few_shot_rows(
+    cfg: ReplicateConfig,
+    out: Path,
+    variant: Variant,
+    backbone: Path,
+    exports: dict[str, Path],
+    chosen_lr: dict[tuple[str, int], float] | None,
+    world: World,
+    extra_lrs: dict[tuple[str, int], list[float]],
+    tasks: list[str],
+    root: Path,
+) -> list[dict]:
+    """adaptation_rows' few-shot jobs: lr by lr (the grid's, then the extensions beyond it), every method, mode
+    and k whose row runs at that lr in this phase."""
+    from .analysis import row_name
+
     search = cfg.search_seeds()
-    extra_lrs = extra_lrs or {}
     beyond_grid = {x for v in extra_lrs.values() for x in v} | set((chosen_lr or {}).values())
     extensions = sorted(beyond_grid - set(cfg.adapt.lrs))
+    rows: list[dict] = []
     for lr in [*cfg.adapt.lrs, *extensions]:
         for m in cfg.methods_for(variant.name):
             for mode in cfg.modes_for(variant, m):
@@ -287,32 +308,44 @@ def adaptation_rows(
                         "ks": [k],
                     }
                     rows += expand_grid(grid, root / lr_tag(lr))
+    return rows
+
+
+def _zero_shot_rows(
+    cfg: ReplicateConfig,
+    out: Path,
+    variant: Variant,
+    backbone: Path,
+    exports: dict[str, Path],
+    world: World,
+    tasks: list[str],
+    root: Path,
+) -> list[dict]:
+    """adaptation_rows' zero-shot jobs: every zero_shot method after each number of multi-task steps."""
     z = cfg.zero_shot
-    if variant.name in z.variants and (chosen_lr is None) == first:
-        for steps in z.multitask_steps:
-            for label in z.methods:
-                m = cfg.method(label)
-                mode = "mu" if AdapterConfig.from_dict(m.adapter).routed else "full"  # mu = average the modules
-                base = {
-                    **_job_base(cfg, backbone),
-                    "lr": z.lr,
-                    "routing_lr": z.lr * cfg.adapt.routing_lr_scale,
-                    "multitask_steps": steps,
-                    "multitask_batch_size": z.multitask_batch_size,
-                    "data_dir": str(data_dir(out, variant.name, max(cfg.prep.ks))),
-                }
-                # without multi-task steps every seed gives the same numbers; kept so that rows pair up
-                grid = {
-                    "base": base,
-                    "methods": [_entry(m, exports)],
-                    "modes": [mode],
-                    "tasks": tasks,
-                    "seeds": world.seeds,
-                    "ks": [0],
-                }
-                rows += expand_grid(grid, root / "zeroshot" / f"mt{steps}")
-    for i, r in enumerate(rows):
-        r["row"] = i
+    rows: list[dict] = []
+    for steps in z.multitask_steps:
+        for label in z.methods:
+            m = cfg.method(label)
+            mode = "mu" if AdapterConfig.from_dict(m.adapter).routed else "full"  # mu = average the modules
+            base = {
+                **_job_base(cfg, backbone),
+                "lr": z.lr,
+                "routing_lr": z.lr * cfg.adapt.routing_lr_scale,
+                "multitask_steps": steps,
+                "multitask_batch_size": z.multitask_batch_size,
+                "data_dir": str(data_dir(out, variant.name, max(cfg.prep.ks))),
+            }
+            # without multi-task steps every seed gives the same numbers; kept so that rows pair up
+            grid = {
+                "base": base,
+                "methods": [_entry(m, exports)],
+                "modes": [mode],
+                "tasks": tasks,
+                "seeds": world.seeds,
+                "ks": [0],
+            }
+            rows += expand_grid(grid, root / "zeroshot" / f"mt{steps}")
     return rows
 
 

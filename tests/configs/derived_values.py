@@ -4,8 +4,9 @@
 
 What a config decides must not move when the configuration code is reorganised: the replicate protocol
 (OUT/protocol.json; a published OUT resumes only if it is unchanged), the section digests and backbone cache
-keys, every pretraining run config the replicate stages write (shared recipe, per-method recipes, lr-search
-candidates), every adaptation job row (both phases, edge-rule extensions, zero-shot and sensitivity rows),
+keys, the sections the backbone's training run hands the engine (added later, pinned by the code before that
+run's config went through a declared mapping), every pretraining run config the replicate stages write (shared
+recipe, per-method recipes, lr-search candidates), every adaptation job row (both phases, edge-rule extensions, zero-shot and sensitivity rows),
 the prep arguments, the sweep grids' job tables, the claims, the pretraining run configs (alone and composed
 with a base) and the adaptation jobs `tensorpoly-ds adapt --set ...` resolves. It was first written by the
 code on main before the config refactor; tests/configs/test_derived_values.py checks that it still is.
@@ -178,6 +179,14 @@ def _fake_searches(cfg, stages) -> dict:
     return found
 
 
+def _backbone_run(section) -> dict:
+    """The sections the backbone's training run hands the engine (replicate.backbone.backbone_run_config)."""
+    from tensorpoly_ds.replicate.backbone import backbone_run_config
+
+    run = backbone_run_config(section, 123, Path("backbone"))
+    return {name: dataclasses.asdict(getattr(run, name)) for name in ("optim", "train", "deepspeed")}
+
+
 def replicate_values(path: Path, root: Path) -> dict:
     from tensorpoly_ds.replicate import stages
     from tensorpoly_ds.replicate.analysis import row_name
@@ -195,6 +204,9 @@ def replicate_values(path: Path, root: Path) -> dict:
         },
         "backbone_keys": {
             w.name: backbone_key(dataclasses.replace(cfg.backbone, seed=w.backbone_seed), "sha", 123) for w in worlds
+        },
+        "backbone_runs": {
+            w.name: _backbone_run(dataclasses.replace(cfg.backbone, seed=w.backbone_seed)) for w in worlds
         },
         "worlds": [dataclasses.asdict(w) for w in worlds],
         "search_seeds": cfg.search_seeds(),

@@ -12,7 +12,7 @@ from tensorpoly_ds.adapters import AdapterConfig, adapter_param_groups, inject_a
 from tensorpoly_ds.engine.config import DeepSpeedSection, RunConfigError, load_run_config
 from tensorpoly_ds.engine.data import IGNORE_INDEX, PreparedData, collate
 from tensorpoly_ds.engine.grad_alignment import GradAlignmentError, select_tasks
-from tensorpoly_ds.engine.trainer import train
+from tensorpoly_ds.engine.trainer import Trainer
 from tests.engine.test_trainer_api import process_group, sections, tiny  # noqa: F401  (module fixture)
 
 
@@ -23,7 +23,7 @@ def run(tmp_path, name, data, rows, *, every, stage=0, tasks=()):
     )
     s["deepspeed"] = DeepSpeedSection(zero_stage=stage, precision="fp32")
     model = inject_adapters(tiny(), AdapterConfig(method="poly", skills=4), len(data.tasks))
-    return train(model, rows, run_dir=tmp_path / name, tasks=data.tasks, **s)
+    return Trainer(model, rows, run_dir=tmp_path / name, tasks=data.tasks, **s).run()
 
 
 def direct_matrix(model, rows, task_ids, per_task):

@@ -9,7 +9,7 @@ import torch
 
 from tensorpoly_ds.adapters import AdapterConfig, inject_adapters
 from tensorpoly_ds.engine.data import PreparedData
-from tensorpoly_ds.engine.trainer import train
+from tensorpoly_ds.engine.trainer import Trainer
 from tests.engine.test_trainer_api import process_group, sections, tiny  # noqa: F401  (module fixture)
 
 
@@ -21,9 +21,8 @@ def test_random_routing_resume_equals_uninterrupted(tmp_path, prepared_dir):
     s["train"] = dataclasses.replace(s["train"], save_every=3)
 
     def run(run_dir, resume="none"):
-        return train(
-            inject_adapters(tiny(), cfg, len(data.tasks)), rows, run_dir=run_dir, tasks=data.tasks, resume=resume, **s
-        )
+        model = inject_adapters(tiny(), cfg, len(data.tasks))
+        return Trainer(model, rows, run_dir=run_dir, tasks=data.tasks, **s).run(resume)
 
     full = run(tmp_path / "full")
     losses = {h["step"]: h["train/loss"] for h in full.history}

@@ -1,4 +1,4 @@
-"""The reusable training API (tensorpoly_ds.engine.trainer.train), in this process (one rank, ZeRO-0)."""
+"""The reusable training API (tensorpoly_ds.engine.trainer.Trainer), in this process (one rank, ZeRO-0)."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from tensorpoly_ds.adapters import AdapterConfig, inject_adapters, load_adapters, task_routing
 from tensorpoly_ds.engine.config import DeepSpeedSection, OptimSection, TrainSection
 from tensorpoly_ds.engine.data import PreparedData, collate
-from tensorpoly_ds.engine.trainer import TrainHooks, lm_loss, train
+from tensorpoly_ds.engine.trainer import DataOptions, Trainer, TrainHooks, lm_loss
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,16 +64,16 @@ def test_train_api_with_hooks_and_export_reload(tmp_path, prepared_dir):
     def on_step(step, metrics):
         calls["steps"] += 1
 
-    result = train(
+    result = Trainer(
         model,
         rows,
         run_dir=tmp_path / "run",
         tasks=data.tasks,
         val_rows=val,
-        val_max_samples=40,
+        data=DataOptions(val_max_samples=40),
         hooks=TrainHooks(loss_fn=loss_fn, eval_fn=eval_fn, on_step=on_step),
         **sections(),
-    )
+    ).run()
     assert result.status == "done" and result.step == 12 and result.exit_code == 0
     assert calls["eval"] == [5, 10, 12] and calls["steps"] == 12
     losses = [h["train/loss"] for h in result.history]
@@ -102,7 +102,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, prepared_dir):
     for gc in (False, True):
         model = inject_adapters(tiny(), AdapterConfig(method="poly", skills=4), len(data.tasks))
         s = sections(steps=4, gradient_checkpointing=gc, eval_at_end=False, export_at_end=False)
-        out.append(train(model, rows, run_dir=tmp_path / f"gc{gc}", tasks=data.tasks, **s))
+        out.append(Trainer(model, rows, run_dir=tmp_path / f"gc{gc}", tasks=data.tasks, **s).run())
     la = [h["train/loss"] for h in out[0].history]
     lb = [h["train/loss"] for h in out[1].history]
     assert out[1].model.is_gradient_checkpointing
@@ -124,7 +124,7 @@ def test_adapter_health_changes_no_number_of_the_run(tmp_path, prepared_dir):
             len(data.tasks),
         )
         s = sections(steps=3, adapter_health=on, eval_at_end=False, export_at_end=False)
-        out.append(train(model, rows, run_dir=tmp_path / f"health{on}", tasks=data.tasks, **s))
+        out.append(Trainer(model, rows, run_dir=tmp_path / f"health{on}", tasks=data.tasks, **s).run())
     off, on = out
     for key in ("train/loss", "train/grad_norm"):
         assert [h[key] for h in off.history] == [h[key] for h in on.history], key
@@ -144,7 +144,7 @@ def test_full_finetune_trains_every_parameter(tmp_path, prepared_dir):
     for p in model.parameters():
         p.requires_grad_(True)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    result = train(model, data.split("train"), run_dir=tmp_path / "ft", tasks=data.tasks, **sections(steps=4))
+    result = Trainer(model, data.split("train"), run_dir=tmp_path / "ft", tasks=data.tasks, **sections(steps=4)).run()
     after = result.model.state_dict()
     assert all(not torch.equal(before[k], after[k]) for k in before if "relative_attention_bias" not in k)
     assert [h for h in result.history[0] if h.startswith("lr/")] == ["lr/base"]
@@ -174,16 +174,15 @@ def test_loss_normaliser_per_batching(tmp_path, prepared_dir, batching):
         return loss_sum, stats
 
     kw = sections(steps=3, eval_at_end=False, export_at_end=False, save_checkpoints=False)
-    train(
+    Trainer(
         model,
         rows,
         run_dir=tmp_path / "run",
         tasks=data.tasks,
         hooks=TrainHooks(loss_fn=loss_fn),
-        batching=batching,
-        group_size=2,
+        data=DataOptions(batching=batching, group_size=2),
         **kw,
-    )
+    ).run()
     assert len(seen) == 6
     step_counts = [seen[i][1] + seen[i + 1][1] for i in (0, 2, 4)]
     assert len(set(step_counts)) > 1  # the steps' counts differ, so the two normalisers are distinguishable

@@ -35,7 +35,7 @@ def main(config_path: str, steps: int) -> None:
     from tensorpoly_ds.engine import distributed as dist
     from tensorpoly_ds.engine.config import load_run_config
     from tensorpoly_ds.engine.model import build_backbone, prepare_model
-    from tensorpoly_ds.engine.trainer import train
+    from tensorpoly_ds.engine.trainer import DataOptions, Trainer
 
     cfg = load_run_config(
         [config_path],
@@ -60,7 +60,7 @@ def main(config_path: str, steps: int) -> None:
         }
     )
     dist.init_distributed()
-    # what train() imports lazily (TensorBoard alone is ~100 MB of RSS) is not training memory
+    # what the trainer imports lazily (TensorBoard alone is ~100 MB of RSS) is not training memory
     import deepspeed  # noqa: F401
     import tqdm  # noqa: F401
     from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -74,7 +74,7 @@ def main(config_path: str, steps: int) -> None:
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     before = status_bytes("VmRSS") - file_backed()
-    train(
+    Trainer(
         model,
         rows,
         optim=cfg.optim,
@@ -82,9 +82,8 @@ def main(config_path: str, steps: int) -> None:
         deepspeed=cfg.deepspeed,
         run_dir=cfg.run.dir,
         tasks=[f"task{i}" for i in range(tasks)],
-        max_input_len=cfg.data.max_input_len,
-        max_target_len=cfg.data.max_target_len,
-    )
+        data=DataOptions(max_input_len=cfg.data.max_input_len, max_target_len=cfg.data.max_target_len),
+    ).run()
     # the high-water mark counts file-backed pages too (shared libraries' code, mapped on first use and with the
     # kernel's fault-around, so more of it when another process has those pages cached); they only grow, so
     # taking their final size off the peak leaves the anonymous memory training added
