@@ -149,12 +149,8 @@ class Scheduler:
         recheck_s: float = 2.0,
     ) -> None:
         self.workers, self.threads, self.scratch, self.log = workers, threads, scratch, log
-        self.stop_grace, self.shared_build_cache, self.poll_s, self.recheck_s = (
-            stop_grace,
-            shared_build_cache,
-            poll_s,
-            recheck_s,
-        )
+        self.stop_grace, self.shared_build_cache = stop_grace, shared_build_cache
+        self.poll_s, self.recheck_s = poll_s, recheck_s
         self.report = Report()
         self.pending: list[Job] = []
         for job in jobs:

@@ -233,7 +233,7 @@ def test_stop_sends_sigterm_then_kills_after_the_grace(tmp_path):
             ),
             job(tmp_path, "later", done=True),
         ]
-        report = run(jobs, workers=2, stop_grace=1.0)
+        report = run(jobs, workers=2, stop_grace=2.0)  # ample for "polite" to exit, short for the test
     assert report.stop_signal == signal.SIGTERM and report.stop_name == "SIGTERM"
     assert outcomes(report) == {"stopped": ["polite"], "killed": ["stubborn"], "not_started": ["held", "later"]}
     assert (tmp_path / "polite" / "checkpoint").exists()
