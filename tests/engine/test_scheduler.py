@@ -103,10 +103,14 @@ mark("started")
 if spec.get("wait_for"):
     wait_for(spec["wait_for"])
 if spec.get("stop_parent"):
-    os.kill(os.getppid(), spec["stop_parent"])
-    while spec.get("again_every"):  # until we are killed: a second request that cannot come too soon
+    parent, end = os.getppid(), time.monotonic() + @DEADLINE@
+    os.kill(parent, spec["stop_parent"])
+    # until we are killed, a second request that cannot come too soon; never to a new parent (orphaned)
+    while spec.get("again_every") and time.monotonic() < end:
         time.sleep(spec["again_every"])
-        os.kill(os.getppid(), spec["stop_parent"])
+        if os.getppid() != parent:
+            sys.exit(3)
+        os.kill(parent, spec["stop_parent"])
 if spec.get("forever"):
     time.sleep(@DEADLINE@)
     sys.exit(3)
