@@ -18,6 +18,8 @@ from the kernel (PR_SET_PDEATHSIG) and stop the same way: no orphan keeps traini
 Concurrency: OUT is locked for the sweep's lifetime (a second sweep on it exits 75, naming the holder),
 and each job folder has its own lock, held by the `adapt` process running it: a row held by another live
 process (an array task, a job still checkpointing after a killed sweep) is waited for, never run twice.
+The jobs run through tensorpoly_ds.adapt.table.run_table (on tensorpoly_ds.engine.scheduler, as pretraining
+pools do); this module parses, expands, and reports.
 """
 
 from __future__ import annotations
@@ -25,18 +27,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tensorpoly_ds.adapt.spec import is_complete
-from tensorpoly_ds.adapt.table import TableError, expand_grid, read_grid, read_table, write_table
-from tensorpoly_ds.engine.job_env import REPO_ROOT, job_env
+from tensorpoly_ds.adapt.table import TableError, expand_grid, read_grid, read_table, run_table, write_table
 from tensorpoly_ds.engine.stop import STOP
 from tpds_common.config import apply_overrides
-from tpds_common.errors import EXIT_BUSY, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REQUEUE, report_user_errors
-from tpds_common.locking import FolderLock, describe, holder_if_locked
+from tpds_common.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REQUEUE, report_user_errors
+from tpds_common.locking import FolderLock
 from tpds_common.log import add_logging_arguments, get_logger, setup_from_args
 
 PROG = "tensorpoly-ds sweep"
@@ -85,142 +83,6 @@ def parse_rows(spec: str | None, n: int) -> list[int]:
                 raise TableError(f"--rows: row {r} out of range 0..{n - 1}")
             out.append(r)
     return sorted(set(out))
-
-
-def run_table(
-    table: Path, out: Path, rows: list[dict], selected: list[int], workers: int, threads: int, stop_grace: float = 120.0
-) -> dict[str, list[int]]:
-    """Run the selected rows with `workers` concurrent jobs. Returns {"skipped", "done", "failed",
-    "stopped" (checkpointed by a stop request), "killed", "not_started"}; "stopped" is set by a stop request
-    (STOP, installed by main)."""
-    status: dict[str, list[int]] = {
-        "skipped": [],
-        "done": [],
-        "failed": [],
-        "stopped": [],
-        "killed": [],
-        "not_started": [],
-    }
-    pending: list[int] = []
-    for i in selected:
-        if is_complete(rows[i]["job"]["out_dir"]):
-            status["skipped"].append(i)
-        else:
-            pending.append(i)
-    log.info(f"{len(selected)} rows: {len(status['skipped'])} complete, {len(pending)} to run, {workers} worker(s)")
-    running: dict[int, tuple[int, subprocess.Popen, object]] = {}  # worker slot -> (row, proc, log file)
-    free_slots = list(range(workers))[::-1]
-    waiting: dict[int, float] = {}  # row held by another live process -> when to look again
-
-    def job_dir(row: int) -> Path:
-        return Path(rows[row]["job"]["out_dir"])
-
-    def wait_for(row: int, holder: dict) -> None:
-        if row not in waiting:
-            log.info(f"row {row} {rows[row]['id']}: held by {describe(holder)}; waiting for it")
-        waiting[row] = time.monotonic() + 2.0
-
-    def reap(block: bool) -> None:
-        for slot, (row, proc, fh) in list(running.items()):
-            if block:
-                proc.wait()
-            if proc.poll() is None:
-                continue
-            fh.close()
-            rc = proc.returncode
-            if is_complete(job_dir(row)):  # final, whatever happened after (a stop during interpreter exit)
-                status["done"].append(row)
-                log.info(f"row {row} {rows[row]['id']}: done")
-            elif rc == EXIT_REQUEUE:
-                status["stopped"].append(row)
-                log.info(f"row {row} {rows[row]['id']}: stopped with a checkpoint (resumes on rerun)")
-            elif rc == EXIT_BUSY:  # another process took the row between our check and the job's start
-                wait_for(row, holder_if_locked(job_dir(row)) or {})
-            elif rc < 0 and STOP.signal is not None:
-                status["killed"].append(row)
-                log.warning(f"row {row} {rows[row]['id']}: killed ({signal.Signals(-rc).name}) before it checkpointed")
-            else:
-                status["failed"].append(row)
-                log.warning(f"row {row} {rows[row]['id']}: FAILED (exit {rc}), log {job_dir(row) / 'log.txt'}")
-            del running[slot]
-            free_slots.append(slot)
-
-    def next_row() -> int | None:
-        now = time.monotonic()
-        for row in [r for r, t in waiting.items() if t <= now]:  # held rows whose holder may be gone
-            holder = holder_if_locked(job_dir(row))
-            if holder is None:
-                del waiting[row]
-                if is_complete(job_dir(row)):
-                    status["skipped"].append(row)
-                else:
-                    pending.insert(0, row)
-            else:
-                wait_for(row, holder)
-        while pending:
-            row = pending.pop(0)
-            holder = holder_if_locked(job_dir(row))
-            if holder is None:
-                return row
-            wait_for(row, holder)
-        return None
-
-    def start(slot: int, row: int) -> None:
-        job_out = job_dir(row)
-        job_out.mkdir(parents=True, exist_ok=True)
-        fh = open(job_out / "log.txt", "a")
-        fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} row {row} worker {slot}\n")
-        fh.flush()
-        cmd = [sys.executable, "-m", "launch.adapt", "--job-table", str(table), "--row", str(row)]
-        # a session (process group) of its own: a stop reaches the job and its children, and the
-        # terminal's Ctrl-C reaches only the sweep, which stops the jobs in order
-        proc = subprocess.Popen(
-            cmd,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=job_env(out, slot, threads),
-            cwd=str(REPO_ROOT),
-            start_new_session=True,
-        )
-        running[slot] = (row, proc, fh)
-        log.debug(f"row {row} {rows[row]['id']}: started on worker {slot} (pid {proc.pid})")
-
-    def signal_all(sig: int) -> None:
-        for _, proc, _ in running.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    pass
-
-    try:
-        while (pending or running or waiting) and STOP.signal is None:
-            while free_slots and STOP.signal is None:
-                row = next_row()
-                if row is None:
-                    break
-                start(free_slots.pop(), row)
-            time.sleep(0.2)
-            reap(block=False)
-        if STOP.signal is not None:
-            log.info(f"{STOP.name}: stopping {len(running)} running job(s) (they checkpoint; up to {stop_grace:.0f} s)")
-            signal_all(signal.SIGTERM)
-            deadline = time.monotonic() + stop_grace
-            while running and time.monotonic() < deadline:
-                time.sleep(0.2)
-                reap(block=False)
-            if running:
-                log.warning(f"{len(running)} job(s) still running after {stop_grace:.0f} s: killing them")
-                signal_all(signal.SIGKILL)
-                reap(block=True)
-    except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
-        log.warning("second Ctrl-C: killing the running jobs")
-        signal_all(signal.SIGKILL)
-        reap(block=True)
-        status["not_started"] = sorted(pending + list(waiting))
-        raise
-    status["not_started"] = sorted(pending + list(waiting))
-    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Job tables: one JSON object per line, row i = Slurm array task i. Expansion of a sweep grid."""
+"""Job tables: one JSON object per line, row i = Slurm array task i. Expansion of a sweep grid, and running a
+table locally (`run_table`, what `tensorpoly-ds sweep` does) through the subprocess scheduler."""
 
 from __future__ import annotations
 
@@ -7,14 +8,19 @@ import itertools
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 from tpds_common.config import check_fields, read_yaml, reject_unknown
 from tpds_common.errors import ConfigError
 from tpds_common.files import read_text
+from tpds_common.locking import holder_if_locked
+from tpds_common.log import get_logger
 
-from .spec import FULLFT, AdaptJob, JobError
+from ..engine.scheduler import FINAL, Job, Scheduler
+from .spec import FULLFT, AdaptJob, JobError, is_complete
 
+log = get_logger("sweep")
 ROUTED = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii", "tensorpoly_x")
 
 
@@ -177,4 +183,44 @@ def table_job(path: str | os.PathLike, row: int) -> AdaptJob:
     return AdaptJob.from_dict(rows[row]["job"], source=f"{path} row {row}")
 
 
-__all__ = ["TableError", "expand_grid", "read_grid", "read_table", "table_job", "write_table", "FULLFT", "JobError"]
+def run_table(
+    table: Path, out: Path, rows: list[dict], selected: list[int], workers: int, threads: int, stop_grace: float = 120.0
+) -> dict[str, list[int]]:
+    """Run the selected rows of `table`, each as `python -m launch.adapt --job-table TABLE --row i` in its job
+    folder's log.txt, with `workers` concurrent jobs; complete rows are skipped and rows another live process
+    holds (the job folder's lock) are waited for. Returns the row numbers per outcome: {"skipped", "done",
+    "failed", "stopped" (checkpointed by a stop request), "killed", "not_started"} (engine.scheduler; a stop
+    request is STOP, installed by the entry point)."""
+
+    def job(i: int) -> Job:
+        folder = Path(rows[i]["job"]["out_dir"])
+        return Job(
+            name=f"row {i} {rows[i]['id']}",
+            argv=[sys.executable, "-m", "launch.adapt", "--job-table", str(table), "--row", str(i)],
+            log=folder / "log.txt",
+            done=lambda: is_complete(folder),
+            holder=lambda: holder_if_locked(folder),
+            key=i,
+        )
+
+    scheduler = Scheduler(
+        [job(i) for i in selected], workers=workers, threads=threads, scratch=out, log=log, stop_grace=stop_grace
+    )
+    log.info(
+        f"{len(selected)} rows: {len(scheduler.skipped)} complete, {len(scheduler.pending)} to run, {workers} worker(s)"
+    )
+    report = scheduler.run()
+    return {o.value: sorted(report.keys(o)) for o in FINAL}
+
+
+__all__ = [
+    "TableError",
+    "expand_grid",
+    "read_grid",
+    "read_table",
+    "run_table",
+    "table_job",
+    "write_table",
+    "FULLFT",
+    "JobError",
+]

@@ -13,18 +13,20 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PARENT_PID_ENV = "TPDS_PARENT_PID"  # read by launch/adapt.py: checkpoint and stop when the parent dies
 
 
-def job_env(out: Path, worker: int, threads: int) -> dict[str, str]:
+def job_env(out: Path, worker: int, threads: int, shared_build_cache: bool = False) -> dict[str, str]:
+    """`shared_build_cache`: every worker uses $TORCH_EXTENSIONS_DIR itself (DeepSpeed's default when unset),
+    for callers that built the op once before starting the jobs (run_pool.ensure_engine_ops)."""
     env = dict(os.environ)
     env["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
     env["MASTER_PORT"] = str(free_port())
-    # one build cache per worker slot (concurrent JIT builds clash on the lock), under $TORCH_EXTENSIONS_DIR when
-    # set (reused across sweeps), else under the sweep directory
-    base = (
-        Path(os.environ["TORCH_EXTENSIONS_DIR"])
-        if os.environ.get("TORCH_EXTENSIONS_DIR")
-        else out / ".torch_extensions"
-    )
-    env["TORCH_EXTENSIONS_DIR"] = str(base / f"worker{worker}")
+    if shared_build_cache:
+        if not env.get("TORCH_EXTENSIONS_DIR"):
+            env.pop("TORCH_EXTENSIONS_DIR", None)
+    else:
+        # one build cache per worker slot (concurrent JIT builds clash on the lock), under $TORCH_EXTENSIONS_DIR
+        # when set (reused across sweeps), else under the sweep directory
+        base = Path(env["TORCH_EXTENSIONS_DIR"]) if env.get("TORCH_EXTENSIONS_DIR") else out / ".torch_extensions"
+        env["TORCH_EXTENSIONS_DIR"] = str(base / f"worker{worker}")
     env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID"):

@@ -4,6 +4,15 @@ A job on the tiny backbone trains for a few seconds; starting Python, torch and 
 cost more than the job. Each worker process imports everything once, pins its torch threads and runs
 job after job through `tensorpoly_ds.adapt.job.run_job` (the local trainer), which writes result.json
 and the COMPLETE marker; complete jobs are skipped, so an interrupted pool resumes where it stopped.
+
+Why this is not the subprocess scheduler (`tensorpoly_ds.engine.scheduler`, which runs sweeps and pretraining
+pools): that one starts a process per job, with its own session, port and environment, so that a stop can
+SIGTERM the job's process group and the engine checkpoints; a start costs seconds, which a job of minutes or
+hours does not notice. Here the start-up would dominate, the jobs are too short to checkpoint (one cut short
+runs again from scratch), and nothing per job needs its own process. The report uses the scheduler's words
+where they apply (`done`, `skipped`, `failed`; a failed job's line reads "<id>: FAILED (...), log ..."); there
+is no `stopped`: an interrupted pool (Ctrl-C) terminates its workers and raises, and the rerun skips the
+complete jobs.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from ..adapt.job import is_complete
 
 @dataclass
 class PoolReport:
+    """Indices of the rows per outcome, named as engine.scheduler.Outcome names them."""
+
     done: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
@@ -111,7 +122,8 @@ class JobPool:
                         report.done.append(index)
                     else:
                         report.failed[index] = error
-                        log.warning(f"FAILED {rows[index]['id']}: {error}")
+                        out = Path(rows[index]["job"]["out_dir"])
+                        log.warning(f"{rows[index]['id']}: FAILED ({error}), log {out / 'log.txt'}")
                     bar.update(1)
                     bar.set_postfix(failed=len(report.failed), refresh=False)
         except BaseException:

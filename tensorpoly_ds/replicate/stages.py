@@ -144,6 +144,7 @@ def search_pretraining_lrs(
 
     from ..engine import lr_search
     from ..engine.run_pool import ensure_engine_ops, run_pretraining
+    from ..engine.stop import STOP
 
     spec = lr_search.LrSearchSection(**cfg.pretrain.lr_search)
     spec.validate(f"{cfg.source}: pretrain.lr_search")
@@ -164,7 +165,9 @@ def search_pretraining_lrs(
         )
         return key, result
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    # a stop request (Ctrl-C, SIGTERM) reaches the threads' schedulers through the process-wide STOP, which only
+    # the main thread can install
+    with STOP.handling(), ThreadPoolExecutor(max_workers=workers) as pool:
         return dict(pool.map(one, todo))
 
 
