@@ -15,7 +15,7 @@ from torch import nn
 
 from tpds_common.errors import ConfigError
 
-from ..evaluation import LossWeights, collate_choices, collate_lm, tfew_losses
+from ..evaluation import LossWeights, collate_choices, collate_lm, length_keys, tfew_losses
 from ..evaluation.rank_classification import ChoiceBatch
 
 _CHOICE_FIELDS = tuple(ChoiceBatch.__dataclass_fields__)
@@ -92,6 +92,10 @@ class _Rows:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def length_keys(self):
+        """The sort keys of length-grouped batching (engine.data.row_lengths): the local trainer's."""
+        return length_keys(self.rows)
+
     def __getitem__(self, idx):
         if isinstance(idx, int):
             return self.rows[idx]
@@ -152,6 +156,8 @@ def engine_train(
             run_dir=run_root / "multitask",
             tasks=[job.task],
             hooks=hooks,
+            batching=job.batching,
+            group_size=job.group_size,
             resume=resume,
         )
         multitask_history = res.history
@@ -185,6 +191,8 @@ def engine_train(
             run_dir=run_root / "fewshot",
             tasks=[job.task],
             hooks=hooks,
+            batching=job.batching,
+            group_size=job.group_size,
             resume=resume if resumed_in == "fewshot" else "none",
         )
         history = res.history
