@@ -15,11 +15,13 @@ sweep's recipe; 4 batches an epoch, group_size 4: a whole epoch is one window), 
 over each task's 1,000 eval rows (fewer where the task is smaller), batch 16, in order vs length_sorted. The
 decoder's slots are choices x longest choice of the batch (rank classification flattens every choice).
 
-Useful tokens/s: a T5 with d_model 256 (4+4 layers, 8 heads, d_ff 1024, gated-GELU, T0's 32,128-word
+Useful tokens/s (on `--timed-tasks`, default ANLI R1, CB, COPA, HellaSwag: long and short inputs, long choices;
+the time budget of a busy 2-CPU machine keeps it to four): a T5 with d_model 256 (4+4 layers, 8 heads, d_ff 1024, gated-GELU, T0's 32,128-word
 vocabulary) with Poly adapters (8 skills, rank 1, frozen backbone, AdamW on the adapters), one thread. Training:
 one epoch (4 steps of T-Few losses) per task in both orders, the orders alternating step by step; both train
-the same 32 rows, so the useful tokens are equal and the ratio is a time ratio. Eval: the same `--eval-rows`
-rows per task scored in both orders (alternating batch by batch), the same useful tokens.
+the same 32 rows, so the useful tokens are equal and the ratio is a time ratio. Eval: `--eval-batches` batches
+of each order, evenly spaced over the task's whole eval set (in order: any batches; sorted: from short to long),
+alternating batch by batch; useful tokens/s is each order's useful tokens over its seconds.
 
 Usage: python benchmarks/bench_adapt_batching.py [--quick] [--out benchmarks/results/adapt_batching.json]
 """
@@ -84,20 +86,30 @@ def task_rows(name: str, n: int, seed: int) -> list[dict]:
     return rows
 
 
-def slots(rows: list[dict]) -> tuple[int, int]:
-    """(useful, total) input + decoder slots of one collated choice batch."""
+def slots(rows: list[dict]) -> dict[str, tuple[int, int]]:
+    """(useful, total) input and decoder slots of one collated choice batch."""
     keys = length_keys(rows)
     choices = [len(c) for r in rows for c in r["choice_ids"]]
-    useful = int(keys[:, 0].sum()) + sum(choices)
-    return useful, len(rows) * int(keys[:, 0].max()) + len(choices) * max(choices)
+    return {
+        "input": (int(keys[:, 0].sum()), len(rows) * int(keys[:, 0].max())),
+        "decoder": (sum(choices), len(choices) * max(choices)),
+    }
 
 
-def padding(rows: list[dict], batches: list[list[int]]) -> float:
-    useful = total = 0
+def useful_tokens(rows: list[dict]) -> int:
+    return sum(u for u, _ in slots(rows).values())
+
+
+def padding(rows: list[dict], batches: list[list[int]]) -> dict[str, float]:
+    """Padding fraction of input + decoder slots, and of each alone."""
+    sums = {"input": [0, 0], "decoder": [0, 0]}
     for b in batches:
-        u, t = slots([rows[i] for i in b])
-        useful, total = useful + u, total + t
-    return 1 - useful / total
+        for part, (u, t) in slots([rows[i] for i in b]).items():
+            sums[part][0] += u
+            sums[part][1] += t
+    out = {f"{part}_padding": 1 - u / t for part, (u, t) in sums.items()}
+    out["padding"] = 1 - sum(u for u, _ in sums.values()) / sum(t for _, t in sums.values())
+    return out
 
 
 def train_batches(rows, batching: str, batch: int, steps: int, seed: int, group: int = 4) -> list[list[int]]:
@@ -170,33 +182,35 @@ def measure(args) -> dict:
             },
         }
         timed = {}
-        if args.eval_rows:
+        if args.eval_batches and name in args.timed_tasks:
             one_epoch = {b: train_batches(shots, b, batch, k // batch, seed=0) for b in ("random", "length_grouped")}
             tb = {b: [collate_choices([shots[i] for i in ix], 0) for ix in v] for b, v in one_epoch.items()}
-            sub = evals[: args.eval_rows]
-            eb = {
-                e: [collate_choices([sub[i] for i in ix], 0) for ix in eval_batches(sub, e, eval_batch)]
-                for e in ("in_order", "length_sorted")
-            }
+            # a sample of each order's batches of the whole eval set, evenly spaced (short to long when sorted)
+            picked = {}
+            for e in ("in_order", "length_sorted"):
+                full = eval_batches(evals, e, eval_batch)
+                picked[e] = [full[int(j)] for j in np.linspace(0, len(full) - 1, args.eval_batches).round()]
+            eb = {e: [collate_choices([evals[i] for i in ix], 0) for ix in v] for e, v in picked.items()}
             timed_train(model, opt, tb["random"][0])  # warm-up
             timed["train_s"] = interleaved(lambda b: timed_train(model, opt, b), tb)
             timed["eval_s"] = interleaved(lambda b: timed_eval(model, b), eb)
+            train_useful = sum(useful_tokens([shots[i] for i in ix]) for ix in one_epoch["random"])
             useful = {
-                "train": sum(slots([shots[i] for i in ix])[0] for ix in one_epoch["random"]),
-                "eval": sum(slots([sub[i] for i in ix])[0] for ix in eval_batches(sub, "in_order", eval_batch)),
+                "train": dict.fromkeys(one_epoch, train_useful),  # the same rows in both orders
+                "eval": {e: sum(useful_tokens([evals[i] for i in ix]) for ix in v) for e, v in picked.items()},
             }
             timed["useful_tokens"] = useful
             for part, key in (("train", "train_s"), ("eval", "eval_s")):
                 for order, s in timed[key].items():
                     totals.setdefault(part, {}).setdefault(order, [0.0, 0])
                     totals[part][order][0] += s
-                    totals[part][order][1] += useful[part]
+                    totals[part][order][1] += useful[part][order]
         entry["timed"] = timed
         tasks[name] = entry
         tr, ev = entry["train_padding"], entry["eval_padding"]
         line = (
-            f"{name:>12}: train padding {tr['random']:.3f} -> {tr['length_grouped']:.3f}, "
-            f"eval padding {ev['in_order']:.3f} -> {ev['length_sorted']:.3f}"
+            f"{name:>12}: train padding {tr['random']['padding']:.3f} -> {tr['length_grouped']['padding']:.3f}, "
+            f"eval padding {ev['in_order']['padding']:.3f} -> {ev['length_sorted']['padding']:.3f}"
         )
         if timed:
             r = {p: timed[f"{p}_s"] for p in ("train", "eval")}
@@ -211,7 +225,8 @@ def measure(args) -> dict:
 
 def summarise(tasks: dict, totals: dict) -> dict:
     def mean(key, order):
-        return float(np.mean([t[key][order] for t in tasks.values()]))
+        parts = ("padding", "input_padding", "decoder_padding")
+        return {p: float(np.mean([t[key][order][p] for t in tasks.values()])) for p in parts}
 
     out = {
         "train_padding_mean": {b: mean("train_padding", b) for b in ("random", "length_grouped")},
@@ -227,12 +242,22 @@ def summarise(tasks: dict, totals: dict) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: checks that the script runs")
-    p.add_argument("--eval-rows", type=int, default=96, help="eval rows timed per task (0: padding only)")
+    p.add_argument(
+        "--eval-batches", type=int, default=4, help="eval batches timed per task and order (0: padding only)"
+    )
+    p.add_argument(
+        "--timed-tasks",
+        nargs="+",
+        choices=list(TASKS),
+        default=["anli_r1", "cb", "copa", "hellaswag"],
+        help="tasks whose steps are timed (padding: every task); the default spans long and short inputs and "
+        "HellaSwag's long choices",
+    )
     p.add_argument("--pad-eval-rows", type=int, default=1000, help="eval rows per task for the padding numbers")
     p.add_argument("--out", default="benchmarks/results/adapt_batching.json")
     args = p.parse_args(argv)
     if args.quick:
-        args.eval_rows, args.pad_eval_rows = 16, 64
+        args.eval_batches, args.pad_eval_rows, args.timed_tasks = 2, 64, ["copa"]
     meta = {
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
@@ -246,7 +271,8 @@ def main(argv=None) -> int:
         "batch_size": 8,
         "group_size": 4,
         "eval_batch_size": 16,
-        "timed_eval_rows_per_task": args.eval_rows,
+        "timed_eval_batches_per_task": args.eval_batches,
+        "timed_tasks": args.timed_tasks,
         "task_shapes_made_up": {
             k: dict(zip(("input_median", "input_sigma", "templates", "choices", "choice_median", "eval_rows"), v))
             for k, v in TASKS.items()
@@ -258,8 +284,8 @@ def main(argv=None) -> int:
     meta["load_average_at_end"] = os.getloadavg()
     meta["wall_s"] = time.perf_counter() - start
     s = result["summary"]
-    print("\n| part | order | padding (mean of 11 tasks) | useful tokens/s | ratio |")
-    print("|---|---|---|---|---|")
+    print("\n| part | order | padding (mean of 11 tasks) | input / decoder padding | useful tokens/s | ratio |")
+    print("|---|---|---|---|---|---|")
     for part, pad_key, (base, new) in (
         ("training", "train_padding_mean", ("random", "length_grouped")),
         ("rank classification", "eval_padding_mean", ("in_order", "length_sorted")),
@@ -268,7 +294,11 @@ def main(argv=None) -> int:
         for order in (base, new):
             ratio = f"{tps['ratio']:.2f}x" if order == new and tps else ""
             rate = f"{tps[order]:.0f}" if tps else "-"
-            print(f"| {part} | {order} | {s[pad_key][order]:.3f} | {rate} | {ratio} |")
+            pad = s[pad_key][order]
+            print(
+                f"| {part} | {order} | {pad['padding']:.1%} | {pad['input_padding']:.1%} / "
+                f"{pad['decoder_padding']:.1%} | {rate} | {ratio} |"
+            )
     print(f"load average {meta['load_average_at_start']} -> {meta['load_average_at_end']}, {meta['wall_s']:.0f} s")
     atomic_write_text(Path(args.out), json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -15,7 +15,9 @@ Mutations tried, each caught by the test named (then reverted):
 - job: Evaluations not passing the order (self.order = None) -> test_length_sorted_job_writes_the_in_order_predictions;
 - spec: the batching check removed from __post_init__ -> test_bad_values_are_refused_naming_field_and_value;
 - spec: to_dict through dataclasses.asdict (the new fields always written) ->
-  test_new_fields_stay_out_of_records_at_their_defaults.
+  test_new_fields_stay_out_of_records_at_their_defaults;
+- engine: `batching=job.batching` left out of the few-shot train() call, and separately row_lengths ignoring
+  a table's length_keys() -> test_engine_job_trains_with_the_jobs_batching.
 (A first version of the head mutation, dropping the head rows, loops forever for n < batch: the queue never
 fills; `head = 0` is the mutation recorded.)
 """
@@ -295,3 +297,32 @@ def test_length_sorted_job_writes_the_in_order_predictions(prepared, poly_export
     for a, b in zip(plain, sorted_):
         assert {k: v for k, v in a.items() if k != "scores"} == {k: v for k, v in b.items() if k != "scores"}
         assert b["scores"] == pytest.approx(a["scores"], rel=1e-4, abs=1e-4)
+
+
+def test_engine_job_trains_with_the_jobs_batching(prepared, poly_export, tmp_path, monkeypatch):
+    """The engine trainer gets the job's batching and group_size (its TrainStream), and sorts on the local
+    trainer's keys (the rows' own length_keys: input length, longest choice)."""
+    from tensorpoly_ds.adapt.job import run_job
+    from tensorpoly_ds.engine import data as data_mod
+    from tensorpoly_ds.engine import trainer as trainer_mod
+    from tests.adapt.test_stop_resume import make_job
+
+    streams = []
+
+    class Spy(data_mod.TrainStream):
+        def __init__(self, ds, **kw):
+            super().__init__(ds, **kw)
+            streams.append(self)
+
+    monkeypatch.setattr(trainer_mod, "TrainStream", Spy)
+    job = make_job(prepared, poly_export, tmp_path / "engine", **{**GROUPED, "trainer": "engine", "steps": 4})
+    assert run_job(job)["status"] == "complete"
+    (stream,) = streams
+    assert (stream.batching, stream.group_size) == ("length_grouped", 2)
+    rows = [stream.ds[i] for i in range(len(stream.ds))]
+    assert stream.lengths().tolist() == length_keys(rows).tolist()
+    # rows whose answer is not their longest choice: the engine reads the choices, not target_ids
+    from tensorpoly_ds.adapt.engine_train import _Rows
+
+    odd = [{"input_ids": [2] * 7, "choice_ids": [[3, 1], [3, 3, 3, 3, 1]], "target_ids": [3, 1], "task_id": 0}]
+    assert data_mod.row_lengths(_Rows(odd)).tolist() == [[7, 5]]
