@@ -39,6 +39,9 @@ import yaml
 from .errors import ConfigError
 
 INCLUDE = "include"  # a file's list of files (relative to it) merged under it: composition
+# Field metadata of a config field added after results were published with its dataclass: at its default it is
+# left out of stable_asdict, so digests, protocol files and job records made before it stay the same bytes.
+ADDED_LATER = "added_later"
 
 
 class Loader(yaml.SafeLoader):
@@ -330,3 +333,14 @@ def check_fields(
     hints = typing.get_type_hints(cls)
     sources = sources or {}
     return {k: check_value(v, hints[k], k, sources.get(k, where), error) for k, v in data.items()}
+
+
+def stable_asdict(obj: Any) -> dict:
+    """dataclasses.asdict without the fields marked ADDED_LATER that sit at their default."""
+    body = dataclasses.asdict(obj)
+    for f in dataclasses.fields(obj):
+        if f.metadata.get(ADDED_LATER) and body[f.name] == (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        ):
+            body.pop(f.name)
+    return body

@@ -15,7 +15,7 @@ from torch import nn
 
 from tpds_common.errors import ConfigError
 
-from ..evaluation import LossWeights, collate_choices, collate_lm, tfew_losses
+from ..evaluation import LossWeights, collate_choices, collate_lm, length_keys, tfew_losses
 from ..evaluation.rank_classification import ChoiceBatch
 
 _CHOICE_FIELDS = tuple(ChoiceBatch.__dataclass_fields__)
@@ -91,6 +91,10 @@ class _Rows:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def length_keys(self):
+        """The sort keys of length-grouped batching (engine.data.row_lengths): the local trainer's."""
+        return length_keys(self.rows)
 
     def __getitem__(self, idx):
         if isinstance(idx, int):
@@ -174,7 +178,7 @@ def _prepare_zero3(job, model: nn.Module, steps: int) -> None:
 
 def _multitask_phase(job, net: nn.Module, world: int, data_dir: str, run_dir: Path, resume: str):
     """Multi-task steps on the variant's training split (token-mean LM loss) before the few shots."""
-    from ..engine.trainer import Trainer, TrainHooks
+    from ..engine.trainer import DataOptions, Trainer, TrainHooks
     from .job import load_rows
 
     mt_rows = _Rows(load_rows(data_dir, "train"))
@@ -182,8 +186,9 @@ def _multitask_phase(job, net: nn.Module, world: int, data_dir: str, run_dir: Pa
     optim.lr = optim.module_lr = job.multitask_lr or job.lr
     tr.eval_at_end = False
     hooks = TrainHooks(collate_fn=lambda rows: collate_lm(rows, 0))  # default loss: token-mean LM
+    data = DataOptions(batching=job.batching, group_size=job.group_size)
     return Trainer(
-        net, mt_rows, optim=optim, train=tr, deepspeed=ds, run_dir=run_dir, tasks=[job.task], hooks=hooks
+        net, mt_rows, optim=optim, train=tr, deepspeed=ds, run_dir=run_dir, tasks=[job.task], hooks=hooks, data=data
     ).run(resume)
 
 
@@ -199,7 +204,7 @@ def _fewshot_phase(
     resume: str,
 ):
     """The few-shot steps: T-Few loss, example-mean normaliser, the job's evaluation every eval_every steps."""
-    from ..engine.trainer import Trainer, TrainHooks
+    from ..engine.trainer import DataOptions, Trainer, TrainHooks
 
     optim, tr, ds = _sections(job, steps, world, job.batch_size, job.eval_every)
     if len(train_rows) < job.batch_size:
@@ -211,8 +216,17 @@ def _fewshot_phase(
         collate_fn=choice_collate,
         eval_fn=lambda engine, step: run_eval(engine, step),
     )
+    data = DataOptions(batching=job.batching, group_size=job.group_size)
     return Trainer(
-        net, _Rows(train_rows), optim=optim, train=tr, deepspeed=ds, run_dir=run_dir, tasks=[job.task], hooks=hooks
+        net,
+        _Rows(train_rows),
+        optim=optim,
+        train=tr,
+        deepspeed=ds,
+        run_dir=run_dir,
+        tasks=[job.task],
+        hooks=hooks,
+        data=data,
     ).run(resume)
 
 

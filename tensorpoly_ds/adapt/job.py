@@ -52,7 +52,18 @@ from ..adapters import (
 )
 from ..engine.loop import TRAIN_LOSS, train_key
 from ..engine.stop import STOP
-from ..evaluation import LossWeights, accuracy, collate_choices, collate_lm, evaluate, lm_loss, tfew_losses, write_jsonl
+from ..evaluation import (
+    LossWeights,
+    accuracy,
+    collate_choices,
+    collate_lm,
+    evaluate,
+    length_keys,
+    length_order,
+    lm_loss,
+    tfew_losses,
+    write_jsonl,
+)
 from .local_train import (
     CHECKPOINT_FILE,
     EpochSampler,
@@ -505,12 +516,20 @@ class Evaluations:
             if self.best is None or entry["accuracy"] > self.best["accuracy"]:
                 self.best = entry
         self.seconds = 0.0
+        self.order = length_order(eval_rows) if job.eval_batching == "length_sorted" else None
 
     def __call__(self, net: nn.Module, step: int) -> dict:
         job, out = self.job, self.out
         t = time.time()
         phase = "final" if step == self.steps else ("start" if step == 0 else "periodic")
-        records = evaluate(net, self.eval_rows, batch_size=job.eval_batch_size, length_norm=job.length_norm, task_id=0)
+        records = evaluate(
+            net,
+            self.eval_rows,
+            batch_size=job.eval_batch_size,
+            length_norm=job.length_norm,
+            task_id=0,
+            order=self.order,
+        )
         acc = accuracy(records)
         entry = {
             "step": step,
@@ -591,9 +610,15 @@ def _local_resume_state(ckpt_path: Path, resumed_in: str | None) -> dict | None:
     return load_checkpoint(ckpt_path)
 
 
+def job_sampler(job: AdaptJob, rows: list[dict], batch_size: int, seed: int) -> EpochSampler:
+    """The local trainer's sampler of `rows` in the job's batching (random: no lengths are read)."""
+    lengths = length_keys(rows) if job.batching == "length_grouped" and rows else None
+    return EpochSampler(len(rows), batch_size, seed, lengths=lengths, group_size=job.group_size)
+
+
 def _local_multitask(job: AdaptJob, model: nn.Module, ckpt_path: Path, state: dict | None):
     mt_rows = load_rows(job.data_dir, "train")
-    sampler = EpochSampler(len(mt_rows), job.multitask_batch_size, job.seed + 1)
+    sampler = job_sampler(job, mt_rows, job.multitask_batch_size, job.seed + 1)
     optimizer = build_optimizer(model, job.optimizer, job.multitask_lr or job.lr, job.routing_lr)
     # All rows use routing row 0: the uniform / freshly opened routing of the adapted model.
     loop = LocalTrainer(
@@ -621,7 +646,7 @@ def _local_fewshot(
     evals: Evaluations,
     state: dict | None,
 ):
-    sampler = EpochSampler(len(train_rows), job.batch_size, job.seed)
+    sampler = job_sampler(job, train_rows, job.batch_size, job.seed)
     optimizer = build_optimizer(model, job.optimizer, job.lr, job.routing_lr)
     weights = _loss_weights(job)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,28 +58,77 @@ def build_optimizer(model: nn.Module, name: str, lr: float, routing_lr: float | 
 
 
 class EpochSampler:
-    """Batches of row indices: a fresh seeded permutation per epoch (rows smaller than a batch repeat)."""
+    """Batches of row indices: a fresh seeded permutation per epoch, appended to a queue that batches are cut
+    from (rows smaller than a batch repeat; a batch may straddle two epochs).
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    Length-grouped (`lengths` given, one sort key per row, e.g. (input length, longest choice)): each epoch's
+    permutation, the same one the random order draws, is cut into windows of `group_size` batches; a window's
+    rows are sorted by length (then by their place in the permutation), cut into batches, and the batches are
+    taken in a seeded random order. The windows start where the queue's batch grid does (the rows that complete
+    a batch begun in the previous epoch come first, unsorted), so every batch but that one holds rows of
+    neighbouring lengths. The order is a function of the seed alone, and each epoch is still a permutation:
+    every row once per epoch, the same rows as the random order's epoch."""
+
+    def __init__(
+        self, n: int, batch_size: int, seed: int, lengths: np.ndarray | None = None, group_size: int = 4
+    ) -> None:
         if n < 1:
             from .job import JobError
 
             raise JobError("no training rows")
         self.n, self.batch, self.gen = n, batch_size, torch.Generator().manual_seed(seed)
         self.queue: list[int] = []
+        self.seed, self.group_size, self.epoch = seed, group_size, 0
+        self.lengths = None if lengths is None else np.asarray(lengths).reshape(n, -1)
+
+    @property
+    def batching(self) -> str:
+        return "random" if self.lengths is None else "length_grouped"
 
     def next(self) -> list[int]:
         while len(self.queue) < self.batch:
-            self.queue += torch.randperm(self.n, generator=self.gen).tolist()
+            perm = torch.randperm(self.n, generator=self.gen).tolist()
+            self.queue += perm if self.lengths is None else self.grouped(perm, len(self.queue))
+            self.epoch += 1
         out, self.queue = self.queue[: self.batch], self.queue[self.batch :]
         return out
 
+    def grouped(self, perm: list[int], queued: int) -> list[int]:
+        """The epoch's permutation in length-grouped order, given `queued` rows already waiting in the queue."""
+        head = (self.batch - queued % self.batch) % self.batch
+        rows, out = np.asarray(perm[head:], dtype=np.int64), list(perm[:head])
+        window = self.batch * self.group_size
+        for w, start in enumerate(range(0, len(rows), window)):
+            chunk = rows[start : start + window]
+            keys = self.lengths[chunk]
+            # np.lexsort sorts by its last key first: lengths in column order, then the place in the permutation
+            order = np.lexsort((np.arange(len(chunk)), *keys.T[::-1]))
+            full = len(chunk) // self.batch
+            batches = [chunk[order][b * self.batch : (b + 1) * self.batch] for b in range(full)]
+            shuffle = np.random.default_rng([self.seed % 2**63, self.epoch, w]).permutation(full)
+            # a partial batch (the epoch's last rows) stays last, so the batch grid stays on the sorted batches
+            out += [int(i) for b in shuffle for i in batches[b]] + chunk[order][full * self.batch :].tolist()
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.gen.get_state(), "queue": list(self.queue)}
+        state = {"generator": self.gen.get_state(), "queue": list(self.queue)}
+        if self.lengths is not None:  # a random sampler's state reads as before (older checkpoints too)
+            state.update(epoch=self.epoch, batching=self.batching, group_size=self.group_size)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, group = state.get("batching", "random"), state.get("group_size")
+        if saved != self.batching or (saved != "random" and group != self.group_size):
+            # another order would repeat some rows of the current epoch and skip others
+            raise LocalCheckpointError(
+                f"the checkpoint's sampler is batching={saved}"
+                + (f", group_size={group}" if group else "")
+                + f"; this job has batching={self.batching}, group_size={self.group_size}: rerun the "
+                "original job to resume it, or --force to start over"
+            )
         self.gen.set_state(state["generator"])
         self.queue = list(state["queue"])
+        self.epoch = int(state.get("epoch", 0))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -13,13 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tpds_common.config import check_fields, parse_value
+from tpds_common.config import ADDED_LATER, check_fields, parse_value, stable_asdict
 from tpds_common.errors import BusyError, ConfigError
 
 RESULT_FILE = "result.json"
 MARKER_FILE = "COMPLETE"
 FULLFT = "fullft"
 RESULT_FORMAT = 1
+BATCHINGS = ("random", "length_grouped")  # the names of the engine's data.batching (engine.data)
+EVAL_BATCHINGS = ("in_order", "length_sorted")
+# Job fields added after results were published: at their default they stay out of to_dict (job.json,
+# result.json, job tables), so those records and every comparison with them keep their bytes.
+_LATER = {ADDED_LATER: True}
 
 
 class JobError(ConfigError):
@@ -76,6 +81,13 @@ class AdaptJob:
     trainer: str = "auto"
     zero_stage: int = 0  # engine trainer only
     precision: str = "fp32"  # engine trainer only: fp32 | bf16
+    # Length-aware batching (docs/adapt.md). Training (both phases): `length_grouped` sorts windows of
+    # group_size batches of the seeded order by length, so rows of similar length share a step. Evaluation:
+    # `length_sorted` scores the eval rows in order of length; records keep the row order. The defaults are the
+    # order every published result was made with; the T0 sweep grid turns both on.
+    batching: str = field(default="random", metadata=_LATER)
+    group_size: int = field(default=4, metadata=_LATER)
+    eval_batching: str = field(default="in_order", metadata=_LATER)
 
     def __post_init__(self) -> None:
         if self.mode not in ("full", "z", "mu"):
@@ -96,6 +108,12 @@ class AdaptJob:
             raise JobError(f"job field 'trainer' = {self.trainer!r}: valid: auto, local, engine")
         if self.zero_stage not in (0, 1, 2, 3):
             raise JobError(f"job field 'zero_stage' = {self.zero_stage!r}: valid: 0, 1, 2, 3")
+        if self.batching not in BATCHINGS:
+            raise JobError(f"job field 'batching' = {self.batching!r}: valid: {', '.join(BATCHINGS)}")
+        if self.group_size < 1:
+            raise JobError(f"job field 'group_size' = {self.group_size!r}: must be >= 1 (batches sorted together)")
+        if self.eval_batching not in EVAL_BATCHINGS:
+            raise JobError(f"job field 'eval_batching' = {self.eval_batching!r}: valid: {', '.join(EVAL_BATCHINGS)}")
         if self.method == FULLFT and self.mode != "full":
             raise JobError(f"FullFT has no routing: mode must be 'full', got {self.mode!r}")
 
@@ -113,7 +131,7 @@ class AdaptJob:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return stable_asdict(self)
 
 
 def is_complete(out_dir: str | os.PathLike) -> bool:

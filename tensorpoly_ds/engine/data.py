@@ -125,7 +125,11 @@ def _rows(ds, indices: list[int]) -> list[dict[str, Any]]:
 
 def row_lengths(ds) -> np.ndarray:
     """(n, 2) int64: the stored lengths of input_ids and target_ids (0 where a dataset has no target_ids).
-    A datasets.Dataset is read as Arrow list offsets (no row is decoded); anything else row by row."""
+    A datasets.Dataset is read as Arrow list offsets (no row is decoded); a table with its own `length_keys()`
+    (adaptation's choice rows: the longest answer choice stands for the target) gives those; anything else is
+    read row by row."""
+    if callable(getattr(ds, "length_keys", None)):
+        return np.asarray(ds.length_keys(), dtype=np.int64).reshape(len(ds), 2)
     names = list(getattr(ds, "column_names", []))
     wanted = [c for c in ("input_ids", "target_ids") if c in names]
     if "input_ids" not in wanted:

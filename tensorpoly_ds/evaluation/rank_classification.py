@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -179,6 +180,26 @@ def rank_plan(n: int, batch_size: int, rank: int, world_size: int) -> list[list[
     return [mine[s : s + batch_size] for s in range(0, per_rank, batch_size)]
 
 
+def length_keys(rows: Sequence[dict]) -> np.ndarray:
+    """(n, 2) int64 sort keys of rows: the input length, then the longest answer choice (choice rows) or the
+    target length (LM rows; 0 without either). What a batch of the rows pads to."""
+    keys = np.zeros((len(rows), 2), dtype=np.int64)
+    for i in range(len(rows)):
+        row = rows[i]
+        keys[i, 0] = len(row["input_ids"])
+        if row.get("choice_ids"):
+            keys[i, 1] = max(len(c) for c in row["choice_ids"])
+        elif row.get("target_ids") is not None:
+            keys[i, 1] = len(row["target_ids"])
+    return keys
+
+
+def length_order(rows: Sequence[dict]) -> list[int]:
+    """Row indices by length (length_keys, then the row index): the evaluation order of `length_sorted`."""
+    keys = length_keys(rows)
+    return np.lexsort((np.arange(len(keys)), keys[:, 1], keys[:, 0])).tolist()
+
+
 def _device_of(model: nn.Module) -> torch.device:
     dev = getattr(model, "device", None)
     if isinstance(dev, torch.device):
@@ -197,17 +218,26 @@ def evaluate(
     length_norm: float = 0.0,
     task_id: int = 0,
     device: torch.device | None = None,
+    order: Sequence[int] | None = None,
 ) -> list[dict]:
     """Rank-classify `rows` (a list of dicts or a datasets.Dataset) on every rank; returns the
-    per-example records (in input order) on every rank. Call it on all ranks together."""
+    per-example records (in input order) on every rank. Call it on all ranks together.
+
+    `order` (a permutation of the row indices, e.g. length_order(rows)): the order in which rows fill the
+    batches (ranks take strided shares of it). Only the batching changes: the records are those of the rows in
+    input order, with their indices, whatever the order."""
     rank, world = _dist()
     n = len(rows)
+    if order is not None and sorted(order) != list(range(n)):
+        raise ValueError(f"evaluate: order is not a permutation of the {n} row indices")
     device = device or _device_of(model)
     was_training = model.training
     model.eval()
     local: list[dict] = []
     try:
         for plan in rank_plan(n, batch_size, rank, world):
+            if order is not None:  # plan positions -> row indices (padding repeats the first row of `order`)
+                plan = [(order[p], real) for p, real in plan]
             examples = [rows[i] for i, _ in plan]
             batch = collate_choices(examples, task_id).to(device)
             scores, preds = score_batch(model, batch, length_norm)

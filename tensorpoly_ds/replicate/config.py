@@ -17,15 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tpds_common.config import apply_override, apply_overrides, build, read_yaml, reject_unknown
+from tpds_common.config import (
+    ADDED_LATER,
+    apply_override,
+    apply_overrides,
+    build,
+    read_yaml,
+    reject_unknown,
+    stable_asdict,
+)
 
 from ..adapters import AdapterConfig, ConfigError
 from ..adapters.modes import MODES
 
 FULLFT = "fullft"
-# a field added after configs were published: at its default it stays out of digests (and protocol.json), so
-# the caches and OUT folders of those configs keep their keys
-ADDED_LATER = "added_later"
 
 
 class ReplicateConfigError(ConfigError):
@@ -356,17 +361,6 @@ class ReplicateConfig:
         """A short stable hash of a section (plus extra values): cache and run keys."""
         body = json.dumps([stable_asdict(section), *extra], sort_keys=True, default=str)
         return hashlib.sha256(body.encode()).hexdigest()[:12]
-
-
-def stable_asdict(section: Any) -> dict:
-    """asdict without the fields added later that sit at their default (ADDED_LATER)."""
-    body = dataclasses.asdict(section)
-    for f in dataclasses.fields(section):
-        if f.metadata.get(ADDED_LATER) and body[f.name] == (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        ):
-            body.pop(f.name)
-    return body
 
 
 @dataclass
