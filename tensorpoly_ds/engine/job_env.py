@@ -10,7 +10,7 @@ from tpds_common.net import free_port
 
 # the source tree holding tensorpoly_ds and launch: jobs run `python -m launch.<stage>` from it
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PARENT_PID_ENV = "TPDS_PARENT_PID"  # read by launch/adapt.py: checkpoint and stop when the parent dies
+PARENT_PID_ENV = "TPDS_PARENT_PID"  # read by launch/adapt.py and launch/pretrain.py: checkpoint, stop when it dies
 
 
 def job_env(out: Path, worker: int, threads: int, shared_build_cache: bool = False) -> dict[str, str]:

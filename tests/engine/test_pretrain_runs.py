@@ -1,10 +1,12 @@
 """End-to-end runs of launch/pretrain.py as subprocesses (1 process, and 2 ranks under torchrun)."""
 
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -372,3 +374,55 @@ def test_fullft_export_only_keeps_tied_embeddings_where_zero_to_fp32_safetensors
     assert model.encoder.embed_tokens.weight is shared and model.decoder.embed_tokens.weight is shared
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in exported.items())  # reloads to the trained weights
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (exited, not yet reaped by the process it was handed to)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_run_of_a_pool_checkpoints_and_stops_when_the_pool_is_killed(tmp_path, prepared_dir, backbone_dir):
+    """A pool (replicate, lr-search) starts each run with TPDS_PARENT_PID; kill -9 of the pool leaves no run
+    training on: the run gets SIGTERM from the kernel, checkpoints and exits with the requeue status."""
+    from tensorpoly_ds.engine.job_env import PARENT_PID_ENV
+
+    run_dir = tmp_path / "orphan"
+    cmd = pretrain_cmd(run_dir, prepared_dir, [*base_overrides(backbone_dir), "train.steps=100000"])
+    stderr = tmp_path / "run.err"
+    # the stand-in pool: starts the run as its child with its own pid in the variable, then waits forever
+    pool_code = (
+        "import os, subprocess, sys, time\n"
+        f"env = dict(os.environ, {PARENT_PID_ENV}=str(os.getpid()))\n"
+        f"child = subprocess.Popen({cmd!r}, cwd={str(REPO)!r}, env=env, stderr=open({str(stderr)!r}, 'w'))\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    pool = subprocess.Popen(
+        [sys.executable, "-c", pool_code], cwd=REPO, env=child_env(), stdout=subprocess.PIPE, text=True
+    )
+    run_pid = int(pool.stdout.readline())
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 3):
+            assert time.monotonic() < deadline and pool.poll() is None, "the run never trained"
+            time.sleep(0.05)
+        pool.kill()
+        pool.wait()
+        deadline = time.monotonic() + 120
+        while running(run_pid):
+            assert time.monotonic() < deadline, "the run kept training after its pool was killed"
+            time.sleep(0.1)
+    finally:
+        for pid in (pool.pid, run_pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    last = max(read_metrics(run_dir))
+    assert last < 100000
+    tags = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert f"step_{last:08d}" in tags, (last, tags)  # stopped the orderly way: a checkpoint at its last step
+    assert "SIGTERM" in stderr.read_text()
