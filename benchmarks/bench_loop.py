@@ -18,6 +18,7 @@ Usage: python benchmarks/bench_loop.py --old /path/to/old/tree [--new .] [--roun
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -51,9 +52,10 @@ def time_pretrain(data_dir: Path, work: Path) -> dict:
     from transformers import T5ForConditionalGeneration
 
     from tensorpoly_ds.adapters import AdapterConfig, inject_adapters
+    from tensorpoly_ds.engine import trainer as engine_trainer
     from tensorpoly_ds.engine.config import DeepSpeedSection, OptimSection, TrainSection
     from tensorpoly_ds.engine.data import PreparedData
-    from tensorpoly_ds.engine.trainer import Trainer, TrainHooks
+    from tensorpoly_ds.engine.trainer import TrainHooks
     from tensorpoly_ds.models import t5_config
 
     data = PreparedData.open(data_dir)
@@ -76,16 +78,18 @@ def time_pretrain(data_dir: Path, work: Path) -> dict:
         heatmap_max_layers=0,
     )
     t0 = time.perf_counter()
-    Trainer(
-        model,
-        data.split("train"),
+    kwargs = dict(
         run_dir=work / "pretrain",
         tasks=data.tasks,
         train=tr,
         optim=OptimSection(name="adamw", module_lr=1e-2, routing_lr=0.1, warmup_ratio=0.06, clip=1.0),
         deepspeed=DeepSpeedSection(zero_stage=0, precision="fp32"),
         hooks=TrainHooks(on_step=lambda step, metrics: stamps.append(time.perf_counter())),
-    ).run()
+    )
+    if hasattr(engine_trainer, "Trainer"):  # trees since the loop refactor: one object, run(resume)
+        engine_trainer.Trainer(model, data.split("train"), **kwargs).run()
+    else:  # older trees: the keyword function train()
+        engine_trainer.train(model, data.split("train"), **kwargs)
     steps = [b - a for a, b in zip(stamps[WARMUP_STEPS - 1 :], stamps[WARMUP_STEPS:])]
     return {"step_s": statistics.median(steps), "run_s": time.perf_counter() - t0}
 
@@ -103,7 +107,9 @@ def time_adapt(data_dir: Path, export: Path, work: Path, trainer: str) -> dict:
         **ADAPT,
     )
     t0 = time.perf_counter()
-    result = run_job(job, log=lambda s: None)
+    # older trees take a log callable; newer ones log through the project logger
+    quiet = {"log": lambda s: None} if "log" in inspect.signature(run_job).parameters else {}
+    result = run_job(job, **quiet)
     return {"step_s": result["timings"]["train_s"] / ADAPT["steps"], "run_s": time.perf_counter() - t0}
 
 
