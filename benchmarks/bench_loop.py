@@ -1,6 +1,7 @@
 """Step time of the training loop, old tree vs new tree, side by side (issue #17, "one training loop").
 
-Workloads, each timed in a fresh subprocess whose PYTHONPATH (and cwd) is the tree under test:
+Workloads, each in its own fresh subprocess whose PYTHONPATH (and cwd) is the tree under test, which also
+reports its peak resident memory (ru_maxrss: imports, model, optimizer and data together):
   pretrain      engine Trainer in-process: tiny T5 + Poly (configs/pretrain/tiny_cpu.yaml's model, adapter,
                 batch 8 x 2), ZeRO 0, one rank, STEPS steps, no evaluation or checkpoint; the time between
                 consecutive on_step calls (the whole loop iteration, logging included), first 3 steps dropped
@@ -135,28 +136,35 @@ def make_export(data_dir: Path, out: Path) -> Path:
     return out
 
 
-def worker(data_dir: Path, export: Path, work: Path) -> dict:
-    return {
-        "pretrain": time_pretrain(data_dir, work),
-        "adapt-local": time_adapt(data_dir, export, work, "local"),
-        "adapt-engine": time_adapt(data_dir, export, work, "engine"),
-    }
+WORKLOADS = ("pretrain", "adapt-local", "adapt-engine")
+
+
+def worker(workload: str, data_dir: Path, export: Path, work: Path) -> dict:
+    """One workload in this process; its peak resident memory is the process's (imports included)."""
+    import resource
+
+    if workload == "pretrain":
+        out = time_pretrain(data_dir, work)
+    else:
+        out = time_adapt(data_dir, export, work, workload.removeprefix("adapt-"))
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return out
 
 
 def one_round(tree: Path, data_dir: Path, export: Path, work: Path) -> dict:
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    proc = subprocess.run(
-        [sys.executable, str(HERE), "--worker", "--data", str(data_dir), "--export", str(export), "--work", str(work)],
-        cwd=tree,
-        env=tree_env(tree),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{tree}: worker exited {proc.returncode}\n{proc.stderr[-5000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Each workload in its own process, so that each has its own peak memory."""
+    out = {}
+    for workload in WORKLOADS:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        argv = [sys.executable, str(HERE), "--worker", workload, "--data", str(data_dir), "--export", str(export)]
+        proc = subprocess.run(
+            [*argv, "--work", str(work)], cwd=tree, env=tree_env(tree), capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise SystemExit(f"{tree}: {workload} worker exited {proc.returncode}\n{proc.stderr[-5000:]}")
+        out[workload] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
 
 
 def summary(rounds: list[dict]) -> dict:
@@ -164,11 +172,15 @@ def summary(rounds: list[dict]) -> dict:
     for workload in rounds[0]["old"]:
         row = {}
         for side in ("old", "new"):
-            for what in ("step_s", "run_s"):
-                values = [r[side][workload][what] for r in rounds]
+            for what in ("step_s", "run_s", "peak_rss_mb"):
+                values = [r[side][workload][what] for r in rounds if what in r[side][workload]]
+                if not values:  # results written before peak memory was measured
+                    continue
                 row[f"{side}_{what}"] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
         row["ratio_step"] = row["new_step_s"]["median"] / row["old_step_s"]["median"]
         row["ratio_run"] = row["new_run_s"]["median"] / row["old_run_s"]["median"]
+        if "new_peak_rss_mb" in row:
+            row["ratio_peak_rss"] = row["new_peak_rss_mb"]["median"] / row["old_peak_rss_mb"]["median"]
         out[workload] = row
     return out
 
@@ -177,18 +189,23 @@ def table(rows: dict) -> str:
     lines = [
         (
             "| workload | old step ms (min-max) | new step ms (min-max) | new/old step | old run s | new run s "
-            "| new/old run |"
+            "| new/old run | old peak MB | new peak MB | new/old peak |"
         ),
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ms(stat: dict) -> str:
         return f"{1e3 * stat['median']:.1f} ({1e3 * stat['min']:.1f}-{1e3 * stat['max']:.1f})"
 
     for name, r in rows.items():
+        peak = (
+            f"{r['old_peak_rss_mb']['median']:.0f} | {r['new_peak_rss_mb']['median']:.0f} | {r['ratio_peak_rss']:.3f}"
+            if "ratio_peak_rss" in r
+            else "- | - | -"
+        )
         lines.append(
             f"| {name} | {ms(r['old_step_s'])} | {ms(r['new_step_s'])} | {r['ratio_step']:.3f} "
-            f"| {r['old_run_s']['median']:.2f} | {r['new_run_s']['median']:.2f} | {r['ratio_run']:.3f} |"
+            f"| {r['old_run_s']['median']:.2f} | {r['new_run_s']['median']:.2f} | {r['ratio_run']:.3f} | {peak} |"
         )
     return "\n".join(lines)
 
@@ -199,13 +216,13 @@ def main() -> None:
     ap.add_argument("--new", type=Path, default=HERE.parents[1])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=HERE.parent / "results" / "loop" / "bench_loop.json")
-    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--worker", choices=WORKLOADS, help="(internal) run one workload in this process")
     ap.add_argument("--data", type=Path)
     ap.add_argument("--export", type=Path)
     ap.add_argument("--work", type=Path)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.data, args.export, args.work)))
+        print(json.dumps(worker(args.worker, args.data, args.export, args.work)))
         return
     if args.old is None:
         ap.error("--old TREE is required")

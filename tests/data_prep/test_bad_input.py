@@ -54,11 +54,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
-@pytest.mark.parametrize("reason,config,split,row,mutate,field", CASES)
+# every case in JSON Lines; in Parquet all but wrong_type (a Parquet column has one type: a value of another
+# type cannot be written into one row, see test_parquet_column_of_wrong_type)
+FORMAT_CASES = [("jsonl", *c) for c in CASES] + [("parquet", *c) for c in CASES if c[0] != "wrong_type"]
+
+
+@pytest.mark.parametrize("fmt,reason,config,split,row,mutate,field", FORMAT_CASES)
 def test_bad_record_message(tmp_path, reason, config, split, row, mutate, field, fmt):
-    if fmt == "parquet" and reason == "wrong_type":
-        pytest.skip("a Parquet column has one type; see test_parquet_column_of_wrong_type")
     dump = make_dump(tmp_path / "dump")
     config = config or rte_configs()[2]
     path = _corrupt(dump, config, split, row, mutate, fmt)
