@@ -16,6 +16,7 @@ from tensorpoly_ds.adapt.job import RESULT_FILE, is_complete
 from tensorpoly_ds.adapt.table import read_table
 from tests.adapt.conftest import ROOT
 from tests.lock_holder import held
+from tests.processes import alive
 from tpds_common.locking import holder_if_locked
 
 pytestmark = pytest.mark.slow
@@ -69,17 +70,6 @@ def wait_until(predicate, timeout, what, proc=None):
             raise AssertionError(f"{what}: process exited {proc.returncode}\n{proc.communicate()}")
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (exited, not yet reaped by its new parent) is not running
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def test_kill9_of_the_sweep_leaves_no_job_running_and_a_second_sweep_is_refused(prepared, poly_export, tmp_path):

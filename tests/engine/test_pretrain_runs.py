@@ -6,10 +6,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.processes import alive
 
 from .conftest import BASE_STEPS, REPO, base_overrides, child_env, pretrain_cmd, read_metrics, run_pretrain
 
@@ -376,14 +377,6 @@ def test_fullft_export_only_keeps_tied_embeddings_where_zero_to_fp32_safetensors
     assert all(torch.equal(state[k], v) for k, v in exported.items())  # reloads to the trained weights
 
 
-def running(pid: int) -> bool:
-    """Alive and not a zombie (exited, not yet reaped by the process it was handed to)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def test_a_run_of_a_pool_checkpoints_and_stops_when_the_pool_is_killed(tmp_path, prepared_dir, backbone_dir):
     """A pool (replicate, lr-search) starts each run with TPDS_PARENT_PID; kill -9 of the pool leaves no run
     training on: the run gets SIGTERM from the kernel, checkpoints and exits with the requeue status."""
@@ -412,7 +405,7 @@ def test_a_run_of_a_pool_checkpoints_and_stops_when_the_pool_is_killed(tmp_path,
         pool.kill()
         pool.wait()
         deadline = time.monotonic() + 120
-        while running(run_pid):
+        while alive(run_pid):
             assert time.monotonic() < deadline, "the run kept training after its pool was killed"
             time.sleep(0.1)
     finally:

@@ -41,6 +41,7 @@ import pytest
 from tensorpoly_ds.engine import run_pool
 from tensorpoly_ds.engine.scheduler import FINAL, Job, JobsStopped, Outcome, Scheduler
 from tests.lock_holder import held
+from tests.processes import alive
 from tpds_common.errors import EXIT_INTERRUPTED, EXIT_REQUEUE, ConfigError, JobFailed
 from tpds_common.locking import holder_if_locked
 
@@ -151,13 +152,6 @@ def _watchdog():
 
 def outcomes(report) -> dict[str, list[str]]:
     return {o.value: sorted(report.names(o)) for o in FINAL if report.outcomes[o]}
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @pytest.fixture(autouse=True)
