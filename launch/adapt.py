@@ -23,8 +23,8 @@ import sys
 from tensorpoly_ds.adapt.spec import AdaptJob, JobError
 from tensorpoly_ds.adapt.table import TableError, table_job
 from tensorpoly_ds.engine.distributed import distributed_env
-from tensorpoly_ds.engine.job_env import PARENT_PID_ENV
-from tensorpoly_ds.engine.stop import STOP, stop_when_parent_dies
+from tensorpoly_ds.engine.job_env import stop_with_parent
+from tensorpoly_ds.engine.stop import STOP
 from tpds_common.config import apply_overrides
 from tpds_common.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_REQUEUE, report_user_errors
 from tpds_common.files import read_text
@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    if os.environ.get(PARENT_PID_ENV):
-        stop_when_parent_dies(int(os.environ[PARENT_PID_ENV]))
+    stop_with_parent()  # a row of a sweep: a killed sweep leaves no orphan
     args = build_parser().parse_args(argv)
     setup_from_args(args)
     job = resolve_job(args)

@@ -76,11 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from tensorpoly_ds.engine.job_env import PARENT_PID_ENV
-    from tensorpoly_ds.engine.stop import stop_when_parent_dies
+    from tensorpoly_ds.engine.job_env import stop_with_parent
 
-    if os.environ.get(PARENT_PID_ENV):  # a run of a pool (replicate, lr-search): a killed pool leaves no orphan
-        stop_when_parent_dies(int(os.environ[PARENT_PID_ENV]))
+    stop_with_parent()  # a run of a pool (replicate, lr-search): a killed pool leaves no orphan
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     from tpds_common.log import setup_from_args

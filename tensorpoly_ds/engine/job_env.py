@@ -10,7 +10,7 @@ from tpds_common.net import free_port
 
 # the source tree holding tensorpoly_ds and launch: jobs run `python -m launch.<stage>` from it
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PARENT_PID_ENV = "TPDS_PARENT_PID"  # read by launch/adapt.py and launch/pretrain.py: checkpoint, stop when it dies
+PARENT_PID_ENV = "TPDS_PARENT_PID"  # read by stop_with_parent (launch/adapt.py, launch/pretrain.py)
 
 
 def job_env(out: Path, worker: int, threads: int, shared_build_cache: bool = False) -> dict[str, str]:
@@ -33,3 +33,13 @@ def job_env(out: Path, worker: int, threads: int, shared_build_cache: bool = Fal
         env.pop(var, None)  # a local worker is a single process; the row comes from --row
     env[PARENT_PID_ENV] = str(os.getpid())  # the worker stops (checkpoints) if its parent dies
     return env
+
+
+def stop_with_parent() -> None:
+    """In a job started with job_env's environment (a sweep row, a run of a pretraining pool): checkpoint and
+    stop when the process that started it dies, so that kill -9 of a sweep or pool leaves no orphan training on.
+    Elsewhere (the variable unset) nothing."""
+    from .stop import stop_when_parent_dies
+
+    if os.environ.get(PARENT_PID_ENV):
+        stop_when_parent_dies(int(os.environ[PARENT_PID_ENV]))
