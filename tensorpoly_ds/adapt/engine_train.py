@@ -27,9 +27,9 @@ def choice_collate(rows: list[dict]) -> dict[str, Any]:
     return {name: getattr(b, name) for name in _CHOICE_FIELDS}
 
 
-def tfew_hook(weights: LossWeights) -> Callable:
+def tfew_hook(weights: LossWeights, chunk_tokens: int = 0) -> Callable:
     def loss_fn(model: nn.Module, batch: dict[str, Any]):
-        out = tfew_losses(model, ChoiceBatch(**{k: batch[k] for k in _CHOICE_FIELDS}), weights)
+        out = tfew_losses(model, ChoiceBatch(**{k: batch[k] for k in _CHOICE_FIELDS}), weights, chunk_tokens)
         n = batch["input_ids"].shape[0]
         # the engine divides the summed loss by the summed weights of the global batch: example mean
         return out["loss"] * n, {k: float(out[k]) for k in ("lm", "mc", "unlikelihood")}
@@ -211,7 +211,7 @@ def _fewshot_phase(
         # the engine's stream needs one global batch per epoch: repeat the few shots (k < batch size)
         train_rows = train_rows * -(-job.batch_size // len(train_rows))
     hooks = TrainHooks(
-        loss_fn=tfew_hook(weights),
+        loss_fn=tfew_hook(weights, job.chunk_tokens),
         weight_fn=examples,
         collate_fn=choice_collate,
         eval_fn=lambda engine, step: run_eval(engine, step),

@@ -529,6 +529,7 @@ class Evaluations:
             length_norm=job.length_norm,
             task_id=0,
             order=self.order,
+            chunk_tokens=job.chunk_tokens,
         )
         acc = accuracy(records)
         entry = {
@@ -659,7 +660,7 @@ def _local_fewshot(
         steps=steps,
         sampler=sampler,
         make_batch=lambda idx: collate_choices([train_rows[i] for i in idx], 0),
-        loss_fn=lambda b: tfew_losses(model, b, weights),
+        loss_fn=lambda b: tfew_losses(model, b, weights, job.chunk_tokens),
         optimizer=optimizer,
         warmup_ratio=job.warmup_ratio,
         clip=job.clip,

@@ -88,6 +88,11 @@ class AdaptJob:
     batching: str = field(default="random", metadata=_LATER)
     group_size: int = field(default=4, metadata=_LATER)
     eval_batching: str = field(default="in_order", metadata=_LATER)
+    # Forward passes per batch (training and evaluation): 0 = one; N = chunks of examples of similar length of at
+    # most N padded input + decoder slots each (evaluation.chunking), so that a chunk pads only to its own
+    # lengths. The same loss and scores up to rounding. Not with ZeRO-3 (ranks would gather parameters a
+    # different number of times).
+    chunk_tokens: int = field(default=0, metadata=_LATER)
 
     def __post_init__(self) -> None:
         if self.mode not in ("full", "z", "mu"):
@@ -114,6 +119,13 @@ class AdaptJob:
             raise JobError(f"job field 'group_size' = {self.group_size!r}: must be >= 1 (batches sorted together)")
         if self.eval_batching not in EVAL_BATCHINGS:
             raise JobError(f"job field 'eval_batching' = {self.eval_batching!r}: valid: {', '.join(EVAL_BATCHINGS)}")
+        if self.chunk_tokens < 0:
+            raise JobError(f"job field 'chunk_tokens' = {self.chunk_tokens!r}: must be >= 0 (0: one pass per batch)")
+        if self.chunk_tokens and self.zero_stage == 3:
+            raise JobError(
+                f"job field 'chunk_tokens' = {self.chunk_tokens!r} needs zero_stage < 3: under ZeRO-3 every rank "
+                "must run the same number of forward passes; set chunk_tokens: 0"
+            )
         if self.method == FULLFT and self.mode != "full":
             raise JobError(f"FullFT has no routing: mode must be 'full', got {self.mode!r}")
 

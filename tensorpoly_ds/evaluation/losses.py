@@ -37,11 +37,14 @@ class LossWeights:
                 raise ConfigError(f"loss weights: field '{name}' = {v!r}: must be a number >= 0")
 
 
-def tfew_losses(model: nn.Module, batch: ChoiceBatch, weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:
-    """{'loss', 'lm', 'mc', 'unlikelihood'} for a batch whose `labels` give the correct choice."""
+def tfew_losses(
+    model: nn.Module, batch: ChoiceBatch, weights: LossWeights = LossWeights(), chunk_tokens: int = 0
+) -> dict[str, torch.Tensor]:
+    """{'loss', 'lm', 'mc', 'unlikelihood'} for a batch whose `labels` give the correct choice; `chunk_tokens`:
+    the forward passes of choice_token_logprobs (the loss is over the whole batch either way)."""
     if bool((batch.labels < 0).any()) or bool((batch.labels >= batch.num_choices).any()):
         raise ValueError("tfew_losses: every example needs a label in [0, number of choices)")
-    token_lp, valid = choice_token_logprobs(model, batch)
+    token_lp, valid = choice_token_logprobs(model, batch, chunk_tokens)
     correct = batch.choice_index == batch.labels.index_select(0, batch.choice_owner)  # [C]
     # LM: token mean over the correct choices.
     pos_mask = valid & correct[:, None]

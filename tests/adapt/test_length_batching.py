@@ -1,5 +1,6 @@
-"""Length-aware batching of adaptation jobs (job fields `batching`, `group_size`, `eval_batching`): the local
-trainer's length-grouped sampler, length-sorted rank classification, and the job fields' validation.
+"""Length-aware batching of adaptation jobs (job fields `batching`, `group_size`, `eval_batching`,
+`chunk_tokens`): the local trainer's length-grouped sampler, length-sorted rank classification, chunked jobs,
+and the job fields' validation.
 
 Mutations tried, each caught by the test named (then reverted):
 - sampler: the block shuffle seeded without the epoch (default_rng([seed, w])): every epoch takes its windows'
@@ -18,6 +19,7 @@ Mutations tried, each caught by the test named (then reverted):
   test_new_fields_stay_out_of_records_at_their_defaults;
 - engine: `batching=job.batching` left out of the few-shot train() call, and separately row_lengths ignoring
   a table's length_keys() -> test_engine_job_trains_with_the_jobs_batching.
+- engine: `chunk_tokens` left out of the few-shot loss hook -> test_chunked_job_trains_and_evaluates_as_one_pass[engine].
 (A first version of the head mutation, dropping the head rows, loops forever for n < batch: the queue never
 fills; `head = 0` is the mutation recorded.)
 """
@@ -153,6 +155,7 @@ def test_resume_with_another_batching_is_refused():
         ("group_size", 0, r"job field 'group_size' = 0: must be >= 1"),
         ("eval_batching", "random", r"job field 'eval_batching' = 'random': valid: in_order, length_sorted"),
         ("group_size", "4", r"key 'group_size' = '4': expected an integer, got str"),
+        ("chunk_tokens", -1, r"job field 'chunk_tokens' = -1: must be >= 0"),
     ],
 )
 def test_bad_values_are_refused_naming_field_and_value(field, value, message):
@@ -160,10 +163,16 @@ def test_bad_values_are_refused_naming_field_and_value(field, value, message):
         AdaptJob.from_dict({**BASE, field: value}, source="jobs.yaml")
 
 
+def test_chunks_are_refused_under_zero3():
+    with pytest.raises(JobError, match=r"'chunk_tokens' = 512 needs zero_stage < 3"):
+        AdaptJob.from_dict({**BASE, "chunk_tokens": 512, "zero_stage": 3})
+    assert AdaptJob.from_dict({**BASE, "chunk_tokens": 512, "zero_stage": 2}).chunk_tokens == 512
+
+
 def test_new_fields_stay_out_of_records_at_their_defaults():
     """job.json, result.json and job tables of jobs at the defaults keep the bytes published results have."""
     plain = AdaptJob.from_dict(BASE).to_dict()
-    assert not {"batching", "group_size", "eval_batching"} & set(plain)
+    assert not {"batching", "group_size", "eval_batching", "chunk_tokens"} & set(plain)
     on = AdaptJob.from_dict({**BASE, "batching": "length_grouped", "eval_batching": "length_sorted"}).to_dict()
     assert on["batching"] == "length_grouped" and on["eval_batching"] == "length_sorted"
     assert "group_size" not in on  # at its default
@@ -328,3 +337,38 @@ def test_engine_job_trains_with_the_jobs_batching(prepared, poly_export, tmp_pat
 
     odd = [{"input_ids": [2] * 7, "choice_ids": [[3, 1], [3, 3, 3, 3, 1]], "target_ids": [3, 1], "task_id": 0}]
     assert data_mod.row_lengths(_Rows(odd)).tolist() == [[7, 5]]
+
+
+LOSSES = ("loss", "lm", "mc", "unlikelihood")
+
+
+@pytest.mark.parametrize("trainer", ["local", "engine"])
+def test_chunked_job_trains_and_evaluates_as_one_pass(prepared, poly_export, tmp_path, monkeypatch, trainer):
+    """chunk_tokens reaches training and evaluation on both trainers, and changes only rounding: the same
+    predictions, losses and accuracies within float32 noise."""
+    from tensorpoly_ds.adapt.job import run_job
+    from tests.adapt.test_stop_resume import make_job
+
+    chunks = []
+    original = rc.plan_chunks
+    # (budget, training?) per batch planned: scoring runs without gradients, training steps with them
+    monkeypatch.setattr(rc, "plan_chunks", lambda *a: chunks.append((a[-1], torch.is_grad_enabled())) or original(*a))
+    common = dict(steps=4, eval_every=2, batch_size=4, trainer=trainer)
+    plain = run_job(make_job(prepared, poly_export, tmp_path / "plain", **common))
+    assert chunks == []
+    chunked = run_job(make_job(prepared, poly_export, tmp_path / "chunked", chunk_tokens=64, **common))
+    assert chunks.count((64, True)) == 4 and chunks.count((64, False)) >= 2 and len(chunks) > 6
+    assert chunked["job"]["chunk_tokens"] == 64
+    assert len(chunked["train_loss"]) == len(plain["train_loss"]) > 0
+    for a, b in zip(chunked["train_loss"], plain["train_loss"], strict=True):
+        assert a["step"] == b["step"]
+        assert {k: a[k] for k in LOSSES} == pytest.approx({k: b[k] for k in LOSSES}, rel=1e-4, abs=1e-5)
+    for a, b in zip(chunked["evaluations"], plain["evaluations"], strict=True):
+        assert a["accuracy"] == b["accuracy"] and a["step"] == b["step"]
+    import json
+
+    lines = {n: (tmp_path / n / "predictions.jsonl").read_text().splitlines() for n in ("plain", "chunked")}
+    for a, b in zip(lines["plain"], lines["chunked"], strict=True):
+        a, b = json.loads(a), json.loads(b)
+        assert a["prediction"] == b["prediction"]
+        assert b["scores"] == pytest.approx(a["scores"], rel=1e-4, abs=1e-4)
