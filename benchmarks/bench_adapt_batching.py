@@ -1,5 +1,8 @@
-"""Random vs length-aware batching of adaptation jobs (job fields `batching`, `eval_batching`): padding and useful
-tokens/s of few-shot training steps and of rank-classification evaluation, side by side in one run.
+"""Random vs length-aware batching of adaptation jobs (job fields `batching`, `eval_batching`, `chunk_tokens`):
+padding and useful tokens/s of few-shot training steps and of rank-classification evaluation, side by side in
+one run. Arms: training random / length_grouped / length_grouped + chunk_tokens; evaluation in_order /
+length_sorted / length_sorted + chunk_tokens (`--chunk-tokens`, default 512; 0 drops the chunked arms). The
+padding of other budgets (`--padding-budgets`) is reported without timing.
 
 The rows are synthetic. Their lengths are MADE UP (no P3 download or length statistics are available here):
 one entry per held-out T0 task (ANLI R1-R3, CB, COPA, HellaSwag, RTE, StoryCloze, WiC, Winogrande, WSC) with our
@@ -13,12 +16,13 @@ P3's mixture (benchmarks/bench_batching.py), so the gains are smaller too.
 Padding (input + decoder slots that are padding): training over 20 epochs of k = 32 shots, batch 8 (the T0
 sweep's recipe; 4 batches an epoch, group_size 4: a whole epoch is one window), random vs length_grouped; eval
 over each task's 1,000 eval rows (fewer where the task is smaller), batch 16, in order vs length_sorted. The
-decoder's slots are choices x longest choice of the batch (rank classification flattens every choice).
+decoder's slots are choices x longest choice of the forward pass (rank classification flattens every choice);
+a chunked arm's forward passes are the library's own plan (evaluation.chunking.plan_chunks).
 
 Useful tokens/s (on `--timed-tasks`, default ANLI R1, CB, COPA: long and short inputs; the time budget of a
 busy 2-CPU machine keeps it to three, in `--rounds` repeated rounds): a T5 with d_model 256 (4+4 layers, 8 heads, d_ff 1024, gated-GELU, T0's 32,128-word
 vocabulary) with Poly adapters (8 skills, rank 1, frozen backbone, AdamW on the adapters), one thread. Training:
-one epoch (4 steps of T-Few losses) per task in both orders, the orders alternating step by step; both train
+one epoch (4 steps of T-Few losses) per task in every arm, the arms alternating step by step; all train
 the same 32 rows, so the useful tokens are equal and the ratio is a time ratio. Eval: `--eval-batches` batches
 of each order, evenly spaced over the task's whole eval set (in order: any batches; sorted: from short to long),
 alternating batch by batch; useful tokens/s is each order's useful tokens over its seconds.
@@ -40,6 +44,7 @@ import torch
 
 from tensorpoly_ds.adapt.local_train import EpochSampler
 from tensorpoly_ds.evaluation import LossWeights, collate_choices, length_keys, length_order, tfew_losses
+from tensorpoly_ds.evaluation.chunking import plan_chunks
 from tensorpoly_ds.evaluation.rank_classification import score_batch
 from tpds_common.files import atomic_write_text
 
@@ -100,13 +105,23 @@ def useful_tokens(rows: list[dict]) -> int:
     return sum(u for u, _ in slots(rows).values())
 
 
-def padding(rows: list[dict], batches: list[list[int]]) -> dict[str, float]:
-    """Padding fraction of input + decoder slots, and of each alone."""
+def chunked(rows: list[dict], batch: list[int], chunk_tokens: int) -> list[list[int]]:
+    """The forward passes of one batch under the job's `chunk_tokens` (the library's own plan)."""
+    if not chunk_tokens:
+        return [batch]
+    keys = length_keys([rows[i] for i in batch])
+    counts = np.array([len(rows[i]["choice_ids"]) for i in batch], dtype=np.int64)
+    return [[batch[j] for j in c] for c in plan_chunks(keys[:, 0], keys[:, 1], counts, chunk_tokens)]
+
+
+def padding(rows: list[dict], batches: list[list[int]], chunk_tokens: int = 0) -> dict[str, float]:
+    """Padding fraction of input + decoder slots, and of each alone (each forward pass padded to its own rows)."""
     sums = {"input": [0, 0], "decoder": [0, 0]}
     for b in batches:
-        for part, (u, t) in slots([rows[i] for i in b]).items():
-            sums[part][0] += u
-            sums[part][1] += t
+        for piece in chunked(rows, b, chunk_tokens):
+            for part, (u, t) in slots([rows[i] for i in piece]).items():
+                sums[part][0] += u
+                sums[part][1] += t
     out = {f"{part}_padding": 1 - u / t for part, (u, t) in sums.items()}
     out["padding"] = 1 - sum(u for u, _ in sums.values()) / sum(t for _, t in sums.values())
     return out
@@ -138,19 +153,19 @@ def build_model():
     return model, opt
 
 
-def timed_train(model, opt, batch) -> float:
+def timed_train(model, opt, batch, chunk_tokens: int) -> float:
     model.train()
     start = time.perf_counter()
-    tfew_losses(model, batch, LossWeights())["loss"].backward()
+    tfew_losses(model, batch, LossWeights(), chunk_tokens)["loss"].backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 
 
-def timed_eval(model, batch) -> float:
+def timed_eval(model, batch, chunk_tokens: int) -> float:
     model.eval()
     start = time.perf_counter()
-    score_batch(model, batch, 1.0)
+    score_batch(model, batch, 1.0, chunk_tokens)
     return time.perf_counter() - start
 
 
@@ -160,48 +175,72 @@ def interleaved(run, batches: dict[str, list]) -> dict[str, float]:
     seconds = dict.fromkeys(names, 0.0)
     for i in range(len(batches[names[0]])):
         for name in names if i % 2 == 0 else names[::-1]:
-            seconds[name] += run(batches[name][i])
+            seconds[name] += run(name, batches[name][i])
     return seconds
+
+
+def arms(chunk_tokens: int) -> tuple[dict, dict]:
+    """Training and evaluation arms: name -> (row order, chunk_tokens); the first of each is the baseline."""
+    train = {"random": ("random", 0), "length_grouped": ("length_grouped", 0)}
+    evals = {"in_order": ("in_order", 0), "length_sorted": ("length_sorted", 0)}
+    if chunk_tokens:
+        train["length_grouped+chunks"] = ("length_grouped", chunk_tokens)
+        evals["length_sorted+chunks"] = ("length_sorted", chunk_tokens)
+    return train, evals
 
 
 def measure(args) -> dict:
     torch.set_num_threads(1)
     model, opt = build_model()
     batch, eval_batch, k = 8, 16, 32
+    train_arms, eval_arms = arms(args.chunk_tokens)
     tasks, totals = {}, {}
     for name, spec in TASKS.items():
         shots = task_rows(name, k, seed=1)
         evals = task_rows(name, min(spec[5], args.pad_eval_rows), seed=2)
         entry = {
             "train_padding": {
-                b: padding(shots, train_batches(shots, b, batch, 20 * k // batch, seed=0))
-                for b in ("random", "length_grouped")
+                a: padding(shots, train_batches(shots, order, batch, 20 * k // batch, seed=0), chunk)
+                for a, (order, chunk) in train_arms.items()
             },
             "eval_padding": {
-                e: padding(evals, eval_batches(evals, e, eval_batch)) for e in ("in_order", "length_sorted")
+                a: padding(evals, eval_batches(evals, order, eval_batch), chunk)
+                for a, (order, chunk) in eval_arms.items()
+            },
+            # padding only: what other budgets would give (length-aware orders)
+            "padding_by_chunk_tokens": {
+                str(c): {
+                    "train": padding(shots, train_batches(shots, "length_grouped", batch, 20 * k // batch, 0), c),
+                    "eval": padding(evals, eval_batches(evals, "length_sorted", eval_batch), c),
+                }
+                for c in args.padding_budgets
             },
         }
         timed = {}
         if args.eval_batches and name in args.timed_tasks:
-            one_epoch = {b: train_batches(shots, b, batch, k // batch, seed=0) for b in ("random", "length_grouped")}
-            tb = {b: [collate_choices([shots[i] for i in ix], 0) for ix in v] for b, v in one_epoch.items()}
+            one_epoch = {
+                a: train_batches(shots, order, batch, k // batch, seed=0) for a, (order, _) in train_arms.items()
+            }
+            tb = {a: [collate_choices([shots[i] for i in ix], 0) for ix in v] for a, v in one_epoch.items()}
             # a sample of each order's batches of the whole eval set, evenly spaced (short to long when sorted)
             picked = {}
-            for e in ("in_order", "length_sorted"):
-                full = eval_batches(evals, e, eval_batch)
-                picked[e] = [full[int(j)] for j in np.linspace(0, len(full) - 1, args.eval_batches).round()]
-            eb = {e: [collate_choices([evals[i] for i in ix], 0) for ix in v] for e, v in picked.items()}
-            timed_train(model, opt, tb["random"][0])  # warm-up
+            for a, (order, _) in eval_arms.items():
+                full = eval_batches(evals, order, eval_batch)
+                picked[a] = [full[int(j)] for j in np.linspace(0, len(full) - 1, args.eval_batches).round()]
+            eb = {a: [collate_choices([evals[i] for i in ix], 0) for ix in v] for a, v in picked.items()}
+            timed_train(model, opt, tb["random"][0], 0)  # warm-up
+            run_train = lambda a, b: timed_train(model, opt, b, train_arms[a][1])  # noqa: E731
+            run_eval = lambda a, b: timed_eval(model, b, eval_arms[a][1])  # noqa: E731
             for _ in range(args.rounds):  # repeated rounds: the spread of the ratio under the machine's load
-                timed.setdefault("train_s_rounds", []).append(interleaved(lambda b: timed_train(model, opt, b), tb))
-                timed.setdefault("eval_s_rounds", []).append(interleaved(lambda b: timed_eval(model, b), eb))
+                timed.setdefault("train_s_rounds", []).append(interleaved(run_train, tb))
+                timed.setdefault("eval_s_rounds", []).append(interleaved(run_eval, eb))
             for part in ("train", "eval"):
                 rounds = timed[f"{part}_s_rounds"]
                 timed[f"{part}_s"] = {o: sum(r[o] for r in rounds) for o in rounds[0]}
             train_useful = sum(useful_tokens([shots[i] for i in ix]) for ix in one_epoch["random"])
             useful = {
-                "train": dict.fromkeys(one_epoch, train_useful),  # the same rows in both orders
-                "eval": {e: sum(useful_tokens([evals[i] for i in ix]) for ix in v) for e, v in picked.items()},
+                "train": dict.fromkeys(one_epoch, train_useful),  # the same rows in every arm
+                "eval": {a: sum(useful_tokens([evals[i] for i in ix]) for ix in v) for a, v in picked.items()},
             }
             timed["useful_tokens"] = useful
             for part, key in (("train", "train_s"), ("eval", "eval_s")):
@@ -211,43 +250,51 @@ def measure(args) -> dict:
                     totals[part][order][1] += useful[part][order] * args.rounds
         entry["timed"] = timed
         tasks[name] = entry
-        tr, ev = entry["train_padding"], entry["eval_padding"]
-        line = (
-            f"{name:>12}: train padding {tr['random']['padding']:.3f} -> {tr['length_grouped']['padding']:.3f}, "
-            f"eval padding {ev['in_order']['padding']:.3f} -> {ev['length_sorted']['padding']:.3f}"
+        line = f"{name:>12}: train padding " + " -> ".join(
+            f"{v['padding']:.3f}" for v in entry["train_padding"].values()
         )
+        line += ", eval padding " + " -> ".join(f"{v['padding']:.3f}" for v in entry["eval_padding"].values())
         if timed:
-            r = {p: timed[f"{p}_s"] for p in ("train", "eval")}
-            line += (
-                f"; time train {r['train']['random']:.2f}s -> {r['train']['length_grouped']:.2f}s, "
-                f"eval {r['eval']['in_order']:.2f}s -> {r['eval']['length_sorted']:.2f}s"
-            )
+            for part in ("train", "eval"):
+                line += f"; {part} s " + " / ".join(f"{v:.2f}" for v in timed[f"{part}_s"].values())
         print(line, flush=True)
-    summary = summarise(tasks, totals)
+    summary = summarise(tasks, totals, train_arms, eval_arms, args.padding_budgets)
     return {"tasks": tasks, "summary": summary}
 
 
-def summarise(tasks: dict, totals: dict) -> dict:
-    def mean(key, order):
-        parts = ("padding", "input_padding", "decoder_padding")
-        return {p: float(np.mean([t[key][order][p] for t in tasks.values()])) for p in parts}
+def summarise(tasks: dict, totals: dict, train_arms: dict, eval_arms: dict, budgets: list[int]) -> dict:
+    parts = ("padding", "input_padding", "decoder_padding")
+
+    def mean(values: list[dict]) -> dict:
+        return {p: float(np.mean([v[p] for v in values])) for p in parts}
 
     out = {
-        "train_padding_mean": {b: mean("train_padding", b) for b in ("random", "length_grouped")},
-        "eval_padding_mean": {e: mean("eval_padding", e) for e in ("in_order", "length_sorted")},
+        "train_padding_mean": {a: mean([t["train_padding"][a] for t in tasks.values()]) for a in train_arms},
+        "eval_padding_mean": {a: mean([t["eval_padding"][a] for t in tasks.values()]) for a in eval_arms},
+        "padding_by_chunk_tokens_mean": {
+            str(c): {
+                part: mean([t["padding_by_chunk_tokens"][str(c)][part] for t in tasks.values()])
+                for part in ("train", "eval")
+            }
+            for c in budgets
+        },
     }
     timed = [t["timed"] for t in tasks.values() if t["timed"]]
     for part, orders in totals.items():
+        names = list(train_arms if part == "train" else eval_arms)
+        base = names[0]
         tps = {o: n / s for o, (s, n) in orders.items()}
-        base, new = ("random", "length_grouped") if part == "train" else ("in_order", "length_sorted")
-        per_round = []
-        for r in range(len(timed[0][f"{part}_s_rounds"])):
-            rate = {
-                o: sum(t["useful_tokens"][part][o] for t in timed) / sum(t[f"{part}_s_rounds"][r][o] for t in timed)
-                for o in (base, new)
-            }
-            per_round.append(rate[new] / rate[base])
-        out[f"{part}_useful_tokens_per_s"] = {**tps, "ratio": tps[new] / tps[base], "ratio_per_round": per_round}
+        ratios, per_round = {}, {}
+        for arm in names[1:]:
+            ratios[arm] = tps[arm] / tps[base]
+            per_round[arm] = []
+            for r in range(len(timed[0][f"{part}_s_rounds"])):
+                rate = {
+                    o: sum(t["useful_tokens"][part][o] for t in timed) / sum(t[f"{part}_s_rounds"][r][o] for t in timed)
+                    for o in (base, arm)
+                }
+                per_round[arm].append(rate[arm] / rate[base])
+        out[f"{part}_useful_tokens_per_s"] = {**tps, "ratio": ratios, "ratio_per_round": per_round}
     return out
 
 
@@ -266,6 +313,15 @@ def main(argv=None) -> int:
         help="tasks whose steps are timed (padding: every task); the default spans long and short inputs",
     )
     p.add_argument("--pad-eval-rows", type=int, default=1000, help="eval rows per task for the padding numbers")
+    p.add_argument(
+        "--chunk-tokens", type=int, default=512, help="the chunked arms' job field chunk_tokens (0: no chunked arm)"
+    )
+    p.add_argument(
+        "--padding-budgets",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[2048, 1024, 512, 256],
+        help="comma-separated chunk_tokens whose padding (not speed) is reported too",
+    )
     p.add_argument("--out", default="benchmarks/results/adapt_batching.json")
     args = p.parse_args(argv)
     if args.quick:
@@ -283,6 +339,8 @@ def main(argv=None) -> int:
         "batch_size": 8,
         "group_size": 4,
         "eval_batch_size": 16,
+        "chunk_tokens": args.chunk_tokens,
+        "padding_budgets": args.padding_budgets,
         "timed_eval_batches_per_task": args.eval_batches,
         "timed_tasks": args.timed_tasks,
         "rounds": args.rounds,
@@ -297,22 +355,29 @@ def main(argv=None) -> int:
     meta["load_average_at_end"] = os.getloadavg()
     meta["wall_s"] = time.perf_counter() - start
     s = result["summary"]
-    print("\n| part | order | padding (mean of 11 tasks) | input / decoder padding | useful tokens/s | ratio |")
+    train_arms, eval_arms = arms(args.chunk_tokens)
+    print("\n| part | arm | padding (mean of 11 tasks) | input / decoder padding | useful tokens/s | ratio |")
     print("|---|---|---|---|---|---|")
-    for part, pad_key, (base, new) in (
-        ("training", "train_padding_mean", ("random", "length_grouped")),
-        ("rank classification", "eval_padding_mean", ("in_order", "length_sorted")),
+    for part, pad_key, tps_key, names in (
+        ("training", "train_padding_mean", "train_useful_tokens_per_s", list(train_arms)),
+        ("rank classification", "eval_padding_mean", "eval_useful_tokens_per_s", list(eval_arms)),
     ):
-        tps = s.get("train_useful_tokens_per_s" if part == "training" else "eval_useful_tokens_per_s", {})
-        for order in (base, new):
-            spread = ", ".join(f"{x:.2f}" for x in tps.get("ratio_per_round", []))
-            ratio = f"{tps['ratio']:.2f}x (rounds {spread})" if order == new and tps else ""
-            rate = f"{tps[order]:.0f}" if tps else "-"
-            pad = s[pad_key][order]
+        tps = s.get(tps_key, {})
+        for arm in names:
+            ratio = ""
+            if tps and arm in tps["ratio"]:
+                spread = ", ".join(f"{x:.2f}" for x in tps["ratio_per_round"][arm])
+                ratio = f"{tps['ratio'][arm]:.2f}x (rounds {spread})"
+            rate = f"{tps[arm]:.0f}" if tps else "-"
+            pad = s[pad_key][arm]
             print(
-                f"| {part} | {order} | {pad['padding']:.1%} | {pad['input_padding']:.1%} / "
+                f"| {part} | {arm} | {pad['padding']:.1%} | {pad['input_padding']:.1%} / "
                 f"{pad['decoder_padding']:.1%} | {rate} | {ratio} |"
             )
+    print("\n| chunk_tokens | training padding (length_grouped) | rank classification padding (length_sorted) |")
+    print("|---|---|---|")
+    for c, v in s["padding_by_chunk_tokens_mean"].items():
+        print(f"| {c} | {v['train']['padding']:.1%} | {v['eval']['padding']:.1%} |")
     print(f"load average {meta['load_average_at_start']} -> {meta['load_average_at_end']}, {meta['wall_s']:.0f} s")
     atomic_write_text(Path(args.out), json.dumps(result, indent=2))
     print(f"wrote {args.out}")
