@@ -195,3 +195,33 @@ def test_zero3_hf_checkpoint_backbone_two_ranks(prepared, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     zs = json.loads((tmp_path / "zs" / "result.json").read_text())
     assert zs["zero_shot"] and [x["step"] for x in zs["evaluations"]] == [0] and zs["evaluations"][0]["examples"] == 12
+
+
+@pytest.mark.slow
+def test_chunked_job_two_ranks_equals_one_rank(prepared, poly_export, tmp_path):
+    """chunk_tokens under data parallelism (ZeRO-2, 2 ranks, each rank's micro-batch chunked on its own) ends
+    where one rank does: the same evaluations and predictions, losses within float32 noise."""
+    chunked = ["--set", "chunk_tokens=48"]
+    results = {}
+    for name, world in (("one", 1), ("two", 2)):
+        e, port = env()
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(port)]
+        proc = subprocess.run(
+            [sys.executable, *launcher, *adapt_args(prepared, poly_export, tmp_path / name, "full", 2), *chunked],
+            cwd=ROOT,
+            env=e,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        results[name] = json.loads((tmp_path / name / "result.json").read_text())
+        assert results[name]["world_size"] == world and results[name]["job"]["chunk_tokens"] == 48
+    one, two = results["one"], results["two"]
+    assert [(e["step"], e["accuracy"]) for e in two["evaluations"]] == [
+        (e["step"], e["accuracy"]) for e in one["evaluations"]
+    ]
+    for a, b in zip(two["train_loss"], one["train_loss"], strict=True):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    lines = {n: (tmp_path / n / "predictions.jsonl").read_text().splitlines() for n in results}
+    assert [json.loads(x)["prediction"] for x in lines["two"]] == [json.loads(x)["prediction"] for x in lines["one"]]

@@ -261,15 +261,20 @@ def test_evaluate_refuses_an_order_that_is_not_a_permutation():
 GROUPED = dict(batching="length_grouped", group_size=2, batch_size=2, eval_batching="length_sorted", trainer="local")
 
 
-def test_grouped_job_resumes_mid_epoch_to_the_uninterrupted_result(prepared, poly_export, tmp_path, monkeypatch):
+@pytest.mark.parametrize("chunk_tokens", [0, 48])
+def test_grouped_job_resumes_mid_epoch_to_the_uninterrupted_result(
+    prepared, poly_export, tmp_path, monkeypatch, chunk_tokens
+):
     """Stopped at step 3 (k = 4 shots, batch 2: mid-epoch of the second epoch), the rerun ends with the
-    uninterrupted job's evaluations and losses, bitwise (the same computation twice, docs/development.md)."""
+    uninterrupted job's evaluations and losses, bitwise (the same computation twice, docs/development.md); with
+    chunked forward passes too (48 slots: one example per pass on this data)."""
     from tensorpoly_ds.adapt.job import job_sampler, run_job
     from tests.adapt.test_stop_resume import COMPARED, make_job, signal_at_call
 
-    reference = run_job(make_job(prepared, poly_export, tmp_path / "uninterrupted", **GROUPED))
+    fields = {**GROUPED, "chunk_tokens": chunk_tokens}
+    reference = run_job(make_job(prepared, poly_export, tmp_path / "uninterrupted", **fields))
     assert reference["status"] == "complete" and reference["job"]["batching"] == "length_grouped"
-    job = make_job(prepared, poly_export, tmp_path / "stopped", **GROUPED)
+    job = make_job(prepared, poly_export, tmp_path / "stopped", **fields)
     assert job_sampler(job, [{"input_ids": [1]}] * 4, 2, 0).batching == "length_grouped"
     with monkeypatch.context() as m:
         signal_at_call(m, 3)
