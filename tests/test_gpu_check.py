@@ -48,4 +48,10 @@ def test_gpu_check_cpu_smoke(tmp_path):
         assert row["status"] == "ok" and row["tokens_per_s"] > 0 and row["export_tensors"] > 0, row
         assert row["checkpoint_mb"] < 5 and row["peak"]["exit_code"] == 0
     assert runs["zero3_bf16"]["backbone_partitioned"] is True
+    adaptation = {r["case"]: r for r in result["adaptation"]}
+    assert set(adaptation) == {"adapt anli_r1", "adapt copa", "adapt hellaswag"}
+    for row in adaptation.values():
+        assert row["status"] == "ok" and row["steps_per_budget"] > 0, row
+        assert set(row["step_ms"]) == {"0", "1024", "4096"} and min(row["step_ms"].values()) > 0, row
     assert "frozen floor" in proc.stdout and "zero3_bf16" in proc.stdout  # the tables
+    assert "adapt hellaswag" in proc.stdout

@@ -7,6 +7,9 @@ On random-init T0-3B in bf16 (vocabulary 32128, batch 8, input and target 256 to
      of recomputed, TensorPoly-X R8 N4, (IA)^3) beside peft's LoRA r1 and Poly S8 on the same model;
   2. `tensorpoly-ds pretrain` (TensorPoly-I R8 N2 on the embedded mixture, 20 steps) with ZeRO-0 bf16_autocast
      and with ZeRO-3 bf16: tokens/s, peak GPU memory and host RSS, checkpoint and export sizes.
+  3. adaptation steps (T-Few losses, Poly S8, batch 8 of made-up held-out task rows in length_grouped order,
+     benchmarks/bench_adapt_batching.py's shapes) with the job's chunk_tokens 0, 1024 and 4096, interleaved step
+     by step: whether chunked forward passes, which pay on CPU, pay on a GPU.
 What the machine lacks (deepspeed, datasets; transformers at the pinned version) is installed first from a
 wheelhouse made here by benchmarks/gpu/prepare_wheelhouse.sh. The JSON is rewritten after every item, so a run
 cut short still reports what it measured; --budget-s skips what would not fit.
@@ -202,6 +205,63 @@ def measure_case(case: str, kind: str, spec, shapes: Shapes, device) -> dict:
     return row
 
 
+# ---- adaptation steps with and without chunked forward passes -------------------------------------------
+ADAPT_TASKS = ("anli_r1", "copa", "hellaswag")  # long inputs, short inputs, long answer choices
+ADAPT_CHUNKS = (0, 1024, 4096)
+
+
+def measure_adaptation(shapes: Shapes, device) -> list[dict]:
+    """Median T-Few step (forward + backward) per chunk_tokens and task, the budgets alternating step by step
+    over the task's length-grouped batches, and each budget's peak GPU memory."""
+    import torch
+
+    from benchmarks.bench_adapt_batching import task_rows, train_batches
+    from tensorpoly_ds.adapters import inject_adapters
+    from tensorpoly_ds.evaluation import LossWeights, collate_choices, tfew_losses
+
+    model = backbone(shapes, device)
+    inject_adapters(model, shipped_adapter("poly_S8_r1"), 1)
+    model.train()
+    cuda = torch.device(device).type == "cuda"
+    out = []
+    for task in ADAPT_TASKS:
+        rows = task_rows(task, 4 * shapes.batch, seed=1)
+        for r in rows:  # the made-up token ids, folded into this model's vocabulary
+            r["input_ids"] = [2 + t % (shapes.vocab - 2) for t in r["input_ids"]]
+            r["choice_ids"] = [[2 + t % (shapes.vocab - 2) for t in c[:-1]] + [1] for c in r["choice_ids"]]
+        order = train_batches(rows, "length_grouped", shapes.batch, 4, seed=0)
+        batches = [collate_choices([rows[i] for i in ix], 0).to(device) for ix in order]
+        times = {c: [] for c in ADAPT_CHUNKS}
+        peak = dict.fromkeys(ADAPT_CHUNKS, 0.0)
+
+        def step(batch, chunk_tokens):
+            model.zero_grad(set_to_none=True)
+            tfew_losses(model, batch, LossWeights(), chunk_tokens)["loss"].backward()
+            if cuda:
+                torch.cuda.synchronize()
+
+        for c in ADAPT_CHUNKS:
+            step(batches[0], c)  # warm-up
+        for i, batch in enumerate(batches * shapes.iters):
+            for c in ADAPT_CHUNKS if i % 2 == 0 else ADAPT_CHUNKS[::-1]:
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                step(batch, c)
+                times[c].append(time.perf_counter() - start)
+                if cuda:
+                    peak[c] = max(peak[c], torch.cuda.max_memory_allocated() / 2**30)
+        row = {"case": f"adapt {task}", "status": "ok", "steps_per_budget": len(times[0])}
+        row["step_ms"] = {str(c): 1e3 * statistics.median(t) for c, t in times.items()}
+        if cuda:
+            row["peak_gb"] = {str(c): v for c, v in peak.items()}
+        out.append(row)
+    step = model = None
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
 # ---- tensorpoly-ds pretrain ------------------------------------------------------------------------------
 def run_pretrain(name: str, overrides: list[str], shapes: Shapes, work: Path, cpu: bool, timeout: float) -> dict:
     from benchmarks.bench_memory import prepared_data, run_outputs
@@ -281,6 +341,13 @@ def format_tables(result: dict) -> str:
             f"{peak.get('peak_rss_mb', float('nan')) / 1024:>8.2f}{r.get('checkpoint_mb', float('nan')):>9.1f}"
             f"{r.get('export_mb', float('nan')):>10.1f}  {r['status'][:60]}"
         )
+    if result.get("adaptation"):
+        lines.append("")
+        lines.append(f"{'adaptation step ms':<28}" + "".join(f"{'chunks ' + str(c):>14}" for c in ADAPT_CHUNKS))
+        for r in result["adaptation"]:
+            ms = r.get("step_ms", {})
+            cells = "".join(f"{ms.get(str(c), float('nan')):>14.1f}" for c in ADAPT_CHUNKS)
+            lines.append(f"{r['case']:<28}{cells}  {r['status'][:60]}")
     return "\n".join(lines)
 
 
@@ -308,6 +375,7 @@ def main(argv=None) -> int:
         "meta": {"args": vars(args), "shapes": asdict(shapes), "python": platform.python_version()},
         "cases": [],
         "pretrain": [],
+        "adaptation": [],
     }
     result["meta"]["installed"] = [] if args.cpu_smoke else ensure_packages(args.wheelhouse, Path(args.site))
     import deepspeed
@@ -355,6 +423,16 @@ def main(argv=None) -> int:
         result["pretrain"].append(row)
         print(f"pretrain {name}: {row['status'][:200]}", flush=True)
         write(result, out)
+    try:
+        adaptation = (
+            [{"case": "adaptation", "status": "skipped: time budget"}]
+            if time.monotonic() - began > args.budget_s - 60  # it takes about a minute on T0-3B
+            else measure_adaptation(shapes, device)
+        )
+    except Exception as err:  # reported, like a failing method: the numbers above stand
+        adaptation = [{"case": "adaptation", "status": f"failed: {type(err).__name__}: {err}"[:500]}]
+    result["adaptation"] = adaptation
+    print(f"adaptation: {', '.join(r['status'] for r in adaptation)}", flush=True)
     result["meta"]["wall_s"] = time.monotonic() - began
     write(result, out)
     print(format_tables(result))
