@@ -60,10 +60,12 @@ class ChoiceBatch:
     def select(self, examples: Sequence[int]) -> tuple[ChoiceBatch, torch.Tensor]:
         """The batch of `examples` (in that order), padded only to their own longest input and choice, and the
         indices of its choices in this batch's [C] order."""
-        rows = torch.as_tensor(list(examples), dtype=torch.long, device=self.input_ids.device)
-        starts = torch.cumsum(self.num_choices, 0) - self.num_choices  # choices are grouped by example
-        picked = [torch.arange(int(starts[e]), int(starts[e] + self.num_choices[e])) for e in examples]
-        choices = torch.cat(picked).to(self.input_ids.device)
+        device = self.input_ids.device
+        rows = torch.as_tensor(list(examples), dtype=torch.long, device=device)
+        counts = self.num_choices.tolist()  # one read from the device, not one per example
+        starts = np.cumsum([0, *counts[:-1]])  # choices are grouped by example
+        choices = torch.as_tensor(np.concatenate([np.arange(starts[e], starts[e] + counts[e]) for e in examples]))
+        choices = choices.to(device)
         width = max(1, int(self.attention_mask.index_select(0, rows).sum(dim=1).max()))
         labels = self.choice_labels.index_select(0, choices)
         choice_width = int((labels != IGNORE).sum(dim=1).max())
