@@ -13,6 +13,7 @@ padded with duplicates that are dropped when gathering), so collectives inside t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from tpds_common.files import atomic_write_text
 
-from ..adapters import task_routing
+from ..adapters import AdapterLinear, task_routing
 from .chunking import example_lengths, plan_chunks
 
 PAD_ID = 0
@@ -159,18 +160,46 @@ def choice_token_logprobs(
 
 def _choice_logits(model: nn.Module, batch: ChoiceBatch, real: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 (or wider) logits [C, T, V] of every choice position: one encoder and one decoder pass. With
-    `real` (a [C, T] mask), the output layer sees only those positions' decoder states: logits [N, V]."""
+    `real` (a [C, T] mask; the chunked path), the output layer sees only those positions' decoder states (logits
+    [N, V]) and the cross-attention projects each example's encoder states once."""
     hf = _unwrap(model)
     head = hf.get_output_embeddings() if real is not None else None
     hook = head.register_forward_pre_hook(lambda _, args: (args[0][real], *args[1:])) if head is not None else None
     try:
-        logits = _forward_choices(model, hf, batch)
+        shared = _cross_attention_once_per_example(hf, batch) if real is not None else contextlib.nullcontext()
+        with shared:
+            logits = _forward_choices(model, hf, batch)
     finally:
         if hook is not None:
             hook.remove()
     if real is not None and head is None:  # a model without a separate output layer: select afterwards
         logits = logits[real]
     return logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
+
+
+CROSS_ATTENTION_INPUTS = ("EncDecAttention.k", "EncDecAttention.v")  # T5's projections of the encoder states
+
+
+@contextlib.contextmanager
+def _cross_attention_once_per_example(hf: nn.Module, batch: ChoiceBatch):
+    """The decoder sees the encoder states repeated once per choice, so T5's cross-attention projects the same
+    rows once per choice. Inside this context its frozen key and value projections (the adapter's `base` where
+    one wraps them; the adapter's own path is untouched) run on each example's first copy, and their outputs are
+    repeated per choice: the same values, 1 / choices of the work. Models without these modules are left alone."""
+    counts = batch.num_choices.tolist()
+    first = torch.as_tensor(np.cumsum([0, *counts[:-1]]), device=batch.choice_owner.device)
+    owner = batch.choice_owner
+    handles = []
+    for name, module in hf.named_modules():
+        if name.endswith(CROSS_ATTENTION_INPUTS):
+            linear = module.base if isinstance(module, AdapterLinear) else module
+            handles.append(linear.register_forward_pre_hook(lambda _, args: (args[0].index_select(0, first),)))
+            handles.append(linear.register_forward_hook(lambda _, __, out: out.index_select(0, owner)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _forward_choices(model: nn.Module, hf: nn.Module, batch: ChoiceBatch) -> torch.Tensor:

@@ -4,7 +4,10 @@ Mutations tried, each caught (then reverted):
 - the chunks' log-probabilities left in chunk order (no inverse permutation) -> 9 tests, the equivalences;
 - ChoiceBatch.select trimming the inputs one column short -> 10 tests, the equivalences;
 - the output layer's hook never installed (logits at every position, selected afterwards: the same values)
-  -> test_the_output_layer_sees_only_real_choice_tokens."""
+  -> test_the_output_layer_sees_only_real_choice_tokens;
+- the cross-attention's repeat after the projection left out -> 16 tests (shape errors); each example's row
+  taken as the first C rows (`first = arange(B)`: other examples' states) -> 10 tests, the equivalences; the
+  hooks never installed -> test_cross_attention_projects_each_examples_encoder_states_once."""
 
 import numpy as np
 import pytest
@@ -13,7 +16,8 @@ import torch
 from tensorpoly_ds.evaluation import LossWeights, collate_choices, evaluate, score_batch, tfew_losses
 from tensorpoly_ds.evaluation.chunking import example_lengths, plan_chunks
 from tensorpoly_ds.evaluation.rank_classification import IGNORE, choice_token_logprobs
-from tests.evaluation.test_rank_classification import make_rows, routed_model
+from tests.conftest import tiny_t5
+from tests.evaluation.test_rank_classification import VOCAB, make_rows, routed_model
 
 BUDGETS = [1, 12, 30, 10_000]
 
@@ -60,11 +64,18 @@ def test_select_pads_only_to_the_chunk():
         assert torch.equal(sub.choice_labels[j], batch.choice_labels[c, :width])
 
 
-@pytest.mark.parametrize("method", ["poly", "tensorpoly_x"])
+def model_for(method):
+    """A routed adapter model, or (fullft) the bare backbone with every weight trained."""
+    if method == "fullft":
+        return tiny_t5(VOCAB).double().train()
+    return routed_model(method).double().train()
+
+
+@pytest.mark.parametrize("method", ["poly", "tensorpoly_x", "ia3", "fullft"])
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_chunked_token_logprobs_and_gradients_equal_one_pass(method, budget):
     torch.manual_seed(0)
-    model = routed_model(method).double().train()
+    model = model_for(method)
     rows = make_rows(9, seed=3)
     batch = collate_choices(rows, [i % 3 for i in range(9)])
     ref_lp, ref_valid = choice_token_logprobs(model, batch)
@@ -109,3 +120,30 @@ def test_the_output_layer_sees_only_real_choice_tokens():
     assert logits.shape == (int(real.sum()), model.config.vocab_size)
     torch.testing.assert_close(logits, _choice_logits(model, batch)[real], rtol=1e-5, atol=1e-5)
     assert not head._forward_pre_hooks
+
+
+@pytest.mark.parametrize("method", ["poly", "fullft"])
+def test_cross_attention_projects_each_examples_encoder_states_once(method):
+    """In a chunked pass T5's cross-attention key and value projections see one row per example, not one per
+    choice (the adapter's frozen base where an adapter wraps them), and no hook is left behind."""
+    from tensorpoly_ds.adapters import AdapterLinear
+    from tensorpoly_ds.evaluation.rank_classification import CROSS_ATTENTION_INPUTS
+
+    model = model_for(method)
+    rows = make_rows(6, seed=2)
+    batch = collate_choices(rows, 0)
+    assert batch.choice_labels.shape[0] > len(rows)  # the fixture has examples with several choices
+    linears = []
+    for name, module in model.named_modules():
+        if name.endswith(CROSS_ATTENTION_INPUTS):
+            linears.append(module.base if isinstance(module, AdapterLinear) else module)
+    assert len(linears) == 2 * model.config.num_decoder_layers
+    seen = []
+    spies = [
+        m.register_forward_hook(lambda _m, args, out: seen.append((args[0].shape[0], out.shape[0]))) for m in linears
+    ]
+    choice_token_logprobs(model, batch, chunk_tokens=10_000)  # one pass holding the whole batch
+    for h in spies:
+        h.remove()
+    assert seen == [(len(rows), len(rows))] * len(linears)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in linears)
