@@ -58,13 +58,18 @@ class ChoiceBatch:
     def to(self, device) -> ChoiceBatch:
         return ChoiceBatch(**{k: getattr(self, k).to(device) for k in self.__dataclass_fields__})
 
+    def choice_starts(self) -> tuple[list[int], np.ndarray]:
+        """(choices per example, index of each example's first choice in [C]): choices are grouped by example.
+        One read from the device, not one per example."""
+        counts = self.num_choices.tolist()
+        return counts, np.cumsum([0, *counts[:-1]])
+
     def select(self, examples: Sequence[int]) -> tuple[ChoiceBatch, torch.Tensor]:
         """The batch of `examples` (in that order), padded only to their own longest input and choice, and the
         indices of its choices in this batch's [C] order."""
         device = self.input_ids.device
         rows = torch.as_tensor(list(examples), dtype=torch.long, device=device)
-        counts = self.num_choices.tolist()  # one read from the device, not one per example
-        starts = np.cumsum([0, *counts[:-1]])  # choices are grouped by example
+        counts, starts = self.choice_starts()
         choices = torch.as_tensor(np.concatenate([np.arange(starts[e], starts[e] + counts[e]) for e in examples]))
         choices = choices.to(device)
         width = max(1, int(self.attention_mask.index_select(0, rows).sum(dim=1).max()))
@@ -160,15 +165,13 @@ def choice_token_logprobs(
 
 def _choice_logits(model: nn.Module, batch: ChoiceBatch, real: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 (or wider) logits [C, T, V] of every choice position: one encoder and one decoder pass. With
-    `real` (a [C, T] mask; the chunked path), the output layer sees only those positions' decoder states (logits
-    [N, V]) and the cross-attention projects each example's encoder states once."""
+    `real` (a [C, T] mask; the chunked path), the output layer sees only those positions' decoder states: logits
+    [N, V]."""
     hf = _unwrap(model)
     head = hf.get_output_embeddings() if real is not None else None
     hook = head.register_forward_pre_hook(lambda _, args: (args[0][real], *args[1:])) if head is not None else None
     try:
-        shared = _cross_attention_once_per_example(hf, batch) if real is not None else contextlib.nullcontext()
-        with shared:
-            logits = _forward_choices(model, hf, batch)
+        logits = _forward_choices(model, hf, batch)
     finally:
         if hook is not None:
             hook.remove()
@@ -180,21 +183,28 @@ def _choice_logits(model: nn.Module, batch: ChoiceBatch, real: torch.Tensor | No
 CROSS_ATTENTION_INPUTS = ("EncDecAttention.k", "EncDecAttention.v")  # T5's projections of the encoder states
 
 
+def _cross_attention_inputs(hf: nn.Module) -> list[nn.Module]:
+    """T5's frozen key and value projections of the encoder states (the adapter's `base` where one wraps them);
+    none in models without these modules."""
+    return [
+        module.base if isinstance(module, AdapterLinear) else module
+        for name, module in hf.named_modules()
+        if name.endswith(CROSS_ATTENTION_INPUTS)
+    ]
+
+
 @contextlib.contextmanager
-def _cross_attention_once_per_example(hf: nn.Module, batch: ChoiceBatch):
+def _cross_attention_once_per_example(linears: list[nn.Module], batch: ChoiceBatch):
     """The decoder sees the encoder states repeated once per choice, so T5's cross-attention projects the same
-    rows once per choice. Inside this context its frozen key and value projections (the adapter's `base` where
-    one wraps them; the adapter's own path is untouched) run on each example's first copy, and their outputs are
-    repeated per choice: the same values, 1 / choices of the work. Models without these modules are left alone."""
-    counts = batch.num_choices.tolist()
-    first = torch.as_tensor(np.cumsum([0, *counts[:-1]]), device=batch.choice_owner.device)
+    rows once per choice. Inside this context the `linears` (_cross_attention_inputs; an adapter's own path is
+    untouched) run on each example's first copy, and their outputs are repeated per choice: the same values,
+    1 / choices of the work."""
+    first = torch.as_tensor(batch.choice_starts()[1], device=batch.choice_owner.device)
     owner = batch.choice_owner
     handles = []
-    for name, module in hf.named_modules():
-        if name.endswith(CROSS_ATTENTION_INPUTS):
-            linear = module.base if isinstance(module, AdapterLinear) else module
-            handles.append(linear.register_forward_pre_hook(lambda _, args: (args[0].index_select(0, first),)))
-            handles.append(linear.register_forward_hook(lambda _, __, out: out.index_select(0, owner)))
+    for linear in linears:
+        handles.append(linear.register_forward_pre_hook(lambda _, args: (args[0].index_select(0, first),)))
+        handles.append(linear.register_forward_hook(lambda _, __, out: out.index_select(0, owner)))
     try:
         yield
     finally:
@@ -222,12 +232,14 @@ def _forward_choices(model: nn.Module, hf: nn.Module, batch: ChoiceBatch) -> tor
 def _chunked_token_logprobs(model: nn.Module, batch: ChoiceBatch, chunk_tokens: int):
     valid = batch.choice_labels != IGNORE
     lengths = example_lengths(batch.attention_mask, valid.sum(dim=1), batch.choice_owner)
+    kv_inputs = _cross_attention_inputs(_unwrap(model))  # found once per batch, hooked per pass
     pieces, order = [], []
     for examples in plan_chunks(*lengths, chunk_tokens):
         sub, choices = batch.select(examples)
         real = sub.choice_labels != IGNORE
         # the output layer and the log-softmax over the vocabulary at real tokens only, rows contiguous
-        logits = _choice_logits(model, sub, real)
+        with _cross_attention_once_per_example(kv_inputs, sub):
+            logits = _choice_logits(model, sub, real)
         token_lp = logits.new_zeros(real.shape)
         token_lp[real] = -F.cross_entropy(logits, sub.choice_labels[real], reduction="none")
         pieces.append(F.pad(token_lp, (0, valid.shape[1] - token_lp.shape[1])))
