@@ -69,6 +69,18 @@ def env():
     ), port
 
 
+def launch(args: list[str], ranks: int | None = None) -> subprocess.CompletedProcess:
+    """Run `python ARGS` (ranks None) or `torchrun --nproc_per_node RANKS ARGS` on a free port; must exit 0."""
+    e, port = env()
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port)]
+    launcher = [] if ranks is None else torchrun
+    proc = subprocess.run(
+        [sys.executable, *launcher, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
 def check_z(out, export):
     result = json.loads((out / "result.json").read_text())
     assert is_complete(out) and result["trainer"] == "engine"
@@ -95,37 +107,10 @@ def check_z(out, export):
 
 @pytest.mark.slow
 def test_engine_one_rank_and_zero3_two_ranks(prepared, poly_export, tmp_path):
-    e, _ = env()
-    one = subprocess.run(
-        [sys.executable, *adapt_args(prepared, poly_export, tmp_path / "one", "z", 0)],
-        cwd=ROOT,
-        env=e,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-4000:]
+    launch(adapt_args(prepared, poly_export, tmp_path / "one", "z", 0))
     r1 = check_z(tmp_path / "one", poly_export)
     assert r1["world_size"] == 1
-    e, port = env()
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
-            *adapt_args(prepared, poly_export, tmp_path / "two", "z", 3),
-        ],
-        cwd=ROOT,
-        env=e,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
+    two = launch(adapt_args(prepared, poly_export, tmp_path / "two", "z", 3), ranks=2)
     r2 = check_z(tmp_path / "two", poly_export)
     assert r2["world_size"] == 2
     assert two.stdout.count('"final"') == 1, "only rank 0 prints the result line"
@@ -158,17 +143,7 @@ def test_zero3_hf_checkpoint_backbone_two_ranks(prepared, tmp_path):
     backbone = build_backbone(AdaptJob(out_dir="x", data_dir="x", task="t", method="fullft"), vocab)
     backbone.save_pretrained(str(tmp_path / "hf"))
     export = make_export(prepared, tmp_path / "export", "poly", skills=2)  # same weights as tmp_path/hf
-    e, port = env()
-    args = adapt_args(prepared, export, tmp_path / "job", "full", 3) + ["--model", str(tmp_path / "hf")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args],
-        cwd=ROOT,
-        env=e,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    launch(adapt_args(prepared, export, tmp_path / "job", "full", 3) + ["--model", str(tmp_path / "hf")], ranks=2)
     result = json.loads((tmp_path / "job" / "result.json").read_text())
     assert result["world_size"] == 2 and result["status"] == "complete"
     assert result["params"]["backbone"] == sum(
@@ -182,17 +157,8 @@ def test_zero3_hf_checkpoint_backbone_two_ranks(prepared, tmp_path):
     changed = [k for k, v in pre.items() if not k.startswith("tpds_routing.") and not torch.equal(v, post[k])]
     assert changed and all(post[k].numel() == pre[k].numel() for k in changed)
     # zero-shot (k = 0) under ZeRO-3: no training, evaluation still through the partitioned engine
-    e, port = env()
     args = adapt_args(prepared, export, tmp_path / "zs", "mu", 3) + ["--model", str(tmp_path / "hf"), "--k", "0"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args],
-        cwd=ROOT,
-        env=e,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    launch(args, ranks=2)
     zs = json.loads((tmp_path / "zs" / "result.json").read_text())
     assert zs["zero_shot"] and [x["step"] for x in zs["evaluations"]] == [0] and zs["evaluations"][0]["examples"] == 12
 
@@ -204,17 +170,7 @@ def test_chunked_job_two_ranks_equals_one_rank(prepared, poly_export, tmp_path):
     chunked = ["--set", "chunk_tokens=48"]
     results = {}
     for name, world in (("one", 1), ("two", 2)):
-        e, port = env()
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(port)]
-        proc = subprocess.run(
-            [sys.executable, *launcher, *adapt_args(prepared, poly_export, tmp_path / name, "full", 2), *chunked],
-            cwd=ROOT,
-            env=e,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        launch(adapt_args(prepared, poly_export, tmp_path / name, "full", 2) + chunked, ranks=world)
         results[name] = json.loads((tmp_path / name / "result.json").read_text())
         assert results[name]["world_size"] == world and results[name]["job"]["chunk_tokens"] == 48
     one, two = results["one"], results["two"]
