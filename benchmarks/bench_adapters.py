@@ -39,13 +39,13 @@ from tpds_common.files import atomic_write_text
 
 
 def saved_activation_bytes(fn) -> int:
-    seen, total = set(), 0
+    seen, total = {}, 0  # held, so that no address counted here is reused by a later storage
 
     def pack(t):
         nonlocal total
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         if key not in seen and t.device.type != "meta":
-            seen.add(key)
+            seen[key] = t.untyped_storage()
             total += key[1]
         return t
 

@@ -116,6 +116,10 @@ def profile_activations(
     saved: dict[int, tuple[int, int]] = {}  # storage -> (block index or -1, bytes)
     weights_saved: set[int] = set()
     inputs: dict[int, int] = {}
+    # Storages are told apart by address. One freed during the pass (a temporary passed into a block, a saved
+    # tensor of a discarded branch) could hand its address to a new storage, which would then go uncounted, by
+    # an amount that depends on the allocator; holding every seen storage until the end rules that out.
+    seen: list[torch.UntypedStorage] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
@@ -123,6 +127,7 @@ def profile_activations(
             weights_saved.add(key)
         if key not in params and key not in saved:
             saved[key] = (current[-1] if current else -1, t.untyped_storage().nbytes())
+            seen.append(t.untyped_storage())
         return t
 
     def enter(index: int):
@@ -130,7 +135,9 @@ def profile_activations(
             current.append(index)
             for value in (*args, *kwargs.values()):
                 if isinstance(value, torch.Tensor) and _storage_key(value) not in params:
-                    inputs.setdefault(_storage_key(value), value.untyped_storage().nbytes())
+                    if _storage_key(value) not in inputs:
+                        inputs[_storage_key(value)] = value.untyped_storage().nbytes()
+                        seen.append(value.untyped_storage())
 
         return hook
 
