@@ -113,21 +113,20 @@ def profile_activations(
     }
     blocks = transformer_blocks(model)
     current: list[int] = []
-    saved: dict[int, tuple[int, int]] = {}  # storage -> (block index or -1, bytes)
+    # Storages are told apart by address, and each one recorded is held (the values below) until the end: one
+    # freed during the pass (a temporary passed into a block, a saved tensor of a discarded branch) could
+    # otherwise hand its address to a new storage, which would then go uncounted, by an amount that depends on
+    # the allocator.
+    saved: dict[int, tuple[int, torch.UntypedStorage]] = {}  # address -> (block index or -1, storage)
     weights_saved: set[int] = set()
-    inputs: dict[int, int] = {}
-    # Storages are told apart by address. One freed during the pass (a temporary passed into a block, a saved
-    # tensor of a discarded branch) could hand its address to a new storage, which would then go uncounted, by
-    # an amount that depends on the allocator; holding every seen storage until the end rules that out.
-    seen: list[torch.UntypedStorage] = []
+    inputs: dict[int, torch.UntypedStorage] = {}  # address -> storage passed into a block
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
         if key in linear_weights:
             weights_saved.add(key)
         if key not in params and key not in saved:
-            saved[key] = (current[-1] if current else -1, t.untyped_storage().nbytes())
-            seen.append(t.untyped_storage())
+            saved[key] = (current[-1] if current else -1, t.untyped_storage())
         return t
 
     def enter(index: int):
@@ -135,9 +134,7 @@ def profile_activations(
             current.append(index)
             for value in (*args, *kwargs.values()):
                 if isinstance(value, torch.Tensor) and _storage_key(value) not in params:
-                    if _storage_key(value) not in inputs:
-                        inputs[_storage_key(value)] = value.untyped_storage().nbytes()
-                        seen.append(value.untyped_storage())
+                    inputs.setdefault(_storage_key(value), value.untyped_storage())
 
         return hook
 
@@ -160,16 +157,16 @@ def profile_activations(
             h.remove()
     per_block = [0] * len(blocks)
     outside = 0
-    for index, nbytes in saved.values():
+    for index, storage in saved.values():
         if index < 0:
-            outside += nbytes
+            outside += storage.nbytes()
         else:
-            per_block[index] += nbytes
+            per_block[index] += storage.nbytes()
     outside_keys = {k for k, (index, _) in saved.items() if index < 0}
     return ActivationProfile(
         outside_blocks=outside,
         blocks=tuple(per_block),
-        block_inputs=sum(n for k, n in inputs.items() if k not in outside_keys),
+        block_inputs=sum(s.nbytes() for k, s in inputs.items() if k not in outside_keys),
         linear_weights_saved=sum(linear_weights[k] for k in weights_saved),
-        largest_tensor=max((n for _, n in saved.values()), default=0),
+        largest_tensor=max((s.nbytes() for _, s in saved.values()), default=0),
     )
