@@ -72,19 +72,18 @@ class ChoiceBatch:
         counts, starts = self.choice_starts()
         choices = torch.as_tensor(np.concatenate([np.arange(starts[e], starts[e] + counts[e]) for e in examples]))
         choices = choices.to(device)
-        width = max(1, int(self.attention_mask.index_select(0, rows).sum(dim=1).max()))
+        mask = self.attention_mask.index_select(0, rows)
+        width = max(1, int(mask.sum(dim=1).max()))
         labels = self.choice_labels.index_select(0, choices)
         choice_width = int((labels != IGNORE).sum(dim=1).max())
-        new_owner = torch.repeat_interleave(
-            torch.arange(len(examples), device=rows.device), self.num_choices.index_select(0, rows)
-        )
+        num_choices = self.num_choices.index_select(0, rows)
         sub = ChoiceBatch(
             self.input_ids.index_select(0, rows)[:, :width],
-            self.attention_mask.index_select(0, rows)[:, :width],
+            mask[:, :width],
             labels[:, :choice_width],
-            new_owner,
+            torch.repeat_interleave(torch.arange(len(examples), device=device), num_choices),
             self.choice_index.index_select(0, choices),
-            self.num_choices.index_select(0, rows),
+            num_choices,
             self.labels.index_select(0, rows),
             self.task_ids.index_select(0, rows),
         )
