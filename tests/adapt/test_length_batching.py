@@ -26,6 +26,8 @@ fills; `head = 0` is the mutation recorded.)
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -288,8 +290,6 @@ def test_grouped_job_resumes_mid_epoch_to_the_uninterrupted_result(
 def test_length_sorted_job_writes_the_in_order_predictions(prepared, poly_export, tmp_path, monkeypatch):
     """predictions.jsonl keeps its rows, their order and format; predictions equal, scores within float noise
     (float32, other padding: the tolerance of test_length_sorted_evaluation_gives_the_in_order_records)."""
-    import json
-
     from tensorpoly_ds.adapt import job as job_mod
     from tests.adapt.test_stop_resume import make_job
 
@@ -370,8 +370,6 @@ def test_chunked_job_trains_and_evaluates_as_one_pass(prepared, poly_export, tmp
         assert {k: a[k] for k in LOSSES} == pytest.approx({k: b[k] for k in LOSSES}, rel=1e-4, abs=1e-5)
     for a, b in zip(chunked["evaluations"], plain["evaluations"], strict=True):
         assert a["accuracy"] == b["accuracy"] and a["step"] == b["step"]
-    import json
-
     lines = {n: (tmp_path / n / "predictions.jsonl").read_text().splitlines() for n in ("plain", "chunked")}
     margins = [sorted(s)[1] - sorted(s)[0] for s in (json.loads(x)["scores"] for x in lines["plain"])]
     assert min(margins) > 1e-3, "fixture: a near tie would make the prediction depend on float noise"
